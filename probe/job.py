@@ -1,0 +1,123 @@
+"""spec → report: the unit of work an executor runs (CLI in-process, service in a subprocess).
+
+Every step on the way is announced through `emit(event)` so a caller can stream progress; the
+report carries the device, versions, allocator config and capacity behind every number in it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Collection
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from probe.meter import Meter, make_meter
+from probe.models import LoadedModel, build_model, parameter_bytes
+from probe.search import find_micro_batch
+from probe.spec import ProbeSpec, SpecError, format_bytes
+from probe.trial import TrialResult, TrialRunner
+
+Event = dict[str, Any]
+Emit = Callable[[Event], None]
+
+
+def _ignore(_: Event) -> None:
+    return None
+
+
+def versions() -> dict[str, str | None]:
+    def version_of(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"fitprobe": version_of("fitprobe"), "torch": torch.__version__,
+            "transformers": version_of("transformers"), "peft": version_of("peft"),
+            "python": platform.python_version()}
+
+
+def device_facts(meter: Meter) -> dict[str, Any]:
+    if meter.device.type == "cuda":
+        props = torch.cuda.get_device_properties(meter.device)
+        name, total = props.name, props.total_memory
+    else:
+        name, total = f"cpu ({platform.processor() or platform.machine()}, virtual capacity)", None
+    return {"device": str(meter.device), "name": name, "total_bytes": total,
+            "capacity_bytes": meter.capacity_bytes, "meter": meter.kind,
+            "allocator_config": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+
+
+def model_facts(model: LoadedModel) -> dict[str, Any]:
+    params = list(model.module.parameters())
+    return {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+
+
+def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Meter | None = None
+            ) -> tuple[Meter, LoadedModel]:
+    """The meter for the spec's device and the model built under it (so its weights are counted)."""
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu")
+    meter = meter or make_meter(spec.device, spec.capacity_bytes)
+    with meter.tracking():
+        model = build_model(spec, meter.device, allowed_factories, meter.capacity_bytes)
+    return meter, model
+
+
+def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+    """One trial at a given micro-batch, as a report."""
+    meter, model = prepare(spec, allowed_factories)
+    with meter.tracking():
+        result = TrialRunner(spec, meter, model)(micro_batch)
+    return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": model_facts(model),
+            "versions": versions(), "trial": result.to_dict()}
+
+
+def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+    """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
+    started_s = time.perf_counter()
+    emit({"type": "phase", "phase": "building_model"})
+    meter, model = prepare(spec, allowed_factories)
+    emit({"type": "phase", "phase": "probing"})
+    runner = TrialRunner(spec, meter, model)
+
+    def trial(micro_batch: int) -> TrialResult:
+        emit({"type": "trial_started", "micro_batch": micro_batch})
+        result = runner(micro_batch)
+        emit({"type": "trial", **result.to_dict()})
+        return result
+
+    with meter.tracking():
+        search = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
+    if search.max_micro_batch == 0:
+        raise SpecError(
+            f"even micro-batch 1 does not fit in {format_bytes(meter.capacity_bytes)} at seq_len {spec.seq_len}; "
+            "lower seq_len, enable gradient checkpointing, use LoRA or bf16, or raise the capacity"
+        )
+    report = {
+        "spec": spec.model_dump(mode="json"),
+        "device": device_facts(meter),
+        "model": model_facts(model),
+        "versions": versions(),
+        "search": {
+            "max_micro_batch": search.max_micro_batch,
+            "safe_micro_batch": search.safe_micro_batch,
+            "limit": search.limit,
+            "limit_reached": search.limit is not None and search.max_micro_batch >= search.limit,
+            "predicted_max_micro_batch": search.predicted_max,
+            "trial_count": len(search.trials),
+            "trials": [t.to_dict() for t in search.trials],
+            "wall_s": round(time.perf_counter() - started_s, 3),
+        },
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,
+          "safe_micro_batch": search.safe_micro_batch})
+    return report

@@ -1,0 +1,235 @@
+"""Memory meters: one interface, three ways of knowing how many bytes a training step needs.
+
+- `CudaMeter` reads the CUDA caching allocator's own statistics, and enforces a capacity below the
+  card's with `set_per_process_memory_fraction`, so an "OOM at 40 GiB" on an 80 GiB card is a real
+  allocator OOM, not arithmetic.
+- `CpuMeter` counts the bytes of every live tensor storage (rounded as the CUDA allocator rounds)
+  against a virtual capacity and raises the real `torch.OutOfMemoryError` past it. The search and
+  recovery code CI runs is therefore the code a GPU runs.
+- `EstimateMeter` (probe/estimate.py) does the CPU meter's count under fake tensors.
+
+Never read `torch.cuda.*` memory stats on a CPU build: they return 0 and every batch "fits".
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+DEFAULT_CPU_CAPACITY_BYTES = 1 << 30
+CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
+
+# Messages PyTorch, cuBLAS and cuDNN use when they could not get memory. Anything else from CUDA
+# (illegal address, device-side assert) is a failure, not "too big": it must not shrink the batch.
+_OOM_MARKERS = (
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "cannot allocate memory",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True when `exc` means the step did not fit in memory (and a smaller batch may)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and len(exc.args) == 1 and any(
+        marker in str(exc.args[0]) for marker in _OOM_MARKERS
+    )
+
+
+def round_allocation(n_bytes: int) -> int:
+    """Bytes the CUDA caching allocator hands out for a request of `n_bytes`."""
+    if n_bytes <= 0:
+        return 0
+    return -(-n_bytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+
+
+@dataclass
+class MemoryReading:
+    """Peaks of one trial: overall, and per phase of the step (the peak moves between phases)."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    alloc_retries: int = 0
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class Meter(Protocol):
+    device: torch.device
+    capacity_bytes: int
+    kind: str
+
+    def tracking(self) -> AbstractContextManager: ...
+    def start_trial(self) -> None: ...
+    def phase(self, name: str) -> None: ...
+    def reading(self) -> MemoryReading: ...
+    def allocated_bytes(self) -> int: ...
+    def synchronize(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class LiveBytesMode(TorchDispatchMode):
+    """Counts the rounded bytes of every tensor storage created while active, until it is freed.
+
+    A storage is counted once, when an op first returns it; a view of a counted (or pre-existing)
+    storage adds nothing. A weakref finalizer on the storage subtracts it when it dies.
+    """
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        super().__init__()
+        self.capacity_bytes = capacity_bytes
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.phase = "idle"
+        self.phase_peak_bytes: dict[str, int] = {}
+        self._counted: set[int] = set()
+
+    def count(self, tensor: torch.Tensor) -> None:
+        """Count a tensor created before the mode was entered (model weights built elsewhere)."""
+        self._add(tensor.untyped_storage(), raise_on_overflow=False)
+
+    def set_phase(self, name: str) -> None:
+        self.phase = name
+        self.phase_peak_bytes[name] = max(self.phase_peak_bytes.get(name, 0), self.live_bytes)
+
+    def reset_peaks(self) -> None:
+        self.peak_bytes = self.live_bytes
+        self.phase_peak_bytes = {self.phase: self.live_bytes}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if id(storage) not in inputs:
+                    self._add(storage, raise_on_overflow=True)
+        return out
+
+    def _add(self, storage: torch.UntypedStorage, raise_on_overflow: bool) -> None:
+        key = id(storage)
+        if key in self._counted:
+            return
+        n_bytes = round_allocation(storage.nbytes())
+        self._counted.add(key)
+        weakref.finalize(storage, self._free, key, n_bytes)
+        self.live_bytes += n_bytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.phase_peak_bytes[self.phase] = max(self.phase_peak_bytes.get(self.phase, 0), self.live_bytes)
+        if raise_on_overflow and self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
+            raise torch.OutOfMemoryError(
+                f"out of memory on the virtual device: tried to allocate {n_bytes} bytes with "
+                f"{self.live_bytes - n_bytes} bytes live of a {self.capacity_bytes}-byte capacity"
+            )
+
+    def _free(self, key: int, n_bytes: int) -> None:
+        self._counted.discard(key)
+        self.live_bytes -= n_bytes
+
+
+class CpuMeter:
+    """Virtual-capacity meter for the CPU: the same OOM, the same recovery, no GPU needed."""
+
+    kind = "cpu-live-bytes"
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        self.device = torch.device("cpu")
+        self.capacity_bytes = capacity_bytes or DEFAULT_CPU_CAPACITY_BYTES
+        self._mode = LiveBytesMode(self.capacity_bytes)
+
+    def tracking(self) -> AbstractContextManager:
+        return self._mode
+
+    def start_trial(self) -> None:
+        self._mode.reset_peaks()
+
+    def phase(self, name: str) -> None:
+        self._mode.set_phase(name)
+
+    def reading(self) -> MemoryReading:
+        peak = self._mode.peak_bytes
+        # no caching allocator on the CPU: what is reserved is what is allocated
+        return MemoryReading(peak, peak, 0, dict(self._mode.phase_peak_bytes))
+
+    def allocated_bytes(self) -> int:
+        return self._mode.live_bytes
+
+    def synchronize(self) -> None:
+        return None
+
+    def release(self) -> None:
+        gc.collect()
+
+
+class CudaMeter:
+    """The caching allocator's statistics on one CUDA device, capped at `capacity_bytes`."""
+
+    kind = "cuda-allocator"
+
+    def __init__(self, device: torch.device, capacity_bytes: int | None = None) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaMeter needs a CUDA build of torch and a visible GPU; use CpuMeter")
+        self.device = device
+        total = torch.cuda.get_device_properties(device).total_memory
+        self.capacity_bytes = min(capacity_bytes or total, total)
+        # the cap makes the allocator raise a real OOM at capacity, as on the smaller card
+        torch.cuda.set_per_process_memory_fraction(self.capacity_bytes / total, device)
+        self._phase = "idle"
+        self._phase_peaks: dict[str, int] = {}
+        self._peak_reserved_bytes = 0
+        self._retries_at_start = 0
+
+    def tracking(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def start_trial(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._phase_peaks = {}
+        self._peak_reserved_bytes = 0
+        self._retries_at_start = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+
+    def phase(self, name: str) -> None:
+        # allocations are recorded when kernels are launched, on the host: no sync needed
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self._phase_peaks[self._phase] = max(self._phase_peaks.get(self._phase, 0), peak)
+        self._peak_reserved_bytes = max(self._peak_reserved_bytes, torch.cuda.max_memory_reserved(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._phase = name
+
+    def reading(self) -> MemoryReading:
+        self.phase(self._phase)
+        stats = torch.cuda.memory_stats(self.device)
+        return MemoryReading(
+            peak_allocated_bytes=max(self._phase_peaks.values(), default=0),
+            peak_reserved_bytes=self._peak_reserved_bytes,
+            alloc_retries=stats.get("num_alloc_retries", 0) - self._retries_at_start,
+            phase_peak_bytes=dict(self._phase_peaks),
+        )
+
+    def allocated_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def make_meter(device: str, capacity_bytes: int | None) -> Meter:
+    """The measuring meter for a device string from the spec."""
+    if device == "cpu":
+        return CpuMeter(capacity_bytes)
+    return CudaMeter(torch.device(device), capacity_bytes)

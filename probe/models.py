@@ -1,0 +1,208 @@
+"""Turn a model reference into an `nn.Module` ready to train, with the user's memory settings applied.
+
+References: `builtin:<name>` (plain torch), `preset:<name>` (shipped architecture configs, random
+weights), `hf:<path to config.json>` or an inline config dict, and `factory:pkg.mod:fn`, which is
+imported only when the operator allow-listed it: a request must never make us run code it names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
+from probe.presets import PRESETS
+from probe.spec import ProbeSpec, SpecError, format_bytes
+
+MAX_INLINE_CONFIG_BYTES = 64 * 1024
+
+# Attention projections LoRA adapts by default, by the names each architecture family uses.
+DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"], ["query", "value"])
+
+LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A module plus what the training step needs to know to feed it."""
+
+    module: nn.Module
+    vocab_size: int
+    max_seq_len: int | None
+    logits: LogitsFn
+
+
+def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = module(input_ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
+    try:
+        from transformers import AutoConfig
+    except ImportError as exc:  # the hf extra is optional
+        raise SpecError("preset: and hf: models need transformers: pip install 'fitprobe[hf]'") from exc
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"the Hugging Face config is not usable ({exc}); check model_type and fields")
+
+
+def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
+    """An inline config dict (HTTP) or hf:<path to config.json> (CLI) -> a transformers config."""
+    if isinstance(ref, dict):
+        if len(json.dumps(ref)) > MAX_INLINE_CONFIG_BYTES:
+            raise SpecError(f"inline model config must be under {MAX_INLINE_CONFIG_BYTES} bytes")
+        fields = dict(ref)
+    else:
+        path = Path(ref.removeprefix("hf:"))
+        if not path.is_file():
+            raise SpecError(f"hf: config file {str(path)!r} not found; give the path to a config.json")
+        fields = json.loads(path.read_text())
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise SpecError("a Hugging Face config needs a model_type field (e.g. 'llama', 'gpt2')")
+    fields.pop("architectures", None)
+    return _hf_config(model_type, fields)
+
+
+def _resolve_factory(ref: str, allowed_factories: Collection[str]) -> Callable[[], nn.Module]:
+    target = ref.removeprefix("factory:")
+    if target not in allowed_factories:
+        raise SpecError(
+            f"factory {target!r} is not allow-listed; the operator must add it to "
+            "FITPROBE_ALLOWED_FACTORIES (comma-separated pkg.module:function)"
+        )
+    module_name, _, function_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Callable[[], nn.Module], LogitsFn]:
+    """Return a zero-argument constructor, so the same model can be built on meta first to size it."""
+    ref = spec.model
+    if isinstance(ref, dict) or ref.startswith("hf:"):
+        config = _read_hf_reference(ref)
+        return _hf_constructor(config), _hf_logits
+    kind, _, name = ref.partition(":")
+    if kind == "builtin":
+        if name not in BUILTIN_CONFIGS:
+            raise SpecError(f"unknown builtin model {name!r}; choose one of: {', '.join(BUILTIN_CONFIGS)}")
+        config = BUILTIN_CONFIGS[name]
+        return (lambda: GPT(config)), _plain_logits
+    if kind == "preset":
+        if name not in PRESETS:
+            raise SpecError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        model_type, fields = PRESETS[name]
+        return _hf_constructor(_hf_config(model_type, dict(fields))), _hf_logits
+    if kind == "factory":
+        return _resolve_factory(ref, allowed_factories), _plain_logits
+    raise SpecError(
+        f"model reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
+        "hf:<path to config.json> or factory:pkg.module:function"
+    )
+
+
+def _hf_constructor(config: Any) -> Callable[[], nn.Module]:
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = "sdpa"  # the kernel people train with; eager holds B*H*T*T scores
+    return lambda: AutoModelForCausalLM.from_config(config)
+
+
+def _vocab_and_context(module: nn.Module) -> tuple[int, int | None]:
+    config = getattr(module, "config", None)
+    if isinstance(config, GPTConfig):
+        return config.vocab_size, config.block_size
+    vocab = getattr(config, "vocab_size", None) or getattr(module, "vocab_size", None)
+    if vocab is None:
+        raise SpecError("the model must expose vocab_size (or config.vocab_size) so fitprobe can build batches")
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(vocab), context
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers, counting tied tensors once."""
+    seen: dict[int, int] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise SpecError("finetuning=lora needs peft: pip install 'fitprobe[hf]'") from exc
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    targets = spec.lora.targets
+    if targets is None:
+        targets = next((t for t in DEFAULT_LORA_TARGETS if set(t) <= leaf_names), None)
+        if targets is None:
+            raise SpecError("no default LoRA targets in this model; name them in lora.targets (--lora-targets)")
+    missing = sorted(set(targets) - leaf_names)
+    if missing:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules()
+                               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise SpecError(
+            f"LoRA targets {missing} are not modules of this model; pick from {linear_names}"
+        )
+    config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=list(targets),
+                        lora_dropout=0.0, fan_in_fan_out=type(module).__name__.startswith("GPT2"))
+    return get_peft_model(module, config)
+
+
+def _enable_checkpointing(module: nn.Module) -> None:
+    if isinstance(module, GPT):
+        module.gradient_checkpointing = True
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise SpecError("this model has no gradient checkpointing support; drop gradient_checkpointing")
+
+
+def build_model(
+    spec: ProbeSpec,
+    device: torch.device | str,
+    allowed_factories: Collection[str] = (),
+    capacity_bytes: int | None = None,
+) -> LoadedModel:
+    """Build the model on `device` with the spec's precision, LoRA and checkpointing applied.
+
+    The model is first built on the meta device (no memory) so a model that cannot fit in
+    `capacity_bytes` is refused with a message before anything is allocated.
+    """
+    constructor, logits_fn = _construct(spec, allowed_factories)
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        sized = constructor()
+    vocab_size, context = _vocab_and_context(sized)
+    # meta modules are built in fp32; pure bf16 halves every weight
+    weight_bytes = parameter_bytes(sized) // (2 if dtype == torch.bfloat16 else 1)
+    del sized
+    if capacity_bytes is not None and weight_bytes >= capacity_bytes:
+        raise SpecError(
+            f"capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
+            f"({format_bytes(weight_bytes)}); raise the capacity or pick a smaller model"
+        )
+    if context is not None and spec.seq_len > context:
+        raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
+    with torch.device(device):
+        module = constructor()
+    module = module.to(dtype=dtype)
+    if spec.gradient_checkpointing:
+        _enable_checkpointing(module)
+    if spec.finetuning == "lora":
+        module = _apply_lora(module, spec)
+    module.train()
+    return LoadedModel(module=module, vocab_size=vocab_size, max_seq_len=context, logits=logits_fn)

@@ -1,0 +1,160 @@
+"""What a user asks fitprobe: the model and every training setting that changes memory.
+
+The spec is the one input of every entry point (CLI, HTTP, job subprocess), so validation lives here
+once, with messages that name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_SEQ_LEN = 131_072
+MAX_MICRO_BATCH = 65_536
+MAX_EFFECTIVE_BATCH = 1_048_576
+MAX_DEVICES = 1024
+
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+Optimizer = Literal["adamw", "sgd"]
+FineTuning = Literal["full", "lora"]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class SpecError(ValueError):
+    """A request that cannot be run as given; the message says what to change."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """Parse '600MiB', '40GB', '1.5GiB' or a plain byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise SpecError(f"capacity must look like 600MiB, 40GiB or a byte count (got {text!r})")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n_bytes: int | float | None) -> str:
+    """Human-readable size with binary units, as nvidia-smi and the allocator report them."""
+    if n_bytes is None:
+        return "-"
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.2f}TiB"
+
+
+class LoraSpec(BaseModel):
+    """LoRA adapters: only these are trained, so gradients and optimizer state shrink to them."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (scaling = alpha / rank)")
+    targets: list[str] | None = Field(
+        None, max_length=64,
+        description="module names to adapt; default: the attention projections the model has",
+    )
+
+
+class ProbeSpec(BaseModel):
+    """One probe request. Every field that changes the memory of a training step is here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | dict[str, Any] = Field(
+        "builtin:gpt-tiny",
+        description="builtin:<name>, preset:<name>, hf:<path to config.json>, factory:pkg.mod:fn, "
+        "or an inline Hugging Face config object",
+    )
+    seq_len: int = Field(256, description="tokens per example; every trial uses full-length sequences")
+    precision: Precision = "fp32"
+    optimizer: Optimizer = "adamw"
+    finetuning: FineTuning = "full"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    gradient_checkpointing: bool = False
+    device: str = Field("cpu", description="cpu or cuda:N")
+    capacity_bytes: int | None = Field(
+        None, ge=1,
+        description="bytes the step may use: on CUDA a cap below the card (plan for a smaller GPU), "
+        "on CPU the size of the virtual device (default 1 GiB)",
+    )
+    headroom: float = Field(
+        0.1, ge=0.0, le=0.9,
+        description="fraction of capacity the safe micro-batch leaves free for fragmentation and spikes",
+    )
+    max_micro_batch: int | None = Field(
+        None, ge=1, le=MAX_MICRO_BATCH, description="never try a micro-batch above this"
+    )
+    effective_batch: int | None = Field(
+        None, ge=1, le=MAX_EFFECTIVE_BATCH,
+        description="target examples per optimizer step across all devices; the search stops there",
+    )
+    num_devices: int = Field(1, ge=1, le=MAX_DEVICES, description="data-parallel devices")
+    micro_steps_per_trial: int = Field(2, ge=2, le=8, description="micro-steps per optimizer step")
+    optimizer_steps_per_trial: int = Field(2, ge=2, le=8, description="optimizer steps per trial")
+    seed: int = 0
+
+    @field_validator("seq_len")
+    @classmethod
+    def _seq_len_in_range(cls, value: int) -> int:
+        if not 1 <= value <= MAX_SEQ_LEN:
+            raise ValueError(f"seq_len must be between 1 and {MAX_SEQ_LEN} (got {value})")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if value == "cuda":
+            return "cuda:0"
+        if value != "cpu" and not re.fullmatch(r"cuda:\d{1,2}", value):
+            raise ValueError(f"device must be 'cpu' or 'cuda:N' (got {value!r})")
+        return value
+
+    @field_validator("capacity_bytes", mode="before")
+    @classmethod
+    def _capacity_units(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _batch_reachable(self) -> "ProbeSpec":
+        if self.effective_batch is not None and self.effective_batch < self.num_devices:
+            raise ValueError(
+                f"effective_batch ({self.effective_batch}) must be at least num_devices "
+                f"({self.num_devices}): every device needs one example per step"
+            )
+        return self
+
+    @property
+    def micro_batch_limit(self) -> int | None:
+        """The largest micro-batch worth trying: the user's cap, or what the target batch needs."""
+        limits = [self.max_micro_batch] if self.max_micro_batch else []
+        if self.effective_batch:
+            limits.append(-(-self.effective_batch // self.num_devices))
+        return min(limits) if limits else None
+
+    def label(self) -> str:
+        """Short description for tables and logs."""
+        model = self.model if isinstance(self.model, str) else "hf:inline"
+        extra = " lora" if self.finetuning == "lora" else ""
+        extra += " ckpt" if self.gradient_checkpointing else ""
+        return f"{model} seq={self.seq_len} {self.precision} {self.optimizer}{extra}"
+
+
+def validation_message(exc: Exception) -> str:
+    """One line naming the field and the fix, from a pydantic ValidationError or a SpecError."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            field = ".".join(str(p) for p in err.get("loc", ())) or "request"
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{field}: {msg}")
+        return "; ".join(parts)
+    return str(exc)

@@ -1,0 +1,163 @@
+"""THE training step: the probe, the verification run and the benchmarks all call these functions.
+
+One optimizer step = several micro-steps (forward, loss, backward; gradients stay resident between
+them) then the optimizer update. The loss of every micro-step is the *sum* of its token losses
+divided by the number of target tokens in the whole accumulated batch (across ranks too), so the
+accumulated gradient equals the full-batch mean gradient even when sequences differ in length
+and the last micro-batch is smaller. "Mean per micro-batch / accumulation_steps" gets that wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from probe.models import LoadedModel
+from probe.spec import ProbeSpec
+
+IGNORE_INDEX = -100
+PhaseCallback = Callable[[str], None]
+
+
+def _no_phase(_: str) -> None:
+    return None
+
+
+@dataclass
+class MicroBatch:
+    """Token ids with next-token labels; padded positions carry IGNORE_INDEX and mask 0."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def synthetic_batch(
+    vocab_size: int,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    lengths: Sequence[int] | None = None,
+) -> MicroBatch:
+    """Random tokens; full `seq_len` unless `lengths` pads some rows (the worst case is full length)."""
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    attention_mask = torch.ones_like(input_ids)
+    for row, length in enumerate(lengths or ()):
+        labels[row, max(length - 1, 0):] = IGNORE_INDEX
+        attention_mask[row, length:] = 0
+    return MicroBatch(input_ids.to(device), labels.to(device), attention_mask.to(device))
+
+
+def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
+    """Cut one batch into consecutive micro-batches of the given sizes."""
+    parts = zip(*(t.split(list(sizes)) for t in (batch.input_ids, batch.labels, batch.attention_mask)))
+    return [MicroBatch(*p) for p in parts]
+
+
+def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """The optimizer the user will train with; its state is what makes step two bigger than step one."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def autocast_for(spec: ProbeSpec, device_type: str):
+    """Mixed precision keeps fp32 weights and runs matmuls in 16 bits; pure bf16 needs no autocast."""
+    if spec.precision == "bf16-mixed":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if spec.precision == "fp16-mixed":
+        return torch.autocast(device_type, dtype=torch.float16)
+    return nullcontext()
+
+
+def make_scaler(spec: ProbeSpec, device_type: str) -> torch.amp.GradScaler | None:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none."""
+    return torch.amp.GradScaler(device_type) if spec.precision == "fp16-mixed" else None
+
+
+def global_target_tokens(micro_batches: Sequence[MicroBatch]) -> int:
+    """Target tokens of the whole optimizer step, summed over data-parallel ranks."""
+    count = sum(mb.target_tokens() for mb in micro_batches)
+    if dist.is_available() and dist.is_initialized():
+        total = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(total)
+        count = int(total.item())
+    return count
+
+
+def accumulate_gradients(
+    model: LoadedModel,
+    micro_batches: Sequence[MicroBatch],
+    spec: ProbeSpec,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """Forward and backward every micro-batch; return the step's mean loss per target token."""
+    module = model.module
+    device_type = micro_batches[0].input_ids.device.type
+    total_tokens = max(global_target_tokens(micro_batches), 1)
+    # DDP averages gradients over ranks; our losses are already global sums over total_tokens
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    loss_sum = 0.0
+    for index, mb in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # skip the gradient all-reduce on every micro-step but the last: one sync per optimizer step
+        sync = nullcontext() if last or not isinstance(module, DistributedDataParallel) else module.no_sync()
+        with sync:
+            with autocast_for(spec, device_type):
+                logits = model.logits(module, mb.input_ids, mb.attention_mask)
+            token_loss_sum = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), mb.labels.view(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+            loss = token_loss_sum * (world_size / total_tokens)
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += float(token_loss_sum.detach())
+        del logits, token_loss_sum, loss
+    if world_size > 1:
+        total = torch.tensor([loss_sum], dtype=torch.float64)
+        dist.all_reduce(total)
+        loss_sum = float(total.item())
+    return loss_sum / total_tokens
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(
+    model: LoadedModel,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[MicroBatch],
+    spec: ProbeSpec,
+    scaler: torch.amp.GradScaler | None = None,
+    on_phase: PhaseCallback = _no_phase,
+) -> float:
+    """One optimizer step over `micro_batches`; `on_phase` lets a meter attribute peaks to phases."""
+    on_phase("forward_backward")
+    loss = accumulate_gradients(model, micro_batches, spec, scaler)
+    on_phase("optimizer")
+    optimizer_step(optimizer, scaler)
+    on_phase("idle")
+    return loss

@@ -1,0 +1,89 @@
+"""One trial: does THE training step at micro-batch b fit? Measured, then cleaned up without a trace.
+
+A trial runs at least two optimizer steps (optimizer state only exists after the first) of at least
+two micro-steps each (gradients stay resident between them) on worst-case full-length batches.
+Unlike Lightning's tuner, the trial owns its optimizer and batches and frees them before returning,
+OOM or not, so one trial's leftovers cannot make the next one look bigger.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from probe.meter import Meter, is_oom
+from probe.models import LoadedModel
+from probe.spec import ProbeSpec
+from probe.step import make_optimizer, make_scaler, synthetic_batch, train_step
+
+
+@dataclass
+class TrialResult:
+    micro_batch: int
+    fits: bool
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    alloc_retries: int = 0
+    step_s: float | None = None
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrialError(RuntimeError):
+    """A trial failed for a reason other than memory: shrinking the batch would not help."""
+
+
+class TrialRunner:
+    """Callable `runner(b) -> TrialResult` over one model that stays built between trials."""
+
+    def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel) -> None:
+        self.spec = spec
+        self.meter = meter
+        self.model = model
+        self._generator = torch.Generator().manual_seed(spec.seed)
+
+    def __call__(self, micro_batch: int) -> TrialResult:
+        self.meter.release()
+        try:
+            return self._run(micro_batch)
+        except Exception as exc:  # noqa: BLE001 - classified right below, re-raised if not OOM
+            if not is_oom(exc):
+                raise TrialError(f"trial at micro-batch {micro_batch} failed: {exc}") from exc
+            reading = self.meter.reading()
+            message = str(exc).splitlines()[0][:300]
+            # the traceback's frames hold activations; drop them before measuring the cleanup
+            traceback.clear_frames(exc.__traceback__)
+            del exc
+            return TrialResult(micro_batch, False, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
+                               reading.alloc_retries, None, reading.phase_peak_bytes, message)
+        finally:
+            self.model.module.zero_grad(set_to_none=True)
+            self.meter.release()
+
+    def _run(self, micro_batch: int) -> TrialResult:
+        spec, meter = self.spec, self.meter
+        batches = [
+            synthetic_batch(self.model.vocab_size, micro_batch, spec.seq_len, meter.device, self._generator)
+            for _ in range(spec.micro_steps_per_trial)
+        ]
+        optimizer = make_optimizer(spec, self.model.module)
+        scaler = make_scaler(spec, meter.device.type)
+        meter.start_trial()
+        step_times_s = []
+        for _ in range(spec.optimizer_steps_per_trial):
+            started = time.perf_counter()
+            train_step(self.model, optimizer, batches, spec, scaler, on_phase=meter.phase)
+            meter.synchronize()
+            step_times_s.append(time.perf_counter() - started)
+        reading = meter.reading()
+        # the first step also creates the optimizer state: time the steady ones
+        steady_s = sorted(step_times_s[1:])[len(step_times_s[1:]) // 2]
+        return TrialResult(micro_batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
+                           reading.alloc_retries, steady_s, reading.phase_peak_bytes)
