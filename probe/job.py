@@ -109,6 +109,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
         "search": {
             "max_micro_batch": search.max_micro_batch,
             "safe_micro_batch": search.safe_micro_batch,
+            "safe_micro_batch_basis": search.safe_basis,
             "limit": search.limit,
             "limit_reached": search.limit is not None and search.max_micro_batch >= search.limit,
             "predicted_max_micro_batch": search.predicted_max,

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 HARD_MICRO_BATCH_LIMIT = 65_536
+FIRST_MICRO_BATCHES = (2, 4)  # b=1 sits below the bend where activations start to dominate
+SCOUT_RATIO = 4
 
 
 class Measured(Protocol):
@@ -36,6 +38,7 @@ class SearchResult:
     limit: int | None
     trials: list = field(default_factory=list)
     predicted_max: int | None = None
+    safe_basis: str = "measured"
 
 
 def _series(result: Measured) -> dict[str, int]:
@@ -100,7 +103,7 @@ def _largest_ok(
         if hi_bound - lo <= 1:
             return lo
         guess = predict_largest(list(results.values()), threshold_bytes)
-        if not confirm_above and guess == lo and step_up == 1:
+        if not confirm_above and guess is not None and guess <= lo and step_up == 1:
             return lo
         mid = (lo + hi_bound) // 2
         if guess is None or guess <= lo:
@@ -110,10 +113,41 @@ def _largest_ok(
         elif guess >= hi_bound:
             candidate = max(hi_bound - step_down, mid)
             step_down *= 2
+        elif guess > SCOUT_RATIO * lo and hi is None:
+            # a long extrapolation from small b can miss a bend in the curve: measure halfway first
+            candidate = guess // 2
         else:
             candidate = guess
         candidate = min(max(candidate, lo + 1), hi_bound - 1)
         results[candidate] = run(candidate)
+
+
+def interpolate_safe(results: dict[int, Measured], ok: Callable[[Measured], bool], safe_bytes: float) -> int:
+    """Largest b whose peak is proven ≤ `safe_bytes` by the trials already run.
+
+    Each phase's peak is convex in b (a max of lines), so between two measured points it lies on
+    or below their chord: where every phase's chord, plus the larger allocator overhead
+    (reserved − allocated) of the two trials, stays under the threshold, b is safe without a trial.
+    """
+    fitting = sorted((r for r in results.values() if r.fits), key=lambda r: r.micro_batch)
+    best = max((r.micro_batch for r in fitting if ok(r)), default=0)
+    for low, high in zip(fitting, fitting[1:]):
+        if not ok(low) or high.alloc_retries:
+            continue
+        overhead = max(_overhead(low), _overhead(high))
+        span = high.micro_batch - low.micro_batch
+        steps = span - 1
+        for name, low_bytes in low.phase_peak_bytes.items():
+            rise = high.phase_peak_bytes.get(name, low_bytes) - low_bytes
+            if rise > 0:
+                steps = min(steps, math.floor((safe_bytes - overhead - low_bytes) * span / rise))
+        best = max(best, low.micro_batch + steps)
+    return best
+
+
+def _overhead(result: Measured) -> int:
+    allocated = max(result.phase_peak_bytes.values(), default=0)
+    return max((result.peak_reserved_bytes or allocated) - allocated, 0)
 
 
 def find_micro_batch(
@@ -144,7 +178,9 @@ def find_micro_batch(
     def safe(r: Measured) -> bool:
         return r.fits and r.alloc_retries == 0 and (r.peak_reserved_bytes or 0) <= safe_bytes
 
-    for b in (1, 2)[: min(upper, 2)]:
+    for b in FIRST_MICRO_BATCHES:
+        if b > upper:
+            break
         results[b] = run(b)
         if not results[b].fits:
             break
@@ -152,15 +188,19 @@ def find_micro_batch(
     predicted = predict_largest(list(results.values()), capacity_bytes)
     if max_b == 0:
         return SearchResult(0, 0, limit, order, predicted)
-    # safe ≤ max: every b above max already fails `safe`, so the bracket starts closed on top
-    results.setdefault(max_b + 1, _NotOk(max_b + 1))
-    safe_b = _largest_ok(run, results, safe, safe_bytes, max_b, confirm_above=False)
-    return SearchResult(max_b, safe_b, limit, order, predicted)
+    safe_b = interpolate_safe(results, safe, safe_bytes)
+    basis = "measured" if safe_b in results else "interpolated"
+    if safe_b == 0:
+        # even the smallest trial was above the safe line: look below it, with trials
+        results.setdefault(max_b + 1, _NotOk(max_b + 1))
+        safe_b = _largest_ok(run, results, safe, safe_bytes, max_b, confirm_above=False)
+        basis = "measured"
+    return SearchResult(max_b, safe_b, limit, order, predicted, basis)
 
 
 @dataclass
 class _NotOk:
-    """Stands for 'known not to fit' above the max (or above the limit) without a trial."""
+    """Stands for 'known not to fit' above the max without a trial."""
 
     micro_batch: int
     fits: bool = False
