@@ -110,7 +110,8 @@ class LiveBytesMode(TorchDispatchMode):
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
+            # meta tensors (a model sized before it is built) occupy nothing
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 storage = tensor.untyped_storage()
                 if id(storage) not in inputs:
                     self._add(storage, raise_on_overflow=True)

@@ -116,8 +116,15 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
 def _hf_constructor(config: Any) -> Callable[[], nn.Module]:
     from transformers import AutoModelForCausalLM
 
-    config._attn_implementation = "sdpa"  # the kernel people train with; eager holds B*H*T*T scores
-    return lambda: AutoModelForCausalLM.from_config(config)
+    def construct() -> nn.Module:
+        # SDPA is the kernel people train with; eager holds B*H*T*T scores. Some architectures
+        # (Gemma 2's logit soft-capping) only have eager, which is then what training uses too.
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        except ValueError:
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+    return construct
 
 
 def _vocab_and_context(module: nn.Module) -> tuple[int, int | None]:

@@ -1,0 +1,61 @@
+"""On the CPU meter, the probe's answer is the true maximum, found in few trials."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from probe.job import prepare, run_probe
+from probe.spec import ProbeSpec
+from probe.trial import TrialRunner
+
+CASES = [
+    dict(model="builtin:gpt-nano", seq_len=64, capacity_bytes="24MiB"),
+    dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB"),
+    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="150MiB", precision="bf16-mixed", optimizer="sgd"),
+    dict(model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB"),
+    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="100MiB", finetuning="lora"),
+    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="100MiB", gradient_checkpointing=True),
+]
+
+
+def fits_on_a_fresh_model(spec: ProbeSpec, micro_batch: int) -> bool:
+    meter, model = prepare(spec)
+    with meter.tracking():
+        return TrialRunner(spec, meter, model)(micro_batch).fits
+
+
+@pytest.mark.slow
+def test_probe_max_is_the_true_maximum_with_a_median_of_at_most_five_trials():
+    trial_counts = []
+    for case in CASES:
+        spec = ProbeSpec(**case)
+        search = run_probe(spec)["search"]
+        best = search["max_micro_batch"]
+        assert fits_on_a_fresh_model(spec, best), case
+        assert not fits_on_a_fresh_model(spec, best + 1), case
+        assert 1 <= search["safe_micro_batch"] <= best
+        safe_trial = ProbeSpec(**case)
+        meter, model = prepare(safe_trial)
+        with meter.tracking():
+            peak = TrialRunner(safe_trial, meter, model)(search["safe_micro_batch"]).peak_reserved_bytes
+        assert peak <= meter.capacity_bytes * (1 - spec.headroom), case
+        trial_counts.append(search["trial_count"])
+    assert statistics.median(trial_counts) <= 5, trial_counts
+
+
+def test_the_search_stops_at_what_the_effective_batch_needs():
+    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="256MiB", effective_batch=6)
+    search = run_probe(spec)["search"]
+    assert search["max_micro_batch"] == 6 and search["limit_reached"]
+    assert max(t["micro_batch"] for t in search["trials"]) == 6
+
+
+def test_every_trial_is_announced_as_an_event():
+    events = []
+    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="24MiB")
+    report = run_probe(spec, events.append)
+    trial_events = [e for e in events if e["type"] == "trial"]
+    assert [e["micro_batch"] for e in trial_events] == [t["micro_batch"] for t in report["search"]["trials"]]
+    assert [e["phase"] for e in events if e["type"] == "phase"] == ["building_model", "probing", "probed"]
