@@ -109,6 +109,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
     return EXIT_OK if trial["fits"] else EXIT_UNMET
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from probe.plan import format_plan, make_plan
+
+    plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
+                     reference_lr=args.reference_lr, reference_batch=args.reference_batch).to_dict()
+    # an exact plan always exists (uneven if need be): a request that passes validation is met
+    print(json.dumps({"plan": plan}, indent=2) if args.json else format_plan(plan))
+    return EXIT_OK
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -122,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_options(trial)
     trial.add_argument("--micro-batch", type=int, required=True)
     trial.set_defaults(run=cmd_trial)
+    plan = commands.add_parser("plan", help="split an effective batch into micro-batch × accumulation × devices")
+    plan.add_argument("--effective-batch", type=int, required=True, help="target examples per optimizer step")
+    plan.add_argument("--max-micro-batch", type=int, required=True, help="largest micro-batch that fits (the probe's safe one)")
+    plan.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    plan.add_argument("--reference-lr", type=float, help="a learning rate known to work at --reference-batch")
+    plan.add_argument("--reference-batch", type=int, help="the effective batch --reference-lr was tuned for")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=cmd_plan)
     return parser
 
 
