@@ -79,12 +79,17 @@ def _trial_table(trials: list[dict[str, Any]]) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probe.job import run_probe
+    from probe.job import run_job
+    from probe.plan import format_plan
+    from probe.verify import format_verification
 
-    report = run_probe(spec_from_args(args), _progress, allowed_factories())
+    report = run_job(spec_from_args(args), _progress, allowed_factories(), args.verify_steps, not args.no_verify)
+    verification = report["verification"]
+    # the probe ran, but the plan it leads to failed when trained for real
+    code = EXIT_UNMET if verification is not None and not verification["passed"] else EXIT_OK
     if args.json:
         print(json.dumps(report, indent=2))
-        return EXIT_OK
+        return code
     search, device = report["search"], report["device"]
     print(f"{report['spec']['model']} seq_len={args.seq_len} on {device['name']}, "
           f"capacity {format_bytes(device['capacity_bytes'])}, headroom {args.headroom:.0%}")
@@ -92,7 +97,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
     print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
     print(f"safe micro-batch: {search['safe_micro_batch']}  ({search['trial_count']} trials, {search['wall_s']:.1f}s)")
-    return EXIT_OK
+    if report["plan"]:
+        print(format_plan(report["plan"]))
+    if verification:
+        print(format_verification(verification))
+    return code
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -127,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("probe", help="find the largest micro-batch that fits")
     add_spec_options(probe)
+    probe.add_argument("--verify-steps", type=int, default=3,
+                       help="optimizer steps of the verification run (with --effective-batch)")
+    probe.add_argument("--no-verify", action="store_true", help="plan the effective batch without training it")
     probe.set_defaults(run=cmd_probe)
     trial = commands.add_parser("trial", help="run one trial at a given micro-batch")
     add_spec_options(trial)

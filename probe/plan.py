@@ -204,9 +204,18 @@ def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
         divides = ("only micro-batch 1 divides it" if best_even.micro_batch == 1 else
                    f"its best even split is {best_even.accumulation_steps} micro-steps of {best_even.micro_batch}")
         cause = (f"{e // n} examples per device: {divides}; the uneven split is expected {gain:.2f}× as fast")
-    return (f"{cause}. Full micro-batches of {best.micro_batch} plus a last of {best.last_micro_batch} reach {e} "
-            "exactly; the loss is summed per token and divided by the target tokens of the whole step, so the "
-            "update equals the full-batch mean")
+    layouts = {_layout(best.device_micro_batches(rank)) for rank in range(min(n, 2))} | \
+        {_layout(best.device_micro_batches(n - 1))}
+    return (f"{cause}. Micro-batches of {' or '.join(sorted(layouts, reverse=True))} per device reach {e} exactly; "
+            "the loss is summed per token and divided by the target tokens of the whole step, so the update "
+            "equals the full-batch mean")
+
+
+def _layout(sizes: list[int]) -> str:
+    """[25, 25, 25, 22] → '3×25 + 22'."""
+    full = sizes.count(sizes[0])  # the remainder is always smaller than the full micro-batches
+    head = f"{full}×{sizes[0]}" if full > 1 else str(sizes[0])
+    return head + "".join(f" + {b}" for b in sizes[full:])
 
 
 def make_plan(

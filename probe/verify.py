@@ -361,6 +361,8 @@ def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:
 
 
 def _noise_scale(r: RankResult, effective_batch: int) -> tuple[float | None, str]:
+    if r.oom is not None:
+        return None, "not estimated: the run ran out of memory"
     if not r.noise_g2:
         return None, "not estimated: the effective batch equals the micro-batch, so there are no two batch sizes to compare"
     g2, s = statistics.fmean(r.noise_g2), statistics.fmean(r.noise_s)
