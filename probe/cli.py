@@ -79,12 +79,17 @@ def _trial_table(trials: list[dict[str, Any]]) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probe.job import run_probe
+    from probe.job import run_job
+    from probe.plan import format_plan
+    from probe.verify import format_verification
 
-    report = run_probe(spec_from_args(args), _progress, allowed_factories())
+    report = run_job(spec_from_args(args), _progress, allowed_factories(), args.verify_steps, not args.no_verify)
+    verification = report["verification"]
+    # the probe ran, but the plan it leads to failed when trained for real
+    code = EXIT_UNMET if verification is not None and not verification["passed"] else EXIT_OK
     if args.json:
         print(json.dumps(report, indent=2))
-        return EXIT_OK
+        return code
     search, device = report["search"], report["device"]
     print(f"{report['spec']['model']} seq_len={args.seq_len} on {device['name']}, "
           f"capacity {format_bytes(device['capacity_bytes'])}, headroom {args.headroom:.0%}")
@@ -92,7 +97,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
     print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
     print(f"safe micro-batch: {search['safe_micro_batch']}  ({search['trial_count']} trials, {search['wall_s']:.1f}s)")
-    return EXIT_OK
+    if report["plan"]:
+        print(format_plan(report["plan"]))
+    if verification:
+        print(format_verification(verification))
+    return code
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -109,6 +118,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
     return EXIT_OK if trial["fits"] else EXIT_UNMET
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from probe.plan import format_plan, make_plan
+
+    plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
+                     reference_lr=args.reference_lr, reference_batch=args.reference_batch).to_dict()
+    # an exact plan always exists (uneven if need be): a request that passes validation is met
+    print(json.dumps({"plan": plan}, indent=2) if args.json else format_plan(plan))
+    return EXIT_OK
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -117,11 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("probe", help="find the largest micro-batch that fits")
     add_spec_options(probe)
+    probe.add_argument("--verify-steps", type=int, default=3,
+                       help="optimizer steps of the verification run (with --effective-batch)")
+    probe.add_argument("--no-verify", action="store_true", help="plan the effective batch without training it")
     probe.set_defaults(run=cmd_probe)
     trial = commands.add_parser("trial", help="run one trial at a given micro-batch")
     add_spec_options(trial)
     trial.add_argument("--micro-batch", type=int, required=True)
     trial.set_defaults(run=cmd_trial)
+    plan = commands.add_parser("plan", help="split an effective batch into micro-batch × accumulation × devices")
+    plan.add_argument("--effective-batch", type=int, required=True, help="target examples per optimizer step")
+    plan.add_argument("--max-micro-batch", type=int, required=True, help="largest micro-batch that fits (the probe's safe one)")
+    plan.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    plan.add_argument("--reference-lr", type=float, help="a learning rate known to work at --reference-batch")
+    plan.add_argument("--reference-batch", type=int, help="the effective batch --reference-lr was tuned for")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=cmd_plan)
     return parser
 
 

@@ -122,3 +122,35 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
     emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,
           "safe_micro_batch": search.safe_micro_batch})
     return report
+
+
+def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = (),
+            verify_steps: int = 3, verify: bool = True) -> dict[str, Any]:
+    """Probe, then (with an effective batch) plan the split and verify it by training: the service's unit.
+
+    The plan uses the safe micro-batch and the trials' measured step times; the verification's
+    reference gradient may use up to the max micro-batch at once, which the probe showed fits.
+    """
+    from probe.plan import make_plan
+    from probe.verify import run_verification
+
+    report = run_probe(spec, emit, allowed_factories)
+    report["plan"] = report["verification"] = None
+    if spec.effective_batch is None:
+        return report
+    emit({"type": "phase", "phase": "planning"})
+    search = report["search"]
+    # a trial's step is micro_steps_per_trial micro-steps plus one optimizer update
+    step_s = {t["micro_batch"]: t["step_s"] / spec.micro_steps_per_trial
+              for t in search["trials"] if t["fits"] and t["step_s"]}
+    plan = make_plan(spec.effective_batch, search["safe_micro_batch"] or search["max_micro_batch"],
+                     spec.num_devices, step_s)
+    report["plan"] = plan.to_dict()
+    emit({"type": "phase", "phase": "planned", "micro_batch": plan.split.micro_batch,
+          "accumulation_steps": plan.split.accumulation_steps})
+    if verify:
+        emit({"type": "phase", "phase": "verifying"})
+        report["verification"] = run_verification(spec, plan, verify_steps, allowed_factories,
+                                                   search["max_micro_batch"])
+        emit({"type": "phase", "phase": "verified", "passed": report["verification"]["passed"]})
+    return report

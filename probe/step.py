@@ -96,7 +96,8 @@ def global_target_tokens(micro_batches: Sequence[MicroBatch]) -> int:
     """Target tokens of the whole optimizer step, summed over data-parallel ranks."""
     count = sum(mb.target_tokens() for mb in micro_batches)
     if dist.is_available() and dist.is_initialized():
-        total = torch.tensor([count], dtype=torch.int64)
+        # NCCL reduces device tensors only; gloo takes either
+        total = torch.tensor([count], dtype=torch.int64, device=micro_batches[0].input_ids.device)
         dist.all_reduce(total)
         count = int(total.item())
     return count
@@ -131,7 +132,7 @@ def accumulate_gradients(
         loss_sum += float(token_loss_sum.detach())
         del logits, token_loss_sum, loss
     if world_size > 1:
-        total = torch.tensor([loss_sum], dtype=torch.float64)
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=micro_batches[0].input_ids.device)
         dist.all_reduce(total)
         loss_sum = float(total.item())
     return loss_sum / total_tokens

@@ -1,0 +1,325 @@
+"""Split a target effective batch into micro-batch × accumulation steps × devices. Pure arithmetic.
+
+`effective_batch = micro_batch × accumulation_steps × num_devices`: the effective batch is the
+number that matters for the result; the micro-batch is whatever memory allows. When no even split
+is exact (or the only even one needs a tiny micro-batch), an *uneven* split is exact anyway: full
+micro-batches plus a smaller last one. It is correct because THE training step (probe/step.py)
+divides every micro-step's summed token loss by the target tokens of the whole accumulated batch,
+so the update equals the full-batch mean however the examples are cut.
+
+Throughput: one optimizer step costs the sum of its micro-steps' times (the devices run in
+parallel). With measured step times we interpolate them; without, we assume a fixed cost per
+micro-step on top of a cost per example, which makes fewer, larger micro-steps faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, SpecError
+
+# Without measurements: a micro-step's fixed cost is this fraction of a micro-step at the max micro-batch.
+ASSUMED_OVERHEAD_FRACTION = 0.1
+# An uneven plan must beat the best even exact plan by this much to be recommended over it:
+# an even split is simpler (equal shapes, any framework's accumulation gets it right).
+UNEVEN_MIN_GAIN = 0.05
+MAX_ALTERNATIVES = 8
+
+
+@dataclass(frozen=True)
+class Split:
+    """One way to cut the effective batch: per device, full micro-batches then a remainder.
+
+    When `effective_batch` is not a multiple of `num_devices`, the first `effective_batch mod
+    num_devices` devices take one example more than the rest.
+    """
+
+    micro_batch: int
+    num_devices: int
+    effective_batch: int
+    target_batch: int
+
+    @property
+    def per_device(self) -> tuple[int, int]:
+        """(examples on each device, how many devices take one more)."""
+        return divmod(self.effective_batch, self.num_devices)
+
+    def device_micro_batches(self, rank: int) -> list[int]:
+        """Micro-batch sizes device `rank` runs in one optimizer step, in order."""
+        base, extra = self.per_device
+        examples = base + (1 if rank < extra else 0)
+        full, rest = divmod(examples, self.micro_batch)
+        return [self.micro_batch] * full + ([rest] if rest else [])
+
+    @property
+    def accumulation_steps(self) -> int:
+        return len(self.device_micro_batches(0))
+
+    @property
+    def even(self) -> bool:
+        base, extra = self.per_device
+        return extra == 0 and base % self.micro_batch == 0
+
+    @property
+    def last_micro_batch(self) -> int | None:
+        """The smallest micro-batch any device runs, when it is smaller than the others; None if even."""
+        if self.even:
+            return None
+        last = [self.device_micro_batches(rank)[-1] for rank in {0, self.num_devices - 1}]
+        return min(last)
+
+    @property
+    def exact(self) -> bool:
+        return self.effective_batch == self.target_batch
+
+    @property
+    def deviation_percent(self) -> float:
+        return round(100.0 * (self.effective_batch - self.target_batch) / self.target_batch, 2)
+
+    def step_time(self, micro_step_s: "MicroStepTime") -> float:
+        """Seconds of one optimizer step: the busiest device's micro-steps, one after another."""
+        base, extra = self.per_device
+        full, rest = divmod(base + (1 if extra else 0), self.micro_batch)
+        return full * micro_step_s(self.micro_batch) + (micro_step_s(rest) if rest else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        base, extra = self.per_device
+        return {
+            "micro_batch": self.micro_batch,
+            "accumulation_steps": self.accumulation_steps,
+            "num_devices": self.num_devices,
+            "effective_batch": self.effective_batch,
+            "exact": self.exact,
+            "last_micro_batch": self.last_micro_batch,
+            "examples_per_device": base + (1 if extra else 0),
+            "devices_with_one_fewer": self.num_devices - extra if extra else 0,
+            "deviation_percent": self.deviation_percent,
+        }
+
+
+class MicroStepTime:
+    """Seconds of one micro-step (forward + backward) at micro-batch b, measured or assumed."""
+
+    def __init__(self, max_micro_batch: int, measured_s: dict[int, float] | None) -> None:
+        points = sorted((b, s) for b, s in (measured_s or {}).items() if b >= 1 and s > 0)
+        self._points = points
+        self._max_micro_batch = max_micro_batch
+        if len(points) >= 2:
+            self.source = ("measured: micro-step times at micro-batches "
+                           f"{[b for b, _ in points]}, interpolated linearly")
+        elif len(points) == 1:
+            self.source = (f"measured at micro-batch {points[0][0]} only; other sizes scaled with an assumed "
+                           f"fixed cost per micro-step of {ASSUMED_OVERHEAD_FRACTION:.0%} of a full one")
+        else:
+            self.source = (f"assumed: each micro-step has a fixed cost of {ASSUMED_OVERHEAD_FRACTION:.0%} of a "
+                           "micro-step at the max micro-batch, so fewer, larger micro-steps are faster "
+                           "(pass measured step times for a better ranking)")
+
+    def _assumed(self, b: int, anchor_b: int) -> float:
+        return ASSUMED_OVERHEAD_FRACTION + (1 - ASSUMED_OVERHEAD_FRACTION) * b / anchor_b
+
+    def __call__(self, b: int) -> float:
+        points = self._points
+        if not points:
+            return self._assumed(b, self._max_micro_batch)
+        if len(points) == 1:
+            anchor_b, anchor_s = points[0]
+            return anchor_s * self._assumed(b, anchor_b) / self._assumed(anchor_b, anchor_b)
+        # linear through the segment holding b; outside the measured range, the nearest segment
+        index = next((i for i in range(1, len(points)) if b <= points[i][0]), len(points) - 1)
+        (b0, s0), (b1, s1) = points[index - 1], points[index]
+        estimate = s0 + (s1 - s0) * (b - b0) / (b1 - b0)
+        # extrapolating below the smallest measurement must not reach zero: a micro-step is never free
+        return max(estimate, min(s for _, s in points) * 0.05)
+
+
+@dataclass
+class Plan:
+    """The recommended split, why, and what else would work."""
+
+    split: Split
+    reason: str
+    throughput_model: str
+    alternatives: list[dict[str, Any]] = field(default_factory=list)
+    nearest_below: dict[str, Any] | None = None
+    nearest_above: dict[str, Any] | None = None
+    lr_guidance: dict[str, Any] | None = None
+
+    def device_micro_batches(self, rank: int) -> list[int]:
+        return self.split.device_micro_batches(rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.split.to_dict(), "reason": self.reason, "throughput_model": self.throughput_model,
+                "alternatives": self.alternatives, "nearest_below": self.nearest_below,
+                "nearest_above": self.nearest_above, "lr_guidance": self.lr_guidance}
+
+
+def _check(effective_batch: int, max_micro_batch: int, num_devices: int) -> None:
+    if num_devices < 1:
+        raise SpecError(f"num_devices must be at least 1 (got {num_devices})")
+    if not 1 <= effective_batch <= MAX_EFFECTIVE_BATCH:
+        raise SpecError(f"effective_batch must be between 1 and {MAX_EFFECTIVE_BATCH} (got {effective_batch})")
+    if effective_batch < num_devices:
+        raise SpecError(
+            f"effective_batch ({effective_batch}) must be at least num_devices ({num_devices}): every device "
+            f"needs one example per step; raise the effective batch or use at most {effective_batch} devices"
+        )
+    if max_micro_batch < 1:
+        raise SpecError(
+            f"max_micro_batch must be at least 1 (got {max_micro_batch}): if not even one example fits, "
+            "lower seq_len, enable gradient checkpointing, use LoRA or bf16, or use a bigger device"
+        )
+    if max_micro_batch > MAX_MICRO_BATCH:
+        raise SpecError(f"max_micro_batch must be at most {MAX_MICRO_BATCH} (got {max_micro_batch})")
+
+
+def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int) -> dict[str, Any]:
+    """Learning rates scaled from a known-good (lr, batch) pair. Guidance, not a rule."""
+    if reference_lr <= 0 or reference_batch < 1:
+        raise SpecError(f"reference_lr must be > 0 and reference_batch ≥ 1 (got {reference_lr}, {reference_batch})")
+    ratio = effective_batch / reference_batch
+    return {
+        "reference_lr": reference_lr,
+        "reference_batch": reference_batch,
+        "linear_scaled_lr": reference_lr * ratio,
+        "sqrt_scaled_lr": reference_lr * math.sqrt(ratio),
+        "note": "guidance, not a rule: square-root scaling often suits Adam-family optimizers, linear scaling "
+                "suits SGD (with warmup); confirm with a short run",
+    }
+
+
+def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
+    e, n = best.target_batch, best.num_devices
+    if best.even:
+        return (f"{e} = {best.micro_batch} × {best.accumulation_steps} × {n}: an even exact split with the highest "
+                "expected throughput, every micro-batch the same size")
+    if e % n:
+        cause = f"{e} is not a multiple of {n} devices, so no even split is exact"
+    elif best_even is None:
+        cause = f"no even split of {e} fits the micro-batch limit"
+    else:
+        gain = best_even.step_time(time) / best.step_time(time)
+        divides = ("only micro-batch 1 divides it" if best_even.micro_batch == 1 else
+                   f"its best even split is {best_even.accumulation_steps} micro-steps of {best_even.micro_batch}")
+        cause = (f"{e // n} examples per device: {divides}; the uneven split is expected {gain:.2f}× as fast")
+    layouts = {_layout(best.device_micro_batches(rank)) for rank in range(min(n, 2))} | \
+        {_layout(best.device_micro_batches(n - 1))}
+    return (f"{cause}. Micro-batches of {' or '.join(sorted(layouts, reverse=True))} per device reach {e} exactly; "
+            "the loss is summed per token and divided by the target tokens of the whole step, so the update "
+            "equals the full-batch mean")
+
+
+def _layout(sizes: list[int]) -> str:
+    """[25, 25, 25, 22] → '3×25 + 22'."""
+    full = sizes.count(sizes[0])  # the remainder is always smaller than the full micro-batches
+    head = f"{full}×{sizes[0]}" if full > 1 else str(sizes[0])
+    return head + "".join(f" + {b}" for b in sizes[full:])
+
+
+def make_plan(
+    effective_batch: int,
+    max_micro_batch: int,
+    num_devices: int = 1,
+    step_s_by_micro_batch: dict[int, float] | None = None,
+    reference_lr: float | None = None,
+    reference_batch: int | None = None,
+) -> Plan:
+    """The recommended split of `effective_batch` with micro-batches ≤ `max_micro_batch`.
+
+    `step_s_by_micro_batch` are measured seconds of one micro-step per micro-batch (the probe's
+    trials); `reference_lr` at `reference_batch` adds learning-rate guidance.
+    """
+    _check(effective_batch, max_micro_batch, num_devices)
+    if (reference_lr is None) != (reference_batch is None):
+        raise SpecError("give reference_lr and reference_batch together (the lr known to work at that batch)")
+    time = MicroStepTime(max_micro_batch, step_s_by_micro_batch)
+    per_device = -(-effective_batch // num_devices)
+    top = min(max_micro_batch, per_device)
+
+    def throughput(s: Split) -> float:
+        return s.effective_batch / s.step_time(time)
+
+    def rank(s: Split) -> tuple[float, int]:
+        # equal expected throughput: the smaller micro-batch wins, it leaves more memory free
+        return (-round(throughput(s), 9), s.micro_batch)
+
+    exact = [Split(b, num_devices, effective_batch, effective_batch) for b in range(1, top + 1)]
+    evens = sorted((s for s in exact if s.even), key=rank)
+    uneven = sorted((s for s in exact if not s.even), key=rank)
+    best_even = evens[0] if evens else None
+    best = best_even
+    if uneven and (best is None or throughput(uneven[0]) > (1 + UNEVEN_MIN_GAIN) * throughput(best)):
+        best = uneven[0]
+
+    nearest_below = nearest_above = None
+    if not best.even:
+        below, above = _nearest_even(effective_batch, top, num_devices, throughput)
+        nearest_below, nearest_above = below, above
+
+    candidates = evens[:5] + uneven[:1] + [s for s in (nearest_below, nearest_above) if s]
+    best_throughput = throughput(best)
+    alternatives = []
+    for s in sorted({c for c in candidates if c != best}, key=rank)[:MAX_ALTERNATIVES]:
+        alternatives.append({**s.to_dict(), "relative_throughput": round(throughput(s) / best_throughput, 3)})
+
+    def described(s: Split | None) -> dict[str, Any] | None:
+        return None if s is None else {**s.to_dict(), "relative_throughput": round(throughput(s) / best_throughput, 3)}
+
+    return Plan(
+        split=best,
+        reason=_why(best, best_even, time),
+        throughput_model=time.source,
+        alternatives=alternatives,
+        nearest_below=described(nearest_below),
+        nearest_above=described(nearest_above),
+        lr_guidance=None if reference_lr is None else lr_guidance(reference_lr, reference_batch, effective_batch),
+    )
+
+
+def _nearest_even(effective_batch: int, top: int, num_devices: int, throughput) -> tuple[Split | None, Split | None]:
+    """Even splits (every micro-batch b on every device) reaching closest below and above the target."""
+    below: Split | None = None
+    above: Split | None = None
+    for b in range(1, top + 1):
+        steps_down, steps_up = divmod(effective_batch, b * num_devices)
+        if steps_down >= 1 and b * steps_down * num_devices < effective_batch:
+            s = Split(b, num_devices, b * steps_down * num_devices, effective_batch)
+            if below is None or (s.effective_batch, throughput(s)) > (below.effective_batch, throughput(below)):
+                below = s
+        s = Split(b, num_devices, b * (steps_down + (1 if steps_up else 0)) * num_devices, effective_batch)
+        if s.effective_batch > effective_batch and (
+                above is None or (-s.effective_batch, throughput(s)) > (-above.effective_batch, throughput(above))):
+            above = s
+    return below, above
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as a few lines a person reads at a terminal."""
+    last = f" + last micro-batch {plan['last_micro_batch']}" if plan["last_micro_batch"] else ""
+    lines = [
+        f"plan: micro_batch {plan['micro_batch']} × accumulation {plan['accumulation_steps']} × "
+        f"{plan['num_devices']} device(s) = {plan['effective_batch']}{last}"
+        f"  ({'exact' if plan['exact'] else format(plan['deviation_percent'], '+.2f') + '%'})",
+        f"  why: {plan['reason']}",
+        f"  throughput model: {plan['throughput_model']}",
+    ]
+    for key in ("nearest_below", "nearest_above"):
+        near = plan[key]
+        if near:
+            lines.append(f"  {key.replace('_', ' ')} (even): {near['micro_batch']} × {near['accumulation_steps']} × "
+                         f"{near['num_devices']} = {near['effective_batch']} ({near['deviation_percent']:+.2f}%)")
+    if plan["alternatives"]:
+        lines.append("  alternatives (by expected throughput):")
+        for alt in plan["alternatives"]:
+            last = f" + last {alt['last_micro_batch']}" if alt["last_micro_batch"] else ""
+            lines.append(f"    {alt['micro_batch']:>6} × {alt['accumulation_steps']:>5} × {alt['num_devices']}"
+                         f" = {alt['effective_batch']}{last}  {alt['relative_throughput']:.2f}× throughput"
+                         f"  {alt['deviation_percent']:+.2f}%")
+    guidance = plan["lr_guidance"]
+    if guidance:
+        lines.append(f"  learning rate: linear-scaled {guidance['linear_scaled_lr']:.3g}, sqrt-scaled "
+                     f"{guidance['sqrt_scaled_lr']:.3g} (from {guidance['reference_lr']:g} at batch "
+                     f"{guidance['reference_batch']}); {guidance['note']}")
+    return "\n".join(lines)

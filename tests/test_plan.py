@@ -1,0 +1,146 @@
+"""The plan: micro_batch × accumulation_steps × num_devices reaches the effective batch, exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from probe.plan import make_plan
+from probe.spec import SpecError
+
+requests = st.tuples(st.integers(1, 2000), st.integers(1, 64), st.integers(1, 8)).filter(lambda r: r[0] >= r[2])
+
+
+def _even_exact_micro_batches(effective_batch: int, max_micro_batch: int, num_devices: int) -> list[int]:
+    if effective_batch % num_devices:
+        return []
+    per_device = effective_batch // num_devices
+    return [b for b in range(1, max_micro_batch + 1) if per_device % b == 0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests)
+def test_recommended_plan_is_exact_and_within_the_micro_batch_limit(request: tuple[int, int, int]) -> None:
+    effective_batch, max_micro_batch, num_devices = request
+    plan = make_plan(effective_batch, max_micro_batch, num_devices)
+    layouts = [plan.device_micro_batches(rank) for rank in range(num_devices)]
+    assert plan.split.exact and plan.to_dict()["effective_batch"] == effective_batch
+    assert sum(map(sum, layouts)) == effective_batch
+    assert all(1 <= b <= plan.split.micro_batch <= max_micro_batch for sizes in layouts for b in sizes)
+    assert max(map(len, layouts)) == plan.to_dict()["accumulation_steps"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests)
+def test_an_even_exact_plan_is_found_whenever_one_exists(request: tuple[int, int, int]) -> None:
+    effective_batch, max_micro_batch, num_devices = request
+    evens = _even_exact_micro_batches(effective_batch, max_micro_batch, num_devices)
+    plan = make_plan(effective_batch, max_micro_batch, num_devices).to_dict()
+    offered = [plan] + plan["alternatives"]
+    found = [p for p in offered if p["exact"] and p["last_micro_batch"] is None]
+    if not evens:
+        assert not found
+        return
+    assert found and all(p["micro_batch"] in evens for p in found)
+    per_device = effective_batch // num_devices
+    fewest_steps = -(-per_device // max_micro_batch)
+    if any(per_device // b == fewest_steps for b in evens):
+        # an even split as short as any split: nothing uneven can beat it
+        assert plan["last_micro_batch"] is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(requests)
+def test_uneven_recommendation_comes_with_the_nearest_even_plans(request: tuple[int, int, int]) -> None:
+    effective_batch, max_micro_batch, num_devices = request
+    plan = make_plan(effective_batch, max_micro_batch, num_devices).to_dict()
+    if plan["last_micro_batch"] is None:
+        assert plan["nearest_below"] is None and plan["nearest_above"] is None
+        return
+    below, above = plan["nearest_below"], plan["nearest_above"]
+    assert above["effective_batch"] > effective_batch and above["deviation_percent"] > 0
+    if below is not None:
+        assert below["effective_batch"] < effective_batch and below["deviation_percent"] < 0
+    for near in filter(None, (below, above)):
+        assert near["micro_batch"] <= max_micro_batch
+        assert near["effective_batch"] == near["micro_batch"] * near["accumulation_steps"] * num_devices
+
+
+def test_prime_effective_batch_gets_an_uneven_exact_plan_not_micro_batch_one() -> None:
+    plan = make_plan(97, 32)
+    assert plan.split.exact and plan.split.micro_batch > 1
+    assert plan.split.accumulation_steps == 4
+    assert plan.to_dict()["last_micro_batch"] is not None
+    assert "only micro-batch 1 divides it" in plan.reason
+    assert plan.to_dict()["nearest_below"]["effective_batch"] == 96
+    assert plan.to_dict()["nearest_above"]["effective_batch"] == 98
+
+
+def test_effective_batch_not_divisible_by_devices_spreads_one_extra_example() -> None:
+    plan = make_plan(10, 8, 3)
+    assert [sum(plan.device_micro_batches(rank)) for rank in range(3)] == [4, 3, 3]
+    assert "not a multiple of 3 devices" in plan.reason
+
+
+def test_even_split_recommended_when_it_needs_as_few_micro_steps() -> None:
+    plan = make_plan(96, 40).to_dict()
+    assert (plan["micro_batch"], plan["accumulation_steps"], plan["last_micro_batch"]) == (32, 3, None)
+    throughputs = [alt["relative_throughput"] for alt in plan["alternatives"]]
+    assert throughputs == sorted(throughputs, reverse=True)
+
+
+def test_measured_step_times_drive_the_ranking() -> None:
+    # past 16 this device gets slower per example (say, it starts to swap): 16 × 4 beats 32 × 2
+    measured_s = {1: 0.01, 8: 0.06, 16: 0.1, 32: 0.5}
+    plan = make_plan(64, 32, step_s_by_micro_batch=measured_s)
+    assert plan.split.micro_batch == 16
+    assert plan.throughput_model.startswith("measured")
+    assert make_plan(64, 32).split.micro_batch == 32
+    assert make_plan(64, 32).throughput_model.startswith("assumed")
+
+
+def test_learning_rate_guidance_is_labelled_linear_and_sqrt() -> None:
+    guidance = make_plan(256, 32, reference_lr=1e-4, reference_batch=64).to_dict()["lr_guidance"]
+    assert guidance["linear_scaled_lr"] == pytest.approx(4e-4)
+    assert guidance["sqrt_scaled_lr"] == pytest.approx(2e-4)
+    assert "Adam" in guidance["note"] and "SGD" in guidance["note"]
+    assert make_plan(256, 32).to_dict()["lr_guidance"] is None
+
+
+@pytest.mark.parametrize(("args", "field", "fix"), [
+    ((4, 8, 8), "effective_batch (4) must be at least num_devices (8)", "use at most 4 devices"),
+    ((64, 0, 1), "max_micro_batch must be at least 1 (got 0)", "lower seq_len"),
+    ((64, 8, 0), "num_devices must be at least 1 (got 0)", ""),
+])
+def test_impossible_requests_say_what_to_change(args: tuple[int, int, int], field: str, fix: str) -> None:
+    with pytest.raises(SpecError) as info:
+        make_plan(*args)
+    assert field in str(info.value) and fix in str(info.value)
+
+
+def test_reference_lr_without_its_batch_is_refused() -> None:
+    with pytest.raises(SpecError, match="reference_lr and reference_batch together"):
+        make_plan(64, 8, reference_lr=1e-3)
+
+
+def test_plan_cli_prints_json_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", "--effective-batch", "97", "--max-micro-batch", "32", "--devices", "1", "--json"])
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert code == EXIT_OK
+    for key in ("micro_batch", "accumulation_steps", "num_devices", "effective_batch", "exact",
+                "last_micro_batch", "alternatives", "reason", "deviation_percent"):
+        assert key in plan
+    assert plan["exact"] and plan["micro_batch"] * (plan["accumulation_steps"] - 1) + plan["last_micro_batch"] == 97
+
+
+def test_plan_cli_text_and_bad_input_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--reference-lr", "0.001",
+                 "--reference-batch", "32"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "16 × accumulation 4 × 1 device(s) = 64" in out and "sqrt-scaled" in out
+    assert main(["plan", "--effective-batch", "2", "--max-micro-batch", "16", "--devices", "4"]) == EXIT_BAD_INPUT
+    assert "must be at least num_devices" in capsys.readouterr().err
