@@ -84,6 +84,15 @@ class GPT(nn.Module):
         # weight tying, as GPT-2 does: one matrix for embedding and unembedding
         self.lm_head.weight = self.wte.weight
         self.gradient_checkpointing = False
+        # GPT-2's init: with PyTorch's N(0, 1) embeddings the tied head starts with huge logits
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq = input_ids.shape[1]
