@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from probe.gpus import gpu_capacity_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes, validation_message
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT = 0, 1, 2
@@ -32,6 +33,9 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per example")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB")
+    parser.add_argument("--estimate", action="store_true",
+                        help="count bytes under fake tensors instead of running on the device")
+    parser.add_argument("--gpu", help="plan for this card's capacity, e.g. a100-40gb (see probe/gpus.py)")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity kept free")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "fp16-mixed", "bf16"])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
@@ -49,8 +53,10 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     lora: dict[str, Any] = {"rank": args.lora_rank}
     if args.lora_targets:
         lora["targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    capacity = gpu_capacity_bytes(args.gpu) if args.gpu else args.capacity
     return ProbeSpec(
-        model=args.model, seq_len=args.seq_len, device=args.device, capacity_bytes=args.capacity,
+        model=args.model, seq_len=args.seq_len, device=args.device, capacity_bytes=capacity,
+        mode="estimate" if args.estimate else "measure",
         headroom=args.headroom, precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora,
         gradient_checkpointing=args.grad_checkpointing, max_micro_batch=args.max_micro_batch,

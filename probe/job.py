@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from probe.estimate import EstimateMeter
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
 from probe.search import find_micro_batch
@@ -43,6 +44,10 @@ def versions() -> dict[str, str | None]:
 
 
 def device_facts(meter: Meter) -> dict[str, Any]:
+    if isinstance(meter, EstimateMeter):
+        return {"device": str(meter.device), "name": f"estimate ({meter.device.type} fake tensors)",
+                "total_bytes": None, "capacity_bytes": meter.capacity_bytes, "meter": meter.kind,
+                "accuracy_note": meter.accuracy_note, "allocator_config": None}
     if meter.device.type == "cuda":
         props = torch.cuda.get_device_properties(meter.device)
         name, total = props.name, props.total_memory
@@ -63,9 +68,17 @@ def model_facts(model: LoadedModel) -> dict[str, Any]:
 def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Meter | None = None
             ) -> tuple[Meter, LoadedModel]:
     """The meter for the spec's device and the model built under it (so its weights are counted)."""
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu")
+    if spec.mode == "estimate":
+        meter = meter or EstimateMeter(spec.capacity_bytes)
+    elif spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
+                        "or --estimate")
     meter = meter or make_meter(spec.device, spec.capacity_bytes)
+    if isinstance(meter, EstimateMeter):
+        model = build_model(spec, "meta", allowed_factories, meter.capacity_bytes)
+        with meter.tracking():
+            meter.materialize(model.module)
+        return meter, model
     with meter.tracking():
         model = build_model(spec, meter.device, allowed_factories, meter.capacity_bytes)
     return meter, model

@@ -67,6 +67,7 @@ class Meter(Protocol):
     device: torch.device
     capacity_bytes: int
     kind: str
+    measures_time: bool  # False under fake tensors: their step time says nothing about the device
 
     def tracking(self) -> AbstractContextManager: ...
     def start_trial(self) -> None: ...
@@ -142,6 +143,7 @@ class CpuMeter:
     """Virtual-capacity meter for the CPU: the same OOM, the same recovery, no GPU needed."""
 
     kind = "cpu-live-bytes"
+    measures_time = True
 
     def __init__(self, capacity_bytes: int | None = None) -> None:
         self.device = torch.device("cpu")
@@ -176,6 +178,7 @@ class CudaMeter:
     """The caching allocator's statistics on one CUDA device, capped at `capacity_bytes`."""
 
     kind = "cuda-allocator"
+    measures_time = True
 
     def __init__(self, device: torch.device, capacity_bytes: int | None = None) -> None:
         if not torch.cuda.is_available():

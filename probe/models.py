@@ -178,6 +178,19 @@ def _enable_checkpointing(module: nn.Module) -> None:
         raise SpecError("this model has no gradient checkpointing support; drop gradient_checkpointing")
 
 
+def weight_dtype(spec: ProbeSpec) -> torch.dtype:
+    """The dtype the weights are stored in.
+
+    Mixed precision keeps fp32 master weights for what is trained; a LoRA base is frozen, so it is
+    stored in the 16-bit compute dtype as LoRA recipes load it (peft keeps the adapters in fp32).
+    """
+    if spec.precision == "bf16" or (spec.finetuning == "lora" and spec.precision == "bf16-mixed"):
+        return torch.bfloat16
+    if spec.finetuning == "lora" and spec.precision == "fp16-mixed":
+        return torch.float16
+    return torch.float32
+
+
 def build_model(
     spec: ProbeSpec,
     device: torch.device | str,
@@ -190,12 +203,12 @@ def build_model(
     `capacity_bytes` is refused with a message before anything is allocated.
     """
     constructor, logits_fn = _construct(spec, allowed_factories)
-    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    dtype = weight_dtype(spec)
     with torch.device("meta"):
         sized = constructor()
     vocab_size, context = _vocab_and_context(sized)
-    # meta modules are built in fp32; pure bf16 halves every weight
-    weight_bytes = parameter_bytes(sized) // (2 if dtype == torch.bfloat16 else 1)
+    # meta modules are built in fp32; 16-bit weights take half
+    weight_bytes = parameter_bytes(sized) // (4 // torch.empty((), dtype=dtype).element_size())
     del sized
     if capacity_bytes is not None and weight_bytes >= capacity_bytes:
         raise SpecError(
@@ -204,9 +217,15 @@ def build_model(
         )
     if context is not None and spec.seq_len > context:
         raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
-    with torch.device(device):
-        module = constructor()
-    module = module.to(dtype=dtype)
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first, and fake weights can't be cast
+    try:
+        with torch.device(device):
+            module = constructor()
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype=dtype)
     if spec.gradient_checkpointing:
         _enable_checkpointing(module)
     if spec.finetuning == "lora":

@@ -18,6 +18,7 @@ MAX_DEVICES = 1024
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 Optimizer = Literal["adamw", "sgd"]
+Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -79,6 +80,11 @@ class ProbeSpec(BaseModel):
     finetuning: FineTuning = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
+    mode: Mode = Field(
+        "measure",
+        description="measure: real trials on the device; estimate: the same step under fake tensors, "
+        "no memory used, against capacity_bytes (plan for a GPU you don't have)",
+    )
     device: str = Field("cpu", description="cpu or cuda:N")
     capacity_bytes: int | None = Field(
         None, ge=1,
@@ -129,6 +135,15 @@ class ProbeSpec(BaseModel):
                 f"effective_batch ({self.effective_batch}) must be at least num_devices "
                 f"({self.num_devices}): every device needs one example per step"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _estimate_needs_capacity(self) -> "ProbeSpec":
+        if self.mode == "estimate" and self.capacity_bytes is None:
+            raise ValueError("estimate mode needs a capacity: set capacity_bytes (--capacity 40GiB or --gpu NAME)")
+        if self.mode == "estimate" and self.precision == "fp16-mixed":
+            raise ValueError("estimate mode cannot run fp16 loss scaling on fake tensors; estimate with "
+                             "bf16-mixed, whose memory is the same")
         return self
 
     @property

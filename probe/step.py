@@ -36,12 +36,17 @@ class MicroBatch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    # targets per row, known when the batch is made: counting them from `labels` would force a
+    # device sync every micro-step, and is impossible under fake tensors (estimate mode)
+    row_targets: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
     def target_tokens(self) -> int:
+        if self.row_targets is not None:
+            return sum(self.row_targets)
         return int((self.labels != IGNORE_INDEX).sum())
 
 
@@ -58,16 +63,21 @@ def synthetic_batch(
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     attention_mask = torch.ones_like(input_ids)
+    row_lengths = list(lengths) if lengths is not None else [seq_len] * batch_size
     for row, length in enumerate(lengths or ()):
         labels[row, max(length - 1, 0):] = IGNORE_INDEX
         attention_mask[row, length:] = 0
-    return MicroBatch(input_ids.to(device), labels.to(device), attention_mask.to(device))
+    row_targets = tuple(max(min(length, seq_len) - 1, 0) for length in row_lengths)
+    return MicroBatch(input_ids.to(device), labels.to(device), attention_mask.to(device), row_targets)
 
 
 def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
     """Cut one batch into consecutive micro-batches of the given sizes."""
     parts = zip(*(t.split(list(sizes)) for t in (batch.input_ids, batch.labels, batch.attention_mask)))
-    return [MicroBatch(*p) for p in parts]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    rows = batch.row_targets
+    return [MicroBatch(*p, rows[start:start + size] if rows is not None else None)
+            for p, start, size in zip(parts, starts, sizes)]
 
 
 def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
@@ -108,14 +118,17 @@ def accumulate_gradients(
     micro_batches: Sequence[MicroBatch],
     spec: ProbeSpec,
     scaler: torch.amp.GradScaler | None = None,
-) -> float:
-    """Forward and backward every micro-batch; return the step's mean loss per target token."""
+) -> torch.Tensor:
+    """Forward and backward every micro-batch; return the step's mean loss per target token.
+
+    The loss stays a device tensor: reading it here would stall the GPU once per micro-step.
+    """
     module = model.module
     device_type = micro_batches[0].input_ids.device.type
     total_tokens = max(global_target_tokens(micro_batches), 1)
     # DDP averages gradients over ranks; our losses are already global sums over total_tokens
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=micro_batches[0].input_ids.device)
     for index, mb in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         # skip the gradient all-reduce on every micro-step but the last: one sync per optimizer step
@@ -129,12 +142,10 @@ def accumulate_gradients(
             )
             loss = token_loss_sum * (world_size / total_tokens)
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += float(token_loss_sum.detach())
+        loss_sum += token_loss_sum.detach()
         del logits, token_loss_sum, loss
     if world_size > 1:
-        total = torch.tensor([loss_sum], dtype=torch.float64, device=micro_batches[0].input_ids.device)
-        dist.all_reduce(total)
-        loss_sum = float(total.item())
+        dist.all_reduce(loss_sum)
     return loss_sum / total_tokens
 
 
@@ -154,7 +165,7 @@ def train_step(
     spec: ProbeSpec,
     scaler: torch.amp.GradScaler | None = None,
     on_phase: PhaseCallback = _no_phase,
-) -> float:
+) -> torch.Tensor:
     """One optimizer step over `micro_batches`; `on_phase` lets a meter attribute peaks to phases."""
     on_phase("forward_backward")
     loss = accumulate_gradients(model, micro_batches, spec, scaler)

@@ -86,4 +86,5 @@ class TrialRunner:
         # the first step also creates the optimizer state: time the steady ones
         steady_s = sorted(step_times_s[1:])[len(step_times_s[1:]) // 2]
         return TrialResult(micro_batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
-                           reading.alloc_retries, steady_s, reading.phase_peak_bytes)
+                           reading.alloc_retries, steady_s if meter.measures_time else None,
+                           reading.phase_peak_bytes)

@@ -244,7 +244,7 @@ def _one_step(spec: ProbeSpec, plan: Plan, model: LoadedModel, bare: torch.nn.Mo
     peak = _all_reduce([float(reading.peak_reserved_bytes), elapsed_s], dist.ReduceOp.MAX, device)
     result.peak_reserved_bytes.append(int(peak[0]))
     result.step_s.append(peak[1])
-    result.losses.append(loss)
+    result.losses.append(float(loss))
     if big_batch > small_batch:
         world = dist.get_world_size() if _distributed() else 1
         g2, s = noise_terms(small_sq, big_sq, small_batch, big_batch)

@@ -1,0 +1,80 @@
+"""Estimate mode: THE training step under fake tensors, counting bytes, allocating nothing.
+
+`FakeTensorMode` runs every op for its shapes, dtypes and aliasing only; the `LiveBytesMode` the
+CPU meter uses sits on top of it and counts each storage the step creates (rounded to the CUDA
+allocator's 512-byte blocks) until it dies. The model is built directly as fake parameters, so an
+8B model costs kilobytes, and the search, the trial and the OOM path are the ones a real device runs:
+past the named capacity the count raises the real `torch.OutOfMemoryError`.
+
+What it cannot see: memory inside kernels (cuBLAS/cuDNN workspaces), the CUDA context, and the
+caching allocator's fragmentation. On a CPU-only build the fake tensors are CPU tensors, so ops
+whose CUDA kernels save different buffers (SDPA's flash/memory-efficient paths keep a logsumexp
+instead of the attention matrix) are counted as the CPU kernels run them.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, ExitStack
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from probe.meter import CpuMeter, LiveBytesMode
+
+ACCURACY_NOTE = {
+    "cuda": "fake CUDA tensors: the same kernels' shapes as a real CUDA run; not counted: kernel "
+            "workspaces, the CUDA context and allocator fragmentation (keep the headroom)",
+    "cpu": "fake CPU tensors (this torch build has no CUDA): attention and other ops are counted as "
+           "their CPU kernels allocate, which can differ from CUDA's fused kernels; not counted: kernel "
+           "workspaces, the CUDA context and allocator fragmentation (keep the headroom)",
+}
+
+
+def fake_device() -> torch.device:
+    """CUDA fake tensors where torch has CUDA (closest to the real run), CPU ones otherwise."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+class EstimateMeter(CpuMeter):
+    """The CPU meter's count, under fake tensors: no memory used, any capacity, any model size."""
+
+    kind = "estimate-fake-tensors"
+    measures_time = False
+
+    def __init__(self, capacity_bytes: int) -> None:
+        super().__init__(capacity_bytes)
+        self.device = fake_device()
+        # real tensors met inside (e.g. a torch.Generator's state) are converted, not refused
+        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._mode = LiveBytesMode(capacity_bytes)
+
+    def tracking(self) -> AbstractContextManager:
+        # the counter must be pushed last: it sees each op first, then fake mode runs it
+        stack = ExitStack()
+        stack.enter_context(self._fake_mode)
+        stack.enter_context(self._mode)
+        return stack
+
+    def materialize(self, module: torch.nn.Module) -> None:
+        """Swap a meta-built module's weights for fake ones on the fake device, ties kept.
+
+        Built on meta and swapped here because peft and `Module.to` cannot move fake parameters
+        (`_apply` refuses to swap tensor subclasses); assigning them directly is all it takes.
+        Call inside `tracking()` so the weights are counted.
+        """
+        fakes: dict[int, torch.Tensor] = {}
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for name, tensor in store.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in fakes:
+                        fake = torch.empty_like(tensor, device=self.device)
+                        if isinstance(tensor, torch.nn.Parameter):
+                            fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                        fakes[id(tensor)] = fake
+                    store[name] = fakes[id(tensor)]
+
+    @property
+    def accuracy_note(self) -> str:
+        return ACCURACY_NOTE[self.device.type]
