@@ -158,7 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reference-batch", type=int, help="the effective batch --reference-lr was tuned for")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(run=cmd_plan)
+    _register_service_commands(commands)
     return parser
+
+
+def _register_service_commands(commands: argparse._SubParsersAction) -> None:
+    """serve/preflight/devices live in app/ (web code); a probe-only install still has the rest."""
+    try:
+        from app.cli import register
+    except ImportError:
+        return
+    register(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

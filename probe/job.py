@@ -161,7 +161,7 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
     report["plan"] = plan.to_dict()
     emit({"type": "phase", "phase": "planned", "micro_batch": plan.split.micro_batch,
           "accumulation_steps": plan.split.accumulation_steps})
-    if verify:
+    if verify and spec.mode == "measure":  # an estimate has no device to train on
         emit({"type": "phase", "phase": "verifying"})
         report["verification"] = run_verification(spec, plan, verify_steps, allowed_factories,
                                                    search["max_micro_batch"])

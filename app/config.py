@@ -1,0 +1,58 @@
+"""Every setting of the service, read once from `FITPROBE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FITPROBE_")
+
+    data_dir: Path = Field(Path("./fitprobe-data"), description="where the SQLite database lives")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fitprobe.db (postgresql://... for replicas)"
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer tokens; empty = no auth (loopback only)"
+    )
+    allow_public_bind: bool = Field(False, description="bind beyond loopback without tokens (not recommended)")
+    allowed_factories: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated pkg.module:function model factories requests may name"
+    )
+    cpu_capacity_bytes: int = Field(1 << 30, description="virtual capacity of the CPU device (bytes)")
+    max_queued_jobs: int = Field(32, ge=1, description="queued jobs beyond this are refused with 429")
+    job_timeout_s: float = Field(3600.0, gt=0, description="a job running longer is killed and failed")
+    max_seq_len: int = Field(32_768, ge=1, description="largest seq_len a request may ask for")
+    max_effective_batch: int = Field(65_536, ge=1, description="largest effective_batch a request may ask for")
+    max_body_bytes: int = Field(256 * 1024, description="largest request body")
+    poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
+
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def model_post_init(self, __context: object) -> None:
+        self.api_tokens = self._split(self.api_tokens)  # type: ignore[assignment]
+        self.allowed_factories = self._split(self.allowed_factories)  # type: ignore[assignment]
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'fitprobe.db'}"
+
+    def check_bind(self) -> None:
+        """Refuse to serve the network without tokens: anyone could run jobs on the GPU."""
+        if self.host not in LOOPBACK_HOSTS and not self.api_tokens and not self.allow_public_bind:
+            raise SystemExit(
+                f"fitprobe: refusing to bind {self.host} without FITPROBE_API_TOKENS; set tokens, bind "
+                "127.0.0.1, or set FITPROBE_ALLOW_PUBLIC_BIND=true"
+            )

@@ -1,0 +1,40 @@
+"""FastAPI dependencies as `Annotated` aliases: what a route needs, taken from the app's state."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from app.config import Settings
+from app.executor import LocalExecutor
+from app.store import Store
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_executor(request: Request) -> LocalExecutor:
+    return request.app.state.executor
+
+
+def require_token(request: Request) -> None:
+    """Bearer token check, when the operator configured tokens (FITPROBE_API_TOKENS)."""
+    tokens = request.app.state.settings.api_tokens
+    if not tokens:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, t) for t in tokens):
+        raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ExecutorDep = Annotated[LocalExecutor, Depends(get_executor)]

@@ -1,0 +1,147 @@
+"""Local executor: one worker thread per device, one job at a time per device, each in its own process.
+
+Probes on a shared GPU would measure each other, so a device runs one job at a time. The job runs
+in a spawned process that the worker watches: events are copied into the store as they arrive,
+and when the process ends its outcome (or the signal that killed it) decides the job's status.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from app.config import Settings
+from app.store import CANCELLED, Store
+from app.worker import run_job_process
+from probe.devices import list_devices
+
+if TYPE_CHECKING:
+    from app.routes.health import Metrics
+
+DRAIN_TIMEOUT_S = 0.5
+
+
+def exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the OOM-killer or `kill -9`?)" if name == "SIGKILL" else ""
+        return f"job process died from {name}{hint}"
+    return f"job process exited with code {exitcode} before reporting a result"
+
+
+class DeviceWorker(threading.Thread):
+    """Claims queued jobs for one device and runs them one after another."""
+
+    def __init__(self, device: str, store: Store, settings: Settings, stopping: threading.Event,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(name=f"fitprobe-worker-{device}", daemon=True)
+        self.device, self.store, self.settings, self.stopping = device, store, settings, stopping
+        self.metrics = metrics
+        self.current: tuple[str, multiprocessing.Process] | None = None
+        self.busy_since_s: float | None = None
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            job = self.store.claim_next(self.device)
+            if job is None:
+                self.stopping.wait(self.settings.poll_interval_s)
+                continue
+            self._run(job)
+
+    def kill(self, job_id: str) -> bool:
+        current = self.current
+        if current and current[0] == job_id and current[1].is_alive():
+            current[1].kill()
+            return True
+        return False
+
+    def _spec_for_device(self, spec: dict[str, Any]) -> dict[str, Any]:
+        spec = dict(spec, device=self.device)
+        spec.pop("reuse", None)
+        if self.device == "cpu" and spec.get("capacity_bytes") is None:
+            spec["capacity_bytes"] = self.settings.cpu_capacity_bytes
+        return spec
+
+    def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        context = multiprocessing.get_context("spawn")
+        outbox = context.Queue()
+        process = context.Process(target=run_job_process, daemon=True, args=(
+            self._spec_for_device(job["spec"]), list(self.settings.allowed_factories), outbox))
+        process.start()
+        self.current, self.busy_since_s = (job_id, process), time.monotonic()
+        self.store.set_worker_pid(job_id, process.pid)
+        outcome = self._follow(job_id, process, outbox)
+        process.join()
+        if self.metrics:
+            self.metrics.job_duration_s.observe(time.monotonic() - self.busy_since_s)
+        self.current, self.busy_since_s = None, None
+        if outcome is None and self.stopping.is_set():
+            return  # the service is shutting down: the job stays running and is re-queued at start-up
+        if outcome is None:
+            if self.store.get(job_id)["status"] != CANCELLED:
+                self.store.fail(job_id, exit_reason(process.exitcode))
+        elif outcome[0] == "result":
+            self.store.succeed(job_id, outcome[1])
+        else:
+            self.store.fail(job_id, outcome[1])
+
+    def _follow(self, job_id: str, process: multiprocessing.Process, outbox: Any) -> tuple[str, Any] | None:
+        deadline_s = time.monotonic() + self.settings.job_timeout_s
+        trial_started_s, trials = time.monotonic(), 0
+        while True:
+            try:
+                kind, payload = outbox.get(timeout=DRAIN_TIMEOUT_S if not process.is_alive() else 0.2)
+            except queue.Empty:
+                if not process.is_alive():
+                    return None
+                if time.monotonic() > deadline_s:
+                    process.kill()
+                    self.store.fail(job_id, f"timed out after {self.settings.job_timeout_s:.0f}s "
+                                            "(FITPROBE_JOB_TIMEOUT_S)")
+                    return None
+                if self.stopping.is_set():
+                    process.kill()
+                    return None
+                continue
+            if kind == "event":
+                self.store.add_event(job_id, payload)
+                if payload.get("type") == "trial_started":
+                    trial_started_s = time.monotonic()
+                elif payload.get("type") == "trial" and self.metrics:
+                    trials += 1
+                    self.metrics.trial_duration_s.observe(time.monotonic() - trial_started_s)
+            else:
+                if self.metrics and trials:
+                    self.metrics.trials_per_job.observe(trials)
+                return kind, payload
+
+
+class LocalExecutor:
+    """One worker per device NVML lists (the CPU device when it lists none)."""
+
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics | None = None) -> None:
+        devices = list_devices(settings.cpu_capacity_bytes)
+        self.device_kind = devices[0]["kind"]
+        self.device_name = devices[0]["name"]
+        self.stopping = threading.Event()
+        self.workers = [DeviceWorker(d["device"], store, settings, self.stopping, metrics) for d in devices]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for worker in self.workers:
+            worker.join(timeout=5)
+
+    def kill(self, job_id: str) -> bool:
+        return any(worker.kill(job_id) for worker in self.workers)
+
+    def busy_devices(self) -> int:
+        return sum(worker.current is not None for worker in self.workers)

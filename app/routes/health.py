@@ -1,0 +1,59 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from app.store import QUEUED, Store
+
+router = APIRouter(tags=["health"])
+
+
+class Metrics:
+    """Job gauges read from the store at scrape time; durations observed as jobs finish."""
+
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry()
+        self.store = store
+        self.registry.register(self)
+        self.job_duration_s = Histogram("fitprobe_job_duration_seconds", "wall time of finished jobs",
+                                        registry=self.registry, buckets=(1, 5, 15, 60, 300, 900, 3600))
+        self.trial_duration_s = Histogram("fitprobe_trial_duration_seconds", "wall time of trials",
+                                          registry=self.registry, buckets=(0.1, 0.5, 1, 5, 15, 60, 300))
+        self.trials_per_job = Histogram("fitprobe_trials_per_job", "trials a probe needed",
+                                        registry=self.registry, buckets=(1, 2, 3, 4, 5, 6, 8, 10, 15, 20))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.store.counts_by_status()
+        jobs = GaugeMetricFamily("fitprobe_jobs", "jobs by status", labels=["status"])
+        for status, count in counts.items():
+            jobs.add_metric([status], count)
+        yield jobs
+        yield GaugeMetricFamily("fitprobe_queue_depth", "queued jobs", value=counts[QUEUED])
+
+
+@router.get("/healthz", summary="The process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The store answers and the workers run")
+def readyz(request: Request) -> dict[str, object]:
+    state = request.app.state
+    try:
+        state.store.counts_by_status()
+    except Exception as exc:  # noqa: BLE001 - any store failure means not ready
+        raise HTTPException(503, f"store unavailable: {type(exc).__name__}") from exc
+    alive = [w.device for w in state.executor.workers if w.is_alive()]
+    if not alive:
+        raise HTTPException(503, "no device worker is running")
+    return {"status": "ready", "devices": alive}
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

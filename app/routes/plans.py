@@ -1,0 +1,25 @@
+"""Synchronous plans from a known max micro-batch: arithmetic only, no device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+
+from app.schemas import PlanRequest
+from probe.plan import make_plan
+from probe.spec import SpecError
+
+router = APIRouter(prefix="/v1/plans", tags=["plans"])
+
+
+@router.post("", summary="Split an effective batch into micro-batch × accumulation × devices")
+def plan(request: PlanRequest) -> dict[str, Any]:
+    if (request.reference_lr is None) != (request.reference_batch is None):
+        raise HTTPException(422, "reference_lr and reference_batch go together: give both or neither")
+    try:
+        made = make_plan(request.effective_batch, request.max_micro_batch, request.num_devices,
+                         reference_lr=request.reference_lr, reference_batch=request.reference_batch)
+    except SpecError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return {"plan": made.to_dict()}

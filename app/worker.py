@@ -1,0 +1,37 @@
+"""The body of a job's process: spec in, events and one outcome out through a queue.
+
+It runs in a *spawned* process (a fresh interpreter, no inherited CUDA state), so a crash, an
+OOM-killer or a CUDA fault takes down this process only, and killing it is how a job is cancelled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+from typing import Any
+
+
+def _die_with_parent() -> None:
+    """If the service is killed (even -9), its job processes must not run on, holding the device."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any) -> None:
+    _die_with_parent()
+    from pydantic import ValidationError
+
+    from probe.job import run_job
+    from probe.spec import ProbeSpec, SpecError, validation_message
+
+    try:
+        report = run_job(ProbeSpec(**spec), lambda event: outbox.put(("event", event)), allowed_factories)
+        outbox.put(("result", report))
+    except (SpecError, ValidationError) as exc:
+        outbox.put(("error", validation_message(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported as the job's failure, the process then exits
+        outbox.put(("error", f"{type(exc).__name__}: {exc}"))
+    outbox.close()
+    outbox.join_thread()
