@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -35,15 +35,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024, description="largest request body")
     poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
 
+    @field_validator("api_tokens", "allowed_factories", mode="before")
     @classmethod
-    def _split(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
-
-    def model_post_init(self, __context: object) -> None:
-        self.api_tokens = self._split(self.api_tokens)  # type: ignore[assignment]
-        self.allowed_factories = self._split(self.allowed_factories)  # type: ignore[assignment]
 
     @property
     def resolved_database_url(self) -> str:

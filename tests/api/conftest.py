@@ -1,0 +1,88 @@
+"""A real uvicorn server in a subprocess on 127.0.0.1, with its own data dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+FAST_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "effective_batch": 24}
+# long enough to still be running when a test kills or cancels it
+SLOW_JOB = {"model": "builtin:gpt-base", "seq_len": 512, "capacity_bytes": 6 << 30, "reuse": False}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen
+    env: dict[str, str]
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Server:
+    port = port or free_port()
+    env = {**os.environ, **{f"FITPROBE_{k.upper()}": v for k, v in settings.items()}, "OMP_NUM_THREADS": "1"}
+    log = open(data_dir.parent / f"server-{port}.log", "ab")
+    process = subprocess.Popen([sys.executable, "-m", "probe.cli", "serve", "--port", str(port),
+                                "--data-dir", str(data_dir)], env=env, stdout=log, stderr=log)
+    server = Server(f"http://127.0.0.1:{port}", data_dir, process, env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, (data_dir.parent / f"server-{port}.log").read_text()[-3000:]
+        time.sleep(0.2)
+    server.stop()
+    raise AssertionError("server did not become ready in 60s")
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout_s: float = 180,
+             predicate=None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/probes/{job_id}").json()
+        if job["status"] in statuses and (predicate is None or predicate(job)):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("service")
+    running = start_server(root / "data")
+    yield running
+    running.stop()
