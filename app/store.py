@@ -70,7 +70,9 @@ def _enable_wal(dbapi_connection: Any, _record: Any) -> None:
 class Store:
     def __init__(self, url: str) -> None:
         sqlite = url.startswith("sqlite")
-        self.engine = sa.create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
+        # one connection per request thread: FastAPI runs sync routes on a 40-thread pool
+        self.engine = sa.create_engine(url, connect_args={"check_same_thread": False} if sqlite else {},
+                                       pool_size=20, max_overflow=20)
         if sqlite:
             sa_event.listen(self.engine, "connect", _enable_wal)
         metadata.create_all(self.engine)

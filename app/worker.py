@@ -7,6 +7,7 @@ OOM-killer or a CUDA fault takes down this process only, and killing it is how a
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from typing import Any
@@ -21,11 +22,15 @@ def _die_with_parent() -> None:
 
 def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any) -> None:
     _die_with_parent()
+    import torch
     from pydantic import ValidationError
 
     from probe.job import run_job
     from probe.spec import ProbeSpec, SpecError, validation_message
 
+    if spec.get("device") == "cpu":
+        # leave a core to the service: a probe on the CPU device must not starve the API it reports to
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     try:
         report = run_job(ProbeSpec(**spec), lambda event: outbox.put(("event", event)), allowed_factories)
         outbox.put(("result", report))
