@@ -35,6 +35,8 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB")
     parser.add_argument("--estimate", action="store_true",
                         help="count bytes under fake tensors instead of running on the device")
+    parser.add_argument("--estimate-first", action="store_true",
+                        help="estimate first, start the real search at the estimated max, report the estimate's error")
     parser.add_argument("--gpu", help="plan for this card's capacity, e.g. a100-40gb (see probe/gpus.py)")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity kept free")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "fp16-mixed", "bf16"])
@@ -56,7 +58,7 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     capacity = gpu_capacity_bytes(args.gpu) if args.gpu else args.capacity
     return ProbeSpec(
         model=args.model, seq_len=args.seq_len, device=args.device, capacity_bytes=capacity,
-        mode="estimate" if args.estimate else "measure",
+        mode="estimate" if args.estimate else "measure", estimate_first=args.estimate_first,
         headroom=args.headroom, precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora,
         gradient_checkpointing=args.grad_checkpointing, max_micro_batch=args.max_micro_batch,

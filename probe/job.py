@@ -93,11 +93,33 @@ def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[s
             "versions": versions(), "trial": result.to_dict()}
 
 
+class _Estimator:
+    """The same step under fake tensors, asked before the real probe (its hint) and after (its error)."""
+
+    def __init__(self, spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str]) -> None:
+        estimate_spec = spec.model_copy(update={"mode": "estimate", "capacity_bytes": capacity_bytes})
+        self.meter, model = prepare(estimate_spec, allowed_factories)
+        self.runner = TrialRunner(estimate_spec, self.meter, model)
+
+    def max_micro_batch(self, spec: ProbeSpec) -> int | None:
+        with self.meter.tracking():
+            found = find_micro_batch(self.runner, self.meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
+        return found.max_micro_batch or None
+
+    def peak_bytes(self, micro_batch: int) -> int | None:
+        with self.meter.tracking():
+            return self.runner(micro_batch).peak_allocated_bytes
+
+
 def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
     meter, model = prepare(spec, allowed_factories)
+    estimate = None
+    if spec.estimate_first and spec.mode == "measure":
+        emit({"type": "phase", "phase": "estimating"})
+        estimate = _Estimator(spec, meter.capacity_bytes, allowed_factories)
     emit({"type": "phase", "phase": "probing"})
     runner = TrialRunner(spec, meter, model)
 
@@ -107,8 +129,16 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
         emit({"type": "trial", **result.to_dict()})
         return result
 
+    hint = estimate.max_micro_batch(spec) if estimate else None
     with meter.tracking():
-        search = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
+        search = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit, hint)
+    trials = [t.to_dict() for t in search.trials]
+    if estimate:
+        for measured in trials:
+            if measured["fits"]:
+                estimated = estimate.peak_bytes(measured["micro_batch"])
+                measured["estimated_peak_bytes"] = estimated
+                measured["estimate_error"] = round(estimated / measured["peak_allocated_bytes"] - 1, 4)
     if search.max_micro_batch == 0:
         raise SpecError(
             f"even micro-batch 1 does not fit in {format_bytes(meter.capacity_bytes)} at seq_len {spec.seq_len}; "
@@ -127,7 +157,8 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
             "limit_reached": search.limit is not None and search.max_micro_batch >= search.limit,
             "predicted_max_micro_batch": search.predicted_max,
             "trial_count": len(search.trials),
-            "trials": [t.to_dict() for t in search.trials],
+            "trials": trials,
+            "estimated_max_micro_batch": hint,
             "wall_s": round(time.perf_counter() - started_s, 3),
         },
         "created_at": datetime.now(timezone.utc).isoformat(),

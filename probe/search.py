@@ -155,11 +155,14 @@ def find_micro_batch(
     capacity_bytes: int,
     headroom: float,
     limit: int | None = None,
+    hint: int | None = None,
 ) -> SearchResult:
     """Largest micro-batch that runs (`max`) and largest that leaves `headroom` free (`safe`).
 
     `limit` stops the search at what the user needs (their effective batch, or their cap): a
-    micro-batch beyond it would never be used, so it is never tried.
+    micro-batch beyond it would never be used, so it is never tried. `hint` (an estimate of the
+    max) replaces the first two small trials by hint/2 and hint: when it is right, the line through
+    them is local and the confirmation needs one more trial.
     """
     upper = min(limit or HARD_MICRO_BATCH_LIMIT, HARD_MICRO_BATCH_LIMIT)
     order: list[Measured] = []
@@ -178,7 +181,8 @@ def find_micro_batch(
     def safe(r: Measured) -> bool:
         return r.fits and r.alloc_retries == 0 and (r.peak_reserved_bytes or 0) <= safe_bytes
 
-    for b in FIRST_MICRO_BATCHES:
+    first = (max(1, hint // 2), hint) if hint and hint >= 2 * FIRST_MICRO_BATCHES[-1] else FIRST_MICRO_BATCHES
+    for b in first:
         if b > upper:
             break
         results[b] = run(b)
@@ -190,8 +194,15 @@ def find_micro_batch(
         return SearchResult(0, 0, limit, order, predicted)
     safe_b = interpolate_safe(results, safe, safe_bytes)
     basis = "measured" if safe_b in results else "interpolated"
+    smallest = results[min(b for b, r in results.items() if r.fits)]
+    if safe_b == 0 and smallest.micro_batch > 1 and smallest.peak_reserved_bytes:
+        # no trial under the safe line yet: one where peak ∝ b would put it (peak has an offset, so
+        # this lands under the line), then the chord to the trials above gives the answer
+        guess = max(1, math.floor(smallest.micro_batch * safe_bytes / smallest.peak_reserved_bytes))
+        results[guess] = run(guess)
+        safe_b = interpolate_safe(results, safe, safe_bytes)
     if safe_b == 0:
-        # even the smallest trial was above the safe line: look below it, with trials
+        # even that was above the safe line: look below it, with trials
         results.setdefault(max_b + 1, _NotOk(max_b + 1))
         safe_b = _largest_ok(run, results, safe, safe_bytes, max_b, confirm_above=False)
         basis = "measured"

@@ -85,6 +85,10 @@ class ProbeSpec(BaseModel):
         description="measure: real trials on the device; estimate: the same step under fake tensors, "
         "no memory used, against capacity_bytes (plan for a GPU you don't have)",
     )
+    estimate_first: bool = Field(
+        False, description="measure mode: estimate first and start the real search at the estimated max; "
+        "the report gives the estimate's error at every real trial",
+    )
     device: str = Field("cpu", description="cpu or cuda:N")
     capacity_bytes: int | None = Field(
         None, ge=1,

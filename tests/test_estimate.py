@@ -72,3 +72,13 @@ def test_a_7b_estimate_uses_no_memory_for_its_weights():
 def test_estimate_needs_a_capacity():
     with pytest.raises(ValueError, match="estimate mode needs a capacity"):
         ProbeSpec(mode="estimate")
+
+
+def test_estimate_first_places_the_real_search_and_reports_its_error_per_trial():
+    spec = ProbeSpec(model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB", estimate_first=True)
+    search = run_probe(spec)["search"]
+    plain = run_probe(spec.model_copy(update={"estimate_first": False}))["search"]
+    assert search["max_micro_batch"] == plain["max_micro_batch"] == search["estimated_max_micro_batch"]
+    assert search["trial_count"] < plain["trial_count"]
+    fitted = [t for t in search["trials"] if t["fits"]]
+    assert fitted and all(abs(t["estimate_error"]) < 0.01 for t in fitted)

@@ -140,7 +140,23 @@ def test_any_convex_curve_gives_the_exact_maximum_in_logarithmic_trials(
     capacity = capacity_mib * MIB
     tried: list[int] = []
     result = find_micro_batch(scripted_trial(phases, capacity, tried), capacity, 0.1, limit=4096)
-    expected = min(true_max(phases, capacity), 4096) if max(phases(1).values()) <= capacity else 0
-    assert result.max_micro_batch == expected
+    def fits(b: int) -> bool:
+        return max(phases(b).values()) <= capacity
+
+    best = result.max_micro_batch
+    # jitter can make the curve non-monotonic: "exact" means what the issue says, B fits and B+1 not
+    assert best == 0 if not fits(1) else (fits(best) and (best == 4096 or not fits(best + 1)))
+    assert best >= min(true_max(phases, capacity), 4096)
     assert len(tried) <= 2 * 13 + 2  # never worse than twice a plain bisection over 1..4096
     assert len(set(tried)) == len(tried), "a micro-batch was tried twice"
+
+
+def test_a_right_hint_needs_three_trials_and_a_wrong_one_still_finds_the_maximum():
+    phases = transformer_curve(static_mib=900, optimizer_extra_mib=700, act_mib=3)
+    capacity = 4_000 * MIB
+    expected = true_max(phases, capacity)
+    for hint, most_trials in ((expected, 3), (expected * 2, 8), (expected // 3, 8)):
+        tried: list[int] = []
+        result = find_micro_batch(scripted_trial(phases, capacity, tried), capacity, 0.1, hint=hint)
+        assert result.max_micro_batch == expected
+        assert len(tried) <= most_trials, (hint, tried)
