@@ -130,7 +130,9 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase_peak_bytes[self.phase] = max(self.phase_peak_bytes.get(self.phase, 0), self.live_bytes)
         if raise_on_overflow and self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
             raise torch.OutOfMemoryError(
-                f"out of memory on the virtual device: tried to allocate {n_bytes} bytes with "
+                # worded like CUDA's message ("... out of memory. Tried to allocate"), which tools
+                # such as Accelerate's find_executable_batch_size recognise
+                f"virtual device out of memory. Tried to allocate {n_bytes} bytes with "
                 f"{self.live_bytes - n_bytes} bytes live of a {self.capacity_bytes}-byte capacity"
             )
 

@@ -1,0 +1,32 @@
+"""The benchmark harness's CPU smoke run: fitprobe against Accelerate and batch-probe, same meter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_records_every_tool_and_fitprobe_finds_the_true_maximum(tmp_path):
+    out = tmp_path / "smoke.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_finders.py"), "--cpu-smoke",
+                          "--repetitions", "1", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["environment"]["torch"] and results["environment"]["date"]
+    for case in results["cases"]:
+        tools = case["tools"]
+        assert set(tools) == {"fitprobe", "accelerate", "batch-probe"}
+        assert tools["fitprobe"]["distance_to_true_max"] == 0, case["case"]["name"]
+        assert tools["fitprobe"]["trains_50_steps"] and tools["fitprobe"]["safe_trains_50_steps"]
+        assert all(row["trials_median"] >= 1 for row in tools.values())
+        # fewer trials than the halving and bisecting finders on the same virtual device
+        assert tools["fitprobe"]["trials_median"] < min(tools["accelerate"]["trials_median"],
+                                                        tools["batch-probe"]["trials_median"])
+    assert "| fitprobe |" in run.stdout
