@@ -175,7 +175,7 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
     The plan uses the safe micro-batch and the trials' measured step times; the verification's
     reference gradient may use up to the max micro-batch at once, which the probe showed fits.
     """
-    from probe.plan import make_plan
+    from probe.plan import plan_for_probe
     from probe.verify import run_verification
 
     report = run_probe(spec, emit, allowed_factories)
@@ -184,11 +184,7 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
         return report
     emit({"type": "phase", "phase": "planning"})
     search = report["search"]
-    # a trial's step is micro_steps_per_trial micro-steps plus one optimizer update
-    step_s = {t["micro_batch"]: t["step_s"] / spec.micro_steps_per_trial
-              for t in search["trials"] if t["fits"] and t["step_s"]}
-    plan = make_plan(spec.effective_batch, search["safe_micro_batch"] or search["max_micro_batch"],
-                     spec.num_devices, step_s)
+    plan = plan_for_probe(search, spec.effective_batch, spec.num_devices, spec.micro_steps_per_trial)
     report["plan"] = plan.to_dict()
     emit({"type": "phase", "phase": "planned", "micro_batch": plan.split.micro_batch,
           "accumulation_steps": plan.split.accumulation_steps})

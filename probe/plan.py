@@ -218,6 +218,18 @@ def _layout(sizes: list[int]) -> str:
     return head + "".join(f" + {b}" for b in sizes[full:])
 
 
+def plan_for_probe(search: dict[str, Any], effective_batch: int, num_devices: int,
+                   micro_steps_per_trial: int) -> Plan:
+    """The plan for a probe report's search: its safe micro-batch and its measured micro-step times.
+
+    A trial's step is `micro_steps_per_trial` micro-steps plus one optimizer update; dividing
+    attributes the update to the micro-steps, which slightly favours fewer of them, as it should.
+    """
+    step_s = {t["micro_batch"]: t["step_s"] / micro_steps_per_trial
+              for t in search["trials"] if t["fits"] and t["step_s"]}
+    return make_plan(effective_batch, search["safe_micro_batch"] or search["max_micro_batch"], num_devices, step_s)
+
+
 def make_plan(
     effective_batch: int,
     max_micro_batch: int,

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from app.deps import ExecutorDep, SettingsDep, StoreDep
 from app.schemas import ProbeRequest
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
-from probe.plan import make_plan
+from probe.plan import plan_for_probe
 from probe.spec import SpecError
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
@@ -46,10 +46,8 @@ def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
     if request.effective_batch is None:
         result["plan"] = result["verification"] = None
         return result
-    step_s = {t["micro_batch"]: t["step_s"] / request.micro_steps_per_trial
-              for t in search["trials"] if t["fits"] and t["step_s"]}
-    plan = make_plan(request.effective_batch, search["safe_micro_batch"] or search["max_micro_batch"],
-                     request.num_devices, step_s).to_dict()
+    plan = plan_for_probe(search, request.effective_batch, request.num_devices,
+                          request.micro_steps_per_trial).to_dict()
     if plan != result.get("plan"):
         result["verification"] = None  # the verification ran another plan: it is not this one's
     result["plan"] = plan
