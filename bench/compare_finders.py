@@ -153,8 +153,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU meter")
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--tools", help="comma-separated; default all four on a GPU, and on the CPU all but "
-                        "lightning, whose tuner did not finish in this harness on the CPU meter")
+    parser.add_argument("--tools", default="fitprobe,accelerate,lightning,batch-probe", help="comma-separated")
     parser.add_argument("--out", type=Path, required=False)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
@@ -167,8 +166,7 @@ def main() -> None:
         return
     device = "cpu" if args.cpu_smoke else args.device
     cases = CPU_CASES if args.cpu_smoke else GPU_CASES
-    tools = (args.tools or ("fitprobe,accelerate,batch-probe" if args.cpu_smoke else
-                            "fitprobe,accelerate,lightning,batch-probe")).split(",")
+    tools = args.tools.split(",")
     results = {"environment": environment(device),
                "cases": [run_case(case, device, tools, args.repetitions) for case in cases]}
     if args.out:

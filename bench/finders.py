@@ -121,7 +121,7 @@ def lightning_finder(spec: ProbeSpec) -> dict[str, Any]:
                        for _ in range(spec.micro_steps_per_trial)]
             try:
                 accumulate_gradients(model, batches, spec, make_scaler(spec, meter.device.type))
-                optimizer_step(self.optimizers().optimizer, None)
+                optimizer_step(self.optimizers(), None)  # Lightning counts steps through its wrapper
             except RuntimeError as exc:
                 if meter.device.type == "cpu" and is_oom(exc):
                     raise RuntimeError(f"CUDA out of memory (CPU virtual device). {exc}") from None

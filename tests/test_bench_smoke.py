@@ -22,10 +22,11 @@ def test_cpu_smoke_records_every_tool_and_fitprobe_finds_the_true_maximum(tmp_pa
     assert results["environment"]["torch"] and results["environment"]["date"]
     for case in results["cases"]:
         tools = case["tools"]
-        assert set(tools) == {"fitprobe", "accelerate", "batch-probe"}
+        assert set(tools) == {"fitprobe", "accelerate", "lightning", "batch-probe"}
         assert tools["fitprobe"]["distance_to_true_max"] == 0, case["case"]["name"]
         assert tools["fitprobe"]["trains_50_steps"] and tools["fitprobe"]["safe_trains_50_steps"]
-        assert all(row["trials_median"] >= 1 for row in tools.values())
+        # each tool has an answer with its trials, or the error that stopped it, recorded
+        assert all(row.get("trials_median", 0) >= 1 or row.get("error") for row in tools.values())
         # fewer trials than the halving and bisecting finders on the same virtual device
         assert tools["fitprobe"]["trials_median"] < min(tools["accelerate"]["trials_median"],
                                                         tools["batch-probe"]["trials_median"])
