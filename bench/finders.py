@@ -18,7 +18,7 @@ import torch
 from probe.job import prepare, run_probe
 from probe.meter import is_oom
 from probe.spec import ProbeSpec
-from probe.step import accumulate_gradients, make_optimizer, make_scaler, optimizer_step, synthetic_batch
+from probe.step import accumulate_gradients, make_optimizer, make_scaler, optimizer_step, worst_case_batch
 from probe.trial import TrialRunner
 
 
@@ -75,7 +75,7 @@ def batch_probe_finder(spec: ProbeSpec) -> dict[str, Any]:
 
     def inputs(batch_size: int) -> dict[str, torch.Tensor]:
         tried.append(batch_size)
-        batch = synthetic_batch(model.vocab_size, batch_size, spec.seq_len, meter.device)
+        batch = worst_case_batch(model.vocab_size, batch_size, spec, meter.device)
         return {"input_ids": batch.input_ids, "labels": batch.labels, "attention_mask": batch.attention_mask}
 
     with meter.tracking():
@@ -117,7 +117,7 @@ def lightning_finder(spec: ProbeSpec) -> dict[str, Any]:
             size = len(indices)
             if not tried or tried[-1] != size:
                 tried.append(size)
-            batches = [synthetic_batch(model.vocab_size, size, spec.seq_len, meter.device)
+            batches = [worst_case_batch(model.vocab_size, size, spec, meter.device)
                        for _ in range(spec.micro_steps_per_trial)]
             try:
                 accumulate_gradients(model, batches, spec, make_scaler(spec, meter.device.type))

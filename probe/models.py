@@ -24,9 +24,9 @@ from probe.spec import ProbeSpec, SpecError, format_bytes
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
 
 # Attention projections LoRA adapts by default, by the names each architecture family uses.
-DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"], ["query", "value"])
+DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"], ["c_attn"], ["query", "value"])
 
-LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -39,13 +39,16 @@ class LoadedModel:
     logits: LogitsFn
 
 
-def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     out = module(input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    # called exactly as a training loop calls the model: `use_cache` is left to the config, because
+    # the cache changes what autograd keeps (Phi-3 copies values out of its fused qkv output into
+    # the cache, which frees the fused buffer; use_cache=False keeps it alive through backward)
+    return module(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 Optimizer = Literal["adamw", "sgd"]
 Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
+Collation = Literal["padded", "packed"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -80,6 +81,12 @@ class ProbeSpec(BaseModel):
     finetuning: FineTuning = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
+    collation: Collation = Field(
+        "padded",
+        description="how your data loader builds batches: padded (HF padding collators; a batch holding one "
+        "padding token makes the model use an explicit attention mask, which costs more under grouped-query "
+        "attention) or packed (no padding, no attention mask)",
+    )
     mode: Mode = Field(
         "measure",
         description="measure: real trials on the device; estimate: the same step under fake tensors, "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from probe.models import LoadedModel
-from probe.spec import ProbeSpec
+from probe.spec import Collation, ProbeSpec
 
 IGNORE_INDEX = -100
 PhaseCallback = Callable[[str], None]
@@ -31,11 +31,15 @@ def _no_phase(_: str) -> None:
 
 @dataclass
 class MicroBatch:
-    """Token ids with next-token labels; padded positions carry IGNORE_INDEX and mask 0."""
+    """Token ids with next-token labels; padded positions carry IGNORE_INDEX and mask 0.
+
+    `attention_mask` is None for packed (unpadded) collation: the model then takes the causal
+    attention path with no mask at all, as it does for users who pack sequences.
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     # targets per row, known when the batch is made: counting them from `labels` would force a
     # device sync every micro-step, and is impossible under fake tensors (estimate mode)
     row_targets: tuple[int, ...] | None = None
@@ -57,8 +61,13 @@ def synthetic_batch(
     device: torch.device | str,
     generator: torch.Generator | None = None,
     lengths: Sequence[int] | None = None,
+    collation: Collation = "padded",
 ) -> MicroBatch:
-    """Random tokens; full `seq_len` unless `lengths` pads some rows (the worst case is full length)."""
+    """Random tokens; full `seq_len` unless `lengths` shortens rows.
+
+    Padded collation pads a short row and masks it out; packed collation has no padding, so a
+    shorter "length" only ends the row's targets early (a document boundary) and no mask is made.
+    """
     input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
@@ -68,16 +77,33 @@ def synthetic_batch(
         labels[row, max(length - 1, 0):] = IGNORE_INDEX
         attention_mask[row, length:] = 0
     row_targets = tuple(max(min(length, seq_len) - 1, 0) for length in row_lengths)
-    return MicroBatch(input_ids.to(device), labels.to(device), attention_mask.to(device), row_targets)
+    mask = attention_mask.to(device) if collation == "padded" else None
+    return MicroBatch(input_ids.to(device), labels.to(device), mask, row_targets)
+
+
+def worst_case_batch(vocab_size: int, batch_size: int, spec: ProbeSpec, device: torch.device | str,
+                     generator: torch.Generator | None = None) -> MicroBatch:
+    """Full-length rows, taking the attention path the user's batches take.
+
+    With padded collation one row ends in a padding token: a mask that is all ones lets
+    transformers drop it (causal SDPA, key/value heads not repeated), but a single padding token
+    forces the explicit 4-D mask and, under grouped-query attention, key/value heads repeated to
+    the query heads. That path costs more, and a padded batch of real data always takes it.
+    """
+    lengths = None
+    if spec.collation == "padded" and spec.seq_len >= 2:
+        lengths = [spec.seq_len - 1] + [spec.seq_len] * (batch_size - 1)
+    return synthetic_batch(vocab_size, batch_size, spec.seq_len, device, generator, lengths, spec.collation)
 
 
 def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
     """Cut one batch into consecutive micro-batches of the given sizes."""
-    parts = zip(*(t.split(list(sizes)) for t in (batch.input_ids, batch.labels, batch.attention_mask)))
+    ids, labels = batch.input_ids.split(list(sizes)), batch.labels.split(list(sizes))
+    masks = batch.attention_mask.split(list(sizes)) if batch.attention_mask is not None else [None] * len(sizes)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     rows = batch.row_targets
-    return [MicroBatch(*p, rows[start:start + size] if rows is not None else None)
-            for p, start, size in zip(parts, starts, sizes)]
+    return [MicroBatch(i, lab, m, rows[start:start + size] if rows is not None else None)
+            for i, lab, m, start, size in zip(ids, labels, masks, starts, sizes)]
 
 
 def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
@@ -113,6 +139,20 @@ def global_target_tokens(micro_batches: Sequence[MicroBatch]) -> int:
     return count
 
 
+def token_loss_sum(model: LoadedModel, module: torch.nn.Module, mb: MicroBatch, spec: ProbeSpec) -> torch.Tensor:
+    """Forward one micro-batch; the sum of its token losses, with the logits already freed.
+
+    Only the loss leaves this function, so the logits die before backward runs, as they do in the
+    standard loop (`loss = model(..., labels=...).loss; loss.backward()`, the outputs dropped):
+    cross-entropy saved what backward needs (its fp32 log-probabilities), and holding the logits
+    as well would overstate the peak by one logits-sized buffer (batch × seq × vocab).
+    """
+    with autocast_for(spec, mb.input_ids.device.type):
+        logits = model.logits(module, mb.input_ids, mb.attention_mask)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mb.labels.view(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def accumulate_gradients(
     model: LoadedModel,
     micro_batches: Sequence[MicroBatch],
@@ -124,7 +164,6 @@ def accumulate_gradients(
     The loss stays a device tensor: reading it here would stall the GPU once per micro-step.
     """
     module = model.module
-    device_type = micro_batches[0].input_ids.device.type
     total_tokens = max(global_target_tokens(micro_batches), 1)
     # DDP averages gradients over ranks; our losses are already global sums over total_tokens
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -134,16 +173,11 @@ def accumulate_gradients(
         # skip the gradient all-reduce on every micro-step but the last: one sync per optimizer step
         sync = nullcontext() if last or not isinstance(module, DistributedDataParallel) else module.no_sync()
         with sync:
-            with autocast_for(spec, device_type):
-                logits = model.logits(module, mb.input_ids, mb.attention_mask)
-            token_loss_sum = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), mb.labels.view(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            )
-            loss = token_loss_sum * (world_size / total_tokens)
+            summed = token_loss_sum(model, module, mb, spec)
+            loss = summed * (world_size / total_tokens)
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += token_loss_sum.detach()
-        del logits, token_loss_sum, loss
+        loss_sum += summed.detach()
+        del summed, loss
     if world_size > 1:
         dist.all_reduce(loss_sum)
     return loss_sum / total_tokens

@@ -18,7 +18,7 @@ import torch
 from probe.meter import Meter, is_oom
 from probe.models import LoadedModel
 from probe.spec import ProbeSpec
-from probe.step import make_optimizer, make_scaler, synthetic_batch, train_step
+from probe.step import make_optimizer, make_scaler, train_step, worst_case_batch
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TrialRunner:
     def _run(self, micro_batch: int) -> TrialResult:
         spec, meter = self.spec, self.meter
         batches = [
-            synthetic_batch(self.model.vocab_size, micro_batch, spec.seq_len, meter.device, self._generator)
+            worst_case_batch(self.model.vocab_size, micro_batch, spec, meter.device, self._generator)
             for _ in range(spec.micro_steps_per_trial)
         ]
         optimizer = make_optimizer(spec, self.model.module)

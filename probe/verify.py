@@ -32,16 +32,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from probe.meter import Meter, is_oom, make_meter
 from probe.models import LoadedModel, build_model
 from probe.plan import Plan
-from probe.spec import ProbeSpec, SpecError, format_bytes
+from probe.spec import Collation, ProbeSpec, SpecError, format_bytes
 from probe.step import (
-    IGNORE_INDEX, MicroBatch, accumulate_gradients, autocast_for, global_target_tokens, make_optimizer,
-    make_scaler, optimizer_step, split, synthetic_batch,
+    MicroBatch, accumulate_gradients, global_target_tokens, make_optimizer, make_scaler, optimizer_step, split,
+    synthetic_batch, token_loss_sum,
 )
 
 # Learning rates high enough that a few steps visibly lower the loss on a repeated batch.
@@ -93,11 +92,11 @@ def reference_sizes(plan_sizes: list[int], fits_at_once: int) -> list[int]:
 
 
 def variable_length_batch(vocab_size: int, size: int, seq_len: int, device: torch.device,
-                          generator: torch.Generator) -> MicroBatch:
+                          generator: torch.Generator, collation: Collation = "padded") -> MicroBatch:
     """Sequences from a quarter of seq_len to full length: the padding makes token counts differ."""
     shortest = max(2, seq_len // 4) if seq_len >= 2 else 1
     lengths = torch.randint(shortest, seq_len + 1, (size,), generator=generator).tolist()
-    return synthetic_batch(vocab_size, size, seq_len, device, generator, lengths)
+    return synthetic_batch(vocab_size, size, seq_len, device, generator, lengths, collation)
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -117,13 +116,6 @@ def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM, devi
     return tensor.tolist()
 
 
-def _summed_token_loss(model: LoadedModel, module: torch.nn.Module, mb: MicroBatch, spec: ProbeSpec) -> torch.Tensor:
-    with autocast_for(spec, mb.input_ids.device.type):
-        logits = model.logits(module, mb.input_ids, mb.attention_mask)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mb.labels.view(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def _squared_norm(params: list[torch.nn.Parameter], scale: float = 1.0) -> float:
     """|grad|² without a parameter-sized temporary (vector_norm reduces in place)."""
     total = sum(float(torch.linalg.vector_norm(p.grad.float())) ** 2 for p in params if p.grad is not None)
@@ -133,7 +125,7 @@ def _squared_norm(params: list[torch.nn.Parameter], scale: float = 1.0) -> float
 def micro_batch_squared_norm(model: LoadedModel, module: torch.nn.Module, mb: MicroBatch, spec: ProbeSpec) -> float:
     """|G_small|²: the gradient of one micro-batch alone, mean over its own target tokens."""
     module.zero_grad(set_to_none=True)
-    (_summed_token_loss(model, module, mb, spec) / max(mb.target_tokens(), 1)).backward()
+    (token_loss_sum(model, module, mb, spec) / max(mb.target_tokens(), 1)).backward()
     value = _squared_norm(_trainable(module))
     module.zero_grad(set_to_none=True)
     return value
@@ -148,7 +140,7 @@ def reference_gradient(model: LoadedModel, module: torch.nn.Module, batches: lis
     module.zero_grad(set_to_none=True)
     total_tokens = max(global_target_tokens(batches), 1)
     for mb in batches:
-        _summed_token_loss(model, module, mb, spec).backward()
+        token_loss_sum(model, module, mb, spec).backward()
     grads = []
     for p in _trainable(module):
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -191,11 +183,12 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
     result = RankResult(capacity_bytes=meter.capacity_bytes)
     sizes = plan.device_micro_batches(rank)
     generator = torch.Generator().manual_seed(spec.seed + 7919 * rank)
-    examples = variable_length_batch(model.vocab_size, sum(sizes), spec.seq_len, meter.device, generator)
+    examples = variable_length_batch(model.vocab_size, sum(sizes), spec.seq_len, meter.device, generator,
+                                     spec.collation)
     micro_batches = split(examples, sizes)
     result.reference_split = reference_sizes(sizes, fits_at_once)
     result.examples_per_step = int(_all_reduce([float(sum(sizes))], device=meter.device)[0])
-    result.tokens_per_step = int(_all_reduce([float(examples.attention_mask.sum())], device=meter.device)[0])
+    result.tokens_per_step = int(_all_reduce([float(examples.target_tokens())], device=meter.device)[0])
     optimizer = make_optimizer(spec, bare, lr=VERIFY_LR[spec.optimizer])
     scaler = make_scaler(spec, meter.device.type)
     params = _trainable(bare)
@@ -254,8 +247,9 @@ def _one_step(spec: ProbeSpec, plan: Plan, model: LoadedModel, bare: torch.nn.Mo
 
 
 def _joined(micro_batches: list[MicroBatch]) -> MicroBatch:
-    return MicroBatch(*(torch.cat(parts) for parts in zip(*((mb.input_ids, mb.labels, mb.attention_mask)
-                                                           for mb in micro_batches))))
+    masks = [mb.attention_mask for mb in micro_batches]
+    return MicroBatch(torch.cat([mb.input_ids for mb in micro_batches]), torch.cat([mb.labels for mb in micro_batches]),
+                      None if masks[0] is None else torch.cat(masks))
 
 
 def _free_port() -> int:

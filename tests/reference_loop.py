@@ -1,0 +1,129 @@
+"""The training loop users write, with a byte counter of its own: the yardstick for fitprobe's step.
+
+Nothing here imports `probe.meter` or `probe.step`: the model is built the way LoRA and
+mixed-precision recipes build it, the loop is the Hugging Face pattern
+(`loss = model(input_ids=..., attention_mask=..., labels=...).loss / accumulation; loss.backward()`,
+the outputs object dropped before backward, as HF Trainer, TRL and Axolotl do), and the counter is
+a separate `TorchDispatchMode` that rounds each new storage to the CUDA allocator's 512-byte blocks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+BLOCK_BYTES = 512
+
+# Small configs of families fitprobe's code was not written against: grouped-query attention,
+# sliding windows, tied and untied embeddings, soft-capped logits.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(model_type="gpt2", vocab_size=3000, n_positions=256, n_embd=128, n_layer=2, n_head=4),
+    "llama-gqa": dict(model_type="llama", vocab_size=4000, hidden_size=128, intermediate_size=344,
+                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", vocab_size=4000, hidden_size=128, intermediate_size=256,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=True),
+    "gemma2-sliding": dict(model_type="gemma2", vocab_size=4000, hidden_size=128, intermediate_size=256,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           sliding_window=64, max_position_embeddings=512),
+    "phi3": dict(model_type="phi3", vocab_size=4000, hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 max_position_embeddings=512, pad_token_id=0),
+    "mistral-sliding": dict(model_type="mistral", vocab_size=4000, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                            sliding_window=64, max_position_embeddings=512),
+}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak of live tensor-storage bytes, each rounded up to 512 B, while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                if id(storage) not in inputs and id(storage) not in self._seen:
+                    size = -(-storage.nbytes() // BLOCK_BYTES) * BLOCK_BYTES
+                    self._seen.add(id(storage))
+                    weakref.finalize(storage, self._drop, id(storage), size)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+        return out
+
+    def _drop(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
+
+
+@dataclass
+class LoopSettings:
+    precision: str = "fp32"  # or "bf16-mixed"
+    lora: bool = False
+    padded: bool = True  # one padding token in the batch (HF padding collators), else no mask at all
+    micro_batch: int = 4
+    seq_len: int = 64
+    accumulation: int = 2
+    optimizer_steps: int = 2
+
+
+def build_user_model(fields: dict[str, Any], settings: LoopSettings) -> torch.nn.Module:
+    """As a fine-tuning recipe loads it: a LoRA base in bf16 under bf16-mixed, adapters by peft."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    dtype = torch.bfloat16 if settings.lora and settings.precision == "bf16-mixed" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    except ValueError:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+    if settings.lora:
+        from peft import LoraConfig, get_peft_model
+
+        gpt2 = config.model_type == "gpt2"
+        model = get_peft_model(model, LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=gpt2,
+            target_modules=["c_attn"] if gpt2 else
+            (["qkv_proj", "o_proj"] if config.model_type == "phi3" else ["q_proj", "k_proj", "v_proj", "o_proj"])))
+    return model.train()
+
+
+def user_loop_peak_bytes(fields: dict[str, Any], settings: LoopSettings, seed: int = 0) -> int:
+    """Peak live bytes of the standard HF loop: model, batches, optimizer steps, all counted."""
+    counter = LiveBytes()
+    generator = torch.Generator().manual_seed(seed)
+    with counter:
+        model = build_user_model(fields, settings)
+        batches = []
+        for _ in range(settings.accumulation):
+            ids = torch.randint(0, fields["vocab_size"], (settings.micro_batch, settings.seq_len), generator=generator)
+            mask = None
+            labels = ids
+            if settings.padded:
+                mask = torch.ones_like(ids)
+                mask[0, -1] = 0
+                labels = ids.masked_fill(mask == 0, -100)
+            batches.append((ids, mask, labels))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for _ in range(settings.optimizer_steps):
+            for ids, mask, labels in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
+                loss.backward()
+                del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return counter.peak
