@@ -159,6 +159,8 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
             "trial_count": len(search.trials),
             "trials": trials,
             "estimated_max_micro_batch": hint,
+            # a shared CPU host times trials too noisily to rank plans by; fake tensors time nothing
+            "step_times_trusted": meter.kind == "cuda-allocator",
             "wall_s": round(time.perf_counter() - started_s, 3),
         },
         "created_at": datetime.now(timezone.utc).isoformat(),

@@ -8,13 +8,15 @@ divides every micro-step's summed token loss by the target tokens of the whole a
 so the update equals the full-batch mean however the examples are cut.
 
 Throughput: one optimizer step costs the sum of its micro-steps' times (the devices run in
-parallel). With measured step times we interpolate them; without, we assume a fixed cost per
+parallel). With trustworthy measured step times we fit a per-example cost that does not rise with
+the micro-batch and never extrapolate it; without (CPU hosts, estimates), we assume a fixed cost per
 micro-step on top of a cost per example, which makes fewer, larger micro-steps faster.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +24,11 @@ from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, SpecError
 
 # Without measurements: a micro-step's fixed cost is this fraction of a micro-step at the max micro-batch.
 ASSUMED_OVERHEAD_FRACTION = 0.1
-# An uneven plan must beat the best even exact plan by this much to be recommended over it:
-# an even split is simpler (equal shapes, any framework's accumulation gets it right).
-UNEVEN_MIN_GAIN = 0.05
+# Plans whose expected throughput is within this fraction of the best are equal: single step
+# timings are noisier than that. Among equals the fewest micro-steps win (per-example cost does not
+# rise with the micro-batch, so that is the fastest plan to first order), then an even split (equal
+# shapes, any framework's accumulation expresses it), then the smaller, more balanced micro-batch.
+NOISE_TOLERANCE = 0.05
 MAX_ALTERNATIVES = 8
 
 
@@ -99,40 +103,61 @@ class Split:
         }
 
 
+def robust_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed seconds per micro-step, seconds per example) through timed micro-batches, both ≥ 0.
+
+    Siegel's repeated median: for each point the median slope to the others, then the median of
+    those. One trial that ran slow because the host was busy moves neither, where a least-squares
+    line (or a line through the two smallest trials) would. Non-negative terms make the cost per
+    example, fixed / b + per_example, non-increasing in b, as it is on real devices.
+    """
+    slopes = [statistics.median((t_j - t_i) / (b_j - b_i) for b_j, t_j in points if b_j != b_i)
+              for b_i, t_i in points]
+    per_example = max(statistics.median(slopes), 0.0)
+    fixed = max(statistics.median(t - per_example * b for b, t in points), 0.0)
+    if per_example == 0.0 and fixed == 0.0:
+        per_example = min(t / b for b, t in points)
+    return fixed, per_example
+
+
 class MicroStepTime:
-    """Seconds of one micro-step (forward + backward) at micro-batch b, measured or assumed."""
+    """Seconds of one micro-step (forward + backward) at micro-batch b, measured or assumed.
 
-    def __init__(self, max_micro_batch: int, measured_s: dict[int, float] | None) -> None:
-        points = sorted((b, s) for b, s in (measured_s or {}).items() if b >= 1 and s > 0)
-        self._points = points
+    Measured: a robust line, fixed + per_example × b, through the timed trials, used only inside
+    the measured range; outside it the cost per example is held at the range's edge, so no plan
+    gains from an extrapolation (below the smallest measurement a micro-batch costs at least that
+    much per example: flat is its best case, never a win). Assumed (no trustworthy timings): a fixed
+    cost per micro-step on top of a cost per example, which makes fewer, larger micro-steps faster.
+    """
+
+    def __init__(self, max_micro_batch: int, measured_s: dict[int, float] | None, trusted: bool = True) -> None:
+        points = sorted((b, s) for b, s in (measured_s or {}).items() if b >= 1 and s > 0) if trusted else []
         self._max_micro_batch = max_micro_batch
+        self._line: tuple[float, float] | None = None
+        self.measured_range: tuple[int, int] | None = None
         if len(points) >= 2:
-            self.source = ("measured: micro-step times at micro-batches "
-                           f"{[b for b, _ in points]}, interpolated linearly")
-        elif len(points) == 1:
-            self.source = (f"measured at micro-batch {points[0][0]} only; other sizes scaled with an assumed "
-                           f"fixed cost per micro-step of {ASSUMED_OVERHEAD_FRACTION:.0%} of a full one")
+            self._line = robust_line(points)
+            self.measured_range = (points[0][0], points[-1][0])
+            self.source = (f"measured: micro-step times at micro-batches {[b for b, _ in points]}, a robust line "
+                           f"(repeated median) never extrapolated; plans within {NOISE_TOLERANCE:.0%} of the "
+                           "best count as equal")
         else:
-            self.source = (f"assumed: each micro-step has a fixed cost of {ASSUMED_OVERHEAD_FRACTION:.0%} of a "
-                           "micro-step at the max micro-batch, so fewer, larger micro-steps are faster "
-                           "(pass measured step times for a better ranking)")
-
-    def _assumed(self, b: int, anchor_b: int) -> float:
-        return ASSUMED_OVERHEAD_FRACTION + (1 - ASSUMED_OVERHEAD_FRACTION) * b / anchor_b
+            why = ("step times on this device are not trustworthy (a shared CPU host, or fake tensors)"
+                   if not trusted else "fewer than two measured step times")
+            self.source = (f"assumed ({why}): each micro-step has a fixed cost of {ASSUMED_OVERHEAD_FRACTION:.0%} "
+                           "of a micro-step at the max micro-batch, so the fewest micro-steps wins")
 
     def __call__(self, b: int) -> float:
-        points = self._points
-        if not points:
-            return self._assumed(b, self._max_micro_batch)
-        if len(points) == 1:
-            anchor_b, anchor_s = points[0]
-            return anchor_s * self._assumed(b, anchor_b) / self._assumed(anchor_b, anchor_b)
-        # linear through the segment holding b; outside the measured range, the nearest segment
-        index = next((i for i in range(1, len(points)) if b <= points[i][0]), len(points) - 1)
-        (b0, s0), (b1, s1) = points[index - 1], points[index]
-        estimate = s0 + (s1 - s0) * (b - b0) / (b1 - b0)
-        # extrapolating below the smallest measurement must not reach zero: a micro-step is never free
-        return max(estimate, min(s for _, s in points) * 0.05)
+        if self._line is None or self.measured_range is None:
+            return ASSUMED_OVERHEAD_FRACTION + (1 - ASSUMED_OVERHEAD_FRACTION) * b / self._max_micro_batch
+        fixed, per_example = self._line
+        low, high = self.measured_range
+        edge = min(max(b, low), high)
+        return b * (fixed / edge + per_example)
+
+    def extrapolated(self, b: int) -> bool:
+        """True when b lies below every measured micro-batch: its time is a bound, not a measurement."""
+        return self.measured_range is not None and b < self.measured_range[0]
 
 
 @dataclass
@@ -193,8 +218,9 @@ def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int)
 def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
     e, n = best.target_batch, best.num_devices
     if best.even:
-        return (f"{e} = {best.micro_batch} × {best.accumulation_steps} × {n}: an even exact split with the highest "
-                "expected throughput, every micro-batch the same size")
+        return (f"{e} = {best.micro_batch} × {best.accumulation_steps} × {n}: an even exact split within "
+                f"{NOISE_TOLERANCE:.0%} of the highest expected throughput with the fewest micro-steps, every "
+                "micro-batch the same size")
     if e % n:
         cause = f"{e} is not a multiple of {n} devices, so no even split is exact"
     elif best_even is None:
@@ -224,10 +250,12 @@ def plan_for_probe(search: dict[str, Any], effective_batch: int, num_devices: in
 
     A trial's step is `micro_steps_per_trial` micro-steps plus one optimizer update; dividing
     attributes the update to the micro-steps, which slightly favours fewer of them, as it should.
+    Timings count only where the search says they are trustworthy (a GPU, not a shared CPU host).
     """
     step_s = {t["micro_batch"]: t["step_s"] / micro_steps_per_trial
               for t in search["trials"] if t["fits"] and t["step_s"]}
-    return make_plan(effective_batch, search["safe_micro_batch"] or search["max_micro_batch"], num_devices, step_s)
+    return make_plan(effective_batch, search["safe_micro_batch"] or search["max_micro_batch"], num_devices, step_s,
+                     timings_trusted=search.get("step_times_trusted", False))
 
 
 def make_plan(
@@ -237,16 +265,18 @@ def make_plan(
     step_s_by_micro_batch: dict[int, float] | None = None,
     reference_lr: float | None = None,
     reference_batch: int | None = None,
+    timings_trusted: bool = True,
 ) -> Plan:
     """The recommended split of `effective_batch` with micro-batches ≤ `max_micro_batch`.
 
     `step_s_by_micro_batch` are measured seconds of one micro-step per micro-batch (the probe's
-    trials); `reference_lr` at `reference_batch` adds learning-rate guidance.
+    trials), ignored unless `timings_trusted`; `reference_lr` at `reference_batch` adds
+    learning-rate guidance. The same inputs always give the same plan.
     """
     _check(effective_batch, max_micro_batch, num_devices)
     if (reference_lr is None) != (reference_batch is None):
         raise SpecError("give reference_lr and reference_batch together (the lr known to work at that batch)")
-    time = MicroStepTime(max_micro_batch, step_s_by_micro_batch)
+    time = MicroStepTime(max_micro_batch, step_s_by_micro_batch, timings_trusted)
     per_device = -(-effective_batch // num_devices)
     top = min(max_micro_batch, per_device)
 
@@ -261,9 +291,10 @@ def make_plan(
     evens = sorted((s for s in exact if s.even), key=rank)
     uneven = sorted((s for s in exact if not s.even), key=rank)
     best_even = evens[0] if evens else None
-    best = best_even
-    if uneven and (best is None or throughput(uneven[0]) > (1 + UNEVEN_MIN_GAIN) * throughput(best)):
-        best = uneven[0]
+    fastest = max(throughput(s) for s in exact)
+    equals = [s for s in exact if throughput(s) * (1 + NOISE_TOLERANCE) >= fastest]
+    best = min(equals, key=lambda s: (time.extrapolated(s.micro_batch), s.accumulation_steps, not s.even,
+                                      s.micro_batch))
 
     nearest_below = nearest_above = None
     if not best.even:

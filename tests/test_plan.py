@@ -94,13 +94,62 @@ def test_even_split_recommended_when_it_needs_as_few_micro_steps() -> None:
 
 
 def test_measured_step_times_drive_the_ranking() -> None:
-    # past 16 this device gets slower per example (say, it starts to swap): 16 × 4 beats 32 × 2
-    measured_s = {1: 0.01, 8: 0.06, 16: 0.1, 32: 0.5}
+    # a fixed 40 ms per micro-step: 32 × 2 is clearly faster than 16 × 4 and than the assumed model's pick
+    measured_s = {b: 0.04 + 0.001 * b for b in (2, 4, 16, 32)}
     plan = make_plan(64, 32, step_s_by_micro_batch=measured_s)
-    assert plan.split.micro_batch == 16
+    assert (plan.split.micro_batch, plan.split.accumulation_steps) == (32, 2)
     assert plan.throughput_model.startswith("measured")
-    assert make_plan(64, 32).split.micro_batch == 32
     assert make_plan(64, 32).throughput_model.startswith("assumed")
+
+
+def test_untrusted_timings_are_ignored_and_the_fewest_micro_steps_win() -> None:
+    # the CPU case from the issue: trials at 2, 4 and 24 timed 0.17 s, 0.56 s, 1.51 s on a busy host
+    noisy = {2: 0.17, 4: 0.56, 24: 1.51}
+    plan = make_plan(24, 24, step_s_by_micro_batch=noisy, timings_trusted=False)
+    assert (plan.split.micro_batch, plan.split.accumulation_steps) == (24, 1)
+    assert plan.throughput_model.startswith("assumed")
+    assert make_plan(64, 20, timings_trusted=False).split.micro_batch == 16  # 16 × 4, not 1 × 64
+
+
+def test_one_slow_small_trial_does_not_make_micro_batch_one_win() -> None:
+    # per example 24 is cheapest; a line through the small trials would put b=1 at ~0 s
+    plan = make_plan(24, 24, step_s_by_micro_batch={2: 0.17, 4: 0.56, 24: 1.51})
+    assert plan.split.micro_batch == 24
+    plan = make_plan(97, 24, step_s_by_micro_batch={2: 0.17, 4: 0.56, 24: 1.51})
+    assert plan.split.micro_batch >= 2 and plan.split.accumulation_steps == 5
+
+
+def true_cost_s(b: int) -> float:
+    """A device's real micro-step time: a fixed launch cost plus a cost per example."""
+    return 0.02 + 0.01 * b
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    effective_batch=st.integers(1, 512),
+    safe=st.integers(2, 64),
+    noise=st.lists(st.floats(0.85, 1.15), min_size=4, max_size=4),
+    slow_index=st.integers(0, 3),
+    slow_factor=st.floats(1.0, 3.0),
+)
+def test_noisy_timings_never_rest_on_an_extrapolation(effective_batch, safe, noise, slow_index, slow_factor) -> None:
+    measured_at = sorted({2, max(2, safe // 4), max(2, safe // 2), safe})
+    timings = {}
+    for i, b in enumerate(measured_at):
+        timings[b] = true_cost_s(b) * noise[i] * (slow_factor if i == slow_index else 1.0)
+    plan = make_plan(effective_batch, safe, step_s_by_micro_batch=timings)
+    again = make_plan(effective_batch, safe, step_s_by_micro_batch=dict(reversed(list(timings.items()))))
+    assert plan.to_dict() == again.to_dict()  # the same trials give the same plan
+    split = plan.split
+    assert split.effective_batch == effective_batch
+    if effective_batch >= 2:
+        assert split.micro_batch >= 2, "never below the smallest measured micro-batch"
+    # against the true cost: as fast as the best exact plan, within the plan's own tolerance
+    def true_step_s(micro_batches: list[int]) -> float:
+        return sum(true_cost_s(b) for b in micro_batches)
+    best = min(true_step_s(make_plan(effective_batch, b, timings_trusted=False).device_micro_batches(0))
+               for b in range(1, min(safe, effective_batch) + 1))
+    assert true_step_s(plan.device_micro_batches(0)) <= best * 1.05
 
 
 def test_learning_rate_guidance_is_labelled_linear_and_sqrt() -> None:
