@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.api.conftest import free_port
+from app.client import FitprobeClient
+from tests.api.conftest import SLOW_JOB, free_port
 
 NANO = ("--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16777216")
 # a gpt2 small enough to probe and verify in seconds on the CPU device; dropout off because the
@@ -114,3 +115,14 @@ def test_an_unreachable_server_exits_3_with_one_line_or_one_object():
     as_json = preflight("--server", f"127.0.0.1:{port}", "--seq-len", "32", "--effective-batch", "8", "--json")
     assert as_json.returncode == 3 and json.loads(as_json.stdout)["status"] == "not_submitted"
 
+
+
+def test_a_probe_still_running_at_the_timeout_exits_3_and_is_left_running(server):
+    run = preflight("--server", server.url, "--model", SLOW_JOB["model"], "--seq-len", str(SLOW_JOB["seq_len"]),
+                    "--capacity", str(SLOW_JOB["capacity_bytes"]), "--effective-batch", "8", "--fresh",
+                    "--timeout", "2s", "--json")
+    job = json.loads(run.stdout)
+    with FitprobeClient(server.url) as client:
+        client.cancel(job["id"])  # free the worker for the other tests
+    assert run.returncode == 3, run.stderr
+    assert job["status"] in ("queued", "running") and "FAIL: timed out after 2s" in run.stderr
