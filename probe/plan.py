@@ -22,12 +22,12 @@ from typing import Any
 
 from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, SpecError
 
-# Without measurements: a micro-step's fixed cost is this fraction of a micro-step at the max micro-batch.
+# Without measurements: a micro-step's fixed cost is this fraction of a micro-step at the max
+# micro-batch. With measurements: the least fixed cost a micro-step is credited with.
 ASSUMED_OVERHEAD_FRACTION = 0.1
 # Plans whose expected throughput is within this fraction of the best are equal: single step
-# timings are noisier than that. Among equals the fewest micro-steps win (per-example cost does not
-# rise with the micro-batch, so that is the fastest plan to first order), then an even split (equal
-# shapes, any framework's accumulation expresses it), then the smaller, more balanced micro-batch.
+# timings are noisier than that. Among equals an even split wins (equal shapes, every framework's
+# accumulation expresses it), then the fewest micro-steps, then the smaller, more balanced micro-batch.
 NOISE_TOLERANCE = 0.05
 MAX_ALTERNATIVES = 8
 
@@ -136,7 +136,11 @@ class MicroStepTime:
         self._line: tuple[float, float] | None = None
         self.measured_range: tuple[int, int] | None = None
         if len(points) >= 2:
-            self._line = robust_line(points)
+            fixed, per_example = robust_line(points)
+            # timing noise can hide a micro-step's fixed cost, never create one: without this floor a
+            # flat fit makes 59 micro-steps of 2 look as fast as 4 of 30
+            floor = ASSUMED_OVERHEAD_FRACTION * (fixed + per_example * points[-1][0])
+            self._line = (max(fixed, floor), per_example)
             self.measured_range = (points[0][0], points[-1][0])
             self.source = (f"measured: micro-step times at micro-batches {[b for b, _ in points]}, a robust line "
                            f"(repeated median) never extrapolated; plans within {NOISE_TOLERANCE:.0%} of the "
@@ -293,7 +297,7 @@ def make_plan(
     best_even = evens[0] if evens else None
     fastest = max(throughput(s) for s in exact)
     equals = [s for s in exact if throughput(s) * (1 + NOISE_TOLERANCE) >= fastest]
-    best = min(equals, key=lambda s: (time.extrapolated(s.micro_batch), s.accumulation_steps, not s.even,
+    best = min(equals, key=lambda s: (time.extrapolated(s.micro_batch), not s.even, s.accumulation_steps,
                                       s.micro_batch))
 
     nearest_below = nearest_above = None

@@ -119,9 +119,9 @@ def test_one_slow_small_trial_does_not_make_micro_batch_one_win() -> None:
     assert plan.split.micro_batch >= 2 and plan.split.accumulation_steps == 5
 
 
-def true_cost_s(b: int) -> float:
+def true_cost_s(b: int, fixed_s: float = 0.02) -> float:
     """A device's real micro-step time: a fixed launch cost plus a cost per example."""
-    return 0.02 + 0.01 * b
+    return fixed_s + 0.01 * b
 
 
 @settings(max_examples=300, deadline=None)
@@ -131,12 +131,14 @@ def true_cost_s(b: int) -> float:
     noise=st.lists(st.floats(0.85, 1.15), min_size=4, max_size=4),
     slow_index=st.integers(0, 3),
     slow_factor=st.floats(1.0, 3.0),
+    fixed_s=st.sampled_from([0.0, 0.02, 0.2]),
 )
-def test_noisy_timings_never_rest_on_an_extrapolation(effective_batch, safe, noise, slow_index, slow_factor) -> None:
+def test_noisy_timings_never_rest_on_an_extrapolation(effective_batch, safe, noise, slow_index, slow_factor,
+                                                      fixed_s) -> None:
     measured_at = sorted({2, max(2, safe // 4), max(2, safe // 2), safe})
     timings = {}
     for i, b in enumerate(measured_at):
-        timings[b] = true_cost_s(b) * noise[i] * (slow_factor if i == slow_index else 1.0)
+        timings[b] = true_cost_s(b, fixed_s) * noise[i] * (slow_factor if i == slow_index else 1.0)
     plan = make_plan(effective_batch, safe, step_s_by_micro_batch=timings)
     again = make_plan(effective_batch, safe, step_s_by_micro_batch=dict(reversed(list(timings.items()))))
     assert plan.to_dict() == again.to_dict()  # the same trials give the same plan
@@ -146,7 +148,7 @@ def test_noisy_timings_never_rest_on_an_extrapolation(effective_batch, safe, noi
         assert split.micro_batch >= 2, "never below the smallest measured micro-batch"
     # against the true cost: as fast as the best exact plan, within the plan's own tolerance
     def true_step_s(micro_batches: list[int]) -> float:
-        return sum(true_cost_s(b) for b in micro_batches)
+        return sum(true_cost_s(b, fixed_s) for b in micro_batches)
     best = min(true_step_s(make_plan(effective_batch, b, timings_trusted=False).device_micro_batches(0))
                for b in range(1, min(safe, effective_batch) + 1))
     assert true_step_s(plan.device_micro_batches(0)) <= best * 1.05
