@@ -101,10 +101,15 @@ def _launch_note(run: Run, command: str) -> list[str]:
 
 
 def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
-    config = {"per_device_train_batch_size": run.micro_batch, "gradient_accumulation_steps": run.accumulation_steps,
-              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
-              "gradient_checkpointing": run.gradient_checkpointing}
+    config: dict[str, Any] = {"per_device_train_batch_size": run.micro_batch,
+                              "gradient_accumulation_steps": run.accumulation_steps,
+                              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed"}
     notes = _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
+    if run.gradient_checkpointing:
+        # the name every transformers ≥ 4.45 knows; set only when on, as transformers 5 warns on any value of it
+        config["gradient_checkpointing"] = True
+        notes.append("transformers 5 renamed gradient_checkpointing to activation_checkpointing; the old name "
+                     "works until v6 (with a FutureWarning)")
     return config, notes
 
 
