@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.config import Settings
 from app.deps import require_token
 from app.executor import LocalExecutor
-from app.routes import devices, health, plans, probes
+from app.routes import devices, exports, health, plans, probes
 from app.routes.health import Metrics
 from app.store import Store
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     auth = [Depends(require_token)]
     app.include_router(probes.router, dependencies=auth)
+    app.include_router(exports.router, dependencies=auth)
     app.include_router(plans.router, dependencies=auth)
     app.include_router(devices.router, dependencies=auth)
     app.include_router(health.router)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from probe.export import FORMATS, export_plan, export_report, render
 from probe.gpus import gpu_capacity_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes, validation_message
 
@@ -91,10 +92,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from probe.plan import format_plan
     from probe.verify import format_verification
 
+    if args.format and not args.effective_batch:
+        raise SpecError("--format exports a plan: give --effective-batch too")
     report = run_job(spec_from_args(args), _progress, allowed_factories(), args.verify_steps, not args.no_verify)
     verification = report["verification"]
     # the probe ran, but the plan it leads to failed when trained for real
     code = EXIT_UNMET if verification is not None and not verification["passed"] else EXIT_OK
+    if args.format:
+        print(render(export_report(report, args.format), args.format, args.yaml))
+        return code
     if args.json:
         print(json.dumps(report, indent=2))
         return code
@@ -131,6 +137,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
                      reference_lr=args.reference_lr, reference_batch=args.reference_batch).to_dict()
+    if args.format:
+        spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
+                "finetuning": "lora" if args.lora else "full"}
+        print(render(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args.format, args.yaml))
+        return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
     print(json.dumps({"plan": plan}, indent=2) if args.json else format_plan(plan))
     return EXIT_OK
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--verify-steps", type=int, default=3,
                        help="optimizer steps of the verification run (with --effective-batch)")
     probe.add_argument("--no-verify", action="store_true", help="plan the effective batch without training it")
+    _add_export_options(probe)
     probe.set_defaults(run=cmd_probe)
     trial = commands.add_parser("trial", help="run one trial at a given micro-batch")
     add_spec_options(trial)
@@ -159,9 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reference-lr", type=float, help="a learning rate known to work at --reference-batch")
     plan.add_argument("--reference-batch", type=int, help="the effective batch --reference-lr was tuned for")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "fp16-mixed", "bf16"],
+                      help="with --format: the precision the max micro-batch was measured in")
+    plan.add_argument("--grad-checkpointing", action="store_true", help="with --format: measured with it")
+    plan.add_argument("--lora", action="store_true", help="with --format: measured training LoRA adapters")
+    _add_export_options(plan)
     plan.set_defaults(run=cmd_plan)
     _register_service_commands(commands)
     return parser
+
+
+def _add_export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS,
+                        help="print the plan as this framework's config instead (see probe/export.py)")
+    parser.add_argument("--yaml", action="store_true", help="with --format: YAML, provenance as comments")
 
 
 def _register_service_commands(commands: argparse._SubParsersAction) -> None:

@@ -1,0 +1,36 @@
+"""A finished probe's plan as a training framework's config (probe/export.py does the work)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from app.deps import StoreDep
+from probe.export import FORMATS, ExportError, ExportFormat, export_report
+
+router = APIRouter(prefix="/v1/probes", tags=["probes"])
+
+
+@router.get("/{job_id}/config", summary="The probe's plan as HF, Accelerate, DeepSpeed, Lightning, Axolotl or "
+                                        "torchtune config, with a `_fitprobe` provenance block",
+            responses={404: {"description": "no probe with this id"},
+                       409: {"description": "the probe has not succeeded, or ran without an effective batch"},
+                       422: {"description": f"format is not one of {', '.join(FORMATS)}, or the format cannot "
+                                             "express the probe's settings"}})
+def probe_config(job_id: str, store: StoreDep,
+                 format: Annotated[ExportFormat, Query(description="the framework whose config to return")]
+                 ) -> dict[str, Any]:
+    try:
+        job = store.get(job_id)
+    except KeyError:
+        raise HTTPException(404, f"no probe with id {job_id!r}") from None
+    if job["status"] != "succeeded":
+        raise HTTPException(409, f"probe {job_id} is {job['status']}: its config exists once it has succeeded")
+    if not (job["result"] or {}).get("plan"):
+        raise HTTPException(409, f"probe {job_id} has no plan: it ran without an effective_batch; submit it again "
+                                 "with one (the same probe is answered from the cache)")
+    try:
+        return export_report(job["result"], format)
+    except ExportError as exc:
+        raise HTTPException(422, str(exc)) from exc

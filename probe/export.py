@@ -1,0 +1,269 @@
+"""A plan → the config a training framework reads. Pure functions, one per format.
+
+Users used to copy two numbers by hand and had to know each framework's rule for the third: HF
+Trainer and Axolotl take a per-device micro-batch and multiply by the world size themselves,
+DeepSpeed asserts `train_batch_size == micro × accumulation × world size`, Lightning takes the
+micro-batch from the DataModule. Each exporter below writes the micro-batch, the accumulation
+steps, the devices and the precision the probe measured into that framework's own names.
+
+Uneven plans. fitprobe's step can run full micro-batches plus a smaller last one; no framework can
+(each runs `accumulation` micro-batches of one size). An uneven recommended plan is therefore
+exported as its nearest even plan, chosen by one rule: the smaller distance to the asked effective
+batch; on a tie, the one below. Both candidates use micro-batches the probe showed fit, so either
+is safe; a tie goes below so the config never trains on more examples per step than asked. The
+`_fitprobe` block (a comment in YAML) states the effective batch asked, the one the config gives and
+the deviation: never silently a different effective batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import yaml
+
+from probe.spec import SpecError
+
+ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
+class ExportError(SpecError):
+    """A plan or setting the format cannot express; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every exporter needs: the even split to write and the settings the probe measured."""
+
+    micro_batch: int
+    accumulation_steps: int
+    num_devices: int
+    precision: str
+    gradient_checkpointing: bool
+    lora: dict[str, Any] | None
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.accumulation_steps * self.num_devices
+
+
+def framework_split(plan: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The even split a framework can run, and why it differs from the plan (None if it does not)."""
+    if plan["last_micro_batch"] is None:
+        return plan, None
+    asked = plan["effective_batch"]
+    candidates = [near for near in (plan["nearest_below"], plan["nearest_above"]) if near]
+    # smaller |deviation| first; on a tie the smaller effective batch, i.e. the plan below
+    chosen = min(candidates, key=lambda near: (abs(near["effective_batch"] - asked), near["effective_batch"]))
+    why = (f"the recommended plan for {asked} is uneven ({plan['accumulation_steps']} micro-batches of up to "
+           f"{plan['micro_batch']}, the last {plan['last_micro_batch']}); frameworks run equal micro-batches only, so "
+           f"this config is the nearest even plan ({'below' if chosen['effective_batch'] < asked else 'above'}: "
+           "the smaller deviation, ties go below)")
+    exact_even = next((alt for alt in plan["alternatives"] if alt["exact"] and alt["last_micro_batch"] is None), None)
+    if exact_even:
+        why += (f"; an exact even split exists, {exact_even['micro_batch']} × {exact_even['accumulation_steps']} × "
+                f"{exact_even['num_devices']} at {exact_even['relative_throughput']:.2f}× the throughput: use it "
+                "if the exact effective batch matters more than speed")
+    return chosen, why
+
+
+def _weights_note(run: Run) -> list[str]:
+    """Precisions no mixed-precision flag expresses: the dtype the weights must be loaded in."""
+    if run.precision == "bf16":
+        return ["precision bf16 (pure): load the weights in bf16 (from_pretrained(..., torch_dtype=torch.bfloat16) "
+                "or model.to(torch.bfloat16)); no autocast, as fitprobe measured"]
+    if run.lora and run.precision in ("bf16-mixed", "fp16-mixed"):
+        dtype = "bfloat16" if run.precision == "bf16-mixed" else "float16"
+        return [f"LoRA with {run.precision}: load the frozen base in {dtype} (torch_dtype=torch.{dtype}) as fitprobe "
+                "measured; peft keeps the adapters in fp32"]
+    return []
+
+
+def _checkpointing_note(run: Run) -> list[str]:
+    return ["gradient checkpointing: this framework has no flag for it; call model.gradient_checkpointing_enable() "
+            "(transformers) or wrap blocks in torch.utils.checkpoint"] if run.gradient_checkpointing else []
+
+
+def _lora_note(run: Run) -> list[str]:
+    if not run.lora:
+        return []
+    targets = run.lora.get("targets") or "<the attention projections fitprobe adapted>"
+    return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora['rank']}, lora_alpha={run.lora['alpha']}, "
+            f"target_modules={targets}) as fitprobe measured"]
+
+
+def _launch_note(run: Run, command: str) -> list[str]:
+    return [f"launch on {run.num_devices} devices ({command}): the world size is the third factor of the "
+            "effective batch"] if run.num_devices > 1 else []
+
+
+def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
+    config: dict[str, Any] = {"per_device_train_batch_size": run.micro_batch,
+                              "gradient_accumulation_steps": run.accumulation_steps,
+                              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed"}
+    notes = _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
+    if run.gradient_checkpointing:
+        # the name every transformers ≥ 4.45 knows; set only when on, as transformers 5 warns on any value of it
+        config["gradient_checkpointing"] = True
+        notes.append("transformers 5 renamed gradient_checkpointing to activation_checkpointing; the old name "
+                     "works until v6 (with a FutureWarning)")
+    return config, notes
+
+
+_ACCELERATE_PRECISION = {"fp32": "no", "bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16": "no"}
+
+
+def _accelerate(run: Run) -> tuple[dict[str, Any], list[str]]:
+    mixed = _ACCELERATE_PRECISION[run.precision]
+    config = {
+        "accelerator": {"gradient_accumulation_steps": run.accumulation_steps, "mixed_precision": mixed},
+        "dataloader": {"batch_size": run.micro_batch},
+        # `accelerate launch --config_file`: the keys of accelerate's ClusterConfig
+        "config_file": {"compute_environment": "LOCAL_MACHINE",
+                        "distributed_type": "MULTI_GPU" if run.num_devices > 1 else "NO",
+                        "num_machines": 1, "machine_rank": 0, "num_processes": run.num_devices,
+                        "mixed_precision": mixed, "use_cpu": False},
+    }
+    return config, _weights_note(run) + _checkpointing_note(run) + _lora_note(run)
+
+
+def _deepspeed(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """DeepSpeed's config; its `_batch_assertion` requires train_batch_size == micro × accumulation × world."""
+    config = {"train_batch_size": run.effective_batch, "train_micro_batch_size_per_gpu": run.micro_batch,
+              "gradient_accumulation_steps": run.accumulation_steps,
+              "bf16": {"enabled": run.precision in ("bf16-mixed", "bf16")},
+              # loss_scale 0: dynamic loss scaling, as fitprobe's fp16 step (GradScaler) measured
+              "fp16": {"enabled": run.precision == "fp16-mixed", "loss_scale": 0}}
+    notes = _lora_note(run) + _launch_note(run, f"deepspeed --num_gpus {run.num_devices}")
+    if run.gradient_checkpointing:
+        notes.append("activation checkpointing: DeepSpeed's activation_checkpointing section configures only "
+                     "deepspeed.checkpointing.checkpoint; enable checkpointing on the model "
+                     "(model.gradient_checkpointing_enable(), or gradient_checkpointing=True in HF Trainer)")
+    if run.precision == "bf16":
+        notes.append("precision bf16 (pure): DeepSpeed's bf16 mode adds fp32 master weights (4 bytes per trained "
+                     "parameter) that fitprobe's pure-bf16 step did not hold; probe with bf16-mixed for a DeepSpeed "
+                     "run, or check the memory")
+    return config, notes
+
+
+_LIGHTNING_PRECISION = {"fp32": "32-true", "bf16-mixed": "bf16-mixed", "fp16-mixed": "16-mixed", "bf16": "bf16-true"}
+
+
+def _lightning(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """Sections as LightningCLI reads them: `trainer` for Trainer(...), `data` for the DataModule."""
+    config = {"trainer": {"accumulate_grad_batches": run.accumulation_steps, "devices": run.num_devices,
+                          "precision": _LIGHTNING_PRECISION[run.precision]},
+              "data": {"batch_size": run.micro_batch}}
+    # bf16-true converts the module itself; only a LoRA base in 16 bits needs loading so
+    weights = _weights_note(run) if run.precision != "bf16" else []
+    return config, weights + _checkpointing_note(run) + _lora_note(run)
+
+
+def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
+    config: dict[str, Any] = {"micro_batch_size": run.micro_batch, "gradient_accumulation_steps": run.accumulation_steps,
+                              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
+                              "gradient_checkpointing": run.gradient_checkpointing}
+    if run.precision == "bf16":
+        config["bfloat16"] = True  # axolotl's "no AMP": weights in bf16
+    notes = _launch_note(run, f"accelerate launch --num_processes {run.num_devices} -m axolotl.cli.train")
+    if run.lora:
+        config.update(adapter="lora", lora_r=run.lora["rank"], lora_alpha=run.lora["alpha"])
+        if run.lora.get("targets"):
+            config["lora_target_modules"] = run.lora["targets"]
+        else:
+            notes.append("LoRA: fitprobe adapted the model's attention projections; set lora_target_modules to them")
+    return config, notes
+
+
+def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
+    if run.precision == "fp16-mixed":
+        raise ExportError("torchtune trains in fp32 or bf16 only (dtype), not fp16: probe with --precision bf16 "
+                          "(or fp32) and export that plan")
+    config = {"batch_size": run.micro_batch, "gradient_accumulation_steps": run.accumulation_steps,
+              "enable_activation_checkpointing": run.gradient_checkpointing,
+              "dtype": "fp32" if run.precision == "fp32" else "bf16"}
+    notes = _launch_note(run, f"tune run --nproc_per_node {run.num_devices} <a distributed recipe>")
+    if run.precision == "bf16-mixed":
+        notes.append("torchtune has no mixed precision: dtype bf16 trains pure bf16, which holds less memory than "
+                     "the bf16-mixed step fitprobe measured (the micro-batch fits) but is numerically different")
+    if run.lora:
+        notes.append(f"LoRA: use a LoRA recipe (lora_finetune_single_device / lora_finetune_distributed) with "
+                     f"model.lora_rank={run.lora['rank']} model.lora_alpha={run.lora['alpha']}")
+    return config, notes
+
+
+EXPORTERS: dict[str, Callable[[Run], tuple[dict[str, Any], list[str]]]] = {
+    "hf": _hf, "accelerate": _accelerate, "deepspeed": _deepspeed,
+    "lightning": _lightning, "axolotl": _axolotl, "torchtune": _torchtune,
+}
+
+
+def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_micro_batch: int | None = None,
+                safe_micro_batch: int | None = None, verified: bool | None = None) -> dict[str, Any]:
+    """`plan` (Plan.to_dict()) as `fmt`'s config, with a `_fitprobe` provenance block.
+
+    `spec` holds the measured settings (precision, gradient_checkpointing, finetuning, lora; missing
+    ones take the spec's defaults); the probe's max/safe micro-batch and verification verdict go
+    into the provenance when known.
+    """
+    if fmt not in EXPORTERS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    split, why_different = framework_split(plan)
+    lora = spec.get("lora") or {}
+    run = Run(micro_batch=split["micro_batch"], accumulation_steps=split["accumulation_steps"],
+              num_devices=split["num_devices"], precision=spec.get("precision", "fp32"),
+              gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
+              lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
+              if spec.get("finetuning") == "lora" else None)
+    config, notes = EXPORTERS[fmt](run)
+    asked = plan["effective_batch"]
+    provenance: dict[str, Any] = {
+        "effective_batch": run.effective_batch,
+        "split": f"micro_batch {run.micro_batch} × accumulation_steps {run.accumulation_steps} × "
+                 f"devices {run.num_devices}",
+        "effective_batch_asked": asked,
+        "deviation_percent": round(100.0 * (run.effective_batch - asked) / asked, 2),
+        "precision": run.precision,
+    }
+    known = {"max_micro_batch": max_micro_batch, "safe_micro_batch": safe_micro_batch, "verified": verified}
+    provenance.update({key: value for key, value in known.items() if value is not None})
+    if why_different:
+        provenance["why_not_the_plan"] = why_different
+    if notes:
+        provenance["notes"] = notes
+    return {**config, "_fitprobe": provenance}
+
+
+def export_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A probe report's plan as `fmt`'s config, with the probe's micro-batches and verdict as provenance."""
+    if not report.get("plan"):
+        raise ExportError("this probe has no plan to export: it ran without an effective batch; "
+                          "run it again with one (--effective-batch / effective_batch)")
+    search = report.get("search") or {}
+    verification = report.get("verification")
+    return export_plan(report["plan"], report.get("spec") or {}, fmt,
+                       max_micro_batch=search.get("max_micro_batch"),
+                       safe_micro_batch=search.get("safe_micro_batch"),
+                       verified=None if verification is None else verification["passed"])
+
+
+# The part of a format's config that is the framework's file; the rest becomes comments in YAML.
+_FILE_SECTION = {"accelerate": "config_file"}
+
+
+def render(config: dict[str, Any], fmt: str, as_yaml: bool = False) -> str:
+    """Text to save: JSON with `_fitprobe` as a field, or YAML the framework loads as is (provenance as comments)."""
+    if not as_yaml:
+        return json.dumps(config, indent=2, ensure_ascii=False)
+    body = {key: value for key, value in config.items() if key != "_fitprobe"}
+    comments = yaml.safe_dump({"_fitprobe": config["_fitprobe"]}, sort_keys=False, allow_unicode=True, width=100)
+    section = _FILE_SECTION.get(fmt)
+    if section:
+        others = {key: value for key, value in body.items() if key != section}
+        comments += yaml.safe_dump({"in_code": others}, sort_keys=False, width=100)
+        body = body[section]
+    commented = "".join(f"# {line}\n" for line in comments.splitlines())
+    return commented + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
