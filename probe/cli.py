@@ -1,25 +1,34 @@
-"""`fitprobe` command line: probe, trial (and the commands other modules register).
+"""`fitprobe` command line: probe, trial, plan (and serve/preflight/devices, registered by app/).
 
-Exit codes: 0 done, 1 the request ran but cannot be met, 2 bad input (one line says what to change).
+Exit codes, the same for every command:
+  0  done, and the request is met
+  1  it ran, but the request cannot be met (does not fit, verification failed, plan not verified)
+  2  bad input: one line on stderr says what to change (with --json, also a JSON object on stdout)
+  3  the service is unreachable or did not answer in time (preflight)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
+import warnings
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from probe.export import FORMATS, export_plan, export_report, render
-from probe.gpus import gpu_capacity_bytes
+from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes, validation_message
 
-EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 
 
 def allowed_factories() -> frozenset[str]:
@@ -28,62 +37,112 @@ def allowed_factories() -> frozenset[str]:
     return frozenset(item.strip() for item in raw.split(",") if item.strip())
 
 
-def add_spec_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="builtin:gpt-tiny",
-                        help="builtin:<name>, preset:<name>, hf:<config.json> or factory:pkg.mod:fn")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per example")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB")
+def positive_int(text: str) -> int:
+    """argparse type: refuse 0 and negatives before any model is built."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """What the step is: every setting that changes its memory. Shared by probe and trial."""
+    parser.add_argument("--model", required=True,
+                        help="builtin:<name>, preset:<name>, hf:<config.json or directory> or factory:pkg.mod:fn")
+    parser.add_argument("--seq-len", type=positive_int, required=True, help="tokens per example")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="training precision")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer (its state is memory)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, with --lora")
+    parser.add_argument("--lora-targets", help="comma-separated module names to adapt, with --lora "
+                        "(default: the model's attention projections)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--collation", default="padded", choices=["padded", "packed"],
+                        help="padded: batches hold padding (an attention mask); packed: no padding, no mask")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda:N")
+    parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB (CPU default 1GiB; "
+                        "on CUDA a cap below the card)")
+    parser.add_argument("--gpu", choices=sorted(GPU_TOTAL_MIB), metavar="CARD",
+                        help="with --estimate: plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
     parser.add_argument("--estimate", action="store_true",
-                        help="count bytes under fake tensors instead of running on the device")
+                        help="count bytes under fake tensors instead of running on the device (no memory used)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """How far to search and what to plan: probe only."""
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity the safe micro-batch keeps free")
     parser.add_argument("--estimate-first", action="store_true",
                         help="estimate first, start the real search at the estimated max, report the estimate's error")
-    parser.add_argument("--gpu", help="plan for this card's capacity, e.g. a100-40gb (see probe/gpus.py)")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity kept free")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "fp16-mixed", "bf16"])
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-targets", help="comma-separated module names to adapt")
-    parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--max-micro-batch", type=int, help="never try a micro-batch above this")
-    parser.add_argument("--effective-batch", type=int, help="target examples per optimizer step")
-    parser.add_argument("--devices", type=int, default=1, help="data-parallel devices")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--max-micro-batch", type=positive_int, help="never try a micro-batch above this")
+    parser.add_argument("--effective-batch", type=positive_int, help="target examples per optimizer step: plan and "
+                        "verify the split")
+    parser.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
 
 
 def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
+    if args.gpu and not args.estimate:
+        raise SpecError(f"--gpu {args.gpu} plans for a card this machine does not measure: add --estimate "
+                        "(or use --capacity to cap the GPU you have)")
     lora: dict[str, Any] = {"rank": args.lora_rank}
     if args.lora_targets:
         lora["targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     capacity = gpu_capacity_bytes(args.gpu) if args.gpu else args.capacity
+    search = {}
+    if hasattr(args, "effective_batch"):
+        search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
+                      max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch,
+                      num_devices=args.devices)
     return ProbeSpec(
         model=args.model, seq_len=args.seq_len, device=args.device, capacity_bytes=capacity,
-        mode="estimate" if args.estimate else "measure", estimate_first=args.estimate_first,
-        headroom=args.headroom, precision=args.precision, optimizer=args.optimizer,
-        finetuning="lora" if args.lora else "full", lora=lora,
-        gradient_checkpointing=args.grad_checkpointing, max_micro_batch=args.max_micro_batch,
-        effective_batch=args.effective_batch, num_devices=args.devices,
+        mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
+        finetuning="lora" if args.lora else "full", lora=lora, collation=args.collation,
+        gradient_checkpointing=args.grad_checkpointing, **search,
     )
 
 
-def _progress(event: dict[str, Any]) -> None:
-    """Long probes show what they are doing on stderr; stdout stays for the answer."""
-    if event["type"] == "phase":
-        print(f"[fitprobe] {event['phase']}", file=sys.stderr, flush=True)
-    elif event["type"] == "trial":
-        verdict = "fits" if event["fits"] else "OOM "
-        print(f"[fitprobe] trial micro_batch={event['micro_batch']:>5}: {verdict} "
-              f"peak {format_bytes(event['peak_allocated_bytes'])}", file=sys.stderr, flush=True)
+class Progress:
+    """Long work shows what it is doing on stderr, with elapsed time; stdout stays for the answer."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.started_s = time.monotonic()
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[fitprobe {time.monotonic() - self.started_s:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "phase":
+            self.say(event["phase"].replace("_", " "))
+        elif kind == "trial_started":
+            self.say(f"trial micro_batch={event['micro_batch']} ...")
+        elif kind == "trial":
+            verdict = (f"fits, peak {format_bytes(event['peak_allocated_bytes'])}" if event["fits"] else
+                       f"out of memory at {format_bytes(event.get('oom_live_bytes'))} while allocating "
+                       f"{format_bytes(event.get('oom_request_bytes'))}")
+            step = f", step {event['step_s']:.2f}s" if event.get("step_s") else ""
+            self.say(f"trial micro_batch={event['micro_batch']}: {verdict}{step}")
+        elif kind == "verify_step":
+            self.say(f"verification step {event['step']} of {event['steps']}")
 
 
 def _trial_table(trials: list[dict[str, Any]]) -> str:
     lines = [f"{'micro_batch':>11}  {'fits':>4}  {'peak_allocated':>14}  {'peak_reserved':>13}  {'step_s':>7}"]
     for t in trials:
         step = f"{t['step_s']:.3f}" if t["step_s"] is not None else "-"
-        lines.append(f"{t['micro_batch']:>11}  {'yes' if t['fits'] else 'no':>4}  "
-                     f"{format_bytes(t['peak_allocated_bytes']):>14}  {format_bytes(t['peak_reserved_bytes']):>13}  "
-                     f"{step:>7}")
+        if t["fits"]:
+            memory = f"{format_bytes(t['peak_allocated_bytes']):>14}  {format_bytes(t['peak_reserved_bytes']):>13}"
+        else:
+            memory = (f"OOM at {format_bytes(t.get('oom_live_bytes'))}, allocating "
+                      f"{format_bytes(t.get('oom_request_bytes'))}").ljust(29)
+        lines.append(f"{t['micro_batch']:>11}  {'yes' if t['fits'] else 'no':>4}  {memory}  {step:>7}")
     return "\n".join(lines)
 
 
@@ -94,11 +153,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     if args.format and not args.effective_batch:
         raise SpecError("--format exports a plan: give --effective-batch too")
-    report = run_job(spec_from_args(args), _progress, allowed_factories(), args.verify_steps, not args.no_verify)
-    verification = report["verification"]
-    # the probe ran, but the plan it leads to failed when trained for real
-    code = EXIT_UNMET if verification is not None and not verification["passed"] else EXIT_OK
-    if args.format:
+    if args.verify_steps < 2:
+        raise SpecError(f"--verify-steps must be at least 2 (got {args.verify_steps}): the loss check compares "
+                        "the first and the last step")
+    report = run_job(spec_from_args(args), Progress(args.quiet), allowed_factories(), args.verify_steps,
+                     not args.no_verify)
+    verification, not_fitting = report["verification"], report["does_not_fit"]
+    # the probe ran, but nothing fits, or the plan it leads to failed when trained for real
+    unmet = not_fitting is not None or (verification is not None and not verification["passed"])
+    code = EXIT_UNMET if unmet else EXIT_OK
+    if args.format and not not_fitting:
         print(render(export_report(report, args.format), args.format, args.yaml))
         return code
     if args.json:
@@ -108,6 +172,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"{report['spec']['model']} seq_len={args.seq_len} on {device['name']}, "
           f"capacity {format_bytes(device['capacity_bytes'])}, headroom {args.headroom:.0%}")
     print(_trial_table(search["trials"]))
+    if not_fitting:
+        print(f"does not fit: {not_fitting['message']}")
+        for option in not_fitting["options"]:
+            print(f"  with {option['change']}: needs {format_bytes(option['needs_bytes'])} at micro-batch 1"
+                  f"{'  (fits)' if option['fits'] else ''}")
+        return code
     limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
     print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
     print(f"safe micro-batch: {search['safe_micro_batch']}  ({search['trial_count']} trials, {search['wall_s']:.1f}s)")
@@ -150,28 +220,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], int]
 
 
+def _version() -> str:
+    try:
+        return metadata.version("fitprobe")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fitprobe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fitprobe", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"fitprobe {_version()} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
-    probe = commands.add_parser("probe", help="find the largest micro-batch that fits")
-    add_spec_options(probe)
+    probe = commands.add_parser("probe", help="find the largest micro-batch that fits, then plan and verify",
+                                formatter_class=_Formatter)
+    add_model_options(probe)
+    add_search_options(probe)
     probe.add_argument("--verify-steps", type=int, default=3,
-                       help="optimizer steps of the verification run (with --effective-batch)")
+                       help="optimizer steps of the verification run (with --effective-batch; at least 2)")
     probe.add_argument("--no-verify", action="store_true", help="plan the effective batch without training it")
     _add_export_options(probe)
     probe.set_defaults(run=cmd_probe)
-    trial = commands.add_parser("trial", help="run one trial at a given micro-batch")
-    add_spec_options(trial)
-    trial.add_argument("--micro-batch", type=int, required=True)
+    trial = commands.add_parser("trial", help="run one trial at a given micro-batch", formatter_class=_Formatter)
+    add_model_options(trial)
+    trial.add_argument("--micro-batch", type=positive_int, required=True, help="examples per micro-step")
     trial.set_defaults(run=cmd_trial)
-    plan = commands.add_parser("plan", help="split an effective batch into micro-batch × accumulation × devices")
-    plan.add_argument("--effective-batch", type=int, required=True, help="target examples per optimizer step")
-    plan.add_argument("--max-micro-batch", type=int, required=True, help="largest micro-batch that fits (the probe's safe one)")
-    plan.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    plan = commands.add_parser("plan", help="split an effective batch into micro-batch × accumulation × devices",
+                               formatter_class=_Formatter)
+    plan.add_argument("--effective-batch", type=positive_int, required=True, help="target examples per optimizer step")
+    plan.add_argument("--max-micro-batch", type=positive_int, required=True,
+                      help="largest micro-batch that fits (the probe's safe one)")
+    plan.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
     plan.add_argument("--reference-lr", type=float, help="a learning rate known to work at --reference-batch")
-    plan.add_argument("--reference-batch", type=int, help="the effective batch --reference-lr was tuned for")
+    plan.add_argument("--reference-batch", type=positive_int, help="the effective batch --reference-lr was tuned for")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "fp16-mixed", "bf16"],
+    plan.add_argument("--precision", default="fp32", choices=PRECISIONS,
                       help="with --format: the precision the max micro-batch was measured in")
     plan.add_argument("--grad-checkpointing", action="store_true", help="with --format: measured with it")
     plan.add_argument("--lora", action="store_true", help="with --format: measured training LoRA adapters")
@@ -179,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=cmd_plan)
     _register_service_commands(commands)
     return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Options show their default where they have one; the exit-code table keeps its lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _add_export_options(parser: argparse.ArgumentParser) -> None:
@@ -196,13 +289,25 @@ def _register_service_commands(commands: argparse._SubParsersAction) -> None:
     register(commands)
 
 
+def _quiet_third_parties() -> None:
+    """transformers/peft warnings are about their own defaults, not the user's request: keep stderr for ours."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("transformers", "peft", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_third_parties()
     try:
         return args.run(args)
     except (SpecError, ValidationError) as exc:
-        print(f"fitprobe: {validation_message(exc)}", file=sys.stderr)
+        message = validation_message(exc)
+        print(f"fitprobe: {message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message, "exit_code": EXIT_BAD_INPUT}))
         return EXIT_BAD_INPUT
 
 

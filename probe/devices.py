@@ -40,6 +40,20 @@ def _host_memory_bytes() -> tuple[int, int]:
     return total, available
 
 
+# what a CPU job needs beyond the tensors it counts: the interpreter, torch, the model's Python objects
+CPU_JOB_OVERHEAD_BYTES = 1 << 30
+
+
+def cpu_capacity_limit_bytes() -> int:
+    """The largest CPU virtual capacity this host can really give a probe right now.
+
+    The CPU meter's capacity is real RAM: every counted byte is allocated. Past what is available
+    the kernel's OOM-killer ends the process after minutes of swapping, so such a request is refused.
+    """
+    _, available = _host_memory_bytes()
+    return max(available - CPU_JOB_OVERHEAD_BYTES, 0)
+
+
 def list_devices(cpu_capacity_bytes: int) -> list[dict[str, Any]]:
     """Every GPU NVML sees; the CPU device (a virtual capacity) when there is none."""
     gpus = _gpus()

@@ -20,6 +20,7 @@ from probe.estimate import EstimateMeter
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
 from probe.search import find_micro_batch
+from probe.devices import cpu_capacity_limit_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialResult, TrialRunner
 
@@ -73,6 +74,14 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
     elif spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
                         "or --estimate")
+    if meter is None and spec.device == "cpu" and spec.capacity_bytes:
+        limit = cpu_capacity_limit_bytes()
+        if spec.capacity_bytes > limit:
+            raise SpecError(
+                f"capacity {format_bytes(spec.capacity_bytes)} is more than this host can give a CPU probe "
+                f"({format_bytes(limit)} available): the CPU device's capacity is real memory. Lower --capacity, "
+                "or add --estimate to plan for a larger device without using its memory"
+            )
     meter = meter or make_meter(spec.device, spec.capacity_bytes)
     if isinstance(meter, EstimateMeter):
         model = build_model(spec, "meta", allowed_factories, meter.capacity_bytes)
@@ -139,11 +148,12 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
                 estimated = estimate.peak_bytes(measured["micro_batch"])
                 measured["estimated_peak_bytes"] = estimated
                 measured["estimate_error"] = round(estimated / measured["peak_allocated_bytes"] - 1, 4)
+    not_fitting = None
     if search.max_micro_batch == 0:
-        raise SpecError(
-            f"even micro-batch 1 does not fit in {format_bytes(meter.capacity_bytes)} at seq_len {spec.seq_len}; "
-            "lower seq_len, enable gradient checkpointing, use LoRA or bf16, or raise the capacity"
-        )
+        from probe.needs import does_not_fit
+
+        emit({"type": "phase", "phase": "sizing_the_step"})
+        not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories)
     report = {
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),
@@ -163,6 +173,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
             "step_times_trusted": meter.kind == "cuda-allocator",
             "wall_s": round(time.perf_counter() - started_s, 3),
         },
+        "does_not_fit": not_fitting,
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,
@@ -182,7 +193,7 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
 
     report = run_probe(spec, emit, allowed_factories)
     report["plan"] = report["verification"] = None
-    if spec.effective_batch is None:
+    if spec.effective_batch is None or report["does_not_fit"]:
         return report
     emit({"type": "phase", "phase": "planning"})
     search = report["search"]
@@ -193,6 +204,6 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
     if verify and spec.mode == "measure":  # an estimate has no device to train on
         emit({"type": "phase", "phase": "verifying"})
         report["verification"] = run_verification(spec, plan, verify_steps, allowed_factories,
-                                                   search["max_micro_batch"])
+                                                   search["max_micro_batch"], emit)
         emit({"type": "phase", "phase": "verified", "passed": report["verification"]["passed"]})
     return report

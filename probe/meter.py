@@ -14,6 +14,7 @@ Never read `torch.cuda.*` memory stats on a CPU build: they return 0 and every b
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -54,6 +55,28 @@ def round_allocation(n_bytes: int) -> int:
 
 
 @dataclass
+class OomFacts:
+    """Where an allocation failed: bytes already live, and the request that did not fit.
+
+    A failed trial has no peak: the step stopped part-way, so its live bytes say nothing about what
+    it needs (and are not even monotonic in the micro-batch). These two numbers are what it saw.
+    """
+
+    live_bytes: int | None
+    request_bytes: int | None
+
+
+_CUDA_REQUEST = re.compile(r"Tried to allocate ([\d.]+) ?(B|KiB|MiB|GiB|TiB)")
+_BINARY_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def requested_bytes(message: str) -> int | None:
+    """The failed request's size from CUDA's OOM message ("Tried to allocate 2.00 GiB")."""
+    match = _CUDA_REQUEST.search(message)
+    return int(float(match.group(1)) * _BINARY_UNITS[match.group(2)]) if match else None
+
+
+@dataclass
 class MemoryReading:
     """Peaks of one trial: overall, and per phase of the step (the peak moves between phases)."""
 
@@ -73,6 +96,7 @@ class Meter(Protocol):
     def start_trial(self) -> None: ...
     def phase(self, name: str) -> None: ...
     def reading(self) -> MemoryReading: ...
+    def oom_facts(self, exc: BaseException) -> OomFacts: ...
     def allocated_bytes(self) -> int: ...
     def synchronize(self) -> None: ...
     def release(self) -> None: ...
@@ -92,6 +116,7 @@ class LiveBytesMode(TorchDispatchMode):
         self.peak_bytes = 0
         self.phase = "idle"
         self.phase_peak_bytes: dict[str, int] = {}
+        self.last_oom = OomFacts(None, None)
         self._counted: set[int] = set()
 
     def count(self, tensor: torch.Tensor) -> None:
@@ -129,6 +154,7 @@ class LiveBytesMode(TorchDispatchMode):
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self.phase_peak_bytes[self.phase] = max(self.phase_peak_bytes.get(self.phase, 0), self.live_bytes)
         if raise_on_overflow and self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
+            self.last_oom = OomFacts(self.live_bytes - n_bytes, n_bytes)
             raise torch.OutOfMemoryError(
                 # worded like CUDA's message ("... out of memory. Tried to allocate"), which tools
                 # such as Accelerate's find_executable_batch_size recognise
@@ -165,6 +191,9 @@ class CpuMeter:
         peak = self._mode.peak_bytes
         # no caching allocator on the CPU: what is reserved is what is allocated
         return MemoryReading(peak, peak, 0, dict(self._mode.phase_peak_bytes))
+
+    def oom_facts(self, exc: BaseException) -> OomFacts:
+        return self._mode.last_oom
 
     def allocated_bytes(self) -> int:
         return self._mode.live_bytes
@@ -222,6 +251,10 @@ class CudaMeter:
             alloc_retries=stats.get("num_alloc_retries", 0) - self._retries_at_start,
             phase_peak_bytes=dict(self._phase_peaks),
         )
+
+    def oom_facts(self, exc: BaseException) -> OomFacts:
+        # called before the failed step's frames are cleared: what they hold is still allocated
+        return OomFacts(torch.cuda.memory_allocated(self.device), requested_bytes(str(exc)))
 
     def allocated_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device)

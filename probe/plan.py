@@ -342,13 +342,47 @@ def _nearest_even(effective_batch: int, top: int, num_devices: int, throughput) 
     return below, above
 
 
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _count(n: int) -> str:
+    return _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else str(n)
+
+
+def _device_equation(sizes: list[int]) -> str:
+    """[20, 20, 20, 4] → '64 = 3 × 20 + 4 (three micro-batches of 20, then one of 4)'."""
+    total, full = sum(sizes), sizes.count(sizes[0])
+    if full == len(sizes):
+        return f"{total} ({_count(full)} micro-batch{'es' if full > 1 else ''} of {sizes[0]})"
+    rest = sizes[-1]
+    plural = "micro-batches" if full > 1 else "micro-batch"
+    return f"{total} = {full} × {sizes[0]} + {rest} ({_count(full)} {plural} of {sizes[0]}, then one of {rest})"
+
+
+def plan_equation(plan: dict[str, Any]) -> str:
+    """How the examples are cut, in words a person checks by eye, uneven plans included."""
+    split = Split(plan["micro_batch"], plan["num_devices"], plan["effective_batch"], plan["effective_batch"])
+    n = split.num_devices
+    if split.even:
+        steps = split.accumulation_steps
+        devices, on = (f" × {n} devices", f" on each of {n} devices") if n > 1 else ("", "")
+        return (f"{split.effective_batch} = {split.micro_batch} × {steps}{devices} (micro-batch {split.micro_batch}, "
+                f"{steps} micro-step{'s' if steps > 1 else ''}{on})")
+    if n == 1:
+        return _device_equation(split.device_micro_batches(0))
+    layouts = {}
+    for rank in range(n):
+        layouts.setdefault(tuple(split.device_micro_batches(rank)), []).append(rank)
+    parts = [f"{_device_equation(list(sizes))} on {_count(len(ranks))} device{'s' if len(ranks) > 1 else ''}"
+             for sizes, ranks in layouts.items()]
+    return f"{split.effective_batch} over {n} devices: " + "; ".join(parts)
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as a few lines a person reads at a terminal."""
-    last = f" + last micro-batch {plan['last_micro_batch']}" if plan["last_micro_batch"] else ""
     lines = [
-        f"plan: micro_batch {plan['micro_batch']} × accumulation {plan['accumulation_steps']} × "
-        f"{plan['num_devices']} device(s) = {plan['effective_batch']}{last}"
-        f"  ({'exact' if plan['exact'] else format(plan['deviation_percent'], '+.2f') + '%'})",
+        f"plan: {plan_equation(plan)}"
+        f"  [{'exact' if plan['exact'] else format(plan['deviation_percent'], '+.2f') + '%'}]",
         f"  why: {plan['reason']}",
         f"  throughput model: {plan['throughput_model']}",
     ]

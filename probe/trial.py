@@ -17,7 +17,7 @@ import torch
 
 from probe.meter import Meter, is_oom
 from probe.models import LoadedModel
-from probe.spec import ProbeSpec
+from probe.spec import ProbeSpec, format_bytes
 from probe.step import make_optimizer, make_scaler, train_step, worst_case_batch
 
 
@@ -31,9 +31,21 @@ class TrialResult:
     step_s: float | None = None
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    # an OOM trial has no peak (it stopped part-way): where it stopped instead
+    oom_live_bytes: int | None = None
+    oom_request_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line for people: a peak when it fit, where it stopped when it did not."""
+        if self.fits:
+            return f"fits, peak {format_bytes(self.peak_allocated_bytes)}"
+        if self.oom_request_bytes is None:
+            return "out of memory"
+        return (f"out of memory at {format_bytes(self.oom_live_bytes)} live while allocating "
+                f"{format_bytes(self.oom_request_bytes)}")
 
 
 class TrialError(RuntimeError):
@@ -56,13 +68,13 @@ class TrialRunner:
         except Exception as exc:  # noqa: BLE001 - classified right below, re-raised if not OOM
             if not is_oom(exc):
                 raise TrialError(f"trial at micro-batch {micro_batch} failed: {exc}") from exc
-            reading = self.meter.reading()
+            facts = self.meter.oom_facts(exc)
             message = str(exc).splitlines()[0][:300]
             # the traceback's frames hold activations; drop them before measuring the cleanup
             traceback.clear_frames(exc.__traceback__)
             del exc
-            return TrialResult(micro_batch, False, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
-                               reading.alloc_retries, None, reading.phase_peak_bytes, message)
+            return TrialResult(micro_batch, False, error=message, oom_live_bytes=facts.live_bytes,
+                               oom_request_bytes=facts.request_bytes)
         finally:
             self.model.module.zero_grad(set_to_none=True)
             self.meter.release()

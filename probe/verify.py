@@ -23,7 +23,8 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -168,8 +169,31 @@ def noise_terms(small_sq: float, big_sq: float, small_batch: int, big_batch: int
     return g2, s
 
 
+@contextmanager
+def dropout_off(module: torch.nn.Module) -> Iterator[None]:
+    """Dropout probabilities set to 0 (not eval mode, which would also switch checkpointing off).
+
+    The gradient check compares two cuts of the same examples; with dropout on, each cut draws its
+    own masks and the gradients differ by design. With p = 0 dropout returns its input, so this
+    step holds no masks: the steps after it run with dropout and carry the memory peak.
+    """
+    saved: list[tuple[Any, str, float]] = []
+    for owner in module.modules():
+        for name in ("p", "attention_dropout", "attn_dropout_p", "dropout"):
+            value = getattr(owner, name, None)
+            if isinstance(value, float) and value > 0 and (name != "p" or isinstance(owner, torch.nn.Dropout)):
+                saved.append((owner, name, value))
+                setattr(owner, name, 0.0)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int,
-             allowed_factories: Collection[str], fits_at_once: int) -> RankResult:
+             allowed_factories: Collection[str], fits_at_once: int,
+             on_step: Callable[[int], None] | None = None) -> RankResult:
     """The verification on one device; with world_size > 1 the process group is already up."""
     device = f"cuda:{rank}" if spec.device.startswith("cuda") and world_size > 1 else spec.device
     meter = make_meter(device, spec.capacity_bytes)
@@ -194,7 +218,10 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
     params = _trainable(bare)
     try:
         for step in range(steps):
-            _one_step(spec, plan, model, bare, params, micro_batches, optimizer, scaler, meter, result, step)
+            if on_step:
+                on_step(step + 1)
+            with dropout_off(bare) if step == 0 else nullcontext():
+                _one_step(spec, plan, model, bare, params, micro_batches, optimizer, scaler, meter, result, step)
     except Exception as exc:  # noqa: BLE001 - only OOM is a verdict; anything else is a failure
         if not is_oom(exc):
             raise
@@ -303,11 +330,13 @@ def _run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Col
 
 
 def run_verification(spec: ProbeSpec, plan: Plan, steps: int = 3, allowed_factories: Collection[str] = (),
-                     fits_at_once: int | None = None) -> dict[str, Any]:
+                     fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None
+                     ) -> dict[str, Any]:
     """Train `steps` optimizer steps with the plan and report every check.
 
     `fits_at_once` is the largest micro-batch known to fit (the probe's max): the reference gradient
-    uses one batch of that many examples per device at most.
+    uses one batch of that many examples per device at most. `emit` hears each step as it starts
+    (on one device; spawned devices report when they are done).
     """
     if steps < 2:
         raise SpecError(f"verify_steps must be at least 2 (got {steps}): the loss check compares the first and last step")
@@ -315,7 +344,11 @@ def run_verification(spec: ProbeSpec, plan: Plan, steps: int = 3, allowed_factor
     if plan.split.num_devices > 1:
         result = _run_spawned(spec, plan, steps, allowed_factories, fits_at_once)
     else:
-        result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once)
+        def on_step(step: int) -> None:
+            if emit:
+                emit({"type": "verify_step", "step": step, "steps": steps})
+
+        result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once, on_step)
     return _report(spec, plan, steps, result)
 
 

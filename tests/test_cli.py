@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,16 +47,84 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
 @pytest.mark.parametrize("args,fix", [
     (["--model", "builtin:nope"], "choose one of: gpt-nano"),
     (["--model", "preset:gpt5"], "choose one of: gpt2"),
-    (["--seq-len", "0"], "seq_len must be between 1 and 131072"),
-    (["--capacity", "1MiB"], "smaller than the model's weights"),
+    (["--seq-len", "0"], "--seq-len: must be at least 1"),
+    (["--seq-len", "200000"], "seq_len must be between 1 and 131072"),
+    (["--model", "builtin:gpt-tiny", "--capacity", "1MiB"], "smaller than the model's weights"),
     (["--capacity", "lots"], "capacity must look like 600MiB"),
     (["--lora", "--lora-targets", "q_proj"], "pick from"),
     (["--model", "factory:os:system"], "not allow-listed"),
     (["--device", "tpu"], "device must be 'cpu' or 'cuda:N'"),
 ])
 def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix):
-    run = fitprobe("probe", "--device", "cpu", *args)
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", *args)
     assert run.returncode == 2
     last_line = run.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("fitprobe: ") and fix in last_line, run.stderr
+    assert last_line.startswith("fitprobe") and fix in last_line, run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("args,fix", [
+    ([], "required: --model, --seq-len"),
+    (["--model", "builtin:gpt-nano", "--seq-len", "32", "--micro-batch", "0"], "--micro-batch: must be at least 1"),
+])
+def test_trial_needs_a_model_and_a_positive_micro_batch(args, fix):
+    run = fitprobe("trial", *args)
+    assert run.returncode == 2 and fix in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_forgotten_model_is_an_error_not_a_silent_default():
+    run = fitprobe("probe", "--seq-len", "32")
+    assert run.returncode == 2 and "--model" in run.stderr
+
+
+def test_version_and_help_show_defaults_and_the_exit_codes():
+    assert fitprobe("--version").stdout.startswith("fitprobe ")
+    top = fitprobe("--help").stdout
+    assert "3  the service is unreachable" in top
+    probe_help = fitprobe("probe", "--help").stdout
+    assert "(default: 0.1)" in probe_help and "h100-80gb" in probe_help
+
+
+def test_gpu_card_without_estimate_does_not_start_a_real_search():
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--gpu", "h100-80gb")
+    assert run.returncode == 2 and "add --estimate" in run.stderr
+    assert "trial micro_batch" not in run.stderr
+
+
+def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs():
+    available_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    run = fitprobe("probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--device", "cpu",
+                   "--capacity", str(available_bytes + (4 << 30)), "--json")
+    assert run.returncode == 2 and "--estimate" in run.stderr
+    assert json.loads(run.stdout)["exit_code"] == 2, "with --json, stdout still holds one JSON object"
+
+
+def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fit():
+    run = fitprobe("probe", "--model", "builtin:gpt-small", "--seq-len", "256", "--device", "cpu",
+                   "--capacity", "64MiB", "--effective-batch", "8", "--json")
+    assert run.returncode == 1, run.stderr
+    report = json.loads(run.stdout)
+    assert report["search"]["max_micro_batch"] == 0 and report["plan"] is None
+    failed = report["search"]["trials"][-1]
+    assert not failed["fits"] and failed["peak_allocated_bytes"] is None
+    assert 0 < failed["oom_live_bytes"] <= 64 * 2**20 < failed["oom_live_bytes"] + failed["oom_request_bytes"]
+    needs = report["does_not_fit"]
+    # what micro-batch 1 needs, checked by a real trial with room to spare (the CPU meter, not the estimate)
+    roomy = fitprobe("trial", "--model", "builtin:gpt-small", "--seq-len", "256", "--device", "cpu",
+                     "--capacity", "1GiB", "--micro-batch", "1", "--json")
+    measured = json.loads(roomy.stdout)["trial"]["peak_allocated_bytes"]
+    assert needs["needs_bytes"] == pytest.approx(measured, rel=0.01)
+    assert needs["device_bytes_needed"] >= needs["needs_bytes"] > 64 * 2**20
+    lora = next(o for o in needs["options"] if o["settings"] == {"finetuning": "lora"})
+    assert lora["fits"] and lora["needs_bytes"] <= 64 * 2**20
+    assert "needs" in needs["message"] and "LoRA" in needs["message"]
+
+
+def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
+    args = ["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+            "--effective-batch", "20", "--verify-steps", "2"]
+    run = fitprobe(*args)
+    assert run.returncode == 0, run.stderr
+    assert "s] trial micro_batch=2 ..." in run.stderr and "verification step 2 of 2" in run.stderr
+    assert "Warning" not in run.stderr and "[transformers]" not in run.stderr
+    assert fitprobe(*args, "--quiet").stderr == ""

@@ -132,7 +132,7 @@ def test_probe_cli_plans_without_verifying_and_refuses_one_verify_step(capsys: p
     report = json.loads(capsys.readouterr().out)
     assert report["plan"]["effective_batch"] == 24 and report["verification"] is None
     assert main(args + ["--verify-steps", "1"]) == EXIT_BAD_INPUT
-    assert "verify_steps must be at least 2" in capsys.readouterr().err
+    assert "verify-steps must be at least 2" in capsys.readouterr().err
 
 
 def test_probe_cli_prints_probe_plan_and_verification(capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,4 +140,13 @@ def test_probe_cli_prints_probe_plan_and_verification(capsys: pytest.CaptureFixt
                  "--capacity", "16MiB", "--effective-batch", "10", "--verify-steps", "2"])
     out = capsys.readouterr().out
     assert code == EXIT_OK
-    assert "safe micro-batch:" in out and "plan: micro_batch" in out and "verification: PASSED" in out
+    assert "safe micro-batch:" in out and "plan: 10 = " in out and "verification: PASSED" in out
+
+
+def test_dropout_does_not_break_the_gradient_check() -> None:
+    """GPT-2's default dropout (0.1) draws different masks for two cuts of the same examples."""
+    config = {"model_type": "gpt2", "vocab_size": 256, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 2}
+    spec = ProbeSpec(model=config, seq_len=32, capacity_bytes="64MiB", effective_batch=8)
+    verification = run_verification(spec, make_plan(8, 4), steps=2)
+    checks = {c["name"]: c for c in verification["checks"]}
+    assert checks["gradient_equivalence"]["passed"], checks["gradient_equivalence"]["detail"]

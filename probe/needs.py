@@ -1,0 +1,70 @@
+"""When even micro-batch 1 does not fit: what the step needs, and which setting would make it fit.
+
+A failed trial only says where the allocator gave up, not what the step needs. The estimate can
+run the same step under fake tensors with no cap at all, so it answers both questions without
+memory: the bytes micro-batch 1 needs as asked, and as it would be with each setting that shrinks
+a step (gradient checkpointing, LoRA, 16-bit mixed precision), alone and together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from probe.spec import ProbeSpec, SpecError, format_bytes
+
+UNCAPPED_BYTES = 1 << 62
+
+
+def estimated_step_bytes(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> int | None:
+    """Peak bytes of THE step at `micro_batch` under fake tensors, uncapped; None if it cannot be estimated."""
+    from probe.job import prepare
+    from probe.trial import TrialRunner
+
+    estimate = spec.model_copy(update={"mode": "estimate", "capacity_bytes": UNCAPPED_BYTES,
+                                       "precision": "bf16-mixed" if spec.precision == "fp16-mixed" else spec.precision})
+    try:
+        meter, model = prepare(estimate, allowed_factories)
+        with meter.tracking():
+            result = TrialRunner(estimate, meter, model)(micro_batch)
+    except (SpecError, RuntimeError, NotImplementedError):
+        # some models cannot run under fake tensors (data-dependent shapes); the answer stays "does not fit"
+        return None
+    return result.peak_allocated_bytes if result.fits else None
+
+
+def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
+    changes: list[tuple[str, dict[str, Any]]] = []
+    if not spec.gradient_checkpointing:
+        changes.append(("gradient checkpointing (--grad-checkpointing)", {"gradient_checkpointing": True}))
+    if spec.finetuning == "full":
+        changes.append(("LoRA (--lora)", {"finetuning": "lora"}))
+    if spec.precision == "fp32":
+        changes.append(("bf16 mixed precision (--precision bf16-mixed)", {"precision": "bf16-mixed"}))
+    if len(changes) > 1:
+        combined = {key: value for _, update in changes for key, value in update.items()}
+        changes.append((" + ".join(label.split(" (")[0] for label, _ in changes), combined))
+    return changes
+
+
+def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+    """The report's answer when micro-batch 1 fails: the need, the settings that fit, the card that would."""
+    needs = estimated_step_bytes(spec, 1, allowed_factories)
+    options = []
+    for label, update in _shrinking_changes(spec):
+        changed = estimated_step_bytes(spec.model_copy(update=update), 1, allowed_factories)
+        if changed is not None:
+            options.append({"change": label, "settings": update, "needs_bytes": changed,
+                            "fits": changed <= capacity_bytes})
+    fitting = [o["change"] for o in options if o["fits"]]
+    card_bytes = int(needs / (1 - spec.headroom)) if needs else None
+    parts = [f"even micro-batch 1 does not fit in {format_bytes(capacity_bytes)} at seq_len {spec.seq_len}"]
+    if needs:
+        parts.append(f"the step needs {format_bytes(needs)} at micro-batch 1 (estimated)")
+    if fitting:
+        parts.append("it would fit with " + ", or ".join(fitting))
+    if card_bytes:
+        parts.append(f"or on a device with at least {format_bytes(card_bytes)} ({spec.headroom:.0%} headroom kept)")
+    parts.append("or with model states sharded over several devices")
+    return {"needs_bytes": needs, "capacity_bytes": capacity_bytes, "device_bytes_needed": card_bytes,
+            "options": options, "message": "; ".join(parts)}
