@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.api.conftest import Server, start_server, wait_for
+from tests.api.test_dashboard import rendered_dom
 
 MAX_BODY_BYTES = 256 * 1024  # app/config.py's default
 PLAN = {"effective_batch": 64, "max_micro_batch": 8}
@@ -95,6 +96,9 @@ def test_rows_that_cannot_be_read_are_marked_and_the_list_still_answers(server):
         failed = wait_for(client, "queuedunreadable", ("failed",), timeout_s=120)
         assert "unreadable" in failed["error"]
         assert client.post("/v1/plans", json=PLAN).status_code == 200
+    # the dashboard renders the rows it can read and marks the others
+    dom = rendered_dom(f"{server.url}/")
+    assert dom.count("(unreadable)") >= 3 and "queuedunreadable" in dom
 
 
 # ---- 3. authorization header bytes ---------------------------------------------------------------
@@ -188,6 +192,13 @@ def test_the_api_docs_load_only_assets_the_service_serves(server, page):
             kind = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}[asset[asset.rfind("."):]]
             assert response.headers["content-type"].startswith(kind), (asset, response.headers["content-type"])
             assert len(response.content) > 1000
+
+
+def test_swagger_ui_renders_every_route_in_a_browser_without_internet(server):
+    # headless Chromium with background networking off: a CDN asset would leave the page blank
+    dom = rendered_dom(f"{server.url}/docs")
+    paths = set(re.findall(r'data-path="([^"]+)"', dom))
+    assert {"/v1/probes", "/v1/probes/{job_id}/events", "/v1/plans", "/metrics"} <= paths, dom[-2000:]
 
 
 # ---- 8. the OpenAPI schema documents the errors ----------------------------------------------------
