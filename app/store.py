@@ -125,7 +125,7 @@ class Store:
             row = conn.execute(sa.select(jobs.c.result).where(
                 jobs.c.fingerprint == fingerprint, jobs.c.status == SUCCEEDED, jobs.c.cached.is_(False),
             ).order_by(jobs.c.finished_at.desc()).limit(1)).first()
-        return json.loads(row.result) if row else None
+        return _read_json(row.result)[0] if row else None  # an unreadable result is a cache miss
 
     # ---- transitions ----------------------------------------------------------------------
     def claim_next(self, device: str) -> dict[str, Any] | None:
@@ -140,7 +140,7 @@ class Store:
                 attempts=jobs.c.attempts + 1)).rowcount
         job = self.get(row.id) if claimed else None
         if job is not None and job["spec"] is None:  # an unreadable row: nothing to run
-            self.fail(job["id"], job["error"])
+            self.fail(job["id"], job["error"] or "this job's stored spec is empty")
             return None
         return job
 
