@@ -30,7 +30,9 @@ def require_token(request: Request) -> None:
     if not tokens:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, t) for t in tokens):
+    # compare bytes: compare_digest refuses non-ASCII str, and header text is any latin-1 byte
+    sent = token.encode("latin-1")
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(sent, t.encode()) for t in tokens):
         raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
 

@@ -9,6 +9,7 @@ both win.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -20,6 +21,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 MAX_ATTEMPTS = 2  # a job interrupted by a service crash is re-queued once, then failed
+# a `\uD800`..`\uDFFF` escape: the JSON may decode to a lone surrogate, which no response can encode
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 metadata = sa.MetaData()
 jobs = sa.Table(
@@ -58,6 +61,23 @@ class Conflict(Exception):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _read_json(text: str | None) -> tuple[Any, str | None]:
+    """A stored JSON column decoded, or None and why not.
+
+    Rows are written by this module, but a database outlives versions and can be edited by hand: one
+    unreadable row must show up as such, not fail every listing that includes it.
+    """
+    if not text:
+        return None, None
+    try:
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeEncodeError are ValueErrors
+        return None, f"{type(exc).__name__}: {str(exc)[:100]}"
+    return value, None
 
 
 def _enable_wal(dbapi_connection: Any, _record: Any) -> None:
@@ -105,7 +125,7 @@ class Store:
             row = conn.execute(sa.select(jobs.c.result).where(
                 jobs.c.fingerprint == fingerprint, jobs.c.status == SUCCEEDED, jobs.c.cached.is_(False),
             ).order_by(jobs.c.finished_at.desc()).limit(1)).first()
-        return json.loads(row.result) if row else None
+        return _read_json(row.result)[0] if row else None  # an unreadable result is a cache miss
 
     # ---- transitions ----------------------------------------------------------------------
     def claim_next(self, device: str) -> dict[str, Any] | None:
@@ -118,7 +138,11 @@ class Store:
             claimed = conn.execute(jobs.update().where(jobs.c.id == row.id, jobs.c.status == QUEUED).values(
                 status=RUNNING, phase="starting", device=device, started_at=_now(),
                 attempts=jobs.c.attempts + 1)).rowcount
-        return self.get(row.id) if claimed else None
+        job = self.get(row.id) if claimed else None
+        if job is not None and job["spec"] is None:  # an unreadable row: nothing to run
+            self.fail(job["id"], job["error"] or "this job's stored spec is empty")
+            return None
+        return job
 
     def set_worker_pid(self, job_id: str, pid: int | None) -> None:
         with self.engine.begin() as conn:
@@ -165,7 +189,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(events.c.id, events.c.data).where(
                 events.c.job_id == job_id, events.c.id > after_id).order_by(events.c.id).limit(limit)).all()
-        return [(row.id, json.loads(row.data)) for row in rows]
+        decoded = [(row.id, _read_json(row.data)[0]) for row in rows]
+        return [(event_id, data) for event_id, data in decoded if data is not None]  # skip unreadable rows
 
     # ---- reads ----------------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, Any]:
@@ -196,8 +221,10 @@ class Store:
     @staticmethod
     def _as_dict(row: Any) -> dict[str, Any]:
         job = dict(row._mapping)
-        job["spec"] = json.loads(job["spec"])
-        job["result"] = json.loads(job["result"]) if job["result"] else None
+        job["spec"], spec_problem = _read_json(job["spec"])
+        job["result"], result_problem = _read_json(job["result"])
+        if spec_problem or result_problem:
+            job["error"] = f"this job's stored record is unreadable ({spec_problem or result_problem})"
         for key in ("created_at", "started_at", "finished_at"):
             job[key] = job[key].isoformat() if job[key] else None
         return job

@@ -6,6 +6,7 @@ once, with messages that name the field and the fix.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536
 MAX_EFFECTIVE_BATCH = 1_048_576
 MAX_DEVICES = 1024
+MAX_CAPACITY_BYTES = 2**60  # 1 EiB: far above any device, far below what overflows a float or int64
+MAX_JSON_DEPTH = 32  # an HF config nests 3 deep; deeper is an attack on the recursion limit
+MAX_JSON_ITEMS = 10_000  # values in one field (an HF config has a few hundred)
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 Optimizer = Literal["adamw", "sgd"]
@@ -37,8 +41,43 @@ def parse_bytes(text: str | int) -> int:
         return text
     match = _SIZE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise SpecError(f"capacity must look like 600MiB, 40GiB or a byte count (got {text!r})")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise SpecError(f"capacity must look like 600MiB, 40GiB or a byte count (got {text[:40]!r})")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]  # '9'*400 is inf, not an error
+    if not math.isfinite(value) or value > MAX_CAPACITY_BYTES:
+        raise SpecError(f"capacity must be at most 1EiB ({MAX_CAPACITY_BYTES} bytes) (got {text[:40]!r})")
+    return int(value)
+
+
+def check_plain_json(value: Any) -> None:
+    """Refuse what a JSON parser accepts but the service cannot store, show or recurse through.
+
+    JSON may spell a lone UTF-16 surrogate ("\\ud800"): Python decodes it into a str that no UTF-8
+    encoder accepts, so a job stored with one could never be shown again. And a config nested a
+    thousand lists deep reaches the recursion limit wherever it is walked later. Walked iteratively
+    here; the message says where inside the value the problem is.
+    """
+    pending, items = [(value, "", 0)], 0
+    while pending:
+        node, where, depth = pending.pop()
+        at = f" at {where}" if where else ""
+        items += 1
+        if depth > MAX_JSON_DEPTH:
+            raise SpecError(f"nested deeper than {MAX_JSON_DEPTH} levels; send a flat config")
+        if items > MAX_JSON_ITEMS:
+            raise SpecError(f"more than {MAX_JSON_ITEMS} values; send only the fields the model needs")
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SpecError(f"contains a lone UTF-16 surrogate{at}, which is not text; "
+                                "send valid Unicode") from None
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                pending.append((key, f"{where} (a key)" if where else "a key", depth + 1))
+                pending.append((child, f"{where}.{key}" if where else str(key), depth + 1))
+        elif isinstance(node, (list, tuple)):
+            pending.extend((child, f"{where}.{i}" if where else str(i), depth + 1)
+                           for i, child in enumerate(node))
 
 
 def format_bytes(n_bytes: int | float | None) -> str:
@@ -76,11 +115,15 @@ class ProbeSpec(BaseModel):
         "or an inline Hugging Face config object",
     )
     seq_len: int = Field(256, description="tokens per example; every trial uses full-length sequences")
-    precision: Precision = "fp32"
-    optimizer: Optimizer = "adamw"
-    finetuning: FineTuning = "full"
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    gradient_checkpointing: bool = False
+    precision: Precision = Field(
+        "fp32", description="fp32; bf16-mixed or fp16-mixed (autocast over fp32 master weights); bf16 (bf16 weights)"
+    )
+    optimizer: Optimizer = Field("adamw", description="adamw (two states per trained weight) or sgd with momentum (one)")
+    finetuning: FineTuning = Field("full", description="full: train every weight; lora: train adapters only")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="the adapters, when finetuning is lora")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory per example, ~30% more compute"
+    )
     collation: Collation = Field(
         "padded",
         description="how your data loader builds batches: padded (HF padding collators; a batch holding one "
@@ -116,7 +159,13 @@ class ProbeSpec(BaseModel):
     num_devices: int = Field(1, ge=1, le=MAX_DEVICES, description="data-parallel devices")
     micro_steps_per_trial: int = Field(2, ge=2, le=8, description="micro-steps per optimizer step")
     optimizer_steps_per_trial: int = Field(2, ge=2, le=8, description="optimizer steps per trial")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the synthetic batches (token ids)")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_json(cls, value: Any) -> Any:
+        check_plain_json(value)
+        return value
 
     @field_validator("seq_len")
     @classmethod
@@ -138,6 +187,14 @@ class ProbeSpec(BaseModel):
     @classmethod
     def _capacity_units(cls, value: Any) -> Any:
         return parse_bytes(value) if isinstance(value, str) else value
+
+    @field_validator("capacity_bytes")
+    @classmethod
+    def _capacity_in_range(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_CAPACITY_BYTES:
+            raise ValueError(f"capacity_bytes must be at most 1EiB ({MAX_CAPACITY_BYTES} bytes); "
+                             f"got a {value.bit_length()}-bit number")
+        return value
 
     @model_validator(mode="after")
     def _batch_reachable(self) -> "ProbeSpec":

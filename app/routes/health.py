@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from app.schemas import error_responses
 from app.store import QUEUED, Store
 
 router = APIRouter(tags=["health"])
+# the text format every Prometheus version parses; prometheus_client >= 0.22 labels the same text (for
+# names like ours, without UTF-8) "version=1.0.0", which older scrapers do not know
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
@@ -41,7 +45,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The store answers and the workers run")
+@router.get("/readyz", summary="The store answers and the workers run", responses=error_responses(503))
 def readyz(request: Request) -> dict[str, object]:
     state = request.app.state
     try:
@@ -54,6 +58,7 @@ def readyz(request: Request) -> dict[str, object]:
     return {"status": "ready", "devices": alive}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text format", "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}})
 def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=PROMETHEUS_TEXT)

@@ -6,14 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
-from app.schemas import PlanRequest
+from app.schemas import PlanRequest, error_responses
 from probe.plan import make_plan
 from probe.spec import SpecError
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 
-@router.post("", summary="Split an effective batch into micro-batch × accumulation × devices")
+@router.post("", summary="Split an effective batch into micro-batch × accumulation × devices",
+             responses=error_responses(400, 413, 422))
 def plan(request: PlanRequest) -> dict[str, Any]:
     if (request.reference_lr is None) != (request.reference_batch is None):
         raise HTTPException(422, "reference_lr and reference_batch go together: give both or neither")

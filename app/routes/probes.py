@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.deps import ExecutorDep, SettingsDep, StoreDep
-from app.schemas import ProbeRequest
+from app.schemas import ProbeRequest, error_responses
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
 from probe.plan import plan_for_probe
 from probe.spec import SpecError
@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1/probes", tags=["probes"])
 SSE_HEARTBEAT_S = 10.0
 SSE_POLL_S = 0.25
 NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "device"}
+MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
 
 
 def _version(dist: str) -> str | None:
@@ -78,7 +79,8 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     return job
 
 
-@router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)")
+@router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)",
+             responses=error_responses(400, 413, 422, 429))
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
            executor: ExecutorDep) -> dict[str, Any]:
     _bounded(request, settings)
@@ -100,7 +102,7 @@ def submit(request: ProbeRequest, response: Response, store: StoreDep, settings:
     return public(job, store)
 
 
-@router.get("", summary="List probes, newest first")
+@router.get("", summary="List probes, newest first", responses=error_responses(422))
 def list_probes(store: StoreDep,
                 status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -118,14 +120,16 @@ def _job_or_404(store: Any, job_id: str) -> dict[str, Any]:
         raise HTTPException(404, f"no probe with id {job_id!r}") from None
 
 
-@router.get("/{job_id}", summary="A probe's status, phase, trials so far, plan and verification")
+@router.get("/{job_id}", summary="A probe's status, phase, trials so far, plan and verification",
+            responses=error_responses(404, 422))
 async def get_probe(job_id: str, store: StoreDep) -> dict[str, Any]:
     # the hottest route (dashboards and pipelines poll it): two ~1 ms indexed reads run on the event
     # loop, because a hop through the 40-thread pool cost 3x the throughput under 200 pollers
     return public(_job_or_404(store, job_id), store)
 
 
-@router.delete("/{job_id}", summary="Cancel a queued or running probe (kills its process)")
+@router.delete("/{job_id}", summary="Cancel a queued or running probe (kills its process)",
+               responses=error_responses(404, 409, 422))
 def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
     _job_or_404(store, job_id)
     try:
@@ -136,14 +140,24 @@ def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[st
     return public(job, store)
 
 
-@router.get("/{job_id}/events", summary="Server-Sent Events: phases and trials; resumable with Last-Event-ID")
+# response_class=Response (no media type of its own) so the errors stay documented as JSON
+@router.get("/{job_id}/events", summary="Server-Sent Events: phases and trials; resumable with Last-Event-ID",
+            response_class=Response, responses={
+                200: {"description": "one `id:`/`event:`/`data:` record per event, then `event: end`",
+                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                **error_responses(404, 422)})
 def probe_events(job_id: str, store: StoreDep, request: Request,
-                 last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+                 last_event_id: Annotated[str | None, Header(
+                     description="resume after this event id (the `id:` of the last event received)")] = None,
+                 ) -> StreamingResponse:
     _job_or_404(store, job_id)
     try:
         after = int(last_event_id) if last_event_id else 0
+        if not 0 <= after <= MAX_EVENT_ID:
+            raise ValueError
     except ValueError:
-        raise HTTPException(422, f"Last-Event-ID must be an event id number (got {last_event_id!r})") from None
+        raise HTTPException(422, f"Last-Event-ID must be an event id between 0 and {MAX_EVENT_ID} "
+                                 f"(got {last_event_id[:40]!r})") from None
 
     def stream() -> Iterator[str]:
         nonlocal after

@@ -22,11 +22,13 @@ function render(jobs) {
   body.replaceChildren(...jobs.map((job) => {
     const search = job.report ? job.report.search : null;
     const plan = job.plan;
+    const spec = job.spec || {}; // null when the stored row is unreadable; job.error says why
     const tr = document.createElement("tr");
     tr.dataset.id = job.id;
     tr.append(
       cell(job.id), cell(job.status + (job.cached ? " (cached)" : ""), job.status), cell(job.phase || ""),
-      cell(typeof job.spec.model === "string" ? job.spec.model : "hf:inline"), cell(job.spec.seq_len),
+      cell(job.spec === null ? "(unreadable)" : typeof spec.model === "string" ? spec.model : "hf:inline"),
+      cell(spec.seq_len ?? "-"),
       cell(job.trials.length),
       cell(search ? `${search.max_micro_batch} / ${search.safe_micro_batch}` : "-"),
       cell(plan ? `${plan.micro_batch} × ${plan.accumulation_steps} × ${plan.num_devices} = ${plan.effective_batch}` : "-"),
