@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.event_streams = probes.EventStreams(settings.max_event_streams)  # `serve` closes it on SIGTERM
     auth = [Depends(require_token)]
     app.include_router(probes.router, dependencies=auth)
     app.include_router(plans.router, dependencies=auth)

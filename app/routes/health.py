@@ -37,7 +37,8 @@ class Metrics:
 
 
 @router.get("/healthz", summary="The process answers")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # on the event loop: liveness must not wait for a thread of the pool that busy routes share
     return {"status": "ok"}
 
 
