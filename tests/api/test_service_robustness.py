@@ -8,13 +8,17 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
 import pytest
+import sqlalchemy as sa
 
+from app import executor
+from app.config import Settings
 from tests.api.conftest import FAST_JOB, SLOW_JOB, Server, start_server, wait_for
 
 
@@ -82,6 +86,25 @@ def test_a_worker_outlives_a_locked_database_and_readyz_says_so_meanwhile(tmp_pa
             assert wait_for(client, after["id"], ("succeeded", "failed"))["status"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_the_worker_loop_retries_database_errors_and_reports_them_until_they_pass(monkeypatch):
+    monkeypatch.setattr(executor, "DB_RETRY_FIRST_S", 0.01)
+    stopping, seen = threading.Event(), []
+
+    class LockedTwice:
+        calls = 0
+
+        def claim_next(self, device: str) -> None:
+            self.calls += 1
+            if self.calls <= 2:
+                raise sa.exc.OperationalError("UPDATE jobs", {}, sqlite3.OperationalError("database is locked"))
+            seen.append(worker.db_error)
+            stopping.set()
+
+    worker = executor.DeviceWorker("cpu", LockedTwice(), Settings(), stopping)
+    worker.run()  # returns: the errors did not end the loop, the stop did
+    assert seen == ["database is locked"] and worker.db_error is None
 
 
 TWO_DEVICES = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16777216, "effective_batch": 8,
