@@ -80,7 +80,14 @@ class DeviceWorker(threading.Thread):
                 if job is None:
                     self.stopping.wait(self.settings.poll_interval_s)
                     continue
-                self._run(job)
+                try:
+                    self._run(job)
+                except _Stopping:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug in handling one job must not end the worker
+                    log.exception("worker %s: job %s failed in the service", self.device, job["id"])
+                    self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
+                                                         "the service log has the details")
         except _Stopping:
             return
 
@@ -132,9 +139,10 @@ class DeviceWorker(threading.Thread):
         try:
             self._db(self.store.set_worker_pid, job_id, process.pid)
             outcome = self._follow(job_id, process, outbox)
-        finally:  # also when the service stops while the database is down: no job process outlives it
-            if process.is_alive() and self.stopping.is_set():
-                kill_process_tree(process)
+        except BaseException:  # stopping while the database is down, or a bug: no job process outlives it
+            kill_process_tree(process)
+            raise
+        finally:
             process.join()
             if self.metrics:
                 self.metrics.job_duration_s.observe(time.monotonic() - self.busy_since_s)

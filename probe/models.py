@@ -63,6 +63,11 @@ def _unknown(what: str, name: str, names: Collection[str]) -> SpecError:
     return SpecError(message if close else f"{message} ({len(names)} are known; check the spelling)")
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception from a config's own validation, as one short line of the message that names it."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
 def _check_model_type(model_type: str) -> None:
     from transformers import CONFIG_MAPPING
 
@@ -79,7 +84,7 @@ def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as exc:  # noqa: BLE001 - configs validate (or divide by a zero) in their own ways
-        raise SpecError(f"model: the Hugging Face config is not usable ({type(exc).__name__}: {str(exc)[:300]}); "
+        raise SpecError(f"model: the Hugging Face config is not usable ({_one_line(exc)}); "
                         "check model_type and fields") from exc
 
 
@@ -230,7 +235,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - a config's values (zero heads, a string size) fail anywhere
-        raise SpecError(f"model: building it failed ({type(exc).__name__}: {str(exc)[:300]}); "
+        raise SpecError(f"model: building it failed ({_one_line(exc)}); "
                         "check the config's sizes") from exc
     vocab_size, context = _vocab_and_context(sized)
     # meta modules are built in fp32; 16-bit weights take half
