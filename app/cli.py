@@ -20,7 +20,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     settings = Settings(**overrides)
     settings.check_bind()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        """Tells the app the moment a stop begins: uvicorn then waits for open connections, and only
+        after them runs the lifespan's shutdown, too late for the event streams that hold them open."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.event_streams.close()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                          timeout_graceful_shutdown=settings.shutdown_grace_s)).run()
     return EXIT_OK
 
 

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_effective_batch: int = Field(65_536, ge=1, description="largest effective_batch a request may ask for")
     max_body_bytes: int = Field(256 * 1024, description="largest request body")
     poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
+    max_verify_processes: int = Field(
+        4, ge=1, description="largest num_devices verified on the CPU device (one process per device)")
+    max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
 
     @field_validator("api_tokens", "allowed_factories", mode="before")
     @classmethod

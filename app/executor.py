@@ -3,16 +3,28 @@
 Probes on a shared GPU would measure each other, so a device runs one job at a time. The job runs
 in a spawned process that the worker watches: events are copied into the store as they arrive,
 and when the process ends its outcome (or the signal that killed it) decides the job's status.
+
+The job process is not daemonic, because a verification on several devices spawns one process per
+device and Python refuses children to a daemon; it still dies with the service (the kernel kills it
+when its worker thread goes, see probe/lifetime.py), and it leads a process group, which is what a
+cancel or a timeout kills. A database error (SQLite's "database is locked" past the busy timeout,
+a PostgreSQL restart) is retried with backoff, never allowed to end the worker: `/readyz` reports it
+meanwhile.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import sqlalchemy as sa
 
 from app.config import Settings
 from app.store import CANCELLED, Store
@@ -23,6 +35,22 @@ if TYPE_CHECKING:
     from app.routes.health import Metrics
 
 DRAIN_TIMEOUT_S = 0.5
+DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.5, 10.0
+log = logging.getLogger("fitprobe.executor")
+T = TypeVar("T")
+
+
+class _Stopping(Exception):
+    """The service stops while a worker waits for the database to answer again."""
+
+
+def kill_process_tree(process: multiprocessing.Process) -> None:
+    """SIGKILL the job process and every process it started (they share its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # it has not made its group yet, so it has no children: killing it alone is enough
+    process.kill()
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -43,21 +71,55 @@ class DeviceWorker(threading.Thread):
         self.metrics = metrics
         self.current: tuple[str, multiprocessing.Process] | None = None
         self.busy_since_s: float | None = None
+        self.db_error: str | None = None  # what the database last answered, while retrying
 
     def run(self) -> None:
-        while not self.stopping.is_set():
-            job = self.store.claim_next(self.device)
-            if job is None:
-                self.stopping.wait(self.settings.poll_interval_s)
-                continue
-            self._run(job)
+        try:
+            while not self.stopping.is_set():
+                job = self._db(self.store.claim_next, self.device)
+                if job is None:
+                    self.stopping.wait(self.settings.poll_interval_s)
+                    continue
+                try:
+                    self._run(job)
+                except _Stopping:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug in handling one job must not end the worker
+                    log.exception("worker %s: job %s failed in the service", self.device, job["id"])
+                    self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
+                                                         "the service log has the details")
+        except _Stopping:
+            return
 
     def kill(self, job_id: str) -> bool:
         current = self.current
         if current and current[0] == job_id and current[1].is_alive():
-            current[1].kill()
+            kill_process_tree(current[1])
             return True
         return False
+
+    def _db(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on the store, retried with backoff while the database fails.
+
+        Every store call of the worker goes through here: each is one transaction that either
+        committed or rolled back, so trying it again is safe.
+        """
+        delay_s = DB_RETRY_FIRST_S
+        while True:
+            try:
+                answer = call(*args)
+            except sa.exc.OperationalError as exc:
+                self.db_error = str(exc.orig or exc).splitlines()[0][:200]
+                log.warning("worker %s: database error in %s: %s; retrying in %.1fs", self.device,
+                            call.__name__, self.db_error, delay_s)
+                if self.stopping.wait(delay_s):
+                    raise _Stopping from exc
+                delay_s = min(2 * delay_s, DB_RETRY_MAX_S)
+                continue
+            if self.db_error is not None:
+                log.warning("worker %s: the database answers again", self.device)
+                self.db_error = None
+            return answer
 
     def _spec_for_device(self, spec: dict[str, Any]) -> dict[str, Any]:
         spec = dict(spec, device=self.device)
@@ -70,25 +132,30 @@ class DeviceWorker(threading.Thread):
         job_id = job["id"]
         context = multiprocessing.get_context("spawn")
         outbox = context.Queue()
-        process = context.Process(target=run_job_process, daemon=True, args=(
+        process = context.Process(target=run_job_process, daemon=False, args=(
             self._spec_for_device(job["spec"]), list(self.settings.allowed_factories), outbox))
         process.start()
         self.current, self.busy_since_s = (job_id, process), time.monotonic()
-        self.store.set_worker_pid(job_id, process.pid)
-        outcome = self._follow(job_id, process, outbox)
-        process.join()
-        if self.metrics:
-            self.metrics.job_duration_s.observe(time.monotonic() - self.busy_since_s)
-        self.current, self.busy_since_s = None, None
+        try:
+            self._db(self.store.set_worker_pid, job_id, process.pid)
+            outcome = self._follow(job_id, process, outbox)
+        except BaseException:  # stopping while the database is down, or a bug: no job process outlives it
+            kill_process_tree(process)
+            raise
+        finally:
+            process.join()
+            if self.metrics:
+                self.metrics.job_duration_s.observe(time.monotonic() - self.busy_since_s)
+            self.current, self.busy_since_s = None, None
         if outcome is None and self.stopping.is_set():
             return  # the service is shutting down: the job stays running and is re-queued at start-up
         if outcome is None:
-            if self.store.get(job_id)["status"] != CANCELLED:
-                self.store.fail(job_id, exit_reason(process.exitcode))
+            if self._db(self.store.get, job_id)["status"] != CANCELLED:
+                self._db(self.store.fail, job_id, exit_reason(process.exitcode))
         elif outcome[0] == "result":
-            self.store.succeed(job_id, outcome[1])
+            self._db(self.store.succeed, job_id, outcome[1])
         else:
-            self.store.fail(job_id, outcome[1])
+            self._db(self.store.fail, job_id, outcome[1])
 
     def _follow(self, job_id: str, process: multiprocessing.Process, outbox: Any) -> tuple[str, Any] | None:
         deadline_s = time.monotonic() + self.settings.job_timeout_s
@@ -100,16 +167,16 @@ class DeviceWorker(threading.Thread):
                 if not process.is_alive():
                     return None
                 if time.monotonic() > deadline_s:
-                    process.kill()
-                    self.store.fail(job_id, f"timed out after {self.settings.job_timeout_s:.0f}s "
-                                            "(FITPROBE_JOB_TIMEOUT_S)")
+                    kill_process_tree(process)
+                    self._db(self.store.fail, job_id, f"timed out after {self.settings.job_timeout_s:.0f}s "
+                                                      "(FITPROBE_JOB_TIMEOUT_S)")
                     return None
                 if self.stopping.is_set():
-                    process.kill()
+                    kill_process_tree(process)
                     return None
                 continue
             if kind == "event":
-                self.store.add_event(job_id, payload)
+                self._db(self.store.add_event, job_id, payload)
                 if payload.get("type") == "trial_started":
                     trial_started_s = time.monotonic()
                 elif payload.get("type") == "trial" and self.metrics:

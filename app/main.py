@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.state.event_streams = probes.EventStreams(settings.max_event_streams)  # `serve` closes it on SIGTERM
     auth = [Depends(require_token)]
     auth_errors = error_responses(401)
     app.include_router(probes.router, dependencies=auth, responses=auth_errors)

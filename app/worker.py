@@ -2,26 +2,21 @@
 
 It runs in a *spawned* process (a fresh interpreter, no inherited CUDA state), so a crash, an
 OOM-killer or a CUDA fault takes down this process only, and killing it is how a job is cancelled.
+The process leads its own process group: a verification on several devices spawns one process per
+device, and the executor kills the whole group, so a cancel leaves none of them behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 from typing import Any
 
-
-def _die_with_parent() -> None:
-    """If the service is killed (even -9), its job processes must not run on, holding the device."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+from probe.lifetime import die_with_parent
 
 
 def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any) -> None:
-    _die_with_parent()
+    die_with_parent()
+    os.setpgid(0, 0)
     import torch
     from pydantic import ValidationError
 

@@ -7,6 +7,7 @@ imported only when the operator allow-listed it: a request must never make us ru
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 from collections.abc import Callable, Collection
@@ -22,6 +23,7 @@ from probe.presets import PRESETS
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
+MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are this few
 
 # Attention projections LoRA adapts by default, by the names each architecture family uses.
 DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"], ["c_attn"], ["query", "value"])
@@ -51,15 +53,42 @@ def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return module(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def _unknown(what: str, name: str, names: Collection[str]) -> SpecError:
+    """'unknown preset 'lama-3.2-1b'; did you mean 'llama-3.2-1b'?': the nearest name, never 800 of them."""
+    names = list(names)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    message = f"model: unknown {what} {name!r}"
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    if len(names) <= MAX_LISTED_NAMES:
+        return SpecError(f"{message} (choose one of: {', '.join(names)})" if close else
+                         f"{message}; choose one of: {', '.join(names)}")
+    return SpecError(message if close else f"{message} ({len(names)} are known; check the spelling)")
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception from a config's own validation, as one short line of the message that names it."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _check_model_type(model_type: str) -> None:
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise _unknown("model_type", model_type, CONFIG_MAPPING.keys())
+
+
 def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
     try:
         from transformers import AutoConfig
     except ImportError as exc:  # the hf extra is optional
         raise SpecError("preset: and hf: models need transformers: pip install 'fitprobe[hf]'") from exc
+    _check_model_type(model_type)
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SpecError(f"the Hugging Face config is not usable ({exc}); check model_type and fields")
+    except Exception as exc:  # noqa: BLE001 - configs validate (or divide by a zero) in their own ways
+        raise SpecError(f"model: the Hugging Face config is not usable ({_one_line(exc)}); "
+                        "check model_type and fields") from exc
 
 
 def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
@@ -74,8 +103,8 @@ def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
             raise SpecError(f"hf: config file {str(path)!r} not found; give the path to a config.json")
         fields = json.loads(path.read_text())
     model_type = fields.pop("model_type", None)
-    if not model_type:
-        raise SpecError("a Hugging Face config needs a model_type field (e.g. 'llama', 'gpt2')")
+    if not isinstance(model_type, str) or not model_type:
+        raise SpecError("model: a Hugging Face config needs a model_type field (e.g. 'llama', 'gpt2')")
     fields.pop("architectures", None)
     return _hf_config(model_type, fields)
 
@@ -84,7 +113,7 @@ def _resolve_factory(ref: str, allowed_factories: Collection[str]) -> Callable[[
     target = ref.removeprefix("factory:")
     if target not in allowed_factories:
         raise SpecError(
-            f"factory {target!r} is not allow-listed; the operator must add it to "
+            f"model: factory {target!r} is not allow-listed; the operator must add it to "
             "FITPROBE_ALLOWED_FACTORIES (comma-separated pkg.module:function)"
         )
     module_name, _, function_name = target.partition(":")
@@ -100,18 +129,18 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
     kind, _, name = ref.partition(":")
     if kind == "builtin":
         if name not in BUILTIN_CONFIGS:
-            raise SpecError(f"unknown builtin model {name!r}; choose one of: {', '.join(BUILTIN_CONFIGS)}")
+            raise _unknown("builtin model", name, BUILTIN_CONFIGS)
         config = BUILTIN_CONFIGS[name]
         return (lambda: GPT(config)), _plain_logits
     if kind == "preset":
         if name not in PRESETS:
-            raise SpecError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise _unknown("preset", name, PRESETS)
         model_type, fields = PRESETS[name]
         return _hf_constructor(_hf_config(model_type, dict(fields))), _hf_logits
     if kind == "factory":
         return _resolve_factory(ref, allowed_factories), _plain_logits
     raise SpecError(
-        f"model reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
+        f"model: reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
         "hf:<path to config.json> or factory:pkg.module:function"
     )
 
@@ -194,6 +223,49 @@ def weight_dtype(spec: ProbeSpec) -> torch.dtype:
     return torch.float32
 
 
+def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: int | None
+           ) -> tuple[Callable[[], nn.Module], LogitsFn, int, int | None]:
+    """The model's constructor, built once on the meta device (no memory) to check it can be run.
+
+    Refuses a model whose weights alone exceed `capacity_bytes`, or a seq_len beyond its context,
+    before anything is allocated. Returns the constructor, its logits function, vocab and context.
+    """
+    constructor, logits_fn = _construct(spec, allowed_factories)
+    dtype = weight_dtype(spec)
+    try:
+        with torch.device("meta"):
+            sized = constructor()
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config's values (zero heads, a string size) fail anywhere
+        raise SpecError(f"model: building it failed ({_one_line(exc)}); "
+                        "check the config's sizes") from exc
+    vocab_size, context = _vocab_and_context(sized)
+    # meta modules are built in fp32; 16-bit weights take half
+    weight_bytes = parameter_bytes(sized) // (4 // torch.empty((), dtype=dtype).element_size())
+    del sized
+    if capacity_bytes is not None and weight_bytes >= capacity_bytes:
+        raise SpecError(
+            f"capacity_bytes: capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
+            f"({format_bytes(weight_bytes)}); raise the capacity or pick a smaller model"
+        )
+    if context is not None and spec.seq_len > context:
+        raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
+    return constructor, logits_fn, vocab_size, context
+
+
+def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
+                    capacity_bytes: int | None = None) -> None:
+    """Raise SpecError now for a request that would only fail later, inside its job.
+
+    The door check of every entry point (HTTP submit, the CLI): names are checked against the
+    builtins, presets and transformers' model types (with the nearest name as a suggestion), a
+    factory against the allow-list, and the weights (counted on the meta device, so a 70B model
+    costs no memory) against the capacity.
+    """
+    _sized(spec, allowed_factories, capacity_bytes)
+
+
 def build_model(
     spec: ProbeSpec,
     device: torch.device | str,
@@ -205,21 +277,8 @@ def build_model(
     The model is first built on the meta device (no memory) so a model that cannot fit in
     `capacity_bytes` is refused with a message before anything is allocated.
     """
-    constructor, logits_fn = _construct(spec, allowed_factories)
+    constructor, logits_fn, vocab_size, context = _sized(spec, allowed_factories, capacity_bytes)
     dtype = weight_dtype(spec)
-    with torch.device("meta"):
-        sized = constructor()
-    vocab_size, context = _vocab_and_context(sized)
-    # meta modules are built in fp32; 16-bit weights take half
-    weight_bytes = parameter_bytes(sized) // (4 // torch.empty((), dtype=dtype).element_size())
-    del sized
-    if capacity_bytes is not None and weight_bytes >= capacity_bytes:
-        raise SpecError(
-            f"capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
-            f"({format_bytes(weight_bytes)}); raise the capacity or pick a smaller model"
-        )
-    if context is not None and spec.seq_len > context:
-        raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first, and fake weights can't be cast
     try:

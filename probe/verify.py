@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from probe.lifetime import die_with_parent
 from probe.meter import Meter, is_oom, make_meter
 from probe.models import LoadedModel, build_model
 from probe.plan import Plan
@@ -288,6 +289,7 @@ def _free_port() -> int:
 def _rank_main(rank: int, world_size: int, spec_json: dict[str, Any], plan: Plan, steps: int,
                allowed_factories: list[str], fits_at_once: int, port: int, out_dir: str) -> None:
     """Entry point of one spawned device process: join the group, verify, write rank 0's result."""
+    die_with_parent()
     spec = ProbeSpec.model_validate(spec_json)
     cuda = spec.device.startswith("cuda")
     if cuda:

@@ -41,7 +41,8 @@ class Metrics:
 
 
 @router.get("/healthz", summary="The process answers")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # on the event loop: liveness must not wait for a thread of the pool that busy routes share
     return {"status": "ok"}
 
 
@@ -52,10 +53,14 @@ def readyz(request: Request) -> dict[str, object]:
         state.store.counts_by_status()
     except Exception as exc:  # noqa: BLE001 - any store failure means not ready
         raise HTTPException(503, f"store unavailable: {type(exc).__name__}") from exc
-    alive = [w.device for w in state.executor.workers if w.is_alive()]
+    alive = [w for w in state.executor.workers if w.is_alive()]
     if not alive:
         raise HTTPException(503, "no device worker is running")
-    return {"status": "ready", "devices": alive}
+    # a worker retrying the database can record nothing: the store is shared, so this replica is not ready
+    retrying = [f"worker {w.device}: database error: {w.db_error} (retrying)" for w in alive if w.db_error]
+    if retrying:
+        raise HTTPException(503, "; ".join(retrying))
+    return {"status": "ready", "devices": [w.device for w in alive]}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={

@@ -2,27 +2,75 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from importlib import metadata
 from typing import Annotated, Any
 
+from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from app.config import Settings
 from app.deps import ExecutorDep, SettingsDep, StoreDep
+from app.executor import LocalExecutor
 from app.schemas import ProbeRequest, error_responses
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
+from probe.models import check_reference
 from probe.plan import plan_for_probe
-from probe.spec import SpecError
+from probe.spec import SpecError, format_bytes
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 SSE_HEARTBEAT_S = 10.0
 SSE_POLL_S = 0.25
+STREAMS_RETRY_AFTER_S = 10
 NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "device"}
 MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
+VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
+
+
+class EventStreams:
+    """Bounds the open event streams and ends them all when the server starts to stop.
+
+    Each stream is a connection uvicorn waits for on shutdown, and each polls the store: unbounded,
+    500 of them starved the API. Touched only from the event loop (the events route is async),
+    except `close`, which uvicorn's signal handler calls: hence the Event.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0
+        self.closing = threading.Event()
+
+    def enter(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+    def close(self) -> None:
+        self.closing.set()
+
+
+class _CountedStream(StreamingResponse):
+    """A stream that gives its slot back however it ends: finished, disconnected or cancelled."""
+
+    def __init__(self, content: AsyncIterator[str], streams: EventStreams, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.streams.leave()
 
 
 def _version(dist: str) -> str | None:
@@ -40,8 +88,24 @@ def fingerprint(request: ProbeRequest, device_name: str, capacity_bytes: int | N
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def _covers(search: dict[str, Any], micro_batch_limit: int | None) -> bool:
+    """Whether a cached search answers a request whose own search would stop at `micro_batch_limit`.
+
+    A search stops at its limit (what its effective batch needed). One that reached it shows only
+    that the limit fits, not how much more would: it answers requests that need no more than that.
+    """
+    if not search.get("limit_reached"):
+        return True
+    return micro_batch_limit is not None and micro_batch_limit <= search["limit"]
+
+
 def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
-    """A cached probe, with the plan made for this request's effective batch."""
+    """A cached probe, with the plan made for this request's effective batch.
+
+    The verification trained the cached job's plan, so it stays only when the new plan is the same.
+    Otherwise `verification` is null (not run, which is not "failed") with a `verification_note`
+    saying how to get one: the probe, the expensive part, still holds.
+    """
     result = dict(result)
     search = result["search"]
     if request.effective_batch is None:
@@ -50,12 +114,16 @@ def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
     plan = plan_for_probe(search, request.effective_batch, request.num_devices,
                           request.micro_steps_per_trial).to_dict()
     if plan != result.get("plan"):
-        result["verification"] = None  # the verification ran another plan: it is not this one's
+        result["verification"] = None
+        if request.mode == "measure":
+            result["verification_note"] = VERIFICATION_NOT_RUN
     result["plan"] = plan
     return result
 
 
-def _bounded(request: ProbeRequest, settings: Any) -> None:
+def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: LocalExecutor,
+                        capacity_bytes: int | None) -> None:
+    """422 now for a request that would only fail later in its job, or run on a device it did not ask for."""
     if request.seq_len > settings.max_seq_len:
         raise HTTPException(422, f"seq_len must be ≤ {settings.max_seq_len} on this service (got {request.seq_len})")
     if request.effective_batch and request.effective_batch > settings.max_effective_batch:
@@ -63,10 +131,26 @@ def _bounded(request: ProbeRequest, settings: Any) -> None:
                                  f"(got {request.effective_batch})")
     if isinstance(request.model, str) and request.model.startswith("hf:"):
         raise HTTPException(422, "model: hf:<path> reads the server's files; send the config object inline instead")
-    if isinstance(request.model, str) and request.model.startswith("factory:") and \
-            request.model.removeprefix("factory:") not in settings.allowed_factories:
-        raise HTTPException(422, f"model: factory {request.model.removeprefix('factory:')!r} is not allow-listed "
-                                 "on this service (FITPROBE_ALLOWED_FACTORIES)")
+    devices = [worker.device for worker in executor.workers]
+    if "device" in request.model_fields_set and request.device not in devices:
+        raise HTTPException(422, f"device: this service has no {request.device}; it runs probes on "
+                                 f"{', '.join(devices)}: leave device out and the service picks a free one")
+    cpu = executor.device_kind == "cpu"
+    if cpu and request.mode == "measure" and capacity_bytes and capacity_bytes > settings.cpu_capacity_bytes:
+        raise HTTPException(422, f"capacity_bytes must be ≤ {format_bytes(settings.cpu_capacity_bytes)} on this "
+                                 f"service's CPU device (got {format_bytes(capacity_bytes)}; "
+                                 'FITPROBE_CPU_CAPACITY_BYTES); to plan for a bigger device send "mode": "estimate"')
+    most = settings.max_verify_processes if cpu else len(devices)
+    if request.mode == "measure" and request.effective_batch is not None and request.num_devices > most:
+        where = (f"at most {most} processes on the CPU device (FITPROBE_MAX_VERIFY_PROCESSES)" if cpu
+                 else f"{most} GPU(s) on this machine")
+        raise HTTPException(422, f"num_devices must be ≤ {most} here (got {request.num_devices}): the verification "
+                                 f"runs one process per device, {where}; lower num_devices, or send "
+                                 '"mode": "estimate" to plan without verifying')
+    try:
+        check_reference(request, settings.allowed_factories, capacity_bytes)
+    except SpecError as exc:
+        raise HTTPException(422, str(exc)) from exc
 
 
 def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
@@ -76,6 +160,7 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     job["report"] = result
     job["plan"] = result.get("plan") if result else None
     job["verification"] = result.get("verification") if result else None
+    job["verification_note"] = result.get("verification_note") if result else None
     return job
 
 
@@ -83,12 +168,18 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
              responses=error_responses(400, 413, 422, 429))
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
            executor: ExecutorDep) -> dict[str, Any]:
-    _bounded(request, settings)
+    """Queue a probe, or answer it from the newest finished probe with the same fingerprint.
+
+    A cached probe answers only when its search did not stop below what this request needs
+    (`_covers`). Its plan is remade for this effective batch, and a verification of another plan
+    is not passed off as this one's: `verification` is then null, with a `verification_note`.
+    """
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
+    _refuse_at_the_door(request, settings, executor, capacity)
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
     cached = store.cached_result(key) if request.reuse else None
-    if cached is not None:
+    if cached is not None and _covers(cached["search"], request.micro_batch_limit):
         try:
             job = store.create_cached(spec, key, _replan(cached, request))
         except SpecError as exc:
@@ -145,11 +236,16 @@ def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[st
             response_class=Response, responses={
                 200: {"description": "one `id:`/`event:`/`data:` record per event, then `event: end`",
                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                **error_responses(404, 422)})
-def probe_events(job_id: str, store: StoreDep, request: Request,
-                 last_event_id: Annotated[str | None, Header(
-                     description="resume after this event id (the `id:` of the last event received)")] = None,
-                 ) -> StreamingResponse:
+                **error_responses(404, 422, 429)})
+async def probe_events(job_id: str, store: StoreDep, request: Request,
+                       last_event_id: Annotated[str | None, Header(
+                           description="resume after this event id (the `id:` of the last event received)")] = None,
+                       ) -> StreamingResponse:
+    """Polls the store in a worker thread until the job ends; the event loop only sleeps between polls.
+
+    At most FITPROBE_MAX_EVENT_STREAMS are open at once (429 beyond). When the server stops, every
+    stream ends with a `shutdown` event, and the client reconnects with Last-Event-ID.
+    """
     _job_or_404(store, job_id)
     try:
         after = int(last_event_id) if last_event_id else 0
@@ -158,24 +254,30 @@ def probe_events(job_id: str, store: StoreDep, request: Request,
     except ValueError:
         raise HTTPException(422, f"Last-Event-ID must be an event id between 0 and {MAX_EVENT_ID} "
                                  f"(got {last_event_id[:40]!r})") from None
+    streams: EventStreams = request.app.state.event_streams
+    if not streams.enter():
+        raise HTTPException(429, f"{streams.limit} event streams are open (FITPROBE_MAX_EVENT_STREAMS); poll "
+                                 f"GET /v1/probes/{job_id} instead, or retry later",
+                            headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)})
 
-    def stream() -> Iterator[str]:
+    async def stream() -> AsyncIterator[str]:
         nonlocal after
         last_sent_s = time.monotonic()
-        while True:
-            rows = store.events_after(job_id, after)
+        while not streams.closing.is_set():
+            rows = await to_thread.run_sync(store.events_after, job_id, after)
             for event_id, data in rows:
                 after = event_id
                 yield f"id: {event_id}\nevent: {data.get('type', 'message')}\ndata: {json.dumps(data)}\n\n"
                 last_sent_s = time.monotonic()
             if not rows:
-                status = store.get(job_id)["status"]
+                status = (await to_thread.run_sync(store.get, job_id))["status"]
                 if status in TERMINAL:
                     yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
                     return
                 if time.monotonic() - last_sent_s > SSE_HEARTBEAT_S:
                     yield ": keep-alive\n\n"
                     last_sent_s = time.monotonic()
-                time.sleep(SSE_POLL_S)
+                await asyncio.sleep(SSE_POLL_S)
+        yield f"event: shutdown\ndata: {json.dumps({'detail': 'server stopping; reconnect with Last-Event-ID'})}\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _CountedStream(stream(), streams, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

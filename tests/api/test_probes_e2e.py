@@ -41,10 +41,12 @@ def test_submit_poll_and_stream_a_probe_to_success(server):
 def test_same_probe_again_is_answered_from_cache_with_a_new_plan(server):
     with server.client() as client:
         first = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
-        again = client.post("/v1/probes", json={**FAST_JOB, "effective_batch": 30}).json()
+        # a smaller batch than the search went to: its plan is new, so it has no verification yet
+        again = client.post("/v1/probes", json={**FAST_JOB, "effective_batch": 12}).json()
         assert again["status"] == "succeeded" and again["cached"] is True
         assert again["report"]["search"]["max_micro_batch"] == first["report"]["search"]["max_micro_batch"]
-        assert again["plan"]["effective_batch"] == 30
+        assert again["plan"]["effective_batch"] == 12
+        assert again["verification"] is None and "reuse=false" in again["verification_note"]
         fresh = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()
         assert fresh["status"] == "queued" and fresh["cached"] is False
         wait_for(client, fresh["id"], ("succeeded",))
@@ -93,11 +95,10 @@ def test_bad_input_is_a_422_that_names_the_field(server, body, field):
     assert "Traceback" not in response.text
 
 
-def test_unknown_model_fails_the_job_with_the_valid_names(server):
+def test_unknown_model_is_refused_at_the_door_with_the_valid_names(server):
     with server.client() as client:
-        job = client.post("/v1/probes", json={**FAST_JOB, "model": "builtin:nope"}).json()
-        failed = wait_for(client, job["id"], ("failed",))
-    assert "choose one of: gpt-nano" in failed["error"]
+        response = client.post("/v1/probes", json={**FAST_JOB, "model": "builtin:nope"})
+    assert response.status_code == 422 and "choose one of: gpt-nano" in response.json()["detail"]
 
 
 def test_unknown_ids_are_404_and_lists_filter_and_paginate(server):
