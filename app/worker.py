@@ -20,8 +20,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any) -> None:
+def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any, hub_offline: bool = False
+                    ) -> None:
     _die_with_parent()
+    if hub_offline:
+        # FITPROBE_HUB_ACCESS=offline holds in the job too (huggingface_hub reads this when imported, below)
+        os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from pydantic import ValidationError
 

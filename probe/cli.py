@@ -29,7 +29,8 @@ def allowed_factories() -> frozenset[str]:
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="builtin:gpt-tiny",
-                        help="builtin:<name>, preset:<name>, hf:<config.json> or factory:pkg.mod:fn")
+                        help="builtin:<name>, preset:<name>, hf:<config.json or its directory>, "
+                             "hf:org/name[@revision] (config.json only, from the Hub cache) or factory:pkg.mod:fn")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per example")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB")

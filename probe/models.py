@@ -1,7 +1,8 @@
 """Turn a model reference into an `nn.Module` ready to train, with the user's memory settings applied.
 
 References: `builtin:<name>` (plain torch), `preset:<name>` (shipped architecture configs, random
-weights), `hf:<path to config.json>` or an inline config dict, and `factory:pkg.mod:fn`, which is
+weights), `hf:` with a config.json, its directory or a Hub id (`org/name[@revision]`, config.json
+only: see probe/hub.py) or an inline config dict, and `factory:pkg.mod:fn`, which is
 imported only when the operator allow-listed it: a request must never make us run code it names.
 """
 
@@ -11,20 +12,21 @@ import importlib
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
+from probe.hub import read_config
 from probe.presets import PRESETS
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
 
 # Attention projections LoRA adapts by default, by the names each architecture family uses.
-DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"], ["query", "value"])
+DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"], ["c_attn"],
+                        ["query", "value"])
 
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,16 +62,13 @@ def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
 
 
 def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
-    """An inline config dict (HTTP) or hf:<path to config.json> (CLI) -> a transformers config."""
+    """An inline config dict, or hf:<config.json, its directory or a Hub id> -> a transformers config."""
     if isinstance(ref, dict):
         if len(json.dumps(ref)) > MAX_INLINE_CONFIG_BYTES:
             raise SpecError(f"inline model config must be under {MAX_INLINE_CONFIG_BYTES} bytes")
         fields = dict(ref)
     else:
-        path = Path(ref.removeprefix("hf:"))
-        if not path.is_file():
-            raise SpecError(f"hf: config file {str(path)!r} not found; give the path to a config.json")
-        fields = json.loads(path.read_text())
+        fields = read_config(ref.removeprefix("hf:"))
     model_type = fields.pop("model_type", None)
     if not model_type:
         raise SpecError("a Hugging Face config needs a model_type field (e.g. 'llama', 'gpt2')")
@@ -109,7 +108,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
         return _resolve_factory(ref, allowed_factories), _plain_logits
     raise SpecError(
         f"model reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
-        "hf:<path to config.json> or factory:pkg.module:function"
+        "hf:<config.json, its directory or org/name> or factory:pkg.module:function"
     )
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from app.deps import ExecutorDep, SettingsDep, StoreDep
 from app.schemas import ProbeRequest
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
+from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
 from probe.plan import plan_for_probe
 from probe.spec import SpecError
 
@@ -60,12 +61,30 @@ def _bounded(request: ProbeRequest, settings: Any) -> None:
     if request.effective_batch and request.effective_batch > settings.max_effective_batch:
         raise HTTPException(422, f"effective_batch must be ≤ {settings.max_effective_batch} on this service "
                                  f"(got {request.effective_batch})")
-    if isinstance(request.model, str) and request.model.startswith("hf:"):
-        raise HTTPException(422, "model: hf:<path> reads the server's files; send the config object inline instead")
     if isinstance(request.model, str) and request.model.startswith("factory:") and \
             request.model.removeprefix("factory:") not in settings.allowed_factories:
         raise HTTPException(422, f"model: factory {request.model.removeprefix('factory:')!r} is not allow-listed "
                                  "on this service (FITPROBE_ALLOWED_FACTORIES)")
+
+
+def _pinned(request: ProbeRequest, settings: Any) -> ProbeRequest:
+    """hf:org/name -> hf:org/name@<commit>, its config.json read now (checked at the door).
+
+    The job then builds exactly the snapshot checked here, from the cache, and the result cache keys on
+    the commit, so a repo updated since is probed again. Paths are refused without asking the disk.
+    """
+    if not (isinstance(request.model, str) and request.model.startswith("hf:")):
+        return request
+    text = request.model.removeprefix("hf:")
+    if looks_like_path(text):
+        raise HTTPException(422, "model: hf:<path> reads the server's files; send the config object inline, "
+                                 "or a Hub id (hf:org/name)")
+    try:
+        hub_id = parse_hub_id(text)
+        _, commit = fetch_config(hub_id, local_files_only=settings.hub_access == "offline")
+    except SpecError as exc:
+        raise HTTPException(422, f"model: {exc}") from exc
+    return request.model_copy(update={"model": f"hf:{HubId(hub_id.repo_id, commit or hub_id.revision)}"})
 
 
 def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
@@ -82,6 +101,7 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
            executor: ExecutorDep) -> dict[str, Any]:
     _bounded(request, settings)
+    request = _pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
