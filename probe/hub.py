@@ -8,7 +8,8 @@ else). A config whose architecture only exists as code inside the repo (`auto_ma
 A reference is a local path when it names an existing file or directory or looks like one
 (`./`, `/`, `~`, `.json`); otherwise it must be a Hub id, `org/name` or `org/name@revision`,
 checked character by character before anything touches the cache or the network. The service
-never asks the filesystem (`parse_hub_id` alone): a request must not learn what the server holds.
+never asks the filesystem (`looks_like_path` and `parse_hub_id`, never `read_config`): a request must
+not learn what the server holds.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def parse_hub_id(text: str) -> HubId:
 
 
 def looks_like_path(text: str) -> bool:
+    """Whether the reference is spelled as a path, judged by its text alone."""
     head = text.partition("@")[0]  # a revision may hold '/' (refs/pr/1)
     return head.startswith((".", "/", "~")) or head.endswith(".json") or head.count("/") > 1 or "\\" in head
 

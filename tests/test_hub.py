@@ -172,6 +172,7 @@ def test_service_refuses_uncached_ids_and_paths_with_what_to_do(offline_service)
         assert malformed.status_code == 422 and "not a Hub id" in malformed.json()["detail"]
 
 
+@pytest.mark.slow  # huggingface_hub retries the unreachable endpoint with backoff for ~30 s
 def test_online_service_that_cannot_reach_the_hub_says_so(hub_cache, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
