@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +27,10 @@ class Settings(BaseSettings):
     allow_public_bind: bool = Field(False, description="bind beyond loopback without tokens (not recommended)")
     allowed_factories: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated pkg.module:function model factories requests may name"
+    )
+    hub_access: Literal["offline", "online"] = Field(
+        "offline", description="model: hf:org/name; offline: configs already in this server's Hugging Face cache "
+        "(HF_HUB_CACHE) only; online: the server may fetch config.json from the Hub (HF_TOKEN for gated models)",
     )
     cpu_capacity_bytes: int = Field(1 << 30, description="virtual capacity of the CPU device (bytes)")
     max_queued_jobs: int = Field(32, ge=1, description="queued jobs beyond this are refused with 429")

@@ -133,7 +133,8 @@ class DeviceWorker(threading.Thread):
         context = multiprocessing.get_context("spawn")
         outbox = context.Queue()
         process = context.Process(target=run_job_process, daemon=False, args=(
-            self._spec_for_device(job["spec"]), list(self.settings.allowed_factories), outbox))
+            self._spec_for_device(job["spec"]), list(self.settings.allowed_factories), outbox,
+            self.settings.hub_access == "offline"))
         process.start()
         self.current, self.busy_since_s = (job_id, process), time.monotonic()
         try:

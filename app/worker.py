@@ -14,9 +14,13 @@ from typing import Any
 from probe.lifetime import die_with_parent
 
 
-def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any) -> None:
+def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any, hub_offline: bool = False
+                    ) -> None:
     die_with_parent()
     os.setpgid(0, 0)
+    if hub_offline:
+        # FITPROBE_HUB_ACCESS=offline holds in the job too (huggingface_hub reads this when imported, below)
+        os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from pydantic import ValidationError
 

@@ -51,7 +51,8 @@ def positive_int(text: str) -> int:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """What the step is: every setting that changes its memory. Shared by probe and trial."""
     parser.add_argument("--model", required=True,
-                        help="builtin:<name>, preset:<name>, hf:<config.json or directory> or factory:pkg.mod:fn")
+                        help="builtin:<name>, preset:<name>, hf:<config.json or its directory>, "
+                        "hf:org/name[@revision] (config.json only, from the Hub cache) or factory:pkg.mod:fn")
     parser.add_argument("--seq-len", type=positive_int, required=True, help="tokens per example")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="training precision")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer (its state is memory)")

@@ -10,6 +10,11 @@ What it cannot see: memory inside kernels (cuBLAS/cuDNN workspaces), the CUDA co
 caching allocator's fragmentation. On a CPU-only build the fake tensors are CPU tensors, so ops
 whose CUDA kernels save different buffers (SDPA's flash/memory-efficient paths keep a logsumexp
 instead of the attention matrix) are counted as the CPU kernels run them.
+
+Mixture-of-experts models run too: transformers' default `grouped_mm` experts sort the token-expert
+pairs and multiply them in one grouped matmul, so every shape is fixed by tokens × top-k, whatever
+the router chose; no routing assumption is needed. The older per-expert loop (`nonzero` over the
+router's choices) has shapes that only real data decides, and is refused before any trial.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from contextlib import AbstractContextManager, ExitStack
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from probe.meter import CpuMeter, LiveBytesMode
+from probe.spec import SpecError
 
 ACCURACY_NOTE = {
     "cuda": "fake CUDA tensors: the same kernels' shapes as a real CUDA run; not counted: kernel "
@@ -35,6 +42,36 @@ def fake_device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+def _experts_run_by_grouped_mm(module: torch.nn.Module) -> bool:
+    """Whether the module is a mixture of experts; refused when its experts' shapes depend on the routing."""
+    config = getattr(module, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if not experts or experts < 2:
+        return False
+    if getattr(config, "_experts_implementation", None) != "grouped_mm":
+        raise SpecError(
+            "estimate mode cannot run this mixture-of-experts model: its experts loop over the router's "
+            "choices (torch.where/nonzero), whose shapes only real data decides. Use measure mode, or "
+            "transformers >= 5 with its default grouped_mm experts (fixed shapes: tokens x top-k)"
+        )
+    return True
+
+
+class _GroupedMatmulAnyFloat(TorchDispatchMode):
+    """aten._grouped_mm's fake (meta) kernel demands bf16, as the CUDA kernel once did; the CPU kernel and
+    torch's CUDA fallback multiply fp32 and fp16 too, which is what full fine-tuning of an MoE with fp32
+    master weights runs. Shapes don't depend on the dtype: ask the fake kernel in bf16, answer in the
+    inputs' dtype (the bf16 copies sit below the byte counter, so they are not counted)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._grouped_mm.default and args[0].dtype in (torch.float32, torch.float16):
+            mat_a, mat_b, *rest = args
+            shaped = func(mat_a.to(torch.bfloat16), mat_b.to(torch.bfloat16), *rest, **kwargs)
+            return mat_a.new_empty(shaped.shape)
+        return func(*args, **kwargs)
+
+
 class EstimateMeter(CpuMeter):
     """The CPU meter's count, under fake tensors: no memory used, any capacity, any model size."""
 
@@ -47,11 +84,14 @@ class EstimateMeter(CpuMeter):
         # real tensors met inside (e.g. a torch.Generator's state) are converted, not refused
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self._mode = LiveBytesMode(capacity_bytes)
+        self._has_experts = False
 
     def tracking(self) -> AbstractContextManager:
         # the counter must be pushed last: it sees each op first, then fake mode runs it
         stack = ExitStack()
         stack.enter_context(self._fake_mode)
+        if self._has_experts:  # a Python mode taxes every op (~8 % of a 14B estimate): only where needed
+            stack.enter_context(_GroupedMatmulAnyFloat())
         stack.enter_context(self._mode)
         return stack
 
@@ -60,8 +100,10 @@ class EstimateMeter(CpuMeter):
 
         Built on meta and swapped here because peft and `Module.to` cannot move fake parameters
         (`_apply` refuses to swap tensor subclasses); assigning them directly is all it takes.
-        Call inside `tracking()` so the weights are counted.
+        Call inside `tracking()` so the weights are counted. A mixture of experts whose shapes depend
+        on the routing is refused here, before any trial.
         """
+        self._has_experts = _experts_run_by_grouped_mm(module)
         fakes: dict[int, torch.Tensor] = {}
         for owner in module.modules():
             for store in (owner._parameters, owner._buffers):

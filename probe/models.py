@@ -1,7 +1,8 @@
 """Turn a model reference into an `nn.Module` ready to train, with the user's memory settings applied.
 
 References: `builtin:<name>` (plain torch), `preset:<name>` (shipped architecture configs, random
-weights), `hf:<path to config.json>` or an inline config dict, and `factory:pkg.mod:fn`, which is
+weights), `hf:` with a config.json, its directory or a Hub id (`org/name[@revision]`, config.json
+only: see probe/hub.py) or an inline config dict, and `factory:pkg.mod:fn`, which is
 imported only when the operator allow-listed it: a request must never make us run code it names.
 """
 
@@ -12,13 +13,13 @@ import importlib
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
+from probe.hub import read_config
 from probe.presets import PRESETS
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
@@ -26,7 +27,8 @@ MAX_INLINE_CONFIG_BYTES = 64 * 1024
 MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are this few
 
 # Attention projections LoRA adapts by default, by the names each architecture family uses.
-DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"], ["c_attn"], ["query", "value"])
+DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"], ["c_attn"],
+                        ["query", "value"])
 
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -92,16 +94,13 @@ def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
 
 
 def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
-    """An inline config dict (HTTP) or hf:<path to config.json> (CLI) -> a transformers config."""
+    """An inline config dict, or hf:<config.json, its directory or a Hub id> -> a transformers config."""
     if isinstance(ref, dict):
         if len(json.dumps(ref)) > MAX_INLINE_CONFIG_BYTES:
             raise SpecError(f"inline model config must be under {MAX_INLINE_CONFIG_BYTES} bytes")
         fields = dict(ref)
     else:
-        path = Path(ref.removeprefix("hf:"))
-        if not path.is_file():
-            raise SpecError(f"hf: config file {str(path)!r} not found; give the path to a config.json")
-        fields = json.loads(path.read_text())
+        fields = read_config(ref.removeprefix("hf:"))
     model_type = fields.pop("model_type", None)
     if not isinstance(model_type, str) or not model_type:
         raise SpecError("model: a Hugging Face config needs a model_type field (e.g. 'llama', 'gpt2')")
@@ -141,7 +140,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
         return _resolve_factory(ref, allowed_factories), _plain_logits
     raise SpecError(
         f"model: reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
-        "hf:<path to config.json> or factory:pkg.module:function"
+        "hf:<config.json, its directory or org/name> or factory:pkg.module:function"
     )
 
 

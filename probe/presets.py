@@ -1,7 +1,9 @@
 """Architecture configs of well-known models, copied from their published config.json files.
 
 Memory needs shapes, not weights: fitprobe builds these with random weights, so nothing is
-downloaded. Each entry is (transformers model_type, config fields).
+downloaded. Each entry is (transformers model_type, config fields), with the fields that decide a
+shape or the context length; rope scaling is left out (it changes no tensor's size). The comment
+above each entry names the Hub repository its config.json comes from.
 """
 
 from __future__ import annotations
@@ -13,35 +15,95 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2-medium": (
         "gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16)
     ),
+    # meta-llama/Llama-3.2-1B
     "llama-3.2-1b": ("llama", dict(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
         rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
     )),
+    # meta-llama/Llama-3.2-3B
+    "llama-3.2-3b": ("llama", dict(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )),
+    # meta-llama/Llama-3.1-8B
     "llama-3.1-8b": ("llama", dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
         rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
     )),
+    # mistralai/Mistral-7B-v0.3
     "mistral-7b": ("mistral", dict(
         vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
         rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5,
     )),
+    # mistralai/Mistral-Nemo-Base-2407 (head_dim 128, not hidden_size / heads = 160)
+    "mistral-nemo-12b": ("mistral", dict(
+        vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1024000,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )),
+    # Qwen/Qwen2.5-0.5B
     "qwen2.5-0.5b": ("qwen2", dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
         rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
     )),
+    # Qwen/Qwen2.5-1.5B
+    "qwen2.5-1.5b": ("qwen2", dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+        rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )),
+    # Qwen/Qwen2.5-7B
     "qwen2.5-7b": ("qwen2", dict(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
         rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6,
     )),
+    # Qwen/Qwen2.5-14B
+    "qwen2.5-14b": ("qwen2", dict(
+        vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )),
+    # google/gemma-2-2b
     "gemma-2-2b": ("gemma2", dict(
         vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
         num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
         query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
         attn_logit_softcapping=50.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )),
+    # google/gemma-2-9b
+    "gemma-2-9b": ("gemma2", dict(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, max_position_embeddings=8192,
+        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )),
+    # microsoft/Phi-3.5-mini-instruct (fused qkv_proj and gate_up_proj; its longrope factors change no shape)
+    "phi-3.5-mini": ("phi3", dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, sliding_window=262144, rope_theta=10000.0,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=32000,
+    )),
+    # Mixture of experts: every expert's weights are held, top-k of them run per token.
+    # mistralai/Mixtral-8x7B-v0.1
+    "mixtral-8x7b": ("mixtral", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+        num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )),
+    # Qwen/Qwen1.5-MoE-A2.7B (60 routed experts, 4 per token, plus one always-on shared expert)
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
+        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, decoder_sparse_step=1, norm_topk_prob=False,
+        rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6,
     )),
 }

@@ -111,8 +111,9 @@ class ProbeSpec(BaseModel):
 
     model: str | dict[str, Any] = Field(
         "builtin:gpt-tiny",
-        description="builtin:<name>, preset:<name>, hf:<path to config.json>, factory:pkg.mod:fn, "
-        "or an inline Hugging Face config object",
+        description="builtin:<name>, preset:<name>, hf:org/name[@revision] (a Hub model's config.json; "
+        "over HTTP from the server's cache unless FITPROBE_HUB_ACCESS=online), hf:<path to config.json> "
+        "(command line only), factory:pkg.mod:fn, or an inline Hugging Face config object",
     )
     seq_len: int = Field(256, description="tokens per example; every trial uses full-length sequences")
     precision: Precision = Field(

@@ -22,6 +22,7 @@ from app.executor import LocalExecutor
 from app.schemas import ProbeRequest, error_responses
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
 from probe.models import check_reference
+from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
 from probe.plan import plan_for_probe
 from probe.spec import SpecError, format_bytes
 
@@ -129,8 +130,6 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Loc
     if request.effective_batch and request.effective_batch > settings.max_effective_batch:
         raise HTTPException(422, f"effective_batch must be ≤ {settings.max_effective_batch} on this service "
                                  f"(got {request.effective_batch})")
-    if isinstance(request.model, str) and request.model.startswith("hf:"):
-        raise HTTPException(422, "model: hf:<path> reads the server's files; send the config object inline instead")
     devices = [worker.device for worker in executor.workers]
     if "device" in request.model_fields_set and request.device not in devices:
         raise HTTPException(422, f"device: this service has no {request.device}; it runs probes on "
@@ -151,6 +150,26 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Loc
         check_reference(request, settings.allowed_factories, capacity_bytes)
     except SpecError as exc:
         raise HTTPException(422, str(exc)) from exc
+
+
+def _pinned(request: ProbeRequest, settings: Any) -> ProbeRequest:
+    """hf:org/name -> hf:org/name@<commit>, its config.json read now (checked at the door).
+
+    The job then builds exactly the snapshot checked here, from the cache, and the result cache keys on
+    the commit, so a repo updated since is probed again. Paths are refused without asking the disk.
+    """
+    if not (isinstance(request.model, str) and request.model.startswith("hf:")):
+        return request
+    text = request.model.removeprefix("hf:")
+    if looks_like_path(text):
+        raise HTTPException(422, "model: hf:<path> reads the server's files; send the config object inline, "
+                                 "or a Hub id (hf:org/name)")
+    try:
+        hub_id = parse_hub_id(text)
+        _, commit = fetch_config(hub_id, local_files_only=settings.hub_access == "offline")
+    except SpecError as exc:
+        raise HTTPException(422, f"model: {exc}") from exc
+    return request.model_copy(update={"model": f"hf:{HubId(hub_id.repo_id, commit or hub_id.revision)}"})
 
 
 def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
@@ -174,6 +193,7 @@ def submit(request: ProbeRequest, response: Response, store: StoreDep, settings:
     (`_covers`). Its plan is remade for this effective batch, and a verification of another plan
     is not passed off as this one's: `verification` is then null, with a `verification_note`.
     """
+    request = _pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
     _refuse_at_the_door(request, settings, executor, capacity)
     key = fingerprint(request, executor.device_name, capacity)
