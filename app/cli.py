@@ -114,7 +114,9 @@ def _print_event(event: dict[str, Any]) -> None:
     elif event["type"] == "trial_started":
         _progress(f"trial micro_batch={event['micro_batch']} ...")
     elif event["type"] == "trial":
-        outcome = f"fits, peak {format_bytes(event.get('peak_allocated_bytes'))}" if event.get("fits") else "OOM"
+        outcome = (f"fits, peak {format_bytes(event.get('peak_allocated_bytes'))}" if event.get("fits") else
+                   f"out of memory at {format_bytes(event.get('oom_live_bytes'))} while allocating "
+                   f"{format_bytes(event.get('oom_request_bytes'))}")
         _progress(f"trial micro_batch={event['micro_batch']}: {outcome}")
 
 
@@ -124,14 +126,15 @@ def _verdict(job: dict[str, Any], require_exact: bool) -> tuple[int, str]:
 
     if job["status"] != "succeeded":
         return EXIT_UNMET, f"FAIL: probe {job['status']}: {job.get('error') or 'no reason given'}"
+    from probe.plan import plan_equation
+
     plan, verification = job.get("plan"), job.get("verification")
+    not_fitting = (job.get("report") or {}).get("does_not_fit")
+    if not_fitting:
+        return EXIT_UNMET, f"FAIL: does not fit: {not_fitting['message']}"
     if not plan:
         return EXIT_UNMET, "FAIL: the probe made no plan (was effective_batch sent?)"
-    devices = f"{plan['num_devices']} device{'s' if plan['num_devices'] != 1 else ''}"
-    split = (f"micro_batch {plan['micro_batch']} × accumulation {plan['accumulation_steps']} × {devices} = "
-             f"{plan['effective_batch']}")
-    if plan.get("last_micro_batch"):
-        split += f" (last micro-batch {plan['last_micro_batch']})"
+    split = plan_equation(plan)
     _progress(f"plan: {split}")
     if verification is None:
         # a cached probe's plan for a new effective batch has not been trained: say so, never "passed"

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_Formatter)
     add_model_options(probe)
     add_search_options(probe)
-    probe.add_argument("--verify-steps", type=int, default=3,
+    probe.add_argument("--verify-steps", type=int, default=2,
                        help="optimizer steps of the verification run (with --effective-batch; at least 2)")
     probe.add_argument("--no-verify", action="store_true", help="plan the effective batch without training it")
     _add_export_options(probe)

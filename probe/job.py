@@ -182,7 +182,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
 
 
 def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = (),
-            verify_steps: int = 3, verify: bool = True) -> dict[str, Any]:
+            verify_steps: int = 2, verify: bool = True) -> dict[str, Any]:
     """Probe, then (with an effective batch) plan the split and verify it by training: the service's unit.
 
     The plan uses the safe micro-batch and the trials' measured step times; the verification's

@@ -51,6 +51,9 @@ VERIFY_LR = {"adamw": 1e-3, "sgd": 1e-2}
 # rounding; 16-bit matmuls round differently for different batch shapes.
 GRAD_TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "fp16-mixed": 2e-2, "bf16": 5e-2}
 PROCESS_GROUP_TIMEOUT_S = 120
+# Each verify step trains the whole effective batch, and the gradient check adds one more pass over
+# it: two steps (the fewest the loss check can compare) keep verification near the probe's own time.
+DEFAULT_VERIFY_STEPS = 2
 
 
 class RankOutOfMemory(RuntimeError):
@@ -331,7 +334,7 @@ def _run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Col
         return RankResult(**json.loads(Path(out_dir, "rank0.json").read_text()))
 
 
-def run_verification(spec: ProbeSpec, plan: Plan, steps: int = 3, allowed_factories: Collection[str] = (),
+def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_STEPS, allowed_factories: Collection[str] = (),
                      fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None
                      ) -> dict[str, Any]:
     """Train `steps` optimizer steps with the plan and report every check.
