@@ -10,6 +10,7 @@ its adapter re-raises the CPU meter's error in CUDA's words).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Any
 
@@ -127,12 +128,14 @@ def lightning_finder(spec: ProbeSpec) -> dict[str, Any]:
                     raise RuntimeError(f"CUDA out of memory (CPU virtual device). {exc}") from None
                 raise
 
-    trainer = L.Trainer(accelerator="gpu" if meter.device.type == "cuda" else "cpu", devices=1, max_steps=1000,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    with meter.tracking():
-        answer = Tuner(trainer).scale_batch_size(StepModule(), mode="binsearch", init_val=2,
-                                                 steps_per_trial=spec.optimizer_steps_per_trial, max_trials=30)
+    # the tuner saves a .scale_batch_size_*.ckpt in the trainer's root dir: keep it out of the user's tree
+    with tempfile.TemporaryDirectory(prefix="fitprobe-lightning-") as root_dir:
+        trainer = L.Trainer(accelerator="gpu" if meter.device.type == "cuda" else "cpu", devices=1, max_steps=1000,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=root_dir)
+        with meter.tracking():
+            answer = Tuner(trainer).scale_batch_size(StepModule(), mode="binsearch", init_val=2,
+                                                     steps_per_trial=spec.optimizer_steps_per_trial, max_trials=30)
     return {"answer": answer, "trials": len(tried), "tried": tried, "wall_s": _timed(meter, started_s)}
 
 

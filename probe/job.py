@@ -66,6 +66,18 @@ def model_facts(model: LoadedModel) -> dict[str, Any]:
             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
 
 
+def attention_facts(model: LoadedModel, spec: ProbeSpec) -> dict[str, Any]:
+    """Which attention path the trials took: the kernel family and whether a mask was passed.
+
+    With padded collation transformers builds an explicit mask (and repeats key/value heads under
+    grouped-query attention); on a GPU that also rules out SDPA's flash kernel. The kernel SDPA
+    then picks on CUDA is not recorded here: it needs a profiler run on the device.
+    """
+    config = getattr(model.module, "config", None)
+    return {"implementation": getattr(config, "_attn_implementation", None) or "model's own",
+            "mask": "explicit (padded batches)" if spec.collation == "padded" else "none (packed, causal)"}
+
+
 def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Meter | None = None
             ) -> tuple[Meter, LoadedModel]:
     """The meter for the spec's device and the model built under it (so its weights are counted)."""
@@ -157,7 +169,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
     report = {
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),
-        "model": model_facts(model),
+        "model": {**model_facts(model), "attention": attention_facts(model, spec)},
         "versions": versions(),
         "search": {
             "max_micro_batch": search.max_micro_batch,

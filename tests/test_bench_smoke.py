@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_cpu_smoke_records_every_tool_and_fitprobe_finds_the_true_maximum(tmp_path):
     out = tmp_path / "smoke.json"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_finders.py"), "--cpu-smoke",
-                          "--repetitions", "1", "--out", str(out)], capture_output=True, text=True, timeout=900)
+                          "--repetitions", "1", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                         cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not list(workdir.glob(".scale_batch_size_*")), "third-party tuners leave no files where they ran"
     results = json.loads(out.read_text())
     assert results["environment"]["torch"] and results["environment"]["date"]
     for case in results["cases"]:
