@@ -346,6 +346,7 @@ def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_ST
     if steps < 2:
         raise SpecError(f"verify_steps must be at least 2 (got {steps}): the loss check compares the first and last step")
     fits_at_once = fits_at_once or plan.split.micro_batch
+    started_s = time.perf_counter()
     if plan.split.num_devices > 1:
         result = _run_spawned(spec, plan, steps, allowed_factories, fits_at_once)
     else:
@@ -354,7 +355,7 @@ def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_ST
                 emit({"type": "verify_step", "step": step, "steps": steps})
 
         result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once, on_step)
-    return _report(spec, plan, steps, result)
+    return {**_report(spec, plan, steps, result), "wall_s": round(time.perf_counter() - started_s, 3)}
 
 
 def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:
