@@ -45,7 +45,7 @@ def test_an_hf_config_file_is_read_by_the_client_and_sent_inline(server, tmp_pat
     config.write_text(json.dumps(TINY_GPT2))
     run = preflight("--server", server.url, "--model", f"hf:{config}", *TINY_GPT2_RUN, "--fresh")
     assert run.returncode == 0, run.stderr
-    assert verdict(run).startswith("PASS: ") and "= 8 (verified; " in verdict(run)
+    assert verdict(run).startswith("PASS: 8 = ") and "(verified; " in verdict(run)
 
 
 def test_an_hf_directory_and_a_server_without_scheme_are_accepted(server, tmp_path):
