@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.config import Settings
 from app.deps import require_token
 from app.executor import LocalExecutor
-from app.routes import devices, exports, health, plans, probes
+from app.routes import devices, exports, health, models, plans, probes
 from app.routes.health import Metrics
 from app.store import Store
 
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports.router, dependencies=auth)
     app.include_router(plans.router, dependencies=auth)
     app.include_router(devices.router, dependencies=auth)
+    app.include_router(models.router, dependencies=auth)
     app.include_router(health.router)
 
     @app.middleware("http")
