@@ -74,7 +74,8 @@ async function cancel(id, root) {
 }
 
 function curveSection(job, search, capacity) {
-  const trials = job.trials;
+  // a cached job ran no trials of its own: its curve is the one the cached report measured
+  const trials = job.trials.length ? job.trials : (search?.trials ?? []);
   const caption = search
     ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${search.safe_micro_batch_basis}); `
       + `${search.trial_count} trials in ${search.wall_s}s${search.limit_reached ? `; the search stopped at its limit ${search.limit}` : ""}`
