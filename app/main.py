@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.deps import require_token
@@ -28,6 +29,26 @@ def _field_message(error: dict) -> str:
     location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{'.'.join(location) or 'request'}: {message}"
+
+
+class BodyLimit:
+    """Refuses a declared body over the limit before anything reads it.
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper runs every request through an
+    extra task and memory streams, about a fifth of the CPU of a dashboard's 304 poll.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+                refusal = JSONResponse({"detail": f"request body must be ≤ {self.max_bytes} bytes"}, 413)
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,12 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=auth)
     app.include_router(health.router)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if declared and (not declared.isdigit() or int(declared) > settings.max_body_bytes):
-            return JSONResponse({"detail": f"request body must be ≤ {settings.max_body_bytes} bytes"}, 413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
