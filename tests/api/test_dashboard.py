@@ -76,7 +76,8 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
     plan = job["plan"]
     assert plan["last_micro_batch"] is not None and plan["effective_batch"] == 37
     text = page.locator("#plan-text").inner_text()
-    match = re.fullmatch(r"(\d+) = (\d+) × (\d+) \+ (\d+) \((\w+) micro-batch(?:es)? of (\d+), then one of (\d+)\)", text)
+    match = re.fullmatch(r"(\d+) = (\d+) × (\d+) \+ (\d+) "
+                         r"\((\w+) micro-batch(?:es)? of (\d+), then one of (\d+)\)", text)
     assert match, text
     total, full, micro, last, word, micro_again, last_again = match.groups()
     assert int(total) == int(full) * int(micro) + int(last) == plan["effective_batch"]

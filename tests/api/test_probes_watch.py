@@ -45,3 +45,11 @@ def test_models_offers_builtins_presets_and_gpu_cards(server):
     assert "builtin:gpt-nano" in models["builtins"]
     assert any(p["model"] == "preset:gpt2" for p in models["presets"])
     assert all(g["capacity_bytes"] > 0 for g in models["gpus"])
+
+
+def test_a_body_over_the_limit_is_refused_with_413(server):
+    with server.client() as client:
+        response = client.post("/v1/probes", content=b"{" + b" " * (300 * 1024) + b"}",
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"].startswith("request body must be ≤")
