@@ -50,7 +50,18 @@ def fill_form(page: Page, fields: dict[str, str], reuse: bool = True) -> None:
         page.uncheck("#f-reuse")
 
 
+# what the job page showed at each render: "status:points", to see it grow without a reload
+RECORD_RENDERS = """
+new MutationObserver(() => {
+  const status = document.querySelector("#job-status")?.textContent;
+  const seen = `${status}:${document.querySelectorAll("#memory-chart .trial").length}`;
+  if (status && window.renders.at(-1) !== seen) window.renders.push(seen);
+}).observe(document, { childList: true, subtree: true });
+"""
+
+
 def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, page, tmp_path):
+    page.add_init_script("window.renders = [];" + f"addEventListener('DOMContentLoaded', () => {{{RECORD_RENDERS}}});")
     page.goto(f"{server.url}/#/new")
     fill_form(page, UNEVEN_JOB, reuse=False)
     page.click("#submit-button")
@@ -66,6 +77,9 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
     oom = [t["micro_batch"] for t in job["trials"] if not t["fits"]]
     assert oom, "the job was meant to run out of memory at least once"
     assert page.locator("#memory-chart .trial").count() == len(job["trials"])
+    renders = page.evaluate("window.renders")
+    assert renders[-1] == f"succeeded:{len(job['trials'])}"
+    assert any(r.startswith(("queued:", "running:")) for r in renders), f"the page never showed it live: {renders}"
     drawn_oom = page.locator("#memory-chart .trial.oom").evaluate_all("els => els.map(e => +e.dataset.microBatch)")
     assert sorted(drawn_oom) == sorted(oom)
     search = job["report"]["search"]
@@ -92,6 +106,25 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
     page.select_option("#export-format", "deepspeed")
     expect(page.locator("#export-output")).to_contain_text('"train_batch_size"')
     assert page.locator("#report-link").get_attribute("download") == f"fitprobe-{job_id}.json"
+
+
+def test_an_oom_trial_without_a_peak_is_drawn_at_the_capacity(server, page):
+    page.goto(f"{server.url}/#/")
+    drawn = page.evaluate("""async () => {
+        const { memoryChart } = await import("/chart.js");
+        const svg = memoryChart({ capacityBytes: 1 << 24, headroom: 0.1, maxMicroBatch: 8, safeMicroBatch: 7,
+            trials: [{ micro_batch: 8, fits: true, peak_allocated_bytes: 1 << 23 },
+                     { micro_batch: 16, fits: false, peak_allocated_bytes: null, oom_live_bytes: 1 << 23,
+                       oom_request_bytes: 1 << 24 }] });
+        const capacityY = svg.querySelector("line.capacity").getAttribute("y1");
+        const marker = svg.querySelector(".trial.oom.no-peak");
+        return { points: svg.querySelectorAll(".trial").length, capacityY: +capacityY,
+                 markerY: +marker.getAttribute("d").match(/L[\\d.]+ ([\\d.]+)/)[1],
+                 title: marker.querySelector("title").textContent };
+    }""")
+    assert drawn["points"] == 2
+    assert abs(drawn["markerY"] - drawn["capacityY"]) < 0.01, drawn
+    assert "out of memory, peak not recorded" in drawn["title"]
 
 
 def test_a_422_shows_next_to_its_field(server, page, tmp_path):
