@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from app.deps import ExecutorDep, SettingsDep, StoreDep
 from app.schemas import ProbeRequest
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
+from app.watch import compact, etag_of
 from probe.plan import plan_for_probe
 from probe.spec import SpecError
 
@@ -78,23 +79,6 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     return job
 
 
-def compact(job: dict[str, Any]) -> dict[str, Any]:
-    """A list row: what a table shows, without trials and report (a few hundred bytes, not ~10 KB)."""
-    result = job["result"] or {}
-    search, plan, verification = result.get("search") or {}, result.get("plan"), result.get("verification")
-    spec = job["spec"]
-    return {key: job[key] for key in ("id", "status", "phase", "device", "cached", "error", "created_at",
-                                      "started_at", "finished_at")} | {
-        "model": spec["model"] if isinstance(spec["model"], str) else "hf:inline",
-        "spec": {key: spec.get(key) for key in ("seq_len", "effective_batch", "num_devices", "mode", "precision")},
-        "max_micro_batch": search.get("max_micro_batch"), "safe_micro_batch": search.get("safe_micro_batch"),
-        "trial_count": search.get("trial_count"),
-        "plan": {key: plan[key] for key in ("micro_batch", "accumulation_steps", "num_devices", "effective_batch",
-                                            "last_micro_batch", "exact")} if plan else None,
-        "verified": verification["passed"] if verification else None,
-    }
-
-
 @router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)")
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
            executor: ExecutorDep) -> dict[str, Any]:
@@ -139,10 +123,6 @@ def _job_or_404(store: Any, job_id: str) -> dict[str, Any]:
         raise HTTPException(404, f"no probe with id {job_id!r}") from None
 
 
-def _etag(version: tuple[Any, ...]) -> str:
-    return '"' + hashlib.blake2b(repr(version).encode(), digest_size=8).hexdigest() + '"'
-
-
 @router.get("/{job_id}", summary="A probe's status, phase, trials so far, plan and verification",
             responses={304: {"description": "unchanged since the ETag sent in If-None-Match"},
                        404: {"description": "no probe with this id"}})
@@ -155,7 +135,7 @@ async def get_probe(job_id: str, store: StoreDep, response: Response,
     version = store.version(job_id)
     if version is None:
         raise HTTPException(404, f"no probe with id {job_id!r}")
-    etag = _etag(version)
+    etag = etag_of(version)
     if if_none_match and etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(",")):
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
