@@ -31,7 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                          timeout_graceful_shutdown=settings.shutdown_grace_s)).run()
+                          timeout_graceful_shutdown=settings.shutdown_grace_s,
+                          access_log=settings.access_log)).run()
     return EXIT_OK
 
 

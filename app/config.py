@@ -43,6 +43,8 @@ class Settings(BaseSettings):
         4, ge=1, description="largest num_devices verified on the CPU device (one process per device)")
     max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
     shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
+    access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "
+                                               "less time (200 open dashboards poll 200 times a second)")
 
     @field_validator("api_tokens", "allowed_factories", mode="before")
     @classmethod

@@ -211,6 +211,18 @@ class Store:
             raise KeyError(job_id)
         return self._as_dict(row)
 
+    def version(self, job_id: str) -> tuple[Any, ...] | None:
+        """What changes whenever a job's public representation does: one indexed read, no JSON.
+
+        Status, phase and finished_at cover every transition and the result; the newest event id
+        covers trials and phases. None when there is no such job.
+        """
+        last_event = sa.select(sa.func.max(events.c.id)).where(events.c.job_id == job_id).scalar_subquery()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs.c.status, jobs.c.phase, jobs.c.finished_at, last_event)
+                               .where(jobs.c.id == job_id)).first()
+        return tuple(row) if row else None
+
     def list(self, status: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         query = sa.select(jobs)
         count = sa.select(sa.func.count()).select_from(jobs)

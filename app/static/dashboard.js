@@ -1,66 +1,133 @@
-// Polls GET /v1/probes and renders one row per job; the form submits POST /v1/probes.
-const POLL_MS = 2000;
-const tokenInput = document.querySelector("input[name=token]");
-tokenInput.value = localStorage.getItem("fitprobe-token") || "";
+// The dashboard's shell: a hash router over three views (probe list with devices, new probe, one
+// probe). Hash routes keep it one static file set the service serves as is: no server-side routing.
+import { request } from "./api.js";
+import { h } from "./dom.js";
+import { setUpForm } from "./form.js";
+import { formatBytes, modelLabel, planText, timeText } from "./format.js";
+import { showJob } from "./job.js";
 
-function headers() {
-  const token = tokenInput.value;
-  const h = { "Content-Type": "application/json" };
-  if (token) h.Authorization = `Bearer ${token}`;
-  return h;
+const LIST_POLL_MS = 2000;
+const ACTIVE = ["queued", "running"];
+const views = { list: "list-view", new: "new-view", job: "job-view" };
+let route = 0; // bumped on every navigation, so loops of the page we left stop
+
+function show(view) {
+  for (const [name, id] of Object.entries(views)) document.getElementById(id).hidden = name !== view;
 }
 
-function cell(text, className) {
-  const td = document.createElement("td");
-  td.textContent = text;
-  if (className) td.className = className;
-  return td;
+function navigate() {
+  const current = ++route;
+  const isCurrent = () => route === current;
+  document.getElementById("error").textContent = "";
+  const match = /^#\/probes\/([\w-]+)$/.exec(location.hash);
+  if (match) {
+    show("job");
+    showJob(document.getElementById("job-view"), match[1], isCurrent);
+  } else if (location.hash === "#/new") {
+    show("new");
+    document.getElementById("f-model").focus();
+  } else {
+    show("list");
+    watchList(isCurrent);
+  }
 }
 
-function render(jobs) {
-  const body = document.getElementById("jobs");
-  body.replaceChildren(...jobs.map((job) => {
-    const search = job.report ? job.report.search : null;
-    const plan = job.plan;
-    const spec = job.spec || {}; // null when the stored row is unreadable; job.error says why
-    const tr = document.createElement("tr");
-    tr.dataset.id = job.id;
-    tr.append(
-      cell(job.id), cell(job.status + (job.cached ? " (cached)" : ""), job.status), cell(job.phase || ""),
-      cell(job.spec === null ? "(unreadable)" : typeof spec.model === "string" ? spec.model : "hf:inline"),
-      cell(spec.seq_len ?? "-"),
-      cell(job.trials.length),
-      cell(search ? `${search.max_micro_batch} / ${search.safe_micro_batch}` : "-"),
-      cell(plan ? `${plan.micro_batch} × ${plan.accumulation_steps} × ${plan.num_devices} = ${plan.effective_batch}` : "-"),
-      cell(job.verification ? (job.verification.passed ? "yes" : "no") : "-"),
-    );
-    if (job.error) tr.title = job.error;
-    return tr;
-  }));
+// ---- probe list --------------------------------------------------------------------------------
+let rows = [];
+
+async function watchList(isCurrent) {
+  while (isCurrent()) {
+    await refreshList();
+    await new Promise((resolve) => setTimeout(resolve, LIST_POLL_MS));
+  }
 }
 
-async function poll() {
+async function refreshList() {
+  const status = document.getElementById("filter-status").value;
   try {
-    const response = await fetch("/v1/probes?limit=50", { headers: headers() });
-    const body = await response.json();
-    if (!response.ok) throw new Error(body.detail || response.statusText);
-    render(body.items);
+    // the compact view: rows without trials and reports, a few hundred bytes each
+    const body = await request(`/v1/probes?view=compact&limit=100${status ? `&status=${status}` : ""}`);
+    rows = body.items;
     document.getElementById("error").textContent = "";
   } catch (err) {
     document.getElementById("error").textContent = `cannot list probes: ${err.message}`;
   }
+  fillFilter("filter-model", rows.map((row) => modelLabel(row.model)));
+  fillFilter("filter-device", rows.map((row) => row.device).filter(Boolean));
+  renderList();
+  await refreshDevices();
 }
 
-document.getElementById("submit").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const form = new FormData(event.target);
-  localStorage.setItem("fitprobe-token", tokenInput.value);
-  const spec = { model: form.get("model"), seq_len: Number(form.get("seq_len")) };
-  if (form.get("effective_batch")) spec.effective_batch = Number(form.get("effective_batch"));
-  const response = await fetch("/v1/probes", { method: "POST", headers: headers(), body: JSON.stringify(spec) });
-  if (!response.ok) document.getElementById("error").textContent = (await response.json()).detail;
-  poll();
-});
+// Offer the models and devices the listed probes used; keep the user's choice while the list moves.
+function fillFilter(id, values) {
+  const select = document.getElementById(id);
+  const chosen = select.value;
+  const options = [...new Set([...values, chosen].filter(Boolean))].sort();
+  const current = [...select.options].slice(1).map((o) => o.value);
+  if (options.join("\n") === current.join("\n")) return;
+  select.replaceChildren(h("option", { value: "" }, "any"), ...options.map((v) => h("option", { value: v }, v)));
+  select.value = chosen;
+}
 
-poll();
-setInterval(poll, POLL_MS);
+function renderList() {
+  const model = document.getElementById("filter-model").value;
+  const device = document.getElementById("filter-device").value;
+  const shown = rows.filter((row) => (!model || modelLabel(row.model) === model) && (!device || row.device === device));
+  document.getElementById("jobs").replaceChildren(...shown.map((row) => h("tr", { dataset: { id: row.id } },
+    h("td", {}, h("a", { href: `#/probes/${row.id}` }, h("code", {}, row.id))),
+    h("td", { class: `status ${row.status}` }, row.status + (row.cached ? " (cached)" : "")),
+    h("td", {}, row.phase ?? ""),
+    h("td", {}, modelLabel(row.model)),
+    h("td", {}, row.spec?.seq_len ?? "(unreadable)"),
+    h("td", {}, row.device ?? "-"),
+    h("td", {}, row.max_micro_batch ? `${row.max_micro_batch} / ${row.safe_micro_batch}` : "-"),
+    h("td", {}, row.plan ? planText(row.plan) : "-"),
+    h("td", {}, row.verified === null ? "-" : row.verified ? "yes" : "no"),
+    h("td", {}, timeText(row.created_at)),
+    h("td", {}, ACTIVE.includes(row.status)
+      ? h("button", { type: "button", class: "danger small", "aria-label": `cancel probe ${row.id}`,
+        onclick: (event) => cancel(row.id, event.target) }, "Cancel")
+      : ""),
+  )));
+  if (!shown.length) {
+    document.getElementById("jobs").append(h("tr", {}, h("td", { colspan: 11, class: "meta" },
+      rows.length ? "no probe matches these filters" : "no probes yet: start one under New probe")));
+  }
+}
+
+async function cancel(id, button) {
+  button.disabled = true;
+  try {
+    await request(`/v1/probes/${id}`, { method: "DELETE" });
+  } catch (err) {
+    document.getElementById("error").textContent = `cannot cancel ${id}: ${err.message}`;
+  }
+  await refreshList();
+}
+
+// ---- devices -----------------------------------------------------------------------------------
+async function refreshDevices() {
+  const root = document.getElementById("devices");
+  try {
+    const { devices } = await request("/v1/devices");
+    // what each device runs comes from the list: a running probe names its device
+    const running = Object.fromEntries(rows.filter((r) => r.status === "running" && r.device).map((r) => [r.device, r]));
+    root.replaceChildren(h("ul", { class: "devices" }, devices.map((d) => h("li", {},
+      h("strong", {}, d.device), ` ${d.name} · `,
+      d.capacity_bytes ? `capacity ${formatBytes(d.capacity_bytes)} · ` : "",
+      `total ${formatBytes(d.total_bytes)} · free ${formatBytes(d.free_bytes)}`,
+      d.other_processes?.length ? ` · ${d.other_processes.length} other process(es) hold `
+        + formatBytes(d.other_processes.reduce((sum, p) => sum + (p.used_bytes ?? 0), 0)) : "",
+      " · ", running[d.device]
+        ? h("span", {}, "running ", h("a", { href: `#/probes/${running[d.device].id}` }, running[d.device].id))
+        : "idle"))));
+  } catch (err) {
+    root.replaceChildren(h("p", { class: "error" }, `cannot read devices: ${err.message}`));
+  }
+}
+
+for (const id of ["filter-model", "filter-device"]) document.getElementById(id).addEventListener("change", renderList);
+document.getElementById("filter-status").addEventListener("change", refreshList);
+setUpForm((job) => { location.hash = `#/probes/${job.id}`; });
+window.addEventListener("hashchange", navigate);
+navigate();

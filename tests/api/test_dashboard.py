@@ -1,36 +1,194 @@
-"""The dashboard in a real headless Chromium: it polls the API and shows each job's outcome."""
+"""The dashboard in real headless Chromium (Debian's, driven by Playwright) against a real server.
+
+Each test does what a person would: fills the form, watches the job page, clicks cancel. Screenshots
+go to pytest's tmp_path (kept by pytest for the last runs, never committed).
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
-import subprocess
-import tempfile
+from collections.abc import Iterator
 
-from tests.api.conftest import FAST_JOB, wait_for
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.api.conftest import SLOW_JOB, start_server, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# 12 MiB makes builtin:gpt-nano run out of memory below 37, so the probe has OOM trials, and 37 (prime)
+# has no fast even split: the plan is uneven (19 + 18)
+UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "effective_batch": "37", "capacity_bytes": "12MiB"}
+WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
-def rendered_dom(url: str) -> str:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
     assert CHROMIUM, "needs Debian's chromium (apt-get install chromium), as .ci/run installs it"
-    with tempfile.TemporaryDirectory() as profile:
-        run = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120,
-        )
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield launched
+        launched.close()
 
 
-def test_dashboard_shows_a_finished_probe_with_its_plan(server):
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield opened
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def fill_form(page: Page, fields: dict[str, str], reuse: bool = True) -> None:
+    for name, value in fields.items():
+        page.fill(f"[id='f-{name}']", value)
+    if not reuse:
+        page.click("text=More settings")
+        page.uncheck("#f-reuse")
+
+
+# what the job page showed at each render: "status:points", to see it grow without a reload
+RECORD_RENDERS = """
+new MutationObserver(() => {
+  const status = document.querySelector("#job-status")?.textContent;
+  const seen = `${status}:${document.querySelectorAll("#memory-chart .trial").length}`;
+  if (status && window.renders.at(-1) !== seen) window.renders.push(seen);
+}).observe(document, { childList: true, subtree: true });
+"""
+
+
+def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, page, tmp_path):
+    page.add_init_script("window.renders = [];" + f"addEventListener('DOMContentLoaded', () => {{{RECORD_RENDERS}}});")
+    page.goto(f"{server.url}/#/new")
+    fill_form(page, UNEVEN_JOB, reuse=False)
+    page.click("#submit-button")
+    page.wait_for_url(re.compile(r"#/probes/\w+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    page.screenshot(path=tmp_path / "job-running.png", full_page=True)
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
+    page.screenshot(path=tmp_path / "job-succeeded.png", full_page=True)
+
     with server.client() as client:
-        job = wait_for(client, client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()["id"],
-                       ("succeeded",))
-    dom = rendered_dom(server.url + "/")
-    row = dom.split(f'data-id="{job["id"]}"', 1)[1].split("</tr>", 1)[0]
+        job = client.get(f"/v1/probes/{job_id}").json()
+    # one point per trial, OOM trials drawn as their own marker at their own micro-batch
+    oom = [t["micro_batch"] for t in job["trials"] if not t["fits"]]
+    assert oom, "the job was meant to run out of memory at least once"
+    assert page.locator("#memory-chart .trial").count() == len(job["trials"])
+    renders = page.evaluate("window.renders")
+    assert renders[-1] == f"succeeded:{len(job['trials'])}"
+    assert any(r.startswith(("queued:", "running:")) for r in renders), f"the page never showed it live: {renders}"
+    drawn_oom = page.locator("#memory-chart .trial.oom").evaluate_all("els => els.map(e => +e.dataset.microBatch)")
+    assert sorted(drawn_oom) == sorted(oom)
     search = job["report"]["search"]
-    assert "succeeded" in row
-    assert f"{search['max_micro_batch']} / {search['safe_micro_batch']}" in row
-    assert f"= {job['plan']['effective_batch']}" in row
+    expect(page.locator("#memory-chart .max-line-label")).to_have_text(f"max {search['max_micro_batch']}")
+    expect(page.locator("#memory-chart .capacity-label")).to_have_text("capacity 12.0MiB")
+
+    # the uneven plan written as full micro-batches plus the last, and the arithmetic holds
+    plan = job["plan"]
+    assert plan["last_micro_batch"] is not None and plan["effective_batch"] == 37
+    text = page.locator("#plan-text").inner_text()
+    match = re.fullmatch(r"(\d+) = (\d+) × (\d+) \+ (\d+) "
+                         r"\((\w+) micro-batch(?:es)? of (\d+), then one of (\d+)\)", text)
+    assert match, text
+    total, full, micro, last, word, micro_again, last_again = match.groups()
+    assert int(total) == int(full) * int(micro) + int(last) == plan["effective_batch"]
+    assert (int(micro), int(last), int(full) + 1) == (plan["micro_batch"], plan["last_micro_batch"],
+                                                      plan["accumulation_steps"])
+    assert (word, micro_again, last_again) == (WORDS[int(full)], micro, last)
+    expect(page.get_by_text(plan["reason"])).to_be_visible()
+
+    # verification and exports
+    expect(page.locator("ul.checks li")).to_have_count(len(job["verification"]["checks"]))
+    expect(page.locator("#export-output")).to_contain_text('"gradient_accumulation_steps"')
+    page.select_option("#export-format", "deepspeed")
+    expect(page.locator("#export-output")).to_contain_text('"train_batch_size"')
+    assert page.locator("#report-link").get_attribute("download") == f"fitprobe-{job_id}.json"
+
+
+def test_an_oom_trial_without_a_peak_is_drawn_at_the_capacity(server, page):
+    page.goto(f"{server.url}/#/")
+    drawn = page.evaluate("""async () => {
+        const { memoryChart } = await import("/chart.js");
+        const svg = memoryChart({ capacityBytes: 1 << 24, headroom: 0.1, maxMicroBatch: 8, safeMicroBatch: 7,
+            trials: [{ micro_batch: 8, fits: true, peak_allocated_bytes: 1 << 23 },
+                     { micro_batch: 16, fits: false, peak_allocated_bytes: null, oom_live_bytes: 1 << 23,
+                       oom_request_bytes: 1 << 24 }] });
+        const capacityY = svg.querySelector("line.capacity").getAttribute("y1");
+        const marker = svg.querySelector(".trial.oom.no-peak");
+        return { points: svg.querySelectorAll(".trial").length, capacityY: +capacityY,
+                 markerY: +marker.getAttribute("d").match(/L[\\d.]+ ([\\d.]+)/)[1],
+                 title: marker.querySelector("title").textContent };
+    }""")
+    assert drawn["points"] == 2
+    assert abs(drawn["markerY"] - drawn["capacityY"]) < 0.01, drawn
+    assert "out of memory, peak not recorded" in drawn["title"]
+
+
+def test_a_422_shows_next_to_its_field(server, page, tmp_path):
+    page.goto(f"{server.url}/#/new")
+    fill_form(page, {"seq_len": "0"})
+    page.select_option("#f-finetuning", "lora")
+    page.fill("[id='f-lora.rank']", "0")
+    page.click("#submit-button")
+    with server.client() as client:
+        api = client.post("/v1/probes", json={"model": "builtin:gpt-tiny", "seq_len": 0}).json()
+    api_message = next(e["message"] for e in api["errors"] if e["field"] == "seq_len").removeprefix("Value error, ")
+    expect(page.locator("#seq_len-error")).to_have_text(api_message)
+    expect(page.locator("#f-seq_len")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("[id='lora.rank-error']")).to_contain_text("greater than or equal to 1")
+    expect(page.locator("#effective_batch-error")).to_be_hidden()
+    assert page.url.endswith("#/new"), "nothing was submitted"
+    page.screenshot(path=tmp_path / "form-422.png", full_page=True)
+
+
+def test_cancel_from_the_job_page_and_the_list_shows_it(server, page, tmp_path):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
+        wait_for(client, job_id, ("running",))
+        page.goto(f"{server.url}/#/probes/{job_id}")
+        expect(page.locator("#job-status")).to_have_text("running")
+        page.click("#cancel-job")
+        expect(page.locator("#job-status")).to_have_text("cancelled", timeout=30_000)
+        expect(page.locator("#cancel-job")).to_have_count(0)
+        assert client.get(f"/v1/probes/{job_id}").json()["status"] == "cancelled"
+
+    page.click("text=← all probes")
+    row = page.locator(f"#jobs tr[data-id='{job_id}']")
+    expect(row).to_contain_text("cancelled")
+    assert page.locator("#jobs tr").first.get_attribute("data-id") == job_id, "newest first"
+    page.select_option("#filter-status", "succeeded")
+    expect(row).to_have_count(0)
+    page.screenshot(path=tmp_path / "list.png", full_page=True)
+
+
+def test_cancel_from_the_list(server, page):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
+        page.goto(f"{server.url}/#/")
+        page.click(f"#jobs tr[data-id='{job_id}'] button")
+        expect(page.locator(f"#jobs tr[data-id='{job_id}']")).to_contain_text("cancelled", timeout=30_000)
+        assert wait_for(client, job_id, ("cancelled",), timeout_s=10)["status"] == "cancelled"
+
+
+def test_the_page_asks_for_a_token_once_and_keeps_it_for_the_tab(tmp_path, page):
+    secured = start_server(tmp_path / "data", api_tokens="s3cret")
+    try:
+        page.goto(f"{secured.url}/#/")
+        dialog = page.locator("#token-dialog")
+        expect(dialog).to_be_visible()
+        page.fill("#token-input", "wrong")
+        page.keyboard.press("Enter")
+        expect(dialog.locator(".token-rejected")).to_be_visible()
+        page.fill("#token-input", "s3cret")
+        page.keyboard.press("Enter")
+        expect(page.locator("#devices li")).to_have_count(1)
+        expect(dialog).to_be_hidden()
+        page.reload()
+        expect(page.locator("#devices li")).to_have_count(1)
+        expect(dialog).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('fitprobe-token')") == "s3cret"
+    finally:
+        secured.stop()

@@ -1,0 +1,193 @@
+// The job page (#/probes/{id}): the memory curve as trials arrive, the plan and why, the verification,
+// and the plan as a framework's config. It polls GET /v1/probes/{id} with If-None-Match: while
+// nothing changed the server answers an empty 304, so an open tab costs one indexed read a second.
+// (EventSource cannot send the bearer token, which is why this is polling and not the SSE stream.)
+import { request } from "./api.js";
+import { lossChart, memoryChart } from "./chart.js";
+import { h, table } from "./dom.js";
+import { deviationText, formatBytes, modelLabel, planText, timeText } from "./format.js";
+
+const POLL_MS = 1000;
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+const FORMATS = ["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"];
+
+/** Shows job `id` in `root` until `isCurrent()` turns false (the user went to another page). */
+export async function showJob(root, id, isCurrent) {
+  let etag = null, job = null;
+  root.replaceChildren(h("p", { role: "status" }, `loading probe ${id}…`));
+  while (isCurrent()) {
+    try {
+      const response = await request(`/v1/probes/${encodeURIComponent(id)}`,
+        { raw: true, headers: etag ? { "If-None-Match": etag } : {} });
+      if (response.status === 200) {
+        etag = response.headers.get("ETag");
+        job = await response.json();
+        if (isCurrent()) render(root, job);
+      } else if (response.status !== 304) {
+        const body = await response.json().catch(() => ({}));
+        root.replaceChildren(h("p", { class: "error", role: "alert" }, body.detail || `HTTP ${response.status}`));
+        return;
+      }
+    } catch (err) {
+      root.querySelector(".poll-error")?.replaceChildren(`cannot reach the service: ${err.message}; retrying`);
+    }
+    if (job && TERMINAL.includes(job.status)) return;
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+  }
+}
+
+function render(root, job) {
+  const search = job.report?.search;
+  const spec = job.spec ?? {}; // null when the stored row could not be read: job.error says why
+  const capacity = job.report?.device?.capacity_bytes ?? spec.capacity_bytes;
+  const keep = root.querySelector(".exports"); // keeps the chosen format and fetched config across renders
+  root.replaceChildren(...[
+    h("p", {}, h("a", { href: "#/" }, "← all probes")),
+    h("h2", {}, "Probe ", h("code", {}, job.id), " ",
+      h("span", { class: `status ${job.status}`, id: "job-status" }, job.status + (job.cached ? " (cached)" : ""))),
+    h("p", { class: "meta" },
+      `${modelLabel(spec.model)} · seq_len ${spec.seq_len} · ${spec.precision} · ${spec.optimizer}`,
+      spec.finetuning === "lora" ? ` · LoRA r=${spec.lora?.rank}` : "",
+      spec.gradient_checkpointing ? " · checkpointing" : "",
+      ` · ${spec.mode} · device ${job.device ?? "not yet assigned"} · phase ${job.phase ?? "-"}`,
+      ` · submitted ${timeText(job.created_at)}`),
+    TERMINAL.includes(job.status) ? null
+      : h("button", { type: "button", class: "danger", id: "cancel-job", onclick: () => cancel(job.id, root) },
+        "Cancel this probe"),
+    job.error ? h("p", { class: "error", role: "alert" }, job.error) : null,
+    h("p", { class: "poll-error", role: "status" }),
+    curveSection(job, search, capacity),
+    job.plan ? planSection(job.plan) : null,
+    job.verification ? verificationSection(job.verification, job.plan) : null,
+    job.status === "succeeded" ? (keep ?? exportsSection(job)) : null,
+  ].filter(Boolean));
+}
+
+async function cancel(id, root) {
+  const button = root.querySelector("#cancel-job");
+  button.disabled = true;
+  try {
+    await request(`/v1/probes/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (err) {
+    root.querySelector(".poll-error").replaceChildren(`cannot cancel: ${err.message}`);
+    button.disabled = false;
+  }
+}
+
+function curveSection(job, search, capacity) {
+  // a cached job ran no trials of its own: its curve is the one the cached report measured
+  const trials = job.trials.length ? job.trials : (search?.trials ?? []);
+  const caption = search
+    ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${search.safe_micro_batch_basis}); `
+      + `${search.trial_count} trials in ${search.wall_s}s${search.limit_reached ? `; the search stopped at its limit ${search.limit}` : ""}`
+    : `${trials.length} trial(s) so far`;
+  return h("section", { "aria-labelledby": "curve-heading" },
+    h("h3", { id: "curve-heading" }, "Memory against micro-batch"),
+    h("p", { class: "meta", id: "curve-caption" }, caption),
+    h("div", { id: "memory-chart" }, memoryChart({
+      trials, capacityBytes: capacity, headroom: spec.headroom,
+      maxMicroBatch: search?.max_micro_batch, safeMicroBatch: search?.safe_micro_batch,
+    })),
+    h("p", { class: "legend" },
+      h("span", { class: "key fits" }, "●"), " fits ",
+      h("span", { class: "key oom" }, "✕"), " out of memory ",
+      h("span", { class: "key no-peak" }, "◇"), " out of memory, peak not recorded (drawn at capacity)"),
+    // the same numbers as a table: readable without the chart, and with the per-phase peaks
+    table(["micro-batch", "outcome", "peak", "forward+backward", "optimizer", "idle", "step", "note"],
+      trials.map((t) => h("tr", { class: t.fits ? "" : "oom-row" },
+        h("td", {}, t.micro_batch), h("td", {}, t.fits ? "fits" : "OOM"),
+        h("td", {}, formatBytes(t.peak_allocated_bytes)),
+        h("td", {}, formatBytes(t.phase_peak_bytes?.forward_backward)),
+        h("td", {}, formatBytes(t.phase_peak_bytes?.optimizer)),
+        h("td", {}, formatBytes(t.phase_peak_bytes?.idle)),
+        h("td", {}, t.step_s ? `${(t.step_s * 1000).toFixed(0)} ms` : "-"),
+        h("td", {}, t.error ?? ""))),
+      { class: "trials-table", "aria-label": "trials" }),
+  );
+}
+
+function planSection(plan) {
+  const alternatives = [plan, ...(plan.alternatives ?? [])];
+  return h("section", { "aria-labelledby": "plan-heading" },
+    h("h3", { id: "plan-heading" }, "Plan"),
+    h("p", { class: "plan-text", id: "plan-text" }, planText(plan)),
+    h("p", { class: "meta" }, `micro-batch ${plan.micro_batch}`,
+      plan.last_micro_batch ? ` (last ${plan.last_micro_batch})` : "",
+      ` · accumulation ${plan.accumulation_steps} · ${plan.num_devices} device(s) · ${deviationText(plan)}`),
+    h("p", {}, h("strong", {}, "Why: "), plan.reason),
+    h("p", { class: "meta" }, "Throughput model: ", plan.throughput_model),
+    table(["", "split", "micro-batch", "accumulation", "devices", "effective", "deviation", "relative throughput"],
+      alternatives.map((alt, i) => h("tr", { class: i === 0 ? "chosen" : "" },
+        h("td", {}, i === 0 ? "chosen" : ""), h("td", {}, planText(alt)),
+        h("td", {}, alt.micro_batch + (alt.last_micro_batch ? ` (last ${alt.last_micro_batch})` : "")),
+        h("td", {}, alt.accumulation_steps), h("td", {}, alt.num_devices), h("td", {}, alt.effective_batch),
+        h("td", {}, `${alt.deviation_percent > 0 ? "+" : ""}${alt.deviation_percent.toFixed(2)}%`),
+        h("td", {}, i === 0 ? "1.00×" : `${alt.relative_throughput.toFixed(2)}×`))),
+      { class: "alternatives", "aria-label": "the chosen plan and its alternatives" }),
+    plan.lr_guidance ? h("p", {}, h("strong", {}, "Learning rate: "),
+      `linear-scaled ${plan.lr_guidance.linear_scaled_lr.toPrecision(3)}, sqrt-scaled `
+      + `${plan.lr_guidance.sqrt_scaled_lr.toPrecision(3)}; ${plan.lr_guidance.note}`) : null,
+  );
+}
+
+function verificationSection(verification, plan) {
+  const noise = verification.gradient_noise_scale;
+  return h("section", { "aria-labelledby": "verify-heading" },
+    h("h3", { id: "verify-heading" }, "Verification: ",
+      h("span", { class: verification.passed ? "succeeded" : "failed" }, verification.passed ? "passed" : "failed")),
+    h("ul", { class: "checks" }, verification.checks.map((check) =>
+      h("li", { class: check.passed ? "pass" : "fail" },
+        h("span", { class: "mark", "aria-hidden": "true" }, check.passed ? "✓" : "✗"),
+        h("strong", {}, check.name.replaceAll("_", " ")), check.passed ? "" : " (failed)", ": ", check.detail))),
+    h("div", { class: "side-by-side" },
+      verification.losses?.length ? h("figure", {}, lossChart(verification.losses),
+        h("figcaption", {}, `loss per optimizer step over ${verification.steps} steps`)) : null,
+      h("dl", { class: "numbers" },
+        h("dt", {}, "gradient noise scale"), h("dd", { id: "noise-scale" },
+          noise ? `${Math.round(noise)} examples` : "not estimated"),
+        h("dt", {}, "effective batch"), h("dd", {}, plan?.effective_batch ?? verification.examples_per_step),
+        noise ? null : h("dd", { class: "meta" }, verification.gradient_noise_note),
+        h("dt", {}, "peak per step"), h("dd", {},
+          `${formatBytes(verification.peak_reserved_bytes)} of ${formatBytes(verification.capacity_bytes)}`),
+        h("dt", {}, "step time"), h("dd", {}, `${(verification.step_s * 1000).toFixed(0)} ms, `
+          + `${Math.round(verification.tokens_per_s)} tokens/s`))),
+  );
+}
+
+function exportsSection(job) {
+  const output = h("pre", { id: "export-output", tabindex: "0", "aria-live": "polite" });
+  const select = h("select", { id: "export-format" }, FORMATS.map((f) => h("option", { value: f }, f)));
+  const copied = h("span", { role: "status", class: "meta" });
+  const load = async () => {
+    output.textContent = "…";
+    try {
+      const config = await request(`/v1/probes/${job.id}/config?format=${select.value}`);
+      output.textContent = JSON.stringify(config, null, 2);
+    } catch (err) {
+      output.textContent = err.message;
+    }
+  };
+  select.addEventListener("change", load);
+  const copy = async () => {
+    try {
+      await navigator.clipboard.writeText(output.textContent);
+    } catch {
+      // the Clipboard API needs a secure context; a cluster host over plain http is not one
+      getSelection().selectAllChildren(output);
+      document.execCommand("copy");
+    }
+    copied.textContent = "copied";
+    setTimeout(() => { copied.textContent = ""; }, 2000);
+  };
+  // a blob URL, not a link to the API: a plain link could not carry the bearer token
+  const report = new Blob([JSON.stringify(job.report, null, 2)], { type: "application/json" });
+  load();
+  return h("section", { class: "exports", "aria-labelledby": "exports-heading" },
+    h("h3", { id: "exports-heading" }, "Use the plan"),
+    h("p", {}, h("label", { for: "export-format" }, "Config for "), select, " ",
+      h("button", { type: "button", id: "copy-export", onclick: copy }, "Copy"), " ", copied),
+    output,
+    h("p", {}, h("a", { href: URL.createObjectURL(report), download: `fitprobe-${job.id}.json`, id: "report-link" },
+      "Download the report (JSON)")),
+  );
+}
