@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 QUICK_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "reuse": False}
+TWO_DEVICE_JOB = {**QUICK_JOB, "effective_batch": 8, "num_devices": 2}
 STAND_IN_DEVICES = 2
 
 
@@ -120,6 +121,22 @@ def test_a_killed_ray_worker_fails_its_job_with_the_reason_and_the_next_job_runs
         _eventually(_devices_free, timeout_s=30)
         after = client.post("/v1/probes", json={**QUICK_JOB, "seed": 3}).json()["id"]
         assert wait_for(client, after, ("succeeded", "failed"))["status"] == "succeeded"
+
+
+def test_a_two_device_job_holds_both_stand_in_devices_on_one_node_and_verifies_on_them(ray_server: Server) -> None:
+    with ray_server.client() as client:
+        job_id = client.post("/v1/probes", json=TWO_DEVICE_JOB).json()["id"]
+        wait_for(client, job_id, ("running", "succeeded", "failed"), predicate=lambda j: j["status"] != "running"
+                 or _placed(j))
+        _eventually(lambda: ray.available_resources().get("fitprobe_device", 0) == 0 or
+                    client.get(f"/v1/probes/{job_id}").json()["status"] != "running")
+        held_both = ray.available_resources().get("fitprobe_device", 0) == 0
+        done = wait_for(client, job_id, ("succeeded", "failed"), timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert held_both, "the job finished before it was seen holding both devices"
+    assert done["verification"]["passed"] and done["verification"]["num_devices"] == 2
+    assert done["report"]["placement"]["node_id"] == ray.get_runtime_context().get_node_id()
+    _eventually(_devices_free)
 
 
 def test_a_job_needing_more_devices_than_one_node_has_is_refused_with_the_reason(ray_server: Server) -> None:
