@@ -12,10 +12,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from app.client import FitprobeClient
@@ -30,17 +31,21 @@ STAND_IN_DEVICES = 2
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # Ray's workers must import `app` from this checkout, whichever fitprobe the interpreter has installed
     checkout = str(Path(__file__).resolve().parents[2])
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, old_path]))
+    # ray.init swaps in its own SIGTERM/SIGINT handlers: pytest's Ctrl-C must keep working after this module
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, resources={"fitprobe_device": STAND_IN_DEVICES}, include_dashboard=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()  # stops the cluster this process started, and only it
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)
         else:
@@ -62,7 +67,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _eventually(check, timeout_s: float = 60) -> None:
+def _eventually(check: Callable[[], bool], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         assert time.monotonic() < deadline, f"{check.__name__} still false after {timeout_s:.0f}s"
@@ -126,17 +131,37 @@ def test_a_killed_ray_worker_fails_its_job_with_the_reason_and_the_next_job_runs
 def test_a_two_device_job_holds_both_stand_in_devices_on_one_node_and_verifies_on_them(ray_server: Server) -> None:
     with ray_server.client() as client:
         job_id = client.post("/v1/probes", json=TWO_DEVICE_JOB).json()["id"]
-        wait_for(client, job_id, ("running", "succeeded", "failed"), predicate=lambda j: j["status"] != "running"
-                 or _placed(j))
-        _eventually(lambda: ray.available_resources().get("fitprobe_device", 0) == 0 or
-                    client.get(f"/v1/probes/{job_id}").json()["status"] != "running")
-        held_both = ray.available_resources().get("fitprobe_device", 0) == 0
+        wait_for(client, job_id, ("running",), predicate=_placed)
+
+        held_both = []
+
+        def both_held_or_done() -> bool:
+            if ray.available_resources().get("fitprobe_device", 0) == 0:
+                held_both.append(True)
+                return True
+            return client.get(f"/v1/probes/{job_id}").json()["status"] != "running"
+
+        _eventually(both_held_or_done)
         done = wait_for(client, job_id, ("succeeded", "failed"), timeout_s=300)
     assert done["status"] == "succeeded", done["error"]
     assert held_both, "the job finished before it was seen holding both devices"
     assert done["verification"]["passed"] and done["verification"]["num_devices"] == 2
     assert done["report"]["placement"]["node_id"] == ray.get_runtime_context().get_node_id()
     _eventually(_devices_free)
+
+
+def test_cancel_during_a_two_device_verification_leaves_no_process_behind(ray_server: Server) -> None:
+    with ray_server.client() as client:
+        job_id = client.post("/v1/probes", json={**TWO_DEVICE_JOB, "effective_batch": 64}).json()["id"]
+        running = wait_for(client, job_id, ("running", "succeeded", "failed"), timeout_s=300,
+                           predicate=lambda j: j["phase"] in ("verifying", "done", "failed"))
+        assert running["phase"] == "verifying", "the verification ended before the test could cancel it"
+        worker = psutil.Process(running["worker_pid"])
+        _eventually(lambda: bool(worker.children(recursive=True)), timeout_s=30)  # the verification's processes
+        ranks = worker.children(recursive=True)
+        assert client.delete(f"/v1/probes/{job_id}").status_code == 200
+    _eventually(lambda: not any(_alive(p.pid) for p in [worker, *ranks]), timeout_s=30)
+    _eventually(_devices_free, timeout_s=30)
 
 
 def test_a_job_needing_more_devices_than_one_node_has_is_refused_with_the_reason(ray_server: Server) -> None:
