@@ -67,14 +67,14 @@ def devices_needed(spec: dict[str, Any]) -> int:
 
 def failure_reason(exc: Exception, placement: dict[str, Any] | None) -> str:
     """What a user reads when Ray could not finish the job: who died, where, and Ray's name for it."""
-    where = f" (pid {placement['pid']} on node {placement['node_ip']})" if placement else ""
+    where = f" (worker pid {placement['pid']} on node {placement['node_ip']})" if placement else ""
     if isinstance(exc, ray.exceptions.NodeDiedError):
-        return f"the Ray node running this job died{where} (Ray: NodeDiedError)"
+        return f"the Ray node running this job died{where}; Ray: NodeDiedError"
     if isinstance(exc, ray.exceptions.OutOfMemoryError):
         return f"Ray's memory monitor killed the worker running this job{where}: the node ran low on host memory"
     if isinstance(exc, ray.exceptions.WorkerCrashedError):
-        return (f"the Ray worker running this job died{where}: killed (the OOM-killer or `kill -9`?) or crashed "
-                "(Ray: WorkerCrashedError)")
+        return (f"the Ray worker running this job died{where}: killed (the OOM-killer or `kill -9`?) or crashed; "
+                "Ray: WorkerCrashedError")
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
         return f"the Ray task failed: {type(exc.cause).__name__}: {exc.cause}"
     return f"Ray could not finish this job{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

@@ -23,6 +23,7 @@ from app.client import FitprobeClient
 from tests.api.conftest import SLOW_JOB, Server, start_server, wait_for
 
 ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402 - a local multi-node cluster, for tests (ray's own)
 pytestmark = pytest.mark.slow
 
 QUICK_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "reuse": False}
@@ -31,19 +32,21 @@ STAND_IN_DEVICES = 2
 
 
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # Ray's workers must import `app` from this checkout, whichever fitprobe the interpreter has installed
     checkout = str(Path(__file__).resolve().parents[2])
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, old_path]))
     # ray.init swaps in its own SIGTERM/SIGINT handlers: pytest's Ctrl-C must keep working after this module
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ray.init(num_cpus=2, resources={"fitprobe_device": STAND_IN_DEVICES}, include_dashboard=False,
-             logging_level=logging.WARNING, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
+        "num_cpus": 2, "resources": {"fitprobe_device": STAND_IN_DEVICES}, "include_dashboard": False,
+        "temp_dir": str(tmp_path_factory.mktemp("ray"))})
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield cluster
     finally:
-        ray.shutdown()  # stops the cluster this process started, and only it
+        ray.shutdown()
+        cluster.shutdown()  # stops the nodes this process started, and only them
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if old_path is None:
@@ -53,8 +56,9 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("ray-service") / "data", executor="ray", ray_address=ray_address)
+def ray_server(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("ray-service") / "data", executor="ray",
+                           ray_address=ray_cluster.address)
     yield running
     running.stop()
 
@@ -121,7 +125,7 @@ def test_a_killed_ray_worker_fails_its_job_with_the_reason_and_the_next_job_runs
         os.kill(job["worker_pid"], signal.SIGKILL)
         failed = wait_for(client, job_id, ("failed", "succeeded", "cancelled"), timeout_s=60)
         assert failed["status"] == "failed"
-        assert f"Ray worker running this job died (pid {job['worker_pid']}" in failed["error"]
+        assert f"Ray worker running this job died (worker pid {job['worker_pid']} on node" in failed["error"]
         assert "WorkerCrashedError" in failed["error"] and failed["worker_pid"] is None
         _eventually(_devices_free, timeout_s=30)
         after = client.post("/v1/probes", json={**QUICK_JOB, "seed": 3}).json()["id"]
@@ -171,3 +175,25 @@ def test_a_job_needing_more_devices_than_one_node_has_is_refused_with_the_reason
     assert "num_devices must be ≤ 2" in response.json()["detail"]
     assert "fitprobe_device on one node of the Ray cluster" in response.json()["detail"]
 
+
+def test_a_job_whose_node_dies_fails_with_the_reason(ray_cluster: Cluster, ray_server: Server) -> None:
+    """A node with 3 stand-in devices joins; a job needing 3 can only run there, with all 3 on it."""
+    node = ray_cluster.add_node(num_cpus=1, resources={"fitprobe_device": 3})
+    three_devices = {**SLOW_JOB, "effective_batch": 24, "num_devices": 3}
+    with ray_server.client() as client:
+        submitted = []
+
+        def accepted() -> bool:  # the service re-reads the cluster's nodes every few seconds
+            response = client.post("/v1/probes", json=three_devices)
+            submitted.append(response.json())
+            return response.status_code == 202
+
+        _eventually(accepted, timeout_s=30)
+        job = wait_for(client, submitted[-1]["id"], ("running",), predicate=_placed)
+        placed = next(e for e in FitprobeClient(ray_server.url).events(job["id"]) if e.get("phase") == "placed")
+        assert placed["node_id"] == node.node_id
+        ray_cluster.remove_node(node, allow_graceful=False)
+        failed = wait_for(client, job["id"], ("failed", "succeeded", "cancelled"), timeout_s=60)
+    assert failed["status"] == "failed"
+    assert "died" in failed["error"] and ("NodeDiedError" in failed["error"] or "WorkerCrashedError" in failed["error"])
+    assert f"on node {placed['node_ip']}" in failed["error"]
