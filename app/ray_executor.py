@@ -94,6 +94,7 @@ class RayExecutor:
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.resource, self.device_kind = ("GPU", "cuda") if gpus else (DEVICE_RESOURCE, "cpu")
         self._node_devices: list[int] = []
+        self.ray_error: str | None = None  # what Ray last answered when asked for its nodes, while it fails
         self._refreshed_s = -CLUSTER_REFRESH_S
         if not self.node_devices():
             raise RuntimeError(f"the Ray cluster has no {self.resource} on any live node: start GPU nodes, or CPU "
@@ -140,11 +141,21 @@ class RayExecutor:
         return "+".join(types) if types else "GPU (type unknown to Ray)"
 
     def node_devices(self) -> list[int]:
-        """Devices on each live node, read from Ray at most every CLUSTER_REFRESH_S (nodes come and go)."""
+        """Devices on each live node, read from Ray at most every CLUSTER_REFRESH_S (nodes come and go).
+
+        While Ray does not answer, the last answer stands and /readyz says why.
+        """
         if time.monotonic() - self._refreshed_s > CLUSTER_REFRESH_S:
-            self._node_devices = [int(node["Resources"].get(self.resource, 0)) for node in ray.nodes()
-                                  if node["Alive"] and node["Resources"].get(self.resource, 0) >= 1]
             self._refreshed_s = time.monotonic()
+            try:
+                nodes = ray.nodes()
+            except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the service keeps serving
+                self.ray_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                log.warning("ray executor: cannot list the cluster's nodes: %s", self.ray_error)
+                return self._node_devices
+            self.ray_error = None
+            self._node_devices = [int(node["Resources"].get(self.resource, 0)) for node in nodes
+                                  if node["Alive"] and node["Resources"].get(self.resource, 0) >= 1]
         return self._node_devices
 
     # ---- the executor interface (app.executor.Executor) -----------------------------------
@@ -177,15 +188,18 @@ class RayExecutor:
 
     def job_devices_limit(self) -> tuple[int, str]:
         most = max(self.node_devices(), default=0)
-        if self.device_kind == "cpu":
-            most = min(most, self.settings.max_verify_processes)
+        if self.device_kind == "cpu" and self.settings.max_verify_processes < most:
+            most = self.settings.max_verify_processes
+            return most, f"at most {most} processes on a CPU device (FITPROBE_MAX_VERIFY_PROCESSES)"
         return most, f"{most} {self.resource} on one node of the Ray cluster (a job runs on one node)"
 
     def not_ready(self) -> list[str]:
         problems = []
         if not self.dispatcher.is_alive():
             problems.append("the Ray dispatcher is not running")
-        if not self._node_devices:
+        if self.ray_error:
+            problems.append(f"ray executor: the cluster does not answer: {self.ray_error}")
+        elif not self._node_devices:
             problems.append(f"the Ray cluster has no {self.resource} on any live node")
         if self._db.error:
             problems.append(f"ray executor: database error: {self._db.error} (retrying)")
@@ -193,25 +207,33 @@ class RayExecutor:
 
     # ---- claiming and submitting ----------------------------------------------------------
     def _dispatch(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                claimed = self._claim_and_submit()
+            except _Stopping:
+                return
+            except Exception:  # noqa: BLE001 - Ray or a bug failing once must not end the dispatcher
+                log.exception("ray executor: dispatching failed; trying again")
+                claimed = False
+            if not claimed:
+                self.stopping.wait(self.settings.poll_interval_s)
+
+    def _claim_and_submit(self) -> bool:
+        """Claim the oldest queued job while a device is free, and submit it; False when there was none."""
+        if self.busy_devices() >= sum(self.node_devices()):
+            return False
+        job = self._db(self.store.claim_next, "ray")
+        if job is None:
+            return False
         try:
-            while not self.stopping.is_set():
-                if self.busy_devices() >= sum(self.node_devices()):
-                    self.stopping.wait(self.settings.poll_interval_s)
-                    continue
-                job = self._db(self.store.claim_next, "ray")
-                if job is None:
-                    self.stopping.wait(self.settings.poll_interval_s)
-                    continue
-                try:
-                    self._submit(job)
-                except _Stopping:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a bug in handling one job must not end the dispatcher
-                    log.exception("ray executor: job %s failed in the service", job["id"])
-                    self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
-                                                         "the service log has the details")
+            self._submit(job)
         except _Stopping:
-            return
+            raise
+        except Exception as exc:  # noqa: BLE001 - a job the service could not submit fails, with where to look
+            log.exception("ray executor: job %s failed in the service", job["id"])
+            self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
+                                                 "the service log has the details")
+        return True
 
     def _submit(self, job: dict[str, Any]) -> None:
         job_id = job["id"]

@@ -8,7 +8,6 @@ worker processes from outside, as an operator would.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -32,7 +31,7 @@ STAND_IN_DEVICES = 2
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def ray_cluster() -> Iterator[Cluster]:
     # Ray's workers must import `app` from this checkout, whichever fitprobe the interpreter has installed
     checkout = str(Path(__file__).resolve().parents[2])
     old_path = os.environ.get("PYTHONPATH")
@@ -40,8 +39,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # ray.init swaps in its own SIGTERM/SIGINT handlers: pytest's Ctrl-C must keep working after this module
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 2, "resources": {"fitprobe_device": STAND_IN_DEVICES}, "include_dashboard": False,
-        "temp_dir": str(tmp_path_factory.mktemp("ray"))})
+        "num_cpus": 2, "resources": {"fitprobe_device": STAND_IN_DEVICES}, "include_dashboard": False})
     try:
         yield cluster
     finally:
