@@ -172,15 +172,12 @@ class DeviceWorker(threading.Thread):
             return True
         return False
 
-    def _spec_for_device(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return spec_for_device(spec, self.device, self.settings)
-
     def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
         context = multiprocessing.get_context("spawn")
         outbox = context.Queue()
         process = context.Process(target=run_job_process, daemon=False, args=(
-            self._spec_for_device(job["spec"]), list(self.settings.allowed_factories), outbox,
+            spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories), outbox,
             self.settings.hub_access == "offline"))
         process.start()
         self.current, self.busy_since_s = (job_id, process), time.monotonic()
