@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "
                                                "less time (200 open dashboards poll 200 times a second)")
 
+    # ---- scale out: where jobs run (app/executor.py, app/ray_executor.py) ---------------------
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: one worker per device of this machine, each job in a subprocess; "
+        "ray: each job a Ray task on the cluster at FITPROBE_RAY_ADDRESS (pip install 'fitprobe[ray]')")
+    ray_address: str | None = Field(
+        None, description="the Ray cluster to join (host:port of its head, or auto); default: join the one "
+        "started on this machine with `ray start`, else start one here with a fitprobe_device per local device")
+    ray_accelerator_type: str | None = Field(
+        None, description="the GPU type every job asks Ray for (e.g. H100): on a cluster of mixed cards it keeps "
+        "a job, and the cached result it answers later requests with, on one kind of card")
+
     @field_validator("api_tokens", "allowed_factories", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

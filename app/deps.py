@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from app.config import Settings
-from app.executor import LocalExecutor
+from app.executor import Executor
 from app.store import Store
 
 
@@ -23,7 +23,7 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_executor(request: Request) -> LocalExecutor:
+async def get_executor(request: Request) -> Executor:
     return request.app.state.executor
 
 
@@ -42,4 +42,4 @@ async def require_token(request: Request) -> None:
 
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ExecutorDep = Annotated[LocalExecutor, Depends(get_executor)]
+ExecutorDep = Annotated[Executor, Depends(get_executor)]

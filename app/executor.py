@@ -10,6 +10,9 @@ when its worker thread goes, see probe/lifetime.py), and it leads a process grou
 cancel or a timeout kills. A database error (SQLite's "database is locked" past the busy timeout,
 a PostgreSQL restart) is retried with backoff, never allowed to end the worker: `/readyz` reports it
 meanwhile.
+
+`Executor` is the small interface both executors (this one and app/ray_executor.py) offer the
+routes; `make_executor` picks one from FITPROBE_EXECUTOR.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 
@@ -40,8 +43,65 @@ log = logging.getLogger("fitprobe.executor")
 T = TypeVar("T")
 
 
+class Executor(Protocol):
+    """What the routes and the lifespan use, whichever executor runs the jobs (local or Ray).
+
+    An executor claims queued jobs from the store, runs them and records their events and outcome
+    through the store, which owns every status transition.
+    """
+
+    device_kind: str  # "cuda" or "cpu": the result cache and the checks at the door key on it
+    device_name: str
+    devices: list[str]  # the devices a request may name
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def kill(self, job_id: str) -> bool: ...  # stop a cancelled job's run, if it runs here
+    def busy_devices(self) -> int: ...
+    def job_devices_limit(self) -> tuple[int, str]: ...  # the most devices one job gets, and why no more
+    def not_ready(self) -> list[str]: ...  # why this replica cannot run jobs now; empty when it can
+
+
+def make_executor(store: Store, settings: Settings, metrics: Metrics | None = None) -> Executor:
+    if settings.executor == "ray":
+        from app.ray_executor import RayExecutor  # ray is an optional extra: imported only when asked for
+
+        return RayExecutor(store, settings, metrics)
+    return LocalExecutor(store, settings, metrics)
+
+
 class _Stopping(Exception):
     """The service stops while a worker waits for the database to answer again."""
+
+
+class DbRetry:
+    """Store calls retried with backoff while the database fails; `error` says what it last answered.
+
+    Every store call of an executor goes through one of these: each is one transaction that either
+    committed or rolled back, so trying it again is safe.
+    """
+
+    def __init__(self, label: str, stopping: threading.Event) -> None:
+        self.label, self.stopping = label, stopping
+        self.error: str | None = None
+
+    def __call__(self, call: Callable[..., T], *args: Any) -> T:
+        delay_s = DB_RETRY_FIRST_S
+        while True:
+            try:
+                answer = call(*args)
+            except sa.exc.OperationalError as exc:
+                self.error = str(exc.orig or exc).splitlines()[0][:200]
+                log.warning("%s: database error in %s: %s; retrying in %.1fs", self.label,
+                            call.__name__, self.error, delay_s)
+                if self.stopping.wait(delay_s):
+                    raise _Stopping from exc
+                delay_s = min(2 * delay_s, DB_RETRY_MAX_S)
+                continue
+            if self.error is not None:
+                log.warning("%s: the database answers again", self.label)
+                self.error = None
+            return answer
 
 
 def kill_process_tree(process: multiprocessing.Process) -> None:
@@ -51,6 +111,15 @@ def kill_process_tree(process: multiprocessing.Process) -> None:
     except (ProcessLookupError, PermissionError):
         pass  # it has not made its group yet, so it has no children: killing it alone is enough
     process.kill()
+
+
+def spec_for_device(spec: dict[str, Any], device: str, settings: Settings) -> dict[str, Any]:
+    """The stored spec as the job runs it: on `device`, with the CPU device's default capacity."""
+    spec = dict(spec, device=device)
+    spec.pop("reuse", None)
+    if device == "cpu" and spec.get("capacity_bytes") is None:
+        spec["capacity_bytes"] = settings.cpu_capacity_bytes
+    return spec
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -71,7 +140,12 @@ class DeviceWorker(threading.Thread):
         self.metrics = metrics
         self.current: tuple[str, multiprocessing.Process] | None = None
         self.busy_since_s: float | None = None
-        self.db_error: str | None = None  # what the database last answered, while retrying
+        self._db = DbRetry(f"worker {device}", stopping)
+
+    @property
+    def db_error(self) -> str | None:
+        """What the database last answered, while retrying."""
+        return self._db.error
 
     def run(self) -> None:
         try:
@@ -98,42 +172,12 @@ class DeviceWorker(threading.Thread):
             return True
         return False
 
-    def _db(self, call: Callable[..., T], *args: Any) -> T:
-        """`call(*args)` on the store, retried with backoff while the database fails.
-
-        Every store call of the worker goes through here: each is one transaction that either
-        committed or rolled back, so trying it again is safe.
-        """
-        delay_s = DB_RETRY_FIRST_S
-        while True:
-            try:
-                answer = call(*args)
-            except sa.exc.OperationalError as exc:
-                self.db_error = str(exc.orig or exc).splitlines()[0][:200]
-                log.warning("worker %s: database error in %s: %s; retrying in %.1fs", self.device,
-                            call.__name__, self.db_error, delay_s)
-                if self.stopping.wait(delay_s):
-                    raise _Stopping from exc
-                delay_s = min(2 * delay_s, DB_RETRY_MAX_S)
-                continue
-            if self.db_error is not None:
-                log.warning("worker %s: the database answers again", self.device)
-                self.db_error = None
-            return answer
-
-    def _spec_for_device(self, spec: dict[str, Any]) -> dict[str, Any]:
-        spec = dict(spec, device=self.device)
-        spec.pop("reuse", None)
-        if self.device == "cpu" and spec.get("capacity_bytes") is None:
-            spec["capacity_bytes"] = self.settings.cpu_capacity_bytes
-        return spec
-
     def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
         context = multiprocessing.get_context("spawn")
         outbox = context.Queue()
         process = context.Process(target=run_job_process, daemon=False, args=(
-            self._spec_for_device(job["spec"]), list(self.settings.allowed_factories), outbox,
+            spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories), outbox,
             self.settings.hub_access == "offline"))
         process.start()
         self.current, self.busy_since_s = (job_id, process), time.monotonic()
@@ -193,11 +237,13 @@ class LocalExecutor:
     """One worker per device NVML lists (the CPU device when it lists none)."""
 
     def __init__(self, store: Store, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
         devices = list_devices(settings.cpu_capacity_bytes)
         self.device_kind = devices[0]["kind"]
         self.device_name = devices[0]["name"]
         self.stopping = threading.Event()
         self.workers = [DeviceWorker(d["device"], store, settings, self.stopping, metrics) for d in devices]
+        self.devices = [worker.device for worker in self.workers]
 
     def start(self) -> None:
         for worker in self.workers:
@@ -213,3 +259,16 @@ class LocalExecutor:
 
     def busy_devices(self) -> int:
         return sum(worker.current is not None for worker in self.workers)
+
+    def job_devices_limit(self) -> tuple[int, str]:
+        if self.device_kind == "cpu":
+            most = self.settings.max_verify_processes
+            return most, f"at most {most} processes on the CPU device (FITPROBE_MAX_VERIFY_PROCESSES)"
+        return len(self.devices), f"{len(self.devices)} GPU(s) on this machine"
+
+    def not_ready(self) -> list[str]:
+        alive = [worker for worker in self.workers if worker.is_alive()]
+        if not alive:
+            return ["no device worker is running"]
+        # a worker retrying the database can record nothing: the store is shared, so this replica is not ready
+        return [f"worker {w.device}: database error: {w.db_error} (retrying)" for w in alive if w.db_error]

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.body_limit import BodyLimit
 from app.config import Settings
 from app.deps import require_token
-from app.executor import LocalExecutor
+from app.executor import make_executor
 from app.routes import devices, exports, health, models, plans, probes
 from app.routes.health import Metrics
 from app.schemas import error_responses
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if requeued or failed:
             log.warning("recovered after a crash: %d job(s) re-queued, %d failed as interrupted", requeued, failed)
         metrics = Metrics(store)
-        executor = LocalExecutor(store, settings, metrics)
+        executor = make_executor(store, settings, metrics)
         app.state.settings, app.state.store, app.state.executor, app.state.metrics = settings, store, executor, metrics
         executor.start()
         yield

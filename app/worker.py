@@ -1,23 +1,33 @@
-"""The body of a job's process: spec in, events and one outcome out through a queue.
+"""The body of a job, wherever it runs: spec in, events and one outcome out.
 
-It runs in a *spawned* process (a fresh interpreter, no inherited CUDA state), so a crash, an
-OOM-killer or a CUDA fault takes down this process only, and killing it is how a job is cancelled.
-The process leads its own process group: a verification on several devices spawns one process per
-device, and the executor kills the whole group, so a cancel leaves none of them behind.
+`execute` is the job itself, the same for every executor: it hands `("event", e)` items and then
+one `("result", report)` or `("error", message)` to a `put` callable. Around it:
+
+- `run_job_process`, the local executor's *spawned* process (a fresh interpreter, no inherited CUDA
+  state), so a crash, an OOM-killer or a CUDA fault takes down this process only, and killing it is
+  how a job is cancelled. The process leads its own process group: a verification on several
+  devices spawns one process per device, and the executor kills the whole group, so a cancel
+  leaves none of them behind.
+- `run_job_ray_task`, the Ray executor's task body: Ray already gives each job a worker process of
+  its own and kills it on cancel, so it only streams the same items back, with where it ran.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from probe.lifetime import die_with_parent
 
+Item = tuple[str, Any]  # ("event", event) | ("result", report) | ("error", message) | ("placed", where)
 
-def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any, hub_offline: bool = False
-                    ) -> None:
-    die_with_parent()
-    os.setpgid(0, 0)
+
+def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[Item], None],
+            hub_offline: bool = False) -> None:
     if hub_offline:
         # FITPROBE_HUB_ACCESS=offline holds in the job too (huggingface_hub reads this when imported, below)
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -31,11 +41,51 @@ def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: 
         # leave a core to the service: a probe on the CPU device must not starve the API it reports to
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     try:
-        report = run_job(ProbeSpec(**spec), lambda event: outbox.put(("event", event)), allowed_factories)
-        outbox.put(("result", report))
+        put(("result", run_job(ProbeSpec(**spec), lambda event: put(("event", event)), allowed_factories)))
     except (SpecError, ValidationError) as exc:
-        outbox.put(("error", validation_message(exc)))
+        put(("error", validation_message(exc)))
     except Exception as exc:  # noqa: BLE001 - reported as the job's failure, the process then exits
-        outbox.put(("error", f"{type(exc).__name__}: {exc}"))
+        put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox: Any, hub_offline: bool = False
+                    ) -> None:
+    die_with_parent()
+    os.setpgid(0, 0)
+    execute(spec, allowed_factories, outbox.put, hub_offline)
     outbox.close()
     outbox.join_thread()
+
+
+def run_job_ray_task(spec: dict[str, Any], allowed_factories: list[str], hub_offline: bool = False
+                     ) -> Iterator[Item]:
+    """A Ray streaming generator: first where it runs, then `execute`'s items as they happen.
+
+    `execute` reports through a callback and a generator can only yield from its own frame, so the
+    job runs in a thread and this frame yields what it puts. The report gains `placement` (node,
+    process, GPUs and the task's own start and end times), so it names where its numbers come from.
+    """
+    import ray
+
+    context = ray.get_runtime_context()
+    placement = {"executor": "ray", "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                 "pid": os.getpid(), "gpu_ids": context.get_accelerator_ids().get("GPU", []),
+                 "started_at": time.time()}
+    yield "placed", placement
+    items: queue.Queue[Item | None] = queue.Queue()
+
+    def job() -> None:
+        try:
+            execute(spec, allowed_factories, items.put, hub_offline)
+        finally:
+            items.put(None)  # even if execute itself broke: the generator must not wait forever
+
+    threading.Thread(target=job, name="fitprobe-job", daemon=True).start()
+    while (item := items.get()) is not None:
+        kind, payload = item
+        if kind == "result":
+            payload = {**payload, "placement": {**placement, "finished_at": time.time()}}
+        yield kind, payload
+        if kind != "event":
+            return
+    yield "error", "the job ended without reporting a result (see the Ray worker's log)"

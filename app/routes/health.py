@@ -53,14 +53,10 @@ def readyz(request: Request) -> dict[str, object]:
         state.store.counts_by_status()
     except Exception as exc:  # noqa: BLE001 - any store failure means not ready
         raise HTTPException(503, f"store unavailable: {type(exc).__name__}") from exc
-    alive = [w for w in state.executor.workers if w.is_alive()]
-    if not alive:
-        raise HTTPException(503, "no device worker is running")
-    # a worker retrying the database can record nothing: the store is shared, so this replica is not ready
-    retrying = [f"worker {w.device}: database error: {w.db_error} (retrying)" for w in alive if w.db_error]
-    if retrying:
-        raise HTTPException(503, "; ".join(retrying))
-    return {"status": "ready", "devices": [w.device for w in alive]}
+    problems = state.executor.not_ready()
+    if problems:
+        raise HTTPException(503, "; ".join(problems))
+    return {"status": "ready", "devices": state.executor.devices}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={

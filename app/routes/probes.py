@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
 from app.deps import ExecutorDep, SettingsDep, StoreDep
-from app.executor import LocalExecutor
+from app.executor import Executor
 from app.schemas import ProbeRequest, error_responses
 from app.store import STATUSES, TERMINAL, Conflict, QueueFull
 from app.watch import compact, etag_of
@@ -123,7 +123,7 @@ def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
     return result
 
 
-def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: LocalExecutor,
+def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Executor,
                         capacity_bytes: int | None) -> None:
     """422 now for a request that would only fail later in its job, or run on a device it did not ask for."""
     if request.seq_len > settings.max_seq_len:
@@ -131,7 +131,7 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Loc
     if request.effective_batch and request.effective_batch > settings.max_effective_batch:
         raise HTTPException(422, f"effective_batch must be ≤ {settings.max_effective_batch} on this service "
                                  f"(got {request.effective_batch})")
-    devices = [worker.device for worker in executor.workers]
+    devices = executor.devices
     if "device" in request.model_fields_set and request.device not in devices:
         raise HTTPException(422, f"device: this service has no {request.device}; it runs probes on "
                                  f"{', '.join(devices)}: leave device out and the service picks a free one")
@@ -140,10 +140,8 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Loc
         raise HTTPException(422, f"capacity_bytes must be ≤ {format_bytes(settings.cpu_capacity_bytes)} on this "
                                  f"service's CPU device (got {format_bytes(capacity_bytes)}; "
                                  'FITPROBE_CPU_CAPACITY_BYTES); to plan for a bigger device send "mode": "estimate"')
-    most = settings.max_verify_processes if cpu else len(devices)
+    most, where = executor.job_devices_limit()
     if request.mode == "measure" and request.effective_batch is not None and request.num_devices > most:
-        where = (f"at most {most} processes on the CPU device (FITPROBE_MAX_VERIFY_PROCESSES)" if cpu
-                 else f"{most} GPU(s) on this machine")
         raise HTTPException(422, f"num_devices must be ≤ {most} here (got {request.num_devices}): the verification "
                                  f"runs one process per device, {where}; lower num_devices, or send "
                                  '"mode": "estimate" to plan without verifying')
