@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,11 +79,21 @@ class Meter(Protocol):
     def release(self) -> None: ...
 
 
+def _is_dtensor_type(kind: type) -> bool:
+    return kind.__name__ == "DTensor" and kind.__module__.startswith("torch.distributed.tensor")
+
+
 class LiveBytesMode(TorchDispatchMode):
     """Counts the rounded bytes of every tensor storage created while active, until it is freed.
 
     A storage is counted once, when an op first returns it; a view of a counted (or pre-existing)
     storage adds nothing. A weakref finalizer on the storage subtracts it when it dies.
+
+    Two things FSDP2 does are invisible to a dispatch mode, so they are handled here (as torch's own
+    `MemTracker` does): it frees and re-allocates unsharded parameters with `UntypedStorage.resize_`
+    (the storage object lives on at 0 bytes, so no finalizer fires), which is patched while the mode
+    is active; and its parameters are DTensors, which the mode lets desugar into the local-shard ops
+    that really allocate, instead of counting the wrapper.
     """
 
     def __init__(self, capacity_bytes: int | None = None) -> None:
@@ -92,7 +103,25 @@ class LiveBytesMode(TorchDispatchMode):
         self.peak_bytes = 0
         self.phase = "idle"
         self.phase_peak_bytes: dict[str, int] = {}
-        self._counted: set[int] = set()
+        self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
+        self._resize_stack: list = []
+
+    def __enter__(self) -> "LiveBytesMode":
+        original = torch.UntypedStorage.resize_
+        self._resize_stack.append(original)
+        mode = self
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            result = original(storage, size)
+            mode._resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        torch.UntypedStorage.resize_ = self._resize_stack.pop()
+        return super().__exit__(*exc_info)
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count a tensor created before the mode was entered (model weights built elsewhere)."""
@@ -107,6 +136,8 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase_peak_bytes = {self.phase: self.live_bytes}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(_is_dtensor_type(kind) for kind in types):
+            return NotImplemented  # DTensor runs its local ops, which come back through this mode
         out = func(*args, **(kwargs or {}))
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor)}
@@ -123,8 +154,20 @@ class LiveBytesMode(TorchDispatchMode):
         if key in self._counted:
             return
         n_bytes = round_allocation(storage.nbytes())
-        self._counted.add(key)
-        weakref.finalize(storage, self._free, key, n_bytes)
+        self._counted[key] = n_bytes
+        weakref.finalize(storage, self._free, key)
+        self._grow(n_bytes, raise_on_overflow)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """A counted storage changed size in place: count its new size (FSDP2's free and re-gather)."""
+        key = id(storage)
+        if key not in self._counted:
+            return
+        n_bytes = round_allocation(storage.nbytes())
+        delta, self._counted[key] = n_bytes - self._counted[key], n_bytes
+        self._grow(delta, raise_on_overflow=delta > 0)
+
+    def _grow(self, n_bytes: int, raise_on_overflow: bool) -> None:
         self.live_bytes += n_bytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self.phase_peak_bytes[self.phase] = max(self.phase_peak_bytes.get(self.phase, 0), self.live_bytes)
@@ -136,9 +179,8 @@ class LiveBytesMode(TorchDispatchMode):
                 f"{self.live_bytes - n_bytes} bytes live of a {self.capacity_bytes}-byte capacity"
             )
 
-    def _free(self, key: int, n_bytes: int) -> None:
-        self._counted.discard(key)
-        self.live_bytes -= n_bytes
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._counted.pop(key, 0)
 
 
 class CpuMeter:
@@ -168,6 +210,11 @@ class CpuMeter:
 
     def allocated_bytes(self) -> int:
         return self._mode.live_bytes
+
+    def count(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors made off the meter that the device keeps (buffers FSDP leaves unsharded)."""
+        for tensor in tensors:
+            self._mode.count(tensor)
 
     def synchronize(self) -> None:
         return None
