@@ -49,6 +49,8 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-micro-batch", type=int, help="never try a micro-batch above this")
     parser.add_argument("--effective-batch", type=int, help="target examples per optimizer step")
     parser.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    parser.add_argument("--sharding", default="none", choices=["none", "fsdp"],
+                        help="fsdp: weights, gradients and optimizer state sharded over --devices (FSDP2, ZeRO-3)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -63,7 +65,7 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
         headroom=args.headroom, precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora,
         gradient_checkpointing=args.grad_checkpointing, max_micro_batch=args.max_micro_batch,
-        effective_batch=args.effective_batch, num_devices=args.devices,
+        effective_batch=args.effective_batch, num_devices=args.devices, sharding=args.sharding,
     )
 
 
