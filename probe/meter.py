@@ -14,9 +14,10 @@ Never read `torch.cuda.*` memory stats on a CPU build: they return 0 and every b
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
-from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,11 +90,12 @@ class LiveBytesMode(TorchDispatchMode):
     A storage is counted once, when an op first returns it; a view of a counted (or pre-existing)
     storage adds nothing. A weakref finalizer on the storage subtracts it when it dies.
 
-    Two things FSDP2 does are invisible to a dispatch mode, so they are handled here (as torch's own
-    `MemTracker` does): it frees and re-allocates unsharded parameters with `UntypedStorage.resize_`
-    (the storage object lives on at 0 bytes, so no finalizer fires), which is patched while the mode
-    is active; and its parameters are DTensors, which the mode lets desugar into the local-shard ops
-    that really allocate, instead of counting the wrapper.
+    What FSDP2 does that a dispatch mode alone would get wrong is handled here, as torch's own
+    `MemTracker` does: FSDP2 frees and re-allocates unsharded parameters with `UntypedStorage.resize_`
+    (the storage object lives on at 0 bytes, so no finalizer fires), which is patched while the mode is
+    active; its parameters are DTensors, which the mode lets desugar into the local-shard ops that
+    really allocate; and DTensor works out each new op's output sharding by running the op on
+    full-size (global) fake tensors, which occupy no device and are not counted.
     """
 
     def __init__(self, capacity_bytes: int | None = None) -> None:
@@ -104,24 +106,33 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase = "idle"
         self.phase_peak_bytes: dict[str, int] = {}
         self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
-        self._resize_stack: list = []
+        self._paused = 0
+        self._patches: list[ExitStack] = []
 
     def __enter__(self) -> "LiveBytesMode":
-        original = torch.UntypedStorage.resize_
-        self._resize_stack.append(original)
-        mode = self
-
-        def resize_(storage: torch.UntypedStorage, size: int):
-            result = original(storage, size)
-            mode._resized(storage)
-            return result
-
-        torch.UntypedStorage.resize_ = resize_
+        patches = ExitStack()
+        patches.enter_context(_patched(torch.UntypedStorage, "resize_", self._after_resize))
+        propagator = _dtensor_sharding_propagator()
+        if propagator is not None:
+            patches.enter_context(_patched(propagator, "_propagate_tensor_meta_non_cached", self._uncounted))
+        self._patches.append(patches)
         return super().__enter__()
 
     def __exit__(self, *exc_info) -> None:
-        torch.UntypedStorage.resize_ = self._resize_stack.pop()
+        self._patches.pop().close()
         return super().__exit__(*exc_info)
+
+    def _after_resize(self, call, storage: torch.UntypedStorage, *args, **kwargs):
+        result = call(storage, *args, **kwargs)
+        self._resized(storage)
+        return result
+
+    def _uncounted(self, call, *args, **kwargs):
+        self._paused += 1
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self._paused -= 1
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count a tensor created before the mode was entered (model weights built elsewhere)."""
@@ -139,6 +150,10 @@ class LiveBytesMode(TorchDispatchMode):
         if any(_is_dtensor_type(kind) for kind in types):
             return NotImplemented  # DTensor runs its local ops, which come back through this mode
         out = func(*args, **(kwargs or {}))
+        if self._paused or func is torch.ops.aten.lift_fresh.default:
+            # lift_fresh: a tensor made from Python data (AdamW's step counts). On a real device it is
+            # allocated below this mode and never seen; under fake tensors it would be: count neither
+            return out
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
@@ -181,6 +196,28 @@ class LiveBytesMode(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.live_bytes -= self._counted.pop(key, 0)
+
+
+@contextmanager
+def _patched(owner: type, name: str, wrapper: Callable) -> Iterator[None]:
+    """Replace `owner.name` by `wrapper(original, *args)` for the duration, then restore it."""
+    original = getattr(owner, name)
+
+    def patched(*args, **kwargs):
+        return wrapper(original, *args, **kwargs)
+
+    setattr(owner, name, patched)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _dtensor_sharding_propagator() -> type | None:
+    """DTensor's sharding propagator, if DTensor is in use in this process (else nothing to patch)."""
+    module = sys.modules.get("torch.distributed.tensor._sharding_prop")
+    propagator = getattr(module, "ShardingPropagator", None)
+    return propagator if hasattr(propagator, "_propagate_tensor_meta_non_cached") else None
 
 
 class CpuMeter:
