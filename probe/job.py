@@ -106,19 +106,19 @@ def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tupl
 def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
     from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
 
+    meter: Meter
     trial: Trial
     if spec.mode == "estimate":
         estimated = EstimatedShardedTrial(spec, allowed_factories)
-        # built now, so a model whose shards cannot fit is refused before the search starts
-        meter, facts, trial = estimated.meter, model_facts(estimated.model()), estimated
+        meter, trial = estimated.meter, estimated
     else:
         if spec.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
                             "or --estimate")
-        trial = MeasuredShardedTrial(spec, allowed_factories)
-        # the ranks build their own models; this one is on meta, for its sizes only
-        meter, facts = make_meter(spec.device, spec.capacity_bytes), model_facts(build_model(spec, "meta", allowed_factories))
-    facts["sharded_over_devices"] = spec.num_devices  # DTensor sizes are the full model's
+        meter, trial = make_meter(spec.device, spec.capacity_bytes), MeasuredShardedTrial(spec, allowed_factories)
+    # every trial builds its own model; this one is on meta, for the full model's sizes
+    facts = model_facts(build_model(spec, "meta", allowed_factories))
+    facts["sharded_over_devices"] = spec.num_devices
     return meter, facts, trial
 
 

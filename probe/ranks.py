@@ -13,10 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from probe.sharding import join_process_group
+from probe.sharding import process_group
 
 RankEntry = Callable[..., None]  # entry(rank, world_size, *args), importable by name (it is pickled)
 
@@ -47,6 +46,5 @@ def _rank_process(rank: int, entry: RankEntry, world_size: int, device: str, por
     else:
         # the processes share the host's cores; oversubscribing them only makes every step slower
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    join_process_group(world_size, rank, "nccl" if cuda else "gloo", f"tcp://127.0.0.1:{port}")
-    entry(rank, world_size, *args)
-    dist.destroy_process_group()
+    with process_group(world_size, rank, "nccl" if cuda else "gloo", f"tcp://127.0.0.1:{port}"):
+        entry(rank, world_size, *args)

@@ -9,7 +9,8 @@ Both are callables `trial(b) -> TrialResult` for `find_micro_batch`, and both ru
   group, and nothing of one trial survives into the next. The trial's peak is the largest rank's, and it
   fits only if every rank fits.
 - `EstimatedShardedTrial` runs rank 0 of a fake process group of `num_devices` under the estimate
-  meter, in this process: the per-device peak, for any cluster, without one.
+  meter, in this process: the per-device peak, for any cluster, without one. It too starts afresh
+  every trial (the build is a few seconds for an 8B model; the trial itself takes longer).
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from probe.estimate import EstimateMeter
 from probe.meter import make_meter
-from probe.models import LoadedModel
 from probe.ranks import RankOutOfMemory, spawn_ranks
-from probe.sharding import build_sharded_model, join_process_group
+from probe.sharding import build_sharded_model, process_group
 from probe.spec import ProbeSpec, SpecError
 from probe.trial import TrialError, TrialResult, TrialRunner
 
@@ -98,33 +97,22 @@ class MeasuredShardedTrial:
 class EstimatedShardedTrial:
     """`trial(b)`: rank 0 of a fake group of `num_devices`, the FSDP2 step under fake tensors.
 
-    The sharded model is kept between trials that fit; one that ran out of memory stopped FSDP midway
-    (parameters gathered, hooks half-run), so the next trial starts from a fresh build, as does one
-    after another estimate in this process re-made the fake group for another size.
+    Like the measured ranks, every trial builds its group and model afresh: a trial that ran out of
+    memory stopped FSDP midway (parameters gathered, hooks half-run), and the group must not outlive
+    the trial (an unsharded step later in this process would take it for data parallelism).
     """
 
     def __init__(self, spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> None:
         self.spec = spec
         self.allowed_factories = allowed_factories
         self.meter = EstimateMeter(spec.capacity_bytes)
-        self._model: LoadedModel | None = None
-        self._group: object | None = None
-
-    def model(self) -> LoadedModel:
-        """The sharded model as rank 0 holds it (built on first use, with the fake group)."""
-        join_process_group(self.spec.num_devices)
-        if self._model is None or self._group is not dist.group.WORLD:
-            self._model = None
-            self.meter.release()
-            self._model = build_sharded_model(self.spec, self.meter, self.allowed_factories)
-            self._group = dist.group.WORLD
-        return self._model
 
     def __call__(self, micro_batch: int) -> TrialResult:
-        model = self.model()
-        with self.meter.tracking():
-            result = TrialRunner(self.spec, self.meter, model)(micro_batch)
-        if not result.fits:
-            self._model = None
-            self.meter.release()
-        return result
+        with process_group(self.spec.num_devices):
+            model = build_sharded_model(self.spec, self.meter, self.allowed_factories)
+            try:
+                with self.meter.tracking():
+                    return TrialRunner(self.spec, self.meter, model)(micro_batch)
+            finally:
+                del model
+                self.meter.release()

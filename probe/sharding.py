@@ -14,7 +14,8 @@ ZeRO++; `fully_shard` wraps outermost `nn.ModuleList` children only (no custom w
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -31,27 +32,31 @@ from probe.spec import ProbeSpec, SpecError
 PROCESS_GROUP_TIMEOUT_S = 120
 
 
-def join_process_group(world_size: int, rank: int = 0, backend: str = "fake", init_method: str | None = None) -> None:
-    """Make this process rank `rank` of a default process group of `world_size`.
+@contextmanager
+def process_group(world_size: int, rank: int = 0, backend: str = "fake", init_method: str | None = None
+                  ) -> Iterator[None]:
+    """This process as rank `rank` of the default process group of `world_size`, for the duration.
 
-    "fake" (estimate mode) is a group whose collectives move nothing, so one process can run the
-    step of one rank of N; it is (re)made here when the size differs, so one process can estimate
-    several sizes. "gloo"/"nccl" are the real groups of spawned ranks.
+    "fake" (estimate mode) is a group whose collectives move nothing, so one process runs the step of
+    one rank of N; "gloo"/"nccl" are the real groups of spawned ranks. Nothing outlives the block, so
+    the next trial, or an unsharded step in the same process, does not find a group left behind.
     """
     if backend == "fake":
-        if dist.is_initialized():
-            if dist.get_backend() != "fake":
-                raise RuntimeError("cannot estimate a sharded step inside a real process group")
-            if dist.get_world_size() == world_size:
-                return
-            dist.destroy_process_group()
         # a private module, but the one torchtitan's estimator and torch's own tests use
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-        return
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    else:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    try:
+        yield
+    except BaseException:
+        # a failed real rank is stopped with its peers: tearing its group down could wait on them
+        if backend == "fake":
+            dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -98,7 +103,7 @@ def shard_model(module: nn.Module, spec: ProbeSpec, mesh: DeviceMesh) -> None:
 def build_sharded_model(spec: ProbeSpec, meter: Meter, allowed_factories: Collection[str] = ()) -> LoadedModel:
     """The model as one rank of `spec.num_devices` holds it: built, sharded, its shards counted by `meter`.
 
-    Needs the default process group (`join_process_group`). The full weights are built off the
+    Needs the default process group (`process_group`). The full weights are built off the
     meter (real ones on the host as a loaded checkpoint is, fake ones for the estimate): what a device
     holds is what `fully_shard` makes, its shards, plus the buffers it does not shard. Building the full
     model under the meter would refuse models whose weights only fit once sharded.
