@@ -71,6 +71,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="with --estimate: plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
     parser.add_argument("--estimate", action="store_true",
                         help="count bytes under fake tensors instead of running on the device (no memory used)")
+    parser.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
+    parser.add_argument("--sharding", default="none", choices=["none", "fsdp"],
+                        help="fsdp: weights, gradients and optimizer state sharded over --devices (FSDP2, ZeRO-3)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -83,7 +86,6 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-micro-batch", type=positive_int, help="never try a micro-batch above this")
     parser.add_argument("--effective-batch", type=positive_int, help="target examples per optimizer step: plan and "
                         "verify the split")
-    parser.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
 
 
 def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
@@ -97,13 +99,12 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     search = {}
     if hasattr(args, "effective_batch"):
         search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
-                      max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch,
-                      num_devices=args.devices)
+                      max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch)
     return ProbeSpec(
         model=args.model, seq_len=args.seq_len, device=args.device, capacity_bytes=capacity,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, collation=args.collation,
-        gradient_checkpointing=args.grad_checkpointing, **search,
+        gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
     )
 
 

@@ -95,13 +95,18 @@ class EstimateMeter(CpuMeter):
         stack.enter_context(self._mode)
         return stack
 
+    def fake_tensors(self) -> AbstractContextManager:
+        """Fake mode without the count: tensors made here occupy nothing on the device."""
+        return self._fake_mode
+
     def materialize(self, module: torch.nn.Module) -> None:
         """Swap a meta-built module's weights for fake ones on the fake device, ties kept.
 
         Built on meta and swapped here because peft and `Module.to` cannot move fake parameters
         (`_apply` refuses to swap tensor subclasses); assigning them directly is all it takes.
-        Call inside `tracking()` so the weights are counted. A mixture of experts whose shapes depend
-        on the routing is refused here, before any trial.
+        Call inside `tracking()` so the weights are counted, or inside `fake_tensors()` for weights that
+        live elsewhere (the full model that FSDP shards). A mixture of experts whose shapes depend on the
+        routing is refused here, before any trial.
         """
         self._has_experts = _experts_run_by_grouped_mm(module)
         fakes: dict[int, torch.Tensor] = {}

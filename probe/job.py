@@ -26,6 +26,7 @@ from probe.trial import TrialResult, TrialRunner
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
+Trial = Callable[[int], TrialResult]
 
 
 def _ignore(_: Event) -> None:
@@ -105,12 +106,48 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
     return meter, model
 
 
+def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tuple[Meter, dict[str, Any], Trial]:
+    """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
+
+    Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
+    N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
+    """
+    if spec.sharding == "fsdp":
+        return _sharded_trial(spec, allowed_factories)
+    meter, model = prepare(spec, allowed_factories)
+    runner = TrialRunner(spec, meter, model)
+
+    def trial(micro_batch: int) -> TrialResult:
+        with meter.tracking():
+            return runner(micro_batch)
+
+    return meter, {**model_facts(model), "attention": attention_facts(model, spec)}, trial
+
+
+def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
+    from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
+
+    meter: Meter
+    trial: Trial
+    if spec.mode == "estimate":
+        estimated = EstimatedShardedTrial(spec, allowed_factories)
+        meter, trial = estimated.meter, estimated
+    else:
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
+                            "or --estimate")
+        meter, trial = make_meter(spec.device, spec.capacity_bytes), MeasuredShardedTrial(spec, allowed_factories)
+    # every trial builds its own model; this one is on meta, for the full model's sizes
+    sized = build_model(spec, "meta", allowed_factories)
+    facts = {**model_facts(sized), "attention": attention_facts(sized, spec), "sharded_over_devices": spec.num_devices}
+    return meter, facts, trial
+
+
 def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
     """One trial at a given micro-batch, as a report."""
-    meter, model = prepare(spec, allowed_factories)
-    with meter.tracking():
-        result = TrialRunner(spec, meter, model)(micro_batch)
-    return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": model_facts(model),
+    meter, facts, trial = make_trial(spec, allowed_factories)
+    result = trial(micro_batch)
+    return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": facts,
             "versions": versions(), "trial": result.to_dict()}
 
 
@@ -119,40 +156,35 @@ class _Estimator:
 
     def __init__(self, spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str]) -> None:
         estimate_spec = spec.model_copy(update={"mode": "estimate", "capacity_bytes": capacity_bytes})
-        self.meter, model = prepare(estimate_spec, allowed_factories)
-        self.runner = TrialRunner(estimate_spec, self.meter, model)
+        self.meter, _, self.trial = make_trial(estimate_spec, allowed_factories)
 
     def max_micro_batch(self, spec: ProbeSpec) -> int | None:
-        with self.meter.tracking():
-            found = find_micro_batch(self.runner, self.meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
+        found = find_micro_batch(self.trial, self.meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
         return found.max_micro_batch or None
 
     def peak_bytes(self, micro_batch: int) -> int | None:
-        with self.meter.tracking():
-            return self.runner(micro_batch).peak_allocated_bytes
+        return self.trial(micro_batch).peak_allocated_bytes
 
 
 def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
-    meter, model = prepare(spec, allowed_factories)
+    meter, facts, run = make_trial(spec, allowed_factories)
     estimate = None
     if spec.estimate_first and spec.mode == "measure":
         emit({"type": "phase", "phase": "estimating"})
         estimate = _Estimator(spec, meter.capacity_bytes, allowed_factories)
     emit({"type": "phase", "phase": "probing"})
-    runner = TrialRunner(spec, meter, model)
 
     def trial(micro_batch: int) -> TrialResult:
         emit({"type": "trial_started", "micro_batch": micro_batch})
-        result = runner(micro_batch)
+        result = run(micro_batch)
         emit({"type": "trial", **result.to_dict()})
         return result
 
     hint = estimate.max_micro_batch(spec) if estimate else None
-    with meter.tracking():
-        search = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit, hint)
+    search = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit, hint)
     trials = [t.to_dict() for t in search.trials]
     if estimate:
         for measured in trials:
@@ -169,7 +201,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
     report = {
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),
-        "model": {**model_facts(model), "attention": attention_facts(model, spec)},
+        "model": facts,
         "versions": versions(),
         "search": {
             "max_micro_batch": search.max_micro_batch,
@@ -203,6 +235,9 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
     from probe.plan import plan_for_probe
     from probe.verify import run_verification
 
+    if verify and spec.mode == "measure" and spec.effective_batch is not None and spec.sharding == "fsdp":
+        raise SpecError("verification with sharding=fsdp is not implemented yet; use --no-verify, or leave out "
+                        "effective_batch (the probe's answer is per device either way)")
     report = run_probe(spec, emit, allowed_factories)
     report["plan"] = report["verification"] = None
     if spec.effective_batch is None or report["does_not_fit"]:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import gc
 import re
+import sys
 import weakref
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 DEFAULT_CPU_CAPACITY_BYTES = 1 << 30
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -102,11 +103,41 @@ class Meter(Protocol):
     def release(self) -> None: ...
 
 
+# Ops this mode can pass straight through. prim.device: the autograd engine asks fake tensors for their
+# device through the dispatcher, more often than all other ops together. lift_fresh: a tensor made
+# from Python data (AdamW's step counts); on a real device it is allocated below this mode and never
+# seen, under fake tensors it would be: neither meter counts it.
+_ALLOCATES_NOTHING = frozenset({torch.ops.prim.device.default, torch.ops.aten.lift_fresh.default})
+
+
+def _tensors(tree: object) -> Iterator[torch.Tensor]:
+    """The tensors in an op's arguments or outputs (tuples, lists, dicts): pytree's job, a few times faster."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+def _is_dtensor_type(kind: type) -> bool:
+    return kind.__name__ == "DTensor" and kind.__module__.startswith("torch.distributed.tensor")
+
+
 class LiveBytesMode(TorchDispatchMode):
     """Counts the rounded bytes of every tensor storage created while active, until it is freed.
 
     A storage is counted once, when an op first returns it; a view of a counted (or pre-existing)
     storage adds nothing. A weakref finalizer on the storage subtracts it when it dies.
+
+    What FSDP2 does that a dispatch mode alone would get wrong is handled here, as torch's own
+    `MemTracker` does: FSDP2 frees and re-allocates unsharded parameters with `UntypedStorage.resize_`
+    (the storage object lives on at 0 bytes, so no finalizer fires), which is patched while the mode is
+    active; its parameters are DTensors, which the mode lets desugar into the local-shard ops that
+    really allocate; and DTensor works out each new op's output sharding by running the op on
+    full-size (global) fake tensors, which occupy no device and are not counted.
     """
 
     def __init__(self, capacity_bytes: int | None = None) -> None:
@@ -117,7 +148,34 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase = "idle"
         self.phase_peak_bytes: dict[str, int] = {}
         self.last_oom = OomFacts(None, None)
-        self._counted: set[int] = set()
+        self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
+        self._paused = 0
+        self._patches: list[ExitStack] = []
+
+    def __enter__(self) -> "LiveBytesMode":
+        patches = ExitStack()
+        patches.enter_context(_patched(torch.UntypedStorage, "resize_", self._after_resize))
+        propagator = _dtensor_sharding_propagator()
+        if propagator is not None:
+            patches.enter_context(_patched(propagator, "_propagate_tensor_meta_non_cached", self._uncounted))
+        self._patches.append(patches)
+        return super().__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        self._patches.pop().close()
+        return super().__exit__(*exc_info)
+
+    def _after_resize(self, call, storage: torch.UntypedStorage, *args, **kwargs):
+        result = call(storage, *args, **kwargs)
+        self._resized(storage)
+        return result
+
+    def _uncounted(self, call, *args, **kwargs):
+        self._paused += 1
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self._paused -= 1
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count a tensor created before the mode was entered (model weights built elsewhere)."""
@@ -132,12 +190,15 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase_peak_bytes = {self.phase: self.live_bytes}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(_is_dtensor_type(kind) for kind in types):
+            return NotImplemented  # DTensor runs its local ops, which come back through this mode
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
+        if self._paused or func in _ALLOCATES_NOTHING:
+            return out
+        inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
+        for tensor in _tensors(out):
             # meta tensors (a model sized before it is built) occupy nothing
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            if tensor.device.type != "meta":
                 storage = tensor.untyped_storage()
                 if id(storage) not in inputs:
                     self._add(storage, raise_on_overflow=True)
@@ -148,8 +209,20 @@ class LiveBytesMode(TorchDispatchMode):
         if key in self._counted:
             return
         n_bytes = round_allocation(storage.nbytes())
-        self._counted.add(key)
-        weakref.finalize(storage, self._free, key, n_bytes)
+        self._counted[key] = n_bytes
+        weakref.finalize(storage, self._free, key)
+        self._grow(n_bytes, raise_on_overflow)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """A counted storage changed size in place: count its new size (FSDP2's free and re-gather)."""
+        key = id(storage)
+        if key not in self._counted:
+            return
+        n_bytes = round_allocation(storage.nbytes())
+        delta, self._counted[key] = n_bytes - self._counted[key], n_bytes
+        self._grow(delta, raise_on_overflow=delta > 0)
+
+    def _grow(self, n_bytes: int, raise_on_overflow: bool) -> None:
         self.live_bytes += n_bytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self.phase_peak_bytes[self.phase] = max(self.phase_peak_bytes.get(self.phase, 0), self.live_bytes)
@@ -162,9 +235,30 @@ class LiveBytesMode(TorchDispatchMode):
                 f"{self.live_bytes - n_bytes} bytes live of a {self.capacity_bytes}-byte capacity"
             )
 
-    def _free(self, key: int, n_bytes: int) -> None:
-        self._counted.discard(key)
-        self.live_bytes -= n_bytes
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._counted.pop(key, 0)
+
+
+@contextmanager
+def _patched(owner: type, name: str, wrapper: Callable) -> Iterator[None]:
+    """Replace `owner.name` by `wrapper(original, *args)` for the duration, then restore it."""
+    original = getattr(owner, name)
+
+    def patched(*args, **kwargs):
+        return wrapper(original, *args, **kwargs)
+
+    setattr(owner, name, patched)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _dtensor_sharding_propagator() -> type | None:
+    """DTensor's sharding propagator, if DTensor is in use in this process (else nothing to patch)."""
+    module = sys.modules.get("torch.distributed.tensor._sharding_prop")
+    propagator = getattr(module, "ShardingPropagator", None)
+    return propagator if hasattr(propagator, "_propagate_tensor_meta_non_cached") else None
 
 
 class CpuMeter:
@@ -197,6 +291,11 @@ class CpuMeter:
 
     def allocated_bytes(self) -> int:
         return self._mode.live_bytes
+
+    def count(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors made off the meter that the device keeps (buffers FSDP leaves unsharded)."""
+        for tensor in tensors:
+            self._mode.count(tensor)
 
     def synchronize(self) -> None:
         return None

@@ -25,6 +25,7 @@ Optimizer = Literal["adamw", "sgd"]
 Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
 Collation = Literal["padded", "packed"]
+Sharding = Literal["none", "fsdp"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -158,6 +159,13 @@ class ProbeSpec(BaseModel):
         description="target examples per optimizer step across all devices; the search stops there",
     )
     num_devices: int = Field(1, ge=1, le=MAX_DEVICES, description="data-parallel devices")
+    sharding: Sharding = Field(
+        "none",
+        description="none: every device holds the whole model, gradients and optimizer state (DDP); fsdp: "
+        "they are sharded over num_devices (FSDP2 fully_shard per transformer block and at the root, "
+        "resharded after forward, i.e. ZeRO-3) and the answer is per device. Tensor/pipeline parallelism, "
+        "hybrid sharding and CPU offload are not modelled",
+    )
     micro_steps_per_trial: int = Field(2, ge=2, le=8, description="micro-steps per optimizer step")
     optimizer_steps_per_trial: int = Field(2, ge=2, le=8, description="optimizer steps per trial")
     seed: int = Field(0, description="seed of the synthetic batches (token ids)")
@@ -215,6 +223,13 @@ class ProbeSpec(BaseModel):
                              "bf16-mixed, whose memory is the same")
         return self
 
+    @model_validator(mode="after")
+    def _sharding_modelled(self) -> "ProbeSpec":
+        if self.sharding == "fsdp" and self.precision == "fp16-mixed":
+            raise ValueError("sharding=fsdp is modelled with bf16-mixed, bf16 or fp32; fp16 loss scaling of "
+                             "sharded gradients is not: use bf16-mixed, whose memory is the same")
+        return self
+
     @property
     def micro_batch_limit(self) -> int | None:
         """The largest micro-batch worth trying: the user's cap, or what the target batch needs."""
@@ -228,6 +243,7 @@ class ProbeSpec(BaseModel):
         model = self.model if isinstance(self.model, str) else "hf:inline"
         extra = " lora" if self.finetuning == "lora" else ""
         extra += " ckpt" if self.gradient_checkpointing else ""
+        extra += f" fsdp×{self.num_devices}" if self.sharding == "fsdp" else ""
         return f"{model} seq={self.seq_len} {self.precision} {self.optimizer}{extra}"
 
 

@@ -115,7 +115,13 @@ def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -
 
 
 def autocast_for(spec: ProbeSpec, device_type: str):
-    """Mixed precision keeps fp32 weights and runs matmuls in 16 bits; pure bf16 needs no autocast."""
+    """Mixed precision keeps fp32 weights and runs matmuls in 16 bits; pure bf16 needs no autocast.
+
+    Under FSDP the shards gather as 16-bit weights (its MixedPrecisionPolicy), so the forward is 16-bit
+    already; autocast on top would only upcast the ops on its fp32 list, which FSDP training does not.
+    """
+    if spec.sharding == "fsdp":
+        return nullcontext()
     if spec.precision == "bf16-mixed":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     if spec.precision == "fp16-mixed":
@@ -131,6 +137,9 @@ def make_scaler(spec: ProbeSpec, device_type: str) -> torch.amp.GradScaler | Non
 def global_target_tokens(micro_batches: Sequence[MicroBatch]) -> int:
     """Target tokens of the whole optimizer step, summed over data-parallel ranks."""
     count = sum(mb.target_tokens() for mb in micro_batches)
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "fake":
+        # estimate mode's group moves nothing (and a fake count cannot be read): ranks run alike
+        return count * dist.get_world_size()
     if dist.is_available() and dist.is_initialized():
         # NCCL reduces device tensors only; gloo takes either
         total = torch.tensor([count], dtype=torch.int64, device=micro_batches[0].input_ids.device)

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +32,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from probe.lifetime import die_with_parent
 from probe.meter import Meter, is_oom, make_meter
 from probe.models import LoadedModel, build_model
 from probe.plan import Plan
+from probe.ranks import RankOutOfMemory, spawn_ranks
 from probe.spec import Collation, ProbeSpec, SpecError, format_bytes
 from probe.step import (
     MicroBatch, accumulate_gradients, global_target_tokens, make_optimizer, make_scaler, optimizer_step, split,
@@ -50,14 +47,9 @@ VERIFY_LR = {"adamw": 1e-3, "sgd": 1e-2}
 # Relative error allowed between the accumulated and the reference gradient. fp32 must agree to
 # rounding; 16-bit matmuls round differently for different batch shapes.
 GRAD_TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "fp16-mixed": 2e-2, "bf16": 5e-2}
-PROCESS_GROUP_TIMEOUT_S = 120
 # Each verify step trains the whole effective batch, and the gradient check adds one more pass over
 # it: two steps (the fewest the loss check can compare) keep verification near the probe's own time.
 DEFAULT_VERIFY_STEPS = 2
-
-
-class RankOutOfMemory(RuntimeError):
-    """A device ran out of memory during the verification; its peers are stopped with it."""
 
 
 @dataclass
@@ -283,25 +275,10 @@ def _joined(micro_batches: list[MicroBatch]) -> MicroBatch:
                       None if masks[0] is None else torch.cat(masks))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, world_size: int, spec_json: dict[str, Any], plan: Plan, steps: int,
-               allowed_factories: list[str], fits_at_once: int, port: int, out_dir: str) -> None:
-    """Entry point of one spawned device process: join the group, verify, write rank 0's result."""
-    die_with_parent()
+               allowed_factories: list[str], fits_at_once: int, out_dir: str) -> None:
+    """One spawned device process, already in the group: verify, write rank 0's result."""
     spec = ProbeSpec.model_validate(spec_json)
-    cuda = spec.device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        # the processes share the host's cores; oversubscribing them only makes every step slower
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
     try:
         result = run_rank(spec, plan, steps, rank, world_size, allowed_factories, fits_at_once)
     except RankOutOfMemory as exc:
@@ -309,7 +286,6 @@ def _rank_main(rank: int, world_size: int, spec_json: dict[str, Any], plan: Plan
         raise
     if rank == 0:
         Path(out_dir, "rank0.json").write_text(json.dumps(asdict(result)))
-    dist.destroy_process_group()
 
 
 def _run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Collection[str],
@@ -322,9 +298,8 @@ def _run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Col
         )
     with tempfile.TemporaryDirectory(prefix="fitprobe-verify-") as out_dir:
         try:
-            mp.spawn(_rank_main, nprocs=world_size, join=True,
-                     args=(world_size, spec.model_dump(mode="json"), plan, steps, sorted(allowed_factories),
-                           fits_at_once, _free_port(), out_dir))
+            spawn_ranks(_rank_main, world_size, spec.device,
+                        (spec.model_dump(mode="json"), plan, steps, sorted(allowed_factories), fits_at_once, out_dir))
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             # an OOM on one device stops all of them: that is a verdict, anything else is an error
             oom = sorted(Path(out_dir).glob("rank*.json"))
