@@ -192,6 +192,6 @@ def test_plan_cli_text_and_bad_input_exit_codes(capsys: pytest.CaptureFixture[st
     assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--reference-lr", "0.001",
                  "--reference-batch", "32"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "16 × accumulation 4 × 1 device(s) = 64" in out and "sqrt-scaled" in out
+    assert "plan: 64 = 16 × 4 (micro-batch 16, 4 micro-steps)" in out and "sqrt-scaled" in out
     assert main(["plan", "--effective-batch", "2", "--max-micro-batch", "16", "--devices", "4"]) == EXIT_BAD_INPUT
     assert "must be at least num_devices" in capsys.readouterr().err
