@@ -17,7 +17,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./fitprobe-data"), description="where the SQLite database lives")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fitprobe.db (postgresql://... for replicas)"
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fitprobe.db "
+        "(postgresql+psycopg://user:password@host/db for replicas)"
     )
     host: str = "127.0.0.1"
     port: int = 8000
@@ -43,6 +44,11 @@ class Settings(BaseSettings):
         4, ge=1, description="largest num_devices verified on the CPU device (one process per device)")
     max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
     shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
+
+    # ---- replicas sharing one database (PostgreSQL) ----
+    lease_s: float = Field(
+        30.0, gt=0, description="a running job's worker renews its lease every third of this; a job whose "
+        "lease runs out (its replica died) is re-queued by another replica")
 
     @field_validator("api_tokens", "allowed_factories", mode="before")
     @classmethod
