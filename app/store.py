@@ -158,7 +158,9 @@ class Store:
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
-            inserted = conn.execute(jobs.insert().from_select(list(row), values.where(queued < max_queued))).rowcount
+            # preserve_rowcount: psycopg's INSERT rowcount is gone once SQLAlchemy closes the cursor (SQLite's is not)
+            inserted = conn.execute(jobs.insert().from_select(list(row), values.where(queued < max_queued)),
+                                    execution_options={"preserve_rowcount": True}).rowcount
         if inserted != 1:
             raise QueueFull(f"{max_queued} jobs are already queued (FITPROBE_MAX_QUEUED_JOBS={max_queued})")
         return self.get(job_id)
