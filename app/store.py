@@ -264,15 +264,18 @@ class Store:
         return self.requeue_abandoned([owner for owner in owners if _gone_from_this_host(owner, self.owner)])
 
     def requeue_abandoned(self, gone_owners: Sequence[str] = ()) -> tuple[int, int]:
-        """Running jobs whose lease ran out (or whose owner is in `gone_owners`): re-queued, or failed after
-        MAX_ATTEMPTS runs. A job that no replica has leased (written before leases existed) counts as abandoned.
+        """Other replicas' running jobs whose lease ran out (or whose owner is in `gone_owners`): re-queued, or
+        failed after MAX_ATTEMPTS runs. A job no replica has leased (written before leases existed) counts as
+        abandoned.
 
         Two replicas may sweep at once: each UPDATE re-checks `status = 'running'` on the rows it
         changes, so a job is re-queued once and a job claimed meanwhile carries a fresh lease.
         """
         now = _now()
+        expired = jobs.c.lease_until.is_(None) | (jobs.c.lease_until < now)
+        # never this replica's own jobs: it is alive, and its executor finishes (or fails) what it started
         abandoned = (jobs.c.status == RUNNING) & (
-            jobs.c.lease_until.is_(None) | (jobs.c.lease_until < now) | jobs.c.owner.in_(list(gone_owners)))
+            (expired & jobs.c.owner.is_distinct_from(self.owner)) | jobs.c.owner.in_(list(gone_owners)))
         cleared = {"worker_pid": None, "owner": None, "lease_until": None}
         with self.engine.begin() as conn:
             requeued = conn.execute(jobs.update().where(abandoned, jobs.c.attempts < MAX_ATTEMPTS)

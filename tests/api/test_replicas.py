@@ -46,8 +46,9 @@ def test_a_job_whose_lease_runs_out_goes_to_another_replica_and_the_first_can_no
     assert (taken["id"], taken["owner"], taken["attempts"]) == (job["id"], "replica-1", 2)
     assert not first.heartbeat(job["id"]) and not first.succeed(job["id"], {"late": True})
     time.sleep(0.6)
-    assert second.requeue_abandoned() == (0, 1)  # interrupted on both runs: failed, not re-run forever
-    failed = second.get(job["id"])
+    assert second.requeue_abandoned() == (0, 0)  # a replica never gives up its own jobs: it is alive
+    assert first.requeue_abandoned() == (0, 1)  # interrupted on both runs: failed, not re-run forever
+    failed = first.get(job["id"])
     assert failed["status"] == FAILED and failed["error"].startswith("interrupted")
 
 
