@@ -8,7 +8,7 @@ both win.
 Several service replicas may share one PostgreSQL database. Each `Store` speaks for one replica
 (`owner`, hostname-pid-random): a claimed job carries its owner and a lease (`lease_until`) that the
 running worker renews (`heartbeat`). A replica that dies stops renewing; once the lease has run out,
-the next claim on any replica re-queues the job (or fails it after MAX_ATTEMPTS), so nothing stays
+the next claim on any other replica re-queues the job (or fails it after MAX_ATTEMPTS), so nothing stays
 `running` because a machine went away. Leases compare the replicas' clocks: NTP keeps them far
 closer than a lease (FITPROBE_LEASE_S). The schema itself belongs to the Alembic migrations
 (app/migrate.py), which the service runs before it opens a `Store`.
@@ -158,7 +158,7 @@ class Store:
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
-            # preserve_rowcount: psycopg's INSERT rowcount is gone once SQLAlchemy closes the cursor (SQLite's is not)
+            # without preserve_rowcount, SQLAlchemy answers -1 for an INSERT construct on psycopg: every submit a 429
             inserted = conn.execute(jobs.insert().from_select(list(row), values.where(queued < max_queued)),
                                     execution_options={"preserve_rowcount": True}).rowcount
         if inserted != 1:
@@ -219,8 +219,9 @@ class Store:
     def heartbeat(self, job_id: str) -> bool:
         """Renew this replica's lease on a running job; False when the job is no longer this replica's to run.
 
-        It is not when it was cancelled (perhaps through another replica, which cannot kill a process
-        here) or re-queued because this replica missed its lease: the caller then stops the job.
+        A job stops being this replica's when it is cancelled (perhaps through another replica, which
+        cannot kill a process here) or re-queued because this replica missed its lease: the caller
+        then stops its run.
         """
         with self.engine.begin() as conn:
             return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING,
