@@ -17,7 +17,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./fitprobe-data"), description="where the SQLite database lives")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fitprobe.db (postgresql://... for replicas)"
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fitprobe.db "
+        "(postgresql+psycopg://user:password@host/db for replicas)"
     )
     host: str = "127.0.0.1"
     port: int = 8000
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
     ray_accelerator_type: str | None = Field(
         None, description="the GPU type every job asks Ray for (e.g. H100): on a cluster of mixed cards it keeps "
         "a job, and the cached result it answers later requests with, on one kind of card")
+
+    # ---- replicas sharing one database (PostgreSQL) ----
+    lease_s: float = Field(
+        30.0, gt=0, description="a running job's worker renews its lease every third of this; a job whose "
+        "lease runs out (its replica died) is re-queued by another replica")
 
     @field_validator("api_tokens", "allowed_factories", mode="before")
     @classmethod

@@ -205,7 +205,13 @@ class DeviceWorker(threading.Thread):
     def _follow(self, job_id: str, process: multiprocessing.Process, outbox: Any) -> tuple[str, Any] | None:
         deadline_s = time.monotonic() + self.settings.job_timeout_s
         trial_started_s, trials = time.monotonic(), 0
+        heartbeat_s = time.monotonic() + self.settings.lease_s / 3
         while True:
+            if time.monotonic() >= heartbeat_s:
+                heartbeat_s = time.monotonic() + self.settings.lease_s / 3
+                if not self._db(self.store.heartbeat, job_id):  # cancelled via another replica, or lease lost
+                    kill_process_tree(process)
+                    return None
             try:
                 kind, payload = outbox.get(timeout=DRAIN_TIMEOUT_S if not process.is_alive() else 0.2)
             except queue.Empty:

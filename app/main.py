@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import migrate
 from app.body_limit import BodyLimit
 from app.config import Settings
 from app.deps import require_token
@@ -48,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.resolved_database_url)
+        store = Store(settings.resolved_database_url, lease_s=settings.lease_s)
+        migrate.upgrade(store.engine)  # raises SchemaAhead on a database a newer fitprobe migrated
+        log.info("replica %s on %s", store.owner, store.engine.url.render_as_string(hide_password=True))
         requeued, failed = store.recover()
         if requeued or failed:
             log.warning("recovered after a crash: %d job(s) re-queued, %d failed as interrupted", requeued, failed)

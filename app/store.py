@@ -4,14 +4,26 @@ This module owns every status transition: queued → running → succeeded | fai
 Routes and executors call these methods; none of them writes a status itself. Each transition is
 one UPDATE guarded by the status it leaves, so two workers (or a cancel racing a finish) cannot
 both win.
+
+Several service replicas may share one PostgreSQL database. Each `Store` speaks for one replica
+(`owner`, hostname-pid-random): a claimed job carries its owner and a lease (`lease_until`) that the
+running worker renews (`heartbeat`). A replica that dies stops renewing; once the lease has run out,
+the next claim on any other replica re-queues the job (or fails it after MAX_ATTEMPTS), so nothing stays
+`running` because a machine went away. Leases compare the replicas' clocks: NTP keeps them far
+closer than a lease (FITPROBE_LEASE_S). The schema itself belongs to the Alembic migrations
+(app/migrate.py), which the service runs before it opens a `Store`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +48,8 @@ jobs = sa.Table(
     sa.Column("device", sa.String(32)),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("worker_pid", sa.Integer),
+    sa.Column("owner", sa.String(128)),  # the replica running the job (see new_replica_id)
+    sa.Column("lease_until", sa.DateTime(timezone=True)),  # the owner heartbeats before this, or has gone
     sa.Column("cached", sa.Boolean, nullable=False, default=False),
     sa.Column("result", sa.Text),
     sa.Column("error", sa.Text),
@@ -81,6 +95,33 @@ def _read_json(text: str | None) -> tuple[Any, str | None]:
     return value, None
 
 
+def new_replica_id() -> str:
+    """hostname-pid-random: the host and pid let a restarted replica recognise its own dead jobs at once,
+    the random part tells a restarted container (same hostname, pid 1 again) from its earlier life."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _gone_from_this_host(owner: str, me: str) -> bool:
+    """Whether `owner` was a replica on this host that is no longer running.
+
+    Its jobs can be recovered at start-up without waiting out their lease. A replica elsewhere, or
+    one whose pid still lives, is left to its lease: only its missed heartbeats prove it gone.
+    """
+    host, _, rest = owner.rpartition("-")[0].rpartition("-")
+    if owner == me or host != socket.gethostname() or not rest.isdigit():
+        return False
+    pid = int(rest)
+    if pid == os.getpid():
+        return True  # our own pid with another random part: this process's earlier life (container restart)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    return False
+
+
 def _enable_wal(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
@@ -89,14 +130,16 @@ def _enable_wal(dbapi_connection: Any, _record: Any) -> None:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, owner: str | None = None, lease_s: float = 30.0) -> None:
         sqlite = url.startswith("sqlite")
         # one connection per request thread: FastAPI runs sync routes on a 40-thread pool
         self.engine = sa.create_engine(url, connect_args={"check_same_thread": False} if sqlite else {},
                                        pool_size=20, max_overflow=20)
         if sqlite:
             sa_event.listen(self.engine, "connect", _enable_wal)
-        metadata.create_all(self.engine)
+        self.owner = owner or new_replica_id()
+        self.lease_s = lease_s
+        self._next_sweep_s = 0.0  # time.monotonic() of the next look for abandoned jobs
 
     # ---- creation -------------------------------------------------------------------------
     def create(self, spec: dict[str, Any], fingerprint: str, max_queued: int) -> dict[str, Any]:
@@ -115,7 +158,9 @@ class Store:
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
-            inserted = conn.execute(jobs.insert().from_select(list(row), values.where(queued < max_queued))).rowcount
+            # without preserve_rowcount, SQLAlchemy answers -1 for an INSERT construct on psycopg: every submit a 429
+            inserted = conn.execute(jobs.insert().from_select(list(row), values.where(queued < max_queued)),
+                                    execution_options={"preserve_rowcount": True}).rowcount
         if inserted != 1:
             raise QueueFull(f"{max_queued} jobs are already queued (FITPROBE_MAX_QUEUED_JOBS={max_queued})")
         return self.get(job_id)
@@ -140,15 +185,27 @@ class Store:
 
     # ---- transitions ----------------------------------------------------------------------
     def claim_next(self, device: str) -> dict[str, Any] | None:
-        """Oldest queued job, now running on `device`; None when the queue is empty."""
+        """Oldest queued job, now running on `device` for this replica; None when the queue is empty.
+
+        First, at most every half lease, jobs abandoned by a dead replica go back to the queue: a
+        worker about to claim has free hands, so recovery needs no thread of its own.
+
+        PostgreSQL: FOR UPDATE SKIP LOCKED, so replicas claiming at the same moment each take a
+        different job instead of all waiting on the oldest one. SQLite renders no FOR UPDATE; there
+        the UPDATE guarded by `status = 'queued'` lets exactly one claimer win.
+        """
+        if time.monotonic() >= self._next_sweep_s:
+            self._next_sweep_s = time.monotonic() + self.lease_s / 2
+            self.requeue_abandoned()
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(jobs.c.id).where(jobs.c.status == QUEUED)
-                               .order_by(jobs.c.created_at).limit(1)).first()
+                               .order_by(jobs.c.created_at).limit(1).with_for_update(skip_locked=True)).first()
             if row is None:
                 return None
+            now = _now()
             claimed = conn.execute(jobs.update().where(jobs.c.id == row.id, jobs.c.status == QUEUED).values(
-                status=RUNNING, phase="starting", device=device, started_at=_now(),
-                attempts=jobs.c.attempts + 1)).rowcount
+                status=RUNNING, phase="starting", device=device, started_at=now, owner=self.owner,
+                lease_until=now + timedelta(seconds=self.lease_s), attempts=jobs.c.attempts + 1)).rowcount
         job = self.get(row.id) if claimed else None
         if job is not None and job["spec"] is None:  # an unreadable row: nothing to run
             self.fail(job["id"], job["error"] or "this job's stored spec is empty")
@@ -159,11 +216,25 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(worker_pid=pid))
 
+    def heartbeat(self, job_id: str) -> bool:
+        """Renew this replica's lease on a running job; False when the job is no longer this replica's to run.
+
+        A job stops being this replica's when it is cancelled (perhaps through another replica, which
+        cannot kill a process here) or re-queued because this replica missed its lease: the caller
+        then stops its run.
+        """
+        with self.engine.begin() as conn:
+            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING,
+                                                    jobs.c.owner == self.owner)
+                                .values(lease_until=_now() + timedelta(seconds=self.lease_s))).rowcount == 1
+
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
-        return self._finish(job_id, SUCCEEDED, result=json.dumps(result), phase="done")
+        """Record the result of a job this replica runs (a late result from a replica that lost the job is dropped)."""
+        return self._finish(job_id, SUCCEEDED, owned=True, result=json.dumps(result), phase="done")
 
     def fail(self, job_id: str, error: str) -> bool:
-        return self._finish(job_id, FAILED, error=error[:2000], phase="failed")
+        """Fail a job this replica runs (a replica that lost the job cannot fail its new run)."""
+        return self._finish(job_id, FAILED, owned=True, error=error[:2000], phase="failed")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self.get(job_id)
@@ -173,19 +244,46 @@ class Store:
             raise Conflict(f"job {job_id} finished before it could be cancelled")
         return self.get(job_id)
 
-    def _finish(self, job_id: str, status: str, **values: Any) -> bool:
+    def _finish(self, job_id: str, status: str, owned: bool = False, **values: Any) -> bool:
+        """One guarded transition out of queued/running; `owned`: a running job only if this replica runs it."""
+        unfinished = jobs.c.status.in_((QUEUED, RUNNING))
+        if owned:
+            unfinished = (jobs.c.status == QUEUED) | ((jobs.c.status == RUNNING) & (jobs.c.owner == self.owner))
         with self.engine.begin() as conn:
-            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_((QUEUED, RUNNING)))
-                                .values(status=status, finished_at=_now(), worker_pid=None, **values)).rowcount == 1
+            return conn.execute(jobs.update().where(jobs.c.id == job_id, unfinished).values(
+                status=status, finished_at=_now(), worker_pid=None, lease_until=None, **values)).rowcount == 1
 
     def recover(self) -> tuple[int, int]:
-        """After a crash: running jobs go back to the queue once, then fail as interrupted."""
+        """At start-up: jobs whose replica is gone go back to the queue once, then fail as interrupted.
+
+        Gone means the lease ran out, or the replica ran on this host and its process no longer
+        does (the usual single-machine restart): those are recovered at once, not a lease later.
+        """
+        with self.engine.connect() as conn:
+            owners = conn.execute(sa.select(jobs.c.owner).distinct().where(
+                jobs.c.status == RUNNING, jobs.c.owner.is_not(None))).scalars().all()
+        return self.requeue_abandoned([owner for owner in owners if _gone_from_this_host(owner, self.owner)])
+
+    def requeue_abandoned(self, gone_owners: Sequence[str] = ()) -> tuple[int, int]:
+        """Other replicas' running jobs whose lease ran out (or whose owner is in `gone_owners`): re-queued, or
+        failed after MAX_ATTEMPTS runs. A job no replica has leased (written before leases existed) counts as
+        abandoned.
+
+        Two replicas may sweep at once: each UPDATE re-checks `status = 'running'` on the rows it
+        changes, so a job is re-queued once and a job claimed meanwhile carries a fresh lease.
+        """
+        now = _now()
+        expired = jobs.c.lease_until.is_(None) | (jobs.c.lease_until < now)
+        # never this replica's own jobs: it is alive, and its executor finishes (or fails) what it started
+        abandoned = (jobs.c.status == RUNNING) & (
+            (expired & jobs.c.owner.is_distinct_from(self.owner)) | jobs.c.owner.in_(list(gone_owners)))
+        cleared = {"worker_pid": None, "owner": None, "lease_until": None}
         with self.engine.begin() as conn:
-            requeued = conn.execute(jobs.update().where(jobs.c.status == RUNNING, jobs.c.attempts < MAX_ATTEMPTS)
-                                    .values(status=QUEUED, phase="requeued", worker_pid=None)).rowcount
-            failed = conn.execute(jobs.update().where(jobs.c.status == RUNNING).values(
-                status=FAILED, phase="failed", worker_pid=None, finished_at=_now(),
-                error="interrupted: the service stopped while this job ran, twice")).rowcount
+            requeued = conn.execute(jobs.update().where(abandoned, jobs.c.attempts < MAX_ATTEMPTS)
+                                    .values(status=QUEUED, phase="requeued", **cleared)).rowcount
+            failed = conn.execute(jobs.update().where(abandoned).values(
+                status=FAILED, phase="failed", finished_at=now, **cleared,
+                error=f"interrupted: the service running this job stopped during each of its {MAX_ATTEMPTS} runs")).rowcount
         return requeued, failed
 
     # ---- events ---------------------------------------------------------------------------
@@ -248,6 +346,6 @@ class Store:
         job["result"], result_problem = _read_json(job["result"])
         if spec_problem or result_problem:
             job["error"] = f"this job's stored record is unreadable ({spec_problem or result_problem})"
-        for key in ("created_at", "started_at", "finished_at"):
+        for key in ("created_at", "started_at", "finished_at", "lease_until"):
             job[key] = job[key].isoformat() if job[key] else None
         return job
