@@ -294,11 +294,18 @@ class RayExecutor:
         """
         deadline_s = job.submitted_s + self.settings.job_timeout_s
         trial_started_s, trials = time.monotonic(), 0
+        heartbeat_s = time.monotonic() + self.settings.lease_s / 3
         while True:
             ready, _ = ray.wait([job.ref], timeout=WAIT_S)
             if self.stopping.is_set():
                 ray.cancel(job.ref, force=True)
                 return None
+            if time.monotonic() >= heartbeat_s:
+                # the lease tells other replicas this one still runs the job (see app/store.py)
+                heartbeat_s = time.monotonic() + self.settings.lease_s / 3
+                if not self._db(self.store.heartbeat, job.job_id):  # cancelled via another replica, or lease lost
+                    ray.cancel(job.ref, force=True)
+                    return None
             if not ready:
                 if time.monotonic() > deadline_s:
                     ray.cancel(job.ref, force=True)
