@@ -46,7 +46,7 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
 
 @pytest.mark.parametrize("args,fix", [
     (["--model", "builtin:nope"], "choose one of: gpt-nano"),
-    (["--model", "preset:gpt5"], "choose one of: gpt2"),
+    (["--model", "preset:gpt5"], "did you mean 'gpt2'"),
     (["--seq-len", "0"], "--seq-len: must be at least 1"),
     (["--seq-len", "200000"], "seq_len must be between 1 and 131072"),
     (["--model", "builtin:gpt-tiny", "--capacity", "1MiB"], "smaller than the model's weights"),
