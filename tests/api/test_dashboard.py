@@ -7,15 +7,14 @@ go to pytest's tmp_path (kept by pytest for the last runs, never committed).
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from tests.api.chromium import CHROMIUM
 from tests.api.conftest import SLOW_JOB, start_server, wait_for
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # 12 MiB makes builtin:gpt-nano run out of memory below 37, so the probe has OOM trials, and 37 (prime)
 # has no fast even split: the plan is uneven (19 + 18)
 UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "effective_batch": "37", "capacity_bytes": "12MiB"}

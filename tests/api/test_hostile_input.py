@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.api.conftest import Server, start_server, wait_for
-from tests.api.test_dashboard import rendered_dom
+from tests.api.chromium import rendered_dom
 
 MAX_BODY_BYTES = 256 * 1024  # app/config.py's default
 PLAN = {"effective_batch": 64, "max_micro_batch": 8}
