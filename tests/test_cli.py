@@ -63,6 +63,17 @@ def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix
     assert "Traceback" not in run.stderr
 
 
+
+@pytest.mark.parametrize("content,fix", [
+    ("not json", "could not be read as JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+])
+def test_a_config_file_that_is_not_a_json_object_is_one_line_and_exit_2(tmp_path, content, fix):
+    config = tmp_path / "config.json"
+    config.write_text(content)
+    run = fitprobe("probe", "--model", f"hf:{config}", "--seq-len", "32", "--device", "cpu")
+    assert run.returncode == 2 and fix in run.stderr.strip().splitlines()[-1] and "Traceback" not in run.stderr
+
 @pytest.mark.parametrize("args,fix", [
     ([], "required: --model, --seq-len"),
     (["--model", "builtin:gpt-nano", "--seq-len", "32", "--micro-batch", "0"], "--micro-batch: must be at least 1"),

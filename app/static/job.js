@@ -29,6 +29,7 @@ export async function showJob(root, id, isCurrent) {
         return;
       }
     } catch (err) {
+      console.error(err);
       root.querySelector(".poll-error")?.replaceChildren(`cannot reach the service: ${err.message}; retrying`);
     }
     if (job && TERMINAL.includes(job.status)) return;
@@ -85,7 +86,7 @@ function curveSection(job, search, capacity) {
     h("h3", { id: "curve-heading" }, "Memory against micro-batch"),
     h("p", { class: "meta", id: "curve-caption" }, caption),
     h("div", { id: "memory-chart" }, memoryChart({
-      trials, capacityBytes: capacity, headroom: spec.headroom,
+      trials, capacityBytes: capacity, headroom: job.spec?.headroom,
       maxMicroBatch: search?.max_micro_batch, safeMicroBatch: search?.safe_micro_batch,
     })),
     h("p", { class: "legend" },

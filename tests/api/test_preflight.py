@@ -91,13 +91,14 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
 
 def test_a_cached_plan_that_was_never_verified_fails_honestly_until_fresh(server):
     assert preflight("--server", server.url, *NANO, "--effective-batch", "20").returncode == 0
-    # same probe, another effective batch: the cache answers with a new plan nobody trained
-    cached = preflight("--server", server.url, *NANO, "--effective-batch", "22")
+    # same probe, a smaller effective batch (inside the limit the cached search reached): the cache
+    # answers with a new plan nobody trained
+    cached = preflight("--server", server.url, *NANO, "--effective-batch", "18")
     assert cached.returncode == 1, cached.stderr
     assert verdict(cached) == "FAIL: plan not verified (cached probe); rerun with --fresh"
     assert "verification: not passed" not in cached.stdout + cached.stderr
 
-    fresh = preflight("--server", server.url, *NANO, "--effective-batch", "22", "--fresh", "--json")
+    fresh = preflight("--server", server.url, *NANO, "--effective-batch", "18", "--fresh", "--json")
     assert fresh.returncode == 0, fresh.stderr
     job = json.loads(fresh.stdout)
     assert not job["cached"] and job["verification"]["passed"]
