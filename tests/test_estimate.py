@@ -11,10 +11,14 @@ import pytest
 from probe.job import prepare, run_probe
 from probe.spec import ProbeSpec
 from probe.trial import TrialRunner
+from tests.reference_loop import ARCHITECTURES
 
+# GPT-style builtins and Hugging Face configs the estimate was not written against: grouped-query
+# attention with a sliding window (Mistral), and sliding windows with tied embeddings (Gemma-2)
 CASES = [
     dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB"),
-    dict(model="preset:gpt2", seq_len=32, capacity_bytes="2600MiB"),
+    dict(model=ARCHITECTURES["mistral-sliding"], seq_len=64, capacity_bytes="100MiB"),
+    dict(model=ARCHITECTURES["gemma2-sliding"], seq_len=64, capacity_bytes="100MiB"),
     dict(model="builtin:gpt-small", seq_len=64, capacity_bytes="120MiB", finetuning="lora",
          precision="bf16-mixed"),
 ]
@@ -28,11 +32,16 @@ def peak_at(spec: ProbeSpec, micro_batch: int) -> int:
     return result.peak_allocated_bytes
 
 
+def case_id(case: dict) -> str:
+    model = case["model"] if isinstance(case["model"], str) else case["model"]["model_type"]
+    return f"{model}-{case.get('finetuning', 'full')}"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['model']}-{c.get('finetuning', 'full')}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_estimated_peak_and_max_equal_the_cpu_meters(case):
     measured, estimated = ProbeSpec(**case), ProbeSpec(mode="estimate", **case)
-    assert peak_at(estimated, 3) == pytest.approx(peak_at(measured, 3), rel=0.01)
+    assert peak_at(estimated, 3) == pytest.approx(peak_at(measured, 3), rel=0.005)
     estimate_max = run_probe(estimated)["search"]["max_micro_batch"]
     assert estimate_max == run_probe(measured)["search"]["max_micro_batch"]
 
