@@ -219,7 +219,7 @@ def test_fitprobe_plan_format_prints_the_config(capsys):
 
 
 def test_fitprobe_probe_format_needs_an_effective_batch(capsys):
-    assert main(["probe", "--model", "builtin:gpt-nano", "--device", "cpu", "--format", "hf"]) == 2
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--format", "hf"]) == 2
     assert "--effective-batch" in capsys.readouterr().err
 
 
