@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU meter")
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--only", default="", help="only the cases whose name contains this text")
     parser.add_argument("--tools", default="fitprobe,accelerate,lightning,batch-probe", help="comma-separated")
     parser.add_argument("--out", type=Path, required=False)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +166,9 @@ def main() -> None:
         _child(args)
         return
     device = "cpu" if args.cpu_smoke else args.device
-    cases = CPU_CASES if args.cpu_smoke else GPU_CASES
+    cases = [case for case in (CPU_CASES if args.cpu_smoke else GPU_CASES) if args.only in case["name"]]
+    if not cases:
+        parser.error(f"--only {args.only!r} matches no case")
     tools = args.tools.split(",")
     results = {"environment": environment(device),
                "cases": [run_case(case, device, tools, args.repetitions) for case in cases]}

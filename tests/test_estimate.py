@@ -14,12 +14,13 @@ from probe.trial import TrialRunner
 from tests.reference_loop import ARCHITECTURES
 
 # GPT-style builtins and Hugging Face configs the estimate was not written against: grouped-query
-# attention with a sliding window (Mistral), and sliding windows with tied embeddings (Gemma-2)
+# attention with a sliding window (Mistral), sliding windows with tied embeddings (Gemma-2), and LoRA
+# under bf16-mixed on grouped-query attention (Llama)
 CASES = [
     dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB"),
     dict(model=ARCHITECTURES["mistral-sliding"], seq_len=64, capacity_bytes="100MiB"),
     dict(model=ARCHITECTURES["gemma2-sliding"], seq_len=64, capacity_bytes="100MiB"),
-    dict(model="builtin:gpt-small", seq_len=64, capacity_bytes="120MiB", finetuning="lora",
+    dict(model=ARCHITECTURES["llama-gqa"], seq_len=64, capacity_bytes="60MiB", finetuning="lora",
          precision="bf16-mixed"),
 ]
 
