@@ -30,7 +30,10 @@ export async function showJob(root, id, isCurrent) {
       }
     } catch (err) {
       console.error(err);
-      root.querySelector(".poll-error")?.replaceChildren(`cannot reach the service: ${err.message}; retrying`);
+      const message = `cannot show probe ${id}: ${err.message}; retrying`;
+      const where = root.querySelector(".poll-error"); // absent until the first render succeeds
+      if (where) where.replaceChildren(message);
+      else root.replaceChildren(h("p", { class: "error", role: "alert" }, message));
     }
     if (job && TERMINAL.includes(job.status)) return;
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));

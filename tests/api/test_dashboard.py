@@ -36,6 +36,10 @@ def page(browser: Browser) -> Iterator[Page]:
     opened = context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    # errors the page catches and logs (a render that throws) fail the test too; the browser's own
+    # lines for 4xx answers the tests ask for are not the page's errors
+    opened.on("console", lambda message: errors.append(message.text)
+              if message.type == "error" and not message.text.startswith("Failed to load resource") else None)
     yield opened
     context.close()
     assert not errors, f"the page threw: {errors}"
