@@ -18,14 +18,14 @@ import time
 import warnings
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import ValidationError
 
 from probe.export import FORMATS, export_plan, export_report, render
 from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
-from probe.spec import ProbeSpec, SpecError, format_bytes, validation_message
+from probe.spec import Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
@@ -55,7 +55,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "hf:org/name[@revision] (config.json only, from the Hub cache) or factory:pkg.mod:fn")
     parser.add_argument("--seq-len", type=positive_int, required=True, help="tokens per example")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="training precision")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer (its state is memory)")
+    parser.add_argument("--optimizer", default="adamw_torch_fused", choices=get_args(Optimizer), metavar="OPTIM",
+                        help="the optimizer as your framework names it (HF TrainingArguments.optim), run as it runs "
+                        "there: " + ", ".join(get_args(Optimizer)) + " (default: adamw_torch_fused, HF's default)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     parser.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, with --lora")
     parser.add_argument("--lora-targets", help="comma-separated module names to adapt, with --lora "

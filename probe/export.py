@@ -24,7 +24,8 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from probe.spec import SpecError
+from probe.optimizers import implementation
+from probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -44,6 +45,7 @@ class Run:
     precision: str
     gradient_checkpointing: bool
     lora: dict[str, Any] | None
+    optimizer: str = "adamw_torch_fused"
 
     @property
     def effective_batch(self) -> int:
@@ -95,6 +97,12 @@ def _lora_note(run: Run) -> list[str]:
             f"target_modules={targets}) as fitprobe measured"]
 
 
+def _optimizer_note(run: Run) -> list[str]:
+    """Frameworks without HF's `optim` names: the exact optimizer fitprobe measured, to build the same."""
+    return [f"optimizer: fitprobe measured {run.optimizer} = {implementation(run.optimizer, 'cuda')}; build that "
+            "one (its state and temporaries are part of the peak)"]
+
+
 def _launch_note(run: Run, command: str) -> list[str]:
     return [f"launch on {run.num_devices} devices ({command}): the world size is the third factor of the "
             "effective batch"] if run.num_devices > 1 else []
@@ -103,7 +111,8 @@ def _launch_note(run: Run, command: str) -> list[str]:
 def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
     config: dict[str, Any] = {"per_device_train_batch_size": run.micro_batch,
                               "gradient_accumulation_steps": run.accumulation_steps,
-                              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed"}
+                              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
+                              "optim": run.optimizer}
     notes = _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
     if run.gradient_checkpointing:
         # the name every transformers ≥ 4.45 knows; set only when on, as transformers 5 warns on any value of it
@@ -127,7 +136,7 @@ def _accelerate(run: Run) -> tuple[dict[str, Any], list[str]]:
                         "num_machines": 1, "machine_rank": 0, "num_processes": run.num_devices,
                         "mixed_precision": mixed, "use_cpu": False},
     }
-    return config, _weights_note(run) + _checkpointing_note(run) + _lora_note(run)
+    return config, _weights_note(run) + _checkpointing_note(run) + _lora_note(run) + _optimizer_note(run)
 
 
 def _deepspeed(run: Run) -> tuple[dict[str, Any], list[str]]:
@@ -138,6 +147,9 @@ def _deepspeed(run: Run) -> tuple[dict[str, Any], list[str]]:
               # loss_scale 0: dynamic loss scaling, as fitprobe's fp16 step (GradScaler) measured
               "fp16": {"enabled": run.precision == "fp16-mixed", "loss_scale": 0}}
     notes = _lora_note(run) + _launch_note(run, f"deepspeed --num_gpus {run.num_devices}")
+    notes.append(f"optimizer: no `optimizer` section, so HF Trainer builds optim={run.optimizer} "
+                 f"({implementation(run.optimizer, 'cuda')}) as fitprobe measured; a DeepSpeed optimizer section "
+                 "would replace it with DeepSpeed's own, whose memory fitprobe did not measure")
     if run.gradient_checkpointing:
         notes.append("activation checkpointing: DeepSpeed's activation_checkpointing section configures only "
                      "deepspeed.checkpointing.checkpoint; enable checkpointing on the model "
@@ -159,13 +171,13 @@ def _lightning(run: Run) -> tuple[dict[str, Any], list[str]]:
               "data": {"batch_size": run.micro_batch}}
     # bf16-true converts the module itself; only a LoRA base in 16 bits needs loading so
     weights = _weights_note(run) if run.precision != "bf16" else []
-    return config, weights + _checkpointing_note(run) + _lora_note(run)
+    return config, weights + _checkpointing_note(run) + _lora_note(run) + _optimizer_note(run)
 
 
 def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
     config: dict[str, Any] = {"micro_batch_size": run.micro_batch, "gradient_accumulation_steps": run.accumulation_steps,
                               "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
-                              "gradient_checkpointing": run.gradient_checkpointing}
+                              "gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer}
     if run.precision == "bf16":
         config["bfloat16"] = True  # axolotl's "no AMP": weights in bf16
     notes = _launch_note(run, f"accelerate launch --num_processes {run.num_devices} -m axolotl.cli.train")
@@ -178,17 +190,35 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
     return config, notes
 
 
+# torchtune's `optimizer` component for each optimizer it can instantiate as fitprobe measured it
+_TORCHTUNE_OPTIMIZER: dict[str, dict[str, Any]] = {
+    "adamw_torch_fused": {"_component_": "torch.optim.AdamW", "fused": True},
+    "adamw_torch": {"_component_": "torch.optim.AdamW", "foreach": True},
+    "adamw_bnb_8bit": {"_component_": "bitsandbytes.optim.AdamW8bit"},
+    "adamw_8bit": {"_component_": "bitsandbytes.optim.AdamW8bit"},
+    "paged_adamw_8bit": {"_component_": "bitsandbytes.optim.PagedAdamW8bit"},
+    "paged_adamw_32bit": {"_component_": "bitsandbytes.optim.PagedAdamW32bit"},
+    "lion_8bit": {"_component_": "bitsandbytes.optim.Lion8bit"},
+    "lion_32bit": {"_component_": "bitsandbytes.optim.Lion32bit"},
+    "sgd": {"_component_": "torch.optim.SGD"},
+}
+
+
 def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
     if run.precision == "fp16-mixed":
         raise ExportError("torchtune trains in fp32 or bf16 only (dtype), not fp16: probe with --precision bf16 "
                           "(or fp32) and export that plan")
     config = {"batch_size": run.micro_batch, "gradient_accumulation_steps": run.accumulation_steps,
               "enable_activation_checkpointing": run.gradient_checkpointing,
-              "dtype": "fp32" if run.precision == "fp32" else "bf16"}
+              "dtype": "fp32" if run.precision == "fp32" else "bf16",
+              "optimizer": _TORCHTUNE_OPTIMIZER.get(run.optimizer)}
     notes = _launch_note(run, f"tune run --nproc_per_node {run.num_devices} <a distributed recipe>")
     if run.precision == "bf16-mixed":
         notes.append("torchtune has no mixed precision: dtype bf16 trains pure bf16, which holds less memory than "
                      "the bf16-mixed step fitprobe measured (the micro-batch fits) but is numerically different")
+    if config["optimizer"] is None:
+        del config["optimizer"]
+        notes += _optimizer_note(run)
     if run.lora:
         notes.append(f"LoRA: use a LoRA recipe (lora_finetune_single_device / lora_finetune_distributed) with "
                      f"model.lora_rank={run.lora['rank']} model.lora_alpha={run.lora['alpha']}")
@@ -217,7 +247,8 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
               num_devices=split["num_devices"], precision=spec.get("precision", "fp32"),
               gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
-              if spec.get("finetuning") == "lora" else None)
+              if spec.get("finetuning") == "lora" else None,
+              optimizer=LEGACY_OPTIMIZER_NAMES.get(spec.get("optimizer"), spec.get("optimizer") or "adamw_torch_fused"))
     config, notes = EXPORTERS[fmt](run)
     asked = plan["effective_batch"]
     provenance: dict[str, Any] = {

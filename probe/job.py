@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from probe import optimizers
 from probe.estimate import EstimateMeter
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
@@ -148,7 +149,7 @@ def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[s
     meter, facts, trial = make_trial(spec, allowed_factories)
     result = trial(micro_batch)
     return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": facts,
-            "versions": versions(), "trial": result.to_dict()}
+            "optimizer": optimizers.report_facts(spec), "versions": versions(), "trial": result.to_dict()}
 
 
 class _Estimator:
@@ -202,6 +203,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),
         "model": facts,
+        "optimizer": optimizers.report_facts(spec),
         "versions": versions(),
         "search": {
             "max_micro_batch": search.max_micro_batch,

@@ -21,7 +21,11 @@ MAX_JSON_DEPTH = 32  # an HF config nests 3 deep; deeper is an attack on the rec
 MAX_JSON_ITEMS = 10_000  # values in one field (an HF config has a few hundred)
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
-Optimizer = Literal["adamw", "sgd"]
+# the names users write in their framework (HF TrainingArguments.optim); probe/optimizers.py builds each
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit",
+                    "paged_adamw_32bit", "lion_8bit", "lion_32bit", "adafactor", "sgd"]
+# before fitprobe took the frameworks' names, "adamw" was a plain torch.optim.AdamW
+LEGACY_OPTIMIZER_NAMES = {"adamw": "adamw_torch"}
 Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
 Collation = Literal["padded", "packed"]
@@ -120,7 +124,13 @@ class ProbeSpec(BaseModel):
     precision: Precision = Field(
         "fp32", description="fp32; bf16-mixed or fp16-mixed (autocast over fp32 master weights); bf16 (bf16 weights)"
     )
-    optimizer: Optimizer = Field("adamw", description="adamw (two states per trained weight) or sgd with momentum (one)")
+    optimizer: Optimizer = Field(
+        "adamw_torch_fused",
+        description="the optimizer as your framework names it (HF TrainingArguments.optim), run as that framework "
+        "runs it: adamw_torch_fused (HF's default), adamw_torch (foreach on CUDA), adamw_bnb_8bit / adamw_8bit, "
+        "paged_adamw_8bit, paged_adamw_32bit (paged state counted as device memory), lion_8bit, lion_32bit, "
+        "adafactor, sgd (no momentum, as HF's)",
+    )
     finetuning: FineTuning = Field("full", description="full: train every weight; lora: train adapters only")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="the adapters, when finetuning is lora")
     gradient_checkpointing: bool = Field(
@@ -175,6 +185,11 @@ class ProbeSpec(BaseModel):
     def _plain_json(cls, value: Any) -> Any:
         check_plain_json(value)
         return value
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _legacy_optimizer(cls, value: Any) -> Any:
+        return LEGACY_OPTIMIZER_NAMES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("seq_len")
     @classmethod

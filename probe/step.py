@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from probe import optimizers
 from probe.models import LoadedModel
 from probe.spec import Collation, ProbeSpec
 
@@ -109,9 +110,7 @@ def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
 def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
     """The optimizer the user will train with; its state is what makes step two bigger than step one."""
     params = [p for p in module.parameters() if p.requires_grad]
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return optimizers.make_optimizer(spec.optimizer, params, lr, optimizers.device_type_of(spec))
 
 
 def autocast_for(spec: ProbeSpec, device_type: str):

@@ -17,6 +17,7 @@ import torch
 
 from probe.meter import Meter, is_oom
 from probe.models import LoadedModel
+from probe.optimizers import paged_state_bytes
 from probe.spec import ProbeSpec, format_bytes
 from probe.step import make_optimizer, make_scaler, train_step, worst_case_batch
 
@@ -95,6 +96,13 @@ class TrialRunner:
             meter.synchronize()
             step_times_s.append(time.perf_counter() - started)
         reading = meter.reading()
+        # paged optimizer state lives in CUDA unified memory, which the allocator's statistics never see
+        unseen_bytes = paged_state_bytes(optimizer)
+        if unseen_bytes:
+            reading = reading.plus(unseen_bytes)
+            if reading.peak_allocated_bytes > meter.capacity_bytes:
+                return TrialResult(micro_batch, False, error=f"paged optimizer state ({format_bytes(unseen_bytes)}) "
+                                   "takes the step past the capacity", oom_live_bytes=reading.peak_allocated_bytes)
         # the first step also creates the optimizer state: time the steady ones
         steady_s = sorted(step_times_s[1:])[len(step_times_s[1:]) // 2]
         return TrialResult(micro_batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,

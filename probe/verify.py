@@ -43,7 +43,8 @@ from probe.step import (
 )
 
 # Learning rates high enough that a few steps visibly lower the loss on a repeated batch.
-VERIFY_LR = {"adamw": 1e-3, "sgd": 1e-2}
+VERIFY_LR = {"sgd": 1e-2}  # every other optimizer: VERIFY_LR_DEFAULT
+VERIFY_LR_DEFAULT = 1e-3
 # Relative error allowed between the accumulated and the reference gradient. fp32 must agree to
 # rounding; 16-bit matmuls round differently for different batch shapes.
 GRAD_TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "fp16-mixed": 2e-2, "bf16": 5e-2}
@@ -209,7 +210,7 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
     result.reference_split = reference_sizes(sizes, fits_at_once)
     result.examples_per_step = int(_all_reduce([float(sum(sizes))], device=meter.device)[0])
     result.tokens_per_step = int(_all_reduce([float(examples.target_tokens())], device=meter.device)[0])
-    optimizer = make_optimizer(spec, bare, lr=VERIFY_LR[spec.optimizer])
+    optimizer = make_optimizer(spec, bare, lr=VERIFY_LR.get(spec.optimizer, VERIFY_LR_DEFAULT))
     scaler = make_scaler(spec, meter.device.type)
     params = _trainable(bare)
     try:

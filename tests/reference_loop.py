@@ -77,6 +77,7 @@ class LoopSettings:
     seq_len: int = 64
     accumulation: int = 2
     optimizer_steps: int = 2
+    optim: str = "adamw_torch_fused"  # HF TrainingArguments.optim; built by transformers' own Trainer code
 
 
 def build_user_model(fields: dict[str, Any], settings: LoopSettings) -> torch.nn.Module:
@@ -101,29 +102,66 @@ def build_user_model(fields: dict[str, Any], settings: LoopSettings) -> torch.nn
     return model.train()
 
 
+def hf_trainer_optimizer(optim: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer HF Trainer builds for `optim`: its own class and keyword arguments, not fitprobe's."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(output_dir=output_dir, optim=optim, report_to=[], use_cpu=True, learning_rate=1e-4)
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return optimizer_cls(params, **kwargs)
+
+
+def run_user_loop(fields: dict[str, Any], settings: LoopSettings, seed: int = 0,
+                  make_optimizer=None) -> None:
+    """The standard HF loop: model, batches, optimizer steps. Count it with either counter below."""
+    generator = torch.Generator().manual_seed(seed)
+    model = build_user_model(fields, settings)
+    batches = []
+    for _ in range(settings.accumulation):
+        ids = torch.randint(0, fields["vocab_size"], (settings.micro_batch, settings.seq_len), generator=generator)
+        mask = None
+        labels = ids
+        if settings.padded:
+            mask = torch.ones_like(ids)
+            mask[0, -1] = 0
+            labels = ids.masked_fill(mask == 0, -100)
+        batches.append((ids, mask, labels))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params) if make_optimizer else hf_trainer_optimizer(settings.optim, params)
+    for _ in range(settings.optimizer_steps):
+        for ids, mask, labels in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
+            loss.backward()
+            del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def user_loop_peak_bytes(fields: dict[str, Any], settings: LoopSettings, seed: int = 0) -> int:
     """Peak live bytes of the standard HF loop: model, batches, optimizer steps, all counted."""
     counter = LiveBytes()
-    generator = torch.Generator().manual_seed(seed)
     with counter:
-        model = build_user_model(fields, settings)
-        batches = []
-        for _ in range(settings.accumulation):
-            ids = torch.randint(0, fields["vocab_size"], (settings.micro_batch, settings.seq_len), generator=generator)
-            mask = None
-            labels = ids
-            if settings.padded:
-                mask = torch.ones_like(ids)
-                mask[0, -1] = 0
-                labels = ids.masked_fill(mask == 0, -100)
-            batches.append((ids, mask, labels))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        for _ in range(settings.optimizer_steps):
-            for ids, mask, labels in batches:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
-                loss.backward()
-                del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        run_user_loop(fields, settings, seed)
     return counter.peak
+
+
+def allocator_peak_bytes(run) -> int:
+    """Peak of the CPU allocator's own account while `run()` runs: every allocation and free, kernel
+    buffers included, no Python-side lifetimes (torch.profiler's memory events), each rounded up to
+    the CUDA allocator's 512-byte blocks as a GPU would hold it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        size = -(-abs(event.nbytes()) // BLOCK_BYTES) * BLOCK_BYTES
+        live += size if event.nbytes() > 0 else -size
+        peak = max(peak, live)
+    return peak

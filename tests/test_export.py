@@ -160,14 +160,15 @@ def test_deepspeed_config_passes_deepspeeds_batch_assertion(name, precision):
 def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
     plan, (micro, steps, devices), effective = PLANS[name]
     spec = {"precision": "bf16-mixed", "gradient_checkpointing": True, "finetuning": "lora",
-            "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}}
+            "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}, "optimizer": "paged_adamw_8bit"}
     axolotl = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "axolotl"), "axolotl", as_yaml=True))
     assert axolotl == {"micro_batch_size": micro, "gradient_accumulation_steps": steps, "bf16": True, "fp16": False,
                        "gradient_checkpointing": True, "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
-                       "lora_target_modules": ["q_proj", "v_proj"]}
+                       "lora_target_modules": ["q_proj", "v_proj"], "optimizer": "paged_adamw_8bit"}
     torchtune = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "torchtune"), "torchtune", as_yaml=True))
     assert torchtune == {"batch_size": micro, "gradient_accumulation_steps": steps,
-                         "enable_activation_checkpointing": True, "dtype": "bf16"}
+                         "enable_activation_checkpointing": True, "dtype": "bf16",
+                         "optimizer": {"_component_": "bitsandbytes.optim.PagedAdamW8bit"}}
     assert micro * steps * devices == effective
 
 

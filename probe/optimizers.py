@@ -1,0 +1,143 @@
+"""The optimizer a user's framework runs, by the name they write there (HF `TrainingArguments.optim`).
+
+At small micro-batches the optimizer step holds the peak, and there the implementation decides it:
+torch's single-tensor AdamW (its CPU default) keeps two temporaries the size of the largest parameter,
+the foreach one (its CUDA default) one temporary the size of *all* trained parameters, the fused one
+none. HF Trainer's default `adamw_torch_fused` is the last, so probing with `torch.optim.AdamW()`'s
+defaults overstated a full fine-tune by an fp32 copy of the weights on a GPU. Each name here builds
+exactly what `transformers.Trainer` builds for it (`trainer_optimizer.py`: the same class and keyword
+arguments), with the one choice torch would make by device stated explicitly: an estimate is for a CUDA
+card, so it runs what CUDA runs even on a CPU-only host.
+
+bitsandbytes' paged optimizers keep large states in CUDA unified memory, outside torch's allocator; the
+driver may evict them to host memory under pressure. fitprobe counts them as device memory (the
+worst case: nothing evicted), and says so in the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from probe.spec import ProbeSpec, SpecError
+
+DeviceType = Literal["cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """One name a user writes, and what it runs."""
+
+    name: str
+    description: str
+    library: Literal["torch", "transformers", "bitsandbytes"]
+    paged: bool = False
+    bits: int = 32
+
+
+KINDS: dict[str, OptimizerKind] = {kind.name: kind for kind in (
+    OptimizerKind("adamw_torch_fused", "AdamW, fused kernel (HF Trainer's default): two fp32 states, no temporaries",
+                  "torch"),
+    OptimizerKind("adamw_torch", "plain torch.optim.AdamW: foreach on CUDA (a temporary the size of all trained "
+                  "parameters), single-tensor on CPU", "torch"),
+    OptimizerKind("adamw_bnb_8bit", "bitsandbytes AdamW with 8-bit blockwise states", "bitsandbytes", bits=8),
+    OptimizerKind("adamw_8bit", "bitsandbytes AdamW with 8-bit blockwise states (HF's alias of adamw_bnb_8bit)",
+                  "bitsandbytes", bits=8),
+    OptimizerKind("paged_adamw_8bit", "bitsandbytes paged AdamW, 8-bit states in unified memory", "bitsandbytes",
+                  paged=True, bits=8),
+    OptimizerKind("paged_adamw_32bit", "bitsandbytes paged AdamW, 32-bit states in unified memory", "bitsandbytes",
+                  paged=True),
+    OptimizerKind("lion_8bit", "bitsandbytes Lion, one 8-bit state", "bitsandbytes", bits=8),
+    OptimizerKind("lion_32bit", "bitsandbytes Lion, one 32-bit state", "bitsandbytes"),
+    OptimizerKind("adafactor", "transformers' Adafactor (factored second moment, no first moment), "
+                  "scale_parameter=False, relative_step=False as HF Trainer sets it", "transformers"),
+    OptimizerKind("sgd", "torch.optim.SGD as HF's `sgd`: no momentum, so no state", "torch"),
+)}
+# HF's defaults for the Adam family (TrainingArguments adam_beta1/2, adam_epsilon, weight_decay)
+ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
+
+
+def device_type_of(spec: ProbeSpec) -> DeviceType:
+    """Where the step is meant to run: an estimate always plans for a CUDA card."""
+    return "cuda" if spec.mode == "estimate" or spec.device.startswith("cuda") else "cpu"
+
+
+def implementation(name: str, device_type: DeviceType) -> str:
+    """The exact implementation a trial runs, in words the report carries."""
+    if name == "adamw_torch_fused":
+        return "torch.optim.AdamW(fused=True)"
+    if name == "adamw_torch":
+        return "torch.optim.AdamW(foreach=True)" if device_type == "cuda" else "torch.optim.AdamW(foreach=False)"
+    if name == "sgd":
+        return "torch.optim.SGD(momentum=0)"
+    if name == "adafactor":
+        return "transformers.optimization.Adafactor(scale_parameter=False, relative_step=False)"
+    kind = KINDS[name]
+    family = "Lion" if name.startswith("lion") else "AdamW"
+    return f"bitsandbytes.optim.{family}(optim_bits={kind.bits}, is_paged={kind.paged})"
+
+
+def report_facts(spec: ProbeSpec) -> dict[str, str | None]:
+    """What the report says about the optimizer: the name, the exact implementation, and for paged ones
+    how their state was counted."""
+    device_type = device_type_of(spec)
+    note = None
+    if KINDS[spec.optimizer].paged:
+        note = ("paged optimizer state is counted as device memory: the driver may move it to host memory "
+                "under pressure, so the real peak can be lower, never higher")
+    return {"name": spec.optimizer, "implementation": implementation(spec.optimizer, device_type),
+            "runs_on": device_type, "note": note}
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise SpecError("8-bit and paged optimizers need bitsandbytes: pip install 'fitprobe[hf]' "
+                        "(or pick optimizer adamw_torch_fused)") from exc
+    return bitsandbytes
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
+                   device_type: DeviceType) -> torch.optim.Optimizer:
+    """Build the optimizer `name` names, as HF Trainer builds it, for a device of `device_type`.
+
+    `device_type` is where the step is meant to run, not where these tensors live: an estimate's fake
+    tensors sit on the CPU but stand for a CUDA card, so `adamw_torch` gets CUDA's foreach loop.
+    """
+    params = list(params)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
+                                 foreach=device_type == "cuda")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
+    kind = KINDS.get(name)
+    if kind is None:
+        raise SpecError(f"optimizer: unknown {name!r}; choose one of {', '.join(KINDS)}")
+    optim = _bitsandbytes().optim
+    cls = optim.Lion if name.startswith("lion") else optim.AdamW
+    extra = {} if name.startswith("lion") else {"eps": ADAM_EPS, "weight_decay": WEIGHT_DECAY}
+    # the constructor computes its quantization maps with data-dependent ops, which fake tensors cannot
+    # run; the maps are 256 floats made outside any mode and moved to the parameters' device on first use
+    with _disable_current_modes():
+        return cls(params, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of state bitsandbytes put in CUDA unified memory, which torch's allocator never sees.
+
+    On CPU (and under fake tensors) bitsandbytes allocates paged states as ordinary tensors, which the
+    meter already counts; there this is 0.
+    """
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))
