@@ -176,7 +176,8 @@ def register(commands: Any) -> None:
     preflight.add_argument("--devices", type=int, default=1)
     preflight.add_argument("--capacity")
     preflight.add_argument("--precision", default="fp32")
-    preflight.add_argument("--optimizer", default="adamw")
+    preflight.add_argument("--optimizer", default="adamw_torch_fused",
+                           help="as your framework names it (HF TrainingArguments.optim); see `fitprobe probe --help`")
     preflight.add_argument("--lora", action="store_true")
     preflight.add_argument("--grad-checkpointing", action="store_true")
     preflight.add_argument("--require-exact", action="store_true")

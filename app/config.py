@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from probe.model_bounds import ModelLimits
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -38,6 +40,13 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(3600.0, gt=0, description="a job running longer is killed and failed")
     max_seq_len: int = Field(32_768, ge=1, description="largest seq_len a request may ask for")
     max_effective_batch: int = Field(65_536, ge=1, description="largest effective_batch a request may ask for")
+    max_model_params: int = Field(
+        2 * 10**12, ge=1, description="largest parameter count a model's config may add up to (counted from the "
+        "config at submit, nothing is built)")
+    max_model_layers: int = Field(1024, ge=1, description="largest layer count a model's config may name")
+    max_param_tokens: int = Field(
+        10**21, ge=1, description="largest parameters × tokens of one micro-batch (seq_len × the largest "
+        "micro-batch the search may try)")
     max_body_bytes: int = Field(256 * 1024, description="largest request body")
     poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
     max_verify_processes: int = Field(
@@ -69,6 +78,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @property
+    def model_limits(self) -> ModelLimits:
+        return ModelLimits(max_params=self.max_model_params, max_layers=self.max_model_layers,
+                           max_param_tokens=self.max_param_tokens)
 
     @property
     def resolved_database_url(self) -> str:

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from probe.export import FORMATS, export_plan, export_report, render
 from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
+from probe.model_bounds import ModelLimits
 from probe.spec import Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -35,6 +36,28 @@ def allowed_factories() -> frozenset[str]:
     """Factories the operator allow-listed; the same variable the service reads."""
     raw = os.environ.get("FITPROBE_ALLOWED_FACTORIES", "")
     return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
+def model_limits() -> ModelLimits:
+    """The model-size limits the operator set; the same variables the service reads."""
+    env = os.environ.get
+    defaults = ModelLimits()
+    try:
+        return ModelLimits(max_params=int(env("FITPROBE_MAX_MODEL_PARAMS", defaults.max_params)),
+                           max_layers=int(env("FITPROBE_MAX_MODEL_LAYERS", defaults.max_layers)),
+                           max_param_tokens=int(env("FITPROBE_MAX_PARAM_TOKENS", defaults.max_param_tokens)))
+    except ValueError as exc:
+        raise SpecError(f"FITPROBE_MAX_MODEL_PARAMS, FITPROBE_MAX_MODEL_LAYERS and FITPROBE_MAX_PARAM_TOKENS "
+                        f"must be whole numbers ({exc})") from None
+
+
+def checked_spec(args: argparse.Namespace) -> ProbeSpec:
+    """The spec, its model's sizes checked by arithmetic before the job builds anything."""
+    from probe.models import check_reference
+
+    spec = spec_from_args(args)
+    check_reference(spec, allowed_factories(), limits=model_limits())
+    return spec
 
 
 def positive_int(text: str) -> int:
@@ -160,7 +183,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.verify_steps < 2:
         raise SpecError(f"--verify-steps must be at least 2 (got {args.verify_steps}): the loss check compares "
                         "the first and the last step")
-    report = run_job(spec_from_args(args), Progress(args.quiet), allowed_factories(), args.verify_steps,
+    report = run_job(checked_spec(args), Progress(args.quiet), allowed_factories(), args.verify_steps,
                      not args.no_verify)
     verification, not_fitting = report["verification"], report["does_not_fit"]
     # the probe ran, but nothing fits, or the plan it leads to failed when trained for real
@@ -195,7 +218,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_trial(args: argparse.Namespace) -> int:
     from probe.job import run_trial
 
-    report = run_trial(spec_from_args(args), args.micro_batch, allowed_factories())
+    report = run_trial(checked_spec(args), args.micro_batch, allowed_factories())
     trial = report["trial"]
     if args.json:
         print(json.dumps(report, indent=2))

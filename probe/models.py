@@ -9,10 +9,11 @@ imported only when the operator allow-listed it: a request must never make us ru
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
 from probe.hub import read_config
+from probe.model_bounds import ModelLimits, check_model
 from probe.presets import PRESETS
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
@@ -29,6 +31,29 @@ MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are
 # Attention projections LoRA adapts by default, by the names each architecture family uses.
 DEFAULT_LORA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"], ["c_attn"],
                         ["query", "value"])
+# Module names (the last part of each dotted name) of the families fitprobe ships, so the door can
+# check LoRA targets without building the model; tests/test_model_bounds.py compares them with a
+# built model. Other families' targets are checked by the job, first thing, before any trial.
+_LLAMA_NAMES = ("act_fn", "down_proj", "embed_tokens", "gate_proj", "input_layernorm", "k_proj", "layers",
+                "lm_head", "mlp", "model", "norm", "o_proj", "post_attention_layernorm", "q_proj", "rotary_emb",
+                "self_attn", "up_proj", "v_proj")
+MODULE_NAMES: dict[str, frozenset[str]] = {
+    "llama": frozenset(_LLAMA_NAMES),
+    "mistral": frozenset(_LLAMA_NAMES),
+    "qwen2": frozenset(_LLAMA_NAMES),
+    "gemma2": frozenset(_LLAMA_NAMES + ("post_feedforward_layernorm", "pre_feedforward_layernorm")),
+    "qwen2_moe": frozenset(_LLAMA_NAMES + ("experts", "gate", "shared_expert", "shared_expert_gate")),
+    "mixtral": frozenset({"act_fn", "embed_tokens", "experts", "gate", "input_layernorm", "k_proj", "layers",
+                          "lm_head", "mlp", "model", "norm", "o_proj", "post_attention_layernorm", "q_proj",
+                          "rotary_emb", "self_attn", "v_proj"}),
+    "phi3": frozenset({"activation_fn", "down_proj", "embed_tokens", "gate_up_proj", "input_layernorm", "layers",
+                       "lm_head", "mlp", "model", "norm", "o_proj", "post_attention_layernorm", "qkv_proj",
+                       "resid_attn_dropout", "resid_mlp_dropout", "rotary_emb", "self_attn"}),
+    "gpt2": frozenset({"act", "attn", "attn_dropout", "c_attn", "c_fc", "c_proj", "drop", "dropout", "h",
+                       "lm_head", "ln_1", "ln_2", "ln_f", "mlp", "resid_dropout", "transformer", "wpe", "wte"}),
+    "builtin": frozenset({"attn", "blocks", "c_attn", "c_fc", "c_proj", "lm_head", "ln_1", "ln_2", "ln_f", "mlp",
+                          "wpe", "wte"}),
+}
 
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -93,8 +118,8 @@ def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
                         "check model_type and fields") from exc
 
 
-def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
-    """An inline config dict, or hf:<config.json, its directory or a Hub id> -> a transformers config."""
+def _hf_fields(ref: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An inline config dict, or hf:<config.json, its directory or a Hub id> -> (model_type, fields)."""
     if isinstance(ref, dict):
         if len(json.dumps(ref)) > MAX_INLINE_CONFIG_BYTES:
             raise SpecError(f"inline model config must be under {MAX_INLINE_CONFIG_BYTES} bytes")
@@ -105,16 +130,25 @@ def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
     if not isinstance(model_type, str) or not model_type:
         raise SpecError("model: a Hugging Face config needs a model_type field (e.g. 'llama', 'gpt2')")
     fields.pop("architectures", None)
-    return _hf_config(model_type, fields)
+    return model_type, fields
 
 
-def _resolve_factory(ref: str, allowed_factories: Collection[str]) -> Callable[[], nn.Module]:
+def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
+    return _hf_config(*_hf_fields(ref))
+
+
+def _allowed_factory(ref: str, allowed_factories: Collection[str]) -> str:
     target = ref.removeprefix("factory:")
     if target not in allowed_factories:
         raise SpecError(
             f"model: factory {target!r} is not allow-listed; the operator must add it to "
             "FITPROBE_ALLOWED_FACTORIES (comma-separated pkg.module:function)"
         )
+    return target
+
+
+def _resolve_factory(ref: str, allowed_factories: Collection[str]) -> Callable[[], nn.Module]:
+    target = _allowed_factory(ref, allowed_factories)
     module_name, _, function_name = target.partition(":")
     return getattr(importlib.import_module(module_name), function_name)
 
@@ -138,10 +172,12 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
         return _hf_constructor(_hf_config(model_type, dict(fields))), _hf_logits
     if kind == "factory":
         return _resolve_factory(ref, allowed_factories), _plain_logits
-    raise SpecError(
-        f"model: reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
-        "hf:<config.json, its directory or org/name> or factory:pkg.module:function"
-    )
+    raise _not_understood(ref)
+
+
+def _not_understood(ref: str) -> SpecError:
+    return SpecError(f"model: reference {ref!r} not understood; use builtin:<name>, preset:<name>, "
+                     "hf:<config.json, its directory or org/name> or factory:pkg.module:function")
 
 
 def _hf_constructor(config: Any) -> Callable[[], nn.Module]:
@@ -253,16 +289,84 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
     return constructor, logits_fn, vocab_size, context
 
 
+@functools.lru_cache(maxsize=None)
+def _config_defaults(model_type: str) -> dict[str, Any]:
+    """The config class's own values for the fields a request leaves out (its defaults: a bounded build)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type]().to_dict()
+    except Exception:  # noqa: BLE001 - a config class without usable defaults: the request's fields alone count
+        return {}
+
+
+def _reference_fields(ref: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model_type, config fields) of a builtin, preset or hf reference; unknown names refused here."""
+    if isinstance(ref, dict) or ref.startswith("hf:"):
+        model_type, fields = _hf_fields(ref)
+        _check_model_type(model_type)
+        return model_type, fields
+    kind, _, name = ref.partition(":")
+    if kind == "builtin":
+        if name not in BUILTIN_CONFIGS:
+            raise _unknown("builtin model", name, BUILTIN_CONFIGS)
+        config = asdict(BUILTIN_CONFIGS[name])
+        return "builtin", {**config, "n_positions": config.pop("block_size"), "tie_word_embeddings": True}
+    if kind == "preset":
+        if name not in PRESETS:
+            raise _unknown("preset", name, PRESETS)
+        model_type, fields = PRESETS[name]
+        return model_type, dict(fields)
+    raise _not_understood(ref)
+
+
+def _check_lora_targets(spec: ProbeSpec, model_type: str) -> None:
+    names = MODULE_NAMES.get(model_type)
+    if spec.finetuning != "lora" or names is None:
+        return
+    targets = spec.lora.targets
+    if targets is None:
+        if not any(set(default) <= names for default in DEFAULT_LORA_TARGETS):
+            raise SpecError("lora.targets: no default LoRA targets in this model; name them in lora.targets "
+                            f"(--lora-targets), from {sorted(names)}")
+        return
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise SpecError(f"lora.targets: {missing} are not modules of this model ({model_type}); "
+                        f"pick from {sorted(names)}")
+
+
 def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
-                    capacity_bytes: int | None = None) -> None:
-    """Raise SpecError now for a request that would only fail later, inside its job.
+                    capacity_bytes: int | None = None, limits: ModelLimits = ModelLimits()) -> None:
+    """Raise SpecError now for a request that would only fail later, inside its job. Builds nothing.
 
     The door check of every entry point (HTTP submit, the CLI): names are checked against the
     builtins, presets and transformers' model types (with the nearest name as a suggestion), a
-    factory against the allow-list, and the weights (counted on the meta device, so a 70B model
-    costs no memory) against the capacity.
+    factory against the allow-list, and the config's sizes against `limits` by arithmetic
+    (probe/model_bounds.py) before transformers reads it. The weights, counted from the config, are
+    checked against the capacity; the job counts them exactly on the meta device in its own process.
     """
-    _sized(spec, allowed_factories, capacity_bytes)
+    if isinstance(spec.model, str) and spec.model.startswith("factory:"):
+        _allowed_factory(spec.model, allowed_factories)  # imported and built only in the job
+        return
+    model_type, fields = _reference_fields(spec.model)
+    defaults = {} if model_type == "builtin" else _config_defaults(model_type)
+    lora_rank = spec.lora.rank if spec.finetuning == "lora" else None
+    shape = check_model(model_type, fields, defaults, limits, spec.seq_len, spec.micro_batch_limit, lora_rank)
+    context = fields.get("n_positions")
+    if model_type != "builtin":
+        config = _hf_config(model_type, fields)  # bounded now: every size it reads is checked
+        context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    weight_bytes = shape.parameters * weight_dtype(spec).itemsize
+    if capacity_bytes is not None and weight_bytes >= capacity_bytes:
+        raise SpecError(
+            f"capacity_bytes: capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
+            f"(about {format_bytes(weight_bytes)}, counted from its config); raise the capacity or pick a "
+            "smaller model"
+        )
+    if context is not None and spec.seq_len > context:
+        raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
+    _check_lora_targets(spec, model_type)
 
 
 def build_model(

@@ -59,7 +59,8 @@ class Split:
 
     @property
     def accumulation_steps(self) -> int:
-        return len(self.device_micro_batches(0))
+        base, extra = self.per_device
+        return -(-(base + (1 if extra else 0)) // self.micro_batch)  # device 0 takes the most examples
 
     @property
     def even(self) -> bool:

@@ -16,6 +16,7 @@ MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536
 MAX_EFFECTIVE_BATCH = 1_048_576
 MAX_DEVICES = 1024
+MAX_SEED = 2**63  # torch.Generator.manual_seed takes a 64-bit integer
 MAX_CAPACITY_BYTES = 2**60  # 1 EiB: far above any device, far below what overflows a float or int64
 MAX_JSON_DEPTH = 32  # an HF config nests 3 deep; deeper is an attack on the recursion limit
 MAX_JSON_ITEMS = 10_000  # values in one field (an HF config has a few hundred)
@@ -178,7 +179,8 @@ class ProbeSpec(BaseModel):
     )
     micro_steps_per_trial: int = Field(2, ge=2, le=8, description="micro-steps per optimizer step")
     optimizer_steps_per_trial: int = Field(2, ge=2, le=8, description="optimizer steps per trial")
-    seed: int = Field(0, description="seed of the synthetic batches (token ids)")
+    seed: int = Field(0, ge=0, lt=MAX_SEED, strict=True,
+                      description="seed of the synthetic batches (token ids), 0 ≤ seed < 2**63")
 
     @field_validator("*", mode="before")
     @classmethod

@@ -146,7 +146,7 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Exe
                                  f"runs one process per device, {where}; lower num_devices, or send "
                                  '"mode": "estimate" to plan without verifying')
     try:
-        check_reference(request, settings.allowed_factories, capacity_bytes)
+        check_reference(request, settings.allowed_factories, capacity_bytes, settings.model_limits)
     except SpecError as exc:
         raise HTTPException(422, str(exc)) from exc
 
