@@ -52,21 +52,28 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     from app.client import (BadRequest, ConfigFileError, FitprobeClient, ServerError, TimedOut,
                             Unreachable)
 
+    if not args.model:
+        return _refused(args, "--model is required: name the model the training run uses (builtin:<name>, "
+                              "preset:<name>, hf:./config.json or hf:org/name); pre-flight never picks one")
     try:
         timeout_s = parse_duration_s(args.timeout)
     except ValueError:
         return _refused(args, f"--timeout must look like 30m, 90s or 2h (got {args.timeout!r})")
+    # verify_cached: a cached search with a plan nobody trained gets a verification-only job, not a FAIL
     body: dict[str, Any] = {"model": args.model, "seq_len": args.seq_len, "effective_batch": args.effective_batch,
                             "num_devices": args.devices, "precision": args.precision, "optimizer": args.optimizer,
                             "finetuning": "lora" if args.lora else "full",
-                            "gradient_checkpointing": args.grad_checkpointing, "reuse": not args.fresh}
+                            "gradient_checkpointing": args.grad_checkpointing, "reuse": not args.fresh,
+                            "verify_cached": True}
     if args.capacity:
         body["capacity_bytes"] = args.capacity
     job: dict[str, Any] | None = None
     with FitprobeClient(args.server, token=args.token) as client:
         try:
             job = client.submit(body)
-            _progress(f"probe {job['id']} {job['status']}{' (cached)' if job.get('cached') else ''}")
+            source = job.get("search_cached_from")
+            _progress(f"probe {job['id']} {job['status']}{' (cached)' if job.get('cached') else ''}"
+                      f"{f' (search cached from probe {source}; verifying the plan)' if source else ''}")
             if job["status"] not in ("succeeded", "failed", "cancelled"):
                 job = client.wait(job["id"], timeout_s, on_event=_print_event)
         except ConfigFileError as exc:
@@ -78,8 +85,13 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         except (Unreachable, ServerError) as exc:
             return _report(args, EXIT_UNREACHABLE, f"FAIL: server {client.server} unreachable or failing: {exc}",
                            job or _not_submitted(str(exc)))
-    code, line = _verdict(job, args.require_exact)
-    return _report(args, code, line, job)
+    from app.verdict import verdict
+    from probe.plan import plan_equation
+
+    if job.get("plan"):
+        _progress(f"plan: {plan_equation(job['plan'])}")
+    passed, line = verdict(job, args.require_exact)
+    return _report(args, EXIT_OK if passed else EXIT_UNMET, line, job)
 
 
 def _report(args: argparse.Namespace, code: int, line: str, job: dict[str, Any] | None) -> int:
@@ -121,37 +133,6 @@ def _print_event(event: dict[str, Any]) -> None:
         _progress(f"trial micro_batch={event['micro_batch']}: {outcome}")
 
 
-def _verdict(job: dict[str, Any], require_exact: bool) -> tuple[int, str]:
-    """The exit code and the one line a pipeline shows: PASS only for a plan that was verified."""
-    from probe.spec import format_bytes
-
-    if job["status"] != "succeeded":
-        return EXIT_UNMET, f"FAIL: probe {job['status']}: {job.get('error') or 'no reason given'}"
-    from probe.plan import plan_equation
-
-    plan, verification = job.get("plan"), job.get("verification")
-    not_fitting = (job.get("report") or {}).get("does_not_fit")
-    if not_fitting:
-        return EXIT_UNMET, f"FAIL: does not fit: {not_fitting['message']}"
-    if not plan:
-        return EXIT_UNMET, "FAIL: the probe made no plan (was effective_batch sent?)"
-    split = plan_equation(plan)
-    _progress(f"plan: {split}")
-    if verification is None:
-        # a cached probe's plan for a new effective batch has not been trained: say so, never "passed"
-        if job.get("cached"):
-            return EXIT_UNMET, "FAIL: plan not verified (cached probe); rerun with --fresh"
-        return EXIT_UNMET, "FAIL: plan not verified"
-    if not verification["passed"]:
-        failed = "; ".join(f"{c['name']}: {c['detail']}" for c in verification.get("checks", []) if not c["passed"])
-        return EXIT_UNMET, f"FAIL: verification failed: {failed or 'no check detail'}"
-    if require_exact and not plan["exact"]:
-        return EXIT_UNMET, f"FAIL: plan is not exact ({plan.get('deviation_percent')}% off): {split}"
-    peak = (f"; peak {format_bytes(verification.get('peak_reserved_bytes'))} of "
-            f"{format_bytes(verification.get('capacity_bytes'))}")
-    return EXIT_OK, f"PASS: {split} (verified{peak})"
-
-
 def cmd_devices(args: argparse.Namespace) -> int:
     from probe.devices import list_devices
 
@@ -170,7 +151,8 @@ def register(commands: Any) -> None:
     preflight = commands.add_parser("preflight", help="CI gate: exit 0 only when the plan is verified")
     preflight.add_argument("--server", required=True, help="e.g. localhost:8000 or https://fitprobe.example.com")
     preflight.add_argument("--token", default=os.environ.get("FITPROBE_TOKEN"))
-    preflight.add_argument("--model", default="builtin:gpt-tiny")
+    preflight.add_argument("--model", help="required: builtin:<name>, preset:<name>, hf:<config.json or its "
+                           "directory> (read here, sent inline), hf:org/name[@revision]")
     preflight.add_argument("--seq-len", type=int, required=True)
     preflight.add_argument("--effective-batch", type=int, required=True)
     preflight.add_argument("--devices", type=int, default=1)
@@ -181,7 +163,8 @@ def register(commands: Any) -> None:
     preflight.add_argument("--lora", action="store_true")
     preflight.add_argument("--grad-checkpointing", action="store_true")
     preflight.add_argument("--require-exact", action="store_true")
-    preflight.add_argument("--fresh", action="store_true", help="probe again instead of answering from the cache")
+    preflight.add_argument("--fresh", action="store_true",
+                           help="probe again instead of reusing a cached search (whose new plan is verified anyway)")
     preflight.add_argument("--timeout", default="30m")
     preflight.add_argument("--json", action="store_true", help="print the job as one JSON object on stdout")
     preflight.set_defaults(run=cmd_preflight)

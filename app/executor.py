@@ -116,7 +116,8 @@ def kill_process_tree(process: multiprocessing.Process) -> None:
 def spec_for_device(spec: dict[str, Any], device: str, settings: Settings) -> dict[str, Any]:
     """The stored spec as the job runs it: on `device`, with the CPU device's default capacity."""
     spec = dict(spec, device=device)
-    spec.pop("reuse", None)
+    for service_only in ("reuse", "verify_cached"):
+        spec.pop(service_only, None)
     if device == "cpu" and spec.get("capacity_bytes") is None:
         spec["capacity_bytes"] = settings.cpu_capacity_bytes
     return spec

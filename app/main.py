@@ -20,7 +20,7 @@ from app.body_limit import BodyLimit
 from app.config import Settings
 from app.deps import require_token
 from app.executor import make_executor
-from app.routes import devices, exports, health, models, plans, probes
+from app.routes import devices, exports, health, models, plans, preflight, probes
 from app.routes.health import Metrics
 from app.schemas import error_responses
 from app.store import Store
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth = [Depends(require_token)]
     auth_errors = error_responses(401)
     app.include_router(probes.router, dependencies=auth, responses=auth_errors)
+    app.include_router(preflight.router, dependencies=auth, responses=auth_errors)
     app.include_router(exports.router, dependencies=auth, responses=auth_errors)
     app.include_router(plans.router, dependencies=auth, responses=auth_errors)
     app.include_router(devices.router, dependencies=auth, responses=auth_errors)

@@ -9,10 +9,45 @@ from pydantic import BaseModel, ConfigDict, Field
 from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
 
 
+REUSE = "answer from a finished probe with the same fingerprint when there is one"
+MAX_PREFLIGHT_WAIT_S = 3600
+
+
 class ProbeRequest(ProbeSpec):
     """A probe job. `device` is chosen by the service (the next free worker), not by the request."""
 
-    reuse: bool = Field(True, description="answer from a finished probe with the same fingerprint when there is one")
+    reuse: bool = Field(True, description=REUSE)
+    verify_cached: bool = Field(
+        False, description="when the cached probe's plan for this effective_batch was never trained: queue a "
+        "verification-only job (the search comes from the cache, only the plan is trained) instead of answering "
+        "at once with verification null",
+    )
+
+
+class PreflightRequest(ProbeSpec):
+    """POST /v1/preflight: a probe spec that names its model, and how long to wait for the verdict."""
+
+    model: str | dict[str, Any] = Field(
+        ..., description=f"{ProbeSpec.model_fields['model'].description}; required: pre-flight never picks a model",
+    )
+    reuse: bool = Field(True, description=REUSE)
+    timeout_s: float = Field(
+        1800, gt=0, le=MAX_PREFLIGHT_WAIT_S,
+        description=f"seconds to wait for the verdict (at most {MAX_PREFLIGHT_WAIT_S}); past it the answer is 504 "
+        "and the probe keeps running, so a later request may find it cached",
+    )
+
+    def probe_request(self) -> ProbeRequest:
+        """The probe to submit: what was sent (unset fields stay unset), verifying a cached plan."""
+        return ProbeRequest(**self.model_dump(exclude_unset=True, exclude={"timeout_s"}), verify_cached=True)
+
+
+class PreflightVerdict(BaseModel):
+    """POST /v1/preflight with `Accept: application/json`: the verdict line and the job behind it."""
+
+    passed: bool = Field(..., description="true only for a plan verified by training (status 200)")
+    detail: str = Field(..., description="the verdict line, `PASS: …` or `FAIL: <reason>`, as the text/plain answer")
+    job: dict[str, Any] | None = Field(None, description="the probe job, as GET /v1/probes/{id} gives it")
 
 
 class PlanRequest(BaseModel):

@@ -175,13 +175,14 @@ class Store:
                                               finished_at=now))
         return self.get(job_id)
 
-    def cached_result(self, fingerprint: str) -> dict[str, Any] | None:
-        """The newest measured (not itself cached) result with this fingerprint."""
+    def cached_result(self, fingerprint: str) -> tuple[str, dict[str, Any]] | None:
+        """The id and result of the newest measured (not itself cached) job with this fingerprint."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs.c.result).where(
+            row = conn.execute(sa.select(jobs.c.id, jobs.c.result).where(
                 jobs.c.fingerprint == fingerprint, jobs.c.status == SUCCEEDED, jobs.c.cached.is_(False),
             ).order_by(jobs.c.finished_at.desc()).limit(1)).first()
-        return _read_json(row.result)[0] if row else None  # an unreadable result is a cache miss
+        result = _read_json(row.result)[0] if row else None
+        return (row.id, result) if result is not None else None  # an unreadable result is a cache miss
 
     # ---- transitions ----------------------------------------------------------------------
     def claim_next(self, device: str) -> dict[str, Any] | None:

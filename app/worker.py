@@ -40,8 +40,11 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
     if spec.get("device") == "cpu":
         # leave a core to the service: a probe on the CPU device must not starve the API it reports to
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    spec = dict(spec)
+    search_from = spec.pop("search_from", None)  # a verification-only job: the routes put the cached search here
     try:
-        put(("result", run_job(ProbeSpec(**spec), lambda event: put(("event", event)), allowed_factories)))
+        put(("result", run_job(ProbeSpec(**spec), lambda event: put(("event", event)), allowed_factories,
+                               search_from=search_from)))
     except (SpecError, ValidationError) as exc:
         put(("error", validation_message(exc)))
     except Exception as exc:  # noqa: BLE001 - reported as the job's failure, the process then exits

@@ -228,11 +228,15 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
 
 
 def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = (),
-            verify_steps: int = 2, verify: bool = True) -> dict[str, Any]:
+            verify_steps: int = 2, verify: bool = True, search_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """Probe, then (with an effective batch) plan the split and verify it by training: the service's unit.
 
     The plan uses the safe micro-batch and the trials' measured step times; the verification's
     reference gradient may use up to the max micro-batch at once, which the probe showed fits.
+
+    `search_from` (`{"probe_id", "report"}`) makes this a verification-only job: the probe with the
+    same fingerprint already searched, so its report stands in for `run_probe` and only the plan for
+    this effective batch is trained.
     """
     from probe.plan import plan_for_probe
     from probe.verify import run_verification
@@ -240,7 +244,12 @@ def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection
     if verify and spec.mode == "measure" and spec.effective_batch is not None and spec.sharding == "fsdp":
         raise SpecError("verification with sharding=fsdp is not implemented yet; use --no-verify, or leave out "
                         "effective_batch (the probe's answer is per device either way)")
-    report = run_probe(spec, emit, allowed_factories)
+    if search_from is None:
+        report = run_probe(spec, emit, allowed_factories)
+    else:
+        emit({"type": "phase", "phase": "search_cached", "probe_id": search_from["probe_id"]})
+        report = {**search_from["report"], "spec": spec.model_dump(mode="json"),
+                  "search_cached_from": search_from["probe_id"]}
     report["plan"] = report["verification"] = None
     if spec.effective_batch is None or report["does_not_fit"]:
         return report

@@ -31,7 +31,7 @@ router = APIRouter(prefix="/v1/probes", tags=["probes"])
 SSE_HEARTBEAT_S = 10.0
 SSE_POLL_S = 0.25
 STREAMS_RETRY_AFTER_S = 10
-NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "device"}
+NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "verify_cached", "device"}
 MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
 
@@ -173,8 +173,13 @@ def _pinned(request: ProbeRequest, settings: Any) -> ProbeRequest:
 
 def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     job = dict(job)
+    spec = job["spec"] or {}
+    if "search_from" in spec:  # the cached report travels to the job in its spec: shown as the probe's id
+        job["spec"] = {key: value for key, value in spec.items() if key != "search_from"}
     job["trials"] = store.trials(job["id"])
     result = job.pop("result")
+    job["search_cached_from"] = (spec.get("search_from") or {}).get("probe_id") or (result or {}).get(
+        "search_cached_from")
     job["report"] = result
     job["plan"] = result.get("plan") if result else None
     job["verification"] = result.get("verification") if result else None
@@ -182,15 +187,14 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     return job
 
 
-@router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)",
-             responses=error_responses(400, 413, 422, 429))
-def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
-           executor: ExecutorDep) -> dict[str, Any]:
+def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor) -> dict[str, Any]:
     """Queue a probe, or answer it from the newest finished probe with the same fingerprint.
 
     A cached probe answers only when its search did not stop below what this request needs
     (`_covers`). Its plan is remade for this effective batch, and a verification of another plan
-    is not passed off as this one's: `verification` is then null, with a `verification_note`.
+    is not passed off as this one's: `verification` is then null, with a `verification_note` — or,
+    with `verify_cached`, a verification-only job is queued that takes the cached search and trains
+    the new plan.
     """
     request = _pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
@@ -198,16 +202,28 @@ def submit(request: ProbeRequest, response: Response, store: StoreDep, settings:
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
     cached = store.cached_result(key) if request.reuse else None
-    if cached is not None and _covers(cached["search"], request.micro_batch_limit):
+    if cached is not None and _covers(cached[1]["search"], request.micro_batch_limit):
+        source_id, report = cached
         try:
-            job = store.create_cached(spec, key, _replan(cached, request))
+            replanned = _replan(report, request)
         except SpecError as exc:
             raise HTTPException(422, str(exc)) from exc
-    else:
-        try:
-            job = store.create(spec, key, settings.max_queued_jobs)
-        except QueueFull as exc:
-            raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "30"}) from exc
+        if not (request.verify_cached and replanned.get("verification_note")):
+            return store.create_cached(spec, key, replanned)
+        # a verification-only job's result carries the search too: name the probe that ran it
+        spec["search_from"] = {"probe_id": report.get("search_cached_from") or source_id, "report": report}
+    try:
+        return store.create(spec, key, settings.max_queued_jobs)
+    except QueueFull as exc:
+        raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "30"}) from exc
+
+
+@router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)",
+             responses=error_responses(400, 413, 422, 429))
+def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
+           executor: ExecutorDep) -> dict[str, Any]:
+    """Queue a probe, or answer it from the cache (see `submit_probe`)."""
+    job = submit_probe(request, store, settings, executor)
     response.headers["Location"] = f"/v1/probes/{job['id']}"
     return public(job, store)
 

@@ -89,31 +89,41 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
 
 
-def test_a_cached_plan_that_was_never_verified_fails_honestly_until_fresh(server):
-    assert preflight("--server", server.url, *NANO, "--effective-batch", "20").returncode == 0
-    # same probe, a smaller effective batch (inside the limit the cached search reached): the cache
-    # answers with a new plan nobody trained
-    cached = preflight("--server", server.url, *NANO, "--effective-batch", "18")
-    assert cached.returncode == 1, cached.stderr
-    assert verdict(cached) == "FAIL: plan not verified (cached probe); rerun with --fresh"
-    assert "verification: not passed" not in cached.stdout + cached.stderr
+@pytest.mark.slow
+def test_a_cached_search_with_a_new_effective_batch_verifies_the_new_plan_without_searching_again(server):
+    first = preflight("--server", server.url, *NANO, "--effective-batch", "20", "--fresh", "--json")
+    assert first.returncode == 0, first.stderr
+    searched = json.loads(first.stdout)
+    # same probe, a smaller effective batch (inside the limit the cached search reached): a new plan,
+    # trained by a job that takes the search from the cache
+    cached = preflight("--server", server.url, *NANO, "--effective-batch", "18", "--json")
+    assert cached.returncode == 0, cached.stderr
+    job = json.loads(cached.stdout)
+    assert job["search_cached_from"] == searched["id"] and job["trials"] == [], "no trial ran again"
+    assert job["plan"]["effective_batch"] == 18 and job["verification"]["passed"]
+    assert "PASS: 18 = " in cached.stderr and f"(search cached from probe {searched['id']}; verified; " in cached.stderr
+    assert "[fitprobe] phase: verifying" in cached.stderr
 
-    fresh = preflight("--server", server.url, *NANO, "--effective-batch", "18", "--fresh", "--json")
-    assert fresh.returncode == 0, fresh.stderr
-    job = json.loads(fresh.stdout)
-    assert not job["cached"] and job["verification"]["passed"]
+
+def test_preflight_without_a_model_exits_2_with_one_line_and_submits_nothing(server):
+    run = preflight("--server", server.url, "--seq-len", "32", "--effective-batch", "8")
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert len(run.stderr.splitlines()) == 1 and "--model is required" in run.stderr, run.stderr
+    with server.client() as client:
+        models = [job["model"] for job in client.get("/v1/probes", params={"view": "compact"}).json()["items"]]
+    assert "builtin:gpt-tiny" not in models, "nothing is probed by default"
 
 
 def test_bad_input_exits_2(server):
-    run = preflight("--server", server.url, "--seq-len", "0", "--effective-batch", "8")
+    run = preflight("--server", server.url, "--model", "builtin:gpt-nano", "--seq-len", "0", "--effective-batch", "8")
     assert run.returncode == 2 and "seq_len" in run.stderr
 
 
 def test_an_unreachable_server_exits_3_with_one_line_or_one_object():
     port = free_port()
-    run = preflight("--server", f"http://127.0.0.1:{port}", "--seq-len", "32", "--effective-batch", "8")
+    run = preflight("--server", f"http://127.0.0.1:{port}", *NANO, "--effective-batch", "8")
     assert run.returncode == 3 and verdict(run).startswith("FAIL: ") and "unreachable" in run.stdout
-    as_json = preflight("--server", f"127.0.0.1:{port}", "--seq-len", "32", "--effective-batch", "8", "--json")
+    as_json = preflight("--server", f"127.0.0.1:{port}", *NANO, "--effective-batch", "8", "--json")
     assert as_json.returncode == 3 and json.loads(as_json.stdout)["status"] == "not_submitted"
 
 

@@ -1,0 +1,39 @@
+"""The one line a pipeline shows for a finished probe job: PASS only for a plan verified by training.
+
+`fitprobe preflight` turns it into an exit code and `POST /v1/preflight` into an HTTP status, so the
+command line and a `curl` step give the same verdict for the same job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from probe.plan import plan_equation
+from probe.spec import format_bytes
+
+
+def verdict(job: dict[str, Any], require_exact: bool = False) -> tuple[bool, str]:
+    """Whether the job's plan is met, and the `PASS: …` or `FAIL: <reason>` line that says so."""
+    if job["status"] != "succeeded":
+        return False, f"FAIL: probe {job['status']}: {job.get('error') or 'no reason given'}"
+    plan, verification = job.get("plan"), job.get("verification")
+    not_fitting = (job.get("report") or {}).get("does_not_fit")
+    if not_fitting:
+        return False, f"FAIL: does not fit: {not_fitting['message']}"
+    if not plan:
+        return False, "FAIL: the probe made no plan (was effective_batch sent?)"
+    split = plan_equation(plan)
+    if verification is None:  # never "passed": nobody trained this plan
+        estimate = (job.get("spec") or {}).get("mode") == "estimate"
+        why = "estimate mode has no device to train on" if estimate else job.get("verification_note")
+        return False, "FAIL: plan not verified" + (f" ({why})" if why else "")
+    if not verification["passed"]:
+        failed = "; ".join(f"{c['name']}: {c['detail']}" for c in verification.get("checks", []) if not c["passed"])
+        return False, f"FAIL: verification failed: {failed or 'no check detail'}"
+    if require_exact and not plan["exact"]:
+        return False, f"FAIL: plan is not exact ({plan.get('deviation_percent')}% off): {split}"
+    source = job.get("search_cached_from")
+    cached = f"search cached from probe {source}; " if source else ""
+    peak = (f"; peak {format_bytes(verification.get('peak_reserved_bytes'))} of "
+            f"{format_bytes(verification.get('capacity_bytes'))}")
+    return True, f"PASS: {split} ({cached}verified{peak})"
