@@ -20,7 +20,6 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any, get_args
 
-import torch
 from pydantic import ValidationError
 
 from probe.export import FORMATS, export_plan, export_report, render
@@ -88,8 +87,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--collation", default="padded", choices=["padded", "packed"],
                         help="padded: batches hold padding (an attention mask); packed: no padding, no mask")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda:N")
+    parser.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when CUDA is available, else cpu)")
     parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB (CPU default 1GiB; "
                         "on CUDA a cap below the card)")
     parser.add_argument("--gpu", choices=sorted(GPU_TOTAL_MIB), metavar="CARD",
@@ -113,6 +111,13 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                         "verify the split")
 
 
+def default_device() -> str:
+    # torch takes seconds to import: only the commands that run a model ask it
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     if args.gpu and not args.estimate:
         raise SpecError(f"--gpu {args.gpu} plans for a card this machine does not measure: add --estimate "
@@ -126,7 +131,7 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
         search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
                       max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch)
     return ProbeSpec(
-        model=args.model, seq_len=args.seq_len, device=args.device, capacity_bytes=capacity,
+        model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=capacity,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, collation=args.collation,
         gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
@@ -247,17 +252,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], int]
 
 
-def _version() -> str:
-    try:
-        return metadata.version("fitprobe")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
+class _Version(argparse.Action):
+    """--version names torch's version too, so torch is imported only when it is asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show fitprobe's and torch's versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import torch
+
+        try:
+            version = metadata.version("fitprobe")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        print(f"fitprobe {version} (torch {torch.__version__})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitprobe", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
-    parser.add_argument("--version", action="version", version=f"fitprobe {_version()} (torch {torch.__version__})")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("probe", help="find the largest micro-batch that fits, then plan and verify",
                                 formatter_class=_Formatter)

@@ -181,7 +181,9 @@ class Plan:
         return self.split.device_micro_batches(rank)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.split.to_dict(), "reason": self.reason, "throughput_model": self.throughput_model,
+        split = self.split.to_dict()
+        # the equation travels with the plan, so a client prints it without this module (or torch)
+        return {**split, "equation": plan_equation(split), "reason": self.reason, "throughput_model": self.throughput_model,
                 "alternatives": self.alternatives, "nearest_below": self.nearest_below,
                 "nearest_above": self.nearest_above, "lr_guidance": self.lr_guidance}
 

@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# one definition for the library, the service and the torch-free client; modules import it from here
+from fitprobe_client.units import format_bytes  # noqa: F401
+
 MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536
 MAX_EFFECTIVE_BATCH = 1_048_576
@@ -84,18 +87,6 @@ def check_plain_json(value: Any) -> None:
         elif isinstance(node, (list, tuple)):
             pending.extend((child, f"{where}.{i}" if where else str(i), depth + 1)
                            for i, child in enumerate(node))
-
-
-def format_bytes(n_bytes: int | float | None) -> str:
-    """Human-readable size with binary units, as nvidia-smi and the allocator report them."""
-    if n_bytes is None:
-        return "-"
-    value = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.2f}TiB"
 
 
 class LoraSpec(BaseModel):

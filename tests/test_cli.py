@@ -96,6 +96,19 @@ def test_version_and_help_show_defaults_and_the_exit_codes():
     assert "(default: 0.1)" in probe_help and "h100-80gb" in probe_help
 
 
+def test_help_and_preflight_never_import_torch():
+    # torch takes 9-12 s to import on the CI machine: a pre-flight step must not pay for it
+    check = ("import contextlib, io, sys\n"
+             "from probe.cli import main\n"
+             "for argv in (['--help'], ['preflight', '--help']):\n"
+             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+             "        main(argv)\n"
+             "code = main(['preflight', '--server', '127.0.0.1:1', '--seq-len', '32', '--effective-batch', '4'])\n"
+             "print(code, sorted(name for name in ('torch', 'fastapi') if name in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert run.stdout.splitlines()[-1] == "3 []", run.stdout + run.stderr
+
+
 def test_gpu_card_without_estimate_does_not_start_a_real_search():
     run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--gpu", "h100-80gb")
     assert run.returncode == 2 and "add --estimate" in run.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from probe.job import prepare
 from probe.spec import ProbeSpec

@@ -25,7 +25,7 @@ from app.deps import ExecutorDep, SettingsDep, StoreDep
 from app.routes.probes import EventStreams, public, submit_probe
 from app.schemas import PreflightRequest, PreflightVerdict, error_responses
 from app.store import TERMINAL
-from app.verdict import verdict
+from fitprobe_client.verdict import verdict
 
 router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
 POLL_S = 0.5

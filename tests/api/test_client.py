@@ -1,4 +1,4 @@
-"""app/client.py against a real server: typed errors, event streams that survive a dropped connection."""
+"""client/fitprobe_client/client.py against a real server: typed errors, event streams that survive a drop."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-import app.client
-from app.client import BadRequest, FitprobeClient, NotFound, Unreachable, base_url
+import fitprobe_client.client
+from fitprobe_client.client import BadRequest, FitprobeClient, NotFound, Unreachable, base_url
 from tests.api.conftest import FAST_JOB, free_port
 
 
@@ -117,12 +117,12 @@ def test_events_reconnect_by_themselves_when_the_connection_drops(server, finish
 
 
 def test_wait_falls_back_to_polling_when_no_event_stream_gets_through(server, finished_job, monkeypatch):
-    monkeypatch.setattr(app.client, "RECONNECT_BACKOFF_S", (0.01,))
+    monkeypatch.setattr(fitprobe_client.client, "RECONNECT_BACKOFF_S", (0.01,))
     proxy = CuttingProxy(server.url, lambda stream: 0)
     seen: list[dict] = []
     with FitprobeClient(proxy.url) as client:
         job = client.wait(finished_job["id"], timeout_s=60, on_event=seen.append)
-    assert proxy.event_streams == app.client.RECONNECT_ATTEMPTS + 1
+    assert proxy.event_streams == fitprobe_client.client.RECONNECT_ATTEMPTS + 1
     assert job == finished_job
     assert [e["micro_batch"] for e in seen if e["type"] == "trial"] == [t["micro_batch"] for t in job["trials"]]
 

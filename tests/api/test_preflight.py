@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from app.client import FitprobeClient
+from fitprobe_client.client import FitprobeClient
 from tests.api.conftest import SLOW_JOB, free_port
 
 NANO = ("--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16777216")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from tests.api.conftest import FAST_JOB, SLOW_JOB, start_server, wait_for

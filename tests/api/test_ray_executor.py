@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.client import FitprobeClient
+from fitprobe_client.client import FitprobeClient
 from tests.api.conftest import SLOW_JOB, Server, start_server, wait_for
 
 ray = pytest.importorskip("ray")

@@ -1,7 +1,8 @@
 """The one HTTP client of the fitprobe service: `fitprobe preflight` uses it, and so can any Python user.
 
-It only needs httpx (no torch, no FastAPI), so a CI job can `pip install fitprobe` and talk to a
-server without building anything. Three things make it more than `httpx.post`:
+It only needs httpx (no torch, no FastAPI): it ships alone as the `fitprobe-client` distribution
+(client/pyproject.toml), so a CI job installs it in seconds and talks to a server without building
+anything. Three things make it more than `httpx.post`:
 
 - Errors come back as the exception a caller can act on: `BadRequest` (the server refused the
   request; `detail` says what to change), `NotFound`, `Unreachable` (no answer at all), `ServerError`

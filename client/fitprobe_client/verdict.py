@@ -1,15 +1,21 @@
 """The one line a pipeline shows for a finished probe job: PASS only for a plan verified by training.
 
-`fitprobe preflight` turns it into an exit code and `POST /v1/preflight` into an HTTP status, so the
-command line and a `curl` step give the same verdict for the same job.
+`fitprobe preflight` / `fitprobe-preflight` turn it into an exit code and `POST /v1/preflight` into an
+HTTP status, so the command line and a `curl` step give the same verdict for the same job. It lives in
+the client distribution (no torch) and the server imports it from there.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from probe.plan import plan_equation
-from probe.spec import format_bytes
+from fitprobe_client.units import format_bytes
+
+
+def plan_words(plan: dict[str, Any]) -> str:
+    """The server's words for the split; a plan cached by a server older than `equation` gets the numbers."""
+    return plan.get("equation") or (f"{plan['effective_batch']} = {plan['micro_batch']} × "
+                                    f"{plan['accumulation_steps']} × {plan['num_devices']} devices")
 
 
 def verdict(job: dict[str, Any], require_exact: bool = False) -> tuple[bool, str]:
@@ -22,7 +28,7 @@ def verdict(job: dict[str, Any], require_exact: bool = False) -> tuple[bool, str
         return False, f"FAIL: does not fit: {not_fitting['message']}"
     if not plan:
         return False, "FAIL: the probe made no plan (was effective_batch sent?)"
-    split = plan_equation(plan)
+    split = plan_words(plan)
     if verification is None:  # never "passed": nobody trained this plan
         estimate = (job.get("spec") or {}).get("mode") == "estimate"
         why = "estimate mode has no device to train on" if estimate else job.get("verification_note")

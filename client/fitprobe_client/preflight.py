@@ -1,0 +1,152 @@
+"""The CI gate: submit a probe, follow it, and end with one verdict line and an exit code.
+
+Both `fitprobe preflight` (the full install) and `fitprobe-preflight` (this distribution alone,
+httpx only) are this module, so a pipeline gets the same options, lines and exit codes from either.
+Nothing here imports torch or the service: the server has made and verified the plan, and sends
+the equation a person reads with it.
+
+Exit codes, as every fitprobe command:
+  0  the plan is met and verified by training
+  1  it ran, but the request cannot be met (does not fit, verification failed, plan not verified)
+  2  bad input: one line on stderr says what to change (with --json, also a JSON object on stdout)
+  3  the service is unreachable, failing, busy, or did not answer in time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from fitprobe_client.client import (BadRequest, ConfigFileError, FitprobeClient, ServerError, TimedOut,
+                                    Unreachable)
+from fitprobe_client.units import format_bytes
+from fitprobe_client.verdict import plan_words, verdict
+
+EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def add_options(preflight: argparse.ArgumentParser) -> None:
+    preflight.add_argument("--server", required=True, help="e.g. localhost:8000 or https://fitprobe.example.com")
+    preflight.add_argument("--token", default=os.environ.get("FITPROBE_TOKEN"))
+    preflight.add_argument("--model", help="required: builtin:<name>, preset:<name>, hf:<config.json or its "
+                           "directory> (read here, sent inline), hf:org/name[@revision]")
+    preflight.add_argument("--seq-len", type=int, required=True)
+    preflight.add_argument("--effective-batch", type=int, required=True)
+    preflight.add_argument("--devices", type=int, default=1)
+    preflight.add_argument("--capacity")
+    preflight.add_argument("--precision", default="fp32")
+    preflight.add_argument("--optimizer", default="adamw_torch_fused",
+                           help="as your framework names it (HF TrainingArguments.optim), e.g. adamw_torch_fused "
+                           "(default), adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd")
+    preflight.add_argument("--lora", action="store_true")
+    preflight.add_argument("--grad-checkpointing", action="store_true")
+    preflight.add_argument("--require-exact", action="store_true")
+    preflight.add_argument("--fresh", action="store_true",
+                           help="probe again instead of reusing a cached search (whose new plan is verified anyway)")
+    preflight.add_argument("--timeout", default="30m")
+    preflight.add_argument("--json", action="store_true", help="print the job as one JSON object on stdout")
+
+
+def parse_duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit, follow, and turn the outcome into one line and an exit code a pipeline can act on.
+
+    stdout carries only the verdict line, or with --json exactly one JSON object (the job, whatever
+    happened), so a CI step can capture it; progress and, with --json, the verdict go to stderr.
+    """
+    if not args.model:
+        return _refused(args, "--model is required: name the model the training run uses (builtin:<name>, "
+                              "preset:<name>, hf:./config.json or hf:org/name); pre-flight never picks one")
+    try:
+        timeout_s = parse_duration_s(args.timeout)
+    except ValueError:
+        return _refused(args, f"--timeout must look like 30m, 90s or 2h (got {args.timeout!r})")
+    body: dict[str, Any] = {"model": args.model, "seq_len": args.seq_len, "effective_batch": args.effective_batch,
+                            "num_devices": args.devices, "precision": args.precision, "optimizer": args.optimizer,
+                            "finetuning": "lora" if args.lora else "full",
+                            "gradient_checkpointing": args.grad_checkpointing, "reuse": not args.fresh,
+                            # a cached search with a plan nobody trained gets a verification-only job, not a FAIL
+                            "verify_cached": True}
+    if args.capacity:
+        body["capacity_bytes"] = args.capacity
+    job: dict[str, Any] | None = None
+    with FitprobeClient(args.server, token=args.token) as client:
+        try:
+            job = client.submit(body)
+            source = job.get("search_cached_from")
+            _progress(f"probe {job['id']} {job['status']}{' (cached)' if job.get('cached') else ''}"
+                      f"{f' (search cached from probe {source}; verifying the plan)' if source else ''}")
+            if job["status"] not in ("succeeded", "failed", "cancelled"):
+                job = client.wait(job["id"], timeout_s, on_event=_print_event)
+        except ConfigFileError as exc:
+            return _refused(args, str(exc))
+        except BadRequest as exc:
+            return _refused(args, f"server refused the probe ({exc.status_code}): {exc.detail}")
+        except TimedOut as exc:
+            return _report(args, EXIT_UNREACHABLE, f"FAIL: timed out after {args.timeout}: {exc}", exc.job)
+        except (Unreachable, ServerError) as exc:
+            return _report(args, EXIT_UNREACHABLE, f"FAIL: server {client.server} unreachable or failing: {exc}",
+                           job or _not_submitted(str(exc)))
+    if job.get("plan"):
+        _progress(f"plan: {plan_words(job['plan'])}")
+    passed, line = verdict(job, args.require_exact)
+    return _report(args, EXIT_OK if passed else EXIT_UNMET, line, job)
+
+
+def _report(args: argparse.Namespace, code: int, line: str, job: dict[str, Any] | None) -> int:
+    """The run's last words: the verdict on stdout, or the one JSON object there and the verdict on stderr."""
+    if args.json:
+        print(json.dumps(job))
+    print(line, file=sys.stderr if args.json else sys.stdout)
+    return code
+
+
+def _not_submitted(error: str) -> dict[str, Any]:
+    """--json's one object when there is no job to print: the keys a job's status and error use."""
+    return {"id": None, "status": "not_submitted", "error": error}
+
+
+def _refused(args: argparse.Namespace, message: str) -> int:
+    """Bad input: one line on stderr that says what to change, as every fitprobe command does."""
+    if args.json:
+        print(json.dumps(_not_submitted(message)))
+    print(f"fitprobe: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _progress(message: str) -> None:
+    print(f"[fitprobe] {message}", file=sys.stderr, flush=True)
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    if event["type"] == "phase":
+        _progress(f"phase: {event['phase']}")
+    elif event["type"] == "trial_started":
+        _progress(f"trial micro_batch={event['micro_batch']} ...")
+    elif event["type"] == "trial":
+        outcome = (f"fits, peak {format_bytes(event.get('peak_allocated_bytes'))}" if event.get("fits") else
+                   f"out of memory at {format_bytes(event.get('oom_live_bytes'))} while allocating "
+                   f"{format_bytes(event.get('oom_request_bytes'))}")
+        _progress(f"trial micro_batch={event['micro_batch']}: {outcome}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fitprobe-preflight`: the same command as `fitprobe preflight`, for a runner without torch."""
+    parser = argparse.ArgumentParser(prog="fitprobe-preflight", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
