@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024, description="largest request body")
     poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
     max_verify_processes: int = Field(
-        4, ge=1, description="largest num_devices verified on the CPU device (one process per device)")
+        4, ge=1, description="largest num_devices a job may run as processes on the CPU device (one per device: "
+        "a verification, or a measured sharded trial); beyond it a request is a 422, estimate mode stays allowed")
     max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
     shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
     access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "

@@ -4,10 +4,10 @@ Probes on a shared GPU would measure each other, so a device runs one job at a t
 in a spawned process that the worker watches: events are copied into the store as they arrive,
 and when the process ends its outcome (or the signal that killed it) decides the job's status.
 
-The job process is not daemonic, because a verification on several devices spawns one process per
-device and Python refuses children to a daemon; it still dies with the service (the kernel kills it
-when its worker thread goes, see probe/lifetime.py), and it leads a process group, which is what a
-cancel or a timeout kills. A database error (SQLite's "database is locked" past the busy timeout,
+The job process starts through probe/lifetime.py, which binds it to die with the service (the
+kernel kills it when its worker thread goes) before it imports anything heavy; its items come back
+through a pipe. It leads a process group (its own session), which is what a cancel or a timeout
+kills: the device processes it spawns are in it. A database error (SQLite's "database is locked" past the busy timeout,
 a PostgreSQL restart) is retried with backoff, never allowed to end the worker: `/readyz` reports it
 meanwhile.
 
@@ -18,13 +18,13 @@ routes; `make_executor` picks one from FITPROBE_EXECUTOR.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import queue
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -33,6 +33,7 @@ from app.config import Settings
 from app.store import CANCELLED, Store
 from app.worker import run_job_process
 from probe.devices import list_devices
+from probe.lifetime import start_guarded
 
 if TYPE_CHECKING:
     from app.routes.health import Metrics
@@ -104,12 +105,12 @@ class DbRetry:
             return answer
 
 
-def kill_process_tree(process: multiprocessing.Process) -> None:
+def kill_process_tree(process: subprocess.Popen) -> None:
     """SIGKILL the job process and every process it started (they share its process group)."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass  # it has not made its group yet, so it has no children: killing it alone is enough
+        pass  # the group is gone already: its leader was reaped, and its ranks died with it
     process.kill()
 
 
@@ -139,7 +140,7 @@ class DeviceWorker(threading.Thread):
         super().__init__(name=f"fitprobe-worker-{device}", daemon=True)
         self.device, self.store, self.settings, self.stopping = device, store, settings, stopping
         self.metrics = metrics
-        self.current: tuple[str, multiprocessing.Process] | None = None
+        self.current: tuple[str, subprocess.Popen] | None = None
         self.busy_since_s: float | None = None
         self._db = DbRetry(f"worker {device}", stopping)
 
@@ -168,19 +169,21 @@ class DeviceWorker(threading.Thread):
 
     def kill(self, job_id: str) -> bool:
         current = self.current
-        if current and current[0] == job_id and current[1].is_alive():
+        if current and current[0] == job_id and current[1].poll() is None:
             kill_process_tree(current[1])
             return True
         return False
 
     def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
-        context = multiprocessing.get_context("spawn")
-        outbox = context.Queue()
-        process = context.Process(target=run_job_process, daemon=False, args=(
-            spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories), outbox,
-            self.settings.hub_access == "offline"))
-        process.start()
+        read_fd, write_fd = os.pipe()
+        try:
+            process = start_guarded(run_job_process, (
+                spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories),
+                write_fd, self.settings.hub_access == "offline"), pass_fds=(write_fd,), start_new_session=True)
+        finally:
+            os.close(write_fd)  # the job holds the only write end: its exit is the pipe's end
+        outbox = Connection(read_fd, writable=False)
         self.current, self.busy_since_s = (job_id, process), time.monotonic()
         try:
             self._db(self.store.set_worker_pid, job_id, process.pid)
@@ -189,7 +192,8 @@ class DeviceWorker(threading.Thread):
             kill_process_tree(process)
             raise
         finally:
-            process.join()
+            process.wait()
+            outbox.close()
             if self.metrics:
                 self.metrics.job_duration_s.observe(time.monotonic() - self.busy_since_s)
             self.current, self.busy_since_s = None, None
@@ -197,13 +201,13 @@ class DeviceWorker(threading.Thread):
             return  # the service is shutting down: the job stays running and is re-queued at start-up
         if outcome is None:
             if self._db(self.store.get, job_id)["status"] != CANCELLED:
-                self._db(self.store.fail, job_id, exit_reason(process.exitcode))
+                self._db(self.store.fail, job_id, exit_reason(process.returncode))
         elif outcome[0] == "result":
             self._db(self.store.succeed, job_id, outcome[1])
         else:
             self._db(self.store.fail, job_id, outcome[1])
 
-    def _follow(self, job_id: str, process: multiprocessing.Process, outbox: Any) -> tuple[str, Any] | None:
+    def _follow(self, job_id: str, process: subprocess.Popen, outbox: Connection) -> tuple[str, Any] | None:
         deadline_s = time.monotonic() + self.settings.job_timeout_s
         trial_started_s, trials = time.monotonic(), 0
         heartbeat_s = time.monotonic() + self.settings.lease_s / 3
@@ -213,10 +217,13 @@ class DeviceWorker(threading.Thread):
                 if not self._db(self.store.heartbeat, job_id):  # cancelled via another replica, or lease lost
                     kill_process_tree(process)
                     return None
+            alive = process.poll() is None
             try:
-                kind, payload = outbox.get(timeout=DRAIN_TIMEOUT_S if not process.is_alive() else 0.2)
-            except queue.Empty:
-                if not process.is_alive():
+                item = outbox.recv() if outbox.poll(0.2 if alive else DRAIN_TIMEOUT_S) else None
+            except EOFError:
+                return None  # the job closed its end: it has sent all it ever will
+            if item is None:
+                if not alive:
                     return None
                 if time.monotonic() > deadline_s:
                     kill_process_tree(process)
@@ -227,6 +234,7 @@ class DeviceWorker(threading.Thread):
                     kill_process_tree(process)
                     return None
                 continue
+            kind, payload = item
             if kind == "event":
                 self._db(self.store.add_event, job_id, payload)
                 if payload.get("type") == "trial_started":

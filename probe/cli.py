@@ -28,6 +28,8 @@ from probe.model_bounds import ModelLimits
 from probe.spec import Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+# each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
+MAX_CPU_PROCESSES = 16
 PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 
 
@@ -138,6 +140,15 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     )
 
 
+def checked_processes(spec: ProbeSpec, verify: bool) -> ProbeSpec:
+    """Refuse a run on the CPU device that would start more processes than the host can hold."""
+    processes = spec.device_processes(verify)
+    if spec.device == "cpu" and processes > MAX_CPU_PROCESSES:
+        raise SpecError(f"--devices must be ≤ {MAX_CPU_PROCESSES} with --device cpu (got {spec.num_devices}): each "
+                        "device is a process of its own; lower --devices, or add --estimate")
+    return spec
+
+
 class Progress:
     """Long work shows what it is doing on stderr, with elapsed time; stdout stays for the answer."""
 
@@ -188,8 +199,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.verify_steps < 2:
         raise SpecError(f"--verify-steps must be at least 2 (got {args.verify_steps}): the loss check compares "
                         "the first and the last step")
-    report = run_job(checked_spec(args), Progress(args.quiet), allowed_factories(), args.verify_steps,
-                     not args.no_verify)
+    verify = not args.no_verify
+    report = run_job(checked_processes(checked_spec(args), verify), Progress(args.quiet), allowed_factories(),
+                     args.verify_steps, verify)
     verification, not_fitting = report["verification"], report["does_not_fit"]
     # the probe ran, but nothing fits, or the plan it leads to failed when trained for real
     unmet = not_fitting is not None or (verification is not None and not verification["passed"])
@@ -223,7 +235,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_trial(args: argparse.Namespace) -> int:
     from probe.job import run_trial
 
-    report = run_trial(checked_spec(args), args.micro_batch, allowed_factories())
+    report = run_trial(checked_processes(checked_spec(args), verify=False), args.micro_batch, allowed_factories())
     trial = report["trial"]
     if args.json:
         print(json.dumps(report, indent=2))

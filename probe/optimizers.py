@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
-from torch.utils._python_dispatch import _disable_current_modes
+from typing import TYPE_CHECKING, Literal
 
 from probe.spec import ProbeSpec, SpecError
+
+if TYPE_CHECKING:  # torch only where an optimizer is built: exports and the CLI's help name them without it
+    import torch
 
 DeviceType = Literal["cuda", "cpu"]
 
@@ -109,6 +109,9 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     `device_type` is where the step is meant to run, not where these tensors live: an estimate's fake
     tensors sit on the CPU but stand for a CUDA card, so `adamw_torch` gets CUDA's foreach loop.
     """
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
     params = list(params)
     if name == "adamw_torch_fused":
         return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
@@ -139,5 +142,7 @@ def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     On CPU (and under fake tensors) bitsandbytes allocates paged states as ordinary tensors, which the
     meter already counts; there this is 0.
     """
+    import torch
+
     return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
                if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from probe.estimate import EstimateMeter
 from probe.meter import make_meter
-from probe.ranks import RankOutOfMemory, spawn_ranks
+from probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
 from probe.sharding import build_sharded_model, process_group
 from probe.spec import ProbeSpec, SpecError
 from probe.trial import TrialError, TrialResult, TrialRunner
@@ -83,7 +82,7 @@ class MeasuredShardedTrial:
             try:
                 spawn_ranks(_trial_rank, spec.num_devices, spec.device,
                             (spec.model_dump(mode="json"), micro_batch, self.allowed_factories, out_dir))
-            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            except RankFailed as exc:
                 # a rank that ran out of memory wrote its result and stopped the others: a verdict
                 if not any(Path(out_dir).glob("rank*.json")):
                     last_line = str(exc).strip().splitlines()[-1]

@@ -246,6 +246,14 @@ class ProbeSpec(BaseModel):
             limits.append(-(-self.effective_batch // self.num_devices))
         return min(limits) if limits else None
 
+    def device_processes(self, verify: bool = True) -> int:
+        """How many device processes this job starts: one per device for a measured sharded trial or a
+        verification on several devices; none for an estimate (rank 0 of a fake group, in the job)."""
+        if self.mode != "measure":
+            return 0
+        verified = verify and self.effective_batch is not None and self.num_devices > 1
+        return self.num_devices if self.sharding == "fsdp" or verified else 0
+
     def label(self) -> str:
         """Short description for tables and logs."""
         model = self.model if isinstance(self.model, str) else "hf:inline"

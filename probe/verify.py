@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from probe.meter import Meter, is_oom, make_meter
 from probe.models import LoadedModel, build_model
 from probe.plan import Plan
-from probe.ranks import RankOutOfMemory, spawn_ranks
+from probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
 from probe.spec import Collation, ProbeSpec, SpecError, format_bytes
 from probe.step import (
     MicroBatch, accumulate_gradients, global_target_tokens, make_optimizer, make_scaler, optimizer_step, split,
@@ -301,7 +300,7 @@ def _run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Col
         try:
             spawn_ranks(_rank_main, world_size, spec.device,
                         (spec.model_dump(mode="json"), plan, steps, sorted(allowed_factories), fits_at_once, out_dir))
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        except RankFailed as exc:
             # an OOM on one device stops all of them: that is a verdict, anything else is an error
             oom = sorted(Path(out_dir).glob("rank*.json"))
             if not oom:

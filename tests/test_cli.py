@@ -54,6 +54,8 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
     (["--lora", "--lora-targets", "q_proj"], "pick from"),
     (["--model", "factory:os:system"], "not allow-listed"),
     (["--device", "tpu"], "device must be 'cpu' or 'cuda:N'"),
+    (["--sharding", "fsdp", "--devices", "1024"], "--devices must be ≤ 16 with --device cpu (got 1024)"),
+    (["--devices", "64", "--effective-batch", "64"], "lower --devices, or add --estimate"),
 ])
 def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix):
     run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", *args)

@@ -141,10 +141,11 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Exe
                                  f"service's CPU device (got {format_bytes(capacity_bytes)}; "
                                  'FITPROBE_CPU_CAPACITY_BYTES); to plan for a bigger device send "mode": "estimate"')
     most, where = executor.job_devices_limit()
-    if request.mode == "measure" and request.effective_batch is not None and request.num_devices > most:
-        raise HTTPException(422, f"num_devices must be ≤ {most} here (got {request.num_devices}): the verification "
+    if request.device_processes() > most:
+        work = "a sharded trial" if request.sharding == "fsdp" else "the verification"
+        raise HTTPException(422, f"num_devices must be ≤ {most} here (got {request.num_devices}): {work} "
                                  f"runs one process per device, {where}; lower num_devices, or send "
-                                 '"mode": "estimate" to plan without verifying')
+                                 '"mode": "estimate", which measures one device of a simulated group')
     try:
         check_reference(request, settings.allowed_factories, capacity_bytes, settings.model_limits)
     except SpecError as exc:
