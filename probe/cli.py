@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from probe.export import FORMATS, export_plan, export_report, render
 from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
 from probe.model_bounds import ModelLimits
-from probe.spec import Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
+from probe.spec import Optimizer, ProbeSpec, Quantization, SpecError, format_bytes, validation_message
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -83,6 +83,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="the optimizer as your framework names it (HF TrainingArguments.optim), run as it runs "
                         "there: " + ", ".join(get_args(Optimizer)) + " (default: adamw_torch_fused, HF's default)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument("--quantization", default="none", choices=get_args(Quantization),
+                        help="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization), "
+                        "loaded and prepared as from_pretrained + prepare_model_for_kbit_training do; with --lora")
     parser.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, with --lora")
     parser.add_argument("--lora-targets", help="comma-separated module names to adapt, with --lora "
                         "(default: the model's attention projections)")
@@ -135,8 +138,8 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     return ProbeSpec(
         model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=capacity,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
-        finetuning="lora" if args.lora else "full", lora=lora, collation=args.collation,
-        gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
+        finetuning="lora" if args.lora else "full", lora=lora, quantization=args.quantization,
+        collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
     )
 
 

@@ -25,6 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from probe import quantization
 from probe.meter import CpuMeter, LiveBytesMode
 from probe.spec import SpecError
 
@@ -111,9 +112,15 @@ class EstimateMeter(CpuMeter):
         self._has_experts = _experts_run_by_grouped_mm(module)
         fakes: dict[int, torch.Tensor] = {}
         for owner in module.modules():
+            quantized = type(owner).__module__.startswith("bitsandbytes")
+            if quantized:
+                quantization.warm_up()
             for store in (owner._parameters, owner._buffers):
                 for name, tensor in store.items():
                     if tensor is None:
+                        continue
+                    if quantized and name == "weight":  # QLoRA's 4-bit base: quantized under fake tensors
+                        store[name] = quantization.quantized_weight(owner, self.device, fake=True)
                         continue
                     if id(tensor) not in fakes:
                         fake = torch.empty_like(tensor, device=self.device)

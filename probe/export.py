@@ -46,6 +46,7 @@ class Run:
     gradient_checkpointing: bool
     lora: dict[str, Any] | None
     optimizer: str = "adamw_torch_fused"
+    quantization: str = "none"
 
     @property
     def effective_batch(self) -> int:
@@ -97,6 +98,18 @@ def _lora_note(run: Run) -> list[str]:
             f"target_modules={targets}) as fitprobe measured"]
 
 
+def _quantization_note(run: Run) -> list[str]:
+    """QLoRA: how to load and prepare the base as fitprobe measured it (no framework flag says all of it)."""
+    if run.quantization == "none":
+        return []
+    dtype = "float16" if run.precision == "fp16-mixed" else "bfloat16" if "bf16" in run.precision else "float32"
+    checkpointing = run.gradient_checkpointing
+    return [f"QLoRA: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+            f"bnb_4bit_quant_type='{run.quantization}', bnb_4bit_use_double_quant=True, "
+            f"bnb_4bit_compute_dtype=torch.{dtype})), then peft.prepare_model_for_kbit_training(model, "
+            f"use_gradient_checkpointing={checkpointing}) before get_peft_model, as fitprobe measured"]
+
+
 def _optimizer_note(run: Run) -> list[str]:
     """Frameworks without HF's `optim` names: the exact optimizer fitprobe measured, to build the same."""
     return [f"optimizer: fitprobe measured {run.optimizer} = {implementation(run.optimizer, 'cuda')}; build that "
@@ -113,7 +126,7 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "gradient_accumulation_steps": run.accumulation_steps,
                               "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
                               "optim": run.optimizer}
-    notes = _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
+    notes = _quantization_note(run) + _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
     if run.gradient_checkpointing:
         # the name every transformers ≥ 4.45 knows; set only when on, as transformers 5 warns on any value of it
         config["gradient_checkpointing"] = True
@@ -136,7 +149,8 @@ def _accelerate(run: Run) -> tuple[dict[str, Any], list[str]]:
                         "num_machines": 1, "machine_rank": 0, "num_processes": run.num_devices,
                         "mixed_precision": mixed, "use_cpu": False},
     }
-    return config, _weights_note(run) + _checkpointing_note(run) + _lora_note(run) + _optimizer_note(run)
+    return config, (_quantization_note(run) + _weights_note(run) + _checkpointing_note(run) + _lora_note(run)
+                    + _optimizer_note(run))
 
 
 def _deepspeed(run: Run) -> tuple[dict[str, Any], list[str]]:
@@ -146,7 +160,7 @@ def _deepspeed(run: Run) -> tuple[dict[str, Any], list[str]]:
               "bf16": {"enabled": run.precision in ("bf16-mixed", "bf16")},
               # loss_scale 0: dynamic loss scaling, as fitprobe's fp16 step (GradScaler) measured
               "fp16": {"enabled": run.precision == "fp16-mixed", "loss_scale": 0}}
-    notes = _lora_note(run) + _launch_note(run, f"deepspeed --num_gpus {run.num_devices}")
+    notes = _quantization_note(run) + _lora_note(run) + _launch_note(run, f"deepspeed --num_gpus {run.num_devices}")
     notes.append(f"optimizer: no `optimizer` section, so HF Trainer builds optim={run.optimizer} "
                  f"({implementation(run.optimizer, 'cuda')}) as fitprobe measured; a DeepSpeed optimizer section "
                  "would replace it with DeepSpeed's own, whose memory fitprobe did not measure")
@@ -171,7 +185,7 @@ def _lightning(run: Run) -> tuple[dict[str, Any], list[str]]:
               "data": {"batch_size": run.micro_batch}}
     # bf16-true converts the module itself; only a LoRA base in 16 bits needs loading so
     weights = _weights_note(run) if run.precision != "bf16" else []
-    return config, weights + _checkpointing_note(run) + _lora_note(run) + _optimizer_note(run)
+    return config, _quantization_note(run) + weights + _checkpointing_note(run) + _lora_note(run) + _optimizer_note(run)
 
 
 def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
@@ -182,7 +196,13 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
         config["bfloat16"] = True  # axolotl's "no AMP": weights in bf16
     notes = _launch_note(run, f"accelerate launch --num_processes {run.num_devices} -m axolotl.cli.train")
     if run.lora:
-        config.update(adapter="lora", lora_r=run.lora["rank"], lora_alpha=run.lora["alpha"])
+        config.update(adapter="qlora" if run.quantization != "none" else "lora", lora_r=run.lora["rank"],
+                      lora_alpha=run.lora["alpha"])
+        if run.quantization != "none":
+            config.update(load_in_4bit=True)
+            if run.quantization != "nf4":
+                notes.append(f"QLoRA with {run.quantization}: axolotl loads nf4; set bnb_4bit_quant_type "
+                             f"{run.quantization} in its bnb_config_kwargs")
         if run.lora.get("targets"):
             config["lora_target_modules"] = run.lora["targets"]
         else:
@@ -219,6 +239,10 @@ def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
     if config["optimizer"] is None:
         del config["optimizer"]
         notes += _optimizer_note(run)
+    if run.quantization != "none":
+        notes.append("QLoRA: use the model's qlora_ builder (e.g. model._component_: "
+                     "torchtune.models.llama3_1.qlora_llama3_1_8b) with a LoRA recipe; torchtune quantizes to NF4 "
+                     "with its own kernels (torchao), whose memory is close to but not what fitprobe measured")
     if run.lora:
         notes.append(f"LoRA: use a LoRA recipe (lora_finetune_single_device / lora_finetune_distributed) with "
                      f"model.lora_rank={run.lora['rank']} model.lora_alpha={run.lora['alpha']}")
@@ -248,7 +272,8 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
               gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
               if spec.get("finetuning") == "lora" else None,
-              optimizer=LEGACY_OPTIMIZER_NAMES.get(spec.get("optimizer"), spec.get("optimizer") or "adamw_torch_fused"))
+              optimizer=LEGACY_OPTIMIZER_NAMES.get(spec.get("optimizer"), spec.get("optimizer") or "adamw_torch_fused"),
+              quantization=spec.get("quantization") or "none")
     config, notes = EXPORTERS[fmt](run)
     asked = plan["effective_batch"]
     provenance: dict[str, Any] = {

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from probe import optimizers
+from probe import optimizers, quantization
 from probe.estimate import EstimateMeter
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
@@ -149,7 +149,8 @@ def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[s
     meter, facts, trial = make_trial(spec, allowed_factories)
     result = trial(micro_batch)
     return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": facts,
-            "optimizer": optimizers.report_facts(spec), "versions": versions(), "trial": result.to_dict()}
+            "optimizer": optimizers.report_facts(spec), "quantization": quantization.report_facts(spec),
+            "versions": versions(), "trial": result.to_dict()}
 
 
 class _Estimator:
@@ -204,6 +205,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
         "device": device_facts(meter),
         "model": facts,
         "optimizer": optimizers.report_facts(spec),
+        "quantization": quantization.report_facts(spec),
         "versions": versions(),
         "search": {
             "max_micro_batch": search.max_micro_batch,

@@ -22,7 +22,9 @@ from torch import nn
 from probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
 from probe.hub import read_config
 from probe.model_bounds import ModelLimits, check_model
+from probe import quantization
 from probe.presets import PRESETS
+from probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
@@ -251,11 +253,21 @@ def weight_dtype(spec: ProbeSpec) -> torch.dtype:
     Mixed precision keeps fp32 master weights for what is trained; a LoRA base is frozen, so it is
     stored in the 16-bit compute dtype as LoRA recipes load it (peft keeps the adapters in fp32).
     """
+    if spec.quantization != "none":
+        return torch.float32  # prepare_model_for_kbit_training upcasts every parameter it does not quantize
     if spec.precision == "bf16" or (spec.finetuning == "lora" and spec.precision == "bf16-mixed"):
         return torch.bfloat16
     if spec.finetuning == "lora" and spec.precision == "fp16-mixed":
         return torch.float16
     return torch.float32
+
+
+def stored_weight_bytes(spec: ProbeSpec, parameters: int) -> int:
+    """Bytes the weights take at least, as the spec stores them: a quantized model's every weight at 4 bits
+    (a lower bound: only linears are quantized), so a model that fits is never refused for its weights."""
+    if spec.quantization != "none":
+        return int(parameters * QUANTIZED_BYTES_PER_PARAMETER[spec.quantization])
+    return parameters * weight_dtype(spec).itemsize
 
 
 def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: int | None
@@ -276,8 +288,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
         raise SpecError(f"model: building it failed ({_one_line(exc)}); "
                         "check the config's sizes") from exc
     vocab_size, context = _vocab_and_context(sized)
-    # meta modules are built in fp32; 16-bit weights take half
-    weight_bytes = parameter_bytes(sized) // (4 // torch.empty((), dtype=dtype).element_size())
+    weight_bytes = stored_weight_bytes(spec, parameter_bytes(sized) // 4)  # meta modules are built in fp32
     del sized
     if capacity_bytes is not None and weight_bytes >= capacity_bytes:
         raise SpecError(
@@ -357,7 +368,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     if model_type != "builtin":
         config = _hf_config(model_type, fields)  # bounded now: every size it reads is checked
         context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    weight_bytes = shape.parameters * weight_dtype(spec).itemsize
+    weight_bytes = stored_weight_bytes(spec, shape.parameters)
     if capacity_bytes is not None and weight_bytes >= capacity_bytes:
         raise SpecError(
             f"capacity_bytes: capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
@@ -367,6 +378,54 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     if context is not None and spec.seq_len > context:
         raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
     _check_lora_targets(spec, model_type)
+
+
+def _build_plain(constructor: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first, and fake weights can't be cast
+    try:
+        with torch.device(device):
+            module = constructor()
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype=dtype)
+    return module
+
+
+def _build_quantized(constructor: Callable[[], nn.Module], spec: ProbeSpec, device: torch.device | str) -> nn.Module:
+    """QLoRA's base (probe/quantization.py): 4-bit linears made on meta, then one layer at a time on `device`.
+
+    On the meta device (estimate mode) the weights stay meta here; the estimate meter quantizes them under
+    fake tensors when it materializes the model.
+    """
+    with torch.device("meta"):
+        module = constructor()
+    quantization.replace_linears(module, spec)
+    if torch.device(device).type != "meta":
+        _materialize(module, device)
+    return quantization.prepare_for_training(module, spec)
+
+
+def _materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Real weights for a meta-built quantized model: 4-bit linears quantized from random values, every other
+    tensor allocated and initialized by the model's own `_init_weights` (which also computes rotary tables)."""
+    for owner in module.modules():
+        quantized = quantization.is_quantized_layer(owner)
+        for store in (owner._parameters, owner._buffers):
+            for name, tensor in store.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if quantized and name == "weight":
+                    store[name] = quantization.quantized_weight(owner, device, fake=False)
+                    continue
+                real = torch.zeros_like(tensor, device=device)
+                is_parameter = store is owner._parameters
+                store[name] = nn.Parameter(real, requires_grad=tensor.requires_grad) if is_parameter else real
+        if not quantized and hasattr(module, "_init_weights"):
+            module._init_weights(owner)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
 
 
 def build_model(
@@ -381,18 +440,12 @@ def build_model(
     `capacity_bytes` is refused with a message before anything is allocated.
     """
     constructor, logits_fn, vocab_size, context = _sized(spec, allowed_factories, capacity_bytes)
-    dtype = weight_dtype(spec)
-    previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first, and fake weights can't be cast
-    try:
-        with torch.device(device):
-            module = constructor()
-    finally:
-        torch.set_default_dtype(previous_dtype)
-    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        module = module.to(dtype=dtype)
-    if spec.gradient_checkpointing:
-        _enable_checkpointing(module)
+    if spec.quantization != "none":
+        module = _build_quantized(constructor, spec, device)
+    else:
+        module = _build_plain(constructor, weight_dtype(spec), device)
+        if spec.gradient_checkpointing:
+            _enable_checkpointing(module)
     if spec.finetuning == "lora":
         module = _apply_lora(module, spec)
     module.train()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from probe import optimizers
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
 UNCAPPED_BYTES = 1 << 62
@@ -41,6 +42,10 @@ def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
         changes.append(("LoRA (--lora)", {"finetuning": "lora"}))
     if spec.precision == "fp32":
         changes.append(("bf16 mixed precision (--precision bf16-mixed)", {"precision": "bf16-mixed"}))
+    if spec.quantization == "none" and spec.sharding == "none":
+        changes.append(("QLoRA (--lora --quantization nf4)", {"finetuning": "lora", "quantization": "nf4"}))
+    if optimizers.KINDS[spec.optimizer].bits == 32 and spec.optimizer not in ("sgd", "adafactor"):
+        changes.append(("an 8-bit optimizer (--optimizer adamw_bnb_8bit)", {"optimizer": "adamw_bnb_8bit"}))
     if len(changes) > 1:
         combined = {key: value for _, update in changes for key, value in update.items()}
         changes.append((" + ".join(label.split(" (")[0] for label, _ in changes), combined))

@@ -34,6 +34,8 @@ Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
 Collation = Literal["padded", "packed"]
 Sharding = Literal["none", "fsdp"]
+# bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/quantization.py
+Quantization = Literal["none", "nf4", "fp4"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -125,6 +127,12 @@ class ProbeSpec(BaseModel):
     )
     finetuning: FineTuning = Field("full", description="full: train every weight; lora: train adapters only")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="the adapters, when finetuning is lora")
+    quantization: Quantization = Field(
+        "none",
+        description="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization, compute dtype "
+        "from precision), loaded and prepared as from_pretrained(quantization_config=BitsAndBytesConfig(...)) and "
+        "peft's prepare_model_for_kbit_training do; needs finetuning lora",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory per example, ~30% more compute"
     )
@@ -232,6 +240,16 @@ class ProbeSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _quantization_needs_lora(self) -> "ProbeSpec":
+        if self.quantization != "none" and self.finetuning != "lora":
+            raise ValueError(f"quantization {self.quantization} freezes the base weights in 4 bits, which only "
+                             "adapters can train: set finetuning lora (--lora) too, or drop quantization")
+        if self.quantization != "none" and self.sharding == "fsdp":
+            raise ValueError("quantization with sharding=fsdp (FSDP-QLoRA) is not modelled; use one device, or drop "
+                             "quantization")
+        return self
+
+    @model_validator(mode="after")
     def _sharding_modelled(self) -> "ProbeSpec":
         if self.sharding == "fsdp" and self.precision == "fp16-mixed":
             raise ValueError("sharding=fsdp is modelled with bf16-mixed, bf16 or fp32; fp16 loss scaling of "
@@ -258,6 +276,7 @@ class ProbeSpec(BaseModel):
         """Short description for tables and logs."""
         model = self.model if isinstance(self.model, str) else "hf:inline"
         extra = " lora" if self.finetuning == "lora" else ""
+        extra += f" {self.quantization}" if self.quantization != "none" else ""
         extra += " ckpt" if self.gradient_checkpointing else ""
         extra += f" fsdp×{self.num_devices}" if self.sharding == "fsdp" else ""
         return f"{model} seq={self.seq_len} {self.precision} {self.optimizer}{extra}"

@@ -165,3 +165,46 @@ def allocator_peak_bytes(run) -> int:
         live += size if event.nbytes() > 0 else -size
         peak = max(peak, live)
     return peak
+
+
+def save_random_model(fields: dict[str, Any], directory: str) -> None:
+    """A checkpoint to load as users load one: random weights, saved with save_pretrained (nothing downloaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+def run_qlora_loop(checkpoint: str, settings: LoopSettings, quant_type: str = "nf4", seed: int = 0) -> None:
+    """The standard QLoRA recipe: from_pretrained with BitsAndBytesConfig, prepare_model_for_kbit_training,
+    get_peft_model, HF Trainer's optimizer, bf16 autocast, the HF loop."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                             bnb_4bit_use_double_quant=True,
+                                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quantization_config,
+                                                 dtype=torch.bfloat16, device_map="cpu", attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    batches = []
+    for _ in range(settings.accumulation):
+        ids = torch.randint(0, vocab, (settings.micro_batch, settings.seq_len), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, -1] = 0
+        batches.append((ids, mask, ids.masked_fill(mask == 0, -100)))
+    optimizer = hf_trainer_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad])
+    for _ in range(settings.optimizer_steps):
+        for ids, mask, labels in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
+            loss.backward()
+            del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

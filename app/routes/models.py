@@ -8,6 +8,7 @@ from fastapi import APIRouter
 
 from probe.builtin_gpt import BUILTIN_CONFIGS
 from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
+from probe.optimizers import KINDS
 from probe.presets import PRESETS
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -20,4 +21,6 @@ def models() -> dict[str, Any]:
         "presets": [{"model": f"preset:{name}", "model_type": model_type} for name, (model_type, _) in PRESETS.items()],
         # estimate mode plans for a card you don't have: capacity is the card's memory less the CUDA context
         "gpus": [{"name": name, "capacity_bytes": gpu_capacity_bytes(name)} for name in GPU_TOTAL_MIB],
+        # the optimizer names users write in their framework (HF TrainingArguments.optim)
+        "optimizers": [{"name": kind.name, "description": kind.description} for kind in KINDS.values()],
     }

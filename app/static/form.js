@@ -7,7 +7,7 @@ import { formatBytes } from "./format.js";
 
 const NUMBERS = ["seq_len", "effective_batch", "num_devices", "headroom", "max_micro_batch",
   "micro_steps_per_trial", "optimizer_steps_per_trial", "seed", "lora.rank", "lora.alpha"];
-const CHOICES = ["precision", "optimizer", "finetuning", "collation", "mode"];
+const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "mode"];
 const CHECKS = ["gradient_checkpointing", "estimate_first", "reuse"];
 const field = (name) => document.getElementById(`f-${name}`);
 
@@ -51,7 +51,10 @@ export function setUpForm(onSubmitted) {
 
 async function loadChoices() {
   try {
-    const { builtins, presets, gpus } = await request("/v1/models");
+    const { builtins, presets, gpus, optimizers } = await request("/v1/models");
+    // the names users write in their framework, from the service (one list: probe/optimizers.py)
+    field("optimizer").replaceChildren(...optimizers.map((o) => h("option",
+      { value: o.name, title: o.description, selected: o.name === "adamw_torch_fused" }, o.name)));
     document.getElementById("model-options").replaceChildren(
       ...builtins.map((ref) => h("option", { value: ref }, "builtin (small GPT, plain torch)")),
       ...presets.map((p) => h("option", { value: p.model }, `${p.model_type} architecture, random weights`)));
@@ -82,7 +85,10 @@ function readSpec() {
   for (const name of CHECKS) spec[name] = field(name).checked;
   const targets = field("lora.targets").value.trim();
   if (targets) put(spec, "lora.targets", targets.split(",").map((t) => t.trim()).filter(Boolean));
-  if (spec.finetuning !== "lora") delete spec.lora; // disabled fields are not part of the request
+  if (spec.finetuning !== "lora") { // disabled fields are not part of the request
+    delete spec.lora;
+    delete spec.quantization;
+  }
   const capacity = field("capacity_bytes").value.trim();
   // the API reads "600MiB" itself; a plain count goes as a number
   if (capacity) spec.capacity_bytes = /^\d+$/.test(capacity) ? Number(capacity) : capacity;

@@ -42,6 +42,8 @@ def add_options(preflight: argparse.ArgumentParser) -> None:
                            help="as your framework names it (HF TrainingArguments.optim), e.g. adamw_torch_fused "
                            "(default), adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd")
     preflight.add_argument("--lora", action="store_true")
+    preflight.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4"],
+                           help="QLoRA: the base in bitsandbytes 4-bit (with --lora)")
     preflight.add_argument("--grad-checkpointing", action="store_true")
     preflight.add_argument("--require-exact", action="store_true")
     preflight.add_argument("--fresh", action="store_true",
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return _refused(args, f"--timeout must look like 30m, 90s or 2h (got {args.timeout!r})")
     body: dict[str, Any] = {"model": args.model, "seq_len": args.seq_len, "effective_batch": args.effective_batch,
                             "num_devices": args.devices, "precision": args.precision, "optimizer": args.optimizer,
-                            "finetuning": "lora" if args.lora else "full",
+                            "finetuning": "lora" if args.lora else "full", "quantization": args.quantization,
                             "gradient_checkpointing": args.grad_checkpointing, "reuse": not args.fresh,
                             # a cached search with a plan nobody trained gets a verification-only job, not a FAIL
                             "verify_cached": True}

@@ -1,0 +1,130 @@
+"""QLoRA holds what the standard QLoRA recipe holds, measured for real on bitsandbytes' CPU backend and
+estimated under fake tensors.
+
+The yardstick is tests/reference_loop.py's QLoRA recipe, written as users write it (save a random model,
+`from_pretrained(quantization_config=BitsAndBytesConfig(...))`, `prepare_model_for_kbit_training`,
+`get_peft_model`, HF Trainer's optimizer, bf16 autocast) and counted without probe/meter.py. Qwen3 and
+OLMo-2 were never used while writing fitprobe.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from probe.job import run_trial
+from probe.spec import ProbeSpec
+from tests.reference_loop import (LiveBytes, LoopSettings, allocator_peak_bytes, run_qlora_loop,
+                                  save_random_model)
+from tests.test_optimizers import FAMILIES
+
+TOLERANCE = 0.005
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for family, fields in FAMILIES.items():
+        paths[family] = str(tmp_path_factory.mktemp(family))
+        save_random_model(fields, paths[family])
+    return paths
+
+
+def qlora_spec(family: str, optim: str, **extra) -> ProbeSpec:
+    return ProbeSpec(model=FAMILIES[family], seq_len=LoopSettings.seq_len, capacity_bytes=1 << 32,
+                     finetuning="lora", quantization="nf4", precision="bf16-mixed", optimizer=optim, **extra)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 8], ids=["optimizer-bound", "activation-bound"])
+@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_torch_fused"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_qlora_trial_equals_the_qlora_recipe(checkpoints, family, optim, micro_batch):
+    settings = LoopSettings(micro_batch=micro_batch, optim=optim, precision="bf16-mixed", lora=True)
+    counter = LiveBytes()
+    with counter:
+        run_qlora_loop(checkpoints[family], settings)
+    trial = run_trial(qlora_spec(family, optim), micro_batch)
+    assert trial["trial"]["fits"]
+    assert trial["trial"]["peak_allocated_bytes"] == pytest.approx(counter.peak, rel=TOLERANCE)
+    estimate = run_trial(qlora_spec(family, optim, mode="estimate"), micro_batch)
+    assert estimate["trial"]["peak_allocated_bytes"] == pytest.approx(trial["trial"]["peak_allocated_bytes"],
+                                                                       rel=TOLERANCE)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_qlora_trial_equals_the_allocators_account_where_training_holds_the_peak(checkpoints, family):
+    """The CPU allocator's own account of the whole recipe. At micro-batch 1 its peak is reading the
+    checkpoint inside from_pretrained (file buffers no torch op hands back), not training; at micro-batch 8
+    training holds the peak and the account is the independent count."""
+    settings = LoopSettings(micro_batch=8, optim="paged_adamw_8bit", precision="bf16-mixed", lora=True)
+    expected = allocator_peak_bytes(lambda: run_qlora_loop(checkpoints[family], settings))
+    trial = run_trial(qlora_spec(family, "paged_adamw_8bit"), 8)["trial"]
+    assert trial["peak_allocated_bytes"] == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_qlora_weighs_less_than_lora_on_a_16_bit_base_by_the_quantized_linears():
+    """Hand count: each quantized linear weight goes from 2 bytes (bf16 LoRA base) to 0.5 bytes plus its
+    scales; embeddings and norms go from bf16 to fp32 (prepare_model_for_kbit_training upcasts them)."""
+    lora = run_trial(ProbeSpec(model=FAMILIES["qwen3"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
+                               precision="bf16-mixed"), 1)["model"]["weight_bytes"]
+    qlora = run_trial(qlora_spec("qwen3", "adamw_torch_fused"), 1)["model"]["weight_bytes"]
+    fields = FAMILIES["qwen3"]
+    hidden, inter, layers, vocab = (fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"],
+                                    fields["vocab_size"])
+    q_out = fields["num_attention_heads"] * fields["head_dim"]
+    kv_out = fields["num_key_value_heads"] * fields["head_dim"]
+    linear = layers * (hidden * q_out + 2 * hidden * kv_out + q_out * hidden + 3 * hidden * inter)
+    blocks = linear // 64
+    # 4-bit packed weights + one uint8 absmax per 64-block + double quantization's fp32 absmax per 256 blocks
+    quantized_bytes = linear // 2 + blocks + 4 * (blocks // 256)
+    rest = 2 * vocab * hidden  # untied embeddings and lm_head
+    assert lora - qlora == pytest.approx(2 * linear - quantized_bytes - 2 * rest, rel=0.02)
+
+
+def test_quantization_without_lora_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="set finetuning lora"):
+        ProbeSpec(model="preset:gpt2", quantization="nf4")
+
+
+def test_report_says_how_the_base_was_loaded_and_prepared():
+    report = run_trial(qlora_spec("olmo2", "paged_adamw_8bit", mode="estimate"), 1)
+    quantization = report["quantization"]
+    assert quantization["bits_and_bytes_config"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                     "bnb_4bit_use_double_quant": True,
+                                                     "bnb_4bit_compute_dtype": "bfloat16"}
+    assert quantization["prepare_model_for_kbit_training"] == {"use_gradient_checkpointing": False}
+
+
+def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(FAMILIES["olmo2"]))
+    out = subprocess.run([sys.executable, "-m", "probe.cli", "probe", "--model", f"hf:{config}", "--seq-len", "64",
+                          "--capacity", "300MiB", "--precision", "bf16-mixed", "--quantization", "nf4", "--lora",
+                          "--optimizer", "paged_adamw_8bit", "--effective-batch", "8", "--no-verify",
+                          "--format", "hf", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    exported = json.loads(out.stdout)
+    assert exported["optim"] == "paged_adamw_8bit"
+    text = json.dumps(exported)
+    assert "BitsAndBytesConfig" in text and "nf4" in text and "prepare_model_for_kbit_training" in text
+
+
+def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
+    from probe.needs import does_not_fit
+
+    spec = ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
+    answer = does_not_fit(spec, spec.capacity_bytes)
+    options = {o["change"].split(" (")[0]: o for o in answer["options"]}
+    qlora, eight_bit = options["QLoRA"], options["an 8-bit optimizer"]
+    assert qlora["settings"] == {"finetuning": "lora", "quantization": "nf4"}
+    # what QLoRA needs is what the QLoRA recipe's trial holds at micro-batch 1 (checked against it above)
+    measured = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
+                                   quantization="nf4"), 1)["trial"]["peak_allocated_bytes"]
+    assert qlora["needs_bytes"] == pytest.approx(measured, rel=TOLERANCE)
+    assert qlora["needs_bytes"] < options["LoRA"]["needs_bytes"] < answer["needs_bytes"]
+    assert eight_bit["needs_bytes"] < answer["needs_bytes"]
+    # 13 MiB holds the QLoRA step (about 11.4 MiB) but not the LoRA one on an fp32 base (about 14.3 MiB)
+    assert qlora["fits"] and not options["LoRA"]["fits"] and "it would fit with QLoRA" in answer["message"]
