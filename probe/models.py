@@ -278,7 +278,6 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
     before anything is allocated. Returns the constructor, its logits function, vocab and context.
     """
     constructor, logits_fn = _construct(spec, allowed_factories)
-    dtype = weight_dtype(spec)
     try:
         with torch.device("meta"):
             sized = constructor()
