@@ -84,7 +84,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "there: " + ", ".join(get_args(Optimizer)) + " (default: adamw_torch_fused, HF's default)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     parser.add_argument("--quantization", default="none", choices=get_args(Quantization),
-                        help="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization), "
+                        help="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization) or int8 "
+                        "(LLM.int8, measured only), "
                         "loaded and prepared as from_pretrained + prepare_model_for_kbit_training do; with --lora")
     parser.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, with --lora")
     parser.add_argument("--lora-targets", help="comma-separated module names to adapt, with --lora "

@@ -104,6 +104,10 @@ def _quantization_note(run: Run) -> list[str]:
         return []
     dtype = "float16" if run.precision == "fp16-mixed" else "bfloat16" if "bf16" in run.precision else "float32"
     checkpointing = run.gradient_checkpointing
+    if run.quantization == "int8":
+        return ["8-bit base: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True)), "
+                f"then peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing={checkpointing}) before "
+                "get_peft_model, as fitprobe measured"]
     return [f"QLoRA: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
             f"bnb_4bit_quant_type='{run.quantization}', bnb_4bit_use_double_quant=True, "
             f"bnb_4bit_compute_dtype=torch.{dtype})), then peft.prepare_model_for_kbit_training(model, "
@@ -198,7 +202,9 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
     if run.lora:
         config.update(adapter="qlora" if run.quantization != "none" else "lora", lora_r=run.lora["rank"],
                       lora_alpha=run.lora["alpha"])
-        if run.quantization != "none":
+        if run.quantization == "int8":
+            config.update(adapter="lora", load_in_8bit=True)
+        elif run.quantization != "none":
             config.update(load_in_4bit=True)
             if run.quantization != "nf4":
                 notes.append(f"QLoRA with {run.quantization}: axolotl loads nf4; set bnb_4bit_quant_type "

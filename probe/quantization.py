@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # bytes per parameter a quantized weight takes at least: 4 bits (scales come on top)
-QUANTIZED_BYTES_PER_PARAMETER = {"nf4": 0.5, "fp4": 0.5}
+QUANTIZED_BYTES_PER_PARAMETER = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CUDA and CPU alike (Params4bit's default)
 
 
@@ -44,6 +44,8 @@ def compute_dtype(spec: ProbeSpec) -> "torch.dtype":
 
 def bnb_config_kwargs(spec: ProbeSpec) -> dict[str, Any]:
     """The BitsAndBytesConfig arguments the user loads with, as plain values (exports print them)."""
+    if spec.quantization == "int8":
+        return {"load_in_8bit": True}
     dtype = str(compute_dtype(spec)).removeprefix("torch.")
     return {"load_in_4bit": True, "bnb_4bit_quant_type": spec.quantization, "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": dtype}
@@ -68,19 +70,24 @@ def replace_linears(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
     if not hasattr(module, "config"):
         raise SpecError("quantization works on Hugging Face models (preset:, hf: or an inline config), which "
                         "bitsandbytes' loaders quantize; drop quantization for builtin: and factory: models")
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quantization,
-                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(spec),
-                                bnb_4bit_quant_storage=torch.uint8)
+    if spec.quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quantization,
+                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(spec),
+                                    bnb_4bit_quant_storage=torch.uint8)
     replace_with_bnb_linear(module, modules_to_not_convert=get_keys_to_not_convert(module),
                             quantization_config=config)
-    module.is_loaded_in_4bit = True  # what from_pretrained marks; prepare_model_for_kbit_training reads it
+    # what from_pretrained marks; prepare_model_for_kbit_training reads it
+    module.is_loaded_in_8bit = spec.quantization == "int8"
+    module.is_loaded_in_4bit = spec.quantization != "int8"
     module.hf_quantizer = None
     return module
 
 
 def is_quantized_layer(module: "nn.Module") -> bool:
     bnb = _bitsandbytes()
-    return isinstance(module, bnb.nn.Linear4bit)
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def quantized_weight(layer: "nn.Module", device: "torch.device | str", fake: bool) -> "torch.nn.Parameter":
@@ -94,6 +101,13 @@ def quantized_weight(layer: "nn.Module", device: "torch.device | str", fake: boo
 
     bnb = _bitsandbytes()
     old = layer.weight
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        if fake:
+            raise SpecError("estimate mode cannot run int8 (LLM.int8) layers: they split out outlier columns by "
+                            "their values, which fake tensors do not have; estimate with nf4, or measure int8")
+        value = torch.empty(layer.out_features, layer.in_features, device=device).normal_(std=0.02)
+        kwargs = {key: item for key, item in old.__dict__.items() if key != "SCB"}
+        return bnb.nn.Int8Params(value, requires_grad=False, **kwargs).to(device)
     value = torch.empty(layer.out_features, layer.in_features, dtype=layer.compute_dtype or torch.float32,
                         device=device)
     if fake:
@@ -129,7 +143,8 @@ def report_facts(spec: ProbeSpec) -> dict[str, Any] | None:
     """What the report says about quantization: the loading arguments and what fitprobe followed."""
     if spec.quantization == "none":
         return None
-    return {"method": "bitsandbytes 4-bit (QLoRA)", "bits_and_bytes_config": bnb_config_kwargs(spec),
+    method = "bitsandbytes LLM.int8" if spec.quantization == "int8" else "bitsandbytes 4-bit (QLoRA)"
+    return {"method": method, "bits_and_bytes_config": bnb_config_kwargs(spec),
             "prepare_model_for_kbit_training": {"use_gradient_checkpointing": spec.gradient_checkpointing},
             "note": "non-quantized parameters (embeddings, norms, an untied lm_head) are fp32, as "
                     "prepare_model_for_kbit_training upcasts them; it turns gradient checkpointing on by default, "

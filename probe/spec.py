@@ -35,7 +35,7 @@ FineTuning = Literal["full", "lora"]
 Collation = Literal["padded", "packed"]
 Sharding = Literal["none", "fsdp"]
 # bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/quantization.py
-Quantization = Literal["none", "nf4", "fp4"]
+Quantization = Literal["none", "nf4", "fp4", "int8"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -130,7 +130,7 @@ class ProbeSpec(BaseModel):
     quantization: Quantization = Field(
         "none",
         description="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization, compute dtype "
-        "from precision), loaded and prepared as from_pretrained(quantization_config=BitsAndBytesConfig(...)) and "
+        "from precision) or 8-bit (int8: LLM.int8, measure mode only), loaded and prepared as from_pretrained(quantization_config=BitsAndBytesConfig(...)) and "
         "peft's prepare_model_for_kbit_training do; needs finetuning lora",
     )
     gradient_checkpointing: bool = Field(
@@ -247,6 +247,9 @@ class ProbeSpec(BaseModel):
         if self.quantization != "none" and self.sharding == "fsdp":
             raise ValueError("quantization with sharding=fsdp (FSDP-QLoRA) is not modelled; use one device, or drop "
                              "quantization")
+        if self.quantization == "int8" and self.mode == "estimate":
+            raise ValueError("estimate mode cannot run int8 (LLM.int8): its layers split out outlier columns by "
+                             "their values, which fake tensors do not have; estimate with nf4, or measure int8")
         return self
 
     @model_validator(mode="after")

@@ -182,9 +182,12 @@ def run_qlora_loop(checkpoint: str, settings: LoopSettings, quant_type: str = "n
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                             bnb_4bit_use_double_quant=True,
-                                             bnb_4bit_compute_dtype=torch.bfloat16)
+    if quant_type == "int8":
+        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                                 bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quantization_config,
                                                  dtype=torch.bfloat16, device_map="cpu", attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -202,7 +205,7 @@ def run_qlora_loop(checkpoint: str, settings: LoopSettings, quant_type: str = "n
     optimizer = hf_trainer_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad])
     for _ in range(settings.optimizer_steps):
         for ids, mask, labels in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
             loss.backward()
             del loss

@@ -128,3 +128,27 @@ def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
     assert eight_bit["needs_bytes"] < answer["needs_bytes"]
     # 13 MiB holds the QLoRA step (about 11.4 MiB) but not the LoRA one on an fp32 base (about 14.3 MiB)
     assert qlora["fits"] and not options["LoRA"]["fits"] and "it would fit with QLoRA" in answer["message"]
+
+
+def test_fp4_estimate_equals_the_measured_trial():
+    spec = dict(model=FAMILIES["qwen3"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora", quantization="fp4",
+                precision="bf16-mixed")
+    measured = run_trial(ProbeSpec(**spec), 4)["trial"]["peak_allocated_bytes"]
+    assert run_trial(ProbeSpec(**spec, mode="estimate"), 4)["trial"]["peak_allocated_bytes"] == pytest.approx(
+        measured, rel=TOLERANCE)
+
+
+def test_int8_base_equals_the_8bit_recipe(tmp_path):
+    """LLM.int8 runs measured only (its outlier split depends on values); against from_pretrained(load_in_8bit)."""
+    from tests.reference_loop import run_qlora_loop
+
+    save_random_model(FAMILIES["olmo2"], str(tmp_path))
+    settings = LoopSettings(micro_batch=4, optim="adamw_torch_fused", lora=True)
+    counter = LiveBytes()
+    with counter:
+        run_qlora_loop(str(tmp_path), settings, quant_type="int8")
+    trial = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
+                                quantization="int8"), 4)["trial"]
+    assert trial["peak_allocated_bytes"] == pytest.approx(counter.peak, rel=TOLERANCE)
+    with pytest.raises(ValueError, match="estimate with nf4"):
+        ProbeSpec(model="preset:gpt2", finetuning="lora", quantization="int8", mode="estimate", capacity_bytes=1 << 30)

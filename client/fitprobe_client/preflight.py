@@ -42,7 +42,7 @@ def add_options(preflight: argparse.ArgumentParser) -> None:
                            help="as your framework names it (HF TrainingArguments.optim), e.g. adamw_torch_fused "
                            "(default), adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd")
     preflight.add_argument("--lora", action="store_true")
-    preflight.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4"],
+    preflight.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
                            help="QLoRA: the base in bitsandbytes 4-bit (with --lora)")
     preflight.add_argument("--grad-checkpointing", action="store_true")
     preflight.add_argument("--require-exact", action="store_true")
