@@ -12,8 +12,19 @@ import pytest
 import sqlalchemy as sa
 
 from app import migrate
-from app.store import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, ClientLimits, ClientQuota, Store, events,
-                       is_disk_full, jobs)
+from app.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    ClientLimits,
+    ClientQuota,
+    Store,
+    events,
+    is_disk_full,
+    jobs,
+)
 
 
 @pytest.fixture
