@@ -53,6 +53,20 @@ class Settings(BaseSettings):
         4, ge=1, description="largest num_devices a job may run as processes on the CPU device (one per device: "
         "a verification, or a measured sharded trial); beyond it a request is a 422, estimate mode stays allowed")
     max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
+
+    # ---- sharing the service: per client (its bearer token, or its address without tokens) -------
+    max_jobs_per_client: int = Field(8, ge=1, description="queued + running jobs one client may hold; beyond, 429")
+    max_streams_per_client: int = Field(
+        16, ge=1, description="event streams and waiting pre-flights one client may hold open; beyond, 429")
+    max_submits_per_client_per_minute: int = Field(
+        120, ge=1, description="stored submits (queued or answered from the cache) one client may make in any "
+        "60 s; beyond, 429")
+
+    # ---- keeping the disk bounded: the periodic sweep of finished jobs -------------------------
+    retention_days: float = Field(30.0, gt=0, description="finished jobs older than this are deleted")
+    max_stored_jobs: int = Field(10_000, ge=1, description="beyond this many stored jobs, the oldest finished "
+                                                           "ones are deleted")
+    sweep_interval_s: float = Field(300.0, gt=0, description="how often the retention sweep runs")
     shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
     access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "
                                                "less time (200 open dashboards poll 200 times a second)")

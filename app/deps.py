@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Annotated
 
@@ -40,6 +41,16 @@ async def require_token(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+async def get_client(request: Request) -> str:
+    """Who is asking, for per-client quotas: a hash of their bearer token when the service wants tokens (the
+    token itself is never stored), else their address."""
+    if request.app.state.settings.api_tokens:
+        token = request.headers.get("authorization", "").partition(" ")[2]
+        return "token:" + hashlib.sha256(token.encode("latin-1")).hexdigest()[:32]
+    return "address:" + (request.client.host if request.client else "unknown")
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
+ClientDep = Annotated[str, Depends(get_client)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ExecutorDep = Annotated[Executor, Depends(get_executor)]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import fastapi_offline
+import sqlalchemy as sa
+from anyio import to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -23,13 +26,17 @@ from app.executor import make_executor
 from app.routes import devices, exports, health, models, plans, preflight, probes
 from app.routes.health import Metrics
 from app.schemas import error_responses
-from app.store import Store
+from app.store import SWEEP_BATCH, Store, is_disk_full
 
 log = logging.getLogger("fitprobe")
 STATIC_DIR = Path(__file__).parent / "static"
 # Swagger UI and ReDoc assets from a package, served by the app: /docs must work on a closed cluster
 DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 DOCS_ASSETS_URL = "/docs-assets"
+DISK_FULL_RETRY_AFTER_S = 60
+DISK_FULL_DETAIL = ("the service's database is out of disk space (database or disk is full), so nothing was "
+                    "stored; retry later: the service answers again as soon as space frees (its operator can "
+                    "free some, or lower FITPROBE_RETENTION_DAYS or FITPROBE_MAX_STORED_JOBS)")
 
 
 def _printable(text: str) -> str:
@@ -41,6 +48,19 @@ def _field_message(error: dict) -> str:
     location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     return _printable(f"{'.'.join(location) or 'request'}: {message}")
+
+
+async def sweep_forever(store: Store, settings: Settings) -> None:
+    """The retention sweep (Store.sweep), every FITPROBE_SWEEP_INTERVAL_S; sooner while it has a backlog."""
+    while True:
+        try:
+            deleted = await to_thread.run_sync(store.sweep, settings.retention_days, settings.max_stored_jobs)
+        except sa.exc.OperationalError as exc:
+            deleted = 0
+            log.warning("retention sweep: database error: %s", str(exc.orig or exc).splitlines()[0][:200])
+        if deleted:
+            log.info("retention sweep: deleted %d finished job(s)", deleted)
+        await asyncio.sleep(1.0 if deleted >= SWEEP_BATCH else settings.sweep_interval_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -59,7 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = make_executor(store, settings, metrics)
         app.state.settings, app.state.store, app.state.executor, app.state.metrics = settings, store, executor, metrics
         executor.start()
+        sweeper = asyncio.create_task(sweep_forever(store, settings))
         yield
+        sweeper.cancel()
         executor.stop()
 
     app = FastAPI(
@@ -70,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.event_streams = probes.EventStreams(settings.max_event_streams)  # `serve` closes it on SIGTERM
+    app.state.event_streams = probes.EventStreams(settings.max_event_streams,
+                                                   settings.max_streams_per_client)  # `serve` closes it on SIGTERM
     auth = [Depends(require_token)]
     auth_errors = error_responses(401)
     app.include_router(probes.router, dependencies=auth, responses=auth_errors)
@@ -106,6 +129,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = _printable(exc.detail) if isinstance(exc.detail, str) else exc.detail
         return JSONResponse({"detail": detail}, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(sa.exc.DBAPIError)
+    async def database_error(_: Request, exc: sa.exc.DBAPIError) -> JSONResponse:
+        if not is_disk_full(exc):
+            raise exc  # the 500 below
+        log.error("database or disk is full: %s", str(exc.orig or exc).splitlines()[0][:200])
+        return JSONResponse({"detail": DISK_FULL_DETAIL}, 507,
+                            headers={"Retry-After": str(DISK_FULL_RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -84,8 +84,11 @@ _ERRORS: dict[int, tuple[type[ErrorBody], str]] = {
     409: (ErrorBody, "The probe is not in a state that allows this (e.g. cancelling a finished probe)"),
     413: (ErrorBody, "The request body is larger than FITPROBE_MAX_BODY_BYTES"),
     422: (ValidationErrorBody, "A field is invalid or out of this service's bounds; the message names it"),
-    429: (ErrorBody, "Too many probes are queued; retry after the Retry-After header's seconds"),
+    429: (ErrorBody, "Too many probes are queued, or this client is at one of its limits (the detail names the "
+                     "setting); retry after the Retry-After header's seconds"),
     503: (ErrorBody, "Not ready: the store does not answer or no device worker runs"),
+    507: (ErrorBody, "The service's database is out of disk space; nothing was stored: retry after the "
+                     "Retry-After header's seconds"),
 }
 
 
@@ -95,7 +98,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     for code in codes:
         model, description = _ERRORS[code]
         responses[code] = {"model": model, "description": description}
-        if code == 429:
+        if code in (429, 507):
             responses[code]["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
                                                           "schema": {"type": "integer"}}}
     return responses

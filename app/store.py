@@ -20,9 +20,11 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -36,6 +38,10 @@ MAX_ATTEMPTS = 2  # a job interrupted by a service crash is re-queued once, then
 # a `\uD800`..`\uDFFF` escape: the JSON may decode to a lone surrogate, which no response can encode
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 SUBMIT_LOCK_KEY = 0x66697470  # PostgreSQL advisory lock that serialises submits (ASCII "fitp")
+SUBMIT_WINDOW_S = 60  # the window of a client's submit rate (FITPROBE_MAX_SUBMITS_PER_CLIENT_PER_MINUTE)
+SWEEP_BATCH = 500  # jobs one retention sweep deletes at most: a sweep never holds the database for long
+SQLITE_FULL = 13  # sqlite3's result code for "database or disk is full"
+POSTGRES_DISK_FULL = "53100"  # SQLSTATE disk_full (psycopg.errors.DiskFull)
 
 metadata = sa.MetaData()
 jobs = sa.Table(
@@ -51,6 +57,7 @@ jobs = sa.Table(
     sa.Column("owner", sa.String(128)),  # the replica running the job (see new_replica_id)
     sa.Column("lease_until", sa.DateTime(timezone=True)),  # the owner heartbeats before this, or has gone
     sa.Column("cached", sa.Boolean, nullable=False, default=False),
+    sa.Column("client", sa.String(64), index=True),  # who submitted: a token's hash or an address (app/deps.py)
     sa.Column("result", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -74,8 +81,41 @@ class Conflict(Exception):
     """The job is not in a state that allows the request."""
 
 
+class ClientQuota(Exception):
+    """One client holds its share of the service; it may retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client may hold (FITPROBE_MAX_JOBS_PER_CLIENT) and store per minute (…_SUBMITS_PER_CLIENT_PER_MINUTE)."""
+
+    max_jobs: int
+    max_submits_per_minute: int
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a database error means the disk (or the database's size limit) is full.
+
+    SQLite says SQLITE_FULL ("database or disk is full"); PostgreSQL says SQLSTATE 53100 (psycopg's
+    DiskFull). Either way nothing was written, and the same request succeeds once space frees.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, sqlite3.OperationalError):
+        return getattr(orig, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(orig)
+    return getattr(orig, "sqlstate", None) == POSTGRES_DISK_FULL
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes for the UTC ones stored."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _read_json(text: str | None) -> tuple[Any, str | None]:
@@ -142,38 +182,76 @@ class Store:
         self._next_sweep_s = 0.0  # time.monotonic() of the next look for abandoned jobs
 
     # ---- creation -------------------------------------------------------------------------
-    def create(self, spec: dict[str, Any], fingerprint: str, max_queued: int) -> dict[str, Any]:
-        """Queue a job unless `max_queued` jobs already wait: the count and the insert are one statement.
+    def create(self, spec: dict[str, Any], fingerprint: str, max_queued: int, client: str | None = None,
+               limits: ClientLimits | None = None) -> dict[str, Any]:
+        """Queue a job unless `max_queued` jobs already wait, or `client` is at its `limits`: the counts
+        and the insert are one statement.
 
         Counting first and inserting after let 50 concurrent submits queue 34 jobs against a limit of
         5. A single INSERT ... SELECT ... WHERE (count) < limit is atomic on SQLite, which takes the
         database's write lock before the statement reads; PostgreSQL reads a snapshot, so there the
         submits also queue behind one transaction-scoped advisory lock.
         """
-        job_id = uuid.uuid4().hex[:16]
-        row = {"id": job_id, "status": QUEUED, "phase": "queued", "spec": json.dumps(spec),
-               "fingerprint": fingerprint, "attempts": 0, "cached": False, "created_at": _now()}
+        row = {"status": QUEUED, "phase": "queued", "attempts": 0, "cached": False}
         queued = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == QUEUED).scalar_subquery()
+        job_id = self._insert(row, spec, fingerprint, client, limits, queued < max_queued)
+        if job_id is None:
+            raise QueueFull(f"{max_queued} jobs are already queued (FITPROBE_MAX_QUEUED_JOBS={max_queued})")
+        return self.get(job_id)
+
+    def create_cached(self, spec: dict[str, Any], fingerprint: str, result: dict[str, Any],
+                      client: str | None = None, limits: ClientLimits | None = None) -> dict[str, Any]:
+        """Store a job answered from the cache: it costs no device, but a row, so it counts against the client."""
+        now = _now()
+        row = {"status": SUCCEEDED, "phase": "done", "attempts": 0, "cached": True, "result": json.dumps(result),
+               "started_at": now, "finished_at": now}
+        job_id = self._insert(row, spec, fingerprint, client, limits, sa.true())
+        assert job_id is not None  # nothing but the client's limits refuses a cached row
+        return self.get(job_id)
+
+    def _insert(self, row: dict[str, Any], spec: dict[str, Any], fingerprint: str, client: str | None,
+                limits: ClientLimits | None, allowed: Any) -> str | None:
+        """INSERT ... SELECT ... WHERE `allowed` and the client is within its limits; the new id, or None when
+        `allowed` refused it. Raises ClientQuota when the client's own limits did."""
+        job_id, now = uuid.uuid4().hex[:16], _now()
+        row = {"id": job_id, **row, "spec": json.dumps(spec), "fingerprint": fingerprint, "client": client,
+               "created_at": now}
+        held, recent = self._client_counts(client, now)
+        if client is not None and limits is not None:
+            if not row["cached"]:  # a cached answer holds no device: only its row counts
+                allowed = allowed & (held < limits.max_jobs)
+            allowed = allowed & (recent < limits.max_submits_per_minute)
         values = sa.select(*(sa.literal(value, jobs.c[name].type) for name, value in row.items()))
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
             # without preserve_rowcount, SQLAlchemy answers -1 for an INSERT construct on psycopg: every submit a 429
-            inserted = conn.execute(jobs.insert().from_select(list(row), values.where(queued < max_queued)),
+            inserted = conn.execute(jobs.insert().from_select(list(row), values.where(allowed)),
                                     execution_options={"preserve_rowcount": True}).rowcount
-        if inserted != 1:
-            raise QueueFull(f"{max_queued} jobs are already queued (FITPROBE_MAX_QUEUED_JOBS={max_queued})")
-        return self.get(job_id)
+            if inserted != 1 and client is not None and limits is not None:
+                self._raise_quota(conn.execute(sa.select(held, recent)).one(), limits, bool(row["cached"]))
+        return job_id if inserted == 1 else None
 
-    def create_cached(self, spec: dict[str, Any], fingerprint: str, result: dict[str, Any]) -> dict[str, Any]:
-        job_id = uuid.uuid4().hex[:16]
-        now = _now()
-        with self.engine.begin() as conn:
-            conn.execute(jobs.insert().values(id=job_id, status=SUCCEEDED, phase="done", spec=json.dumps(spec),
-                                              fingerprint=fingerprint, attempts=0, cached=True,
-                                              result=json.dumps(result), created_at=now, started_at=now,
-                                              finished_at=now))
-        return self.get(job_id)
+    @staticmethod
+    def _client_counts(client: str | None, now: datetime) -> tuple[Any, Any]:
+        """The client's queued + running jobs, and the rows it stored in the last SUBMIT_WINDOW_S (subqueries)."""
+        mine = jobs.c.client == client
+        held = sa.select(sa.func.count()).select_from(jobs).where(mine, jobs.c.status.in_((QUEUED, RUNNING)))
+        window_start = now - timedelta(seconds=SUBMIT_WINDOW_S)
+        recent = sa.select(sa.func.count()).select_from(jobs).where(mine, jobs.c.created_at >= window_start)
+        return held.scalar_subquery(), recent.scalar_subquery()
+
+    @staticmethod
+    def _raise_quota(counts: Any, limits: ClientLimits, cached: bool) -> None:
+        held, recent = counts
+        if not cached and held >= limits.max_jobs:
+            raise ClientQuota(f"this client already has {held} jobs queued or running, its limit "
+                              f"(FITPROBE_MAX_JOBS_PER_CLIENT={limits.max_jobs}); wait for one to finish or "
+                              "cancel one, then retry", retry_after_s=30)
+        if recent >= limits.max_submits_per_minute:
+            raise ClientQuota(f"this client stored {recent} probes in the last {SUBMIT_WINDOW_S} s, its limit "
+                              f"(FITPROBE_MAX_SUBMITS_PER_CLIENT_PER_MINUTE={limits.max_submits_per_minute}); "
+                              "answers from the cache count too: retry later", retry_after_s=SUBMIT_WINDOW_S)
 
     def cached_result(self, fingerprint: str) -> tuple[str, dict[str, Any]] | None:
         """The id and result of the newest measured (not itself cached) job with this fingerprint."""
@@ -287,10 +365,41 @@ class Store:
                 error=f"interrupted: the service running this job stopped during each of its {MAX_ATTEMPTS} runs")).rowcount
         return requeued, failed
 
+    # ---- retention ------------------------------------------------------------------------
+    def sweep(self, retention_days: float, max_stored: int, batch: int = SWEEP_BATCH) -> int:
+        """Delete finished jobs older than `retention_days`, and the oldest finished ones beyond `max_stored`
+        jobs in all, with their events; at most `batch` jobs per call. Queued and running jobs stay.
+
+        Both rules pick the oldest finished jobs first, so the jobs to delete are a prefix of the finished
+        jobs ordered by finish time: the longer of the two prefixes, capped at `batch`. Replicas sweeping
+        at once delete the same rows, which is harmless.
+        """
+        cutoff = _now() - timedelta(days=retention_days)
+        finished = jobs.c.status.in_(TERMINAL)
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar_one()
+            oldest = conn.execute(sa.select(jobs.c.id, jobs.c.finished_at).where(finished)
+                                  .order_by(jobs.c.finished_at, jobs.c.id).limit(batch)).all()
+        expired = sum(1 for row in oldest if row.finished_at is not None and _aware(row.finished_at) < cutoff)
+        doomed = [row.id for row in oldest[:max(expired, total - max_stored, 0)]]
+        if not doomed:
+            return 0
+        with self.engine.begin() as conn:
+            conn.execute(events.delete().where(events.c.job_id.in_(doomed)))
+            return conn.execute(jobs.delete().where(jobs.c.id.in_(doomed), finished)).rowcount
+
     # ---- events ---------------------------------------------------------------------------
     def add_event(self, job_id: str, data: dict[str, Any]) -> None:
+        """Store an event, stamped with the job's attempt (its run: a restart runs a job again).
+
+        The attempt is read before the write transaction: it changes only when the job is claimed, and
+        this replica's executor adds events only to a run it claimed.
+        """
+        with self.engine.connect() as conn:
+            attempt = conn.execute(sa.select(jobs.c.attempts).where(jobs.c.id == job_id)).scalar()
         with self.engine.begin() as conn:
-            conn.execute(events.insert().values(job_id=job_id, data=json.dumps(data), created_at=_now()))
+            conn.execute(events.insert().values(job_id=job_id, data=json.dumps({**data, "attempt": attempt}),
+                                                created_at=_now()))
             if data.get("type") == "phase":
                 conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING)
                              .values(phase=data["phase"]))

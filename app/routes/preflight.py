@@ -8,7 +8,8 @@ the job behind it.
 
 The wait holds no thread: it sleeps on the event loop and reads the job through the bounded thread
 pool between sleeps, as the event streams do, and it counts against their limit of open streams
-(FITPROBE_MAX_EVENT_STREAMS), since each waiting request is a connection held open.
+(FITPROBE_MAX_EVENT_STREAMS, FITPROBE_MAX_STREAMS_PER_CLIENT), since each waiting request is a
+connection held open.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.deps import ExecutorDep, SettingsDep, StoreDep
+from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.routes.probes import EventStreams, public, submit_probe
 from app.schemas import PreflightRequest, PreflightVerdict, error_responses
 from app.store import TERMINAL
@@ -49,17 +50,17 @@ def _answer(request: Request, status_code: int, line: str, job: dict[str, Any] |
                                       "the probe failed)"},
                  504: {"model": PreflightVerdict, "content": _LINE,
                        "description": "`FAIL: timed out …`: no verdict within timeout_s; the probe keeps running"},
-                 **error_responses(400, 413, 422, 429)})
+                 **error_responses(400, 413, 422, 429, 507)})
 async def preflight(body: PreflightRequest, request: Request, store: StoreDep, settings: SettingsDep,
-                    executor: ExecutorDep) -> Response:
+                    executor: ExecutorDep, client: ClientDep) -> Response:
     """Submit the probe with the plan for `effective_batch` verified (a cached search is reused and only
     the new plan trained), wait up to `timeout_s`, and answer one verdict line."""
     streams: EventStreams = request.app.state.event_streams
-    if not streams.enter():
-        raise HTTPException(429, f"{streams.limit} event streams and pre-flights are open "
-                                 "(FITPROBE_MAX_EVENT_STREAMS); retry later", headers={"Retry-After": "10"})
+    refused = streams.enter(client)
+    if refused:
+        raise HTTPException(429, f"{refused}; retry later", headers={"Retry-After": "10"})
     try:
-        job = await to_thread.run_sync(submit_probe, body.probe_request(), store, settings, executor)
+        job = await to_thread.run_sync(submit_probe, body.probe_request(), store, settings, executor, client)
         deadline_s = time.monotonic() + body.timeout_s
         while job["status"] not in TERMINAL:
             if time.monotonic() > deadline_s:
@@ -71,6 +72,6 @@ async def preflight(body: PreflightRequest, request: Request, store: StoreDep, s
             job = await to_thread.run_sync(store.get, job["id"])
         shown = await to_thread.run_sync(public, job, store)
     finally:
-        streams.leave()
+        streams.leave(client)
     passed, line = verdict(shown)
     return _answer(request, 200 if passed else FAILED, line, shown)

@@ -17,10 +17,10 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
-from app.deps import ExecutorDep, SettingsDep, StoreDep
+from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.executor import Executor
 from app.schemas import ProbeRequest, error_responses
-from app.store import STATUSES, TERMINAL, Conflict, QueueFull
+from app.store import STATUSES, TERMINAL, ClientLimits, ClientQuota, Conflict, QueueFull
 from app.watch import compact, etag_of
 from probe.models import check_reference
 from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
@@ -37,25 +37,35 @@ VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify
 
 
 class EventStreams:
-    """Bounds the open event streams and ends them all when the server starts to stop.
+    """Bounds the open event streams, in all and per client, and ends them all when the server starts to stop.
 
     Each stream is a connection uvicorn waits for on shutdown, and each polls the store: unbounded,
-    500 of them starved the API. Touched only from the event loop (the events route is async),
+    500 of them starved the API, and without a share per client, one client's 100 unread streams
+    took every slot. Touched only from the event loop (the events and pre-flight routes are async),
     except `close`, which uvicorn's signal handler calls: hence the Event.
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.open = limit, 0
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit, self.per_client, self.open = limit, per_client, 0
+        self.by_client: dict[str, int] = {}
         self.closing = threading.Event()
 
-    def enter(self) -> bool:
+    def enter(self, client: str) -> str | None:
+        """Take a slot for `client`; None when taken, else why not (the 429's detail)."""
+        if self.by_client.get(client, 0) >= self.per_client:
+            return (f"this client has {self.per_client} event streams and pre-flights open, its limit "
+                    f"(FITPROBE_MAX_STREAMS_PER_CLIENT={self.per_client}); close one")
         if self.open >= self.limit:
-            return False
+            return f"{self.limit} event streams and pre-flights are open (FITPROBE_MAX_EVENT_STREAMS)"
         self.open += 1
-        return True
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return None
 
-    def leave(self) -> None:
+    def leave(self, client: str) -> None:
         self.open -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
 
     def close(self) -> None:
         self.closing.set()
@@ -64,15 +74,15 @@ class EventStreams:
 class _CountedStream(StreamingResponse):
     """A stream that gives its slot back however it ends: finished, disconnected or cancelled."""
 
-    def __init__(self, content: AsyncIterator[str], streams: EventStreams, **kwargs: Any) -> None:
+    def __init__(self, content: AsyncIterator[str], streams: EventStreams, client: str, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
-        self.streams = streams
+        self.streams, self.client = streams, client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.streams.leave()
+            self.streams.leave(self.client)
 
 
 def _version(dist: str) -> str | None:
@@ -173,11 +183,19 @@ def _pinned(request: ProbeRequest, settings: Any) -> ProbeRequest:
 
 
 def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
+    """A job as the API shows it. `trials` are the final attempt's: a job re-run after a restart shows its
+    earlier runs' trials apart, in `earlier_attempts`, not mixed into the curve its report describes."""
     job = dict(job)
     spec = job["spec"] or {}
     if "search_from" in spec:  # the cached report travels to the job in its spec: shown as the probe's id
         job["spec"] = {key: value for key, value in spec.items() if key != "search_from"}
-    job["trials"] = store.trials(job["id"])
+    job.pop("client", None)  # a hash of a token is still nobody else's business
+    final = max(job["attempts"], 1)
+    trials = store.trials(job["id"])
+    # events stored before attempts were stamped belong to the first run
+    job["trials"] = [trial for trial in trials if trial.get("attempt", 1) == final]
+    job["earlier_attempts"] = [{"attempt": attempt, "trials": [t for t in trials if t.get("attempt", 1) == attempt]}
+                               for attempt in range(1, final)]
     result = job.pop("result")
     job["search_cached_from"] = (spec.get("search_from") or {}).get("probe_id") or (result or {}).get(
         "search_cached_from")
@@ -188,7 +206,8 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     return job
 
 
-def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor) -> dict[str, Any]:
+def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor,
+                 client: str) -> dict[str, Any]:
     """Queue a probe, or answer it from the newest finished probe with the same fingerprint.
 
     A cached probe answers only when its search did not stop below what this request needs
@@ -196,12 +215,16 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     is not passed off as this one's: `verification` is then null, with a `verification_note` — or,
     with `verify_cached`, a verification-only job is queued that takes the cached search and trains
     the new plan.
+
+    Every stored row counts against `client`: a queued job against its share of the queue
+    (FITPROBE_MAX_JOBS_PER_CLIENT), and any row, cached answers too, against its submits per minute.
     """
     request = _pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
     _refuse_at_the_door(request, settings, executor, capacity)
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
+    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     cached = store.cached_result(key) if request.reuse else None
     if cached is not None and _covers(cached[1]["search"], request.micro_batch_limit):
         source_id, report = cached
@@ -210,21 +233,28 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
         except SpecError as exc:
             raise HTTPException(422, str(exc)) from exc
         if not (request.verify_cached and replanned.get("verification_note")):
-            return store.create_cached(spec, key, replanned)
+            return _within_quota(store.create_cached, spec, key, replanned, client=client, limits=limits)
         # a verification-only job's result carries the search too: name the probe that ran it
         spec["search_from"] = {"probe_id": report.get("search_cached_from") or source_id, "report": report}
     try:
-        return store.create(spec, key, settings.max_queued_jobs)
+        return _within_quota(store.create, spec, key, settings.max_queued_jobs, client=client, limits=limits)
     except QueueFull as exc:
         raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "30"}) from exc
 
 
+def _within_quota(create: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    try:
+        return create(*args, **kwargs)
+    except ClientQuota as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+
+
 @router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)",
-             responses=error_responses(400, 413, 422, 429))
+             responses=error_responses(400, 413, 422, 429, 507))
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
-           executor: ExecutorDep) -> dict[str, Any]:
+           executor: ExecutorDep, client: ClientDep) -> dict[str, Any]:
     """Queue a probe, or answer it from the cache (see `submit_probe`)."""
-    job = submit_probe(request, store, settings, executor)
+    job = submit_probe(request, store, settings, executor, client)
     response.headers["Location"] = f"/v1/probes/{job['id']}"
     return public(job, store)
 
@@ -271,7 +301,7 @@ async def get_probe(job_id: str, store: StoreDep, response: Response,
 
 
 @router.delete("/{job_id}", summary="Cancel a queued or running probe (kills its process)",
-               responses=error_responses(404, 409, 422))
+               responses=error_responses(404, 409, 422, 507))
 def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
     _job_or_404(store, job_id)
     try:
@@ -288,13 +318,14 @@ def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[st
                 200: {"description": "one `id:`/`event:`/`data:` record per event, then `event: end`",
                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                 **error_responses(404, 422, 429)})
-async def probe_events(job_id: str, store: StoreDep, request: Request,
+async def probe_events(job_id: str, store: StoreDep, request: Request, client: ClientDep,
                        last_event_id: Annotated[str | None, Header(
                            description="resume after this event id (the `id:` of the last event received)")] = None,
                        ) -> StreamingResponse:
     """Polls the store in a worker thread until the job ends; the event loop only sleeps between polls.
 
-    At most FITPROBE_MAX_EVENT_STREAMS are open at once (429 beyond). When the server stops, every
+    At most FITPROBE_MAX_EVENT_STREAMS are open at once, FITPROBE_MAX_STREAMS_PER_CLIENT of them one
+    client's (429 beyond). Each event carries its job's `attempt`. When the server stops, every
     stream ends with a `shutdown` event, and the client reconnects with Last-Event-ID.
     """
     _job_or_404(store, job_id)
@@ -306,9 +337,9 @@ async def probe_events(job_id: str, store: StoreDep, request: Request,
         raise HTTPException(422, f"Last-Event-ID must be an event id between 0 and {MAX_EVENT_ID} "
                                  f"(got {last_event_id[:40]!r})") from None
     streams: EventStreams = request.app.state.event_streams
-    if not streams.enter():
-        raise HTTPException(429, f"{streams.limit} event streams are open (FITPROBE_MAX_EVENT_STREAMS); poll "
-                                 f"GET /v1/probes/{job_id} instead, or retry later",
+    refused = streams.enter(client)
+    if refused:
+        raise HTTPException(429, f"{refused}; poll GET /v1/probes/{job_id} instead, or retry later",
                             headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)})
 
     async def stream() -> AsyncIterator[str]:
@@ -331,4 +362,4 @@ async def probe_events(job_id: str, store: StoreDep, request: Request,
                 await asyncio.sleep(SSE_POLL_S)
         yield f"event: shutdown\ndata: {json.dumps({'detail': 'server stopping; reconnect with Last-Event-ID'})}\n\n"
 
-    return _CountedStream(stream(), streams, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _CountedStream(stream(), streams, client, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

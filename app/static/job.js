@@ -85,9 +85,14 @@ function curveSection(job, search, capacity) {
     ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${search.safe_micro_batch_basis}); `
       + `${search.trial_count} trials in ${search.wall_s}s${search.limit_reached ? `; the search stopped at its limit ${search.limit}` : ""}`
     : `${trials.length} trial(s) so far`;
+  // a job re-run after a restart: the curve is the final run's, the interrupted runs' trials only counted
+  const earlier = (job.earlier_attempts ?? []).filter((a) => a.trials.length);
+  const rerun = earlier.length
+    ? `; run ${job.attempts} drawn (${earlier.map((a) => `run ${a.attempt}: ${a.trials.length} trial(s)`).join(", ")}, interrupted, not drawn)`
+    : "";
   return h("section", { "aria-labelledby": "curve-heading" },
     h("h3", { id: "curve-heading" }, "Memory against micro-batch"),
-    h("p", { class: "meta", id: "curve-caption" }, caption),
+    h("p", { class: "meta", id: "curve-caption" }, caption + rerun),
     h("div", { id: "memory-chart" }, memoryChart({
       trials, capacityBytes: capacity, headroom: job.spec?.headroom,
       maxMicroBatch: search?.max_micro_batch, safeMicroBatch: search?.safe_micro_batch,

@@ -94,7 +94,8 @@ def test_replicas_claiming_at_once_take_each_job_exactly_once(postgres_url):
 def _start_replicas(tmp_path, url: str, count: int = 2) -> list[Server]:
     with ThreadPoolExecutor(count) as pool:
         return list(pool.map(lambda i: start_server(tmp_path / f"replica{i}", database_url=url,
-                                                    lease_s=str(LEASE_S)), range(count)))
+                                                    lease_s=str(LEASE_S), max_jobs_per_client="32"),
+                                       range(count)))
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def _open_stream(server: Server, job_id: str) -> tuple[socket.socket, int]:
 
 
 def test_event_streams_are_capped_and_hold_up_neither_the_api_nor_a_stop(tmp_path):
-    server = start_server(tmp_path / "data", max_event_streams="120")
+    server = start_server(tmp_path / "data", max_event_streams="120", max_streams_per_client="200")
     sockets = []
     try:
         slow = _start_slow_job(server)
