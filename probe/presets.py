@@ -111,7 +111,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
     )),
     # mistralai/Mistral-Small-24B-Base-2501 (head_dim 128, not hidden_size / heads = 160)
-    "mistral-small-3-24b": ("mistral", dict(
+    "mistral-small-3": ("mistral", dict(
         vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
         rope_theta=100000000.0, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5,
