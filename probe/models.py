@@ -43,8 +43,14 @@ MODULE_NAMES: dict[str, frozenset[str]] = {
     "llama": frozenset(_LLAMA_NAMES),
     "mistral": frozenset(_LLAMA_NAMES),
     "qwen2": frozenset(_LLAMA_NAMES),
+    "qwen3": frozenset(_LLAMA_NAMES + ("k_norm", "q_norm")),
     "gemma2": frozenset(_LLAMA_NAMES + ("post_feedforward_layernorm", "pre_feedforward_layernorm")),
+    "gemma3_text": frozenset(_LLAMA_NAMES + ("k_norm", "post_feedforward_layernorm", "pre_feedforward_layernorm",
+                                             "q_norm")),
     "qwen2_moe": frozenset(_LLAMA_NAMES + ("experts", "gate", "shared_expert", "shared_expert_gate")),
+    # the experts are one fused module (no per-expert gate_proj/up_proj/down_proj) and no layer is dense
+    "qwen3_moe": frozenset(set(_LLAMA_NAMES) - {"down_proj", "gate_proj", "up_proj"}
+                           | {"experts", "gate", "k_norm", "q_norm"}),
     "mixtral": frozenset({"act_fn", "embed_tokens", "experts", "gate", "input_layernorm", "k_proj", "layers",
                           "lm_head", "mlp", "model", "norm", "o_proj", "post_attention_layernorm", "q_proj",
                           "rotary_emb", "self_attn", "v_proj"}),

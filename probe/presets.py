@@ -90,6 +90,48 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         original_max_position_embeddings=4096, sliding_window=262144, rope_theta=10000.0,
         tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=32000,
     )),
+    # Qwen/Qwen3-0.6B (q_norm and k_norm per layer; head_dim 128, not hidden_size / heads = 64)
+    "qwen3-0.6b": ("qwen3", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, sliding_window=None, use_sliding_window=False, tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )),
+    # Qwen/Qwen3-8B
+    "qwen3-8b": ("qwen3", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, sliding_window=None, use_sliding_window=False, tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )),
+    # meta-llama/Llama-3.3-70B-Instruct
+    "llama-3.3-70b": ("llama", dict(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )),
+    # mistralai/Mistral-Small-24B-Base-2501 (head_dim 128, not hidden_size / heads = 160)
+    "mistral-small-3": ("mistral", dict(
+        vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+        rope_theta=100000000.0, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )),
+    # google/gemma-3-1b-pt (text only; five sliding-window layers of 512 tokens to each global one; the
+    # config leaves tie_word_embeddings to Gemma3TextConfig's default, True)
+    "gemma-3-1b": ("gemma3_text", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, final_logit_softcapping=None, attn_logit_softcapping=None,
+        tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )),
+    # microsoft/phi-4 (the Phi-3 architecture: fused qkv_proj and gate_up_proj, 40 heads over 10 kv heads)
+    "phi-4": ("phi3", dict(
+        vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=16384,
+        original_max_position_embeddings=16384, sliding_window=None, rope_theta=250000.0,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=100349,
+    )),
     # Mixture of experts: every expert's weights are held, top-k of them run per token.
     # mistralai/Mixtral-8x7B-v0.1
     "mixtral-8x7b": ("mixtral", dict(
@@ -97,6 +139,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
         num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None,
         tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )),
+    # Qwen/Qwen3-30B-A3B (128 routed experts in every layer, 8 per token, no shared expert; its
+    # intermediate_size is unused because no layer is dense)
+    "qwen3-30b-a3b": ("qwen3_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+        mlp_only_layers=[], norm_topk_prob=True, rope_theta=1000000.0, sliding_window=None,
+        use_sliding_window=False, tie_word_embeddings=False, rms_norm_eps=1e-6,
     )),
     # Qwen/Qwen1.5-MoE-A2.7B (60 routed experts, 4 per token, plus one always-on shared expert)
     "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
