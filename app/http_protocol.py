@@ -36,8 +36,15 @@ STATUS_LINES = {400: b"400 Bad Request", 408: b"408 Request Timeout", 414: b"414
                 431: b"431 Request Header Fields Too Large"}
 
 
+HEAD_TOO_LARGE = {
+    414: f"the request line (method and URL) must be at most {MAX_HEAD_BYTES} bytes; send long input in a POST body",
+    431: f"the request line and headers must be at most {MAX_HEAD_BYTES} bytes together; send fewer or shorter headers",
+}
+
+
 class _CheckedConnection(h11.Connection):
-    """h11's server connection, also refusing a body framed twice, and keeping why it refused."""
+    """h11's server connection, also refusing a large head that came in one read and a body framed twice,
+    and keeping the status and message of why it refused."""
 
     refusal: tuple[int, str] | None = None
 
@@ -45,26 +52,35 @@ class _CheckedConnection(h11.Connection):
         try:
             event = super().next_event()
             if isinstance(event, h11.Request):
-                names = {name.lower() for name, _ in event.headers}
-                if {b"content-length", b"transfer-encoding"} <= names:
-                    raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", error_status_hint=400)
+                self._check_head(event)
         except h11.RemoteProtocolError as exc:
-            self.refusal = self._explain(exc)
+            if self.refusal is None:
+                self.refusal = self._explain(exc)
             raise
         return event
 
+    def _check_head(self, request: h11.Request) -> None:
+        """What h11 lets through: a head that arrived whole in one read is not held to h11's limit
+        (h11 measures only a head still incomplete), and a body framed twice."""
+        head_bytes = len(request.method) + len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+        if len(request.target) > MAX_HEAD_BYTES:
+            self._refuse(414)
+        if head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431)
+        names = {name.lower() for name, _ in request.headers}
+        if {b"content-length", b"transfer-encoding"} <= names:
+            self._refuse(400, "a request must not carry both Content-Length and Transfer-Encoding: send one of them")
+
+    def _refuse(self, status: int, detail: str = "") -> None:
+        self.refusal = (status, detail or HEAD_TOO_LARGE[status])
+        raise h11.RemoteProtocolError(self.refusal[1], error_status_hint=status)
+
     def _explain(self, exc: h11.RemoteProtocolError) -> tuple[int, str]:
         if exc.error_status_hint == 431:
-            # h11 only counts the buffered head: no line end in it means the request line alone is too long
-            # (`_receive_buffer` is h11's own, unparsed input of the current request)
-            if b"\n" not in bytes(self._receive_buffer):
-                return 414, (f"the request line (method and URL) must be at most {MAX_HEAD_BYTES} bytes; "
-                             "send long input in a POST body")
-            return 431, (f"the request line and headers must be at most {MAX_HEAD_BYTES} bytes together; "
-                         "send fewer or shorter headers")
-        if "Content-Length and Transfer-Encoding" in str(exc):
-            return 400, ("a request must not carry both Content-Length and Transfer-Encoding: "
-                         "send one of them")
+            # h11 counts the head still buffered: no line end in it means the request line alone is too long
+            # (`_receive_buffer` is h11's own, the unparsed input of the current request)
+            status = 414 if b"\n" not in bytes(self._receive_buffer) else 431
+            return status, HEAD_TOO_LARGE[status]
         return 400, f"malformed HTTP request ({exc}); send a valid HTTP/1.1 request"
 
 
