@@ -86,7 +86,8 @@ def test_loopback_names_with_any_port_are_allowed(server, host):
 
 @pytest.mark.slow
 def test_allowed_hosts_are_configurable_and_star_allows_any(tmp_path):
-    named = start_server(tmp_path / "named", allowed_hosts="fitprobe.internal, *.example.org")
+    # 127.0.0.1 for the fixture's own readiness poll
+    named = start_server(tmp_path / "named", allowed_hosts="fitprobe.internal, *.example.org, 127.0.0.1")
     anyone = start_server(tmp_path / "any", allowed_hosts="*")
     try:
         assert _raw(named, _get("/healthz", b"fitprobe.internal:8000"))[0] == 200
