@@ -18,10 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-
-from starlette.exceptions import HTTPException
 from collections.abc import Awaitable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 

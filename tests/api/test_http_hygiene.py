@@ -164,7 +164,7 @@ def test_headers_sent_one_byte_at_a_time_are_cut_off_with_408(server):
             try:
                 sock.send(bytes([byte]))
                 answer = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
