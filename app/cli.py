@@ -17,6 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.config import Settings
+    from app.http_protocol import MAX_HEAD_BYTES, protocol
     from app.main import create_app
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
@@ -33,8 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                          timeout_graceful_shutdown=settings.shutdown_grace_s,
-                          access_log=settings.access_log)).run()
+                          timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=settings.access_log,
+                          http=protocol(settings.header_timeout_s), h11_max_incomplete_event_size=MAX_HEAD_BYTES)).run()
     return EXIT_OK
 
 

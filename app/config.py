@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from app.http_hygiene import default_allowed_hosts
 from probe.model_bounds import ModelLimits
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -28,6 +29,13 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated bearer tokens; empty = no auth (loopback only)"
     )
     allow_public_bind: bool = Field(False, description="bind beyond loopback without tokens (not recommended)")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated Host names requests may carry (any port; * for any), "
+        "against DNS rebinding; default: the bind address, localhost, 127.0.0.1 and [::1]")
+    header_timeout_s: float = Field(30.0, gt=0, description="a request line and headers that take longer to "
+                                    "arrive are answered 408 and the connection closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body that takes longer to arrive (from the "
+                                  "end of its headers) is answered 408 and the connection closed")
     allowed_factories: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated pkg.module:function model factories requests may name"
     )
@@ -87,7 +95,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a running job's worker renews its lease every third of this; a job whose "
         "lease runs out (its replica died) is re-queued by another replica")
 
-    @field_validator("api_tokens", "allowed_factories", mode="before")
+    @field_validator("api_tokens", "allowed_factories", "allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -98,6 +106,10 @@ class Settings(BaseSettings):
     def model_limits(self) -> ModelLimits:
         return ModelLimits(max_params=self.max_model_params, max_layers=self.max_model_layers,
                            max_param_tokens=self.max_param_tokens)
+
+    @property
+    def resolved_allowed_hosts(self) -> list[str]:
+        return self.allowed_hosts or default_allowed_hosts(self.host)
 
     @property
     def resolved_database_url(self) -> str:

@@ -198,7 +198,8 @@ class DeviceWorker(threading.Thread):
                 self.metrics.job_duration_s.observe(time.monotonic() - self.busy_since_s)
             self.current, self.busy_since_s = None, None
         if outcome is None and self.stopping.is_set():
-            return  # the service is shutting down: the job stays running and is re-queued at start-up
+            self._db(self.store.release, job_id)  # a clean stop: queued again, without spending an attempt
+            return
         if outcome is None:
             if self._db(self.store.get, job_id)["status"] != CANCELLED:
                 self._db(self.store.fail, job_id, exit_reason(process.returncode))

@@ -23,6 +23,7 @@ from app.body_limit import BodyLimit
 from app.config import Settings
 from app.deps import require_token
 from app.executor import make_executor
+from app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from app.routes import devices, exports, health, models, plans, preflight, probes
 from app.routes.health import Metrics
 from app.schemas import error_responses
@@ -61,6 +62,11 @@ async def sweep_forever(store: Store, settings: Settings) -> None:
         if deleted:
             log.info("retention sweep: deleted %d finished job(s)", deleted)
         await asyncio.sleep(1.0 if deleted >= SWEEP_BATCH else settings.sweep_interval_s)
+
+
+def _with_docs_policy(page: HTMLResponse) -> HTMLResponse:
+    page.headers["content-security-policy"] = docs_policy(page.body.decode())
+    return page
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -103,20 +109,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(devices.router, dependencies=auth, responses=auth_errors)
     app.include_router(models.router, dependencies=auth, responses=auth_errors)
     app.include_router(health.router)
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    # the last added runs first: every answer, a refused Host's too, carries the security headers
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(HostCheck, allowed_hosts=settings.resolved_allowed_hosts)
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API docs",
+        return _with_docs_policy(get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API docs",
                                    swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
-                                   swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png")
+                                   swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png"))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API reference",
+        return _with_docs_policy(get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API reference",
                               redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
-                              redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False)
+                              redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

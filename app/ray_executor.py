@@ -163,7 +163,7 @@ class RayExecutor:
         self.dispatcher.start()
 
     def stop(self) -> None:
-        """Cancel what runs (its jobs stay running in the store and are re-queued at start-up), leave Ray."""
+        """Cancel what runs (its jobs go back to the queue), leave Ray."""
         self.stopping.set()
         with self.jobs_lock:
             followed = list(self.jobs.values())
@@ -273,6 +273,8 @@ class RayExecutor:
             outcome = self._stream(job)
             if outcome is not None:
                 self._record(job.job_id, *outcome)
+            elif self.stopping.is_set():
+                self._db(self.store.release, job.job_id)  # a clean stop: queued again, without spending an attempt
         except _Stopping:
             return
         except Exception as exc:  # noqa: BLE001 - one job's failure in the service must not hang it in running
@@ -289,8 +291,8 @@ class RayExecutor:
     def _stream(self, job: RayJob) -> tuple[str, Any] | None:
         """The job's outcome once its task ends, after copying each event into the store as it comes.
 
-        None when there is nothing to record: the service stops (the job stays running and is re-queued
-        at start-up), or the store already holds the outcome.
+        None when there is nothing to record: the service stops (`_follow` puts the job back in the queue),
+        or the store already holds the outcome.
         """
         deadline_s = job.submitted_s + self.settings.job_timeout_s
         trial_started_s, trials = time.monotonic(), 0

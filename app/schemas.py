@@ -51,7 +51,7 @@ class PreflightVerdict(BaseModel):
 
 
 class PlanRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: JSON true is not the integer 1
 
     effective_batch: int = Field(..., ge=1, le=MAX_EFFECTIVE_BATCH, description="examples per optimizer step")
     max_micro_batch: int = Field(..., ge=1, le=MAX_MICRO_BATCH, description="largest micro-batch that fits (safe)")

@@ -315,6 +315,15 @@ class Store:
         """Fail a job this replica runs (a replica that lost the job cannot fail its new run)."""
         return self._finish(job_id, FAILED, owned=True, error=error[:2000], phase="failed")
 
+    def release(self, job_id: str) -> bool:
+        """A job this replica stops running because it shuts down cleanly (SIGTERM): back to the queue, and the
+        run does not count against MAX_ATTEMPTS, which is for runs a crash cut short (a kill -9 still spends one)."""
+        with self.engine.begin() as conn:
+            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING,
+                                                    jobs.c.owner == self.owner).values(
+                status=QUEUED, phase="requeued", attempts=jobs.c.attempts - 1, worker_pid=None, owner=None,
+                lease_until=None)).rowcount == 1
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self.get(job_id)
         if job["status"] in TERMINAL:

@@ -37,9 +37,10 @@ Sharding = Literal["none", "fsdp"]
 # bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/quantization.py
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15, "eb": 10**18,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50, "eib": 2**60}
+# ASCII digits only: float() would read "１２" (fullwidth) or "١٢" (Arabic-Indic) as 12
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
 
 
 class SpecError(ValueError):
@@ -52,7 +53,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     match = _SIZE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise SpecError(f"capacity must look like 600MiB, 40GiB or a byte count (got {text[:40]!r})")
+        raise SpecError(f"capacity must look like 600MiB, 40GiB or a byte count, in digits 0-9 (got {text[:40]!r})")
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]  # '9'*400 is inf, not an error
     if not math.isfinite(value) or value > MAX_CAPACITY_BYTES:
         raise SpecError(f"capacity must be at most 1EiB ({MAX_CAPACITY_BYTES} bytes) (got {text[:40]!r})")
@@ -95,8 +96,8 @@ class LoraSpec(BaseModel):
     """LoRA adapters: only these are trained, so gradients and optimizer state shrink to them."""
 
     model_config = ConfigDict(extra="forbid")
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r")
-    alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (scaling = alpha / rank)")
+    rank: int = Field(8, ge=1, le=1024, strict=True, description="LoRA rank r")
+    alpha: int = Field(16, ge=1, le=4096, strict=True, description="LoRA alpha (scaling = alpha / rank)")
     targets: list[str] | None = Field(
         None, max_length=64,
         description="module names to adapt; default: the attention projections the model has",
@@ -114,7 +115,7 @@ class ProbeSpec(BaseModel):
         "over HTTP from the server's cache unless FITPROBE_HUB_ACCESS=online), hf:<path to config.json> "
         "(command line only), factory:pkg.mod:fn, or an inline Hugging Face config object",
     )
-    seq_len: int = Field(256, description="tokens per example; every trial uses full-length sequences")
+    seq_len: int = Field(256, strict=True, description="tokens per example; every trial uses full-length sequences")
     precision: Precision = Field(
         "fp32", description="fp32; bf16-mixed or fp16-mixed (autocast over fp32 master weights); bf16 (bf16 weights)"
     )
@@ -153,7 +154,7 @@ class ProbeSpec(BaseModel):
     )
     device: str = Field("cpu", description="cpu or cuda:N")
     capacity_bytes: int | None = Field(
-        None, ge=1,
+        None, ge=1, strict=True,
         description="bytes the step may use: on CUDA a cap below the card (plan for a smaller GPU), "
         "on CPU the size of the virtual device (default 1 GiB)",
     )
@@ -162,13 +163,13 @@ class ProbeSpec(BaseModel):
         description="fraction of capacity the safe micro-batch leaves free for fragmentation and spikes",
     )
     max_micro_batch: int | None = Field(
-        None, ge=1, le=MAX_MICRO_BATCH, description="never try a micro-batch above this"
+        None, ge=1, le=MAX_MICRO_BATCH, strict=True, description="never try a micro-batch above this"
     )
     effective_batch: int | None = Field(
-        None, ge=1, le=MAX_EFFECTIVE_BATCH,
+        None, ge=1, le=MAX_EFFECTIVE_BATCH, strict=True,
         description="target examples per optimizer step across all devices; the search stops there",
     )
-    num_devices: int = Field(1, ge=1, le=MAX_DEVICES, description="data-parallel devices")
+    num_devices: int = Field(1, ge=1, le=MAX_DEVICES, strict=True, description="data-parallel devices")
     sharding: Sharding = Field(
         "none",
         description="none: every device holds the whole model, gradients and optimizer state (DDP); fsdp: "
@@ -176,8 +177,8 @@ class ProbeSpec(BaseModel):
         "resharded after forward, i.e. ZeRO-3) and the answer is per device. Tensor/pipeline parallelism, "
         "hybrid sharding and CPU offload are not modelled",
     )
-    micro_steps_per_trial: int = Field(2, ge=2, le=8, description="micro-steps per optimizer step")
-    optimizer_steps_per_trial: int = Field(2, ge=2, le=8, description="optimizer steps per trial")
+    micro_steps_per_trial: int = Field(2, ge=2, le=8, strict=True, description="micro-steps per optimizer step")
+    optimizer_steps_per_trial: int = Field(2, ge=2, le=8, strict=True, description="optimizer steps per trial")
     seed: int = Field(0, ge=0, lt=MAX_SEED, strict=True,
                       description="seed of the synthetic batches (token ids), 0 ≤ seed < 2**63")
 
