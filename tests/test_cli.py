@@ -105,7 +105,7 @@ def test_help_and_preflight_never_import_torch():
              "for argv in (['--help'], ['preflight', '--help']):\n"
              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
              "        main(argv)\n"
-             "code = main(['preflight', '--server', '127.0.0.1:1', '--seq-len', '32', '--effective-batch', '4'])\n"
+             "code = main(['preflight', '--server', '127.0.0.1:1', '--model', 'builtin:gpt-nano', '--seq-len', '32', '--effective-batch', '4'])\n"
              "print(code, sorted(name for name in ('torch', 'fastapi') if name in sys.modules))\n")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert run.stdout.splitlines()[-1] == "3 []", run.stdout + run.stderr
