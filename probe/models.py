@@ -362,6 +362,10 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     (probe/model_bounds.py) before transformers reads it. The weights, counted from the config, are
     checked against the capacity; the job counts them exactly on the meta device in its own process.
     """
+    hugging_face = not (isinstance(spec.model, str) and spec.model.startswith(("factory:", "builtin:")))
+    if spec.quantization != "none" and not hugging_face:
+        raise SpecError("quantization works on Hugging Face models (preset:, hf: or an inline config), which "
+                        "bitsandbytes' loaders quantize; drop quantization for builtin: and factory: models")
     if isinstance(spec.model, str) and spec.model.startswith("factory:"):
         _allowed_factory(spec.model, allowed_factories)  # imported and built only in the job
         return

@@ -66,8 +66,10 @@ def replace_linears(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import get_keys_to_not_convert
 
+    from transformers import PreTrainedModel
+
     _bitsandbytes()
-    if not hasattr(module, "config"):
+    if not isinstance(module, PreTrainedModel):
         raise SpecError("quantization works on Hugging Face models (preset:, hf: or an inline config), which "
                         "bitsandbytes' loaders quantize; drop quantization for builtin: and factory: models")
     if spec.quantization == "int8":

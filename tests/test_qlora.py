@@ -152,3 +152,13 @@ def test_int8_base_equals_the_8bit_recipe(tmp_path):
     assert trial["peak_allocated_bytes"] == pytest.approx(counter.peak, rel=TOLERANCE)
     with pytest.raises(ValueError, match="estimate with nf4"):
         ProbeSpec(model="preset:gpt2", finetuning="lora", quantization="int8", mode="estimate", capacity_bytes=1 << 30)
+
+
+def test_quantizing_a_builtin_model_is_refused_with_the_fix():
+    from probe.models import check_reference
+
+    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, finetuning="lora", quantization="nf4")
+    with pytest.raises(Exception, match="drop quantization for builtin"):
+        check_reference(spec)  # at the door
+    with pytest.raises(Exception, match="drop quantization for builtin"):
+        run_trial(spec, 1)  # and in the job, should a request get past the door
