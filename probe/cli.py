@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from probe.export import FORMATS, export_plan, export_report, render
 from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
 from probe.model_bounds import ModelLimits
-from probe.spec import Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
+from probe.spec import ESTIMATED, Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -223,12 +223,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
                   f"{'  (fits)' if option['fits'] else ''}")
         return code
     limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
+    estimated = f"{ESTIMATED}; " if report["spec"]["mode"] == "estimate" else ""
     print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
-    print(f"safe micro-batch: {search['safe_micro_batch']}  ({search['trial_count']} trials, {search['wall_s']:.1f}s)")
+    print(f"safe micro-batch: {search['safe_micro_batch']}  ({estimated}{search['trial_count']} trials, "
+          f"{search['wall_s']:.1f}s)")
     if report["plan"]:
         print(format_plan(report["plan"]))
     if verification:
         print(format_verification(verification))
+    elif estimated:
+        print(f"verification: none, {ESTIMATED} (accuracy: {device['accuracy_note']})")
     return code
 
 

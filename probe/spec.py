@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # one definition for the library, the service and the torch-free client; modules import it from here
 from fitprobe_client.units import format_bytes  # noqa: F401
+from fitprobe_client.verdict import ESTIMATED  # noqa: F401
 
 MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536

@@ -154,3 +154,14 @@ def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
     assert "s] trial micro_batch=2 ..." in run.stderr and "verification step 2 of 2" in run.stderr
     assert "Warning" not in run.stderr and "[transformers]" not in run.stderr
     assert fitprobe(*args, "--quiet").stderr == ""
+
+
+def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_is():
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--estimate",
+                   "--effective-batch", "8", "--quiet")
+    assert run.returncode == 0, run.stderr
+    safe_line = next(line for line in run.stdout.splitlines() if line.startswith("safe micro-batch:"))
+    assert "estimated, not run on a device" in safe_line
+    verification = run.stdout.splitlines()[-1]
+    assert verification.startswith("verification: none, estimated, not run on a device (accuracy: fake ")
+    assert "not counted:" in verification, "the accuracy note says what the estimate leaves out"

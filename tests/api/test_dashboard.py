@@ -195,3 +195,14 @@ def test_the_page_asks_for_a_token_once_and_keeps_it_for_the_tab(tmp_path, page)
         assert page.evaluate("sessionStorage.getItem('fitprobe-token')") == "s3cret"
     finally:
         secured.stop()
+
+
+def test_an_estimates_page_says_it_was_estimated_not_run_on_a_device(server, page):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+                                                 "capacity_bytes": 16 << 20, "effective_batch": 8}).json()["id"]
+        wait_for(client, job_id, ("succeeded",))
+    page.goto(f"{server.url}/#/probes/{job_id}")
+    expect(page.locator("#curve-caption")).to_contain_text("(estimated, not run on a device)")
+    expect(page.locator("#curve-caption")).not_to_contain_text("measured")
+    expect(page.locator("#estimate-note")).to_contain_text("Not verified: estimated, not run on a device. fake ")
