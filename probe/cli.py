@@ -227,6 +227,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
     print(f"safe micro-batch: {search['safe_micro_batch']}  ({estimated}{search['trial_count']} trials, "
           f"{search['wall_s']:.1f}s)")
+    shortfall = report.get("headroom_shortfall")  # absent from reports cached before it existed
+    if shortfall:
+        print(f"headroom: {shortfall['message']}")
+        for option in shortfall["options"]:
+            print(f"  with {option['change']}: micro-batch 1 needs {format_bytes(option['needs_bytes'])}"
+                  f"{'  (keeps the headroom)' if option['fits'] else ''}")
     if report["plan"]:
         print(format_plan(report["plan"]))
     if verification:
@@ -352,7 +358,7 @@ def _quiet_third_parties() -> None:
     """transformers/peft warnings are about their own defaults, not the user's request: keep stderr for ours."""
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("transformers", "peft", "torch.distributed"):
+    for name in ("transformers", "peft", "torch.distributed", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -199,6 +199,16 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
 
         emit({"type": "phase", "phase": "sizing_the_step"})
         not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories)
+    shortfall = None
+    if search.max_micro_batch and not search.safe_micro_batch:
+        from probe.needs import headroom_shortfall
+
+        # the plan runs at the max micro-batch then: say what it costs, and what would avoid it
+        emit({"type": "phase", "phase": "sizing_the_step"})
+        peak = next(t for t in trials if t["micro_batch"] == search.max_micro_batch)
+        shortfall = headroom_shortfall(spec, search.max_micro_batch,
+                                       peak["peak_reserved_bytes"] or peak["peak_allocated_bytes"],
+                                       meter.capacity_bytes, allowed_factories)
     report = {
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),
@@ -220,6 +230,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
             "wall_s": round(time.perf_counter() - started_s, 3),
         },
         "does_not_fit": not_fitting,
+        "headroom_shortfall": shortfall,
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,

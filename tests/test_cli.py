@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -165,3 +166,17 @@ def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_i
     verification = run.stdout.splitlines()[-1]
     assert verification.startswith("verification: none, estimated, not run on a device (accuracy: fake ")
     assert "not counted:" in verification, "the accuracy note says what the estimate leaves out"
+
+
+def test_a_plan_that_eats_the_headroom_says_so_and_what_would_restore_it():
+    # 4.1 MiB: micro-batches 1 and 2 of gpt-nano fit (3.9 MiB), neither keeps 10% free
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "4300000", "--estimate",
+                   "--effective-batch", "4", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "safe micro-batch: 0" in run.stdout and "plan: 4 = 2 × 2" in run.stdout
+    headroom = next(line for line in run.stdout.splitlines() if line.startswith("headroom:"))
+    assert re.search(r"micro-batch 2 fits but leaves only \d\.\d% headroom, under the asked 10%", headroom), headroom
+    assert "the headroom comes back with LoRA (--lora)" in headroom
+    assert "--sharding fsdp --devices N" in headroom
+    assert "  with 8-bit AdamW (--optimizer adamw_bnb_8bit): micro-batch 1 needs" in run.stdout
+    assert run.stderr == "", "no third-party warnings for the options it sized"
