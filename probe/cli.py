@@ -22,7 +22,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from probe.export import FORMATS, export_plan, export_report, render
+from probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
 from probe.model_bounds import ModelLimits
 from probe.spec import ESTIMATED, Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
@@ -207,7 +207,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     unmet = not_fitting is not None or (verification is not None and not verification["passed"])
     code = EXIT_UNMET if unmet else EXIT_OK
     if args.format and not not_fitting:
-        print(render(export_report(report, args.format), args.format, args.yaml))
+        print_export(export_report(report, args.format), args)
         return code
     if args.json:
         print(json.dumps(report, indent=2))
@@ -242,6 +242,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return code
 
 
+def print_export(export: dict[str, Any], args: argparse.Namespace) -> None:
+    """stdout holds what the user saves and unpacks: the config alone (JSON), or YAML with the provenance
+    as comments; --json prints the config and the provenance side by side instead."""
+    if args.json:
+        print(json.dumps(export, indent=2, ensure_ascii=False))
+        return
+    print(render(export, args.yaml))
+    if not args.yaml:
+        print(provenance_text(export), end="", file=sys.stderr)
+
+
 def cmd_trial(args: argparse.Namespace) -> int:
     from probe.job import run_trial
 
@@ -264,7 +275,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.format:
         spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
                 "finetuning": "lora" if args.lora else "full"}
-        print(render(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args.format, args.yaml))
+        print_export(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args)
         return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
     print(json.dumps({"plan": plan}, indent=2) if args.json else format_plan(plan))
@@ -341,7 +352,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def _add_export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS,
-                        help="print the plan as this framework's config instead (see probe/export.py)")
+                        help="print the plan as this framework's config instead: the config alone on stdout, "
+                        "ready for TrainingArguments(**json.load(f)), its provenance as comments on stderr; with "
+                        "--json {format, config, provenance} (see probe/export.py)")
     parser.add_argument("--yaml", action="store_true", help="with --format: YAML, provenance as comments")
 
 

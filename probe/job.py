@@ -63,9 +63,13 @@ def device_facts(meter: Meter) -> dict[str, Any]:
 
 def model_facts(model: LoadedModel) -> dict[str, Any]:
     params = list(model.module.parameters())
-    return {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
-            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-            "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+    facts = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+    peft_config = getattr(model.module, "peft_config", None)
+    if peft_config:  # the modules LoRA adapted, the model's defaults resolved: exports name them
+        facts["lora_targets"] = sorted(next(iter(peft_config.values())).target_modules)
+    return facts
 
 
 def attention_facts(model: LoadedModel, spec: ProbeSpec) -> dict[str, Any]:

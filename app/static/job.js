@@ -166,15 +166,19 @@ function verificationSection(verification, plan) {
 
 function exportsSection(job) {
   const output = h("pre", { id: "export-output", tabindex: "0", "aria-live": "polite" });
+  // what Copy takes is the framework's object alone; where it came from is shown under it
+  const provenance = h("pre", { id: "export-provenance", class: "meta" });
   const select = h("select", { id: "export-format" }, FORMATS.map((f) => h("option", { value: f }, f)));
   const copied = h("span", { role: "status", class: "meta" });
   const load = async () => {
     output.textContent = "…";
     try {
-      const config = await request(`/v1/probes/${job.id}/config?format=${select.value}`);
-      output.textContent = JSON.stringify(config, null, 2);
+      const exported = await request(`/v1/probes/${job.id}/config?format=${select.value}`);
+      output.textContent = JSON.stringify(exported.config, null, 2);
+      provenance.textContent = JSON.stringify(exported.provenance, null, 2);
     } catch (err) {
       output.textContent = err.message;
+      provenance.textContent = "";
     }
   };
   select.addEventListener("change", load);
@@ -197,6 +201,8 @@ function exportsSection(job) {
     h("p", {}, h("label", { for: "export-format" }, "Config for "), select, " ",
       h("button", { type: "button", id: "copy-export", onclick: copy }, "Copy"), " ", copied),
     output,
+    h("p", { class: "meta" }, "Where it came from (not part of the config):"),
+    provenance,
     h("p", {}, h("a", { href: URL.createObjectURL(report), download: `fitprobe-${job.id}.json`, id: "report-link" },
       "Download the report (JSON)")),
   );
