@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from probe.optimizers import implementation
+from probe.plan import plan_equation
 from probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
@@ -65,14 +66,13 @@ def framework_split(plan: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     candidates = [near for near in (plan["nearest_below"], plan["nearest_above"]) if near]
     # smaller |deviation| first; on a tie the smaller effective batch, i.e. the plan below
     chosen = min(candidates, key=lambda near: (abs(near["effective_batch"] - asked), near["effective_batch"]))
-    why = (f"the recommended plan for {asked} is uneven ({plan['accumulation_steps']} micro-batches of up to "
-           f"{plan['micro_batch']}, the last {plan['last_micro_batch']}); frameworks run equal micro-batches only, so "
+    why = (f"the recommended plan for {asked} is uneven ({plan_equation(plan)}); frameworks run equal micro-batches only, so "
            f"this config is the nearest even plan ({'below' if chosen['effective_batch'] < asked else 'above'}: "
            "the smaller deviation, ties go below)")
     exact_even = next((alt for alt in plan["alternatives"] if alt["exact"] and alt["last_micro_batch"] is None), None)
     if exact_even:
-        why += (f"; an exact even split exists, {exact_even['micro_batch']} × {exact_even['accumulation_steps']} × "
-                f"{exact_even['num_devices']} at {exact_even['relative_throughput']:.2f}× the throughput: use it "
+        why += (f"; an exact even split exists, {plan_equation(exact_even)}, at {exact_even['relative_throughput']:.2f}× "
+                "the throughput: use it "
                 "if the exact effective batch matters more than speed")
     return chosen, why
 

@@ -102,6 +102,9 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
                                                       plan["accumulation_steps"])
     assert (word, micro_again, last_again) == (WORDS[int(full)], micro, last)
     expect(page.get_by_text(plan["reason"])).to_be_visible()
+    # every split on the page in the plan's own notation, the one the CLI and the exports print
+    splits = page.locator("table.alternatives tr td:nth-child(2)").all_inner_texts()
+    assert splits == [plan["equation"]] + [alt["equation"] for alt in plan["alternatives"]]
 
     # verification and exports
     expect(page.locator("ul.checks li")).to_have_count(len(job["verification"]["checks"]))
