@@ -20,7 +20,7 @@ from app.body_limit import BodyLimit
 from app.config import Settings
 from app.deps import require_token
 from app.executor import make_executor
-from app.routes import devices, exports, health, models, plans, preflight, probes
+from app.routes import devices, exports, health, limits, models, plans, preflight, probes
 from app.routes.health import Metrics
 from app.schemas import error_responses
 from app.store import Store
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plans.router, dependencies=auth, responses=auth_errors)
     app.include_router(devices.router, dependencies=auth, responses=auth_errors)
     app.include_router(models.router, dependencies=auth, responses=auth_errors)
+    app.include_router(limits.router, dependencies=auth, responses=auth_errors)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
 

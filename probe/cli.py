@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -23,9 +24,9 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from probe.export import FORMATS, export_plan, export_report, provenance_text, render
-from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
+from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
-from probe.spec import ESTIMATED, Optimizer, ProbeSpec, SpecError, format_bytes, validation_message
+from probe.spec import ESTIMATED, Optimizer, ProbeSpec, SpecError, format_bytes
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -127,13 +128,13 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     lora: dict[str, Any] = {"rank": args.lora_rank}
     if args.lora_targets:
         lora["targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    capacity = gpu_capacity_bytes(args.gpu) if args.gpu else args.capacity
     search = {}
     if hasattr(args, "effective_batch"):
         search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
                       max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch)
     return ProbeSpec(
-        model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=capacity,
+        model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=args.capacity,
+        gpu=args.gpu,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, collation=args.collation,
         gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
@@ -375,6 +376,43 @@ def _quiet_third_parties() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# the spec's field names (the API's words) as this command line spells them; "model" and "device" are
+# also plain words, so they become flags only where pydantic names them as the field in error
+FLAGS = {"capacity_bytes": "--capacity", "seq_len": "--seq-len", "num_devices": "--devices",
+         "effective_batch": "--effective-batch", "max_micro_batch": "--max-micro-batch", "headroom": "--headroom",
+         "gradient_checkpointing": "--grad-checkpointing", "lora.rank": "--lora-rank", "lora.targets": "--lora-targets",
+         "precision": "--precision", "optimizer": "--optimizer", "sharding": "--sharding", "collation": "--collation",
+         "gpu": "--gpu", "estimate_first": "--estimate-first", "reference_lr": "--reference-lr",
+         "reference_batch": "--reference-batch"}
+_LOCATIONS = {**FLAGS, "model": "--model", "device": "--device", "request": ""}
+_FIELD = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(name) for name in sorted(FLAGS, key=len, reverse=True))
+                    + r")(?![\w-])")
+_PHRASES = {"set mode to estimate": "add --estimate", "estimate mode": "--estimate", "finetuning is lora": "with --lora"}
+
+
+def _flags(text: str) -> str:
+    for phrase, flag in _PHRASES.items():
+        text = text.replace(phrase, flag)
+    return _FIELD.sub(lambda match: FLAGS[match.group(1)], text)
+
+
+def cli_message(exc: Exception) -> str:
+    """validation_message in the command line's words: flags where the spec names its fields."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return _flags(str(exc))
+    parts = []
+    for err in errors():
+        location = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        message = _flags(str(err.get("msg", "")).removeprefix("Value error, "))
+        flag = _LOCATIONS.get(location, location)
+        if flag and message.startswith(location + " "):  # "device must be …": the field, as a plain word
+            message = flag + message[len(location):]
+        # "seq_len: seq_len must be …" names the field twice; a model-level check has no field to name
+        parts.append(message if not flag or message.startswith(flag) else f"{flag}: {message}")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -382,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (SpecError, ValidationError) as exc:
-        message = validation_message(exc)
+        message = cli_message(exc)
         print(f"fitprobe: {message}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"error": message, "exit_code": EXIT_BAD_INPUT}))

@@ -49,12 +49,16 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
     (["--model", "builtin:nope"], "choose one of: gpt-nano"),
     (["--model", "preset:gpt5"], "did you mean 'gpt2'"),
     (["--seq-len", "0"], "--seq-len: must be at least 1"),
-    (["--seq-len", "200000"], "seq_len must be between 1 and 131072"),
+    (["--seq-len", "200000"], "--seq-len must be between 1 and 131072"),
     (["--model", "builtin:gpt-tiny", "--capacity", "1MiB"], "smaller than the model's weights"),
     (["--capacity", "lots"], "capacity must look like 600MiB"),
     (["--lora", "--lora-targets", "q_proj"], "pick from"),
     (["--model", "factory:os:system"], "not allow-listed"),
-    (["--device", "tpu"], "device must be 'cpu' or 'cuda:N'"),
+    (["--device", "tpu"], "--device must be 'cpu' or 'cuda:N'"),
+    (["--estimate"], "--estimate needs a capacity: set --capacity (e.g. 40GiB) or --gpu (a card's name)"),
+    (["--estimate", "--gpu", "a100-80gb", "--capacity", "1GiB"], "give --gpu or --capacity, not both"),
+    (["--devices", "4", "--effective-batch", "2", "--estimate", "--capacity", "1GiB"],
+     "--effective-batch (2) must be at least --devices (4)"),
     (["--sharding", "fsdp", "--devices", "1024"], "--devices must be ≤ 16 with --device cpu (got 1024)"),
     (["--devices", "64", "--effective-batch", "64"], "lower --devices, or add --estimate"),
 ])
@@ -64,6 +68,8 @@ def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("fitprobe") and fix in last_line, run.stderr
     assert "Traceback" not in run.stderr
+    # the command line's own words: its flags, never the API's field names
+    assert not re.search(r"\b(capacity_bytes|seq_len|num_devices|effective_batch|max_micro_batch)\b", last_line)
 
 
 

@@ -209,3 +209,12 @@ def test_an_estimates_page_says_it_was_estimated_not_run_on_a_device(server, pag
     expect(page.locator("#curve-caption")).to_contain_text("(estimated, not run on a device)")
     expect(page.locator("#curve-caption")).not_to_contain_text("measured")
     expect(page.locator("#estimate-note")).to_contain_text("Not verified: estimated, not run on a device. fake ")
+
+
+def test_the_form_states_the_services_own_limits(server, page):
+    with server.client() as client:
+        limits = client.get("/v1/limits").json()
+    page.goto(f"{server.url}/#/new")
+    expect(page.locator("#seq_len-help")).to_have_text(f"at most {limits['max_seq_len']:,} on this service")
+    expect(page.locator("#f-seq_len")).to_have_attribute("max", str(limits["max_seq_len"]))
+    expect(page.locator("#effective_batch-help")).to_have_text(f"at most {limits['max_effective_batch']:,} on this service")
