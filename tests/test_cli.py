@@ -112,7 +112,8 @@ def test_help_and_preflight_never_import_torch():
              "for argv in (['--help'], ['preflight', '--help']):\n"
              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
              "        main(argv)\n"
-             "code = main(['preflight', '--server', '127.0.0.1:1', '--seq-len', '32', '--effective-batch', '4'])\n"
+             "code = main(['preflight', '--server', '127.0.0.1:1', '--model', 'builtin:gpt-nano', '--seq-len', '32', "
+             "'--effective-batch', '4'])\n"
              "print(code, sorted(name for name in ('torch', 'fastapi') if name in sys.modules))\n")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert run.stdout.splitlines()[-1] == "3 []", run.stdout + run.stderr
@@ -186,3 +187,22 @@ def test_a_plan_that_eats_the_headroom_says_so_and_what_would_restore_it():
     assert "--sharding fsdp --devices N" in headroom
     assert "  with 8-bit AdamW (--optimizer adamw_bnb_8bit): micro-batch 1 needs" in run.stdout
     assert run.stderr == "", "no third-party warnings for the options it sized"
+
+
+def test_serve_and_preflight_help_give_every_options_meaning_default_and_variable():
+    from probe.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("serve", "preflight"):
+        for action in commands[name]._actions:
+            if action.dest == "help":
+                continue
+            text = action.help or ""
+            assert len(text) > 20 and ("(default: " in text or "(required" in text), (name, action.dest, text)
+    serve = " ".join(fitprobe("serve", "--help").stdout.split())  # argparse wraps where it likes
+    assert "(default: 8000; env FITPROBE_PORT)" in serve and "(default: 127.0.0.1; env FITPROBE_HOST)" in serve
+    # the settings with no option are there too, each with its default
+    assert "FITPROBE_MAX_SEQ_LEN largest seq_len a request may ask for (default: 32768)" in serve
+    assert "FITPROBE_HUB_ACCESS" in serve and "FITPROBE_API_TOKENS" in serve
+    preflight = " ".join(fitprobe("preflight", "--help").stdout.split())
+    assert "FITPROBE_TOKEN" in preflight and "(default: 30m)" in preflight and "Exit codes" in preflight
