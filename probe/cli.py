@@ -177,6 +177,11 @@ class Progress:
             self.say(f"verification step {event['step']} of {event['steps']}")
 
 
+def _per_device(spec: dict[str, Any]) -> str:
+    """A sharded answer is one device's: the text says so wherever it gives a micro-batch or a capacity."""
+    return f" per device × {spec['num_devices']} devices" if spec["sharding"] == "fsdp" else ""
+
+
 def _trial_table(trials: list[dict[str, Any]]) -> str:
     lines = [f"{'micro_batch':>11}  {'fits':>4}  {'peak_allocated':>14}  {'peak_reserved':>13}  {'step_s':>7}"]
     for t in trials:
@@ -214,8 +219,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return code
     search, device = report["search"], report["device"]
-    print(f"{report['spec']['model']} seq_len={args.seq_len} on {device['name']}, "
-          f"capacity {format_bytes(device['capacity_bytes'])}, headroom {args.headroom:.0%}")
+    each = _per_device(report["spec"])
+    print(f"{report['spec']['model']} seq_len={args.seq_len} {report['spec']['precision']} on {device['name']}, "
+          f"capacity {format_bytes(device['capacity_bytes'])}{each}, headroom {args.headroom:.0%}")
     print(_trial_table(search["trials"]))
     if not_fitting:
         print(f"does not fit: {not_fitting['message']}")
@@ -225,8 +231,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return code
     limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
     estimated = f"{ESTIMATED}; " if report["spec"]["mode"] == "estimate" else ""
-    print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
-    print(f"safe micro-batch: {search['safe_micro_batch']}  ({estimated}{search['trial_count']} trials, "
+    print(f"max micro-batch:  {search['max_micro_batch']}{each}{limit}")
+    print(f"safe micro-batch: {search['safe_micro_batch']}{each}  ({estimated}{search['trial_count']} trials, "
           f"{search['wall_s']:.1f}s)")
     shortfall = report.get("headroom_shortfall")  # absent from reports cached before it existed
     if shortfall:
@@ -238,7 +244,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(format_plan(report["plan"]))
     if verification:
         print(format_verification(verification))
-    elif estimated:
+    elif estimated and report["plan"]:
         print(f"verification: none, {ESTIMATED} (accuracy: {device['accuracy_note']})")
     return code
 
@@ -263,8 +269,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(_trial_table([trial]))
-        print(f"micro-batch {trial['micro_batch']} {'fits' if trial['fits'] else 'does not fit'} "
-              f"in {format_bytes(report['device']['capacity_bytes'])}")
+        print(f"micro-batch {trial['micro_batch']}{_per_device(report['spec'])} "
+              f"{'fits' if trial['fits'] else 'does not fit'} in {format_bytes(report['device']['capacity_bytes'])}")
     return EXIT_OK if trial["fits"] else EXIT_UNMET
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +153,7 @@ def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fi
     lora = next(o for o in needs["options"] if o["settings"] == {"finetuning": "lora"})
     assert lora["fits"] and lora["needs_bytes"] <= 64 * 2**20
     assert "needs" in needs["message"] and "LoRA" in needs["message"]
+    assert "(--sharding fsdp --devices N)" in needs["message"], "the hint names the flags that shard"
 
 
 def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
@@ -206,3 +208,25 @@ def test_serve_and_preflight_help_give_every_options_meaning_default_and_variabl
     assert "FITPROBE_HUB_ACCESS" in serve and "FITPROBE_API_TOKENS" in serve
     preflight = " ".join(fitprobe("preflight", "--help").stdout.split())
     assert "FITPROBE_TOKEN" in preflight and "(default: 30m)" in preflight and "Exit codes" in preflight
+
+
+def test_a_sharded_answer_says_it_is_per_device():
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--sharding", "fsdp", "--devices", "2",
+                   "--estimate", "--capacity", "16MiB", "--max-micro-batch", "8", "--quiet")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "capacity 16.0MiB per device × 2 devices" in lines[0] and " fp32 " in lines[0]
+    assert next(line for line in lines if line.startswith("max micro-batch:")).startswith(
+        "max micro-batch:  8 per device × 2 devices")
+    assert next(line for line in lines if line.startswith("safe micro-batch:")).startswith(
+        "safe micro-batch: 8 per device × 2 devices")
+
+
+def test_every_readme_example_states_its_precision():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    commands = [line for line in readme.splitlines()
+                if re.match(r"\s*fitprobe (probe|trial|preflight) --", line)]
+    requests = re.findall(r"\{\"model\": [^}]*\"seq_len\"[^}]*\}", readme)
+    assert len(commands) >= 8 and len(requests) >= 3
+    for example in commands + requests:
+        assert "precision" in example, f"README example without its precision: {example}"
