@@ -194,7 +194,7 @@ def test_plan_cli_text_and_bad_input_exit_codes(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "plan: 64 = 4 × 16 (four micro-batches of 16)" in out and "sqrt-scaled" in out
     assert main(["plan", "--effective-batch", "2", "--max-micro-batch", "16", "--devices", "4"]) == EXIT_BAD_INPUT
-    assert "must be at least num_devices" in capsys.readouterr().err
+    assert "--effective-batch (2) must be at least --devices (4)" in capsys.readouterr().err
 
 
 def test_every_split_is_written_one_way_and_the_alternatives_table_has_a_header_per_column(
