@@ -227,7 +227,7 @@ def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int)
 def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
     e, n = best.target_batch, best.num_devices
     if best.even:
-        return (f"{e} = {best.micro_batch} × {best.accumulation_steps} × {n}: an even exact split within "
+        return (f"{plan_equation(best.to_dict())}: an even exact split within "
                 f"{NOISE_TOLERANCE:.0%} of the highest expected throughput with the fewest micro-steps, every "
                 "micro-batch the same size")
     if e % n:
