@@ -9,6 +9,7 @@ from typing import Any
 
 # preflight is the torch-free client's own command (client/), so `fitprobe-preflight` behaves the same
 from fitprobe_client.preflight import EXIT_OK
+from fitprobe_client.preflight import __doc__ as preflight_doc
 from fitprobe_client.preflight import add_options as add_preflight_options
 from fitprobe_client.preflight import run as cmd_preflight
 
@@ -39,6 +40,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _setting_help(name: str) -> str:
+    """A Settings field as an option's help: its meaning, default and environment variable."""
+    from app.config import Settings
+
+    field = Settings.model_fields[name]
+    return f"{field.description} (default: {field.get_default(call_default_factory=True)}; env FITPROBE_{name.upper()})"
+
+
+def _settings_text() -> str:
+    """Every setting `serve` reads, from app/config.py's one Settings: most have no option, only a variable."""
+    from app.config import Settings
+
+    lines = ["settings (environment variables; the options above override theirs):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else default
+        lines.append(f"  FITPROBE_{name.upper()}  {field.description or ''} (default: "
+                     f"{'none' if shown in (None, '') else shown})")
+    return "\n".join(lines)
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from probe.devices import list_devices
 
@@ -48,13 +70,17 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def register(commands: Any) -> None:
-    serve = commands.add_parser("serve", help="run the HTTP service (embedded SQLite, local workers)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--data-dir")
+    serve = commands.add_parser("serve", help="run the HTTP service (embedded SQLite, local workers)",
+                                description="Run the HTTP service: the API, the dashboard at /, local workers.",
+                                epilog=_settings_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, name, kind in (("--host", "host", str), ("--port", "port", int), ("--data-dir", "data_dir", str)):
+        serve.add_argument(flag, type=kind, help=_setting_help(name))
     serve.set_defaults(run=cmd_serve)
 
-    preflight = commands.add_parser("preflight", help="CI gate: exit 0 only when the plan is verified")
+    preflight = commands.add_parser("preflight", help="CI gate: exit 0 only when the plan is verified",
+                                    description=preflight_doc.splitlines()[0],
+                                    epilog=preflight_doc.split("\n\n", 2)[2],
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preflight_options(preflight)
     preflight.set_defaults(run=cmd_preflight)
 

@@ -23,8 +23,8 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fitprobe.db "
         "(postgresql+psycopg://user:password@host/db for replicas)"
     )
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="address to bind; beyond loopback it needs FITPROBE_API_TOKENS")
+    port: int = Field(8000, description="TCP port to listen on")
     api_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer tokens; empty = no auth (loopback only)"
     )

@@ -50,6 +50,16 @@ class PreflightVerdict(BaseModel):
     job: dict[str, Any] | None = Field(None, description="the probe job, as GET /v1/probes/{id} gives it")
 
 
+class ConfigExport(BaseModel):
+    """A plan as a framework's config: `config` alone is what the framework reads, provenance beside it."""
+
+    format: str = Field(description="the framework the config is for")
+    config: dict[str, Any] = Field(description="the framework's own object, unchanged: `TrainingArguments(**config)` "
+                                   "for hf")
+    provenance: dict[str, Any] = Field(description="the effective batch asked and given, the probe's micro-batches, "
+                                       "its verdict, and notes on settings the config cannot hold")
+
+
 class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: JSON true is not the integer 1
 

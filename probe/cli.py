@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -22,10 +23,10 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from probe.export import FORMATS, export_plan, export_report, render
-from probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
+from probe.export import FORMATS, export_plan, export_report, provenance_text, render
+from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
-from probe.spec import Optimizer, ProbeSpec, Quantization, SpecError, format_bytes, validation_message
+from probe.spec import ESTIMATED, Optimizer, ProbeSpec, Quantization, SpecError, format_bytes
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -131,13 +132,13 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     lora: dict[str, Any] = {"rank": args.lora_rank}
     if args.lora_targets:
         lora["targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    capacity = gpu_capacity_bytes(args.gpu) if args.gpu else args.capacity
     search = {}
     if hasattr(args, "effective_batch"):
         search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
                       max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch)
     return ProbeSpec(
-        model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=capacity,
+        model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=args.capacity,
+        gpu=args.gpu,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, quantization=args.quantization,
         collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
@@ -180,6 +181,11 @@ class Progress:
             self.say(f"verification step {event['step']} of {event['steps']}")
 
 
+def _per_device(spec: dict[str, Any]) -> str:
+    """A sharded answer is one device's: the text says so wherever it gives a micro-batch or a capacity."""
+    return f" per device × {spec['num_devices']} devices" if spec["sharding"] == "fsdp" else ""
+
+
 def _trial_table(trials: list[dict[str, Any]]) -> str:
     lines = [f"{'micro_batch':>11}  {'fits':>4}  {'peak_allocated':>14}  {'peak_reserved':>13}  {'step_s':>7}"]
     for t in trials:
@@ -211,14 +217,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     unmet = not_fitting is not None or (verification is not None and not verification["passed"])
     code = EXIT_UNMET if unmet else EXIT_OK
     if args.format and not not_fitting:
-        print(render(export_report(report, args.format), args.format, args.yaml))
+        print_export(export_report(report, args.format), args)
         return code
     if args.json:
         print(json.dumps(report, indent=2))
         return code
     search, device = report["search"], report["device"]
-    print(f"{report['spec']['model']} seq_len={args.seq_len} on {device['name']}, "
-          f"capacity {format_bytes(device['capacity_bytes'])}, headroom {args.headroom:.0%}")
+    each = _per_device(report["spec"])
+    print(f"{report['spec']['model']} seq_len={args.seq_len} {report['spec']['precision']} on {device['name']}, "
+          f"capacity {format_bytes(device['capacity_bytes'])}{each}, headroom {args.headroom:.0%}")
     print(_trial_table(search["trials"]))
     if not_fitting:
         print(f"does not fit: {not_fitting['message']}")
@@ -227,13 +234,34 @@ def cmd_probe(args: argparse.Namespace) -> int:
                   f"{'  (fits)' if option['fits'] else ''}")
         return code
     limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
-    print(f"max micro-batch:  {search['max_micro_batch']}{limit}")
-    print(f"safe micro-batch: {search['safe_micro_batch']}  ({search['trial_count']} trials, {search['wall_s']:.1f}s)")
+    estimated = f"{ESTIMATED}; " if report["spec"]["mode"] == "estimate" else ""
+    print(f"max micro-batch:  {search['max_micro_batch']}{each}{limit}")
+    print(f"safe micro-batch: {search['safe_micro_batch']}{each}  ({estimated}{search['trial_count']} trials, "
+          f"{search['wall_s']:.1f}s)")
+    shortfall = report.get("headroom_shortfall")  # absent from reports cached before it existed
+    if shortfall:
+        print(f"headroom: {shortfall['message']}")
+        for option in shortfall["options"]:
+            print(f"  with {option['change']}: micro-batch 1 needs {format_bytes(option['needs_bytes'])}"
+                  f"{'  (keeps the headroom)' if option['fits'] else ''}")
     if report["plan"]:
         print(format_plan(report["plan"]))
     if verification:
         print(format_verification(verification))
+    elif estimated and report["plan"]:
+        print(f"verification: none, {ESTIMATED} (accuracy: {device['accuracy_note']})")
     return code
+
+
+def print_export(export: dict[str, Any], args: argparse.Namespace) -> None:
+    """stdout holds what the user saves and unpacks: the config alone (JSON), or YAML with the provenance
+    as comments; --json prints the config and the provenance side by side instead."""
+    if args.json:
+        print(json.dumps(export, indent=2, ensure_ascii=False))
+        return
+    print(render(export, args.yaml))
+    if not args.yaml:
+        print(provenance_text(export), end="", file=sys.stderr)
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -245,8 +273,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(_trial_table([trial]))
-        print(f"micro-batch {trial['micro_batch']} {'fits' if trial['fits'] else 'does not fit'} "
-              f"in {format_bytes(report['device']['capacity_bytes'])}")
+        print(f"micro-batch {trial['micro_batch']}{_per_device(report['spec'])} "
+              f"{'fits' if trial['fits'] else 'does not fit'} in {format_bytes(report['device']['capacity_bytes'])}")
     return EXIT_OK if trial["fits"] else EXIT_UNMET
 
 
@@ -258,7 +286,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.format:
         spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
                 "finetuning": "lora" if args.lora else "full"}
-        print(render(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args.format, args.yaml))
+        print_export(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args)
         return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
     print(json.dumps({"plan": plan}, indent=2) if args.json else format_plan(plan))
@@ -335,7 +363,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def _add_export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS,
-                        help="print the plan as this framework's config instead (see probe/export.py)")
+                        help="print the plan as this framework's config instead: the config alone on stdout, "
+                        "ready for TrainingArguments(**json.load(f)), its provenance as comments on stderr; with "
+                        "--json {format, config, provenance} (see probe/export.py)")
     parser.add_argument("--yaml", action="store_true", help="with --format: YAML, provenance as comments")
 
 
@@ -352,8 +382,45 @@ def _quiet_third_parties() -> None:
     """transformers/peft warnings are about their own defaults, not the user's request: keep stderr for ours."""
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("transformers", "peft", "torch.distributed"):
+    for name in ("transformers", "peft", "torch.distributed", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# the spec's field names (the API's words) as this command line spells them; "model" and "device" are
+# also plain words, so they become flags only where pydantic names them as the field in error
+FLAGS = {"capacity_bytes": "--capacity", "seq_len": "--seq-len", "num_devices": "--devices",
+         "effective_batch": "--effective-batch", "max_micro_batch": "--max-micro-batch", "headroom": "--headroom",
+         "gradient_checkpointing": "--grad-checkpointing", "lora.rank": "--lora-rank", "lora.targets": "--lora-targets",
+         "precision": "--precision", "optimizer": "--optimizer", "sharding": "--sharding", "collation": "--collation",
+         "gpu": "--gpu", "estimate_first": "--estimate-first", "reference_lr": "--reference-lr",
+         "reference_batch": "--reference-batch"}
+_LOCATIONS = {**FLAGS, "model": "--model", "device": "--device", "request": ""}
+_FIELD = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(name) for name in sorted(FLAGS, key=len, reverse=True))
+                    + r")(?![\w-])")
+_PHRASES = {"set mode to estimate": "add --estimate", "estimate mode": "--estimate", "finetuning is lora": "with --lora"}
+
+
+def _flags(text: str) -> str:
+    for phrase, flag in _PHRASES.items():
+        text = text.replace(phrase, flag)
+    return _FIELD.sub(lambda match: FLAGS[match.group(1)], text)
+
+
+def cli_message(exc: Exception) -> str:
+    """validation_message in the command line's words: flags where the spec names its fields."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return _flags(str(exc))
+    parts = []
+    for err in errors():
+        location = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        message = _flags(str(err.get("msg", "")).removeprefix("Value error, "))
+        flag = _LOCATIONS.get(location, location)
+        if flag and message.startswith(location + " "):  # "device must be …": the field, as a plain word
+            message = flag + message[len(location):]
+        # "seq_len: seq_len must be …" names the field twice; a model-level check has no field to name
+        parts.append(message if not flag or message.startswith(flag) else f"{flag}: {message}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (SpecError, ValidationError) as exc:
-        message = validation_message(exc)
+        message = cli_message(exc)
         print(f"fitprobe: {message}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"error": message, "exit_code": EXIT_BAD_INPUT}))

@@ -11,8 +11,13 @@ Uneven plans. fitprobe's step can run full micro-batches plus a smaller last one
 exported as its nearest even plan, chosen by one rule: the smaller distance to the asked effective
 batch; on a tie, the one below. Both candidates use micro-batches the probe showed fit, so either
 is safe; a tie goes below so the config never trains on more examples per step than asked. The
-`_fitprobe` block (a comment in YAML) states the effective batch asked, the one the config gives and
-the deviation: never silently a different effective batch.
+provenance states the effective batch asked, the one the config gives and the deviation: never
+silently a different effective batch.
+
+Exports must paste. An export is `{"format", "config", "provenance"}`: `config` is the framework's
+object alone, so `TrainingArguments(**config)` works on it, and the provenance rides beside it,
+never inside. Rendered for a file, the config is the whole text (JSON) with the provenance on
+stderr, or YAML with the provenance as comments.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from probe.optimizers import implementation
+from probe.plan import plan_equation
 from probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
@@ -61,14 +67,13 @@ def framework_split(plan: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     candidates = [near for near in (plan["nearest_below"], plan["nearest_above"]) if near]
     # smaller |deviation| first; on a tie the smaller effective batch, i.e. the plan below
     chosen = min(candidates, key=lambda near: (abs(near["effective_batch"] - asked), near["effective_batch"]))
-    why = (f"the recommended plan for {asked} is uneven ({plan['accumulation_steps']} micro-batches of up to "
-           f"{plan['micro_batch']}, the last {plan['last_micro_batch']}); frameworks run equal micro-batches only, so "
+    why = (f"the recommended plan for {asked} is uneven ({plan_equation(plan)}); frameworks run equal micro-batches only, so "
            f"this config is the nearest even plan ({'below' if chosen['effective_batch'] < asked else 'above'}: "
            "the smaller deviation, ties go below)")
     exact_even = next((alt for alt in plan["alternatives"] if alt["exact"] and alt["last_micro_batch"] is None), None)
     if exact_even:
-        why += (f"; an exact even split exists, {exact_even['micro_batch']} × {exact_even['accumulation_steps']} × "
-                f"{exact_even['num_devices']} at {exact_even['relative_throughput']:.2f}× the throughput: use it "
+        why += (f"; an exact even split exists, {plan_equation(exact_even)}, at {exact_even['relative_throughput']:.2f}× "
+                "the throughput: use it "
                 "if the exact effective batch matters more than speed")
     return chosen, why
 
@@ -93,9 +98,13 @@ def _checkpointing_note(run: Run) -> list[str]:
 def _lora_note(run: Run) -> list[str]:
     if not run.lora:
         return []
-    targets = run.lora.get("targets") or "<the attention projections fitprobe adapted>"
+    targets = run.lora.get("targets")
+    if not targets:  # `fitprobe plan --lora` has no model whose modules it could name
+        return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora['rank']}, lora_alpha={run.lora['alpha']}, "
+                'target_modules=...) naming the modules fitprobe adapted: by default the attention projections, '
+                '["q_proj", "k_proj", "v_proj", "o_proj"] in Llama, Mistral, Qwen2 and Gemma, ["c_attn"] in GPT-2']
     return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora['rank']}, lora_alpha={run.lora['alpha']}, "
-            f"target_modules={targets}) as fitprobe measured"]
+            f"target_modules={json.dumps(list(targets))}) as fitprobe measured"]
 
 
 def _quantization_note(run: Run) -> list[str]:
@@ -132,10 +141,10 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "optim": run.optimizer}
     notes = _quantization_note(run) + _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
     if run.gradient_checkpointing:
-        # the name every transformers ≥ 4.45 knows; set only when on, as transformers 5 warns on any value of it
-        config["gradient_checkpointing"] = True
-        notes.append("transformers 5 renamed gradient_checkpointing to activation_checkpointing; the old name "
-                     "works until v6 (with a FutureWarning)")
+        # transformers 5's name: its old one, gradient_checkpointing, warns (FutureWarning) until v6 removes it
+        config["activation_checkpointing"] = True
+        notes.append("activation_checkpointing is transformers 5's name; on transformers 4 write "
+                     "gradient_checkpointing=True instead")
     return config, notes
 
 
@@ -212,7 +221,7 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
         if run.lora.get("targets"):
             config["lora_target_modules"] = run.lora["targets"]
         else:
-            notes.append("LoRA: fitprobe adapted the model's attention projections; set lora_target_modules to them")
+            notes += _lora_note(run)
     return config, notes
 
 
@@ -263,7 +272,7 @@ EXPORTERS: dict[str, Callable[[Run], tuple[dict[str, Any], list[str]]]] = {
 
 def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_micro_batch: int | None = None,
                 safe_micro_batch: int | None = None, verified: bool | None = None) -> dict[str, Any]:
-    """`plan` (Plan.to_dict()) as `fmt`'s config, with a `_fitprobe` provenance block.
+    """`plan` (Plan.to_dict()) as `{"format", "config", "provenance"}`: `fmt`'s config and where it came from.
 
     `spec` holds the measured settings (precision, gradient_checkpointing, finetuning, lora; missing
     ones take the spec's defaults); the probe's max/safe micro-batch and verification verdict go
@@ -296,7 +305,7 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
         provenance["why_not_the_plan"] = why_different
     if notes:
         provenance["notes"] = notes
-    return {**config, "_fitprobe": provenance}
+    return {"format": fmt, "config": config, "provenance": provenance}
 
 
 def export_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -306,7 +315,12 @@ def export_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
                           "run it again with one (--effective-batch / effective_batch)")
     search = report.get("search") or {}
     verification = report.get("verification")
-    return export_plan(report["plan"], report.get("spec") or {}, fmt,
+    spec = report.get("spec") or {}
+    adapted = (report.get("model") or {}).get("lora_targets")
+    if spec.get("finetuning") == "lora" and adapted and not (spec.get("lora") or {}).get("targets"):
+        # the model's default targets, as the probe resolved them: the config names what was measured
+        spec = {**spec, "lora": {**spec["lora"], "targets": adapted}}
+    return export_plan(report["plan"], spec, fmt,
                        max_micro_batch=search.get("max_micro_batch"),
                        safe_micro_batch=search.get("safe_micro_batch"),
                        verified=None if verification is None else verification["passed"])
@@ -316,16 +330,23 @@ def export_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
 _FILE_SECTION = {"accelerate": "config_file"}
 
 
-def render(config: dict[str, Any], fmt: str, as_yaml: bool = False) -> str:
-    """Text to save: JSON with `_fitprobe` as a field, or YAML the framework loads as is (provenance as comments)."""
+def render(export: dict[str, Any], as_yaml: bool = False) -> str:
+    """The text to save: the config alone as JSON, or YAML the framework loads as is (provenance as comments)."""
+    config = export["config"]
     if not as_yaml:
         return json.dumps(config, indent=2, ensure_ascii=False)
-    body = {key: value for key, value in config.items() if key != "_fitprobe"}
-    comments = yaml.safe_dump({"_fitprobe": config["_fitprobe"]}, sort_keys=False, allow_unicode=True, width=100)
-    section = _FILE_SECTION.get(fmt)
+    comments = provenance_text(export)
+    section = _FILE_SECTION.get(export["format"])
     if section:
-        others = {key: value for key, value in body.items() if key != section}
-        comments += yaml.safe_dump({"in_code": others}, sort_keys=False, width=100)
-        body = body[section]
-    commented = "".join(f"# {line}\n" for line in comments.splitlines())
-    return commented + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
+        others = {key: value for key, value in config.items() if key != section}
+        comments += "".join(f"# {line}\n" for line in
+                            yaml.safe_dump({"in_code": others}, sort_keys=False, width=100).splitlines())
+        config = config[section]
+    return comments + yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100)
+
+
+def provenance_text(export: dict[str, Any]) -> str:
+    """The provenance as `# ` comment lines: in a YAML file, or on stderr beside a JSON config."""
+    # a note stays one line: it is read, and searched for, whole
+    text = yaml.safe_dump({"fitprobe": export["provenance"]}, sort_keys=False, allow_unicode=True, width=1 << 16)
+    return "".join(f"# {line}\n" for line in text.splitlines())

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from probe.spec import SpecError
 
@@ -80,15 +82,36 @@ def read_config(text: str) -> dict[str, Any]:
     return fetch_config(parse_hub_id(text))[0]
 
 
+# one connection attempt, not huggingface_hub's five retries with backoff (~30 s) on an unreachable Hub
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
 def _offline_by_environment() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (one TCP connection, to its proxy if one is set), or None if it can."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = next((os.environ[name] for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(name)), None)
+    target = urlsplit(proxy or endpoint)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        via = f" through the proxy {target.hostname}:{port}" if proxy else ""
+        return f"the Hub at {endpoint} could not be reached{via} ({exc.strerror or exc})"
+    return None
 
 
 def fetch_config(hub_id: HubId, local_files_only: bool = False) -> tuple[dict[str, Any], str | None]:
     """config.json of a Hub model -> (its fields, the commit they come from).
 
-    `local_files_only` (or HF_HUB_OFFLINE) reads the cache only. The environment is read here, at
-    the call, rather than when huggingface_hub was imported, so a server set up later still obeys it.
+    `local_files_only` (or HF_HUB_OFFLINE) reads the cache only, and so does a Hub that one connection
+    attempt cannot reach: a user with no network gets one line in seconds, not a minute of retries.
+    The environment is read here, at the call, rather than when huggingface_hub was imported, so a
+    server set up later still obeys it.
     """
     try:
         from huggingface_hub import hf_hub_download
@@ -96,20 +119,22 @@ def fetch_config(hub_id: HubId, local_files_only: bool = False) -> tuple[dict[st
                                             RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError as exc:
         raise SpecError("hf:org/name needs huggingface_hub: pip install 'fitprobe[hf]'") from exc
-    offline = local_files_only or _offline_by_environment()
     repo = hub_id.repo_id
+    if local_files_only:
+        why = "this service reads its cache only (FITPROBE_HUB_ACCESS=offline; set it to online to fetch)"
+    elif _offline_by_environment():
+        why = "downloads are off: HF_HUB_OFFLINE is set (unset it to let fitprobe fetch config.json)"
+    else:
+        why = _hub_unreachable()  # then the cache alone may still answer
     try:
         local = hf_hub_download(repo, "config.json", revision=hub_id.revision,
-                                cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline)
+                                cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=why is not None)
     except LocalEntryNotFoundError as exc:
-        where = "downloads are off (HF_HUB_OFFLINE, or the service's FITPROBE_HUB_ACCESS=offline)" if offline \
-            else "the Hub could not be reached"
         raise SpecError(
-            f"config.json of {hub_id} is not in the local Hugging Face cache and {where}; fetch it where "
-            f"fitprobe runs with `hf download {repo} config.json"
+            f"config.json of {hub_id} is not in the local Hugging Face cache and {why or 'the Hub did not answer'}; "
+            f"fetch it where fitprobe runs with `hf download {repo} config.json"
             f"{f' --revision {hub_id.revision}' if hub_id.revision else ''}` (`huggingface-cli download` on "
-            "older huggingface_hub), or allow downloads (unset HF_HUB_OFFLINE; on the service set "
-            "FITPROBE_HUB_ACCESS=online); gated or private models also need HF_TOKEN set there"
+            "older huggingface_hub); gated or private models also need HF_TOKEN set there"
         ) from exc
     except GatedRepoError as exc:
         raise SpecError(f"{repo} is gated: accept its license on huggingface.co, then set HF_TOKEN where "

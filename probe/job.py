@@ -63,9 +63,13 @@ def device_facts(meter: Meter) -> dict[str, Any]:
 
 def model_facts(model: LoadedModel) -> dict[str, Any]:
     params = list(model.module.parameters())
-    return {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
-            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-            "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+    facts = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+    peft_config = getattr(model.module, "peft_config", None)
+    if peft_config:  # the modules LoRA adapted, the model's defaults resolved: exports name them
+        facts["lora_targets"] = sorted(next(iter(peft_config.values())).target_modules)
+    return facts
 
 
 def attention_facts(model: LoadedModel, spec: ProbeSpec) -> dict[str, Any]:
@@ -200,6 +204,16 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
 
         emit({"type": "phase", "phase": "sizing_the_step"})
         not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories)
+    shortfall = None
+    if search.max_micro_batch and not search.safe_micro_batch:
+        from probe.needs import headroom_shortfall
+
+        # the plan runs at the max micro-batch then: say what it costs, and what would avoid it
+        emit({"type": "phase", "phase": "sizing_the_step"})
+        peak = next(t for t in trials if t["micro_batch"] == search.max_micro_batch)
+        shortfall = headroom_shortfall(spec, search.max_micro_batch,
+                                       peak["peak_reserved_bytes"] or peak["peak_allocated_bytes"],
+                                       meter.capacity_bytes, allowed_factories)
     report = {
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),
@@ -222,6 +236,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
             "wall_s": round(time.perf_counter() - started_s, 3),
         },
         "does_not_fit": not_fitting,
+        "headroom_shortfall": shortfall,
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,

@@ -1,9 +1,11 @@
-"""When even micro-batch 1 does not fit: what the step needs, and which setting would make it fit.
+"""When micro-batch 1 does not fit, or fits only by eating the headroom: which setting would help.
 
 A failed trial only says where the allocator gave up, not what the step needs. The estimate can
 run the same step under fake tensors with no cap at all, so it answers both questions without
 memory: the bytes micro-batch 1 needs as asked, and as it would be with each setting that shrinks
-a step (gradient checkpointing, LoRA, 16-bit mixed precision), alone and together.
+a step (gradient checkpointing, LoRA, an 8-bit optimizer, 16-bit mixed precision), alone and
+together. The same options answer a search whose safe micro-batch is 0: the step fits, but only
+in the headroom the user asked to keep free, and the plan runs at the max micro-batch anyway.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from probe import optimizers
+from probe.optimizers import KINDS
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
 UNCAPPED_BYTES = 1 << 62
+SHARDING_HINT = "or shard weights, gradients and optimizer state over several devices (--sharding fsdp --devices N)"
 
 
 def estimated_step_bytes(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> int | None:
@@ -44,23 +47,29 @@ def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
         changes.append(("bf16 mixed precision (--precision bf16-mixed)", {"precision": "bf16-mixed"}))
     if spec.quantization == "none" and spec.sharding == "none":
         changes.append(("QLoRA (--lora --quantization nf4)", {"finetuning": "lora", "quantization": "nf4"}))
-    if optimizers.KINDS[spec.optimizer].bits == 32 and spec.optimizer not in ("sgd", "adafactor"):
-        changes.append(("an 8-bit optimizer (--optimizer adamw_bnb_8bit)", {"optimizer": "adamw_bnb_8bit"}))
+    if KINDS[spec.optimizer].bits > 8 and spec.optimizer != "sgd":
+        changes.append(("8-bit AdamW (--optimizer adamw_bnb_8bit)", {"optimizer": "adamw_bnb_8bit"}))
     if len(changes) > 1:
         combined = {key: value for _, update in changes for key, value in update.items()}
         changes.append((" + ".join(label.split(" (")[0] for label, _ in changes), combined))
     return changes
 
 
-def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
-    """The report's answer when micro-batch 1 fails: the need, the settings that fit, the card that would."""
-    needs = estimated_step_bytes(spec, 1, allowed_factories)
+def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[str]) -> list[dict[str, Any]]:
+    """Each shrinking setting with what micro-batch 1 needs under it, and whether that is ≤ limit_bytes."""
     options = []
     for label, update in _shrinking_changes(spec):
         changed = estimated_step_bytes(spec.model_copy(update=update), 1, allowed_factories)
         if changed is not None:
             options.append({"change": label, "settings": update, "needs_bytes": changed,
-                            "fits": changed <= capacity_bytes})
+                            "fits": changed <= limit_bytes})
+    return options
+
+
+def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+    """The report's answer when micro-batch 1 fails: the need, the settings that fit, the card that would."""
+    needs = estimated_step_bytes(spec, 1, allowed_factories)
+    options = _options(spec, capacity_bytes, allowed_factories)
     fitting = [o["change"] for o in options if o["fits"]]
     card_bytes = int(needs / (1 - spec.headroom)) if needs else None
     parts = [f"even micro-batch 1 does not fit in {format_bytes(capacity_bytes)} at seq_len {spec.seq_len}"]
@@ -70,6 +79,22 @@ def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collec
         parts.append("it would fit with " + ", or ".join(fitting))
     if card_bytes:
         parts.append(f"or on a device with at least {format_bytes(card_bytes)} ({spec.headroom:.0%} headroom kept)")
-    parts.append("or with model states sharded over several devices")
+    parts.append(SHARDING_HINT)
     return {"needs_bytes": needs, "capacity_bytes": capacity_bytes, "device_bytes_needed": card_bytes,
             "options": options, "message": "; ".join(parts)}
+
+
+def headroom_shortfall(spec: ProbeSpec, micro_batch: int, peak_bytes: int, capacity_bytes: int,
+                       allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+    """The report's words when the safe micro-batch is 0: `micro_batch` (the max, which the plan then
+    uses) fits, but its peak leaves less free than the headroom asked; which settings would keep it."""
+    left = 1 - peak_bytes / capacity_bytes
+    options = _options(spec, int(capacity_bytes * (1 - spec.headroom)), allowed_factories)
+    restoring = [o["change"] for o in options if o["fits"]]
+    message = (f"micro-batch {micro_batch} fits but leaves only {left:.1%} headroom, under the asked "
+               f"{spec.headroom:.0%} (peak {format_bytes(peak_bytes)} of {format_bytes(capacity_bytes)}); "
+               + (f"the headroom comes back with {', or '.join(restoring)}; " if restoring else "")
+               + SHARDING_HINT)
+    return {"micro_batch": micro_batch, "peak_bytes": peak_bytes, "capacity_bytes": capacity_bytes,
+            "headroom_left": round(left, 4), "headroom_asked": spec.headroom, "options": options,
+            "message": message}

@@ -91,7 +91,7 @@ class Split:
 
     def to_dict(self) -> dict[str, Any]:
         base, extra = self.per_device
-        return {
+        fields = {
             "micro_batch": self.micro_batch,
             "accumulation_steps": self.accumulation_steps,
             "num_devices": self.num_devices,
@@ -102,6 +102,8 @@ class Split:
             "devices_with_one_fewer": self.num_devices - extra if extra else 0,
             "deviation_percent": self.deviation_percent,
         }
+        # the one notation for a split, carried with it so the CLI, the page and exports need no copy of this module
+        return {**fields, "equation": plan_equation(fields)}
 
 
 def robust_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -183,7 +185,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         split = self.split.to_dict()
         # the equation travels with the plan, so a client prints it without this module (or torch)
-        return {**split, "equation": plan_equation(split), "reason": self.reason, "throughput_model": self.throughput_model,
+        return {**split, "reason": self.reason, "throughput_model": self.throughput_model,
                 "alternatives": self.alternatives, "nearest_below": self.nearest_below,
                 "nearest_above": self.nearest_above, "lr_guidance": self.lr_guidance}
 
@@ -225,7 +227,7 @@ def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int)
 def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
     e, n = best.target_batch, best.num_devices
     if best.even:
-        return (f"{e} = {best.micro_batch} × {best.accumulation_steps} × {n}: an even exact split within "
+        return (f"{plan_equation(best.to_dict())}: an even exact split within "
                 f"{NOISE_TOLERANCE:.0%} of the highest expected throughput with the fewest micro-steps, every "
                 "micro-batch the same size")
     if e % n:
@@ -245,9 +247,9 @@ def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
 
 
 def _layout(sizes: list[int]) -> str:
-    """[25, 25, 25, 22] → '3×25 + 22'."""
+    """[25, 25, 25, 22] → '3 × 25 + 22', as plan_equation writes it."""
     full = sizes.count(sizes[0])  # the remainder is always smaller than the full micro-batches
-    head = f"{full}×{sizes[0]}" if full > 1 else str(sizes[0])
+    head = f"{full} × {sizes[0]}" if full > 1 else str(sizes[0])
     return head + "".join(f" + {b}" for b in sizes[full:])
 
 
@@ -366,11 +368,11 @@ def plan_equation(plan: dict[str, Any]) -> str:
     """How the examples are cut, in words a person checks by eye, uneven plans included."""
     split = Split(plan["micro_batch"], plan["num_devices"], plan["effective_batch"], plan["effective_batch"])
     n = split.num_devices
-    if split.even:
-        steps = split.accumulation_steps
+    if split.even:  # count × size, as the uneven form: '96 = 3 × 32 (three micro-batches of 32)'
+        steps, micro = split.accumulation_steps, split.micro_batch
         devices, on = (f" × {n} devices", f" on each of {n} devices") if n > 1 else ("", "")
-        return (f"{split.effective_batch} = {split.micro_batch} × {steps}{devices} (micro-batch {split.micro_batch}, "
-                f"{steps} micro-step{'s' if steps > 1 else ''}{on})")
+        return (f"{split.effective_batch} = {steps} × {micro}{devices} ({_count(steps)} "
+                f"micro-batch{'es' if steps > 1 else ''} of {micro}{on})")
     if n == 1:
         return _device_equation(split.device_micro_batches(0))
     layouts = {}
@@ -382,9 +384,9 @@ def plan_equation(plan: dict[str, Any]) -> str:
 
 
 def format_plan(plan: dict[str, Any]) -> str:
-    """The plan as a few lines a person reads at a terminal."""
+    """The plan as a few lines a person reads at a terminal; every split written as its `equation`."""
     lines = [
-        f"plan: {plan_equation(plan)}"
+        f"plan: {plan['equation']}"
         f"  [{'exact' if plan['exact'] else format(plan['deviation_percent'], '+.2f') + '%'}]",
         f"  why: {plan['reason']}",
         f"  throughput model: {plan['throughput_model']}",
@@ -392,15 +394,17 @@ def format_plan(plan: dict[str, Any]) -> str:
     for key in ("nearest_below", "nearest_above"):
         near = plan[key]
         if near:
-            lines.append(f"  {key.replace('_', ' ')} (even): {near['micro_batch']} × {near['accumulation_steps']} × "
-                         f"{near['num_devices']} = {near['effective_batch']} ({near['deviation_percent']:+.2f}%)")
+            lines.append(f"  {key.replace('_', ' ')} (even): {near['equation']} ({near['deviation_percent']:+.2f}%)")
     if plan["alternatives"]:
         lines.append("  alternatives (by expected throughput):")
-        for alt in plan["alternatives"]:
-            last = f" + last {alt['last_micro_batch']}" if alt["last_micro_batch"] else ""
-            lines.append(f"    {alt['micro_batch']:>6} × {alt['accumulation_steps']:>5} × {alt['num_devices']}"
-                         f" = {alt['effective_batch']}{last}  {alt['relative_throughput']:.2f}× throughput"
-                         f"  {alt['deviation_percent']:+.2f}%")
+        rows = [(alt["equation"], str(alt["micro_batch"]), str(alt["accumulation_steps"]), str(alt["num_devices"]),
+                 str(alt["effective_batch"]), f"{alt['relative_throughput']:.2f}×", f"{alt['deviation_percent']:+.2f}%")
+                for alt in plan["alternatives"]]
+        header = ("split", "micro-batch", "accumulation", "devices", "effective", "throughput", "deviation")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append("    " + "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                                             for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
     guidance = plan["lr_guidance"]
     if guidance:
         lines.append(f"  learning rate: linear-scaled {guidance['linear_scaled_lr']:.3g}, sqrt-scaled "

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # one definition for the library, the service and the torch-free client; modules import it from here
 from fitprobe_client.units import format_bytes  # noqa: F401
+from fitprobe_client.verdict import ESTIMATED  # noqa: F401
 
 MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536
@@ -158,6 +159,10 @@ class ProbeSpec(BaseModel):
         description="bytes the step may use: on CUDA a cap below the card (plan for a smaller GPU), "
         "on CPU the size of the virtual device (default 1 GiB)",
     )
+    gpu: str | None = Field(
+        None, description="estimate mode: plan for this card; sets capacity_bytes to its memory less the CUDA "
+        "context (GET /v1/models lists the cards)",
+    )
     headroom: float = Field(
         0.1, ge=0.0, le=0.9,
         description="fraction of capacity the safe micro-batch leaves free for fragmentation and spikes",
@@ -223,6 +228,25 @@ class ProbeSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _gpu_sets_the_capacity(self) -> "ProbeSpec":
+        if self.gpu is None:
+            return self
+        from probe.gpus import gpu_capacity_bytes  # probe/gpus.py imports this module
+
+        if self.mode != "estimate":
+            raise ValueError(f"gpu {self.gpu} plans for a card this machine does not measure: set mode to estimate "
+                             "(or cap the device you have with capacity_bytes)")
+        try:
+            card_bytes = gpu_capacity_bytes(self.gpu)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+        if self.capacity_bytes not in (None, card_bytes):
+            raise ValueError(f"give gpu or capacity_bytes, not both: {self.gpu} has {format_bytes(card_bytes)} "
+                             f"for tensors, capacity_bytes asks {format_bytes(self.capacity_bytes)}")
+        self.capacity_bytes = card_bytes
+        return self
+
+    @model_validator(mode="after")
     def _batch_reachable(self) -> "ProbeSpec":
         if self.effective_batch is not None and self.effective_batch < self.num_devices:
             raise ValueError(
@@ -234,7 +258,7 @@ class ProbeSpec(BaseModel):
     @model_validator(mode="after")
     def _estimate_needs_capacity(self) -> "ProbeSpec":
         if self.mode == "estimate" and self.capacity_bytes is None:
-            raise ValueError("estimate mode needs a capacity: set capacity_bytes (--capacity 40GiB or --gpu NAME)")
+            raise ValueError("estimate mode needs a capacity: set capacity_bytes (e.g. 40GiB) or gpu (a card's name)")
         if self.mode == "estimate" and self.precision == "fp16-mixed":
             raise ValueError("estimate mode cannot run fp16 loss scaling on fake tensors; estimate with "
                              "bf16-mixed, whose memory is the same")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,12 +50,16 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
     (["--model", "builtin:nope"], "choose one of: gpt-nano"),
     (["--model", "preset:gpt5"], "did you mean 'gpt2'"),
     (["--seq-len", "0"], "--seq-len: must be at least 1"),
-    (["--seq-len", "200000"], "seq_len must be between 1 and 131072"),
+    (["--seq-len", "200000"], "--seq-len must be between 1 and 131072"),
     (["--model", "builtin:gpt-tiny", "--capacity", "1MiB"], "smaller than the model's weights"),
     (["--capacity", "lots"], "capacity must look like 600MiB"),
     (["--lora", "--lora-targets", "q_proj"], "pick from"),
     (["--model", "factory:os:system"], "not allow-listed"),
-    (["--device", "tpu"], "device must be 'cpu' or 'cuda:N'"),
+    (["--device", "tpu"], "--device must be 'cpu' or 'cuda:N'"),
+    (["--estimate"], "--estimate needs a capacity: set --capacity (e.g. 40GiB) or --gpu (a card's name)"),
+    (["--estimate", "--gpu", "a100-80gb", "--capacity", "1GiB"], "give --gpu or --capacity, not both"),
+    (["--devices", "4", "--effective-batch", "2", "--estimate", "--capacity", "1GiB"],
+     "--effective-batch (2) must be at least --devices (4)"),
     (["--sharding", "fsdp", "--devices", "1024"], "--devices must be ≤ 16 with --device cpu (got 1024)"),
     (["--devices", "64", "--effective-batch", "64"], "lower --devices, or add --estimate"),
 ])
@@ -63,6 +69,8 @@ def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("fitprobe") and fix in last_line, run.stderr
     assert "Traceback" not in run.stderr
+    # the command line's own words: its flags, never the API's field names
+    assert not re.search(r"\b(capacity_bytes|seq_len|num_devices|effective_batch|max_micro_batch)\b", last_line)
 
 
 
@@ -105,7 +113,8 @@ def test_help_and_preflight_never_import_torch():
              "for argv in (['--help'], ['preflight', '--help']):\n"
              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
              "        main(argv)\n"
-             "code = main(['preflight', '--server', '127.0.0.1:1', '--model', 'builtin:gpt-nano', '--seq-len', '32', '--effective-batch', '4'])\n"
+             "code = main(['preflight', '--server', '127.0.0.1:1', '--model', 'builtin:gpt-nano', '--seq-len', '32', "
+             "'--effective-batch', '4'])\n"
              "print(code, sorted(name for name in ('torch', 'fastapi') if name in sys.modules))\n")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert run.stdout.splitlines()[-1] == "3 []", run.stdout + run.stderr
@@ -144,6 +153,7 @@ def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fi
     lora = next(o for o in needs["options"] if o["settings"] == {"finetuning": "lora"})
     assert lora["fits"] and lora["needs_bytes"] <= 64 * 2**20
     assert "needs" in needs["message"] and "LoRA" in needs["message"]
+    assert "(--sharding fsdp --devices N)" in needs["message"], "the hint names the flags that shard"
 
 
 def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
@@ -154,3 +164,69 @@ def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
     assert "s] trial micro_batch=2 ..." in run.stderr and "verification step 2 of 2" in run.stderr
     assert "Warning" not in run.stderr and "[transformers]" not in run.stderr
     assert fitprobe(*args, "--quiet").stderr == ""
+
+
+def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_is():
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--estimate",
+                   "--effective-batch", "8", "--quiet")
+    assert run.returncode == 0, run.stderr
+    safe_line = next(line for line in run.stdout.splitlines() if line.startswith("safe micro-batch:"))
+    assert "estimated, not run on a device" in safe_line
+    verification = run.stdout.splitlines()[-1]
+    assert verification.startswith("verification: none, estimated, not run on a device (accuracy: fake ")
+    assert "not counted:" in verification, "the accuracy note says what the estimate leaves out"
+
+
+def test_a_plan_that_eats_the_headroom_says_so_and_what_would_restore_it():
+    # 4.1 MiB: micro-batches 1 and 2 of gpt-nano fit (3.9 MiB), neither keeps 10% free
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "4300000", "--estimate",
+                   "--effective-batch", "4", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "safe micro-batch: 0" in run.stdout and "plan: 4 = 2 × 2 (two micro-batches of 2)" in run.stdout
+    headroom = next(line for line in run.stdout.splitlines() if line.startswith("headroom:"))
+    assert re.search(r"micro-batch 2 fits but leaves only \d\.\d% headroom, under the asked 10%", headroom), headroom
+    assert "the headroom comes back with LoRA (--lora)" in headroom
+    assert "--sharding fsdp --devices N" in headroom
+    assert "  with 8-bit AdamW (--optimizer adamw_bnb_8bit): micro-batch 1 needs" in run.stdout
+    assert run.stderr == "", "no third-party warnings for the options it sized"
+
+
+def test_serve_and_preflight_help_give_every_options_meaning_default_and_variable():
+    from probe.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("serve", "preflight"):
+        for action in commands[name]._actions:
+            if action.dest == "help":
+                continue
+            text = action.help or ""
+            assert len(text) > 20 and ("(default: " in text or "(required" in text), (name, action.dest, text)
+    serve = " ".join(fitprobe("serve", "--help").stdout.split())  # argparse wraps where it likes
+    assert "(default: 8000; env FITPROBE_PORT)" in serve and "(default: 127.0.0.1; env FITPROBE_HOST)" in serve
+    # the settings with no option are there too, each with its default
+    assert "FITPROBE_MAX_SEQ_LEN largest seq_len a request may ask for (default: 32768)" in serve
+    assert "FITPROBE_HUB_ACCESS" in serve and "FITPROBE_API_TOKENS" in serve
+    preflight = " ".join(fitprobe("preflight", "--help").stdout.split())
+    assert "FITPROBE_TOKEN" in preflight and "(default: 30m)" in preflight and "Exit codes" in preflight
+
+
+def test_a_sharded_answer_says_it_is_per_device():
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--sharding", "fsdp", "--devices", "2",
+                   "--estimate", "--capacity", "16MiB", "--max-micro-batch", "8", "--quiet")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "capacity 16.0MiB per device × 2 devices" in lines[0] and " fp32 " in lines[0]
+    assert next(line for line in lines if line.startswith("max micro-batch:")).startswith(
+        "max micro-batch:  8 per device × 2 devices")
+    assert next(line for line in lines if line.startswith("safe micro-batch:")).startswith(
+        "safe micro-batch: 8 per device × 2 devices")
+
+
+def test_every_readme_example_states_its_precision():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    commands = [line for line in readme.splitlines()
+                if re.match(r"\s*fitprobe (probe|trial|preflight) --", line)]
+    requests = re.findall(r"\{\"model\": [^}]*\"seq_len\"[^}]*\}", readme)
+    assert len(commands) >= 8 and len(requests) >= 3
+    for example in commands + requests:
+        assert "precision" in example, f"README example without its precision: {example}"

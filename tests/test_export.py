@@ -12,6 +12,8 @@ Every expected number is hand arithmetic on the plan:
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from unittest import mock
 
@@ -56,16 +58,18 @@ def test_hf_training_arguments_accept_the_fields_and_multiply_to_the_effective_b
     from transformers import TrainingArguments
 
     plan, (micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.to_dict(), {"precision": precision, "gradient_checkpointing": True}, "hf")
-    fields = {key: value for key, value in config.items() if not key.startswith("_")}
-    # use_cpu: bf16 on a CPU-only machine raises without it; the fields themselves are unchanged
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **fields)
+    exported = export_plan(plan.to_dict(), {"precision": precision, "gradient_checkpointing": True}, "hf")
+    config = exported["config"]
+    # use_cpu: bf16 on a CPU-only machine raises without it; the config itself is unpacked unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5 warns on gradient_checkpointing: the export avoids it
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **config)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (micro, steps)
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * devices == effective
     assert (args.bf16, args.fp16) == (precision == "bf16-mixed", precision == "fp16-mixed")
-    assert args.gradient_checkpointing
+    assert args.activation_checkpointing
     if precision == "bf16":
-        assert any("load the weights in bf16" in note for note in config["_fitprobe"]["notes"])
+        assert any("load the weights in bf16" in note for note in exported["provenance"]["notes"])
 
 
 def test_hf_yaml_loads_with_hf_argument_parser_unchanged(tmp_path):
@@ -73,10 +77,10 @@ def test_hf_yaml_loads_with_hf_argument_parser_unchanged(tmp_path):
 
     config = export_plan(make_plan(97, 32).to_dict(), {"precision": "fp16-mixed"}, "hf")
     path = tmp_path / "args.yaml"
-    path.write_text(render(config, "hf", as_yaml=True))
+    path.write_text(render(config, as_yaml=True))
     (args,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(path), allow_extra_keys=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.fp16) == (32, 3, True)
-    assert args.gradient_checkpointing is False
+    assert args.activation_checkpointing is False
     assert "effective_batch_asked: 97" in path.read_text()  # the provenance rides along as comments
 
 
@@ -88,7 +92,7 @@ def test_lightning_trainer_constructs_with_the_exported_arguments(name, precisio
     import lightning
 
     plan, (micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.to_dict(), {"precision": precision}, "lightning")
+    config = export_plan(plan.to_dict(), {"precision": precision}, "lightning")["config"]
     assert config["trainer"] == {"accumulate_grad_batches": steps, "devices": devices, "precision": lightning_precision}
     trainer = lightning.Trainer(**config["trainer"], accelerator="cpu", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
@@ -107,14 +111,15 @@ def test_accelerate_accelerator_and_config_file_take_the_export(name, precision,
     from accelerate.state import AcceleratorState
 
     plan, (micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.to_dict(), {"precision": precision}, "accelerate")
+    exported = export_plan(plan.to_dict(), {"precision": precision}, "accelerate")
+    config = exported["config"]
     try:
         accelerator = Accelerator(**config["accelerator"], cpu=True)
         assert (accelerator.gradient_accumulation_steps, accelerator.mixed_precision) == (steps, mixed)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     path = tmp_path / "accelerate.yaml"
-    path.write_text(render(config, "accelerate", as_yaml=True))
+    path.write_text(render(exported, as_yaml=True))
     cluster = ClusterConfig.from_yaml_file(str(path))  # raises on any key accelerate does not know
     assert (cluster.num_processes, cluster.mixed_precision) == (devices, mixed)
     assert config["dataloader"]["batch_size"] * steps * cluster.num_processes == effective
@@ -141,7 +146,7 @@ def _deepspeed_config(config: dict, world_size: int):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_deepspeed_config_passes_deepspeeds_batch_assertion(name, precision):
     plan, (micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.to_dict(), {"precision": precision}, "deepspeed")
+    config = export_plan(plan.to_dict(), {"precision": precision}, "deepspeed")["config"]
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"]) == (micro, steps, effective)
     pytest.importorskip("deepspeed")
@@ -161,11 +166,11 @@ def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
     plan, (micro, steps, devices), effective = PLANS[name]
     spec = {"precision": "bf16-mixed", "gradient_checkpointing": True, "finetuning": "lora",
             "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}, "optimizer": "paged_adamw_8bit"}
-    axolotl = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "axolotl"), "axolotl", as_yaml=True))
+    axolotl = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "axolotl"), as_yaml=True))
     assert axolotl == {"micro_batch_size": micro, "gradient_accumulation_steps": steps, "bf16": True, "fp16": False,
                        "gradient_checkpointing": True, "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
                        "lora_target_modules": ["q_proj", "v_proj"], "optimizer": "paged_adamw_8bit"}
-    torchtune = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "torchtune"), "torchtune", as_yaml=True))
+    torchtune = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "torchtune"), as_yaml=True))
     assert torchtune == {"batch_size": micro, "gradient_accumulation_steps": steps,
                          "enable_activation_checkpointing": True, "dtype": "bf16",
                          "optimizer": {"_component_": "bitsandbytes.optim.PagedAdamW8bit"}}
@@ -174,8 +179,8 @@ def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
 
 def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
     plan = make_plan(96, 32).to_dict()
-    assert export_plan(plan, {"precision": "bf16"}, "axolotl")["bfloat16"] is True
-    assert export_plan(plan, {"precision": "fp32"}, "torchtune")["dtype"] == "fp32"
+    assert export_plan(plan, {"precision": "bf16"}, "axolotl")["config"]["bfloat16"] is True
+    assert export_plan(plan, {"precision": "fp32"}, "torchtune")["config"]["dtype"] == "fp32"
     with pytest.raises(ExportError, match="torchtune trains in fp32 or bf16 only"):
         export_plan(plan, {"precision": "fp16-mixed"}, "torchtune")
     with pytest.raises(ExportError, match="format must be one of hf, accelerate"):
@@ -188,31 +193,34 @@ def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
 def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, asked, given, deviation, side):
     plan, (micro, steps, devices), _ = PLANS[name]
     assert plan.to_dict()["last_micro_batch"] is not None  # the recommendation itself is uneven
-    config = export_plan(plan.to_dict(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
-    assert micro_and_accumulation(fmt, config) == (micro, steps)
-    provenance = config["_fitprobe"]
+    exported = export_plan(plan.to_dict(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
+    assert micro_and_accumulation(fmt, exported["config"]) == (micro, steps)
+    provenance = exported["provenance"]
     assert (provenance["effective_batch_asked"], provenance["effective_batch"]) == (asked, given)
     assert provenance["deviation_percent"] == deviation
     assert f"nearest even plan ({side}" in provenance["why_not_the_plan"]
     assert (provenance["max_micro_batch"], provenance["safe_micro_batch"]) == (34, 32)
-    text = render(config, fmt, as_yaml=True)
+    text = render(exported, as_yaml=True)
     assert f"effective_batch_asked: {asked}" in text and f"deviation_percent: {deviation}" in text
 
 
 def test_an_even_plan_is_exported_as_is_with_its_provenance():
-    config = export_plan(make_plan(96, 32).to_dict(), {}, "hf")
-    assert config["_fitprobe"]["effective_batch"] == config["_fitprobe"]["effective_batch_asked"] == 96
-    assert config["_fitprobe"]["deviation_percent"] == 0 and "why_not_the_plan" not in config["_fitprobe"]
-    assert config["_fitprobe"]["split"] == "micro_batch 32 × accumulation_steps 3 × devices 1"
-    assert json.loads(render(config, "hf")) == config
+    exported = export_plan(make_plan(96, 32).to_dict(), {}, "hf")
+    provenance = exported["provenance"]
+    assert provenance["effective_batch"] == provenance["effective_batch_asked"] == 96
+    assert provenance["deviation_percent"] == 0 and "why_not_the_plan" not in provenance
+    assert provenance["split"] == "micro_batch 32 × accumulation_steps 3 × devices 1"
+    assert json.loads(render(exported)) == exported["config"], "the JSON text is the config alone"
 
 
 def test_fitprobe_plan_format_prints_the_config(capsys):
     assert main(["plan", "--effective-batch", "97", "--max-micro-batch", "32", "--format", "deepspeed",
                  "--precision", "bf16-mixed"]) == 0
-    config = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    config = json.loads(printed.out)
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (96, 32)
-    assert config["bf16"]["enabled"] and config["_fitprobe"]["max_micro_batch"] == 32
+    assert config["bf16"]["enabled"] and "fitprobe" not in json.dumps(config)
+    assert "#   max_micro_batch: 32" in printed.err and "#   effective_batch_asked: 97" in printed.err
     assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--devices", "2",
                  "--format", "lightning", "--yaml"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == {
@@ -229,7 +237,37 @@ def test_fitprobe_probe_format_exports_the_probed_plan(capsys):
                  "--effective-batch", "24", "--no-verify", "--format", "hf"])
     assert code == 0
     config = json.loads(capsys.readouterr().out)
-    provenance = config["_fitprobe"]
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+                 "--effective-batch", "24", "--no-verify", "--format", "hf", "--json", "--quiet"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["config"] == config and exported["format"] == "hf"
+    provenance = exported["provenance"]
     assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] == 24
     assert config["per_device_train_batch_size"] <= provenance["safe_micro_batch"] <= provenance["max_micro_batch"]
     assert "verified" not in provenance  # --no-verify: no verdict to claim
+
+
+def test_the_saved_hf_json_unpacks_into_training_arguments_without_a_warning(tmp_path):
+    from transformers import TrainingArguments
+
+    run = subprocess.run([sys.executable, "-m", "probe.cli", "plan", "--effective-batch", "96", "--max-micro-batch",
+                          "32", "--format", "hf", "--grad-checkpointing", "--lora"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    saved = tmp_path / "args.json"
+    saved.write_text(run.stdout)  # what `fitprobe plan ... --format hf > args.json` saves
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        args = TrainingArguments(**json.loads(saved.read_text()))
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (32, 3)
+    assert args.activation_checkpointing
+    assert run.stderr.startswith("# fitprobe:") and "#   effective_batch_asked: 96" in run.stderr
+    assert "target_modules=..." in run.stderr and '["q_proj", "k_proj", "v_proj", "o_proj"]' in run.stderr
+
+
+def test_a_lora_probes_export_names_the_modules_it_adapted(capsys):
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--estimate",
+                 "--lora", "--effective-batch", "8", "--format", "hf", "--json", "--quiet"]) == 0
+    notes = json.loads(capsys.readouterr().out)["provenance"]["notes"]
+    lora = next(note for note in notes if note.startswith("LoRA:"))
+    assert 'target_modules=["c_attn"])' in lora, lora

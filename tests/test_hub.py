@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from probe.hub import parse_hub_id, read_config
 from probe.job import run_trial
 from probe.models import build_model
 from probe.spec import ProbeSpec, SpecError
-from tests.api.conftest import start_server, wait_for
+from tests.api.conftest import free_port, start_server, wait_for
 
 TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
               "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -82,7 +86,22 @@ def test_uncached_id_offline_says_it_is_not_cached_and_how_to_fetch_it(hub_cache
     message = str(raised.value)
     assert "not in the local Hugging Face cache" in message
     assert "hf download testorg/absent config.json" in message and "huggingface-cli download" in message
-    assert "FITPROBE_HUB_ACCESS=online" in message and "HF_TOKEN" in message
+    assert "HF_HUB_OFFLINE is set (unset it" in message and "HF_TOKEN" in message
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds_that_does_not_blame_hf_hub_offline(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": os.getcwd()}
+    env.pop("HF_HUB_OFFLINE", None)
+    started_s = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "probe.cli", "probe", "--model", "hf:testorg/absent", "--seq-len",
+                          "16", "--estimate", "--gpu", "a100-80gb"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert time.monotonic() - started_s < 20, "no minute of retries"
+    assert run.returncode == 2 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert f"the Hub at {env['HF_ENDPOINT']} could not be reached (Connection refused)" in run.stderr
+    assert "HF_HUB_OFFLINE" not in run.stderr, "it is not set: the line must not tell the user to unset it"
 
 
 def test_unknown_revision_offline_is_not_cached_either(hub_cache, no_hub_calls):
@@ -172,7 +191,6 @@ def test_service_refuses_uncached_ids_and_paths_with_what_to_do(offline_service)
         assert malformed.status_code == 422 and "not a Hub id" in malformed.json()["detail"]
 
 
-@pytest.mark.slow  # huggingface_hub retries the unreachable endpoint with backoff for ~30 s
 def test_online_service_that_cannot_reach_the_hub_says_so(hub_cache, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
@@ -184,7 +202,8 @@ def test_online_service_that_cannot_reach_the_hub_says_so(hub_cache, tmp_path, m
             assert cached.status_code == 202 and cached.json()["spec"]["model"].endswith(MAIN_COMMIT)
             client.delete(f"/v1/probes/{cached.json()['id']}")
             absent = client.post("/v1/probes", json={"model": "hf:testorg/absent", "seq_len": 16})
-            assert absent.status_code == 422 and "the Hub could not be reached" in absent.json()["detail"]
+            assert absent.status_code == 422 and "the Hub at http://127.0.0.1:9 could not be reached" in \
+                absent.json()["detail"]
     finally:
         server.stop()
 

@@ -192,6 +192,24 @@ def test_plan_cli_text_and_bad_input_exit_codes(capsys: pytest.CaptureFixture[st
     assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--reference-lr", "0.001",
                  "--reference-batch", "32"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "plan: 64 = 16 × 4 (micro-batch 16, 4 micro-steps)" in out and "sqrt-scaled" in out
+    assert "plan: 64 = 4 × 16 (four micro-batches of 16)" in out and "sqrt-scaled" in out
     assert main(["plan", "--effective-batch", "2", "--max-micro-batch", "16", "--devices", "4"]) == EXIT_BAD_INPUT
-    assert "must be at least num_devices" in capsys.readouterr().err
+    assert "--effective-batch (2) must be at least --devices (4)" in capsys.readouterr().err
+
+
+def test_every_split_is_written_one_way_and_the_alternatives_table_has_a_header_per_column(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--effective-batch", "97", "--max-micro-batch", "32"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "plan: 97 = 3 × 25 + 22 (three micro-batches of 25, then one of 22)  [exact]"
+    assert "  nearest below (even): 96 = 3 × 32 (three micro-batches of 32) (-1.03%)" in lines
+    header = lines.index("  alternatives (by expected throughput):") + 1
+    assert lines[header].split() == ["split", "micro-batch", "accumulation", "devices", "effective", "throughput",
+                                     "deviation"]
+    assert lines[header + 1].strip().startswith("96 = 3 × 32 (three micro-batches of 32)")
+    # what the CLI prints is each split's `equation`, the field the page and the verdict print too
+    plan = make_plan(64, 33, 1).to_dict()
+    for split in [plan, *plan["alternatives"]]:
+        assert split["equation"].startswith(f"{split['effective_batch']} = ")
+    uneven = next(alt for alt in plan["alternatives"] if alt["last_micro_batch"])
+    assert uneven["equation"] == "64 = 1 × 33 + 31 (one micro-batch of 33, then one of 31)"

@@ -118,7 +118,7 @@ def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
     spec = ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
     answer = does_not_fit(spec, spec.capacity_bytes)
     options = {o["change"].split(" (")[0]: o for o in answer["options"]}
-    qlora, eight_bit = options["QLoRA"], options["an 8-bit optimizer"]
+    qlora, eight_bit = options["QLoRA"], options["8-bit AdamW"]
     assert qlora["settings"] == {"finetuning": "lora", "quantization": "nf4"}
     # what QLoRA needs is what the QLoRA recipe's trial holds at micro-batch 1 (checked against it above)
     measured = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",

@@ -7,13 +7,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 
 from app.deps import StoreDep
+from app.schemas import ConfigExport
 from probe.export import FORMATS, ExportError, ExportFormat, export_report
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
 
-@router.get("/{job_id}/config", summary="The probe's plan as HF, Accelerate, DeepSpeed, Lightning, Axolotl or "
-                                        "torchtune config, with a `_fitprobe` provenance block",
+@router.get("/{job_id}/config", response_model=ConfigExport,
+            summary="The probe's plan as HF, Accelerate, DeepSpeed, Lightning, Axolotl or torchtune config "
+                    "(`config`, to unpack as is) and its provenance beside it",
             responses={404: {"description": "no probe with this id"},
                        409: {"description": "the probe has not succeeded, or ran without an effective batch"},
                        422: {"description": f"format is not one of {', '.join(FORMATS)}, or the format cannot "

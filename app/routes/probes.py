@@ -31,7 +31,8 @@ router = APIRouter(prefix="/v1/probes", tags=["probes"])
 SSE_HEARTBEAT_S = 10.0
 SSE_POLL_S = 0.25
 STREAMS_RETRY_AFTER_S = 10
-NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "verify_cached", "device"}
+# gpu: capacity_bytes carries the card's memory, so a card and its byte count share one cached answer
+NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "verify_cached", "device", "gpu"}
 MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
 

@@ -14,6 +14,7 @@ const field = (name) => document.getElementById(`f-${name}`);
 export function setUpForm(onSubmitted) {
   const form = document.getElementById("submit-form");
   loadChoices();
+  loadLimits();
   field("finetuning").addEventListener("change", () => {
     document.getElementById("lora-fields").disabled = field("finetuning").value !== "lora";
   });
@@ -62,6 +63,19 @@ async function loadChoices() {
       `${g.name} (${formatBytes(g.capacity_bytes)} for tensors)`)));
   } catch {
     // presets are a convenience: the field still takes any reference by hand
+  }
+}
+
+// The bounds come from the service (GET /v1/limits, its FITPROBE_MAX_* settings), never from a copy here
+async function loadLimits() {
+  try {
+    const limits = await request("/v1/limits");
+    for (const [name, max] of [["seq_len", limits.max_seq_len], ["effective_batch", limits.max_effective_batch]]) {
+      field(name).max = max;
+      document.getElementById(`${name}-help`).textContent = `at most ${max.toLocaleString("en")} on this service`;
+    }
+  } catch {
+    // without the bounds the form still submits: the service's 422 names the limit
   }
 }
 

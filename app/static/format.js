@@ -11,38 +11,14 @@ export function formatBytes(bytes) {
   return `${value.toFixed(2)}TiB`;
 }
 
-const WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"];
-const countWord = (n) => WORDS[n] ?? String(n);
-
 /**
- * How one device cuts its `examples` into micro-batches of `micro`:
- * "64 = 3 × 20 + 4 (three micro-batches of 20, then one of 4)", or "60 = 3 × 20" when it divides.
- */
-export function splitText(examples, micro) {
-  const full = Math.floor(examples / micro), rest = examples % micro;
-  if (rest === 0) return `${examples} = ${full} × ${micro}`;
-  if (full === 0) return `${examples} = ${rest} (one micro-batch of ${rest})`;
-  const plural = full === 1 ? "micro-batch" : "micro-batches";
-  return `${examples} = ${full} × ${micro} + ${rest} (${countWord(full)} ${plural} of ${micro}, then one of ${rest})`;
-}
-
-/**
- * The plan as one line: `micro × accumulation × devices = effective` when every micro-batch is full.
- * An uneven plan has no such product (19 × 2 × 1 is 38, not 37), so it is written as the cut each
- * device makes; when the effective batch does not divide by the devices, some take one example fewer
- * (probe/plan.py Split.per_device), and both cuts are written.
+ * A split as the server writes it (probe/plan.py plan_equation), the one notation of the CLI, the
+ * exports and the pre-flight verdict: "97 = 3 × 25 + 22 (three micro-batches of 25, then one of 22)".
+ * A plan stored by a server older than `equation` gets its numbers, as the verdict's plan_words does.
  */
 export function planText(plan) {
-  const { micro_batch: micro, accumulation_steps: steps, num_devices: devices, effective_batch: effective } = plan;
-  if (plan.last_micro_batch === null || plan.last_micro_batch === undefined) {
-    return `${micro} × ${steps} × ${devices} = ${effective}`;
-  }
-  if (devices === 1) return splitText(effective, micro);
-  const base = Math.floor(effective / devices), extra = effective % devices;
-  const parts = extra
-    ? [`${extra} device(s): ${splitText(base + 1, micro)}`, `${devices - extra} device(s): ${splitText(base, micro)}`]
-    : [`each of ${devices} devices: ${splitText(base, micro)}`];
-  return `${effective} examples per step; ${parts.join("; ")}`;
+  return plan.equation
+    ?? `${plan.effective_batch} = ${plan.micro_batch} × ${plan.accumulation_steps} × ${plan.num_devices} devices`;
 }
 
 export function deviationText(plan) {

@@ -9,6 +9,8 @@ import { deviationText, formatBytes, modelLabel, planText, timeText } from "./fo
 
 const POLL_MS = 1000;
 const TERMINAL = ["succeeded", "failed", "cancelled"];
+// the CLI's and the pre-flight verdict's words for an estimate (client/fitprobe_client/verdict.py ESTIMATED)
+const ESTIMATED = "estimated, not run on a device";
 const FORMATS = ["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"];
 
 /** Shows job `id` in `root` until `isCurrent()` turns false (the user went to another page). */
@@ -62,6 +64,8 @@ function render(root, job) {
     h("p", { class: "poll-error", role: "status" }),
     curveSection(job, search, capacity),
     job.plan ? planSection(job.plan) : null,
+    job.plan && spec.mode === "estimate" ? h("p", { class: "meta", id: "estimate-note" },
+      h("strong", {}, "Not verified: "), `${ESTIMATED}. `, job.report?.device?.accuracy_note ?? "") : null,
     job.verification ? verificationSection(job.verification, job.plan) : null,
     job.status === "succeeded" ? (keep ?? exportsSection(job)) : null,
   ].filter(Boolean));
@@ -81,8 +85,10 @@ async function cancel(id, root) {
 function curveSection(job, search, capacity) {
   // a cached job ran no trials of its own: its curve is the one the cached report measured
   const trials = job.trials.length ? job.trials : (search?.trials ?? []);
+  // an estimate's trials ran on fake tensors: its "measured" basis is a count, not a device's answer
+  const basis = job.spec?.mode === "estimate" ? ESTIMATED : search?.safe_micro_batch_basis;
   const caption = search
-    ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${search.safe_micro_batch_basis}); `
+    ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${basis}); `
       + `${search.trial_count} trials in ${search.wall_s}s${search.limit_reached ? `; the search stopped at its limit ${search.limit}` : ""}`
     : `${trials.length} trial(s) so far`;
   // a job re-run after a restart: the curve is the final run's, the interrupted runs' trials only counted
@@ -165,15 +171,19 @@ function verificationSection(verification, plan) {
 
 function exportsSection(job) {
   const output = h("pre", { id: "export-output", tabindex: "0", "aria-live": "polite" });
+  // what Copy takes is the framework's object alone; where it came from is shown under it
+  const provenance = h("pre", { id: "export-provenance", class: "meta" });
   const select = h("select", { id: "export-format" }, FORMATS.map((f) => h("option", { value: f }, f)));
   const copied = h("span", { role: "status", class: "meta" });
   const load = async () => {
     output.textContent = "…";
     try {
-      const config = await request(`/v1/probes/${job.id}/config?format=${select.value}`);
-      output.textContent = JSON.stringify(config, null, 2);
+      const exported = await request(`/v1/probes/${job.id}/config?format=${select.value}`);
+      output.textContent = JSON.stringify(exported.config, null, 2);
+      provenance.textContent = JSON.stringify(exported.provenance, null, 2);
     } catch (err) {
       output.textContent = err.message;
+      provenance.textContent = "";
     }
   };
   select.addEventListener("change", load);
@@ -196,6 +206,8 @@ function exportsSection(job) {
     h("p", {}, h("label", { for: "export-format" }, "Config for "), select, " ",
       h("button", { type: "button", id: "copy-export", onclick: copy }, "Copy"), " ", copied),
     output,
+    h("p", { class: "meta" }, "Where it came from (not part of the config):"),
+    provenance,
     h("p", {}, h("a", { href: URL.createObjectURL(report), download: `fitprobe-${job.id}.json`, id: "report-link" },
       "Download the report (JSON)")),
   );

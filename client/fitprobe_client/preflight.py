@@ -29,27 +29,43 @@ EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def add_options(preflight: argparse.ArgumentParser) -> None:
-    preflight.add_argument("--server", required=True, help="e.g. localhost:8000 or https://fitprobe.example.com")
-    preflight.add_argument("--token", default=os.environ.get("FITPROBE_TOKEN"))
-    preflight.add_argument("--model", help="required: builtin:<name>, preset:<name>, hf:<config.json or its "
-                           "directory> (read here, sent inline), hf:org/name[@revision]")
-    preflight.add_argument("--seq-len", type=int, required=True)
-    preflight.add_argument("--effective-batch", type=int, required=True)
-    preflight.add_argument("--devices", type=int, default=1)
-    preflight.add_argument("--capacity")
-    preflight.add_argument("--precision", default="fp32")
+    """Every option says what it means, its default, and the environment variable it reads, if any."""
+    preflight.add_argument("--server", required=True,
+                           help="the fitprobe service, e.g. localhost:8000 or https://fitprobe.example.com (required)")
+    preflight.add_argument("--token", default=os.environ.get("FITPROBE_TOKEN"),
+                           help="bearer token, when the service has FITPROBE_API_TOKENS set "
+                           "(default: the environment variable FITPROBE_TOKEN; none without it)")
+    preflight.add_argument("--model", help="the model the training run uses (required): builtin:<name>, "
+                           "preset:<name>, hf:<config.json or its directory> (read here, sent inline), "
+                           "hf:org/name[@revision]")
+    preflight.add_argument("--seq-len", type=int, required=True, help="tokens per example (required)")
+    preflight.add_argument("--effective-batch", type=int, required=True,
+                           help="target examples per optimizer step across all devices (required)")
+    preflight.add_argument("--devices", type=int, default=1, help="data-parallel devices (default: 1)")
+    preflight.add_argument("--capacity", help="memory the step may use, e.g. 40GiB (default: the device's own "
+                           "memory; on the service's CPU device its FITPROBE_CPU_CAPACITY_BYTES)")
+    preflight.add_argument("--precision", default="fp32",
+                           help="fp32, bf16-mixed, fp16-mixed or bf16 (default: fp32)")
     preflight.add_argument("--optimizer", default="adamw_torch_fused",
-                           help="as your framework names it (HF TrainingArguments.optim), e.g. adamw_torch_fused "
-                           "(default), adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd")
-    preflight.add_argument("--lora", action="store_true")
+                           help="as your framework names it (HF TrainingArguments.optim), e.g. adamw_torch_fused, "
+                           "adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd (default: adamw_torch_fused)")
+    preflight.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights "
+                           "(default: off, full fine-tuning)")
     preflight.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
-                           help="QLoRA: the base in bitsandbytes 4-bit (with --lora)")
-    preflight.add_argument("--grad-checkpointing", action="store_true")
-    preflight.add_argument("--require-exact", action="store_true")
+                           help="QLoRA: the base in bitsandbytes 4-bit, or int8 (with --lora; default: none)")
+    preflight.add_argument("--grad-checkpointing", action="store_true",
+                           help="recompute activations in backward (default: off)")
+    preflight.add_argument("--require-exact", action="store_true",
+                           help="fail unless the plan reaches the effective batch exactly (default: off, a nearest "
+                           "plan within its stated deviation passes)")
     preflight.add_argument("--fresh", action="store_true",
-                           help="probe again instead of reusing a cached search (whose new plan is verified anyway)")
-    preflight.add_argument("--timeout", default="30m")
-    preflight.add_argument("--json", action="store_true", help="print the job as one JSON object on stdout")
+                           help="probe again instead of reusing a cached search, whose new plan is verified anyway "
+                           "(default: off)")
+    preflight.add_argument("--timeout", default="30m",
+                           help="how long to wait for the verdict, e.g. 90s, 30m, 2h; the probe keeps running after "
+                           "it (default: 30m)")
+    preflight.add_argument("--json", action="store_true",
+                           help="print the job as one JSON object on stdout (default: off, one verdict line)")
 
 
 def parse_duration_s(text: str) -> float:

@@ -11,6 +11,9 @@ from typing import Any
 
 from fitprobe_client.units import format_bytes
 
+# how every entry point labels an estimate's answer: the CLI, this verdict and the page say the same
+ESTIMATED = "estimated, not run on a device"
+
 
 def plan_words(plan: dict[str, Any]) -> str:
     """The server's words for the split; a plan cached by a server older than `equation` gets the numbers."""
@@ -30,8 +33,9 @@ def verdict(job: dict[str, Any], require_exact: bool = False) -> tuple[bool, str
         return False, "FAIL: the probe made no plan (was effective_batch sent?)"
     split = plan_words(plan)
     if verification is None:  # never "passed": nobody trained this plan
-        estimate = (job.get("spec") or {}).get("mode") == "estimate"
-        why = "estimate mode has no device to train on" if estimate else job.get("verification_note")
+        if (job.get("spec") or {}).get("mode") == "estimate":
+            return False, f"FAIL: plan not verified: {split}, {ESTIMATED}"
+        why = job.get("verification_note")
         return False, "FAIL: plan not verified" + (f" ({why})" if why else "")
     if not verification["passed"]:
         failed = "; ".join(f"{c['name']}: {c['detail']}" for c in verification.get("checks", []) if not c["passed"])

@@ -102,6 +102,9 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
                                                       plan["accumulation_steps"])
     assert (word, micro_again, last_again) == (WORDS[int(full)], micro, last)
     expect(page.get_by_text(plan["reason"])).to_be_visible()
+    # every split on the page in the plan's own notation, the one the CLI and the exports print
+    splits = page.locator("table.alternatives tr td:nth-child(2)").all_inner_texts()
+    assert splits == [plan["equation"]] + [alt["equation"] for alt in plan["alternatives"]]
 
     # verification and exports
     expect(page.locator("ul.checks li")).to_have_count(len(job["verification"]["checks"]))
@@ -195,3 +198,23 @@ def test_the_page_asks_for_a_token_once_and_keeps_it_for_the_tab(tmp_path, page)
         assert page.evaluate("sessionStorage.getItem('fitprobe-token')") == "s3cret"
     finally:
         secured.stop()
+
+
+def test_an_estimates_page_says_it_was_estimated_not_run_on_a_device(server, page):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+                                                 "capacity_bytes": 16 << 20, "effective_batch": 8}).json()["id"]
+        wait_for(client, job_id, ("succeeded",))
+    page.goto(f"{server.url}/#/probes/{job_id}")
+    expect(page.locator("#curve-caption")).to_contain_text("(estimated, not run on a device)")
+    expect(page.locator("#curve-caption")).not_to_contain_text("measured")
+    expect(page.locator("#estimate-note")).to_contain_text("Not verified: estimated, not run on a device. fake ")
+
+
+def test_the_form_states_the_services_own_limits(server, page):
+    with server.client() as client:
+        limits = client.get("/v1/limits").json()
+    page.goto(f"{server.url}/#/new")
+    expect(page.locator("#seq_len-help")).to_have_text(f"at most {limits['max_seq_len']:,} on this service")
+    expect(page.locator("#f-seq_len")).to_have_attribute("max", str(limits["max_seq_len"]))
+    expect(page.locator("#effective_batch-help")).to_have_text(f"at most {limits['max_effective_batch']:,} on this service")

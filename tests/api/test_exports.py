@@ -6,18 +6,23 @@ from tests.api.conftest import FAST_JOB, SLOW_JOB, wait_for
 
 
 def test_a_succeeded_probe_exports_its_plan_in_every_format(server):
+    from transformers import TrainingArguments
+
     with server.client() as client:
         job = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
         plan, search = job["plan"], job["report"]["search"]
         hf = client.get(f"/v1/probes/{job['id']}/config", params={"format": "hf"})
         assert hf.status_code == 200
-        config = hf.json()
+        exported = hf.json()
+        assert exported.keys() == {"format", "config", "provenance"} and exported["format"] == "hf"
+        # the config is what a user unpacks: TrainingArguments takes it as it comes
+        args = TrainingArguments(**exported["config"])
         # FAST_JOB asks for 24 on one device: what HF Trainer multiplies must give 24
-        assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] == 24
-        assert config["_fitprobe"]["safe_micro_batch"] == search["safe_micro_batch"]
-        assert config["_fitprobe"]["verified"] is job["verification"]["passed"]
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 24
+        assert exported["provenance"]["safe_micro_batch"] == search["safe_micro_batch"]
+        assert exported["provenance"]["verified"] is job["verification"]["passed"]
         deepspeed = client.get(f"/v1/probes/{job['id']}/config", params={"format": "deepspeed"}).json()
-        assert deepspeed["train_batch_size"] == plan["effective_batch"] == 24
+        assert deepspeed["config"]["train_batch_size"] == plan["effective_batch"] == 24
         for fmt in ("accelerate", "lightning", "axolotl", "torchtune"):
             assert client.get(f"/v1/probes/{job['id']}/config", params={"format": fmt}).status_code == 200
 
