@@ -118,7 +118,7 @@ def _quantization_note(run: Run) -> list[str]:
                 f"then peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing={checkpointing}) before "
                 "get_peft_model, as fitprobe measured"]
     return [f"QLoRA: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
-            f"bnb_4bit_quant_type='{run.quantization}', bnb_4bit_use_double_quant=True, "
+            f'bnb_4bit_quant_type="{run.quantization}", bnb_4bit_use_double_quant=True, '
             f"bnb_4bit_compute_dtype=torch.{dtype})), then peft.prepare_model_for_kbit_training(model, "
             f"use_gradient_checkpointing={checkpointing}) before get_peft_model, as fitprobe measured"]
 
