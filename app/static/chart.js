@@ -19,20 +19,26 @@ function scale(d0, d1, r0, r1) {
   return (value) => r0 + ((value - d0) / span) * (r1 - r0);
 }
 
-// About `count` round tick values between 0 and max (1, 2 or 5 times a power of ten apart).
-function ticks(max, count = 5) {
+// About `count` round tick values between 0 and max (1, 2 or 5 times a power of ten apart); with
+// `whole`, never a fraction (half an example is not a micro-batch).
+function ticks(max, count = 5, whole = false) {
   const raw = max / count;
   const power = 10 ** Math.floor(Math.log10(raw || 1));
-  const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw) || power;
+  let step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw) || power;
+  if (whole) step = Math.max(1, Math.round(step));
   const out = [];
   for (let v = 0; v <= max + 1e-9; v += step) out.push(v);
   return out;
 }
 
-// Byte ticks land on whole MiB/GiB so the labels read cleanly.
-function byteTicks(max) {
-  const unit = max >= 4 * 2 ** 30 ? 2 ** 30 : 2 ** 20;
-  return ticks(max / unit).map((v) => v * unit);
+// A byte axis in one unit, named in its title, with plain numbers on the ticks: "1000.0MiB" beside
+// "1.0GiB" read as two scales, and long labels ran into the axis title.
+function byteAxis(max) {
+  const [unit, name] = max >= 4 * 2 ** 30 ? [2 ** 30, "GiB"] : max >= 4 * 2 ** 20 ? [2 ** 20, "MiB"] : [2 ** 10, "KiB"];
+  const values = ticks(max / unit);
+  const step = values[1] ?? 1;
+  const digits = step >= 1 ? 0 : Math.ceil(-Math.log10(step));
+  return { ticks: values.map((v) => v * unit), name, format: (bytes) => (bytes / unit).toFixed(digits) };
 }
 
 function frame(width, height, label) {
@@ -54,7 +60,7 @@ function axes(svg, x, y, xTicks, yTicks, xLabel, yLabel, formatY, width, height)
   grid.append(el("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: bottom, y2: bottom, class: "baseline" }));
   grid.append(el("text", { x: (MARGIN.left + width - MARGIN.right) / 2, y: height - 6, "text-anchor": "middle" },
     xLabel));
-  grid.append(el("text", { x: 14, y: (MARGIN.top + bottom) / 2, "text-anchor": "middle",
+  grid.append(el("text", { x: 14, y: (MARGIN.top + bottom) / 2, "text-anchor": "middle", class: "axis-title",
     transform: `rotate(-90 14 ${(MARGIN.top + bottom) / 2})` }, yLabel));
   svg.append(grid);
 }
@@ -83,7 +89,9 @@ export function memoryChart({ trials, capacityBytes, headroom, maxMicroBatch, sa
   const yMax = Math.max(capacityBytes || 0, ...peaks.filter((p) => p !== null)) * 1.1 || 1;
   const x = scale(0, xMax, MARGIN.left, width - MARGIN.right);
   const y = scale(0, yMax, height - MARGIN.bottom, MARGIN.top);
-  axes(svg, x, y, ticks(xMax), byteTicks(yMax), "micro-batch (examples)", "peak memory", formatBytes, width, height);
+  const bytes = byteAxis(yMax);
+  axes(svg, x, y, ticks(xMax, 5, true), bytes.ticks, "micro-batch (examples)", `peak memory (${bytes.name})`,
+    bytes.format, width, height);
 
   const left = MARGIN.left, right = width - MARGIN.right, top = MARGIN.top, bottom = height - MARGIN.bottom;
   if (capacityBytes) {

@@ -116,9 +116,17 @@ function curveSection(job, search, capacity) {
         h("td", {}, formatBytes(t.phase_peak_bytes?.optimizer)),
         h("td", {}, formatBytes(t.phase_peak_bytes?.idle)),
         h("td", {}, t.step_s ? `${(t.step_s * 1000).toFixed(0)} ms` : "-"),
-        h("td", {}, t.error ?? ""))),
+        h("td", {}, t.fits ? "" : oomNote(t)))),
       { class: "trials-table", "aria-label": "trials" }),
   );
+}
+
+// Where an OOM trial stopped, in the units of the rest of the page (as the CLI says it), not the
+// allocator's raw byte counts.
+function oomNote(trial) {
+  if (trial.oom_request_bytes === null || trial.oom_request_bytes === undefined) return "out of memory";
+  return `out of memory at ${formatBytes(trial.oom_live_bytes)} live while allocating `
+    + formatBytes(trial.oom_request_bytes);
 }
 
 function planSection(plan) {
@@ -145,7 +153,8 @@ function planSection(plan) {
   );
 }
 
-function verificationSection(verification, plan) {
+/** Exported for the browser test of a verification that ran out of memory. */
+export function verificationSection(verification, plan) {
   const noise = verification.gradient_noise_scale;
   return h("section", { "aria-labelledby": "verify-heading" },
     h("h3", { id: "verify-heading" }, "Verification: ",
@@ -164,8 +173,9 @@ function verificationSection(verification, plan) {
         noise ? null : h("dd", { class: "meta" }, verification.gradient_noise_note),
         h("dt", {}, "peak per step"), h("dd", {},
           `${formatBytes(verification.peak_reserved_bytes)} of ${formatBytes(verification.capacity_bytes)}`),
-        h("dt", {}, "step time"), h("dd", {}, `${(verification.step_s * 1000).toFixed(0)} ms, `
-          + `${Math.round(verification.tokens_per_s)} tokens/s`))),
+        h("dt", {}, "step time"), h("dd", {}, verification.step_s
+          ? `${(verification.step_s * 1000).toFixed(0)} ms, ${Math.round(verification.tokens_per_s)} tokens/s`
+          : "not measured (no step completed)"))),
   );
 }
 

@@ -218,3 +218,50 @@ def test_the_form_states_the_services_own_limits(server, page):
     expect(page.locator("#seq_len-help")).to_have_text(f"at most {limits['max_seq_len']:,} on this service")
     expect(page.locator("#f-seq_len")).to_have_attribute("max", str(limits["max_seq_len"]))
     expect(page.locator("#effective_batch-help")).to_have_text(f"at most {limits['max_effective_batch']:,} on this service")
+
+
+def test_the_memory_axis_reads_in_one_unit_and_micro_batches_are_whole(server, page, tmp_path):
+    """From screenshots: '1000.0MiB' beside '1.0GiB', a tick run into the axis title, half micro-batches."""
+    page.goto(f"{server.url}/#/")
+    drawn = page.evaluate("""async () => {
+        const { memoryChart } = await import("/chart.js");
+        const svg = memoryChart({ capacityBytes: 1.5 * 2 ** 30, headroom: 0.1, maxMicroBatch: 2, safeMicroBatch: 1,
+            trials: [{ micro_batch: 1, fits: true, peak_allocated_bytes: 2 ** 29 },
+                     { micro_batch: 2, fits: true, peak_allocated_bytes: 2 ** 30 }] });
+        document.body.append(svg);
+        const texts = [...svg.querySelectorAll("g.axis text")].map((t) => t.textContent);
+        const title = svg.querySelector(".axis-title");
+        const titleBox = title.getBoundingClientRect();
+        const overlaps = [...svg.querySelectorAll("g.axis text")].filter((t) => t !== title).some((t) => {
+            const box = t.getBoundingClientRect();
+            return box.left < titleBox.right && box.right > titleBox.left && box.top < titleBox.bottom
+                && box.bottom > titleBox.top; });
+        return { texts, title: title.textContent, overlaps };
+    }""")
+    assert drawn["title"] == "peak memory (MiB)"
+    numbers = [t for t in drawn["texts"] if t not in ("peak memory (MiB)", "micro-batch (examples)")]
+    assert numbers and all(re.fullmatch(r"\d+", t) for t in numbers), numbers  # no unit, no fraction
+    assert not drawn["overlaps"]
+    page.screenshot(path=str(tmp_path / "axis.png"))
+
+
+def test_oom_trials_and_an_oom_verification_read_in_units_not_raw_counts(server, page):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json={**{k: (int(v) if v.isdigit() else v) for k, v in UNEVEN_JOB.items()},
+                                                 "reuse": False}).json()["id"]
+        job = wait_for(client, job_id, ("succeeded",))
+    assert any(not t["fits"] for t in job["trials"])
+    page.goto(f"{server.url}/#/probes/{job_id}")
+    notes = page.locator(".trials-table tr.oom-row td:last-child")
+    expect(notes.first).to_contain_text("out of memory at ")
+    for text in notes.all_text_contents():
+        assert not re.search(r"\d{6,}", text), text  # "12.0MiB", never "12582912"
+    # a verification that ran out of memory has no step time to show: not "0 ms, 0 tokens/s"
+    shown = page.evaluate("""async () => {
+        const { verificationSection } = await import("/job.js");
+        return verificationSection({ passed: false, steps: 2, losses: [], step_s: 0, tokens_per_s: 0,
+            peak_reserved_bytes: null, capacity_bytes: 2 ** 24, examples_per_step: 8,
+            gradient_noise_scale: null, gradient_noise_note: "not estimated: out of memory",
+            checks: [{ name: "no_oom", passed: false, detail: "out of memory at step 1" }] }, null).textContent;
+    }""")
+    assert "not measured (no step completed)" in shown and "0 ms" not in shown and "0 tokens/s" not in shown
