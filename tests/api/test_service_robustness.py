@@ -151,7 +151,7 @@ def _open_stream(server: Server, job_id: str) -> tuple[socket.socket, int]:
     """An event stream held open on a raw socket, and its status code."""
     port = int(server.url.rsplit(":", 1)[1])
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"GET /v1/probes/{job_id}/events HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    sock.sendall(f"GET /v1/probes/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     status_line = b""
     while b"\r\n" not in status_line:
         status_line += sock.recv(1)
