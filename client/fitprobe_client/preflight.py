@@ -52,7 +52,7 @@ def add_options(preflight: argparse.ArgumentParser) -> None:
     preflight.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights "
                            "(default: off, full fine-tuning)")
     preflight.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
-                           help="QLoRA: the base in bitsandbytes 4-bit, or int8 (with --lora; default: none)")
+                           help="QLoRA: the base in bitsandbytes 4-bit, or int8; with --lora (default: none)")
     preflight.add_argument("--grad-checkpointing", action="store_true",
                            help="recompute activations in backward (default: off)")
     preflight.add_argument("--require-exact", action="store_true",
