@@ -21,7 +21,7 @@ from typing import Any
 from probe.job import Emit, _ignore, make_trial
 from probe.models import build_model
 from probe.search import find_micro_batch
-from probe.spec import MAX_SEQ_LEN, ProbeSpec, SpecError
+from probe.spec import ESTIMATED, MAX_SEQ_LEN, ProbeSpec, SpecError, format_bytes
 
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
 
@@ -51,8 +51,13 @@ CHECKPOINTING = (False, True)
 OPTIMIZERS = ("adamw_torch_fused", "adamw_bnb_8bit")
 
 
-def default_settings() -> list[Setting]:
-    return [Setting(f, c, o) for f in FINETUNINGS for c in CHECKPOINTING for o in OPTIMIZERS]
+def settings_grid(finetunings: Sequence[str] = FINETUNINGS, checkpointing: Sequence[bool] = CHECKPOINTING,
+                  optimizers: Sequence[str] = OPTIMIZERS) -> list[Setting]:
+    """Every combination of the three axes: the table's rows."""
+    unknown = [f for f in finetunings if f not in FINETUNINGS]
+    if unknown:
+        raise SpecError(f"finetuning must be among {', '.join(FINETUNINGS)} (got {', '.join(unknown)})")
+    return [Setting(f, c, o) for f in finetunings for c in checkpointing for o in optimizers]
 
 
 @dataclass
@@ -180,7 +185,7 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
     if base.capacity_bytes is None:
         raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
     started_s = time.perf_counter()
-    settings = list(settings) if settings is not None else default_settings()
+    settings = list(settings) if settings is not None else settings_grid()
     base = base.model_copy(update={"mode": "estimate"})
     context = model_context(base, allowed_factories)
     total, done = len(settings) * (len(seq_lens) + 1), 0
@@ -204,3 +209,32 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
     model = base.model if isinstance(base.model, str) else "hf:inline"
     return WhatIf(model, base.capacity_bytes, base.precision, list(seq_lens), context, rows,
                   round(time.perf_counter() - started_s, 3))
+
+
+def format_whatif(table: WhatIf) -> str:
+    """The table as text: a row per setting, per seq_len its max micro-batch and peak, then the longest."""
+    head = [f"{'seq_len ' + str(s):>22}" for s in table.seq_lens]
+    lines = [f"{table.model} {table.precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
+             f"each cell: max micro-batch (peak)",
+             f"{'setting':<36}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
+    for row in table.rows:
+        cells = []
+        for cell in row.cells:
+            if cell.max_micro_batch is None:
+                text = "n/a"
+            elif cell.max_micro_batch == 0:
+                text = "does not fit"
+            else:
+                text = f"{cell.max_micro_batch} ({format_bytes(cell.peak_bytes)})"
+            cells.append(f"{text:>22}")
+        longest = row.longest
+        if longest is None or longest.seq_len is None:
+            last = "n/a"
+        else:
+            last = str(longest.seq_len) if longest.seq_len else f"< {SEQ_GRID}"
+        lines.append(f"{row.label:<36}" + "".join(cells) + f"  {last:>20}")
+    notes = sorted({cell.note for row in table.rows for cell in row.cells if cell.note})
+    lines.extend(f"n/a: {note.removeprefix('not applicable: ')}" for note in notes)
+    lines.append(f"model context {table.context} tokens; longest seq searched on a {SEQ_GRID}-token grid; "
+                 f"{table.wall_s:.1f}s")
+    return "\n".join(lines)
