@@ -38,6 +38,7 @@ def fits_at_one(spec: ProbeSpec) -> bool:
     return trial(1).fits
 
 
+@pytest.mark.slow  # the table's cells are a few seconds each on a 2-core host
 def test_every_cell_is_the_single_estimate_of_its_setting(table):
     base, whatif, _ = table
     answers = set()
@@ -53,6 +54,7 @@ def test_every_cell_is_the_single_estimate_of_its_setting(table):
     assert len(answers) > 1, "the capacity should make the settings differ"
 
 
+@pytest.mark.slow
 def test_longest_sequence_fits_at_micro_batch_one_and_the_next_grid_point_does_not(table):
     base, whatif, _ = table
     assert whatif.context == 1024
@@ -65,6 +67,7 @@ def test_longest_sequence_fits_at_micro_batch_one_and_the_next_grid_point_does_n
     assert whatif.rows[1].longest.seq_len > whatif.rows[0].longest.seq_len  # QLoRA + checkpointing reach further
 
 
+@pytest.mark.slow
 def test_one_progress_event_per_cell(table):
     _, whatif, events = table
     total = len(SETTINGS) * (len(SEQ_LENS) + 1)
@@ -88,6 +91,7 @@ WHATIF = ["whatif", "--model", "builtin:gpt-nano", "--capacity", "12MiB", "--seq
           "--finetuning", "full,qlora", "--checkpointing", "off", "--optimizers", "adamw_torch_fused"]
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     run = fitprobe(*WHATIF)
     assert run.returncode == 0, run.stderr
@@ -96,7 +100,7 @@ def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     full = next(line for line in lines if line.startswith("full · no ckpt · adamw_torch_fused"))
     assert re.search(r"\d+ \([\d.]+MiB\)\s+\d+ \([\d.]+MiB\)\s+\d+$", full), full
     qlora = next(line for line in lines if line.startswith("qlora"))
-    assert qlora.split()[-4:] == ["n/a"] * 3 or qlora.count("n/a") == 3, qlora
+    assert qlora.count("n/a") == 3, qlora
     # one progress line per cell, with the elapsed time: 2 rows × (2 seq_lens + the longest)
     progress = [line for line in run.stderr.splitlines() if "what-if" in line]
     assert len(progress) == 6 and re.match(r"\[fitprobe +[\d.]+s\] what-if 1/6: full", progress[0])
