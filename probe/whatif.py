@@ -214,8 +214,8 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
 def format_whatif(table: WhatIf) -> str:
     """The table as text: a row per setting, per seq_len its max micro-batch and peak, then the longest."""
     head = [f"{'seq_len ' + str(s):>22}" for s in table.seq_lens]
-    lines = [f"{table.model} {table.precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
-             f"each cell: max micro-batch (peak)",
+    lines = [(f"{table.model} {table.precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
+              "each cell: max micro-batch (peak)"),
              f"{'setting':<36}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
     for row in table.rows:
         cells = []
