@@ -167,8 +167,12 @@ class Progress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["type"]
-        if kind == "phase":
+        if kind == "phase" and "option" in event:
+            self.say(f"{event['phase'].replace('_', ' ')} {event['done']}/{event['total']}: {event['option']}")
+        elif kind == "phase":
             self.say(event["phase"].replace("_", " "))
+        elif kind == "whatif_cell":
+            self.say(f"what-if {event['done']}/{event['total']}: {event['setting']}, {_cell_words(event)}")
         elif kind == "trial_started":
             self.say(f"trial micro_batch={event['micro_batch']} ...")
         elif kind == "trial":
@@ -179,6 +183,15 @@ class Progress:
             self.say(f"trial micro_batch={event['micro_batch']}: {verdict}{step}")
         elif kind == "verify_step":
             self.say(f"verification step {event['step']} of {event['steps']}")
+
+
+def _cell_words(event: dict[str, Any]) -> str:
+    if event.get("note"):
+        return f"seq_len {event['seq_len']}: {event['note']}"
+    if event["seq_len"] == "longest":
+        return f"longest seq_len at micro-batch 1: {event['longest_seq_len']}"
+    peak = f", peak {format_bytes(event['peak_bytes'])}" if event["peak_bytes"] else ""
+    return f"seq_len {event['seq_len']}: max micro-batch {event['max_micro_batch']}{peak}"
 
 
 def _per_device(spec: dict[str, Any]) -> str:
@@ -293,6 +306,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def seq_lens(text: str) -> list[int]:
+    """argparse type: '1024,2048,4096', each at least 1."""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _words(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in words if w not in allowed]
+    if unknown or not words:
+        raise SpecError(f"{flag} takes a comma-separated list of {', '.join(allowed)} (got {text!r})")
+    return words
+
+
+def cmd_whatif(args: argparse.Namespace) -> int:
+    from probe.models import check_reference
+    from probe.whatif import format_whatif, run_whatif, settings_grid
+
+    if not args.gpu and not args.capacity:
+        raise SpecError("whatif plans for a card: give --gpu CARD or --capacity (e.g. 24GiB)")
+    lora: dict[str, Any] = {"rank": args.lora_rank}
+    base = ProbeSpec(model=args.model, seq_len=min(args.seq_len), mode="estimate", gpu=args.gpu,
+                     capacity_bytes=args.capacity, precision=args.precision, collation=args.collation,
+                     lora=lora, headroom=args.headroom)
+    check_reference(base, allowed_factories(), limits=model_limits())
+    checkpointing = [{"off": False, "on": True}[v] for v in _words(args.checkpointing, "--checkpointing", ("off", "on"))]
+    optimizers = _words(args.optimizers, "--optimizers", get_args(Optimizer))
+    settings = settings_grid(_words(args.finetuning, "--finetuning", ("full", "lora", "qlora")), checkpointing, optimizers)
+    table = run_whatif(base, args.seq_len, settings, Progress(args.quiet), allowed_factories())
+    fits = any(cell.max_micro_batch for row in table.rows for cell in row.cells)
+    print(json.dumps(table.to_dict(), indent=2) if args.json else format_whatif(table))
+    return EXIT_OK if fits else EXIT_UNMET
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -347,6 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lora", action="store_true", help="with --format: measured training LoRA adapters")
     _add_export_options(plan)
     plan.set_defaults(run=cmd_plan)
+    whatif = commands.add_parser("whatif", help="which settings (full/LoRA/QLoRA, checkpointing, 8-bit optimizer) "
+                                 "fit on a card, at which seq_len and micro-batch (estimated)",
+                                 formatter_class=_Formatter)
+    whatif.add_argument("--model", required=True, help="as for probe: builtin:, preset:, hf:, factory:")
+    whatif.add_argument("--seq-len", type=seq_lens, required=True, help="comma-separated, e.g. 1024,2048,4096")
+    whatif.add_argument("--gpu", choices=sorted(GPU_TOTAL_MIB), metavar="CARD",
+                        help="plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
+    whatif.add_argument("--capacity", help="or the memory the step may use, e.g. 24GiB")
+    whatif.add_argument("--precision", default="bf16-mixed", choices=[p for p in PRECISIONS if p != "fp16-mixed"],
+                        help="training precision (fp16-mixed: estimate bf16-mixed, whose memory is the same)")
+    whatif.add_argument("--collation", default="padded", choices=["padded", "packed"],
+                        help="padded: batches hold padding (an attention mask); packed: no padding, no mask")
+    whatif.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank of the LoRA and QLoRA rows")
+    whatif.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity the safe micro-batch keeps free")
+    whatif.add_argument("--finetuning", default="full,lora,qlora", help="rows: full, lora, qlora (LoRA over an nf4 base)")
+    whatif.add_argument("--checkpointing", default="off,on", help="rows: gradient checkpointing off, on")
+    whatif.add_argument("--optimizers", default="adamw_torch_fused,adamw_bnb_8bit", help="rows: these optimizers")
+    whatif.add_argument("--json", action="store_true", help="print the table as one JSON object")
+    whatif.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    whatif.set_defaults(run=cmd_whatif)
     _register_service_commands(commands)
     return parser
 

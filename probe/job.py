@@ -203,7 +203,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
         from probe.needs import does_not_fit
 
         emit({"type": "phase", "phase": "sizing_the_step"})
-        not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories)
+        not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories, emit)
     shortfall = None
     if search.max_micro_batch and not search.safe_micro_batch:
         from probe.needs import headroom_shortfall
@@ -213,7 +213,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
         peak = next(t for t in trials if t["micro_batch"] == search.max_micro_batch)
         shortfall = headroom_shortfall(spec, search.max_micro_batch,
                                        peak["peak_reserved_bytes"] or peak["peak_allocated_bytes"],
-                                       meter.capacity_bytes, allowed_factories)
+                                       meter.capacity_bytes, allowed_factories, emit)
     report = {
         "spec": spec.model_dump(mode="json"),
         "device": device_facts(meter),

@@ -10,13 +10,14 @@ in the headroom the user asked to keep free, and the plan runs at the max micro-
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from probe.optimizers import KINDS
 from probe.spec import ProbeSpec, SpecError, format_bytes
 
 UNCAPPED_BYTES = 1 << 62
+Emit = Callable[[dict[str, Any]], None]
 SHARDING_HINT = "or shard weights, gradients and optimizer state over several devices (--sharding fsdp --devices N)"
 
 
@@ -55,10 +56,19 @@ def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
     return changes
 
 
-def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[str]) -> list[dict[str, Any]]:
-    """Each shrinking setting with what micro-batch 1 needs under it, and whether that is ≤ limit_bytes."""
+def _ignore(_: dict[str, Any]) -> None:
+    return None
+
+
+def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[str], emit: Emit
+             ) -> list[dict[str, Any]]:
+    """Each shrinking setting with what micro-batch 1 needs under it, and whether that is ≤ limit_bytes.
+
+    Each is an estimate of its own (a second or more for a large model): one progress event apiece."""
     options = []
-    for label, update in _shrinking_changes(spec):
+    changes = _shrinking_changes(spec)
+    for done, (label, update) in enumerate(changes, 1):
+        emit({"type": "phase", "phase": "sizing_the_step", "option": label, "done": done, "total": len(changes)})
         changed = estimated_step_bytes(spec.model_copy(update=update), 1, allowed_factories)
         if changed is not None:
             options.append({"change": label, "settings": update, "needs_bytes": changed,
@@ -66,10 +76,11 @@ def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[st
     return options
 
 
-def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = (),
+                 emit: Emit = _ignore) -> dict[str, Any]:
     """The report's answer when micro-batch 1 fails: the need, the settings that fit, the card that would."""
     needs = estimated_step_bytes(spec, 1, allowed_factories)
-    options = _options(spec, capacity_bytes, allowed_factories)
+    options = _options(spec, capacity_bytes, allowed_factories, emit)
     fitting = [o["change"] for o in options if o["fits"]]
     card_bytes = int(needs / (1 - spec.headroom)) if needs else None
     parts = [f"even micro-batch 1 does not fit in {format_bytes(capacity_bytes)} at seq_len {spec.seq_len}"]
@@ -85,11 +96,11 @@ def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collec
 
 
 def headroom_shortfall(spec: ProbeSpec, micro_batch: int, peak_bytes: int, capacity_bytes: int,
-                       allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+                       allowed_factories: Collection[str] = (), emit: Emit = _ignore) -> dict[str, Any]:
     """The report's words when the safe micro-batch is 0: `micro_batch` (the max, which the plan then
     uses) fits, but its peak leaves less free than the headroom asked; which settings would keep it."""
     left = 1 - peak_bytes / capacity_bytes
-    options = _options(spec, int(capacity_bytes * (1 - spec.headroom)), allowed_factories)
+    options = _options(spec, int(capacity_bytes * (1 - spec.headroom)), allowed_factories, emit)
     restoring = [o["change"] for o in options if o["fits"]]
     message = (f"micro-batch {micro_batch} fits but leaves only {left:.1%} headroom, under the asked "
                f"{spec.headroom:.0%} (peak {format_bytes(peak_bytes)} of {format_bytes(capacity_bytes)}); "

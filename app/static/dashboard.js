@@ -1,14 +1,16 @@
-// The dashboard's shell: a hash router over three views (probe list with devices, new probe, one
-// probe). Hash routes keep it one static file set the service serves as is: no server-side routing.
+// The dashboard's shell: a hash router over four views (probe list with devices, new probe, one
+// probe, the what-if heat map). Hash routes keep it one static file set the service serves as is: no
+// server-side routing.
 import { request } from "./api.js";
 import { h } from "./dom.js";
 import { setUpForm } from "./form.js";
 import { formatBytes, modelLabel, planText, timeText } from "./format.js";
 import { showJob } from "./job.js";
+import { setUpWhatIf } from "./whatif.js";
 
 const LIST_POLL_MS = 2000;
 const ACTIVE = ["queued", "running"];
-const views = { list: "list-view", new: "new-view", job: "job-view" };
+const views = { list: "list-view", new: "new-view", job: "job-view", whatif: "whatif-view" };
 let route = 0; // bumped on every navigation, so loops of the page we left stop
 
 function show(view) {
@@ -23,6 +25,9 @@ function navigate() {
   if (match) {
     show("job");
     showJob(document.getElementById("job-view"), match[1], isCurrent);
+  } else if (location.hash === "#/whatif") {
+    show("whatif");
+    setUpWhatIf(document.getElementById("whatif-view"));
   } else if (location.hash === "#/new") {
     show("new");
     document.getElementById("f-model").focus();

@@ -6,6 +6,7 @@ go to pytest's tmp_path (kept by pytest for the last runs, never committed).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -265,3 +266,34 @@ def test_oom_trials_and_an_oom_verification_read_in_units_not_raw_counts(server,
             checks: [{ name: "no_oom", passed: false, detail: "out of memory at step 1" }] }, null).textContent;
     }""")
     assert "not measured (no step completed)" in shown and "0 ms" not in shown and "0 tokens/s" not in shown
+
+
+def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, page, tmp_path):
+    from probe.whatif import Cell, Longest, Row, WhatIf, settings_grid
+
+    seq_lens = [1024, 2048, 4096]
+    rows = []
+    for i, setting in enumerate(settings_grid()):
+        if setting.finetuning == "qlora":
+            note = "not applicable: quantization works on Hugging Face models"
+            rows.append(Row(setting, setting.label, [Cell(s, note=note) for s in seq_lens], Longest(None, note=note)))
+            continue
+        cells = [Cell(s, max(0, i - k * 3), 0, (i + 1) << 30 if i - k * 3 > 0 else None) for k, s in enumerate(seq_lens)]
+        rows.append(Row(setting, setting.label, cells, Longest(1024 * (i // 3 + 1), 1024 * (i // 3 + 1) + 256, 1 << 30, 3)))
+    table = WhatIf("preset:gpt2", 24 << 30, "bf16-mixed", seq_lens, 1024, rows, 12.5).to_dict()
+
+    page.goto(f"{server.url}/#/whatif")
+    page.fill("#whatif-json", json.dumps(table))
+    grid = page.locator("table.heat-map")
+    expect(grid).to_be_visible()
+    page.screenshot(path=tmp_path / "whatif.png", full_page=True)
+    assert grid.locator("tbody tr").count() == 12
+    assert grid.locator("td.heat-cell").count() == 12 * len(seq_lens)
+    first = grid.locator("tbody tr").first
+    expect(first.locator("th")).to_have_text("full · no ckpt · adamw_torch_fused")
+    expect(first.locator("td.heat-cell").first).to_have_text("does not fit")
+    expect(grid.locator("td.heat-cell.na")).to_have_count(4 * len(seq_lens))
+    # the largest micro-batch gets the darkest shade, the cell that does not fit the "no" shade
+    expect(grid.locator("td.heat-5")).to_have_text(["7 (8.0GiB)"])
+    page.fill("#whatif-json", "{not json")
+    expect(page.locator("#whatif-map .error")).to_contain_text("not a what-if table")

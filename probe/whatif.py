@@ -1,0 +1,240 @@
+"""The what-if table: what must change to train this model on that card.
+
+A probe answers one setting. Someone choosing how to fine-tune asks the question the other way
+round: of the settings that change a step's memory (full / LoRA / QLoRA, gradient checkpointing,
+a 32- or 8-bit optimizer), which fit, at which sequence lengths, with which micro-batch? Each cell
+of the table is exactly the estimate a probe with that spec would give (the same trials, the same
+search, under fake tensors), so a cell can be checked by running that probe.
+
+The last column, the longest sequence that fits at micro-batch 1, is a bisection over seq_len on
+a grid of SEQ_GRID tokens (and the model's context itself): a step's memory grows with seq_len, so
+one trial per halving, about log2(context / SEQ_GRID) of them. The table's own cells bound it first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from probe.job import Emit, _ignore, make_trial
+from probe.models import build_model
+from probe.search import find_micro_batch
+from probe.spec import ESTIMATED, MAX_SEQ_LEN, ProbeSpec, SpecError, format_bytes
+
+SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row: the settings that change memory, as the spec names them."""
+
+    finetuning: str  # "full", "lora" or "qlora"
+    gradient_checkpointing: bool
+    optimizer: str
+
+    @property
+    def label(self) -> str:
+        checkpointing = "ckpt" if self.gradient_checkpointing else "no ckpt"
+        return f"{self.finetuning} · {checkpointing} · {self.optimizer}"
+
+    def update(self) -> dict[str, Any]:
+        lora = self.finetuning in ("lora", "qlora")
+        return {"finetuning": "lora" if lora else "full",
+                "quantization": "nf4" if self.finetuning == "qlora" else "none",
+                "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer}
+
+
+FINETUNINGS = ("full", "lora", "qlora")
+CHECKPOINTING = (False, True)
+OPTIMIZERS = ("adamw_torch_fused", "adamw_bnb_8bit")
+
+
+def settings_grid(finetunings: Sequence[str] = FINETUNINGS, checkpointing: Sequence[bool] = CHECKPOINTING,
+                  optimizers: Sequence[str] = OPTIMIZERS) -> list[Setting]:
+    """Every combination of the three axes: the table's rows."""
+    unknown = [f for f in finetunings if f not in FINETUNINGS]
+    if unknown:
+        raise SpecError(f"finetuning must be among {', '.join(FINETUNINGS)} (got {', '.join(unknown)})")
+    return [Setting(f, c, o) for f in finetunings for c in checkpointing for o in optimizers]
+
+
+@dataclass
+class Cell:
+    """One setting at one seq_len: what `fitprobe probe --estimate` with that spec would answer."""
+
+    seq_len: int
+    max_micro_batch: int | None = None  # None: not applicable (see `note`)
+    safe_micro_batch: int | None = None
+    peak_bytes: int | None = None  # peak allocated at the max micro-batch
+    note: str | None = None
+
+
+@dataclass
+class Longest:
+    """The longest seq_len on the grid that fits at micro-batch 1, and the grid point above it (which does not)."""
+
+    seq_len: int | None  # 0: not even the shortest grid point fits; None: not applicable
+    next_candidate: int | None = None  # None when seq_len is the model's context
+    peak_bytes: int | None = None
+    trials: int = 0
+    note: str | None = None
+
+
+@dataclass
+class Row:
+    setting: Setting
+    label: str
+    cells: list[Cell] = field(default_factory=list)
+    longest: Longest | None = None
+
+
+@dataclass
+class WhatIf:
+    model: str
+    capacity_bytes: int
+    precision: str
+    seq_lens: list[int]
+    context: int
+    rows: list[Row]
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cell_spec(base: ProbeSpec, setting: Setting, seq_len: int) -> ProbeSpec:
+    return base.model_copy(update={**setting.update(), "seq_len": seq_len, "mode": "estimate"})
+
+
+def estimate_cell(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> Cell:
+    """The max and safe micro-batch for `spec` (an estimate), found by the probe's own search."""
+    try:
+        meter, _, trial = make_trial(spec, allowed_factories)
+    except SpecError as exc:  # QLoRA on a builtin model, a seq_len beyond the context
+        return Cell(spec.seq_len, note=f"not applicable: {exc}")
+    found = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
+    peak = next((t.peak_allocated_bytes for t in found.trials if t.fits and t.micro_batch == found.max_micro_batch),
+                None)
+    return Cell(spec.seq_len, found.max_micro_batch, found.safe_micro_batch, peak)
+
+
+def _fits_at_one(spec: ProbeSpec, allowed_factories: Collection[str]) -> int | None:
+    """Peak bytes of micro-batch 1 at spec.seq_len, or None when it does not fit."""
+    _, _, trial = make_trial(spec, allowed_factories)
+    result = trial(1)
+    return result.peak_allocated_bytes if result.fits else None
+
+
+def seq_grid(context: int) -> list[int]:
+    """The seq_lens the longest-sequence search may answer: multiples of SEQ_GRID, and the context."""
+    grid = list(range(SEQ_GRID, context + 1, SEQ_GRID))
+    return grid if grid and grid[-1] == context else [*grid, context]
+
+
+def longest_at_one(base: ProbeSpec, setting: Setting, context: int, cells: Sequence[Cell],
+                   allowed_factories: Collection[str] = ()) -> Longest:
+    """Bisect the grid for the longest seq_len whose step fits at micro-batch 1."""
+    grid = seq_grid(context)
+    # what the table already proved: a seq_len that fits bounds from below, one that does not from above
+    lo, hi = -1, len(grid)  # grid[lo] fits (or lo = -1), grid[hi] does not (or hi = len)
+    for cell in cells:
+        if cell.max_micro_batch is None:
+            continue
+        if cell.max_micro_batch >= 1:
+            lo = max(lo, max((i for i, s in enumerate(grid) if s <= cell.seq_len), default=-1))
+        else:
+            hi = min(hi, min((i for i, s in enumerate(grid) if s >= cell.seq_len), default=len(grid)))
+    peaks: dict[int, int] = {}
+    trials = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            peak = _fits_at_one(_cell_spec(base, setting, grid[mid]), allowed_factories)
+        except SpecError as exc:
+            return Longest(None, trials=trials, note=f"not applicable: {exc}")
+        trials += 1
+        if peak is None:
+            hi = mid
+        else:
+            lo, peaks[mid] = mid, peak
+    if lo >= 0 and lo not in peaks:  # bounded by a table cell: its peak at micro-batch 1 is one trial away
+        peaks[lo] = _fits_at_one(_cell_spec(base, setting, grid[lo]), allowed_factories) or 0
+        trials += 1
+    return Longest(grid[lo] if lo >= 0 else 0, grid[hi] if hi < len(grid) else None,
+                   peaks.get(lo), trials)
+
+
+def model_context(base: ProbeSpec, allowed_factories: Collection[str] = ()) -> int:
+    """The longest seq_len the model takes (its position table), capped at what any spec allows."""
+    try:
+        context = build_model(base, "meta", allowed_factories).max_seq_len
+    except SpecError:
+        context = None
+    return min(context or MAX_SEQ_LEN, MAX_SEQ_LEN)
+
+
+def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting] | None = None,
+               emit: Emit = _ignore, allowed_factories: Collection[str] = ()) -> WhatIf:
+    """Every setting × seq_len cell, then each setting's longest sequence at micro-batch 1.
+
+    `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each
+    row overrides finetuning, quantization, gradient_checkpointing and optimizer.
+    """
+    if base.capacity_bytes is None:
+        raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
+    started_s = time.perf_counter()
+    settings = list(settings) if settings is not None else settings_grid()
+    base = base.model_copy(update={"mode": "estimate"})
+    context = model_context(base, allowed_factories)
+    total, done = len(settings) * (len(seq_lens) + 1), 0
+    rows = []
+    for setting in settings:
+        row = Row(setting, setting.label)
+        for seq_len in seq_lens:
+            cell = estimate_cell(_cell_spec(base, setting, seq_len), allowed_factories)
+            row.cells.append(cell)
+            done += 1
+            emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": seq_len,
+                  "max_micro_batch": cell.max_micro_batch, "peak_bytes": cell.peak_bytes, "note": cell.note})
+        if any(cell.note for cell in row.cells) and all(cell.max_micro_batch is None for cell in row.cells):
+            row.longest = Longest(None, note=row.cells[0].note)
+        else:
+            row.longest = longest_at_one(base, setting, context, row.cells, allowed_factories)
+        done += 1
+        emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": "longest",
+              "longest_seq_len": row.longest.seq_len, "note": row.longest.note})
+        rows.append(row)
+    model = base.model if isinstance(base.model, str) else "hf:inline"
+    return WhatIf(model, base.capacity_bytes, base.precision, list(seq_lens), context, rows,
+                  round(time.perf_counter() - started_s, 3))
+
+
+def format_whatif(table: WhatIf) -> str:
+    """The table as text: a row per setting, per seq_len its max micro-batch and peak, then the longest."""
+    head = [f"{'seq_len ' + str(s):>22}" for s in table.seq_lens]
+    lines = [(f"{table.model} {table.precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
+              "each cell: max micro-batch (peak)"),
+             f"{'setting':<36}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
+    for row in table.rows:
+        cells = []
+        for cell in row.cells:
+            if cell.max_micro_batch is None:
+                text = "n/a"
+            elif cell.max_micro_batch == 0:
+                text = "does not fit"
+            else:
+                text = f"{cell.max_micro_batch} ({format_bytes(cell.peak_bytes)})"
+            cells.append(f"{text:>22}")
+        longest = row.longest
+        if longest is None or longest.seq_len is None:
+            last = "n/a"
+        else:
+            last = str(longest.seq_len) if longest.seq_len else f"< {SEQ_GRID}"
+        lines.append(f"{row.label:<36}" + "".join(cells) + f"  {last:>20}")
+    notes = sorted({cell.note for row in table.rows for cell in row.cells if cell.note})
+    lines.extend(f"n/a: {note.removeprefix('not applicable: ')}" for note in notes)
+    lines.append(f"model context {table.context} tokens; longest seq searched on a {SEQ_GRID}-token grid; "
+                 f"{table.wall_s:.1f}s")
+    return "\n".join(lines)

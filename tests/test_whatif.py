@@ -1,0 +1,124 @@
+"""The what-if table: each cell is the estimate a probe of that setting gives, and the longest-sequence
+column is the longest grid point that fits at micro-batch 1 (the next one does not)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from probe.job import make_trial, run_probe
+from probe.spec import ProbeSpec
+from probe.whatif import SEQ_GRID, Setting, run_whatif
+
+# 2 layers, hidden 128, vocab 2000: a step of a few MiB, so 24 MiB makes the cells differ by setting
+LLAMA = dict(model_type="llama", vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+CAPACITY_BYTES = 24 << 20
+SEQ_LENS = [128, 256]
+SETTINGS = [Setting("full", False, "adamw_torch_fused"), Setting("qlora", True, "adamw_bnb_8bit")]
+
+
+@pytest.fixture(scope="module")
+def table():
+    events = []
+    base = ProbeSpec(model=LLAMA, seq_len=128, mode="estimate", capacity_bytes=CAPACITY_BYTES, precision="bf16-mixed")
+    return base, run_whatif(base, SEQ_LENS, SETTINGS, events.append), events
+
+
+def cell_spec(base: ProbeSpec, setting: Setting, seq_len: int) -> ProbeSpec:
+    return base.model_copy(update={**setting.update(), "seq_len": seq_len})
+
+
+def fits_at_one(spec: ProbeSpec) -> bool:
+    _, _, trial = make_trial(spec)
+    return trial(1).fits
+
+
+@pytest.mark.slow  # the table's cells are a few seconds each on a 2-core host
+def test_every_cell_is_the_single_estimate_of_its_setting(table):
+    base, whatif, _ = table
+    answers = set()
+    for row in whatif.rows:
+        for cell in row.cells:
+            search = run_probe(cell_spec(base, row.setting, cell.seq_len))["search"]
+            assert cell.max_micro_batch == search["max_micro_batch"], (row.label, cell.seq_len)
+            assert cell.safe_micro_batch == search["safe_micro_batch"], (row.label, cell.seq_len)
+            peak = next((t["peak_allocated_bytes"] for t in search["trials"]
+                         if t["fits"] and t["micro_batch"] == search["max_micro_batch"]), None)
+            assert cell.peak_bytes == peak, (row.label, cell.seq_len)
+            answers.add(cell.max_micro_batch)
+    assert len(answers) > 1, "the capacity should make the settings differ"
+
+
+@pytest.mark.slow
+def test_longest_sequence_fits_at_micro_batch_one_and_the_next_grid_point_does_not(table):
+    base, whatif, _ = table
+    assert whatif.context == 1024
+    for row in whatif.rows:
+        longest = row.longest
+        assert longest.seq_len and longest.seq_len % SEQ_GRID == 0, row.label
+        assert fits_at_one(cell_spec(base, row.setting, longest.seq_len)), row.label
+        assert longest.next_candidate == longest.seq_len + SEQ_GRID
+        assert not fits_at_one(cell_spec(base, row.setting, longest.next_candidate)), row.label
+    assert whatif.rows[1].longest.seq_len > whatif.rows[0].longest.seq_len  # QLoRA + checkpointing reach further
+
+
+@pytest.mark.slow
+def test_one_progress_event_per_cell(table):
+    _, _, events = table
+    total = len(SETTINGS) * (len(SEQ_LENS) + 1)
+    assert [e["done"] for e in events] == list(range(1, total + 1))
+    assert {e["type"] for e in events} == {"whatif_cell"} and {e["total"] for e in events} == {total}
+
+
+def test_qlora_on_a_builtin_model_is_not_applicable_rather_than_a_crash():
+    base = ProbeSpec(model="builtin:gpt-nano", seq_len=32, mode="estimate", capacity_bytes=12 << 20)
+    whatif = run_whatif(base, [32], [Setting("qlora", False, "adamw_torch_fused")])
+    (row,) = whatif.rows
+    assert row.cells[0].max_micro_batch is None and "Hugging Face models" in row.cells[0].note
+    assert row.longest.seq_len is None and row.longest.note.startswith("not applicable")
+
+
+def fitprobe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, check=False, text=True, timeout=300)
+
+
+WHATIF = ["whatif", "--model", "builtin:gpt-nano", "--capacity", "12MiB", "--seq-len", "32,64",
+          "--finetuning", "full,qlora", "--checkpointing", "off", "--optimizers", "adamw_torch_fused"]
+
+
+@pytest.mark.slow
+def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
+    run = fitprobe(*WHATIF)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "seq_len 32" in lines[1] and "seq_len 64" in lines[1] and "longest seq at mb 1" in lines[1]
+    full = next(line for line in lines if line.startswith("full · no ckpt · adamw_torch_fused"))
+    assert re.search(r"\d+ \([\d.]+MiB\)\s+\d+ \([\d.]+MiB\)\s+\d+$", full), full
+    qlora = next(line for line in lines if line.startswith("qlora"))
+    assert qlora.count("n/a") == 3, qlora
+    # one progress line per cell, with the elapsed time: 2 rows × (2 seq_lens + the longest)
+    progress = [line for line in run.stderr.splitlines() if "what-if" in line]
+    assert len(progress) == 6 and re.match(r"\[fitprobe +[\d.]+s\] what-if 1/6: full", progress[0])
+
+    as_json = fitprobe(*WHATIF, "--json", "--quiet")
+    table = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and not as_json.stderr.strip()
+    assert table["seq_lens"] == [32, 64] and len(table["rows"]) == 2
+    full_row = table["rows"][0]
+    assert [c["max_micro_batch"] for c in full_row["cells"]] == [int(x) for x in re.findall(r"(\d+) \(", full)]
+    assert table["rows"][1]["cells"][0]["max_micro_batch"] is None
+
+
+def test_sizing_the_step_shows_progress_per_option_on_stderr():
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "512", "--capacity", "3MiB", "--estimate")
+    assert run.returncode == 1 and "does not fit" in run.stdout, run.stdout + run.stderr
+    sizing = [line for line in run.stderr.splitlines() if "sizing the step" in line]
+    total = int(re.search(r"sizing the step 1/(\d+):", sizing[1]).group(1))
+    assert [re.search(r"sizing the step (\d+)/", line).group(1) for line in sizing[1:]] == \
+        [str(i) for i in range(1, total + 1)]
+    assert "gradient checkpointing" in sizing[1]
