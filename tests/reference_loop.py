@@ -117,11 +117,19 @@ def hf_trainer_optimizer(optim: str, params: list[torch.nn.Parameter]) -> torch.
 def run_user_loop(fields: dict[str, Any], settings: LoopSettings, seed: int = 0,
                   make_optimizer=None) -> None:
     """The standard HF loop: model, batches, optimizer steps. Count it with either counter below."""
-    generator = torch.Generator().manual_seed(seed)
     model = build_user_model(fields, settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params) if make_optimizer else hf_trainer_optimizer(settings.optim, params)
+    train(model, optimizer, settings, seed)
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings, seed: int = 0) -> None:
+    """Batches as a padding collator makes them (one padding token, or none when packed), then the HF loop:
+    `loss = model(...).loss / accumulation; loss.backward()` per micro-batch, one optimizer step each."""
+    generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(settings.accumulation):
-        ids = torch.randint(0, fields["vocab_size"], (settings.micro_batch, settings.seq_len), generator=generator)
+        ids = torch.randint(0, model.config.vocab_size, (settings.micro_batch, settings.seq_len), generator=generator)
         mask = None
         labels = ids
         if settings.padded:
@@ -129,8 +137,6 @@ def run_user_loop(fields: dict[str, Any], settings: LoopSettings, seed: int = 0,
             mask[0, -1] = 0
             labels = ids.masked_fill(mask == 0, -100)
         batches.append((ids, mask, labels))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params) if make_optimizer else hf_trainer_optimizer(settings.optim, params)
     for _ in range(settings.optimizer_steps):
         for ids, mask, labels in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
@@ -194,20 +200,5 @@ def run_qlora_loop(checkpoint: str, settings: LoopSettings, quant_type: str = "n
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    batches = []
-    for _ in range(settings.accumulation):
-        ids = torch.randint(0, vocab, (settings.micro_batch, settings.seq_len), generator=generator)
-        mask = torch.ones_like(ids)
-        mask[0, -1] = 0
-        batches.append((ids, mask, ids.masked_fill(mask == 0, -100)))
-    optimizer = hf_trainer_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad])
-    for _ in range(settings.optimizer_steps):
-        for ids, mask, labels in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
-            loss.backward()
-            del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    train(model, hf_trainer_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad]),
+          settings, seed)
