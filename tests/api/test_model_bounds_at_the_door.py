@@ -47,6 +47,10 @@ def test_oversized_and_negative_model_sizes_are_422_fast_and_the_server_neither_
         client.post("/v1/probes", json={"model": {**LLAMA, "num_hidden_layers": 0}, "seq_len": 32})  # warm imports
         before = _rss_bytes(server.process.pid)
         watcher.start()
+        # the bombs answer in milliseconds: let the other client be mid-stream before the first one
+        deadline = time.monotonic() + 10
+        while not health_times and time.monotonic() < deadline:
+            time.sleep(0.01)
         try:
             for _ in range(3):
                 for fields, field in HOSTILE_CONFIGS:
