@@ -25,7 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from probe import quantization
+from probe import cuda_attention, quantization
 from probe.meter import CpuMeter, LiveBytesMode
 from probe.spec import SpecError
 
@@ -79,9 +79,13 @@ class EstimateMeter(CpuMeter):
     kind = "estimate-fake-tensors"
     measures_time = False
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, gpu: str | None = None) -> None:
         super().__init__(capacity_bytes)
         self.device = fake_device()
+        self.gpu = gpu
+        # a named card: attention counted as its CUDA kernels run it (probe/cuda_attention.py)
+        arch = cuda_attention.arch_of(gpu)
+        self.attention = cuda_attention.CudaAttention(arch) if arch else None
         # real tensors met inside (e.g. a torch.Generator's state) are converted, not refused
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self._mode = LiveBytesMode(capacity_bytes)
@@ -94,6 +98,9 @@ class EstimateMeter(CpuMeter):
         if self._has_experts:  # a Python mode taxes every op (~8 % of a 14B estimate): only where needed
             stack.enter_context(_GroupedMatmulAnyFloat())
         stack.enter_context(self._mode)
+        if self.attention is not None:
+            stack.enter_context(self.attention)
+            stack.enter_context(cuda_attention.CudaKernelBuffers())  # above the counter: what it holds counts
         return stack
 
     def fake_tensors(self) -> AbstractContextManager:
@@ -131,4 +138,18 @@ class EstimateMeter(CpuMeter):
 
     @property
     def accuracy_note(self) -> str:
+        if self.attention is not None:
+            return (f"fake tensors, attention counted as {self.gpu}'s CUDA kernels run it (see attention.kernels); "
+                    "not counted: other kernels' workspaces, the CUDA context and allocator fragmentation "
+                    "(keep the headroom)")
         return ACCURACY_NOTE[self.device.type]
+
+    def kernel_facts(self) -> dict | None:
+        """Which SDPA kernels the count assumed, per call pattern, and why (None: this host's kernels)."""
+        if self.attention is None:
+            return None
+        major, minor = self.attention.arch
+        return {"card": self.gpu, "compute_capability": f"{major}.{minor}",
+                "assumed": "torch's default SDPA order on CUDA: flash, memory-efficient, math (builds that "
+                           "prefer cuDNN attention on sm90/sm100 save the same tensors as flash, plus the mask)",
+                "sdpa": self.attention.facts()}

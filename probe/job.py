@@ -50,7 +50,7 @@ def device_facts(meter: Meter) -> dict[str, Any]:
     if isinstance(meter, EstimateMeter):
         return {"device": str(meter.device), "name": f"estimate ({meter.device.type} fake tensors)",
                 "total_bytes": None, "capacity_bytes": meter.capacity_bytes, "meter": meter.kind,
-                "accuracy_note": meter.accuracy_note, "allocator_config": None}
+                "accuracy_note": meter.accuracy_note, "allocator_config": None, "kernels": meter.kernel_facts()}
     if meter.device.type == "cuda":
         props = torch.cuda.get_device_properties(meter.device)
         name, total = props.name, props.total_memory
@@ -88,7 +88,7 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
             ) -> tuple[Meter, LoadedModel]:
     """The meter for the spec's device and the model built under it (so its weights are counted)."""
     if spec.mode == "estimate":
-        meter = meter or EstimateMeter(spec.capacity_bytes)
+        meter = meter or EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
     elif spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
                         "or --estimate")

@@ -104,7 +104,7 @@ class EstimatedShardedTrial:
     def __init__(self, spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> None:
         self.spec = spec
         self.allowed_factories = allowed_factories
-        self.meter = EstimateMeter(spec.capacity_bytes)
+        self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
 
     def __call__(self, micro_batch: int) -> TrialResult:
         with process_group(self.spec.num_devices):

@@ -95,3 +95,73 @@ def test_cuda_trial_of_each_optimizer_equals_the_hf_loop_on_cuda(optim, tmp_path
     assert result.peak_allocated_bytes >= expected * 0.995
     if not optim.startswith("paged"):
         assert result.peak_allocated_bytes == pytest.approx(expected, rel=0.01)
+
+
+SDPA_CASES = [  # dtype, heads, kv_heads, head size, mask, causal, enable_gqa
+    (torch.bfloat16, 8, 8, 128, False, True, False),
+    (torch.bfloat16, 8, 8, 128, True, False, False),
+    (torch.float32, 8, 8, 64, False, True, False),
+    (torch.float16, 8, 2, 64, False, True, True),
+    (torch.bfloat16, 8, 8, 256, False, True, False),
+    (torch.float32, 8, 8, 66, False, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype, heads, kv_heads, head, masked, causal, gqa", SDPA_CASES)
+def test_sdpa_backend_rules_match_torch_on_this_card(dtype, heads, kv_heads, head, masked, causal, gqa):
+    """probe/cuda_attention.py's rules against torch's own choice on this card (cuDNN attention off:
+    the estimate assumes torch's default order flash, memory-efficient, math)."""
+    from probe.cuda_attention import select_backend
+
+    names = {int(torch.nn.attention.SDPBackend.FLASH_ATTENTION): "flash",
+             int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION): "efficient",
+             int(torch.nn.attention.SDPBackend.MATH): "math"}
+    q = torch.randn(2, heads, 256, head, dtype=dtype, device="cuda", requires_grad=True)
+    k = torch.randn(2, kv_heads, 256, head, dtype=dtype, device="cuda", requires_grad=True)
+    v = torch.randn(2, kv_heads, 256, head, dtype=dtype, device="cuda", requires_grad=True)
+    mask = torch.ones(2, 1, 256, 256, dtype=torch.bool, device="cuda").tril() if masked else None
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        chosen = torch._fused_sdp_choice(q, k, v, mask, 0.0, causal and not masked, None, gqa)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    ours = select_backend(torch.cuda.get_device_capability(), q, k, v, mask, 0.0, causal and not masked, gqa)
+    assert ours.backend == names[int(chosen)], ours.why
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["flash", "efficient"])
+def test_one_attention_step_peak_equals_the_count_as_on_this_card(masked):
+    """The allocator's peak over one SDPA forward + backward (inputs and output gradient already there)
+    against the same step counted under fake tensors as this card runs it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from probe.cuda_attention import CudaAttention, CudaKernelBuffers
+    from probe.meter import LiveBytesMode
+
+    arch = torch.cuda.get_device_capability()
+
+    def step(device, count=None):
+        q, k, v = (torch.randn(2, 8, 1000, 128, dtype=torch.bfloat16, device=device, requires_grad=True)
+                   for _ in range(3))
+        mask = torch.ones(2, 1, 1000, 1000, dtype=torch.bool, device=device).tril() if masked else None
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            if count is None:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=not masked)
+                out.backward(torch.ones_like(out))
+                torch.cuda.synchronize()
+                return torch.cuda.max_memory_allocated() - before
+            with count, CudaAttention(arch), CudaKernelBuffers():
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=not masked)
+                out.backward(torch.ones_like(out))
+            return count.peak_bytes
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+
+    real = step("cuda")
+    with FakeTensorMode():
+        counted = step("cuda", LiveBytesMode())
+    assert counted == real
