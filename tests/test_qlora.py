@@ -19,7 +19,7 @@ from probe.job import run_trial
 from probe.spec import ProbeSpec
 from tests.reference_loop import (LiveBytes, LoopSettings, allocator_peak_bytes, run_qlora_loop,
                                   save_random_model)
-from tests.test_optimizers import FAMILIES
+from tests.test_optimizers import FAMILIES, pairwise
 
 TOLERANCE = 0.005
 
@@ -38,9 +38,8 @@ def qlora_spec(family: str, optim: str, **extra) -> ProbeSpec:
                      finetuning="lora", quantization="nf4", precision="bf16-mixed", optimizer=optim, **extra)
 
 
-@pytest.mark.parametrize("micro_batch", [1, 8], ids=["optimizer-bound", "activation-bound"])
-@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_torch_fused"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.slow  # 10-25 s each: the recipe, the trial and the estimate
+@pytest.mark.parametrize("family,optim,micro_batch", pairwise(["paged_adamw_8bit", "adamw_torch_fused"]))
 def test_qlora_trial_equals_the_qlora_recipe(checkpoints, family, optim, micro_batch):
     settings = LoopSettings(micro_batch=micro_batch, optim=optim, precision="bf16-mixed", lora=True)
     counter = LiveBytes()

@@ -1,4 +1,6 @@
-"""A real uvicorn server in a subprocess on 127.0.0.1, with its own data dir."""
+"""The service two ways: in this process through FastAPI's TestClient, for route logic (what a route
+answers, refuses, exports), and as a real uvicorn server in a subprocess on 127.0.0.1 with its own data
+dir, where the wire itself is under test (streams, body limits, signals, the browser, slow clients)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
 
 FAST_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "effective_batch": 24}
 # long enough to still be running when a test kills or cancels it (within the CPU device's 1 GiB)
@@ -47,6 +54,15 @@ class Server:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextmanager
+def in_process(data_dir: Path, **settings: str) -> Iterator[TestClient]:
+    """The app with its lifespan (database, worker thread, job processes) but no uvicorn: starting one costs
+    seconds on the 2-core machine. The Host is a loopback name, which the app's Host check lets through."""
+    app = create_app(Settings(data_dir=data_dir, **settings))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client
 
 
 def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Server:
@@ -86,3 +102,10 @@ def server(tmp_path_factory) -> Iterator[Server]:
     running = start_server(root / "data")
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Iterator[TestClient]:
+    """One in-process app per module, as `server` is one uvicorn per module."""
+    with in_process(tmp_path_factory.mktemp("app") / "data") as client:
+        yield client

@@ -5,36 +5,34 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from fastapi.testclient import TestClient
 
 from probe.gpus import gpu_capacity_bytes
-from tests.api.conftest import Server, start_server
+from tests.api.conftest import in_process
 
 
 @pytest.fixture(scope="module")
-def short_server(tmp_path_factory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("limits") / "data", max_seq_len="1000")
-    yield running
-    running.stop()
+def client(tmp_path_factory) -> Iterator[TestClient]:
+    with in_process(tmp_path_factory.mktemp("limits") / "data", max_seq_len="1000") as client:
+        yield client
 
 
-def test_the_limits_the_service_answers_are_the_ones_it_enforces(short_server):
-    with short_server.client() as client:
-        limits = client.get("/v1/limits").json()
-        assert limits["max_seq_len"] == 1000 and limits["max_effective_batch"] == 65_536
-        refused = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 1001})
-        assert refused.status_code == 422 and "seq_len must be ≤ 1000 on this service" in refused.json()["detail"]
+def test_the_limits_the_service_answers_are_the_ones_it_enforces(client):
+    limits = client.get("/v1/limits").json()
+    assert limits["max_seq_len"] == 1000 and limits["max_effective_batch"] == 65_536
+    refused = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 1001})
+    assert refused.status_code == 422 and "seq_len must be ≤ 1000 on this service" in refused.json()["detail"]
 
 
-def test_a_gpu_by_name_sets_the_capacity_of_an_estimate(short_server):
-    with short_server.client() as client:
-        job = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
-                                              "gpu": "a100-80gb", "reuse": False})
-        assert job.status_code == 202, job.text
-        assert job.json()["spec"]["capacity_bytes"] == gpu_capacity_bytes("a100-80gb")
-        client.delete(f"/v1/probes/{job.json()['id']}")
-        measured = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "gpu": "a100-80gb"})
-        assert measured.status_code == 422
-        assert "gpu a100-80gb plans for a card this machine does not measure: set mode to estimate" in measured.text
-        unknown = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
-                                                  "gpu": "b300"})
-        assert unknown.status_code == 422 and "unknown GPU 'b300'; choose one of: t4-16gb" in unknown.text
+def test_a_gpu_by_name_sets_the_capacity_of_an_estimate(client):
+    job = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+                                          "gpu": "a100-80gb", "reuse": False})
+    assert job.status_code == 202, job.text
+    assert job.json()["spec"]["capacity_bytes"] == gpu_capacity_bytes("a100-80gb")
+    client.delete(f"/v1/probes/{job.json()['id']}")
+    measured = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "gpu": "a100-80gb"})
+    assert measured.status_code == 422
+    assert "gpu a100-80gb plans for a card this machine does not measure: set mode to estimate" in measured.text
+    unknown = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+                                              "gpu": "b300"})
+    assert unknown.status_code == 422 and "unknown GPU 'b300'; choose one of: t4-16gb" in unknown.text

@@ -103,8 +103,14 @@ def test_unknown_ids_are_404_and_lists_filter_and_paginate(server):
     with server.client() as client:
         assert client.get("/v1/probes/nope").status_code == 404
         assert client.delete("/v1/probes/nope").status_code == 404
+        # jobs of its own, so that it passes alone too: two succeeded (the second answered from the cache of
+        # the first) and one cancelled, which the status filter must leave out
+        wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+        assert client.post("/v1/probes", json=FAST_JOB).json()["status"] == "succeeded"
+        cancelled = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
+        assert client.delete(f"/v1/probes/{cancelled}").json()["status"] == "cancelled"
         page = client.get("/v1/probes", params={"status": "succeeded", "limit": 1}).json()
-        assert len(page["items"]) == 1 and page["total"] >= 1
+        assert len(page["items"]) == 1 and page["total"] >= 2
         assert all(j["status"] == "succeeded" for j in page["items"])
         assert client.get("/v1/probes", params={"status": "bogus"}).status_code == 422
 
