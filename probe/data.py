@@ -52,8 +52,7 @@ class LengthProfile:
 
     def quantile(self, q: float) -> int:
         """numpy's `inverted_cdf` quantile: an actual row length, as a user would quote it."""
-        cumulative = np.cumsum(self.histogram)
-        return int(np.searchsorted(cumulative, max(q * self.rows, 1), side="left"))
+        return _quantile(self.histogram, q)
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,8 @@ class _Progress:
 def read_profile(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> LengthProfile:
     """Read a .jsonl, .parquet, .txt/.lengths file or a `save_to_disk` directory into a LengthProfile."""
     path = Path(path)
+    if not path.exists():
+        raise SpecError(f"{path}: no such file or directory")
     if path.is_dir():
         chunks = _arrow_dir_lengths(path, progress)
     elif path.suffix in (".jsonl", ".parquet", ".txt", ".lengths"):
@@ -97,8 +98,7 @@ def read_profile(path: str | os.PathLike[str], progress: ProgressFn | None = Non
     for lengths in chunks:
         too_long = np.flatnonzero(lengths > MAX_ROW_TOKENS)
         if too_long.size:
-            raise SpecError(f"{path}: row {rows + too_long[0] + 1} has {lengths[too_long[0]]} tokens, more than "
-                            f"{MAX_ROW_TOKENS}; cut rows to your seq_len before profiling")
+            raise _too_long(path, rows + int(too_long[0]) + 1, int(lengths[too_long[0]]))
         counts = np.bincount(lengths, minlength=histogram.size)
         counts[: histogram.size] += histogram
         histogram, rows = counts, rows + lengths.size
@@ -107,14 +107,25 @@ def read_profile(path: str | os.PathLike[str], progress: ProgressFn | None = Non
     return _profile(histogram)
 
 
+def _too_long(path: Path, row: int, tokens: int) -> SpecError:
+    return SpecError(f"{path}: row {row} has {tokens} tokens, more than {MAX_ROW_TOKENS}; "
+                     "cut rows to your seq_len before profiling")
+
+
+def _quantile(histogram: np.ndarray, q: float) -> int:
+    """The smallest length that at least q of the rows do not exceed (numpy's `inverted_cdf`)."""
+    cumulative = np.cumsum(histogram)
+    return int(np.searchsorted(cumulative, max(q * cumulative[-1], 1), side="left"))
+
+
 def _profile(histogram: np.ndarray) -> LengthProfile:
-    histogram = histogram[: np.flatnonzero(histogram)[-1] + 1]
-    histogram.flags.writeable = False
+    nonzero = np.flatnonzero(histogram)
+    histogram = histogram[: nonzero[-1] + 1]
+    histogram.flags.writeable = False  # the profile is frozen; so is the array it hands out
     rows = int(histogram.sum())
     total = int(np.dot(np.arange(histogram.size, dtype=np.int64), histogram))
-    profile = LengthProfile(rows, total, int(np.flatnonzero(histogram)[0]), histogram.size - 1, total / rows, (),
-                            histogram)
-    return LengthProfile(**{**profile.__dict__, "quantiles": tuple((q, profile.quantile(q)) for q in QUANTILES)})
+    quantiles = tuple((q, _quantile(histogram, q)) for q in QUANTILES)
+    return LengthProfile(rows, total, int(nonzero[0]), int(nonzero[-1]), total / rows, quantiles, histogram)
 
 
 def worst_batch(profile: LengthProfile, collation: Collation, micro_batch: int, seq_len: int) -> WorstBatch:
@@ -209,10 +220,12 @@ def _text_lengths(path: Path, progress: _Progress) -> Iterator[np.ndarray]:
     def lengths() -> Iterator[int]:
         for number, line in _lines(path, progress):
             text = line.strip()
-            if not text.isdigit() or not text.isascii():
+            if not text.isdigit():  # bytes: ASCII digits only, so no sign, point or exponent
                 what = "a negative length" if text.startswith(b"-") and text[1:].isdigit() else "not a whole number"
                 raise SpecError(f"{path}: row {number} is {what} ({text[:40].decode(errors='replace')!r}); "
                                 "each line must be one row's token count, 0 or more")
+            if int(text) > MAX_ROW_TOKENS:  # before numpy, whose int64 a 20-digit count overflows
+                raise _too_long(path, number, int(text))
             yield int(text)
     return _chunked(lengths())
 
