@@ -13,6 +13,7 @@ one `SpecError` naming the file and the row (1-based) so the user can find it wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -86,6 +87,8 @@ def read_profile(path: str | os.PathLike[str], progress: ProgressFn | None = Non
     path = Path(path)
     if not path.exists():
         raise SpecError(f"{path}: no such file or directory")
+    if (path.is_dir() or path.suffix == ".parquet") and importlib.util.find_spec("pyarrow") is None:
+        raise SpecError(f"{path}: reading Parquet or save_to_disk data needs pyarrow: pip install 'fitprobe[hf]'")
     if path.is_dir():
         chunks = _arrow_dir_lengths(path, progress)
     elif path.suffix in (".jsonl", ".parquet", ".txt", ".lengths"):
@@ -130,11 +133,11 @@ def _profile(histogram: np.ndarray) -> LengthProfile:
 
 def worst_batch(profile: LengthProfile, collation: Collation, micro_batch: int, seq_len: int) -> WorstBatch:
     """The widest batch of `micro_batch` rows that `collation` builds from this data, rows cut at seq_len."""
+    if collation == "packed":  # packing splits rows, so any data fills any number of rows
+        return WorstBatch("packed", (micro_batch, seq_len), (seq_len,) * micro_batch)
     if micro_batch > profile.rows:
         raise SpecError(f"micro-batch {micro_batch} is larger than the dataset ({profile.rows} rows): "
                         "a batch never holds more rows than the data has")
-    if collation == "packed":
-        return WorstBatch("packed", (micro_batch, seq_len), (seq_len,) * micro_batch)
     longest = _longest(profile.histogram, micro_batch, seq_len)
     if collation == "padded":
         return WorstBatch("padded", (micro_batch, longest[0]), longest)
@@ -256,13 +259,19 @@ def _column_lengths(column: Any, path: Path, first_row: int) -> np.ndarray:
 def _parquet_lengths(path: Path, progress: _Progress) -> Iterator[np.ndarray]:
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as file:
-        _require_input_ids(file.schema_arrow.names, path, 1)
-        total_rows, rows = max(file.metadata.num_rows, 1), 0
-        for batch in file.iter_batches(batch_size=_CHUNK_ROWS, columns=["input_ids"]):
-            yield _column_lengths(batch.column("input_ids"), path, rows + 1)
-            rows += batch.num_rows
-            progress(rows, progress.total_bytes * rows // total_rows)  # bytes in proportion to rows
+    rows = 0
+    try:
+        with pq.ParquetFile(path) as file:
+            _require_input_ids(file.schema_arrow.names, path, 1)
+            total_rows = max(file.metadata.num_rows, 1)
+            for batch in file.iter_batches(batch_size=_CHUNK_ROWS, columns=["input_ids"]):
+                yield _column_lengths(batch.column("input_ids"), path, rows + 1)
+                rows += batch.num_rows
+                progress(rows, progress.total_bytes * rows // total_rows)  # bytes in proportion to rows
+    except SpecError:
+        raise
+    except (OSError, ValueError) as exc:  # pyarrow's errors for a damaged file are both
+        raise SpecError(f"{path}: not a readable Parquet file after row {rows} ({exc})") from None
     progress(rows, progress.total_bytes, final=True)
 
 
@@ -281,11 +290,16 @@ def _arrow_dir_lengths(path: Path, progress: ProgressFn | None) -> Iterator[np.n
     sizes = [(path / name).stat().st_size for name in names]
     tracker, rows, done_bytes = _Progress(progress, sum(sizes)), 0, 0
     for name, size in zip(names, sizes):
-        with pa.OSFile(str(path / name)) as source, pa.ipc.open_stream(source) as stream:
-            _require_input_ids(stream.schema.names, path / name, rows + 1)
-            for batch in stream:
-                yield _column_lengths(batch.column("input_ids"), path / name, rows + 1)
-                rows += batch.num_rows
-                tracker(rows, done_bytes + source.tell())
+        try:
+            with pa.OSFile(str(path / name)) as source, pa.ipc.open_stream(source) as stream:
+                _require_input_ids(stream.schema.names, path / name, rows + 1)
+                for batch in stream:
+                    yield _column_lengths(batch.column("input_ids"), path / name, rows + 1)
+                    rows += batch.num_rows
+                    tracker(rows, done_bytes + source.tell())
+        except SpecError:
+            raise
+        except (OSError, ValueError) as exc:  # pyarrow's errors for a damaged file are both
+            raise SpecError(f"{path / name}: not a readable arrow stream after row {rows} ({exc})") from None
         done_bytes += size
     tracker(rows, done_bytes, final=True)

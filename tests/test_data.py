@@ -135,6 +135,10 @@ def _saved(rows: list[list[int] | None], directory: Path, shards: int = 1) -> Pa
     return directory / "saved"
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-40])  # a copy cut short
+
+
 @pytest.mark.parametrize(("write", "message"), [
     (lambda d: d.joinpath("a.jsonl").write_text('{"input_ids": [1]}\n\n{"input_ids": [1, 2]}\n{"ids": [3]}\n'),
      r"a\.jsonl: row 4 has no input_ids"),
@@ -151,10 +155,14 @@ def _saved(rows: list[list[int] | None], directory: Path, shards: int = 1) -> Pa
      r"a\.jsonl: row 3 has 4194305 tokens, more than 4194304; cut rows to your seq_len"),
     (lambda d: datasets.Dataset.from_dict({"input_ids": [[1], [2, 3], None]}).to_parquet(d / "a.parquet"),
      r"a\.parquet: row 3: input_ids is missing"),
+    (lambda d: d.joinpath("a.parquet").write_bytes(b"PAR1 is not enough"),
+     r"a\.parquet: not a readable Parquet file after row 0"),
     (lambda d: datasets.Dataset.from_dict({"text": ["hi"]}).to_parquet(d / "a.parquet"),
      r"a\.parquet: row 1 has no input_ids column \(columns: text\)"),
     (lambda d: _saved([[1]] * 6 + [[1, None]] + [[2]] * 3, d, shards=2),  # row 7 is in the second file
      r"data-00001-of-00002\.arrow: row 7: input_ids holds a null"),
+    (lambda d: _truncate(_saved([[1, 2]] * 10, d) / "data-00000-of-00001.arrow"),
+     r"data-00000-of-00001\.arrow: not a readable arrow stream after row 0"),
     (lambda d: datasets.Dataset.from_dict({"input_ids": [["a"]]}).save_to_disk(d / "saved"),
      r"row 1: input_ids must be a list of integers \(column type list<item: string>\)"),
     (lambda d: datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1]]})}).save_to_disk(d / "saved"),
@@ -163,8 +171,11 @@ def _saved(rows: list[list[int] | None], directory: Path, shards: int = 1) -> Pa
 def test_a_malformed_dataset_names_the_file_and_row(write, message: str, tmp_path: Path) -> None:
     write(tmp_path)
     (path,) = [p for p in tmp_path.iterdir()]
-    with pytest.raises(SpecError, match=message):
+    with pytest.raises(SpecError, match=message) as raised:
         read_profile(path)
+    said = str(raised.value)
+    assert said.startswith(str(path)) and "\n" not in said
+    assert ("not a readable" in said) == ("not a readable" in message)  # a bad row is not called a damaged file
 
 
 _READ_AND_MEASURE = """
