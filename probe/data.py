@@ -91,9 +91,11 @@ def read_profile(path: str | os.PathLike[str], progress: ProgressFn | None = Non
         raise SpecError(f"{path}: reading Parquet or save_to_disk data needs pyarrow: pip install 'fitprobe[hf]'")
     if path.is_dir():
         chunks = _arrow_dir_lengths(path, progress)
-    elif path.suffix in (".jsonl", ".parquet", ".txt", ".lengths"):
-        reader = {".jsonl": _jsonl_lengths, ".parquet": _parquet_lengths}.get(path.suffix, _text_lengths)
-        chunks = reader(path, _Progress(progress, path.stat().st_size))
+    elif path.suffix == ".parquet":
+        chunks = _parquet_lengths(path, _Progress(progress, path.stat().st_size))
+    elif path.suffix in (".jsonl", ".txt", ".lengths"):
+        parse = _jsonl_row if path.suffix == ".jsonl" else _text_row
+        chunks = _line_lengths(path, _Progress(progress, path.stat().st_size), parse)
     else:
         raise SpecError(f"{path}: give a .jsonl, .parquet, .txt/.lengths file or a datasets save_to_disk directory")
     histogram = np.zeros(1, dtype=np.int64)
@@ -177,60 +179,46 @@ def expected_padding_fraction(profile: LengthProfile, collation: Collation, micr
     return 1 - float(np.sum(1 - cdf)) / expected_max if expected_max else 0.0
 
 
-def _lines(path: Path, progress: _Progress) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line) for each non-blank line, reporting bytes as they go."""
-    rows = bytes_read = 0
+def _line_lengths(path: Path, progress: _Progress, parse: Callable[[Path, int, bytes], int]) -> Iterator[np.ndarray]:
+    """parse(path, 1-based line number, line) of each non-blank line, _CHUNK_ROWS lengths at a time."""
+    buffer: list[int] = []
+    bytes_read = rows = 0
     with path.open("rb") as file:
         for number, line in enumerate(file, start=1):
             bytes_read += len(line)
             if line.strip():
-                rows += 1
-                yield number, line
-                progress(rows, bytes_read)
-    progress(rows, bytes_read, final=True)
+                buffer.append(parse(path, number, line))
+                progress(rows + len(buffer), bytes_read)
+            if len(buffer) == _CHUNK_ROWS:
+                rows += len(buffer)
+                yield np.array(buffer, dtype=np.int64)
+                buffer = []
+    yield np.array(buffer, dtype=np.int64)
+    progress(rows + len(buffer), bytes_read, final=True)
 
 
-def _chunked(lengths: Iterator[int]) -> Iterator[np.ndarray]:
-    buffer: list[int] = []
-    for length in lengths:
-        buffer.append(length)
-        if len(buffer) == _CHUNK_ROWS:
-            yield np.array(buffer, dtype=np.int64)
-            buffer = []
-    if buffer:
-        yield np.array(buffer, dtype=np.int64)
+def _jsonl_row(path: Path, number: int, line: bytes) -> int:
+    try:
+        row: Any = json.loads(line)
+    except ValueError as exc:
+        raise SpecError(f"{path}: row {number} is not JSON ({exc})") from None
+    ids = row.get("input_ids") if isinstance(row, dict) else None
+    if ids is None:
+        raise SpecError(f'{path}: row {number} has no input_ids; each line must be an object like {{"input_ids": [1, 2]}}')
+    if not isinstance(ids, list) or not all(type(token) is int for token in ids):
+        raise SpecError(f"{path}: row {number}: input_ids must be a list of integers (got {json.dumps(ids)[:60]})")
+    return len(ids)
 
 
-def _jsonl_lengths(path: Path, progress: _Progress) -> Iterator[np.ndarray]:
-    def lengths() -> Iterator[int]:
-        for number, line in _lines(path, progress):
-            try:
-                row: Any = json.loads(line)
-            except ValueError as exc:
-                raise SpecError(f"{path}: row {number} is not JSON ({exc})") from None
-            ids = row.get("input_ids") if isinstance(row, dict) else None
-            if ids is None:
-                raise SpecError(f"{path}: row {number} has no input_ids; each line must be an object "
-                                'like {"input_ids": [1, 2, 3]}')
-            if not isinstance(ids, list) or not all(type(token) is int for token in ids):
-                raise SpecError(f"{path}: row {number}: input_ids must be a list of integers "
-                                f"(got {json.dumps(ids)[:60]})")
-            yield len(ids)
-    return _chunked(lengths())
-
-
-def _text_lengths(path: Path, progress: _Progress) -> Iterator[np.ndarray]:
-    def lengths() -> Iterator[int]:
-        for number, line in _lines(path, progress):
-            text = line.strip()
-            if not text.isdigit():  # bytes: ASCII digits only, so no sign, point or exponent
-                what = "a negative length" if text.startswith(b"-") and text[1:].isdigit() else "not a whole number"
-                raise SpecError(f"{path}: row {number} is {what} ({text[:40].decode(errors='replace')!r}); "
-                                "each line must be one row's token count, 0 or more")
-            if int(text) > MAX_ROW_TOKENS:  # before numpy, whose int64 a 20-digit count overflows
-                raise _too_long(path, number, int(text))
-            yield int(text)
-    return _chunked(lengths())
+def _text_row(path: Path, number: int, line: bytes) -> int:
+    text = line.strip()
+    if not text.isdigit():  # bytes: ASCII digits only, so no sign, point or exponent
+        what = "a negative length" if text.startswith(b"-") and text[1:].isdigit() else "not a whole number"
+        raise SpecError(f"{path}: row {number} is {what} ({text[:40].decode(errors='replace')!r}); "
+                        "each line must be one row's token count, 0 or more")
+    if int(text) > MAX_ROW_TOKENS:  # before numpy, whose int64 a 20-digit count overflows
+        raise _too_long(path, number, int(text))
+    return int(text)
 
 
 def _require_input_ids(names: list[str], path: Path, first_row: int) -> None:
@@ -257,6 +245,7 @@ def _column_lengths(column: Any, path: Path, first_row: int) -> np.ndarray:
 
 
 def _parquet_lengths(path: Path, progress: _Progress) -> Iterator[np.ndarray]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = 0
@@ -268,9 +257,7 @@ def _parquet_lengths(path: Path, progress: _Progress) -> Iterator[np.ndarray]:
                 yield _column_lengths(batch.column("input_ids"), path, rows + 1)
                 rows += batch.num_rows
                 progress(rows, progress.total_bytes * rows // total_rows)  # bytes in proportion to rows
-    except SpecError:
-        raise
-    except (OSError, ValueError) as exc:  # pyarrow's errors for a damaged file are both
+    except (pa.ArrowException, OSError) as exc:  # a damaged file; a bad row (SpecError) passes through
         raise SpecError(f"{path}: not a readable Parquet file after row {rows} ({exc})") from None
     progress(rows, progress.total_bytes, final=True)
 
@@ -297,9 +284,7 @@ def _arrow_dir_lengths(path: Path, progress: ProgressFn | None) -> Iterator[np.n
                     yield _column_lengths(batch.column("input_ids"), path / name, rows + 1)
                     rows += batch.num_rows
                     tracker(rows, done_bytes + source.tell())
-        except SpecError:
-            raise
-        except (OSError, ValueError) as exc:  # pyarrow's errors for a damaged file are both
+        except (pa.ArrowException, OSError) as exc:
             raise SpecError(f"{path / name}: not a readable arrow stream after row {rows} ({exc})") from None
         done_bytes += size
     tracker(rows, done_bytes, final=True)
