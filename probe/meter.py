@@ -99,6 +99,7 @@ class Meter(Protocol):
     measures_time: bool  # False under fake tensors: their step time says nothing about the device
 
     def tracking(self) -> AbstractContextManager: ...
+    def paused(self) -> AbstractContextManager: ...
     def start_trial(self) -> None: ...
     def phase(self, name: str) -> None: ...
     def reading(self) -> MemoryReading: ...
@@ -176,9 +177,15 @@ class LiveBytesMode(TorchDispatchMode):
         return result
 
     def _uncounted(self, call, *args, **kwargs):
+        with self.paused():
+            return call(*args, **kwargs)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Storages made inside are not counted, as if the mode were off (they cannot overflow either)."""
         self._paused += 1
         try:
-            return call(*args, **kwargs)
+            yield
         finally:
             self._paused -= 1
 
@@ -280,6 +287,10 @@ class CpuMeter:
     def tracking(self) -> AbstractContextManager:
         return self._mode
 
+    def paused(self) -> AbstractContextManager:
+        """Inside tracking, what is not the step's: measurements taken around it (the verification's)."""
+        return self._mode.paused()
+
     def start_trial(self) -> None:
         self._mode.reset_peaks()
 
@@ -329,6 +340,10 @@ class CudaMeter:
         self._retries_at_start = 0
 
     def tracking(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def paused(self) -> AbstractContextManager:
+        # the allocator counts everything; callers reset the peaks after what must not count
         return nullcontext()
 
     def start_trial(self) -> None:

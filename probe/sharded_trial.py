@@ -15,11 +15,7 @@ Both are callables `trial(b) -> TrialResult` for `find_micro_batch`, and both ru
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Collection
-from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,16 +48,16 @@ def combine(results: list[TrialResult]) -> TrialResult:
 
 
 def _trial_rank(rank: int, world_size: int, spec_json: dict[str, Any], micro_batch: int,
-                allowed_factories: list[str], out_dir: str) -> None:
-    """One spawned rank: build and shard the model under its own meter, run the trial, write the result."""
+                allowed_factories: list[str]) -> dict[str, Any]:
+    """One spawned rank: build and shard the model under its own meter, run the trial, return the result."""
     spec = ProbeSpec.model_validate(spec_json)
     meter = make_meter(f"cuda:{rank}" if spec.device.startswith("cuda") else "cpu", spec.capacity_bytes)
     model = build_sharded_model(spec, meter, allowed_factories)
     with meter.tracking():
         result = TrialRunner(spec, meter, model)(micro_batch)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result.to_dict()))
     if not result.fits:
-        raise RankOutOfMemory(result.error)
+        raise RankOutOfMemory(result.to_dict())
+    return result.to_dict()
 
 
 class MeasuredShardedTrial:
@@ -78,19 +74,14 @@ class MeasuredShardedTrial:
 
     def __call__(self, micro_batch: int) -> TrialResult:
         spec = self.spec
-        with tempfile.TemporaryDirectory(prefix="fitprobe-sharded-") as out_dir:
-            try:
-                spawn_ranks(_trial_rank, spec.num_devices, spec.device,
-                            (spec.model_dump(mode="json"), micro_batch, self.allowed_factories, out_dir))
-            except RankFailed as exc:
-                # a rank that ran out of memory wrote its result and stopped the others: a verdict
-                if not any(Path(out_dir).glob("rank*.json")):
-                    last_line = str(exc).strip().splitlines()[-1]
-                    raise TrialError(f"sharded trial at micro-batch {micro_batch} failed: {last_line}") from exc
-            names = {f.name for f in fields(TrialResult)}
-            results = [TrialResult(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
-                       for path in sorted(Path(out_dir).glob("rank*.json"))]
-        return combine(results)
+        try:
+            # a rank that runs out of memory stops the others: a verdict, from the results written so far
+            ranks = spawn_ranks(_trial_rank, spec.num_devices, spec.device,
+                                (spec.model_dump(mode="json"), micro_batch, self.allowed_factories))
+        except RankFailed as exc:
+            last_line = str(exc).strip().splitlines()[-1]
+            raise TrialError(f"sharded trial at micro-batch {micro_batch} failed: {last_line}") from exc
+        return combine([TrialResult(**result) for result in ranks.results if result is not None])
 
 
 class EstimatedShardedTrial:

@@ -9,9 +9,11 @@ and the last micro-batch is smaller. "Mean per micro-batch / accumulation_steps"
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from probe import optimizers
+from probe.meter import Meter
 from probe.models import LoadedModel
 from probe.spec import Collation, ProbeSpec
 
@@ -107,10 +110,13 @@ def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
             for i, lab, m, start, size in zip(ids, labels, masks, starts, sizes)]
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
     """The optimizer the user will train with; its state is what makes step two bigger than step one."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return optimizers.make_optimizer(spec.optimizer, params, lr, optimizers.device_type_of(spec))
+    return optimizers.make_optimizer(spec.optimizer, trainable_parameters(module), lr, optimizers.device_type_of(spec))
 
 
 def autocast_for(spec: ProbeSpec, device_type: str):
@@ -207,11 +213,99 @@ def train_step(
     spec: ProbeSpec,
     scaler: torch.amp.GradScaler | None = None,
     on_phase: PhaseCallback = _no_phase,
+    before_update: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """One optimizer step over `micro_batches`; `on_phase` lets a meter attribute peaks to phases."""
+    """One optimizer step over `micro_batches`; `on_phase` lets a meter attribute peaks to phases.
+
+    `before_update` runs once the gradients are accumulated and before the optimizer consumes them:
+    the one moment the step's gradient can be read.
+    """
     on_phase("forward_backward")
     loss = accumulate_gradients(model, micro_batches, spec, scaler)
+    if before_update is not None:
+        before_update()
     on_phase("optimizer")
     optimizer_step(optimizer, scaler)
     on_phase("idle")
     return loss
+
+
+class StepHooks:
+    """What a caller of `run_steps` measures around each step; the trial measures nothing more.
+
+    Each hook runs with the meter paused and the clock stopped, so what it computes (the verification
+    runs extra forward and backward passes) counts in neither the step's memory nor its time.
+    """
+
+    def scope(self, step: int) -> AbstractContextManager[None]:
+        """A context around the whole step, hooks included (the verification turns dropout off in one)."""
+        return nullcontext()
+
+    def before_step(self, step: int) -> None:
+        """Before the step, at the weights it starts from."""
+
+    def before_update(self, step: int) -> None:
+        """With the step's gradients accumulated, before the optimizer consumes them."""
+
+    def after_step(self, step: int, loss: torch.Tensor, elapsed_s: float) -> None:
+        """After the step; `loss` is its mean loss per target token, `elapsed_s` its time on the device."""
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.elapsed_s = 0.0
+        self._started = time.perf_counter()
+
+    def pause(self) -> None:
+        self.elapsed_s += time.perf_counter() - self._started
+
+    def resume(self) -> None:
+        self._started = time.perf_counter()
+
+
+def run_steps(
+    model: LoadedModel,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[MicroBatch],
+    spec: ProbeSpec,
+    scaler: torch.amp.GradScaler | None,
+    meter: Meter,
+    steps: int,
+    hooks: StepHooks | None = None,
+) -> list[float]:
+    """`steps` optimizer steps of `train_step` with the meter told each phase: each step's seconds.
+
+    A step's time runs until the device has finished it (the meter synchronizes); the caller holds
+    the meter's tracking and reads its peaks. The trial and the verification both train through here.
+    """
+    measure = hooks or StepHooks()
+    watch = _Stopwatch()
+
+    def before_update(step: int) -> None:
+        # the device must finish the backward before the clock stops, as at the end of the step
+        meter.synchronize()
+        watch.pause()
+        with meter.paused():
+            measure.before_update(step)
+        watch.resume()
+
+    step_times_s = []
+    for step in range(steps):
+        with measure.scope(step):
+            with meter.paused():
+                measure.before_step(step)
+            watch.restart()
+            # without hooks, nothing waits for the device mid-step (a sync would cost the trial time)
+            loss = train_step(model, optimizer, micro_batches, spec, scaler, meter.phase,
+                              partial(before_update, step) if hooks else None)
+            meter.synchronize()
+            watch.pause()
+            with meter.paused():
+                measure.after_step(step, loss, watch.elapsed_s)
+            # a device tensor: held into the next step, it would count in that step's peak
+            del loss
+        step_times_s.append(watch.elapsed_s)
+    return step_times_s

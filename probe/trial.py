@@ -8,7 +8,6 @@ OOM or not, so one trial's leftovers cannot make the next one look bigger.
 
 from __future__ import annotations
 
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from probe.meter import Meter, is_oom
 from probe.models import LoadedModel
 from probe.optimizers import paged_state_bytes
 from probe.spec import ProbeSpec, format_bytes
-from probe.step import make_optimizer, make_scaler, train_step, worst_case_batch
+from probe.step import make_optimizer, make_scaler, run_steps, worst_case_batch
 
 
 @dataclass
@@ -89,12 +88,7 @@ class TrialRunner:
         optimizer = make_optimizer(spec, self.model.module)
         scaler = make_scaler(spec, meter.device.type)
         meter.start_trial()
-        step_times_s = []
-        for _ in range(spec.optimizer_steps_per_trial):
-            started = time.perf_counter()
-            train_step(self.model, optimizer, batches, spec, scaler, on_phase=meter.phase)
-            meter.synchronize()
-            step_times_s.append(time.perf_counter() - started)
+        step_times_s = run_steps(self.model, optimizer, batches, spec, scaler, meter, spec.optimizer_steps_per_trial)
         reading = meter.reading()
         # paged optimizer state lives in CUDA unified memory, which the allocator's statistics never see
         unseen_bytes = paged_state_bytes(optimizer)

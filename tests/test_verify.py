@@ -12,12 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from probe.gradient_check import reference_gradient, relative_error
 from probe.job import run_job
 from probe.models import build_model
 from probe.plan import make_plan
 from probe.spec import ProbeSpec, SpecError
 from probe.step import IGNORE_INDEX, accumulate_gradients, split
-from probe.verify import reference_gradient, relative_error, run_verification, variable_length_batch
+from probe.verify import run_verification
+from probe.verify_run import variable_length_batch
 
 SEQ_LEN = 16
 
