@@ -17,6 +17,7 @@ routes; `make_executor` picks one from FITPROBE_EXECUTOR.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -107,10 +108,9 @@ class DbRetry:
 
 def kill_process_tree(process: subprocess.Popen) -> None:
     """SIGKILL the job process and every process it started (they share its process group)."""
-    try:
+    # the group may be gone already: its leader was reaped, and its ranks died with it
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already: its leader was reaped, and its ranks died with it
     process.kill()
 
 
@@ -160,7 +160,7 @@ class DeviceWorker(threading.Thread):
                     self._run(job)
                 except _Stopping:
                     raise
-                except Exception as exc:  # noqa: BLE001 - a bug in handling one job must not end the worker
+                except Exception as exc:  # a bug in handling one job must not end the worker
                     log.exception("worker %s: job %s failed in the service", self.device, job["id"])
                     self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
                                                          "the service log has the details")

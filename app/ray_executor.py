@@ -22,6 +22,7 @@ and runs the jobs. What each choice buys:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -212,7 +213,7 @@ class RayExecutor:
                 claimed = self._claim_and_submit()
             except _Stopping:
                 return
-            except Exception:  # noqa: BLE001 - Ray or a bug failing once must not end the dispatcher
+            except Exception:  # Ray or a bug failing once must not end the dispatcher
                 log.exception("ray executor: dispatching failed; trying again")
                 claimed = False
             if not claimed:
@@ -229,7 +230,7 @@ class RayExecutor:
             self._submit(job)
         except _Stopping:
             raise
-        except Exception as exc:  # noqa: BLE001 - a job the service could not submit fails, with where to look
+        except Exception as exc:  # a job the service could not submit fails, with where to look
             log.exception("ray executor: job %s failed in the service", job["id"])
             self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
                                                  "the service log has the details")
@@ -277,7 +278,7 @@ class RayExecutor:
                 self._db(self.store.release, job.job_id)  # a clean stop: queued again, without spending an attempt
         except _Stopping:
             return
-        except Exception as exc:  # noqa: BLE001 - one job's failure in the service must not hang it in running
+        except Exception as exc:  # one job's failure in the service must not hang it in running
             log.exception("ray executor: following job %s failed", job.job_id)
             ray.cancel(job.ref, force=True)
             self._db(self.store.fail, job.job_id, f"internal error ({type(exc).__name__}); "
@@ -312,7 +313,8 @@ class RayExecutor:
                 if time.monotonic() > deadline_s:
                     ray.cancel(job.ref, force=True)
                     waiting = "" if job.placement else ", still waiting for Ray to place it"
-                    return "error", f"timed out after {self.settings.job_timeout_s:.0f}s{waiting} (FITPROBE_JOB_TIMEOUT_S)"
+                    return "error", (f"timed out after {self.settings.job_timeout_s:.0f}s{waiting} "
+                                     "(FITPROBE_JOB_TIMEOUT_S)")
                 most = max(self.node_devices(), default=0)
                 if job.placement is None and job.devices > most:  # the nodes that could run it are gone
                     ray.cancel(job.ref, force=True)
@@ -347,9 +349,7 @@ class RayExecutor:
         if kind == "result":
             self._db(self.store.succeed, job_id, payload)
         elif kind == "cancelled":  # by this service's DELETE (already cancelled), or by someone using Ray directly
-            try:
+            with contextlib.suppress(Conflict):
                 self._db(self.store.cancel, job_id)
-            except Conflict:
-                pass
         else:
             self._db(self.store.fail, job_id, payload)

@@ -91,7 +91,8 @@ class ClientQuota(Exception):
 
 @dataclass(frozen=True)
 class ClientLimits:
-    """What one client may hold (FITPROBE_MAX_JOBS_PER_CLIENT) and store per minute (…_SUBMITS_PER_CLIENT_PER_MINUTE)."""
+    """What one client may hold (FITPROBE_MAX_JOBS_PER_CLIENT) and store per minute
+    (…_SUBMITS_PER_CLIENT_PER_MINUTE)."""
 
     max_jobs: int
     max_submits_per_minute: int
@@ -371,7 +372,8 @@ class Store:
                                     .values(status=QUEUED, phase="requeued", **cleared)).rowcount
             failed = conn.execute(jobs.update().where(abandoned).values(
                 status=FAILED, phase="failed", finished_at=now, **cleared,
-                error=f"interrupted: the service running this job stopped during each of its {MAX_ATTEMPTS} runs")).rowcount
+                error=f"interrupted: the service running this job stopped during each of its {MAX_ATTEMPTS} runs")
+            ).rowcount
         return requeued, failed
 
     # ---- retention ------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
     _check_model_type(model_type)
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except Exception as exc:  # noqa: BLE001 - configs validate (or divide by a zero) in their own ways
+    except Exception as exc:  # configs validate (or divide by a zero) in their own ways
         raise SpecError(f"model: the Hugging Face config is not usable ({_one_line(exc)}); "
                         "check model_type and fields") from exc
 
@@ -289,7 +289,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
             sized = constructor()
     except SpecError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a config's values (zero heads, a string size) fail anywhere
+    except Exception as exc:  # a config's values (zero heads, a string size) fail anywhere
         raise SpecError(f"model: building it failed ({_one_line(exc)}); "
                         "check the config's sizes") from exc
     vocab_size, context = _vocab_and_context(sized)
@@ -305,7 +305,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
     return constructor, logits_fn, vocab_size, context
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_defaults(model_type: str) -> dict[str, Any]:
     """The config class's own values for the fields a request leaves out (its defaults: a bounded build)."""
     from transformers import CONFIG_MAPPING

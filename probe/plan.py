@@ -83,7 +83,7 @@ class Split:
     def deviation_percent(self) -> float:
         return round(100.0 * (self.effective_batch - self.target_batch) / self.target_batch, 2)
 
-    def step_time(self, micro_step_s: "MicroStepTime") -> float:
+    def step_time(self, micro_step_s: MicroStepTime) -> float:
         """Seconds of one optimizer step: the busiest device's micro-steps, one after another."""
         base, extra = self.per_device
         full, rest = divmod(base + (1 if extra else 0), self.micro_batch)
@@ -404,7 +404,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("    " + "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                                             for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+                                             for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
     guidance = plan["lr_guidance"]
     if guidance:
         lines.append(f"  learning rate: linear-scaled {guidance['linear_scaled_lr']:.3g}, sqrt-scaled "

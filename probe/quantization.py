@@ -34,7 +34,7 @@ QUANTIZED_BYTES_PER_PARAMETER = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CUDA and CPU alike (Params4bit's default)
 
 
-def compute_dtype(spec: ProbeSpec) -> "torch.dtype":
+def compute_dtype(spec: ProbeSpec) -> torch.dtype:
     """bnb_4bit_compute_dtype as a recipe sets it for the user's precision (bitsandbytes' default is fp32)."""
     import torch
 
@@ -59,7 +59,7 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def replace_linears(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
+def replace_linears(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     """Swap the linears for bitsandbytes' 4-bit ones, on the meta device, exactly as from_pretrained does."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -87,12 +87,12 @@ def replace_linears(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
     return module
 
 
-def is_quantized_layer(module: "nn.Module") -> bool:
+def is_quantized_layer(module: nn.Module) -> bool:
     bnb = _bitsandbytes()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def quantized_weight(layer: "nn.Module", device: "torch.device | str", fake: bool) -> "torch.nn.Parameter":
+def quantized_weight(layer: nn.Module, device: torch.device | str, fake: bool) -> torch.nn.Parameter:
     """A random weight for `layer`, quantized as from_pretrained quantizes a checkpoint's weight.
 
     The full-precision weight exists for one layer at a time, in the compute dtype, and dies here.
@@ -133,7 +133,7 @@ def warm_up() -> None:
         _bitsandbytes().functional.quantize_blockwise(torch.zeros(256))
 
 
-def prepare_for_training(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
+def prepare_for_training(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     """peft's `prepare_model_for_kbit_training`, with gradient checkpointing as the user set it."""
     from peft import prepare_model_for_kbit_training
 

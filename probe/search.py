@@ -13,6 +13,7 @@ Lightning's binsearch spends 13-19 trials for maxima of 100-1000; this typically
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def interpolate_safe(results: dict[int, Measured], ok: Callable[[Measured], bool
     """
     fitting = sorted((r for r in results.values() if r.fits), key=lambda r: r.micro_batch)
     best = max((r.micro_batch for r in fitting if ok(r)), default=0)
-    for low, high in zip(fitting, fitting[1:]):
+    for low, high in itertools.pairwise(fitting):
         if not ok(low) or high.alloc_retries:
             continue
         overhead = max(_overhead(low), _overhead(high))

@@ -151,7 +151,7 @@ def reference_gradient(model: LoadedModel, module: torch.nn.Module, batches: lis
 def relative_error(params: list[torch.nn.Parameter], reference: list[torch.Tensor], scale: float = 1.0) -> float:
     """|G - G_ref| / |G_ref| over all trainable parameters, in float64 on the host."""
     diff_sq = ref_sq = 0.0
-    for p, ref in zip(params, reference):
+    for p, ref in zip(params, reference, strict=True):
         grad = p.grad.detach().to("cpu", torch.float64) / scale if p.grad is not None else torch.zeros_like(ref)
         diff_sq += float((grad - ref).pow(2).sum())
         ref_sq += float(ref.pow(2).sum())
@@ -218,7 +218,7 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
                 on_step(step + 1)
             with dropout_off(bare) if step == 0 else nullcontext():
                 _one_step(spec, plan, model, bare, params, micro_batches, optimizer, scaler, meter, result, step)
-    except Exception as exc:  # noqa: BLE001 - only OOM is a verdict; anything else is a failure
+    except Exception as exc:  # only OOM is a verdict; anything else is a failure
         if not is_oom(exc):
             raise
         result.oom = str(exc).splitlines()[0][:300]
@@ -309,9 +309,9 @@ def _run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Col
         return RankResult(**json.loads(Path(out_dir, "rank0.json").read_text()))
 
 
-def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_STEPS, allowed_factories: Collection[str] = (),
-                     fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None
-                     ) -> dict[str, Any]:
+def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_STEPS,
+                     allowed_factories: Collection[str] = (), fits_at_once: int | None = None,
+                     emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `steps` optimizer steps with the plan and report every check.
 
     `fits_at_once` is the largest micro-batch known to fit (the probe's max): the reference gradient
@@ -319,7 +319,8 @@ def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_ST
     (on one device; spawned devices report when they are done).
     """
     if steps < 2:
-        raise SpecError(f"verify_steps must be at least 2 (got {steps}): the loss check compares the first and last step")
+        raise SpecError(f"verify_steps must be at least 2 (got {steps}): "
+                        "the loss check compares the first and last step")
     fits_at_once = fits_at_once or plan.split.micro_batch
     started_s = time.perf_counter()
     if plan.split.num_devices > 1:
@@ -338,7 +339,8 @@ def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:
     peak = max(r.peak_reserved_bytes, default=0)
     tolerance = GRAD_TOLERANCE[spec.precision]
     target = plan.split.target_batch
-    checks = [Check("no_oom", r.oom is None, r.oom or f"{len(r.losses)} optimizer steps ran without running out of memory")]
+    checks = [Check("no_oom", r.oom is None,
+                    r.oom or f"{len(r.losses)} optimizer steps ran without running out of memory")]
     if r.oom is not None:
         return checks + [Check(name, False, "not run: the step ran out of memory") for name in
                          ("memory_within_headroom", "finite_loss", "loss_decreases", "gradient_equivalence",
@@ -372,7 +374,8 @@ def _noise_scale(r: RankResult, effective_batch: int) -> tuple[float | None, str
     if r.oom is not None:
         return None, "not estimated: the run ran out of memory"
     if not r.noise_g2:
-        return None, "not estimated: the effective batch equals the micro-batch, so there are no two batch sizes to compare"
+        return None, ("not estimated: the effective batch equals the micro-batch, "
+                      "so there are no two batch sizes to compare")
     g2, s = statistics.fmean(r.noise_g2), statistics.fmean(r.noise_s)
     if g2 <= 0 or s <= 0:
         return None, (f"not estimated: after {len(r.noise_g2)} steps the estimate of |G|² or of the noise is not "

@@ -51,7 +51,7 @@ def readyz(request: Request) -> dict[str, object]:
     state = request.app.state
     try:
         state.store.counts_by_status()
-    except Exception as exc:  # noqa: BLE001 - any store failure means not ready
+    except Exception as exc:  # any store failure means not ready
         raise HTTPException(503, f"store unavailable: {type(exc).__name__}") from exc
     problems = state.executor.not_ready()
     if problems:

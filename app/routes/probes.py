@@ -363,4 +363,5 @@ async def probe_events(job_id: str, store: StoreDep, request: Request, client: C
                 await asyncio.sleep(SSE_POLL_S)
         yield f"event: shutdown\ndata: {json.dumps({'detail': 'server stopping; reconnect with Last-Event-ID'})}\n\n"
 
-    return _CountedStream(stream(), streams, client, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _CountedStream(stream(), streams, client, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})
