@@ -130,7 +130,7 @@ class RayExecutor:
             from probe.devices import list_devices
 
             local = list_devices(self.settings.cpu_capacity_bytes)
-            extra = {} if local[0]["kind"] == "cuda" else {"resources": {DEVICE_RESOURCE: len(local)}}
+            extra: dict[str, Any] = {} if local[0]["kind"] == "cuda" else {"resources": {DEVICE_RESOURCE: len(local)}}
             ray.init(**options, **extra)
 
     def _gpu_name(self) -> str:

@@ -16,6 +16,7 @@ closer than a lease (FITPROBE_LEASE_S). The schema itself belongs to the Alembic
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -260,7 +261,9 @@ class Store:
             row = conn.execute(sa.select(jobs.c.id, jobs.c.result).where(
                 jobs.c.fingerprint == fingerprint, jobs.c.status == SUCCEEDED, jobs.c.cached.is_(False),
             ).order_by(jobs.c.finished_at.desc()).limit(1)).first()
-        result = _read_json(row.result)[0] if row else None
+        if row is None:
+            return None
+        result = _read_json(row.result)[0]
         return (row.id, result) if result is not None else None  # an unreadable result is a cache miss
 
     # ---- transitions ----------------------------------------------------------------------
@@ -335,7 +338,7 @@ class Store:
 
     def _finish(self, job_id: str, status: str, owned: bool = False, **values: Any) -> bool:
         """One guarded transition out of queued/running; `owned`: a running job only if this replica runs it."""
-        unfinished = jobs.c.status.in_((QUEUED, RUNNING))
+        unfinished: sa.ColumnElement[bool] = jobs.c.status.in_((QUEUED, RUNNING))
         if owned:
             unfinished = (jobs.c.status == QUEUED) | ((jobs.c.status == RUNNING) & (jobs.c.owner == self.owner))
         with self.engine.begin() as conn:
@@ -457,7 +460,7 @@ class Store:
             rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
         return {status: 0 for status in STATUSES} | {row[0]: row[1] for row in rows}
 
-    def trials(self, job_id: str) -> list[dict[str, Any]]:
+    def trials(self, job_id: str) -> builtins.list[dict[str, Any]]:  # builtins: `list` here is the method above
         return [data for _, data in self.events_after(job_id, 0, 10_000) if data.get("type") == "trial"]
 
     @staticmethod

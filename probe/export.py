@@ -286,12 +286,13 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
         raise ExportError(f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     split, why_different = framework_split(plan)
     lora = spec.get("lora") or {}
+    optimizer = spec.get("optimizer") or "adamw_torch_fused"
     run = Run(micro_batch=split["micro_batch"], accumulation_steps=split["accumulation_steps"],
               num_devices=split["num_devices"], precision=spec.get("precision", "fp32"),
               gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
               if spec.get("finetuning") == "lora" else None,
-              optimizer=LEGACY_OPTIMIZER_NAMES.get(spec.get("optimizer"), spec.get("optimizer") or "adamw_torch_fused"),
+              optimizer=LEGACY_OPTIMIZER_NAMES.get(optimizer, optimizer),
               quantization=spec.get("quantization") or "none")
     config, notes = EXPORTERS[fmt](run)
     asked = plan["effective_batch"]

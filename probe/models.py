@@ -245,10 +245,11 @@ def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
 
 
 def _enable_checkpointing(module: nn.Module) -> None:
+    enable = getattr(module, "gradient_checkpointing_enable", None)  # transformers' models have it
     if isinstance(module, GPT):
         module.gradient_checkpointing = True
-    elif hasattr(module, "gradient_checkpointing_enable"):
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif enable is not None:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise SpecError("this model has no gradient checkpointing support; drop gradient_checkpointing")
 
@@ -421,7 +422,9 @@ def _materialize(module: nn.Module, device: torch.device | str) -> None:
     tensor allocated and initialized by the model's own `_init_weights` (which also computes rotary tables)."""
     for owner in module.modules():
         quantized = quantization.is_quantized_layer(owner)
-        for store in (owner._parameters, owner._buffers):
+        # parameters and buffers alike: a slot takes a Parameter or a Tensor
+        stores: tuple[dict[str, Any], ...] = (owner._parameters, owner._buffers)
+        for store in stores:
             for name, tensor in store.items():
                 if tensor is None or not tensor.is_meta:
                     continue
@@ -431,10 +434,12 @@ def _materialize(module: nn.Module, device: torch.device | str) -> None:
                 real = torch.zeros_like(tensor, device=device)
                 is_parameter = store is owner._parameters
                 store[name] = nn.Parameter(real, requires_grad=tensor.requires_grad) if is_parameter else real
-        if not quantized and hasattr(module, "_init_weights"):
-            module._init_weights(owner)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
+        init_weights = getattr(module, "_init_weights", None)  # transformers' own initialization
+        if not quantized and init_weights is not None:
+            init_weights(owner)
+    tie_weights = getattr(module, "tie_weights", None)
+    if tie_weights is not None:
+        tie_weights()
 
 
 def build_model(

@@ -326,7 +326,8 @@ def make_plan(
         alternatives=alternatives,
         nearest_below=described(nearest_below),
         nearest_above=described(nearest_above),
-        lr_guidance=None if reference_lr is None else lr_guidance(reference_lr, reference_batch, effective_batch),
+        lr_guidance=None if reference_lr is None or reference_batch is None
+        else lr_guidance(reference_lr, reference_batch, effective_batch),
     )
 
 
@@ -375,7 +376,7 @@ def plan_equation(plan: dict[str, Any]) -> str:
                 f"micro-batch{'es' if steps > 1 else ''} of {micro}{on})")
     if n == 1:
         return _device_equation(split.device_micro_batches(0))
-    layouts = {}
+    layouts: dict[tuple[int, ...], list[int]] = {}
     for rank in range(n):
         layouts.setdefault(tuple(split.device_micro_batches(rank)), []).append(rank)
     parts = [f"{_device_equation(list(sizes))} on {_count(len(ranks))} device{'s' if len(ranks) > 1 else ''}"

@@ -50,9 +50,10 @@ def spawn_ranks(entry: RankEntry, world_size: int, device: str, args: tuple[Any,
         try:
             while True:
                 codes = [rank.poll() for rank in ranks]
-                failed = next((r for r, code in enumerate(codes) if code not in (None, 0)), None)
+                failed = next(((r, code) for r, code in enumerate(codes) if code is not None and code != 0), None)
                 if failed is not None:
-                    raise RankFailed(_failure(failed, codes[failed], Path(error_dir, f"rank{failed}.txt")))
+                    failed_rank, code = failed
+                    raise RankFailed(_failure(failed_rank, code, Path(error_dir, f"rank{failed_rank}.txt")))
                 if all(code == 0 for code in codes):
                     return
                 time.sleep(POLL_S)

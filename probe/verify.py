@@ -104,8 +104,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM, device: torch.device | None = None
-                ) -> list[float]:
+def _all_reduce(values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+                device: torch.device | None = None) -> list[float]:
     if not _distributed():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -270,9 +270,10 @@ def _one_step(spec: ProbeSpec, plan: Plan, model: LoadedModel, bare: torch.nn.Mo
 
 
 def _joined(micro_batches: list[MicroBatch]) -> MicroBatch:
-    masks = [mb.attention_mask for mb in micro_batches]
+    # one collation for all of them: every micro-batch carries a mask, or none does
+    masks = [mb.attention_mask for mb in micro_batches if mb.attention_mask is not None]
     return MicroBatch(torch.cat([mb.input_ids for mb in micro_batches]), torch.cat([mb.labels for mb in micro_batches]),
-                      None if masks[0] is None else torch.cat(masks))
+                      torch.cat(masks) if masks else None)
 
 
 def _rank_main(rank: int, world_size: int, spec_json: dict[str, Any], plan: Plan, steps: int,

@@ -336,7 +336,7 @@ async def probe_events(job_id: str, store: StoreDep, request: Request, client: C
             raise ValueError
     except ValueError:
         raise HTTPException(422, f"Last-Event-ID must be an event id between 0 and {MAX_EVENT_ID} "
-                                 f"(got {last_event_id[:40]!r})") from None
+                                 f"(got {(last_event_id or '')[:40]!r})") from None
     streams: EventStreams = request.app.state.event_streams
     refused = streams.enter(client)
     if refused:
