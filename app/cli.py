@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 # preflight is the torch-free client's own command (client/), so `fitprobe-preflight` behaves the same
-from fitprobe_client.preflight import EXIT_OK
+from fitprobe_client.exit_codes import EXIT_OK
 from fitprobe_client.preflight import __doc__ as preflight_doc
 from fitprobe_client.preflight import add_options as add_preflight_options
 from fitprobe_client.preflight import run as cmd_preflight

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import sqlalchemy as sa
 
 from app.config import Settings
-from app.store import CANCELLED, Store
+from app.store import Store
 from app.worker import run_job_process
+from fitprobe_client.status import JobStatus
 from probe.devices import list_devices
 from probe.lifetime import start_guarded
 
@@ -201,7 +202,7 @@ class DeviceWorker(threading.Thread):
             self._db(self.store.release, job_id)  # a clean stop: queued again, without spending an attempt
             return
         if outcome is None:
-            if self._db(self.store.get, job_id)["status"] != CANCELLED:
+            if self._db(self.store.get, job_id)["status"] != JobStatus.CANCELLED:
                 self._db(self.store.fail, job_id, exit_reason(process.returncode))
         elif outcome[0] == "result":
             self._db(self.store.succeed, job_id, outcome[1])

@@ -28,6 +28,7 @@ from app.routes import devices, exports, health, limits, models, plans, prefligh
 from app.routes.health import Metrics
 from app.schemas import error_responses
 from app.store import SWEEP_BATCH, Store, is_disk_full
+from probe.versions import fitprobe_version
 
 log = logging.getLogger("fitprobe")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -94,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="fitprobe",
         summary="How many examples fit in one training step on this GPU, and how to reach the batch you want.",
-        version="0.1.0",
+        version=fitprobe_version(),
         lifespan=lifespan,
         openapi_url=OPENAPI_URL,
         docs_url=None,

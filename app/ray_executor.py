@@ -35,8 +35,9 @@ import ray.exceptions
 
 from app.config import Settings
 from app.executor import DbRetry, _Stopping, spec_for_device
-from app.store import CANCELLED, Conflict, Store
+from app.store import Conflict, Store
 from app.worker import run_job_ray_task
+from fitprobe_client.status import JobStatus
 
 if TYPE_CHECKING:
     from app.routes.health import Metrics
@@ -261,7 +262,7 @@ class RayExecutor:
         followed.follower = threading.Thread(target=self._follow, args=(followed,), name=f"fitprobe-ray-{job_id}",
                                              daemon=True)
         followed.follower.start()
-        if self._db(self.store.get, job_id)["status"] == CANCELLED:  # cancelled before `kill` could find it
+        if self._db(self.store.get, job_id)["status"] == JobStatus.CANCELLED:  # cancelled before `kill` could find it
             ray.cancel(ref, force=True)
 
     def _too_many(self, needs: int, most: int) -> str:

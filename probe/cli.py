@@ -18,17 +18,17 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
 from probe.spec import ESTIMATED, Optimizer, ProbeSpec, Quantization, SpecError, format_bytes
+from probe.versions import fitprobe_version
 
-EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
 MAX_CPU_PROCESSES = 16
 PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
@@ -356,11 +356,7 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
         import torch
 
-        try:
-            version = metadata.version("fitprobe")
-        except metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"fitprobe {version} (torch {torch.__version__})")
+        print(f"fitprobe {fitprobe_version()} (torch {torch.__version__})")
         parser.exit()
 
 

@@ -11,7 +11,6 @@ import platform
 import time
 from collections.abc import Callable, Collection
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from probe.search import find_micro_batch
 from probe.devices import cpu_capacity_limit_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialResult, TrialRunner
+from probe.versions import distribution_version
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
@@ -35,14 +35,8 @@ def _ignore(_: Event) -> None:
 
 
 def versions() -> dict[str, str | None]:
-    def version_of(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"fitprobe": version_of("fitprobe"), "torch": torch.__version__,
-            "transformers": version_of("transformers"), "peft": version_of("peft"),
+    return {"fitprobe": distribution_version("fitprobe"), "torch": torch.__version__,
+            "transformers": distribution_version("transformers"), "peft": distribution_version("peft"),
             "python": platform.python_version()}
 
 

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from app import migrate
 from app.config import Settings
 from app.main import create_app
-from app.store import QUEUED, Store, metadata
+from app.store import Store, metadata
+from fitprobe_client.status import JobStatus
 
 HEAD = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
 # what `metadata.create_all` made on SQLite before migrations existed (fitprobe a37ff0e)
@@ -83,7 +84,7 @@ def test_a_database_from_before_migrations_is_stamped_upgraded_and_keeps_its_job
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     # a job running when the old version died has no lease: the first start-up re-queues it
     assert store.recover() == (1, 0)
-    assert store.get("runningbeforeup1")["status"] == QUEUED
+    assert store.get("runningbeforeup1")["status"] == JobStatus.QUEUED
 
 
 def _from_a_newer_fitprobe(url: str) -> None:

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from app.schemas import error_responses
-from app.store import QUEUED, Store
+from app.store import Store
+from fitprobe_client.status import JobStatus
 
 router = APIRouter(tags=["health"])
 # the text format every Prometheus version parses; prometheus_client >= 0.22 labels the same text (for
@@ -37,7 +38,7 @@ class Metrics:
         for status, count in counts.items():
             jobs.add_metric([status], count)
         yield jobs
-        yield GaugeMetricFamily("fitprobe_queue_depth", "queued jobs", value=counts[QUEUED])
+        yield GaugeMetricFamily("fitprobe_queue_depth", "queued jobs", value=counts[JobStatus.QUEUED])
 
 
 @router.get("/healthz", summary="The process answers")

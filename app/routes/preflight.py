@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.routes.probes import EventStreams, public, submit_probe
 from app.schemas import PreflightRequest, PreflightVerdict, error_responses
-from app.store import TERMINAL
+from fitprobe_client.status import TERMINAL
 from fitprobe_client.verdict import verdict
 
 router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
