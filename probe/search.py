@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-HARD_MICRO_BATCH_LIMIT = 65_536
+from probe.spec import MAX_MICRO_BATCH
+
 FIRST_MICRO_BATCHES = (2, 4)  # b=1 sits below the bend where activations start to dominate
 SCOUT_RATIO = 4
 
@@ -165,7 +166,7 @@ def find_micro_batch(
     max) replaces the first two small trials by hint/2 and hint: when it is right, the line through
     them is local and the confirmation needs one more trial.
     """
-    upper = min(limit or HARD_MICRO_BATCH_LIMIT, HARD_MICRO_BATCH_LIMIT)
+    upper = min(limit or MAX_MICRO_BATCH, MAX_MICRO_BATCH)
     order: list[Measured] = []
     results: dict[int, Measured] = {}
 
