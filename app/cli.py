@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 # preflight is the torch-free client's own command (client/), so `fitprobe-preflight` behaves the same
-from fitprobe_client.preflight import EXIT_OK
+from fitprobe_client.exit_codes import EXIT_OK
 from fitprobe_client.preflight import __doc__ as preflight_doc
 from fitprobe_client.preflight import add_options as add_preflight_options
 from fitprobe_client.preflight import run as cmd_preflight
@@ -35,7 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                          timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=settings.access_log,
+                          # uvicorn annotates int, but only waits on it with asyncio (which takes seconds as a float)
+                          timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+                          access_log=settings.access_log,
                           http=protocol(settings.header_timeout_s), h11_max_incomplete_event_size=MAX_HEAD_BYTES)).run()
     return EXIT_OK
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
+from typing import Annotated
 
 from app.http_hygiene import default_allowed_hosts
 from probe.model_bounds import ModelLimits

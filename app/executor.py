@@ -17,6 +17,7 @@ routes; `make_executor` picks one from FITPROBE_EXECUTOR.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -30,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import sqlalchemy as sa
 
 from app.config import Settings
-from app.store import CANCELLED, Store
+from app.store import Store
 from app.worker import run_job_process
+from fitprobe_client.status import JobStatus
 from probe.devices import list_devices
 from probe.lifetime import start_guarded
 
@@ -107,10 +109,9 @@ class DbRetry:
 
 def kill_process_tree(process: subprocess.Popen) -> None:
     """SIGKILL the job process and every process it started (they share its process group)."""
-    try:
+    # the group may be gone already: its leader was reaped, and its ranks died with it
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already: its leader was reaped, and its ranks died with it
     process.kill()
 
 
@@ -160,7 +161,7 @@ class DeviceWorker(threading.Thread):
                     self._run(job)
                 except _Stopping:
                     raise
-                except Exception as exc:  # noqa: BLE001 - a bug in handling one job must not end the worker
+                except Exception as exc:  # a bug in handling one job must not end the worker
                     log.exception("worker %s: job %s failed in the service", self.device, job["id"])
                     self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
                                                          "the service log has the details")
@@ -201,7 +202,7 @@ class DeviceWorker(threading.Thread):
             self._db(self.store.release, job_id)  # a clean stop: queued again, without spending an attempt
             return
         if outcome is None:
-            if self._db(self.store.get, job_id)["status"] != CANCELLED:
+            if self._db(self.store.get, job_id)["status"] != JobStatus.CANCELLED:
                 self._db(self.store.fail, job_id, exit_reason(process.returncode))
         elif outcome[0] == "result":
             self._db(self.store.succeed, job_id, outcome[1])

@@ -98,7 +98,8 @@ class HostCheck:
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")[:100]
         body = json.dumps({"detail": f"Host {host!r} is not one this service answers to (a DNS rebinding "
                                      f"page names its own): allowed are {', '.join(self.allowed_hosts)}; add the "
-                                     "name clients use to FITPROBE_ALLOWED_HOSTS (comma-separated, * for any)"}).encode()
+                                     "name clients use to FITPROBE_ALLOWED_HOSTS (comma-separated, * for any)"}
+                          ).encode()
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

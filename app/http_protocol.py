@@ -87,6 +87,8 @@ class _CheckedConnection(h11.Connection):
 class FitprobeH11Protocol(H11Protocol):
     """See the module docstring. Built per connection by uvicorn; `header_timeout_s` comes from `protocol`."""
 
+    conn: _CheckedConnection  # replaces uvicorn's plain h11.Connection in __init__
+
     def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _CheckedConnection(h11.SERVER, self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES)

@@ -28,12 +28,14 @@ from app.routes import devices, exports, health, limits, models, plans, prefligh
 from app.routes.health import Metrics
 from app.schemas import error_responses
 from app.store import SWEEP_BATCH, Store, is_disk_full
+from probe.versions import fitprobe_version
 
 log = logging.getLogger("fitprobe")
 STATIC_DIR = Path(__file__).parent / "static"
 # Swagger UI and ReDoc assets from a package, served by the app: /docs must work on a closed cluster
 DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 DOCS_ASSETS_URL = "/docs-assets"
+OPENAPI_URL = "/openapi.json"  # FastAPI's default, named: the offline docs pages load it
 DISK_FULL_RETRY_AFTER_S = 60
 DISK_FULL_DETAIL = ("the service's database is out of disk space (database or disk is full), so nothing was "
                     "stored; retry later: the service answers again as soon as space frees (its operator can "
@@ -65,7 +67,7 @@ async def sweep_forever(store: Store, settings: Settings) -> None:
 
 
 def _with_docs_policy(page: HTMLResponse) -> HTMLResponse:
-    page.headers["content-security-policy"] = docs_policy(page.body.decode())
+    page.headers["content-security-policy"] = docs_policy(bytes(page.body).decode())
     return page
 
 
@@ -93,8 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="fitprobe",
         summary="How many examples fit in one training step on this GPU, and how to reach the batch you want.",
-        version="0.1.0",
+        version=fitprobe_version(),
         lifespan=lifespan,
+        openapi_url=OPENAPI_URL,
         docs_url=None,
         redoc_url=None,
     )
@@ -117,14 +120,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return _with_docs_policy(get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API docs",
+        return _with_docs_policy(get_swagger_ui_html(openapi_url=OPENAPI_URL, title=f"{app.title} - API docs",
                                    swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
                                    swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png"))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return _with_docs_policy(get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API reference",
+        return _with_docs_policy(get_redoc_html(openapi_url=OPENAPI_URL, title=f"{app.title} - API reference",
                               redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
                               redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False))
 

@@ -42,9 +42,10 @@ def upgrade(engine: sa.Engine) -> None:
         current = MigrationContext.configure(conn).get_current_revision()
         known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
         if current is not None and current not in known:
+            head = ScriptDirectory.from_config(config).get_current_head()
             raise SchemaAhead(
                 f"the database {engine.url.render_as_string(hide_password=True)} has schema revision {current!r}, "
-                f"which this fitprobe does not know (it knows up to {ScriptDirectory.from_config(config).get_current_head()!r}): "
+                f"which this fitprobe does not know (it knows up to {head!r}): "
                 "a newer fitprobe migrated it. Run that version (or newer) against this database, or point "
                 "FITPROBE_DATABASE_URL at another one; fitprobe never downgrades a schema it does not know.")
         if current is None and sa.inspect(conn).has_table("jobs"):

@@ -22,6 +22,7 @@ and runs the jobs. What each choice buys:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -34,8 +35,9 @@ import ray.exceptions
 
 from app.config import Settings
 from app.executor import DbRetry, _Stopping, spec_for_device
-from app.store import CANCELLED, Conflict, Store
+from app.store import Conflict, Store
 from app.worker import run_job_ray_task
+from fitprobe_client.status import JobStatus
 
 if TYPE_CHECKING:
     from app.routes.health import Metrics
@@ -129,7 +131,7 @@ class RayExecutor:
             from probe.devices import list_devices
 
             local = list_devices(self.settings.cpu_capacity_bytes)
-            extra = {} if local[0]["kind"] == "cuda" else {"resources": {DEVICE_RESOURCE: len(local)}}
+            extra: dict[str, Any] = {} if local[0]["kind"] == "cuda" else {"resources": {DEVICE_RESOURCE: len(local)}}
             ray.init(**options, **extra)
 
     def _gpu_name(self) -> str:
@@ -212,7 +214,7 @@ class RayExecutor:
                 claimed = self._claim_and_submit()
             except _Stopping:
                 return
-            except Exception:  # noqa: BLE001 - Ray or a bug failing once must not end the dispatcher
+            except Exception:  # Ray or a bug failing once must not end the dispatcher
                 log.exception("ray executor: dispatching failed; trying again")
                 claimed = False
             if not claimed:
@@ -229,7 +231,7 @@ class RayExecutor:
             self._submit(job)
         except _Stopping:
             raise
-        except Exception as exc:  # noqa: BLE001 - a job the service could not submit fails, with where to look
+        except Exception as exc:  # a job the service could not submit fails, with where to look
             log.exception("ray executor: job %s failed in the service", job["id"])
             self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
                                                  "the service log has the details")
@@ -260,7 +262,7 @@ class RayExecutor:
         followed.follower = threading.Thread(target=self._follow, args=(followed,), name=f"fitprobe-ray-{job_id}",
                                              daemon=True)
         followed.follower.start()
-        if self._db(self.store.get, job_id)["status"] == CANCELLED:  # cancelled before `kill` could find it
+        if self._db(self.store.get, job_id)["status"] == JobStatus.CANCELLED:  # cancelled before `kill` could find it
             ray.cancel(ref, force=True)
 
     def _too_many(self, needs: int, most: int) -> str:
@@ -277,7 +279,7 @@ class RayExecutor:
                 self._db(self.store.release, job.job_id)  # a clean stop: queued again, without spending an attempt
         except _Stopping:
             return
-        except Exception as exc:  # noqa: BLE001 - one job's failure in the service must not hang it in running
+        except Exception as exc:  # one job's failure in the service must not hang it in running
             log.exception("ray executor: following job %s failed", job.job_id)
             ray.cancel(job.ref, force=True)
             self._db(self.store.fail, job.job_id, f"internal error ({type(exc).__name__}); "
@@ -312,7 +314,8 @@ class RayExecutor:
                 if time.monotonic() > deadline_s:
                     ray.cancel(job.ref, force=True)
                     waiting = "" if job.placement else ", still waiting for Ray to place it"
-                    return "error", f"timed out after {self.settings.job_timeout_s:.0f}s{waiting} (FITPROBE_JOB_TIMEOUT_S)"
+                    return "error", (f"timed out after {self.settings.job_timeout_s:.0f}s{waiting} "
+                                     "(FITPROBE_JOB_TIMEOUT_S)")
                 most = max(self.node_devices(), default=0)
                 if job.placement is None and job.devices > most:  # the nodes that could run it are gone
                     ray.cancel(job.ref, force=True)
@@ -347,9 +350,7 @@ class RayExecutor:
         if kind == "result":
             self._db(self.store.succeed, job_id, payload)
         elif kind == "cancelled":  # by this service's DELETE (already cancelled), or by someone using Ray directly
-            try:
+            with contextlib.suppress(Conflict):
                 self._db(self.store.cancel, job_id)
-            except Conflict:
-                pass
         else:
             self._db(self.store.fail, job_id, payload)

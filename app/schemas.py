@@ -67,7 +67,8 @@ class PlanRequest(BaseModel):
     max_micro_batch: int = Field(..., ge=1, le=MAX_MICRO_BATCH, description="largest micro-batch that fits (safe)")
     num_devices: int = Field(1, ge=1, le=1024, description="data-parallel devices")
     reference_lr: float | None = Field(None, gt=0, le=10, description="learning rate tuned at reference_batch")
-    reference_batch: int | None = Field(None, ge=1, le=MAX_EFFECTIVE_BATCH, description="effective batch of reference_lr")
+    reference_batch: int | None = Field(None, ge=1, le=MAX_EFFECTIVE_BATCH,
+                                        description="effective batch of reference_lr")
 
 
 class ErrorBody(BaseModel):

@@ -16,6 +16,7 @@ closer than a lease (FITPROBE_LEASE_S). The schema itself belongs to the Alembic
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -31,9 +32,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+from fitprobe_client.status import TERMINAL, UNFINISHED, JobStatus
+
 MAX_ATTEMPTS = 2  # a job interrupted by a service crash is re-queued once, then failed
 # a `\uD800`..`\uDFFF` escape: the JSON may decode to a lone surrogate, which no response can encode
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -91,7 +91,8 @@ class ClientQuota(Exception):
 
 @dataclass(frozen=True)
 class ClientLimits:
-    """What one client may hold (FITPROBE_MAX_JOBS_PER_CLIENT) and store per minute (…_SUBMITS_PER_CLIENT_PER_MINUTE)."""
+    """What one client may hold (FITPROBE_MAX_JOBS_PER_CLIENT) and store per minute
+    (…_SUBMITS_PER_CLIENT_PER_MINUTE)."""
 
     max_jobs: int
     max_submits_per_minute: int
@@ -192,8 +193,8 @@ class Store:
         database's write lock before the statement reads; PostgreSQL reads a snapshot, so there the
         submits also queue behind one transaction-scoped advisory lock.
         """
-        row = {"status": QUEUED, "phase": "queued", "attempts": 0, "cached": False}
-        queued = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == QUEUED).scalar_subquery()
+        row = {"status": JobStatus.QUEUED, "phase": "queued", "attempts": 0, "cached": False}
+        queued = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED).scalar_subquery()
         job_id = self._insert(row, spec, fingerprint, client, limits, queued < max_queued)
         if job_id is None:
             raise QueueFull(f"{max_queued} jobs are already queued (FITPROBE_MAX_QUEUED_JOBS={max_queued})")
@@ -203,8 +204,8 @@ class Store:
                       client: str | None = None, limits: ClientLimits | None = None) -> dict[str, Any]:
         """Store a job answered from the cache: it costs no device, but a row, so it counts against the client."""
         now = _now()
-        row = {"status": SUCCEEDED, "phase": "done", "attempts": 0, "cached": True, "result": json.dumps(result),
-               "started_at": now, "finished_at": now}
+        row = {"status": JobStatus.SUCCEEDED, "phase": "done", "attempts": 0, "cached": True,
+               "result": json.dumps(result), "started_at": now, "finished_at": now}
         job_id = self._insert(row, spec, fingerprint, client, limits, sa.true())
         assert job_id is not None  # nothing but the client's limits refuses a cached row
         return self.get(job_id)
@@ -236,7 +237,7 @@ class Store:
     def _client_counts(client: str | None, now: datetime) -> tuple[Any, Any]:
         """The client's queued + running jobs, and the rows it stored in the last SUBMIT_WINDOW_S (subqueries)."""
         mine = jobs.c.client == client
-        held = sa.select(sa.func.count()).select_from(jobs).where(mine, jobs.c.status.in_((QUEUED, RUNNING)))
+        held = sa.select(sa.func.count()).select_from(jobs).where(mine, jobs.c.status.in_(UNFINISHED))
         window_start = now - timedelta(seconds=SUBMIT_WINDOW_S)
         recent = sa.select(sa.func.count()).select_from(jobs).where(mine, jobs.c.created_at >= window_start)
         return held.scalar_subquery(), recent.scalar_subquery()
@@ -257,9 +258,11 @@ class Store:
         """The id and result of the newest measured (not itself cached) job with this fingerprint."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs.c.id, jobs.c.result).where(
-                jobs.c.fingerprint == fingerprint, jobs.c.status == SUCCEEDED, jobs.c.cached.is_(False),
+                jobs.c.fingerprint == fingerprint, jobs.c.status == JobStatus.SUCCEEDED, jobs.c.cached.is_(False),
             ).order_by(jobs.c.finished_at.desc()).limit(1)).first()
-        result = _read_json(row.result)[0] if row else None
+        if row is None:
+            return None
+        result = _read_json(row.result)[0]
         return (row.id, result) if result is not None else None  # an unreadable result is a cache miss
 
     # ---- transitions ----------------------------------------------------------------------
@@ -277,13 +280,13 @@ class Store:
             self._next_sweep_s = time.monotonic() + self.lease_s / 2
             self.requeue_abandoned()
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(jobs.c.id).where(jobs.c.status == QUEUED)
+            row = conn.execute(sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
                                .order_by(jobs.c.created_at).limit(1).with_for_update(skip_locked=True)).first()
             if row is None:
                 return None
             now = _now()
-            claimed = conn.execute(jobs.update().where(jobs.c.id == row.id, jobs.c.status == QUEUED).values(
-                status=RUNNING, phase="starting", device=device, started_at=now, owner=self.owner,
+            claimed = conn.execute(jobs.update().where(jobs.c.id == row.id, jobs.c.status == JobStatus.QUEUED).values(
+                status=JobStatus.RUNNING, phase="starting", device=device, started_at=now, owner=self.owner,
                 lease_until=now + timedelta(seconds=self.lease_s), attempts=jobs.c.attempts + 1)).rowcount
         job = self.get(row.id) if claimed else None
         if job is not None and job["spec"] is None:  # an unreadable row: nothing to run
@@ -303,40 +306,41 @@ class Store:
         then stops its run.
         """
         with self.engine.begin() as conn:
-            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING,
+            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING,
                                                     jobs.c.owner == self.owner)
                                 .values(lease_until=_now() + timedelta(seconds=self.lease_s))).rowcount == 1
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
         """Record the result of a job this replica runs (a late result from a replica that lost the job is dropped)."""
-        return self._finish(job_id, SUCCEEDED, owned=True, result=json.dumps(result), phase="done")
+        return self._finish(job_id, JobStatus.SUCCEEDED, owned=True, result=json.dumps(result), phase="done")
 
     def fail(self, job_id: str, error: str) -> bool:
         """Fail a job this replica runs (a replica that lost the job cannot fail its new run)."""
-        return self._finish(job_id, FAILED, owned=True, error=error[:2000], phase="failed")
+        return self._finish(job_id, JobStatus.FAILED, owned=True, error=error[:2000], phase="failed")
 
     def release(self, job_id: str) -> bool:
         """A job this replica stops running because it shuts down cleanly (SIGTERM): back to the queue, and the
         run does not count against MAX_ATTEMPTS, which is for runs a crash cut short (a kill -9 still spends one)."""
         with self.engine.begin() as conn:
-            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING,
+            return conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING,
                                                     jobs.c.owner == self.owner).values(
-                status=QUEUED, phase="requeued", attempts=jobs.c.attempts - 1, worker_pid=None, owner=None,
+                status=JobStatus.QUEUED, phase="requeued", attempts=jobs.c.attempts - 1, worker_pid=None, owner=None,
                 lease_until=None)).rowcount == 1
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self.get(job_id)
         if job["status"] in TERMINAL:
             raise Conflict(f"job {job_id} is already {job['status']}; only queued or running jobs can be cancelled")
-        if not self._finish(job_id, CANCELLED, phase="cancelled", error="cancelled by request"):
+        if not self._finish(job_id, JobStatus.CANCELLED, phase="cancelled", error="cancelled by request"):
             raise Conflict(f"job {job_id} finished before it could be cancelled")
         return self.get(job_id)
 
     def _finish(self, job_id: str, status: str, owned: bool = False, **values: Any) -> bool:
         """One guarded transition out of queued/running; `owned`: a running job only if this replica runs it."""
-        unfinished = jobs.c.status.in_((QUEUED, RUNNING))
+        unfinished: sa.ColumnElement[bool] = jobs.c.status.in_(UNFINISHED)
         if owned:
-            unfinished = (jobs.c.status == QUEUED) | ((jobs.c.status == RUNNING) & (jobs.c.owner == self.owner))
+            unfinished = (jobs.c.status == JobStatus.QUEUED) | (
+                (jobs.c.status == JobStatus.RUNNING) & (jobs.c.owner == self.owner))
         with self.engine.begin() as conn:
             return conn.execute(jobs.update().where(jobs.c.id == job_id, unfinished).values(
                 status=status, finished_at=_now(), worker_pid=None, lease_until=None, **values)).rowcount == 1
@@ -349,7 +353,7 @@ class Store:
         """
         with self.engine.connect() as conn:
             owners = conn.execute(sa.select(jobs.c.owner).distinct().where(
-                jobs.c.status == RUNNING, jobs.c.owner.is_not(None))).scalars().all()
+                jobs.c.status == JobStatus.RUNNING, jobs.c.owner.is_not(None))).scalars().all()
         return self.requeue_abandoned([owner for owner in owners if _gone_from_this_host(owner, self.owner)])
 
     def requeue_abandoned(self, gone_owners: Sequence[str] = ()) -> tuple[int, int]:
@@ -363,15 +367,16 @@ class Store:
         now = _now()
         expired = jobs.c.lease_until.is_(None) | (jobs.c.lease_until < now)
         # never this replica's own jobs: it is alive, and its executor finishes (or fails) what it started
-        abandoned = (jobs.c.status == RUNNING) & (
+        abandoned = (jobs.c.status == JobStatus.RUNNING) & (
             (expired & jobs.c.owner.is_distinct_from(self.owner)) | jobs.c.owner.in_(list(gone_owners)))
         cleared = {"worker_pid": None, "owner": None, "lease_until": None}
         with self.engine.begin() as conn:
             requeued = conn.execute(jobs.update().where(abandoned, jobs.c.attempts < MAX_ATTEMPTS)
-                                    .values(status=QUEUED, phase="requeued", **cleared)).rowcount
+                                    .values(status=JobStatus.QUEUED, phase="requeued", **cleared)).rowcount
             failed = conn.execute(jobs.update().where(abandoned).values(
-                status=FAILED, phase="failed", finished_at=now, **cleared,
-                error=f"interrupted: the service running this job stopped during each of its {MAX_ATTEMPTS} runs")).rowcount
+                status=JobStatus.FAILED, phase="failed", finished_at=now, **cleared,
+                error=f"interrupted: the service running this job stopped during each of its {MAX_ATTEMPTS} runs")
+            ).rowcount
         return requeued, failed
 
     # ---- retention ------------------------------------------------------------------------
@@ -410,7 +415,7 @@ class Store:
             conn.execute(events.insert().values(job_id=job_id, data=json.dumps({**data, "attempt": attempt}),
                                                 created_at=_now()))
             if data.get("type") == "phase":
-                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING)
+                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING)
                              .values(phase=data["phase"]))
 
     def events_after(self, job_id: str, after_id: int = 0, limit: int = 500) -> list[tuple[int, dict[str, Any]]]:
@@ -453,9 +458,9 @@ class Store:
     def counts_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
-        return {status: 0 for status in STATUSES} | {row[0]: row[1] for row in rows}
+        return {status.value: 0 for status in JobStatus} | {row[0]: row[1] for row in rows}
 
-    def trials(self, job_id: str) -> list[dict[str, Any]]:
+    def trials(self, job_id: str) -> builtins.list[dict[str, Any]]:  # builtins: `list` here is the method above
         return [data for _, data in self.events_after(job_id, 0, 10_000) if data.get("type") == "trial"]
 
     @staticmethod

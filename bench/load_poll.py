@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.api.conftest import SLOW_JOB, start_server  # noqa: E402  (the same real-server helper)
+from tests.api.conftest import SLOW_JOB, start_server  # the same real-server helper
 
 
 async def poller(client: httpx.AsyncClient, path: str, stop_at: float, budget: list[int], latencies: list[float],

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe.job import run_trial  # noqa: E402
-from probe.spec import ProbeSpec  # noqa: E402
-from tests.reference_loop import ARCHITECTURES, LoopSettings, user_loop_peak_bytes  # noqa: E402
+from probe.job import run_trial
+from probe.spec import ProbeSpec
+from tests.reference_loop import ARCHITECTURES, LoopSettings, user_loop_peak_bytes
 
 
 def main() -> None:

@@ -18,17 +18,17 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
 from probe.spec import ESTIMATED, Optimizer, ProbeSpec, Quantization, SpecError, format_bytes
+from probe.versions import fitprobe_version
 
-EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
 MAX_CPU_PROCESSES = 16
 PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
@@ -110,7 +110,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
     """How far to search and what to plan: probe only."""
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity the safe micro-batch keeps free")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of capacity the safe micro-batch keeps free")
     parser.add_argument("--estimate-first", action="store_true",
                         help="estimate first, start the real search at the estimated max, report the estimate's error")
     parser.add_argument("--max-micro-batch", type=positive_int, help="never try a micro-batch above this")
@@ -141,7 +142,8 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
         gpu=args.gpu,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, quantization=args.quantization,
-        collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices, sharding=args.sharding, **search,
+        collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices,
+        sharding=args.sharding, **search,
     )
 
 
@@ -330,9 +332,11 @@ def cmd_whatif(args: argparse.Namespace) -> int:
                      capacity_bytes=args.capacity, precision=args.precision, collation=args.collation,
                      lora=lora, headroom=args.headroom)
     check_reference(base, allowed_factories(), limits=model_limits())
-    checkpointing = [{"off": False, "on": True}[v] for v in _words(args.checkpointing, "--checkpointing", ("off", "on"))]
+    checkpointing = [{"off": False, "on": True}[v]
+                     for v in _words(args.checkpointing, "--checkpointing", ("off", "on"))]
     optimizers = _words(args.optimizers, "--optimizers", get_args(Optimizer))
-    settings = settings_grid(_words(args.finetuning, "--finetuning", ("full", "lora", "qlora")), checkpointing, optimizers)
+    settings = settings_grid(_words(args.finetuning, "--finetuning", ("full", "lora", "qlora")), checkpointing,
+                             optimizers)
     table = run_whatif(base, args.seq_len, settings, Progress(args.quiet), allowed_factories())
     fits = any(cell.max_micro_batch for row in table.rows for cell in row.cells)
     print(json.dumps(table.to_dict(), indent=2) if args.json else format_whatif(table))
@@ -352,11 +356,7 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
         import torch
 
-        try:
-            version = metadata.version("fitprobe")
-        except metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"fitprobe {version} (torch {torch.__version__})")
+        print(f"fitprobe {fitprobe_version()} (torch {torch.__version__})")
         parser.exit()
 
 
@@ -406,8 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     whatif.add_argument("--collation", default="padded", choices=["padded", "packed"],
                         help="padded: batches hold padding (an attention mask); packed: no padding, no mask")
     whatif.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank of the LoRA and QLoRA rows")
-    whatif.add_argument("--headroom", type=float, default=0.1, help="fraction of capacity the safe micro-batch keeps free")
-    whatif.add_argument("--finetuning", default="full,lora,qlora", help="rows: full, lora, qlora (LoRA over an nf4 base)")
+    whatif.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of capacity the safe micro-batch keeps free")
+    whatif.add_argument("--finetuning", default="full,lora,qlora",
+                        help="rows: full, lora, qlora (LoRA over an nf4 base)")
     whatif.add_argument("--checkpointing", default="off,on", help="rows: gradient checkpointing off, on")
     whatif.add_argument("--optimizers", default="adamw_torch_fused,adamw_bnb_8bit", help="rows: these optimizers")
     whatif.add_argument("--json", action="store_true", help="print the table as one JSON object")
@@ -463,7 +465,8 @@ FLAGS = {"capacity_bytes": "--capacity", "seq_len": "--seq-len", "num_devices": 
 _LOCATIONS = {**FLAGS, "model": "--model", "device": "--device", "request": ""}
 _FIELD = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(name) for name in sorted(FLAGS, key=len, reverse=True))
                     + r")(?![\w-])")
-_PHRASES = {"set mode to estimate": "add --estimate", "estimate mode": "--estimate", "finetuning is lora": "with --lora"}
+_PHRASES = {"set mode to estimate": "add --estimate", "estimate mode": "--estimate",
+            "finetuning is lora": "with --lora"}
 
 
 def _flags(text: str) -> str:

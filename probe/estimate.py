@@ -20,6 +20,7 @@ router's choices) has shapes that only real data decides, and is refused before 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, ExitStack
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -122,7 +123,9 @@ class EstimateMeter(CpuMeter):
             quantized = type(owner).__module__.startswith("bitsandbytes")
             if quantized:
                 quantization.warm_up()
-            for store in (owner._parameters, owner._buffers):
+            # parameters and buffers alike: a slot takes a Parameter or a Tensor
+            stores: tuple[dict[str, Any], ...] = (owner._parameters, owner._buffers)
+            for store in stores:
                 for name, tensor in store.items():
                     if tensor is None:
                         continue

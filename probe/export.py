@@ -67,13 +67,14 @@ def framework_split(plan: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     candidates = [near for near in (plan["nearest_below"], plan["nearest_above"]) if near]
     # smaller |deviation| first; on a tie the smaller effective batch, i.e. the plan below
     chosen = min(candidates, key=lambda near: (abs(near["effective_batch"] - asked), near["effective_batch"]))
-    why = (f"the recommended plan for {asked} is uneven ({plan_equation(plan)}); frameworks run equal micro-batches only, so "
+    why = (f"the recommended plan for {asked} is uneven ({plan_equation(plan)}); "
+           "frameworks run equal micro-batches only, so "
            f"this config is the nearest even plan ({'below' if chosen['effective_batch'] < asked else 'above'}: "
            "the smaller deviation, ties go below)")
     exact_even = next((alt for alt in plan["alternatives"] if alt["exact"] and alt["last_micro_batch"] is None), None)
     if exact_even:
-        why += (f"; an exact even split exists, {plan_equation(exact_even)}, at {exact_even['relative_throughput']:.2f}× "
-                "the throughput: use it "
+        why += (f"; an exact even split exists, {plan_equation(exact_even)}, "
+                f"at {exact_even['relative_throughput']:.2f}× the throughput: use it "
                 "if the exact effective batch matters more than speed")
     return chosen, why
 
@@ -114,7 +115,8 @@ def _quantization_note(run: Run) -> list[str]:
     dtype = "float16" if run.precision == "fp16-mixed" else "bfloat16" if "bf16" in run.precision else "float32"
     checkpointing = run.gradient_checkpointing
     if run.quantization == "int8":
-        return ["8-bit base: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True)), "
+        return ["8-bit base: load with "
+                "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True)), "
                 f"then peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing={checkpointing}) before "
                 "get_peft_model, as fitprobe measured"]
     return [f"QLoRA: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
@@ -139,7 +141,8 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "gradient_accumulation_steps": run.accumulation_steps,
                               "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
                               "optim": run.optimizer}
-    notes = _quantization_note(run) + _weights_note(run) + _lora_note(run) + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}")
+    notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
+             + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}"))
     if run.gradient_checkpointing:
         # transformers 5's name: its old one, gradient_checkpointing, warns (FutureWarning) until v6 removes it
         config["activation_checkpointing"] = True
@@ -202,7 +205,8 @@ def _lightning(run: Run) -> tuple[dict[str, Any], list[str]]:
 
 
 def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
-    config: dict[str, Any] = {"micro_batch_size": run.micro_batch, "gradient_accumulation_steps": run.accumulation_steps,
+    config: dict[str, Any] = {"micro_batch_size": run.micro_batch,
+                              "gradient_accumulation_steps": run.accumulation_steps,
                               "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
                               "gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer}
     if run.precision == "bf16":
@@ -282,12 +286,13 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
         raise ExportError(f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     split, why_different = framework_split(plan)
     lora = spec.get("lora") or {}
+    optimizer = spec.get("optimizer") or "adamw_torch_fused"
     run = Run(micro_batch=split["micro_batch"], accumulation_steps=split["accumulation_steps"],
               num_devices=split["num_devices"], precision=spec.get("precision", "fp32"),
               gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
               if spec.get("finetuning") == "lora" else None,
-              optimizer=LEGACY_OPTIMIZER_NAMES.get(spec.get("optimizer"), spec.get("optimizer") or "adamw_torch_fused"),
+              optimizer=LEGACY_OPTIMIZER_NAMES.get(optimizer, optimizer),
               quantization=spec.get("quantization") or "none")
     config, notes = EXPORTERS[fmt](run)
     asked = plan["effective_batch"]

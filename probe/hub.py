@@ -120,6 +120,7 @@ def fetch_config(hub_id: HubId, local_files_only: bool = False) -> tuple[dict[st
     except ImportError as exc:
         raise SpecError("hf:org/name needs huggingface_hub: pip install 'fitprobe[hf]'") from exc
     repo = hub_id.repo_id
+    why: str | None  # why the Hub is not asked (None: it is)
     if local_files_only:
         why = "this service reads its cache only (FITPROBE_HUB_ACCESS=offline; set it to online to fetch)"
     elif _offline_by_environment():

@@ -11,7 +11,6 @@ import platform
 import time
 from collections.abc import Callable, Collection
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from probe.search import find_micro_batch
 from probe.devices import cpu_capacity_limit_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialResult, TrialRunner
+from probe.versions import distribution_version
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
@@ -35,14 +35,8 @@ def _ignore(_: Event) -> None:
 
 
 def versions() -> dict[str, str | None]:
-    def version_of(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"fitprobe": version_of("fitprobe"), "torch": torch.__version__,
-            "transformers": version_of("transformers"), "peft": version_of("peft"),
+    return {"fitprobe": distribution_version("fitprobe"), "torch": torch.__version__,
+            "transformers": distribution_version("transformers"), "peft": distribution_version("peft"),
             "python": platform.python_version()}
 
 
@@ -63,9 +57,9 @@ def device_facts(meter: Meter) -> dict[str, Any]:
 
 def model_facts(model: LoadedModel) -> dict[str, Any]:
     params = list(model.module.parameters())
-    facts = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
-             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+    facts: dict[str, Any] = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+                             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+                             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
     peft_config = getattr(model.module, "peft_config", None)
     if peft_config:  # the modules LoRA adapted, the model's defaults resolved: exports name them
         facts["lora_targets"] = sorted(next(iter(peft_config.values())).target_modules)
@@ -88,6 +82,7 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
             ) -> tuple[Meter, LoadedModel]:
     """The meter for the spec's device and the model built under it (so its weights are counted)."""
     if spec.mode == "estimate":
+        assert spec.capacity_bytes is not None, "ProbeSpec refuses estimate mode without a capacity"
         meter = meter or EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
     elif spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "

@@ -86,7 +86,7 @@ class MemoryReading:
     alloc_retries: int = 0
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
 
-    def plus(self, n_bytes: int) -> "MemoryReading":
+    def plus(self, n_bytes: int) -> MemoryReading:
         """The reading with `n_bytes` more live throughout (memory the meter cannot see, e.g. paged state)."""
         return MemoryReading(self.peak_allocated_bytes + n_bytes, self.peak_reserved_bytes + n_bytes,
                              self.alloc_retries, {k: v + n_bytes for k, v in self.phase_peak_bytes.items()})
@@ -158,7 +158,7 @@ class LiveBytesMode(TorchDispatchMode):
         self._paused = 0
         self._patches: list[ExitStack] = []
 
-    def __enter__(self) -> "LiveBytesMode":
+    def __enter__(self) -> LiveBytesMode:
         patches = ExitStack()
         patches.enter_context(_patched(torch.UntypedStorage, "resize_", self._after_resize))
         propagator = _dtensor_sharding_propagator()

@@ -121,7 +121,7 @@ def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
     _check_model_type(model_type)
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except Exception as exc:  # noqa: BLE001 - configs validate (or divide by a zero) in their own ways
+    except Exception as exc:  # configs validate (or divide by a zero) in their own ways
         raise SpecError(f"model: the Hugging Face config is not usable ({_one_line(exc)}); "
                         "check model_type and fields") from exc
 
@@ -245,10 +245,11 @@ def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
 
 
 def _enable_checkpointing(module: nn.Module) -> None:
+    enable = getattr(module, "gradient_checkpointing_enable", None)  # transformers' models have it
     if isinstance(module, GPT):
         module.gradient_checkpointing = True
-    elif hasattr(module, "gradient_checkpointing_enable"):
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif enable is not None:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise SpecError("this model has no gradient checkpointing support; drop gradient_checkpointing")
 
@@ -289,7 +290,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
             sized = constructor()
     except SpecError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a config's values (zero heads, a string size) fail anywhere
+    except Exception as exc:  # a config's values (zero heads, a string size) fail anywhere
         raise SpecError(f"model: building it failed ({_one_line(exc)}); "
                         "check the config's sizes") from exc
     vocab_size, context = _vocab_and_context(sized)
@@ -305,7 +306,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
     return constructor, logits_fn, vocab_size, context
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_defaults(model_type: str) -> dict[str, Any]:
     """The config class's own values for the fields a request leaves out (its defaults: a bounded build)."""
     from transformers import CONFIG_MAPPING
@@ -421,7 +422,9 @@ def _materialize(module: nn.Module, device: torch.device | str) -> None:
     tensor allocated and initialized by the model's own `_init_weights` (which also computes rotary tables)."""
     for owner in module.modules():
         quantized = quantization.is_quantized_layer(owner)
-        for store in (owner._parameters, owner._buffers):
+        # parameters and buffers alike: a slot takes a Parameter or a Tensor
+        stores: tuple[dict[str, Any], ...] = (owner._parameters, owner._buffers)
+        for store in stores:
             for name, tensor in store.items():
                 if tensor is None or not tensor.is_meta:
                     continue
@@ -431,10 +434,12 @@ def _materialize(module: nn.Module, device: torch.device | str) -> None:
                 real = torch.zeros_like(tensor, device=device)
                 is_parameter = store is owner._parameters
                 store[name] = nn.Parameter(real, requires_grad=tensor.requires_grad) if is_parameter else real
-        if not quantized and hasattr(module, "_init_weights"):
-            module._init_weights(owner)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
+        init_weights = getattr(module, "_init_weights", None)  # transformers' own initialization
+        if not quantized and init_weights is not None:
+            init_weights(owner)
+    tie_weights = getattr(module, "tie_weights", None)
+    if tie_weights is not None:
+        tie_weights()
 
 
 def build_model(

@@ -83,7 +83,7 @@ class Split:
     def deviation_percent(self) -> float:
         return round(100.0 * (self.effective_batch - self.target_batch) / self.target_batch, 2)
 
-    def step_time(self, micro_step_s: "MicroStepTime") -> float:
+    def step_time(self, micro_step_s: MicroStepTime) -> float:
         """Seconds of one optimizer step: the busiest device's micro-steps, one after another."""
         base, extra = self.per_device
         full, rest = divmod(base + (1 if extra else 0), self.micro_batch)
@@ -326,7 +326,8 @@ def make_plan(
         alternatives=alternatives,
         nearest_below=described(nearest_below),
         nearest_above=described(nearest_above),
-        lr_guidance=None if reference_lr is None else lr_guidance(reference_lr, reference_batch, effective_batch),
+        lr_guidance=None if reference_lr is None or reference_batch is None
+        else lr_guidance(reference_lr, reference_batch, effective_batch),
     )
 
 
@@ -375,7 +376,7 @@ def plan_equation(plan: dict[str, Any]) -> str:
                 f"micro-batch{'es' if steps > 1 else ''} of {micro}{on})")
     if n == 1:
         return _device_equation(split.device_micro_batches(0))
-    layouts = {}
+    layouts: dict[tuple[int, ...], list[int]] = {}
     for rank in range(n):
         layouts.setdefault(tuple(split.device_micro_batches(rank)), []).append(rank)
     parts = [f"{_device_equation(list(sizes))} on {_count(len(ranks))} device{'s' if len(ranks) > 1 else ''}"
@@ -404,7 +405,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("    " + "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                                             for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+                                             for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
     guidance = plan["lr_guidance"]
     if guidance:
         lines.append(f"  learning rate: linear-scaled {guidance['linear_scaled_lr']:.3g}, sqrt-scaled "

@@ -34,7 +34,7 @@ QUANTIZED_BYTES_PER_PARAMETER = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CUDA and CPU alike (Params4bit's default)
 
 
-def compute_dtype(spec: ProbeSpec) -> "torch.dtype":
+def compute_dtype(spec: ProbeSpec) -> torch.dtype:
     """bnb_4bit_compute_dtype as a recipe sets it for the user's precision (bitsandbytes' default is fp32)."""
     import torch
 
@@ -59,7 +59,7 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def replace_linears(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
+def replace_linears(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     """Swap the linears for bitsandbytes' 4-bit ones, on the meta device, exactly as from_pretrained does."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -80,19 +80,20 @@ def replace_linears(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
                                     bnb_4bit_quant_storage=torch.uint8)
     replace_with_bnb_linear(module, modules_to_not_convert=get_keys_to_not_convert(module),
                             quantization_config=config)
-    # what from_pretrained marks; prepare_model_for_kbit_training reads it
-    module.is_loaded_in_8bit = spec.quantization == "int8"
-    module.is_loaded_in_4bit = spec.quantization != "int8"
-    module.hf_quantizer = None
+    # what from_pretrained marks (attributes the class does not declare); prepare_model_for_kbit_training reads it
+    marks = {"is_loaded_in_8bit": spec.quantization == "int8", "is_loaded_in_4bit": spec.quantization != "int8",
+             "hf_quantizer": None}
+    for name, value in marks.items():
+        setattr(module, name, value)
     return module
 
 
-def is_quantized_layer(module: "nn.Module") -> bool:
+def is_quantized_layer(module: nn.Module) -> bool:
     bnb = _bitsandbytes()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def quantized_weight(layer: "nn.Module", device: "torch.device | str", fake: bool) -> "torch.nn.Parameter":
+def quantized_weight(layer: nn.Module, device: torch.device | str, fake: bool) -> torch.nn.Parameter:
     """A random weight for `layer`, quantized as from_pretrained quantizes a checkpoint's weight.
 
     The full-precision weight exists for one layer at a time, in the compute dtype, and dies here.
@@ -102,22 +103,25 @@ def quantized_weight(layer: "nn.Module", device: "torch.device | str", fake: boo
     import torch
 
     bnb = _bitsandbytes()
-    old = layer.weight
+    # bitsandbytes ships no types: its layers' attributes (out_features, compute_dtype, the weight's quant
+    # settings) are not the Tensor | Module that nn.Module's __getattr__ promises
+    layer_: Any = layer
+    old: Any = layer.weight
     if isinstance(layer, bnb.nn.Linear8bitLt):
         if fake:
             raise SpecError("estimate mode cannot run int8 (LLM.int8) layers: they split out outlier columns by "
                             "their values, which fake tensors do not have; estimate with nf4, or measure int8")
-        value = torch.empty(layer.out_features, layer.in_features, device=device).normal_(std=0.02)
+        value = torch.empty(layer_.out_features, layer_.in_features, device=device).normal_(std=0.02)
         kwargs = {key: item for key, item in old.__dict__.items() if key != "SCB"}
         return bnb.nn.Int8Params(value, requires_grad=False, **kwargs).to(device)
-    value = torch.empty(layer.out_features, layer.in_features, dtype=layer.compute_dtype or torch.float32,
+    value = torch.empty(layer_.out_features, layer_.in_features, dtype=layer_.compute_dtype or torch.float32,
                         device=device)
     if fake:
         packed, state = bnb.functional.quantize_4bit(value, blocksize=old.blocksize,
                                                      compress_statistics=old.compress_statistics,
                                                      quant_type=old.quant_type, quant_storage=old.quant_storage)
-        weight = torch.nn.Parameter(packed, requires_grad=False)
-        weight.quant_state = state
+        weight: Any = torch.nn.Parameter(packed, requires_grad=False)
+        weight.quant_state = state  # what Linear4bit.forward reads; Parameter does not declare it
         return weight
     value.normal_(std=0.02)
     return bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
@@ -133,7 +137,7 @@ def warm_up() -> None:
         _bitsandbytes().functional.quantize_blockwise(torch.zeros(256))
 
 
-def prepare_for_training(module: "nn.Module", spec: ProbeSpec) -> "nn.Module":
+def prepare_for_training(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     """peft's `prepare_model_for_kbit_training`, with gradient checkpointing as the user set it."""
     from peft import prepare_model_for_kbit_training
 

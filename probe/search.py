@@ -13,12 +13,14 @@ Lightning's binsearch spends 13-19 trials for maxima of 100-1000; this typically
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-HARD_MICRO_BATCH_LIMIT = 65_536
+from probe.spec import MAX_MICRO_BATCH
+
 FIRST_MICRO_BATCHES = (2, 4)  # b=1 sits below the bend where activations start to dominate
 SCOUT_RATIO = 4
 
@@ -131,7 +133,7 @@ def interpolate_safe(results: dict[int, Measured], ok: Callable[[Measured], bool
     """
     fitting = sorted((r for r in results.values() if r.fits), key=lambda r: r.micro_batch)
     best = max((r.micro_batch for r in fitting if ok(r)), default=0)
-    for low, high in zip(fitting, fitting[1:]):
+    for low, high in itertools.pairwise(fitting):
         if not ok(low) or high.alloc_retries:
             continue
         overhead = max(_overhead(low), _overhead(high))
@@ -164,7 +166,7 @@ def find_micro_batch(
     max) replaces the first two small trials by hint/2 and hint: when it is right, the line through
     them is local and the confirmation needs one more trial.
     """
-    upper = min(limit or HARD_MICRO_BATCH_LIMIT, HARD_MICRO_BATCH_LIMIT)
+    upper = min(limit or MAX_MICRO_BATCH, MAX_MICRO_BATCH)
     order: list[Measured] = []
     results: dict[int, Measured] = {}
 

@@ -95,6 +95,7 @@ class EstimatedShardedTrial:
     def __init__(self, spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> None:
         self.spec = spec
         self.allowed_factories = allowed_factories
+        assert spec.capacity_bytes is not None, "ProbeSpec refuses estimate mode without a capacity"
         self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
 
     def __call__(self, micro_batch: int) -> TrialResult:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # one definition for the library, the service and the torch-free client; modules import it from here
-from fitprobe_client.units import format_bytes  # noqa: F401
+from fitprobe_client.units import format_bytes
 from fitprobe_client.verdict import ESTIMATED  # noqa: F401
 
 MAX_SEQ_LEN = 131_072
@@ -132,7 +132,8 @@ class ProbeSpec(BaseModel):
     quantization: Quantization = Field(
         "none",
         description="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization, compute dtype "
-        "from precision) or 8-bit (int8: LLM.int8, measure mode only), loaded and prepared as from_pretrained(quantization_config=BitsAndBytesConfig(...)) and "
+        "from precision) or 8-bit (int8: LLM.int8, measure mode only), loaded and prepared as "
+        "from_pretrained(quantization_config=BitsAndBytesConfig(...)) and "
         "peft's prepare_model_for_kbit_training do; needs finetuning lora",
     )
     gradient_checkpointing: bool = Field(
@@ -228,7 +229,7 @@ class ProbeSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _gpu_sets_the_capacity(self) -> "ProbeSpec":
+    def _gpu_sets_the_capacity(self) -> ProbeSpec:
         if self.gpu is None:
             return self
         from probe.gpus import gpu_capacity_bytes  # probe/gpus.py imports this module
@@ -247,7 +248,7 @@ class ProbeSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _batch_reachable(self) -> "ProbeSpec":
+    def _batch_reachable(self) -> ProbeSpec:
         if self.effective_batch is not None and self.effective_batch < self.num_devices:
             raise ValueError(
                 f"effective_batch ({self.effective_batch}) must be at least num_devices "
@@ -256,7 +257,7 @@ class ProbeSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _estimate_needs_capacity(self) -> "ProbeSpec":
+    def _estimate_needs_capacity(self) -> ProbeSpec:
         if self.mode == "estimate" and self.capacity_bytes is None:
             raise ValueError("estimate mode needs a capacity: set capacity_bytes (e.g. 40GiB) or gpu (a card's name)")
         if self.mode == "estimate" and self.precision == "fp16-mixed":
@@ -265,7 +266,7 @@ class ProbeSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _quantization_needs_lora(self) -> "ProbeSpec":
+    def _quantization_needs_lora(self) -> ProbeSpec:
         if self.quantization != "none" and self.finetuning != "lora":
             raise ValueError(f"quantization {self.quantization} freezes the base weights in 4 bits, which only "
                              "adapters can train: set finetuning lora (--lora) too, or drop quantization")
@@ -278,7 +279,7 @@ class ProbeSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _sharding_modelled(self) -> "ProbeSpec":
+    def _sharding_modelled(self) -> ProbeSpec:
         if self.sharding == "fsdp" and self.precision == "fp16-mixed":
             raise ValueError("sharding=fsdp is modelled with bf16-mixed, bf16 or fp32; fp16 loss scaling of "
                              "sharded gradients is not: use bf16-mixed, whose memory is the same")

@@ -107,7 +107,7 @@ def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     rows = batch.row_targets
     return [MicroBatch(i, lab, m, rows[start:start + size] if rows is not None else None)
-            for i, lab, m, start, size in zip(ids, labels, masks, starts, sizes)]
+            for i, lab, m, start, size in zip(ids, labels, masks, starts, sizes, strict=True)]
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -65,7 +65,7 @@ class TrialRunner:
         self.meter.release()
         try:
             return self._run(micro_batch)
-        except Exception as exc:  # noqa: BLE001 - classified right below, re-raised if not OOM
+        except Exception as exc:  # classified right below, re-raised if not OOM
             if not is_oom(exc):
                 raise TrialError(f"trial at micro-batch {micro_batch} failed: {exc}") from exc
             facts = self.meter.oom_facts(exc)

@@ -182,7 +182,8 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
     `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each
     row overrides finetuning, quantization, gradient_checkpointing and optimizer.
     """
-    if base.capacity_bytes is None:
+    capacity_bytes = base.capacity_bytes
+    if capacity_bytes is None:
         raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
     started_s = time.perf_counter()
     settings = list(settings) if settings is not None else settings_grid()
@@ -207,7 +208,7 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
               "longest_seq_len": row.longest.seq_len, "note": row.longest.note})
         rows.append(row)
     model = base.model if isinstance(base.model, str) else "hf:inline"
-    return WhatIf(model, base.capacity_bytes, base.precision, list(seq_lens), context, rows,
+    return WhatIf(model, capacity_bytes, base.precision, list(seq_lens), context, rows,
                   round(time.perf_counter() - started_s, 3))
 
 

@@ -36,7 +36,8 @@ def _bin_dir() -> Path:
         return Path(found[-1]).parent
     if shutil.which("initdb"):
         return Path(shutil.which("initdb")).parent
-    raise RuntimeError(f"no PostgreSQL server binaries (initdb) under /usr/lib/postgresql/*/bin or on PATH: {INSTALL_HINT}")
+    raise RuntimeError("no PostgreSQL server binaries (initdb) under /usr/lib/postgresql/*/bin or on PATH: "
+                       f"{INSTALL_HINT}")
 
 
 @contextmanager
@@ -53,7 +54,8 @@ def postgres_server() -> Iterator[str]:
     def run(*args: str) -> None:
         done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): "
+                               f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     run(str(bin_dir / "initdb"), "-D", str(data), "-U", "fitprobe", "--auth=trust", "-E", "UTF8", "--no-sync")
     # fsync off: a test database need not survive a power cut, and the shared disk is slow

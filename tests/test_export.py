@@ -46,7 +46,8 @@ def micro_and_accumulation(fmt: str, config: dict) -> tuple[int, int]:
 
 def test_the_plans_under_test_are_what_the_hand_arithmetic_says():
     for plan, (micro, steps, devices), _ in (EVEN_1, EVEN_2):
-        assert (plan.split.micro_batch, plan.split.accumulation_steps, plan.split.num_devices) == (micro, steps, devices)
+        split = plan.split
+        assert (split.micro_batch, split.accumulation_steps, split.num_devices) == (micro, steps, devices)
         assert plan.split.even
     assert make_plan(97, 32).to_dict()["last_micro_batch"] == 22
     assert make_plan(101, 32, 3).to_dict()["last_micro_batch"] is not None
@@ -91,7 +92,7 @@ def test_hf_yaml_loads_with_hf_argument_parser_unchanged(tmp_path):
 def test_lightning_trainer_constructs_with_the_exported_arguments(name, precision, lightning_precision):
     import lightning
 
-    plan, (micro, steps, devices), effective = PLANS[name]
+    plan, (_micro, steps, devices), effective = PLANS[name]
     config = export_plan(plan.to_dict(), {"precision": precision}, "lightning")["config"]
     assert config["trainer"] == {"accumulate_grad_batches": steps, "devices": devices, "precision": lightning_precision}
     trainer = lightning.Trainer(**config["trainer"], accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -110,7 +111,7 @@ def test_accelerate_accelerator_and_config_file_take_the_export(name, precision,
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.state import AcceleratorState
 
-    plan, (micro, steps, devices), effective = PLANS[name]
+    plan, (_micro, steps, devices), effective = PLANS[name]
     exported = export_plan(plan.to_dict(), {"precision": precision}, "accelerate")
     config = exported["config"]
     try:
@@ -191,7 +192,7 @@ def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
 @pytest.mark.parametrize("name,asked,given,deviation,side",
                          [("uneven-tie-below", 97, 96, -1.03, "below"), ("uneven-above", 101, 102, 0.99, "above")])
 def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, asked, given, deviation, side):
-    plan, (micro, steps, devices), _ = PLANS[name]
+    plan, (micro, steps, _devices), _ = PLANS[name]
     assert plan.to_dict()["last_micro_batch"] is not None  # the recommendation itself is uneven
     exported = export_plan(plan.to_dict(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
     assert micro_and_accumulation(fmt, exported["config"]) == (micro, steps)

@@ -105,7 +105,7 @@ def test_an_unreachable_hub_is_one_line_in_seconds_that_does_not_blame_hf_hub_of
 
 
 def test_unknown_revision_offline_is_not_cached_either(hub_cache, no_hub_calls):
-    with pytest.raises(SpecError, match="not in the local Hugging Face cache.*--revision v2"):
+    with pytest.raises(SpecError, match=r"not in the local Hugging Face cache.*--revision v2"):
         read_config("testorg/tiny-llama@v2")
 
 
@@ -116,7 +116,7 @@ def test_a_directory_or_its_config_json_is_read_from_disk(tmp_path, monkeypatch,
     for ref in ("hf:tiny", "hf:./tiny", f"hf:{tmp_path / 'tiny'}", f"hf:{tmp_path / 'tiny' / 'config.json'}"):
         assert build_model(ProbeSpec(model=ref, seq_len=16), "meta").vocab_size == 256
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpecError, match="holds no config.json"):
+    with pytest.raises(SpecError, match=r"holds no config.json"):
         read_config("empty")
     with pytest.raises(SpecError, match="not found"):
         read_config("./missing/config.json")
@@ -129,7 +129,7 @@ def test_malformed_hub_ids_are_refused_before_any_lookup(hub_cache, no_hub_calls
         raise AssertionError("hf_hub_download was called")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)
-    with pytest.raises(SpecError, match="Hub id|revision must be"):
+    with pytest.raises(SpecError, match=r"Hub id|revision must be"):
         read_config(ref)
 
 

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from app import migrate
 from app.config import Settings
 from app.main import create_app
-from app.store import QUEUED, Store, metadata
+from app.store import Store, metadata
+from fitprobe_client.status import JobStatus
 
 HEAD = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
 # what `metadata.create_all` made on SQLite before migrations existed (fitprobe a37ff0e)
@@ -58,7 +59,8 @@ def test_upgrade_from_empty_builds_exactly_the_models_schema(database_url):
 
 def test_replicas_starting_together_migrate_once(postgres_url):
     # separate processes, as replicas are: Alembic's `op` and `context` are process-wide
-    migrate_once = f"import sqlalchemy as sa; from app import migrate; migrate.upgrade(sa.create_engine({postgres_url!r}))"
+    migrate_once = ("import sqlalchemy as sa; from app import migrate; "
+                    f"migrate.upgrade(sa.create_engine({postgres_url!r}))")
     replicas = [subprocess.Popen([sys.executable, "-c", migrate_once], stderr=subprocess.PIPE, text=True)
                 for _ in range(3)]
     errors = [replica.communicate(timeout=120)[1] for replica in replicas]
@@ -82,7 +84,7 @@ def test_a_database_from_before_migrations_is_stamped_upgraded_and_keeps_its_job
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     # a job running when the old version died has no lease: the first start-up re-queues it
     assert store.recover() == (1, 0)
-    assert store.get("runningbeforeup1")["status"] == QUEUED
+    assert store.get("runningbeforeup1")["status"] == JobStatus.QUEUED
 
 
 def _from_a_newer_fitprobe(url: str) -> None:
@@ -96,9 +98,9 @@ def _from_a_newer_fitprobe(url: str) -> None:
 def test_the_service_refuses_a_database_a_newer_fitprobe_migrated(database_url, tmp_path):
     _from_a_newer_fitprobe(database_url)
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
-    with pytest.raises(migrate.SchemaAhead, match="'9999_from_the_future', which this fitprobe does not know"):
-        with TestClient(app):
-            pass
+    with pytest.raises(migrate.SchemaAhead, match="'9999_from_the_future', which this fitprobe does not know"), \
+            TestClient(app):
+        pass
     assert _revision(sa.create_engine(database_url)) == "9999_from_the_future"  # nothing was touched
 
 

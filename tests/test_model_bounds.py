@@ -49,7 +49,7 @@ def _context(name: str) -> int:
     ({"text_config": {"num_hidden_layers": 0}}, "model.text_config.num_hidden_layers must be at least 1"),
 ])
 def test_a_size_that_is_not_a_whole_number_in_range_is_refused_naming_field_limit_and_value(fields, message):
-    with pytest.raises(SpecError, match="^model") as refused:
+    with pytest.raises(SpecError, match=r"^model") as refused:
         check_model("llama", {**LLAMA_1B, **fields}, {}, ModelLimits(), seq_len=128, micro_batch_limit=8)
     assert message in str(refused.value)
     assert len(str(refused.value)) < 300
@@ -60,7 +60,7 @@ def test_parameters_and_parameters_times_tokens_have_limits_the_operator_can_set
     with pytest.raises(SpecError, match=r"about 1,235,963,904 parameters .* limit of 1,000,000,000 "
                                         r"\(FITPROBE_MAX_MODEL_PARAMS\)"):
         check_model("llama", LLAMA_1B, {}, small, seq_len=128, micro_batch_limit=8)
-    with pytest.raises(SpecError, match="FITPROBE_MAX_PARAM_TOKENS.*set max_micro_batch or effective_batch"):
+    with pytest.raises(SpecError, match=r"FITPROBE_MAX_PARAM_TOKENS.*set max_micro_batch or effective_batch"):
         check_model("llama", LLAMA_1B, {}, ModelLimits(max_param_tokens=10**15), seq_len=4096,
                     micro_batch_limit=None)
     check_model("llama", LLAMA_1B, {}, ModelLimits(max_param_tokens=10**15), seq_len=4096, micro_batch_limit=8)

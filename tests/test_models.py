@@ -73,6 +73,6 @@ def test_check_reference_refuses_unknown_names_with_the_nearest_one(model, messa
 
 
 def test_check_reference_counts_the_weights_from_the_config_against_the_capacity():
-    with pytest.raises(SpecError, match="capacity_bytes: capacity 1.0GiB is smaller than the model's weights alone"):
+    with pytest.raises(SpecError, match=r"capacity_bytes: capacity 1.0GiB is smaller than the model's weights alone"):
         check_reference(ProbeSpec(model="preset:llama-3.1-8b", seq_len=32), capacity_bytes=1 << 30)
     check_reference(ProbeSpec(model="builtin:gpt-nano", seq_len=32), capacity_bytes=16 << 20)

@@ -114,5 +114,5 @@ def test_moe_whose_experts_loop_over_the_routing_is_measured_not_estimated():
     looped = {**TINY_MOE["mixtral"], "experts_implementation": "eager"}  # torch.where over the router's picks
     spec = ProbeSpec(model=looped, seq_len=16, capacity_bytes="64MiB")
     assert run_trial(spec, 2)["trial"]["fits"]
-    with pytest.raises(SpecError, match="estimate mode cannot run this mixture-of-experts model.*measure mode"):
+    with pytest.raises(SpecError, match=r"estimate mode cannot run this mixture-of-experts model.*measure mode"):
         run_trial(spec.model_copy(update={"mode": "estimate"}), 2)

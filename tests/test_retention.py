@@ -13,11 +13,6 @@ import sqlalchemy as sa
 
 from app import migrate
 from app.store import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
     ClientLimits,
     ClientQuota,
     Store,
@@ -25,6 +20,7 @@ from app.store import (
     is_disk_full,
     jobs,
 )
+from fitprobe_client.status import JobStatus
 
 
 @pytest.fixture
@@ -49,9 +45,10 @@ def _ids(store: Store) -> set[str]:
 
 
 def test_sweep_deletes_expired_finished_jobs_with_their_events_and_never_unfinished_ones(store):
-    old = [_job(store, status, 40, n) for n, status in enumerate((SUCCEEDED, FAILED, CANCELLED))]
-    young = _job(store, SUCCEEDED, 1, 10)
-    unfinished = [_job(store, QUEUED, None, 11), _job(store, RUNNING, None, 12)]
+    old = [_job(store, status, 40, n)
+           for n, status in enumerate((JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED))]
+    young = _job(store, JobStatus.SUCCEEDED, 1, 10)
+    unfinished = [_job(store, JobStatus.QUEUED, None, 11), _job(store, JobStatus.RUNNING, None, 12)]
     assert store.sweep(retention_days=30, max_stored=10_000) == 3
     assert _ids(store) == {young, *unfinished}
     with store.engine.connect() as conn:
@@ -61,8 +58,8 @@ def test_sweep_deletes_expired_finished_jobs_with_their_events_and_never_unfinis
 
 
 def test_sweep_keeps_at_most_max_stored_jobs_oldest_finished_first_in_bounded_batches(store):
-    finished = [_job(store, SUCCEEDED, 10 - n, n) for n in range(10)]  # finished[0] is the oldest
-    running = _job(store, RUNNING, None, 99)
+    finished = [_job(store, JobStatus.SUCCEEDED, 10 - n, n) for n in range(10)]  # finished[0] is the oldest
+    running = _job(store, JobStatus.RUNNING, None, 99)
     assert store.sweep(retention_days=30, max_stored=4, batch=3) == 3  # a bounded sweep
     assert _ids(store) == {*finished[3:], running}
     assert store.sweep(retention_days=30, max_stored=4, batch=3) == 3

@@ -109,7 +109,8 @@ def test_estimated_per_device_peak_equals_every_measured_rank(num_devices, preci
     estimate = estimated(num_devices, precision)
     assert all(rank["trial"]["fits"] for rank in ranks) and estimate["trial"]["fits"]
     for rank in ranks:
-        assert estimate["trial"]["peak_allocated_bytes"] == pytest.approx(rank["trial"]["peak_allocated_bytes"], rel=0.01)
+        assert estimate["trial"]["peak_allocated_bytes"] == pytest.approx(rank["trial"]["peak_allocated_bytes"],
+                                                                           rel=0.01)
         for phase, n_bytes in rank["trial"]["phase_peak_bytes"].items():
             assert estimate["trial"]["phase_peak_bytes"][phase] == pytest.approx(n_bytes, rel=0.01)
         assert estimate["weights_bytes"] == rank["weights_bytes"]

@@ -84,7 +84,8 @@ def test_qlora_on_a_builtin_model_is_not_applicable_rather_than_a_crash():
 
 
 def fitprobe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, check=False, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, check=False, text=True,
+                          timeout=300)
 
 
 WHATIF = ["whatif", "--model", "builtin:gpt-nano", "--capacity", "12MiB", "--seq-len", "32,64",

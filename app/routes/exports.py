@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from app.deps import StoreDep
 from app.schemas import ConfigExport
+from fitprobe_client.status import JobStatus
 from probe.export import FORMATS, ExportError, ExportFormat, export_report
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
@@ -27,7 +28,7 @@ def probe_config(job_id: str, store: StoreDep,
         job = store.get(job_id)
     except KeyError:
         raise HTTPException(404, f"no probe with id {job_id!r}") from None
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         raise HTTPException(409, f"probe {job_id} is {job['status']}: its config exists once it has succeeded")
     if not (job["result"] or {}).get("plan"):
         raise HTTPException(409, f"probe {job_id} has no plan: it ran without an effective_batch; submit it again "

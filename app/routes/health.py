@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from app.schemas import error_responses
-from app.store import QUEUED, Store
+from app.store import Store
+from fitprobe_client.status import JobStatus
 
 router = APIRouter(tags=["health"])
 # the text format every Prometheus version parses; prometheus_client >= 0.22 labels the same text (for
@@ -37,7 +38,7 @@ class Metrics:
         for status, count in counts.items():
             jobs.add_metric([status], count)
         yield jobs
-        yield GaugeMetricFamily("fitprobe_queue_depth", "queued jobs", value=counts[QUEUED])
+        yield GaugeMetricFamily("fitprobe_queue_depth", "queued jobs", value=counts[JobStatus.QUEUED])
 
 
 @router.get("/healthz", summary="The process answers")
@@ -51,7 +52,7 @@ def readyz(request: Request) -> dict[str, object]:
     state = request.app.state
     try:
         state.store.counts_by_status()
-    except Exception as exc:  # noqa: BLE001 - any store failure means not ready
+    except Exception as exc:  # any store failure means not ready
         raise HTTPException(503, f"store unavailable: {type(exc).__name__}") from exc
     problems = state.executor.not_ready()
     if problems:

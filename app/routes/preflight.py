@@ -25,13 +25,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.routes.probes import EventStreams, public, submit_probe
 from app.schemas import PreflightRequest, PreflightVerdict, error_responses
-from app.store import TERMINAL
+from fitprobe_client.status import TERMINAL
 from fitprobe_client.verdict import verdict
 
 router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
 POLL_S = 0.5
 FAILED = 409  # a 4xx other than 422, so that `curl --fail-with-body` fails the step and shows the line
-_LINE = {"text/plain": {"schema": {"type": "string"}, "example": "PASS: 20 = 10 × 2 (verified; peak 12.1MiB of 16.0MiB)"}}
+_LINE = {"text/plain": {"schema": {"type": "string"},
+                         "example": "PASS: 20 = 10 × 2 (verified; peak 12.1MiB of 16.0MiB)"}}
 
 
 def _answer(request: Request, status_code: int, line: str, job: dict[str, Any] | None) -> Response:
@@ -44,7 +45,8 @@ def _answer(request: Request, status_code: int, line: str, job: dict[str, Any] |
 @router.post("", summary="Pre-flight: probe, plan and verify, then answer PASS (200) or FAIL (409)",
              response_class=Response, responses={
                  200: {"model": PreflightVerdict, "content": _LINE,
-                       "description": "`PASS: …`: the plan was verified by training (JSON with Accept: application/json)"},
+                       "description": "`PASS: …`: the plan was verified by training "
+                                      "(JSON with Accept: application/json)"},
                  409: {"model": PreflightVerdict, "content": _LINE,
                        "description": "`FAIL: <reason>`: the plan cannot be met (does not fit, verification failed, "
                                       "the probe failed)"},

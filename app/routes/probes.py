@@ -8,7 +8,6 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from importlib import metadata
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
@@ -20,12 +19,14 @@ from app.config import Settings
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.executor import Executor
 from app.schemas import ProbeRequest, error_responses
-from app.store import STATUSES, TERMINAL, ClientLimits, ClientQuota, Conflict, QueueFull
+from app.store import ClientLimits, ClientQuota, Conflict, QueueFull
 from app.watch import compact, etag_of
+from fitprobe_client.status import TERMINAL, JobStatus
 from probe.models import check_reference
 from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
 from probe.plan import plan_for_probe
 from probe.spec import SpecError, format_bytes
+from probe.versions import distribution_version
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 SSE_HEARTBEAT_S = 10.0
@@ -86,18 +87,11 @@ class _CountedStream(StreamingResponse):
             self.streams.leave(self.client)
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def fingerprint(request: ProbeRequest, device_name: str, capacity_bytes: int | None) -> str:
     """Everything a probe's answer depends on; the effective batch only changes the plan."""
     fields = request.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT)
     key = {"spec": fields, "device": device_name, "capacity_bytes": capacity_bytes,
-           "torch": _version("torch"), "fitprobe": _version("fitprobe")}
+           "torch": distribution_version("torch"), "fitprobe": distribution_version("fitprobe")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -262,14 +256,14 @@ def submit(request: ProbeRequest, response: Response, store: StoreDep, settings:
 
 @router.get("", summary="List probes, newest first", responses=error_responses(422))
 def list_probes(store: StoreDep,
-                status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
+                status: Annotated[str | None, Query(description=f"one of {', '.join(JobStatus)}")] = None,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
                 offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
                 view: Annotated[Literal["full", "compact"],
                                 Query(description="compact: rows without trials and report, for tables")] = "full",
                 ) -> dict[str, Any]:
-    if status is not None and status not in STATUSES:
-        raise HTTPException(422, f"status must be one of {', '.join(STATUSES)} (got {status!r})")
+    if status is not None and status not in tuple(JobStatus):
+        raise HTTPException(422, f"status must be one of {', '.join(JobStatus)} (got {status!r})")
     items, total = store.list(status, limit, offset)
     rows = [compact(job) if view == "compact" else public(job, store) for job in items]
     return {"items": rows, "total": total, "limit": limit, "offset": offset}
@@ -336,7 +330,7 @@ async def probe_events(job_id: str, store: StoreDep, request: Request, client: C
             raise ValueError
     except ValueError:
         raise HTTPException(422, f"Last-Event-ID must be an event id between 0 and {MAX_EVENT_ID} "
-                                 f"(got {last_event_id[:40]!r})") from None
+                                 f"(got {(last_event_id or '')[:40]!r})") from None
     streams: EventStreams = request.app.state.event_streams
     refused = streams.enter(client)
     if refused:
@@ -363,4 +357,5 @@ async def probe_events(job_id: str, store: StoreDep, request: Request, client: C
                 await asyncio.sleep(SSE_POLL_S)
         yield f"event: shutdown\ndata: {json.dumps({'detail': 'server stopping; reconnect with Last-Event-ID'})}\n\n"
 
-    return _CountedStream(stream(), streams, client, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _CountedStream(stream(), streams, client, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})

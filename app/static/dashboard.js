@@ -9,6 +9,7 @@ import { showJob } from "./job.js";
 import { setUpWhatIf } from "./whatif.js";
 
 const LIST_POLL_MS = 2000;
+// job statuses: UNFINISHED of client/fitprobe_client/status.py, the values the API sends
 const ACTIVE = ["queued", "running"];
 const views = { list: "list-view", new: "new-view", job: "job-view", whatif: "whatif-view" };
 let route = 0; // bumped on every navigation, so loops of the page we left stop

@@ -8,6 +8,7 @@ import { h, table } from "./dom.js";
 import { deviationText, formatBytes, modelLabel, planText, timeText } from "./format.js";
 
 const POLL_MS = 1000;
+// job statuses: TERMINAL of client/fitprobe_client/status.py, the values the API sends
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 // the CLI's and the pre-flight verdict's words for an estimate (client/fitprobe_client/verdict.py ESTIMATED)
 const ESTIMATED = "estimated, not run on a device";

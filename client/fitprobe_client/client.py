@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+from fitprobe_client.status import TERMINAL
 # the server sends a keep-alive comment every 10 s on a quiet stream: a read that waits longer than
 # this has lost its connection, whatever the per-request timeout is
 SSE_READ_TIMEOUT_S = 30.0
@@ -273,7 +273,7 @@ class FitprobeClient:
             return self.get(job_id)
         except _DeadlinePassed:
             job = self.get(job_id)
-            if job["status"] in TERMINAL_STATUSES:
+            if job["status"] in TERMINAL:
                 return job
             raise TimedOut(f"probe {job_id} still {job['status']} after {timeout_s:g} s", job) from None
         except Unreachable:
@@ -291,7 +291,7 @@ class FitprobeClient:
             if job["phase"] != phase:
                 phase = job["phase"]
                 notify({"type": "phase", "phase": phase})
-            if job["status"] in TERMINAL_STATUSES:
+            if job["status"] in TERMINAL:
                 return job
             if time.monotonic() > deadline_s:
                 raise TimedOut(f"probe {job_id} still {job['status']} after {timeout_s:g} s", job)

@@ -22,10 +22,10 @@ from typing import Any
 
 from fitprobe_client.client import (BadRequest, ConfigFileError, FitprobeClient, ServerError, TimedOut,
                                     Unreachable)
+from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET, EXIT_UNREACHABLE
+from fitprobe_client.status import TERMINAL
 from fitprobe_client.units import format_bytes
 from fitprobe_client.verdict import plan_words, verdict
-
-EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def add_options(preflight: argparse.ArgumentParser) -> None:
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             source = job.get("search_cached_from")
             _progress(f"probe {job['id']} {job['status']}{' (cached)' if job.get('cached') else ''}"
                       f"{f' (search cached from probe {source}; verifying the plan)' if source else ''}")
-            if job["status"] not in ("succeeded", "failed", "cancelled"):
+            if job["status"] not in TERMINAL:
                 job = client.wait(job["id"], timeout_s, on_event=_print_event)
         except ConfigFileError as exc:
             return _refused(args, str(exc))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fitprobe_client.status import JobStatus
 from fitprobe_client.units import format_bytes
 
 # how every entry point labels an estimate's answer: the CLI, this verdict and the page say the same
@@ -23,7 +24,7 @@ def plan_words(plan: dict[str, Any]) -> str:
 
 def verdict(job: dict[str, Any], require_exact: bool = False) -> tuple[bool, str]:
     """Whether the job's plan is met, and the `PASS: …` or `FAIL: <reason>` line that says so."""
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         return False, f"FAIL: probe {job['status']}: {job.get('error') or 'no reason given'}"
     plan, verification = job.get("plan"), job.get("verification")
     not_fitting = (job.get("report") or {}).get("does_not_fit")

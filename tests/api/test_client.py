@@ -134,7 +134,7 @@ def test_errors_are_typed_with_the_servers_detail(server):
         with pytest.raises(BadRequest) as refused:
             client.submit({**FAST_JOB, "seq_len": 0})
         assert refused.value.status_code == 422 and "seq_len" in refused.value.detail
-    with FitprobeClient(f"127.0.0.1:{free_port()}", timeout_s=5) as nowhere:
-        with pytest.raises(Unreachable, match="unreachable"):
-            nowhere.submit(FAST_JOB)
+    with FitprobeClient(f"127.0.0.1:{free_port()}", timeout_s=5) as nowhere, \
+            pytest.raises(Unreachable, match="unreachable"):
+        nowhere.submit(FAST_JOB)
 

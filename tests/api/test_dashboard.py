@@ -218,7 +218,8 @@ def test_the_form_states_the_services_own_limits(server, page):
     page.goto(f"{server.url}/#/new")
     expect(page.locator("#seq_len-help")).to_have_text(f"at most {limits['max_seq_len']:,} on this service")
     expect(page.locator("#f-seq_len")).to_have_attribute("max", str(limits["max_seq_len"]))
-    expect(page.locator("#effective_batch-help")).to_have_text(f"at most {limits['max_effective_batch']:,} on this service")
+    expect(page.locator("#effective_batch-help")).to_have_text(
+        f"at most {limits['max_effective_batch']:,} on this service")
 
 
 def test_the_memory_axis_reads_in_one_unit_and_micro_batches_are_whole(server, page, tmp_path):
@@ -278,8 +279,10 @@ def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, pag
             note = "not applicable: quantization works on Hugging Face models"
             rows.append(Row(setting, setting.label, [Cell(s, note=note) for s in seq_lens], Longest(None, note=note)))
             continue
-        cells = [Cell(s, max(0, i - k * 3), 0, (i + 1) << 30 if i - k * 3 > 0 else None) for k, s in enumerate(seq_lens)]
-        rows.append(Row(setting, setting.label, cells, Longest(1024 * (i // 3 + 1), 1024 * (i // 3 + 1) + 256, 1 << 30, 3)))
+        cells = [Cell(s, max(0, i - k * 3), 0, (i + 1) << 30 if i - k * 3 > 0 else None)
+                 for k, s in enumerate(seq_lens)]
+        longest = Longest(1024 * (i // 3 + 1), 1024 * (i // 3 + 1) + 256, 1 << 30, 3)
+        rows.append(Row(setting, setting.label, cells, longest))
     table = WhatIf("preset:gpt2", 24 << 30, "bf16-mixed", seq_lens, 1024, rows, 12.5).to_dict()
 
     page.goto(f"{server.url}/#/whatif")

@@ -78,7 +78,8 @@ def test_a_foreign_host_is_400_naming_the_setting(server, host):
     _still_answers(server)
 
 
-@pytest.mark.parametrize("host", [b"localhost", b"127.0.0.1", b"[::1]", b"localhost:%d", b"127.0.0.1:%d", b"[::1]:8000"])
+@pytest.mark.parametrize("host", [b"localhost", b"127.0.0.1", b"[::1]", b"localhost:%d", b"127.0.0.1:%d",
+                                  b"[::1]:8000"])
 def test_loopback_names_with_any_port_are_allowed(server, host):
     host = host.replace(b"%d", str(_port(server)).encode())
     assert _raw(server, _get("/healthz", host))[0] == 200

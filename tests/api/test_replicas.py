@@ -18,7 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from app import migrate
-from app.store import FAILED, QUEUED, RUNNING, Store, events
+from app.store import Store, events
+from fitprobe_client.status import JobStatus
 from tests.api.conftest import SLOW_JOB, Server, start_server, wait_for
 from tests.postgres import create_database
 
@@ -52,7 +53,7 @@ def test_a_job_whose_lease_runs_out_goes_to_another_replica_and_the_first_can_no
     assert second.requeue_abandoned() == (0, 0)  # a replica never gives up its own jobs: it is alive
     assert first.requeue_abandoned() == (0, 1)  # interrupted on both runs: failed, not re-run forever
     failed = first.get(job["id"])
-    assert failed["status"] == FAILED and failed["error"].startswith("interrupted")
+    assert failed["status"] == JobStatus.FAILED and failed["error"].startswith("interrupted")
 
 
 def test_a_restart_recovers_at_once_the_jobs_of_a_dead_replica_on_this_host_and_leaves_live_ones(tmp_path):
@@ -70,7 +71,7 @@ def test_a_restart_recovers_at_once_the_jobs_of_a_dead_replica_on_this_host_and_
     restarted = Store(url, lease_s=60)
     assert restarted.recover() == (1, 0)  # no need to wait out the dead one's lease
     by_name = {job["fingerprint"]: job["status"] for job in restarted.list(None, 10, 0)[0]}
-    assert by_name == {"dead": QUEUED, "live": RUNNING, "elsewhere": RUNNING}
+    assert by_name == {"dead": JobStatus.QUEUED, "live": JobStatus.RUNNING, "elsewhere": JobStatus.RUNNING}
 
 
 def test_replicas_claiming_at_once_take_each_job_exactly_once(postgres_url):
