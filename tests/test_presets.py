@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from probe.job import prepare, run_trial
+from probe.build import prepare
+from probe.job import run_trial
 from probe.models import build_model
 from probe.spec import ProbeSpec, SpecError
 from probe.trial import TrialRunner
