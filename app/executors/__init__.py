@@ -14,7 +14,7 @@ from app.executors.local import LocalExecutor
 from app.store import Store
 
 if TYPE_CHECKING:
-    from app.routes.health import Metrics
+    from app.metrics import Metrics
 
 __all__ = ["Executor", "make_executor"]
 

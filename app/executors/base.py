@@ -25,7 +25,7 @@ from app.store import Conflict, Store
 from app.worker import Item
 
 if TYPE_CHECKING:
-    from app.routes.health import Metrics
+    from app.metrics import Metrics
 
 DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.5, 10.0
 log = logging.getLogger("fitprobe.executor")

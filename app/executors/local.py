@@ -30,7 +30,7 @@ from probe.devices import list_devices
 from probe.lifetime import start_guarded
 
 if TYPE_CHECKING:
-    from app.routes.health import Metrics
+    from app.metrics import Metrics
 
 DRAIN_TIMEOUT_S = 0.5
 WAIT_S = 0.2

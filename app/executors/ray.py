@@ -40,7 +40,7 @@ from app.store import CANCELLED, Store
 from app.worker import Item, run_job_ray_task
 
 if TYPE_CHECKING:
-    from app.routes.health import Metrics
+    from app.metrics import Metrics
 
 DEVICE_RESOURCE = "fitprobe_device"  # a custom Ray resource standing in for one GPU on CPU nodes
 CPU_DEVICE_NAME = "cpu (virtual capacity)"  # as probe.devices names it: results cache across executors
