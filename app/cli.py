@@ -1,10 +1,17 @@
-"""Service commands of `fitprobe`: serve, preflight, devices. Imported only when these run."""
+"""The `fitprobe` command: the library's commands (probe/cli.py) and the service's: serve, preflight, devices.
+
+It sits above both, as the console script's entry (`fitprobe = "app.cli:main"`): probe/ never
+imports app/, so the library's command line takes these commands from here, not the other way.
+Nothing heavy is imported before a command runs: `--help` and `preflight` stay free of torch and
+FastAPI (each command imports what it needs).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 # preflight is the torch-free client's own command (client/), so `fitprobe-preflight` behaves the same
@@ -12,6 +19,7 @@ from fitprobe_client.exit_codes import EXIT_OK
 from fitprobe_client.preflight import __doc__ as preflight_doc
 from fitprobe_client.preflight import add_options as add_preflight_options
 from fitprobe_client.preflight import run as cmd_preflight
+from probe import cli as probe_cli
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -88,3 +96,16 @@ def register(commands: Any) -> None:
 
     devices = commands.add_parser("devices", help="list devices (NVML, or the CPU device)")
     devices.set_defaults(run=cmd_devices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command of `fitprobe`: the library's, then the service's."""
+    return probe_cli.build_parser(register)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return probe_cli.main(argv, build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "
                                                "less time (200 open dashboards poll 200 times a second)")
 
-    # ---- scale out: where jobs run (app/executor.py, app/ray_executor.py) ---------------------
+    # ---- scale out: where jobs run (app/executors/: local.py, ray.py) --------------------------
     executor: Literal["local", "ray"] = Field(
         "local", description="local: one worker per device of this machine, each job in a subprocess; "
         "ray: each job a Ray task on the cluster at FITPROBE_RAY_ADDRESS (pip install 'fitprobe[ray]')")

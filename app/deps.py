@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from app.config import Settings
-from app.executor import Executor
+from app.executors.base import Executor
 from app.store import Store
 
 

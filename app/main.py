@@ -22,10 +22,10 @@ from app import migrate
 from app.body_limit import BodyLimit
 from app.config import Settings
 from app.deps import require_token
-from app.executor import make_executor
+from app.executors import make_executor
 from app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
+from app.metrics import Metrics
 from app.routes import devices, exports, health, limits, models, plans, preflight, probes
-from app.routes.health import Metrics
 from app.schemas import error_responses
 from app.store import SWEEP_BATCH, Store, is_disk_full
 from probe.versions import fitprobe_version

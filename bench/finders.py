@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from probe.job import prepare, run_probe
+from probe.build import prepare
+from probe.job import run_probe
 from probe.meter import is_oom
 from probe.spec import ProbeSpec
 from probe.step import accumulate_gradients, make_optimizer, make_scaler, optimizer_step, worst_case_batch

@@ -1,4 +1,4 @@
-"""`fitprobe` command line: probe, trial, plan (and serve/preflight/devices, registered by app/).
+"""`fitprobe` command line: probe, trial, plan (and serve/preflight/devices, which app/cli.py adds).
 
 Exit codes, the same for every command:
   0  done, and the request is met
@@ -360,7 +360,13 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The library's commands; `more_commands(commands)` adds others (app/cli.py: the service's) with
+    `commands.add_parser(...)`, `commands` being argparse's subparsers action (it has no public type).
+
+    probe/ never imports app/: the `fitprobe` command (app/cli.py) builds this parser with its own
+    commands added, and `python -m probe.cli` offers the library's alone.
+    """
     parser = argparse.ArgumentParser(prog="fitprobe", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
     parser.add_argument("--version", action=_Version)
@@ -415,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     whatif.add_argument("--json", action="store_true", help="print the table as one JSON object")
     whatif.add_argument("--quiet", action="store_true", help="no progress on stderr")
     whatif.set_defaults(run=cmd_whatif)
-    _register_service_commands(commands)
+    if more_commands is not None:
+        more_commands(commands)
     return parser
 
 
@@ -435,15 +442,6 @@ def _add_export_options(parser: argparse.ArgumentParser) -> None:
                         "ready for TrainingArguments(**json.load(f)), its provenance as comments on stderr; with "
                         "--json {format, config, provenance} (see probe/export.py)")
     parser.add_argument("--yaml", action="store_true", help="with --format: YAML, provenance as comments")
-
-
-def _register_service_commands(commands: argparse._SubParsersAction) -> None:
-    """serve/preflight/devices live in app/ (web code); a probe-only install still has the rest."""
-    try:
-        from app.cli import register
-    except ImportError:
-        return
-    register(commands)
 
 
 def _quiet_third_parties() -> None:
@@ -492,9 +490,9 @@ def cli_message(exc: Exception) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command: `parser` is build_parser()'s, or one built with more commands (app/cli.py)."""
+    args = (parser or build_parser()).parse_args(argv)
     _quiet_third_parties()
     try:
         return args.run(args)

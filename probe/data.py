@@ -276,7 +276,7 @@ def _arrow_dir_lengths(path: Path, progress: ProgressFn | None) -> Iterator[np.n
         raise SpecError(f"{path}: no .arrow files; give a directory written by datasets' Dataset.save_to_disk")
     sizes = [(path / name).stat().st_size for name in names]
     tracker, rows, done_bytes = _Progress(progress, sum(sizes)), 0, 0
-    for name, size in zip(names, sizes):
+    for name, size in zip(names, sizes, strict=True):
         try:
             with pa.OSFile(str(path / name)) as source, pa.ipc.open_stream(source) as stream:
                 _require_input_ids(stream.schema.names, path / name, rows + 1)

@@ -63,7 +63,7 @@ def reference_gradient(model: LoadedModel, module: torch.nn.Module, batches: lis
 def relative_error(params: list[torch.nn.Parameter], reference: list[torch.Tensor], scale: float = 1.0) -> float:
     """|G - G_ref| / |G_ref| over all trainable parameters, in float64 on the host."""
     diff_sq = ref_sq = 0.0
-    for p, ref in zip(params, reference):
+    for p, ref in zip(params, reference, strict=True):
         grad = p.grad.detach().to("cpu", torch.float64) / scale if p.grad is not None else torch.zeros_like(ref)
         diff_sq += float((grad - ref).pow(2).sum())
         ref_sq += float(ref.pow(2).sum())

@@ -1,5 +1,8 @@
 """spec → report: the unit of work an executor runs (CLI in-process, service in a subprocess).
 
+It builds the trial (probe/build.py), searches, asks the estimate beside it (probe/estimator.py)
+and, when nothing fits, what would (probe/needs.py); then plans and verifies.
+
 Every step on the way is announced through `emit(event)` so a caller can stream progress; the
 report carries the device, versions, allocator config and capacity behind every number in it.
 """
@@ -9,29 +12,23 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from probe import optimizers, quantization
+from probe.build import make_trial
 from probe.estimate import EstimateMeter
-from probe.meter import Meter, make_meter
-from probe.models import LoadedModel, build_model, parameter_bytes
+from probe.estimator import Estimator
+from probe.events import Emit, ignore
+from probe.meter import Meter
+from probe.needs import does_not_fit, headroom_shortfall
 from probe.search import find_micro_batch
-from probe.devices import cpu_capacity_limit_bytes
-from probe.spec import ProbeSpec, SpecError, format_bytes
-from probe.trial import TrialResult, TrialRunner
+from probe.spec import ProbeSpec, SpecError
+from probe.trial import TrialResult
 from probe.versions import distribution_version
-
-Event = dict[str, Any]
-Emit = Callable[[Event], None]
-Trial = Callable[[int], TrialResult]
-
-
-def _ignore(_: Event) -> None:
-    return None
 
 
 def versions() -> dict[str, str | None]:
@@ -55,94 +52,6 @@ def device_facts(meter: Meter) -> dict[str, Any]:
             "allocator_config": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
 
-def model_facts(model: LoadedModel) -> dict[str, Any]:
-    params = list(model.module.parameters())
-    facts: dict[str, Any] = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
-                             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-                             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
-    peft_config = getattr(model.module, "peft_config", None)
-    if peft_config:  # the modules LoRA adapted, the model's defaults resolved: exports name them
-        facts["lora_targets"] = sorted(next(iter(peft_config.values())).target_modules)
-    return facts
-
-
-def attention_facts(model: LoadedModel, spec: ProbeSpec) -> dict[str, Any]:
-    """Which attention path the trials took: the kernel family and whether a mask was passed.
-
-    With padded collation transformers builds an explicit mask (and repeats key/value heads under
-    grouped-query attention); on a GPU that also rules out SDPA's flash kernel. The kernel SDPA
-    then picks on CUDA is not recorded here: it needs a profiler run on the device.
-    """
-    config = getattr(model.module, "config", None)
-    return {"implementation": getattr(config, "_attn_implementation", None) or "model's own",
-            "mask": "explicit (padded batches)" if spec.collation == "padded" else "none (packed, causal)"}
-
-
-def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Meter | None = None
-            ) -> tuple[Meter, LoadedModel]:
-    """The meter for the spec's device and the model built under it (so its weights are counted)."""
-    if spec.mode == "estimate":
-        assert spec.capacity_bytes is not None, "ProbeSpec refuses estimate mode without a capacity"
-        meter = meter or EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
-    elif spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
-                        "or --estimate")
-    if meter is None and spec.device == "cpu" and spec.capacity_bytes:
-        limit = cpu_capacity_limit_bytes()
-        if spec.capacity_bytes > limit:
-            raise SpecError(
-                f"capacity {format_bytes(spec.capacity_bytes)} is more than this host can give a CPU probe "
-                f"({format_bytes(limit)} available): the CPU device's capacity is real memory. Lower --capacity, "
-                "or add --estimate to plan for a larger device without using its memory"
-            )
-    meter = meter or make_meter(spec.device, spec.capacity_bytes)
-    if isinstance(meter, EstimateMeter):
-        model = build_model(spec, "meta", allowed_factories, meter.capacity_bytes)
-        with meter.tracking():
-            meter.materialize(model.module)
-        return meter, model
-    with meter.tracking():
-        model = build_model(spec, meter.device, allowed_factories, meter.capacity_bytes)
-    return meter, model
-
-
-def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tuple[Meter, dict[str, Any], Trial]:
-    """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
-
-    Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
-    N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
-    """
-    if spec.sharding == "fsdp":
-        return _sharded_trial(spec, allowed_factories)
-    meter, model = prepare(spec, allowed_factories)
-    runner = TrialRunner(spec, meter, model)
-
-    def trial(micro_batch: int) -> TrialResult:
-        with meter.tracking():
-            return runner(micro_batch)
-
-    return meter, {**model_facts(model), "attention": attention_facts(model, spec)}, trial
-
-
-def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
-    from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
-
-    meter: Meter
-    trial: Trial
-    if spec.mode == "estimate":
-        estimated = EstimatedShardedTrial(spec, allowed_factories)
-        meter, trial = estimated.meter, estimated
-    else:
-        if spec.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
-                            "or --estimate")
-        meter, trial = make_meter(spec.device, spec.capacity_bytes), MeasuredShardedTrial(spec, allowed_factories)
-    # every trial builds its own model; this one is on meta, for the full model's sizes
-    sized = build_model(spec, "meta", allowed_factories)
-    facts = {**model_facts(sized), "attention": attention_facts(sized, spec), "sharded_over_devices": spec.num_devices}
-    return meter, facts, trial
-
-
 def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
     """One trial at a given micro-batch, as a report."""
     meter, facts, trial = make_trial(spec, allowed_factories)
@@ -152,22 +61,7 @@ def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[s
             "versions": versions(), "trial": result.to_dict()}
 
 
-class _Estimator:
-    """The same step under fake tensors, asked before the real probe (its hint) and after (its error)."""
-
-    def __init__(self, spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str]) -> None:
-        estimate_spec = spec.model_copy(update={"mode": "estimate", "capacity_bytes": capacity_bytes})
-        self.meter, _, self.trial = make_trial(estimate_spec, allowed_factories)
-
-    def max_micro_batch(self, spec: ProbeSpec) -> int | None:
-        found = find_micro_batch(self.trial, self.meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
-        return found.max_micro_batch or None
-
-    def peak_bytes(self, micro_batch: int) -> int | None:
-        return self.trial(micro_batch).peak_allocated_bytes
-
-
-def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
@@ -175,7 +69,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
     estimate = None
     if spec.estimate_first and spec.mode == "measure":
         emit({"type": "phase", "phase": "estimating"})
-        estimate = _Estimator(spec, meter.capacity_bytes, allowed_factories)
+        estimate = Estimator(spec, meter.capacity_bytes, allowed_factories)
     emit({"type": "phase", "phase": "probing"})
 
     def trial(micro_batch: int) -> TrialResult:
@@ -195,14 +89,10 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
                 measured["estimate_error"] = round(estimated / measured["peak_allocated_bytes"] - 1, 4)
     not_fitting = None
     if search.max_micro_batch == 0:
-        from probe.needs import does_not_fit
-
         emit({"type": "phase", "phase": "sizing_the_step"})
         not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories, emit)
     shortfall = None
     if search.max_micro_batch and not search.safe_micro_batch:
-        from probe.needs import headroom_shortfall
-
         # the plan runs at the max micro-batch then: say what it costs, and what would avoid it
         emit({"type": "phase", "phase": "sizing_the_step"})
         peak = next(t for t in trials if t["micro_batch"] == search.max_micro_batch)
@@ -239,7 +129,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
     return report
 
 
-def run_job(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = (),
+def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = (),
             verify_steps: int = 2, verify: bool = True, search_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """Probe, then (with an effective batch) plan the split and verify it by training: the service's unit.
 

@@ -307,7 +307,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
 
 
 @functools.cache
-def _config_defaults(model_type: str) -> dict[str, Any]:
+def config_defaults(model_type: str) -> dict[str, Any]:
     """The config class's own values for the fields a request leaves out (its defaults: a bounded build)."""
     from transformers import CONFIG_MAPPING
 
@@ -371,7 +371,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
         _allowed_factory(spec.model, allowed_factories)  # imported and built only in the job
         return
     model_type, fields = _reference_fields(spec.model)
-    defaults = {} if model_type == "builtin" else _config_defaults(model_type)
+    defaults = {} if model_type == "builtin" else config_defaults(model_type)
     lora_rank = spec.lora.rank if spec.finetuning == "lora" else None
     shape = check_model(model_type, fields, defaults, limits, spec.seq_len, spec.micro_batch_limit, lora_rank)
     context = fields.get("n_positions")

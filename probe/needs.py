@@ -10,32 +10,15 @@ in the headroom the user asked to keep free, and the plan runs at the max micro-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
+from probe.estimator import estimated_step_bytes
+from probe.events import Emit, ignore
 from probe.optimizers import KINDS
-from probe.spec import ProbeSpec, SpecError, format_bytes
+from probe.spec import ProbeSpec, format_bytes
 
-UNCAPPED_BYTES = 1 << 62
-Emit = Callable[[dict[str, Any]], None]
 SHARDING_HINT = "or shard weights, gradients and optimizer state over several devices (--sharding fsdp --devices N)"
-
-
-def estimated_step_bytes(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> int | None:
-    """Peak bytes of THE step at `micro_batch` under fake tensors, uncapped; None if it cannot be estimated."""
-    from probe.job import prepare
-    from probe.trial import TrialRunner
-
-    estimate = spec.model_copy(update={"mode": "estimate", "capacity_bytes": UNCAPPED_BYTES,
-                                       "precision": "bf16-mixed" if spec.precision == "fp16-mixed" else spec.precision})
-    try:
-        meter, model = prepare(estimate, allowed_factories)
-        with meter.tracking():
-            result = TrialRunner(estimate, meter, model)(micro_batch)
-    except (SpecError, RuntimeError, NotImplementedError):
-        # some models cannot run under fake tensors (data-dependent shapes); the answer stays "does not fit"
-        return None
-    return result.peak_allocated_bytes if result.fits else None
 
 
 def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
@@ -56,10 +39,6 @@ def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
     return changes
 
 
-def _ignore(_: dict[str, Any]) -> None:
-    return None
-
-
 def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[str], emit: Emit
              ) -> list[dict[str, Any]]:
     """Each shrinking setting with what micro-batch 1 needs under it, and whether that is ≤ limit_bytes.
@@ -77,7 +56,7 @@ def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[st
 
 
 def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = (),
-                 emit: Emit = _ignore) -> dict[str, Any]:
+                 emit: Emit = ignore) -> dict[str, Any]:
     """The report's answer when micro-batch 1 fails: the need, the settings that fit, the card that would."""
     needs = estimated_step_bytes(spec, 1, allowed_factories)
     options = _options(spec, capacity_bytes, allowed_factories, emit)
@@ -96,7 +75,7 @@ def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collec
 
 
 def headroom_shortfall(spec: ProbeSpec, micro_batch: int, peak_bytes: int, capacity_bytes: int,
-                       allowed_factories: Collection[str] = (), emit: Emit = _ignore) -> dict[str, Any]:
+                       allowed_factories: Collection[str] = (), emit: Emit = ignore) -> dict[str, Any]:
     """The report's words when the safe micro-batch is 0: `micro_batch` (the max, which the plan then
     uses) fits, but its peak leaves less free than the headroom asked; which settings would keep it."""
     left = 1 - peak_bytes / capacity_bytes

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # one definition for the library, the service and the torch-free client; modules import it from here
 from fitprobe_client.units import format_bytes
 from fitprobe_client.verdict import ESTIMATED  # noqa: F401
+from probe.errors import SpecError  # modules and users import it from here too
+from probe.gpus import gpu_capacity_bytes
 
 MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536
@@ -42,10 +44,6 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "p
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50, "eib": 2**60}
 # ASCII digits only: float() would read "１２" (fullwidth) or "١٢" (Arabic-Indic) as 12
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
-
-
-class SpecError(ValueError):
-    """A request that cannot be run as given; the message says what to change."""
 
 
 def parse_bytes(text: str | int) -> int:
@@ -232,8 +230,6 @@ class ProbeSpec(BaseModel):
     def _gpu_sets_the_capacity(self) -> ProbeSpec:
         if self.gpu is None:
             return self
-        from probe.gpus import gpu_capacity_bytes  # probe/gpus.py imports this module
-
         if self.mode != "estimate":
             raise ValueError(f"gpu {self.gpu} plans for a card this machine does not measure: set mode to estimate "
                              "(or cap the device you have with capacity_bytes)")

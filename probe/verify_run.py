@@ -156,7 +156,7 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
     try:
         with meter.tracking():
             run_steps(model, optimizer, micro_batches, spec, scaler, meter, steps, recorder)
-    except Exception as exc:  # noqa: BLE001 - only OOM is a verdict; anything else is a failure
+    except Exception as exc:
         if not is_oom(exc):
             raise
         result.oom = str(exc).splitlines()[0][:300]

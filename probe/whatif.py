@@ -18,7 +18,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from probe.job import Emit, _ignore, make_trial
+from probe.build import make_trial
+from probe.events import Emit, ignore
 from probe.models import build_model
 from probe.search import find_micro_batch
 from probe.spec import ESTIMATED, MAX_SEQ_LEN, ProbeSpec, SpecError, format_bytes
@@ -176,7 +177,7 @@ def model_context(base: ProbeSpec, allowed_factories: Collection[str] = ()) -> i
 
 
 def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting] | None = None,
-               emit: Emit = _ignore, allowed_factories: Collection[str] = ()) -> WhatIf:
+               emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> WhatIf:
     """Every setting × seq_len cell, then each setting's longest sequence at micro-batch 1.
 
     `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each

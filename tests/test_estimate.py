@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from probe.job import prepare, run_probe
+from probe.build import prepare
+from probe.job import run_probe
 from probe.spec import ProbeSpec
 from probe.trial import TrialRunner
 from tests.reference_loop import ARCHITECTURES

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.job import prepare, run_probe
+from probe.build import prepare
+from probe.job import run_probe
 from probe.meter import is_oom
 from probe.spec import ProbeSpec
 from probe.trial import TrialRunner

@@ -107,7 +107,7 @@ def test_the_service_refuses_a_database_a_newer_fitprobe_migrated(database_url, 
 def test_serve_on_a_newer_database_exits_with_the_way_out(tmp_path):
     url = f"sqlite:///{tmp_path / 'fitprobe.db'}"
     _from_a_newer_fitprobe(url)
-    run = subprocess.run([sys.executable, "-m", "probe.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120,
                          env={"FITPROBE_DATABASE_URL": url, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0

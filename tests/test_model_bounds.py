@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from probe.model_bounds import ModelLimits, check_model, count_parameters
-from probe.models import MODULE_NAMES, _config_defaults, check_reference
+from probe.models import MODULE_NAMES, check_reference, config_defaults
 from probe.presets import PRESETS
 from probe.spec import ProbeSpec, SpecError
 
@@ -16,13 +16,13 @@ LLAMA_1B = PRESETS["llama-3.2-1b"][1]
 def test_gpt2_counts_its_published_124_439_808_parameters_exactly():
     # hand count: wte 50257×768 + wpe 1024×768 + 12 × (c_attn 768×2304+2304, c_proj 768×768+768,
     # c_fc 768×3072+3072, c_proj 3072×768+768, two LayerNorms 4×768) + ln_f 2×768, the head tied
-    fields = {**_config_defaults("gpt2"), **GPT2}
+    fields = {**config_defaults("gpt2"), **GPT2}
     assert count_parameters("gpt2", fields).parameters == 124_439_808
 
 
 def test_llama_3_2_1b_count_is_an_upper_bound_within_a_few_percent_of_the_published_one():
     # 1,235,814,400 as built: the count adds q/k/v/o biases and four norm vectors per layer it lacks
-    counted = count_parameters("llama", {**_config_defaults("llama"), **LLAMA_1B}).parameters
+    counted = count_parameters("llama", {**config_defaults("llama"), **LLAMA_1B}).parameters
     assert 1_235_814_400 <= counted <= 1_235_814_400 * 1.02
 
 

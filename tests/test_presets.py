@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.job import prepare, run_trial
+from probe.build import prepare
+from probe.job import run_trial
 from probe.models import build_model
 from probe.presets import PRESETS
 from probe.spec import ProbeSpec, SpecError

@@ -6,7 +6,8 @@ import statistics
 
 import pytest
 
-from probe.job import prepare, run_probe
+from probe.build import prepare
+from probe.job import run_probe
 from probe.spec import ProbeSpec
 from probe.trial import TrialRunner
 

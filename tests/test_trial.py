@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from probe.job import prepare
+from probe.build import prepare
 from probe.spec import ProbeSpec
 from probe.trial import TrialError, TrialRunner
 

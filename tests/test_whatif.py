@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from probe.job import make_trial, run_probe
+from probe.build import make_trial
+from probe.job import run_probe
 from probe.spec import ProbeSpec
 from probe.whatif import SEQ_GRID, Setting, run_whatif
 

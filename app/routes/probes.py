@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
-from app.executor import Executor
+from app.executors.base import Executor
 from app.schemas import ProbeRequest, error_responses
 from app.store import ClientLimits, ClientQuota, Conflict, QueueFull
 from app.watch import compact, etag_of

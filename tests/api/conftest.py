@@ -69,7 +69,7 @@ def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Se
     port = port or free_port()
     env = {**os.environ, **{f"FITPROBE_{k.upper()}": v for k, v in settings.items()}, "OMP_NUM_THREADS": "1"}
     log = open(data_dir.parent / f"server-{port}.log", "ab")  # noqa: SIM115 - the server writes it while it lives
-    process = subprocess.Popen([sys.executable, "-m", "probe.cli", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
                                 "--data-dir", str(data_dir)], env=env, stdout=log, stderr=log)
     server = Server(f"http://127.0.0.1:{port}", data_dir, process, env)
     deadline = time.monotonic() + 60

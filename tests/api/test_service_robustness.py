@@ -17,8 +17,8 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from app import executor
 from app.config import Settings
+from app.executors import base, local
 from tests.api.conftest import FAST_JOB, SLOW_JOB, Server, start_server, wait_for
 
 
@@ -89,7 +89,7 @@ def test_a_worker_outlives_a_locked_database_and_readyz_says_so_meanwhile(tmp_pa
 
 
 def test_the_worker_loop_retries_database_errors_and_reports_them_until_they_pass(monkeypatch):
-    monkeypatch.setattr(executor, "DB_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(base, "DB_RETRY_FIRST_S", 0.01)
     stopping, seen = threading.Event(), []
 
     class LockedTwice:
@@ -102,7 +102,7 @@ def test_the_worker_loop_retries_database_errors_and_reports_them_until_they_pas
             seen.append(worker.db_error)
             stopping.set()
 
-    worker = executor.DeviceWorker("cpu", LockedTwice(), Settings(), stopping)
+    worker = local.DeviceWorker("cpu", LockedTwice(), Settings(), stopping)
     worker.run()  # returns: the errors did not end the loop, the stop did
     assert seen == ["database is locked"] and worker.db_error is None
 

@@ -18,29 +18,30 @@ and runs the jobs. What each choice buys:
 - A job is claimed only while the cluster has a device no job of this service holds, so waiting
   jobs wait in the store (listed, counted against the queue limit, recovered after a crash).
 - Cancel is Ray's own `ray.cancel(ref, force=True)`, which kills the task's worker process.
+- What streams back is followed into the store by the loop both executors share
+  (app/executors/base.py): a `RayJob` is how that loop reads one task's stream.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.exceptions
 
 from app.config import Settings
-from app.executor import DbRetry, _Stopping, spec_for_device
-from app.store import Conflict, Store
-from app.worker import run_job_ray_task
+from app.executors.base import DbRetry, Follower, Stopping, internal_error, spec_for_device
+from app.store import Store
 from fitprobe_client.status import JobStatus
+from app.worker import Item, run_job_ray_task
 
 if TYPE_CHECKING:
-    from app.routes.health import Metrics
+    from app.metrics import Metrics
 
 DEVICE_RESOURCE = "fitprobe_device"  # a custom Ray resource standing in for one GPU on CPU nodes
 CPU_DEVICE_NAME = "cpu (virtual capacity)"  # as probe.devices names it: results cache across executors
@@ -49,22 +50,53 @@ WAIT_S = 0.2
 log = logging.getLogger("fitprobe.ray")
 
 
-@dataclass
 class RayJob:
-    """A job this service submitted to Ray and follows until it ends."""
+    """A job this service submitted to Ray, its items streaming back (a RunningJob of base.py)."""
 
-    job_id: str
-    devices: int
-    ref: Any  # the task's ObjectRefGenerator
-    submitted_s: float = field(default_factory=time.monotonic)
-    placement: dict[str, Any] | None = None  # where it runs, once the task reports it
-    follower: threading.Thread | None = None
+    def __init__(self, job_id: str, devices: int, ref: Any, resource: str,
+                 node_devices: Callable[[], list[int]]) -> None:
+        self.job_id, self.devices, self.ref = job_id, devices, ref  # ref: the task's ObjectRefGenerator
+        self.resource, self.node_devices = resource, node_devices
+        self.started_s = time.monotonic()
+        self.placement: dict[str, Any] | None = None  # where it runs, once the task reports it
+        self.thread: threading.Thread | None = None  # the one that follows it
+
+    def receive(self) -> Item | None:
+        ready, _ = ray.wait([self.ref], timeout=WAIT_S)
+        if not ready:
+            return None
+        try:
+            return ray.get(next(self.ref))
+        except StopIteration:
+            return "error", "the Ray task ended without reporting a result"
+        except ray.exceptions.TaskCancelledError:
+            return "cancelled", None
+        except ray.exceptions.RayError as exc:
+            return "error", failure_reason(exc, self.placement)
+
+    def kill(self) -> None:
+        ray.cancel(self.ref, force=True)
+
+    def why_hopeless(self) -> str | None:
+        most = max(self.node_devices(), default=0)
+        if self.placement is None and self.devices > most:  # the nodes that could run it are gone
+            return too_many(self.devices, most, self.resource)
+        return None
+
+    def timeout_note(self) -> str:
+        return "" if self.placement else ", still waiting for Ray to place it"
 
 
 def devices_needed(spec: dict[str, Any]) -> int:
     """One device, or num_devices when the job trains its plan on them (a verification)."""
     verifies = spec.get("mode", "measure") == "measure" and spec.get("effective_batch") is not None
     return int(spec.get("num_devices", 1)) if verifies else 1
+
+
+def too_many(needs: int, most: int, resource: str) -> str:
+    """Why a job that needs more devices on one node than any live node has cannot run."""
+    return (f"this job needs {needs} {resource} on one node, and the largest live node of the Ray cluster "
+            f"has {most}: lower num_devices, or add a node with {needs}")
 
 
 def failure_reason(exc: Exception, placement: dict[str, Any] | None) -> str:
@@ -89,6 +121,7 @@ class RayExecutor:
         self.store, self.settings, self.metrics = store, settings, metrics
         self.stopping = threading.Event()
         self._db = DbRetry("ray executor", self.stopping)
+        self._follower = Follower(store, self._db, settings, self.stopping, metrics)
         self.jobs: dict[str, RayJob] = {}
         self.jobs_lock = threading.Lock()
         self._connect()
@@ -160,7 +193,7 @@ class RayExecutor:
                                   if node["Alive"] and node["Resources"].get(self.resource, 0) >= 1]
         return self._node_devices
 
-    # ---- the executor interface (app.executor.Executor) -----------------------------------
+    # ---- the executor interface (app.executors.base.Executor) -----------------------------
     def start(self) -> None:
         self.dispatcher.start()
 
@@ -170,18 +203,18 @@ class RayExecutor:
         with self.jobs_lock:
             followed = list(self.jobs.values())
         for job in followed:
-            ray.cancel(job.ref, force=True)
+            job.kill()
         self.dispatcher.join(timeout=5)
         for job in followed:
-            if job.follower is not None:
-                job.follower.join(timeout=5)
+            if job.thread is not None:
+                job.thread.join(timeout=5)
         ray.shutdown()
 
     def kill(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
         if job is None:
             return False
-        ray.cancel(job.ref, force=True)
+        job.kill()
         return True
 
     def busy_devices(self) -> int:
@@ -212,7 +245,7 @@ class RayExecutor:
         while not self.stopping.is_set():
             try:
                 claimed = self._claim_and_submit()
-            except _Stopping:
+            except Stopping:
                 return
             except Exception:  # Ray or a bug failing once must not end the dispatcher
                 log.exception("ray executor: dispatching failed; trying again")
@@ -229,12 +262,11 @@ class RayExecutor:
             return False
         try:
             self._submit(job)
-        except _Stopping:
+        except Stopping:
             raise
         except Exception as exc:  # a job the service could not submit fails, with where to look
             log.exception("ray executor: job %s failed in the service", job["id"])
-            self._db(self.store.fail, job["id"], f"internal error ({type(exc).__name__}); "
-                                                 "the service log has the details")
+            self._db(self.store.fail, job["id"], internal_error(exc))
         return True
 
     def _submit(self, job: dict[str, Any]) -> None:
@@ -243,7 +275,7 @@ class RayExecutor:
         needs = devices_needed(spec)
         most = max(self.node_devices(), default=0)
         if needs > most:
-            self._db(self.store.fail, job_id, self._too_many(needs, most))
+            self._db(self.store.fail, job_id, too_many(needs, most, self.resource))
             return
         options: dict[str, Any] = {"name": f"fitprobe-job-{job_id}"}
         if self.device_kind == "cuda":
@@ -254,103 +286,29 @@ class RayExecutor:
             options["resources"] = {DEVICE_RESOURCE: needs}
         ref = self._task.options(**options).remote(spec, list(self.settings.allowed_factories),
                                                    self.settings.hub_access == "offline")
-        followed = RayJob(job_id, needs, ref)
+        followed = RayJob(job_id, needs, ref, self.resource, self.node_devices)
         with self.jobs_lock:
             self.jobs[job_id] = followed
         self._db(self.store.add_event, job_id, {"type": "phase", "phase": "scheduling", "devices": needs,
                                                 "resource": self.resource})
-        followed.follower = threading.Thread(target=self._follow, args=(followed,), name=f"fitprobe-ray-{job_id}",
+        followed.thread = threading.Thread(target=self._follow, args=(followed,), name=f"fitprobe-ray-{job_id}",
                                              daemon=True)
-        followed.follower.start()
+        followed.thread.start()
         if self._db(self.store.get, job_id)["status"] == JobStatus.CANCELLED:  # cancelled before `kill` could find it
             ray.cancel(ref, force=True)
-
-    def _too_many(self, needs: int, most: int) -> str:
-        return (f"this job needs {needs} {self.resource} on one node, and the largest live node of the Ray cluster "
-                f"has {most}: lower num_devices, or add a node with {needs}")
 
     # ---- following a job --------------------------------------------------------------------
     def _follow(self, job: RayJob) -> None:
         try:
-            outcome = self._stream(job)
-            if outcome is not None:
-                self._record(job.job_id, *outcome)
-            elif self.stopping.is_set():
-                self._db(self.store.release, job.job_id)  # a clean stop: queued again, without spending an attempt
-        except _Stopping:
+            self._follower.record(job.job_id, self._follower.follow(job))
+        except Stopping:
             return
         except Exception as exc:  # one job's failure in the service must not hang it in running
             log.exception("ray executor: following job %s failed", job.job_id)
-            ray.cancel(job.ref, force=True)
-            self._db(self.store.fail, job.job_id, f"internal error ({type(exc).__name__}); "
-                                                  "the service log has the details")
+            job.kill()
+            self._db(self.store.fail, job.job_id, internal_error(exc))
         finally:
             with self.jobs_lock:
                 self.jobs.pop(job.job_id, None)
             if self.metrics:
-                self.metrics.job_duration_s.observe(time.monotonic() - job.submitted_s)
-
-    def _stream(self, job: RayJob) -> tuple[str, Any] | None:
-        """The job's outcome once its task ends, after copying each event into the store as it comes.
-
-        None when there is nothing to record: the service stops (`_follow` puts the job back in the queue),
-        or the store already holds the outcome.
-        """
-        deadline_s = job.submitted_s + self.settings.job_timeout_s
-        trial_started_s, trials = time.monotonic(), 0
-        heartbeat_s = time.monotonic() + self.settings.lease_s / 3
-        while True:
-            ready, _ = ray.wait([job.ref], timeout=WAIT_S)
-            if self.stopping.is_set():
-                ray.cancel(job.ref, force=True)
-                return None
-            if time.monotonic() >= heartbeat_s:
-                # the lease tells other replicas this one still runs the job (see app/store.py)
-                heartbeat_s = time.monotonic() + self.settings.lease_s / 3
-                if not self._db(self.store.heartbeat, job.job_id):  # cancelled via another replica, or lease lost
-                    ray.cancel(job.ref, force=True)
-                    return None
-            if not ready:
-                if time.monotonic() > deadline_s:
-                    ray.cancel(job.ref, force=True)
-                    waiting = "" if job.placement else ", still waiting for Ray to place it"
-                    return "error", (f"timed out after {self.settings.job_timeout_s:.0f}s{waiting} "
-                                     "(FITPROBE_JOB_TIMEOUT_S)")
-                most = max(self.node_devices(), default=0)
-                if job.placement is None and job.devices > most:  # the nodes that could run it are gone
-                    ray.cancel(job.ref, force=True)
-                    return "error", self._too_many(job.devices, most)
-                continue
-            try:
-                kind, payload = ray.get(next(job.ref))
-            except StopIteration:
-                return "error", "the Ray task ended without reporting a result"
-            except ray.exceptions.TaskCancelledError:
-                return "cancelled", None
-            except ray.exceptions.RayError as exc:
-                return "error", failure_reason(exc, job.placement)
-            if kind == "placed":
-                job.placement = payload
-                self._db(self.store.set_worker_pid, job.job_id, payload["pid"])
-                self._db(self.store.add_event, job.job_id, {"type": "phase", "phase": "placed", **payload})
-            elif kind == "event":
-                self._db(self.store.add_event, job.job_id, payload)
-                if payload.get("type") == "trial_started":
-                    trial_started_s = time.monotonic()
-                elif payload.get("type") == "trial" and self.metrics:
-                    trials += 1
-                    self.metrics.trial_duration_s.observe(time.monotonic() - trial_started_s)
-            else:
-                if self.metrics and trials:
-                    self.metrics.trials_per_job.observe(trials)
-                return kind, payload
-
-    def _record(self, job_id: str, kind: str, payload: Any) -> None:
-        """The outcome, through the store's guarded transitions: one that lost a race (a cancel) changes nothing."""
-        if kind == "result":
-            self._db(self.store.succeed, job_id, payload)
-        elif kind == "cancelled":  # by this service's DELETE (already cancelled), or by someone using Ray directly
-            with contextlib.suppress(Conflict):
-                self._db(self.store.cancel, job_id)
-        else:
-            self._db(self.store.fail, job_id, payload)
+                self.metrics.job_duration_s.observe(time.monotonic() - job.started_s)

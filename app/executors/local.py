@@ -1,0 +1,193 @@
+"""Local executor: one worker thread per device, one job at a time per device, each in its own process.
+
+Probes on a shared GPU would measure each other, so a device runs one job at a time. The job runs
+in a spawned process that the worker watches: app/executors/base.py's follow loop copies its events
+into the store as they arrive, and when the process ends its outcome (or the signal that killed it)
+decides the job's status.
+
+The job process starts through probe/lifetime.py, which binds it to die with the service (the
+kernel kills it when its worker thread goes) before it imports anything heavy; its items come back
+through a pipe. It leads a process group (its own session), which is what a cancel or a timeout
+kills: the device processes it spawns are in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from app.config import Settings
+from app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
+from app.store import Store
+from fitprobe_client.status import JobStatus
+from app.worker import Item, run_job_process
+from probe.devices import list_devices
+from probe.lifetime import start_guarded
+
+if TYPE_CHECKING:
+    from app.metrics import Metrics
+
+DRAIN_TIMEOUT_S = 0.5
+WAIT_S = 0.2
+log = logging.getLogger("fitprobe.executor")
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the job process and every process it started (they share its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already: its leader was reaped, and its ranks died with it
+    process.kill()
+
+
+def exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the OOM-killer or `kill -9`?)" if name == "SIGKILL" else ""
+        return f"job process died from {name}{hint}"
+    return f"job process exited with code {exitcode} before reporting a result"
+
+
+class JobProcess:
+    """A job running in a local process, its items arriving through a pipe (a RunningJob of base.py)."""
+
+    def __init__(self, job_id: str, process: subprocess.Popen, outbox: Connection) -> None:
+        self.job_id, self.process, self.outbox = job_id, process, outbox
+        self.started_s = time.monotonic()
+        self.placement: dict[str, Any] | None = None
+
+    def receive(self) -> Item | None:
+        alive = self.process.poll() is None
+        try:
+            if self.outbox.poll(WAIT_S if alive else DRAIN_TIMEOUT_S):
+                return self.outbox.recv()
+        except EOFError:
+            return ENDED  # the job closed its end: it has sent all it ever will
+        return None if alive else ENDED
+
+    def kill(self) -> None:
+        kill_process_tree(self.process)
+
+    def why_hopeless(self) -> str | None:
+        return None  # the process runs from the start: only the timeout ends a job that never finishes
+
+    def timeout_note(self) -> str:
+        return ""
+
+
+class DeviceWorker(threading.Thread):
+    """Claims queued jobs for one device and runs them one after another."""
+
+    def __init__(self, device: str, store: Store, settings: Settings, stopping: threading.Event,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(name=f"fitprobe-worker-{device}", daemon=True)
+        self.device, self.store, self.settings, self.stopping = device, store, settings, stopping
+        self.metrics = metrics
+        self.current: JobProcess | None = None
+        self._db = DbRetry(f"worker {device}", stopping)
+        self._follower = Follower(store, self._db, settings, stopping, metrics)
+
+    @property
+    def db_error(self) -> str | None:
+        """What the database last answered, while retrying."""
+        return self._db.error
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                job = self._db(self.store.claim_next, self.device)
+                if job is None:
+                    self.stopping.wait(self.settings.poll_interval_s)
+                    continue
+                try:
+                    self._run(job)
+                except Stopping:
+                    raise
+                except Exception as exc:
+                    log.exception("worker %s: job %s failed in the service", self.device, job["id"])
+                    self._db(self.store.fail, job["id"], internal_error(exc))
+        except Stopping:
+            return
+
+    def kill(self, job_id: str) -> bool:
+        current = self.current
+        if current and current.job_id == job_id and current.process.poll() is None:
+            current.kill()
+            return True
+        return False
+
+    def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        read_fd, write_fd = os.pipe()
+        try:
+            process = start_guarded(run_job_process, (
+                spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories),
+                write_fd, self.settings.hub_access == "offline"), pass_fds=(write_fd,), start_new_session=True)
+        finally:
+            os.close(write_fd)  # the job holds the only write end: its exit is the pipe's end
+        running = JobProcess(job_id, process, Connection(read_fd, writable=False))
+        self.current = running
+        try:
+            self._db(self.store.set_worker_pid, job_id, process.pid)
+            outcome = self._follower.follow(running)
+        except BaseException:  # stopping while the database is down, or a bug: no job process outlives it
+            running.kill()
+            raise
+        finally:
+            process.wait()
+            running.outbox.close()
+            if self.metrics:
+                self.metrics.job_duration_s.observe(time.monotonic() - running.started_s)
+            self.current = None
+        # no outcome, the service running on: a cancel killed the process, or it died (the signal says how)
+        if outcome is None and not self.stopping.is_set() and self._db(self.store.get, job_id)["status"] != JobStatus.CANCELLED:
+            outcome = "error", exit_reason(process.returncode)
+        self._follower.record(job_id, outcome)
+
+
+class LocalExecutor:
+    """One worker per device NVML lists (the CPU device when it lists none)."""
+
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        devices = list_devices(settings.cpu_capacity_bytes)
+        self.device_kind = devices[0]["kind"]
+        self.device_name = devices[0]["name"]
+        self.stopping = threading.Event()
+        self.workers = [DeviceWorker(d["device"], store, settings, self.stopping, metrics) for d in devices]
+        self.devices = [worker.device for worker in self.workers]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for worker in self.workers:
+            worker.join(timeout=5)
+
+    def kill(self, job_id: str) -> bool:
+        return any(worker.kill(job_id) for worker in self.workers)
+
+    def busy_devices(self) -> int:
+        return sum(worker.current is not None for worker in self.workers)
+
+    def job_devices_limit(self) -> tuple[int, str]:
+        if self.device_kind == "cpu":
+            most = self.settings.max_verify_processes
+            return most, f"at most {most} processes on the CPU device (FITPROBE_MAX_VERIFY_PROCESSES)"
+        return len(self.devices), f"{len(self.devices)} GPU(s) on this machine"
+
+    def not_ready(self) -> list[str]:
+        alive = [worker for worker in self.workers if worker.is_alive()]
+        if not alive:
+            return ["no device worker is running"]
+        # a worker retrying the database can record nothing: the store is shared, so this replica is not ready
+        return [f"worker {w.device}: database error: {w.db_error} (retrying)" for w in alive if w.db_error]

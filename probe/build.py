@@ -1,0 +1,110 @@
+"""spec → (meter, model facts, `trial(b)`): what every search, estimate and report runs on.
+
+The meter is the spec's device (or fake tensors, estimating) with its capacity; the model is built
+under it, so its weights are counted like any other tensor; `trial(b)` runs THE training step at
+micro-batch b and says whether it fit and at what peak. The probe (probe/job.py), the estimate
+beside it (probe/estimator.py) and the what-if table (probe/whatif.py) all start here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import torch
+
+from probe.devices import cpu_capacity_limit_bytes
+from probe.estimate import EstimateMeter
+from probe.meter import Meter, make_meter
+from probe.models import LoadedModel, build_model, parameter_bytes
+from probe.spec import ProbeSpec, SpecError, format_bytes
+from probe.trial import TrialResult, TrialRunner
+
+Trial = Callable[[int], TrialResult]
+
+
+def model_facts(model: LoadedModel) -> dict[str, Any]:
+    params = list(model.module.parameters())
+    facts = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+             "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
+    peft_config = getattr(model.module, "peft_config", None)
+    if peft_config:  # the modules LoRA adapted, the model's defaults resolved: exports name them
+        facts["lora_targets"] = sorted(next(iter(peft_config.values())).target_modules)
+    return facts
+
+
+def attention_facts(model: LoadedModel, spec: ProbeSpec) -> dict[str, Any]:
+    """Which attention path the trials took: the kernel family and whether a mask was passed.
+
+    With padded collation transformers builds an explicit mask (and repeats key/value heads under
+    grouped-query attention); on a GPU that also rules out SDPA's flash kernel. The kernel SDPA
+    then picks on CUDA is not recorded here: it needs a profiler run on the device.
+    """
+    config = getattr(model.module, "config", None)
+    return {"implementation": getattr(config, "_attn_implementation", None) or "model's own",
+            "mask": "explicit (padded batches)" if spec.collation == "padded" else "none (packed, causal)"}
+
+
+def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Meter | None = None
+            ) -> tuple[Meter, LoadedModel]:
+    """The meter for the spec's device and the model built under it (so its weights are counted)."""
+    if spec.mode == "estimate":
+        meter = meter or EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
+    elif spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
+                        "or --estimate")
+    if meter is None and spec.device == "cpu" and spec.capacity_bytes:
+        limit = cpu_capacity_limit_bytes()
+        if spec.capacity_bytes > limit:
+            raise SpecError(
+                f"capacity {format_bytes(spec.capacity_bytes)} is more than this host can give a CPU probe "
+                f"({format_bytes(limit)} available): the CPU device's capacity is real memory. Lower --capacity, "
+                "or add --estimate to plan for a larger device without using its memory"
+            )
+    meter = meter or make_meter(spec.device, spec.capacity_bytes)
+    if isinstance(meter, EstimateMeter):
+        model = build_model(spec, "meta", allowed_factories, meter.capacity_bytes)
+        with meter.tracking():
+            meter.materialize(model.module)
+        return meter, model
+    with meter.tracking():
+        model = build_model(spec, meter.device, allowed_factories, meter.capacity_bytes)
+    return meter, model
+
+
+def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tuple[Meter, dict[str, Any], Trial]:
+    """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
+
+    Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
+    N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
+    """
+    if spec.sharding == "fsdp":
+        return _sharded_trial(spec, allowed_factories)
+    meter, model = prepare(spec, allowed_factories)
+    runner = TrialRunner(spec, meter, model)
+
+    def trial(micro_batch: int) -> TrialResult:
+        with meter.tracking():
+            return runner(micro_batch)
+
+    return meter, {**model_facts(model), "attention": attention_facts(model, spec)}, trial
+
+
+def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
+    from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
+
+    meter: Meter
+    trial: Trial
+    if spec.mode == "estimate":
+        estimated = EstimatedShardedTrial(spec, allowed_factories)
+        meter, trial = estimated.meter, estimated
+    else:
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
+                            "or --estimate")
+        meter, trial = make_meter(spec.device, spec.capacity_bytes), MeasuredShardedTrial(spec, allowed_factories)
+    # every trial builds its own model; this one is on meta, for the full model's sizes
+    sized = build_model(spec, "meta", allowed_factories)
+    facts = {**model_facts(sized), "attention": attention_facts(sized, spec), "sharded_over_devices": spec.num_devices}
+    return meter, facts, trial
