@@ -285,7 +285,7 @@ def job_or_404(store: Any, job_id: str, kind: str = PROBE) -> dict[str, Any]:
     except KeyError:
         job = None
     if job is None or job["kind"] != kind:
-        what = "probe" if kind == PROBE else f"{kind} job"
+        what = "probe" if kind == PROBE else "what-if job"
         raise HTTPException(404, f"no {what} with id {job_id!r}")
     return job
 
