@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_param_tokens: int = Field(
         10**21, ge=1, description="largest parameters × tokens of one micro-batch (seq_len × the largest "
         "micro-batch the search may try)")
+    max_whatif_seq_lens: int = Field(8, ge=1, description="most seq_lens (columns) a what-if table may ask for")
+    max_whatif_cells: int = Field(
+        48, ge=1, description="most cells (settings × seq_lens) a what-if table may ask for; each cell is one "
+        "estimated probe, and each row adds its longest-sequence search")
     max_body_bytes: int = Field(256 * 1024, description="largest request body")
     poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
     max_verify_processes: int = Field(

@@ -25,7 +25,7 @@ from app.deps import require_token
 from app.executors import make_executor
 from app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from app.metrics import Metrics
-from app.routes import devices, exports, health, limits, models, plans, preflight, probes
+from app.routes import devices, exports, health, limits, models, plans, preflight, probes, whatif
 from app.schemas import error_responses
 from app.store import SWEEP_BATCH, Store, is_disk_full
 from probe.versions import fitprobe_version
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(devices.router, dependencies=auth, responses=auth_errors)
     app.include_router(models.router, dependencies=auth, responses=auth_errors)
     app.include_router(limits.router, dependencies=auth, responses=auth_errors)
+    app.include_router(whatif.router, dependencies=auth, responses=auth_errors)
     app.include_router(health.router)
     # the last added runs first: every answer, a refused Host's too, carries the security headers
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)

@@ -71,6 +71,36 @@ class PlanRequest(BaseModel):
                                         description="effective batch of reference_lr")
 
 
+class WhatIfProgress(BaseModel):
+    done: int = Field(..., description="cells estimated so far (each row's longest-sequence search counts as one)")
+    total: int = Field(..., description="cells in all: settings × (seq_lens + 1)")
+
+
+class WhatIfJob(BaseModel):
+    """A what-if job (POST /v1/whatif) as GET /v1/whatif/{id} shows it."""
+
+    id: str
+    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
+    phase: str | None = None
+    spec: dict[str, Any] | None = Field(None, description="the request, capacity_bytes resolved from gpu")
+    device: str | None = Field(None, description="the worker that ran it (an estimate uses none of its memory)")
+    attempts: int = 0
+    error: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: WhatIfProgress | None = Field(None, description="from the latest whatif_cell event")
+    table: dict[str, Any] | None = Field(None, description="the table once succeeded, as `fitprobe whatif --json` "
+                                         "prints it: rows of settings, a cell per seq_len, the longest seq_len")
+
+
+class WhatIfList(BaseModel):
+    items: list[WhatIfJob]
+    total: int
+    limit: int
+    offset: int
+
+
 class ErrorBody(BaseModel):
     """Every error the service answers (4xx, 5xx) has this body."""
 
@@ -91,7 +121,7 @@ class ValidationErrorBody(ErrorBody):
 _ERRORS: dict[int, tuple[type[ErrorBody], str]] = {
     400: (ErrorBody, "The body is not JSON of the expected shape"),
     401: (ErrorBody, "Missing or wrong bearer token (only when the service has FITPROBE_API_TOKENS)"),
-    404: (ErrorBody, "No probe with this id"),
+    404: (ErrorBody, "No probe (or, under /v1/whatif, no what-if job) with this id"),
     409: (ErrorBody, "The probe is not in a state that allows this (e.g. cancelling a finished probe)"),
     413: (ErrorBody, "The request body is larger than FITPROBE_MAX_BODY_BYTES"),
     422: (ValidationErrorBody, "A field is invalid or out of this service's bounds; the message names it"),

@@ -34,6 +34,8 @@ from sqlalchemy import event as sa_event
 
 from fitprobe_client.status import TERMINAL, UNFINISHED, JobStatus
 
+PROBE, WHATIF = "probe", "whatif"  # job kinds; the job body reads its kind from the spec (app/worker.py)
+
 MAX_ATTEMPTS = 2  # a job interrupted by a service crash is re-queued once, then failed
 # a `\uD800`..`\uDFFF` escape: the JSON may decode to a lone surrogate, which no response can encode
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -47,6 +49,8 @@ metadata = sa.MetaData()
 jobs = sa.Table(
     "jobs", metadata,
     sa.Column("id", sa.String(32), primary_key=True),
+    # what the job runs (PROBE or WHATIF): routes read and list their own kind only
+    sa.Column("kind", sa.String(16), nullable=False, server_default=PROBE, index=True),
     sa.Column("status", sa.String(16), nullable=False, index=True),
     sa.Column("phase", sa.String(32)),
     sa.Column("spec", sa.Text, nullable=False),
@@ -184,7 +188,7 @@ class Store:
 
     # ---- creation -------------------------------------------------------------------------
     def create(self, spec: dict[str, Any], fingerprint: str, max_queued: int, client: str | None = None,
-               limits: ClientLimits | None = None) -> dict[str, Any]:
+               limits: ClientLimits | None = None, kind: str = PROBE) -> dict[str, Any]:
         """Queue a job unless `max_queued` jobs already wait, or `client` is at its `limits`: the counts
         and the insert are one statement.
 
@@ -193,7 +197,7 @@ class Store:
         database's write lock before the statement reads; PostgreSQL reads a snapshot, so there the
         submits also queue behind one transaction-scoped advisory lock.
         """
-        row = {"status": JobStatus.QUEUED, "phase": "queued", "attempts": 0, "cached": False}
+        row = {"kind": kind, "status": JobStatus.QUEUED, "phase": "queued", "attempts": 0, "cached": False}
         queued = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED).scalar_subquery()
         job_id = self._insert(row, spec, fingerprint, client, limits, queued < max_queued)
         if job_id is None:
@@ -433,21 +437,24 @@ class Store:
             raise KeyError(job_id)
         return self._as_dict(row)
 
-    def version(self, job_id: str) -> tuple[Any, ...] | None:
+    def version(self, job_id: str, kind: str | None = None) -> tuple[Any, ...] | None:
         """What changes whenever a job's public representation does: one indexed read, no JSON.
 
         Status, phase and finished_at cover every transition and the result; the newest event id
-        covers trials and phases. None when there is no such job.
+        covers trials and phases. None when there is no such job (of `kind`, when given).
         """
         last_event = sa.select(sa.func.max(events.c.id)).where(events.c.job_id == job_id).scalar_subquery()
+        query = sa.select(jobs.c.status, jobs.c.phase, jobs.c.finished_at, last_event).where(jobs.c.id == job_id)
+        if kind is not None:
+            query = query.where(jobs.c.kind == kind)
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs.c.status, jobs.c.phase, jobs.c.finished_at, last_event)
-                               .where(jobs.c.id == job_id)).first()
+            row = conn.execute(query).first()
         return tuple(row) if row else None
 
-    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        query = sa.select(jobs)
-        count = sa.select(sa.func.count()).select_from(jobs)
+    def list(self, status: str | None, limit: int, offset: int, kind: str = PROBE
+             ) -> tuple[list[dict[str, Any]], int]:
+        query = sa.select(jobs).where(jobs.c.kind == kind)
+        count = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.kind == kind)
         if status:
             query, count = query.where(jobs.c.status == status), count.where(jobs.c.status == status)
         with self.engine.connect() as conn:

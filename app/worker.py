@@ -1,7 +1,8 @@
 """The body of a job, wherever it runs: spec in, events and one outcome out.
 
 `execute` is the job itself, the same for every executor: it hands `("event", e)` items and then
-one `("result", report)` or `("error", message)` to a `put` callable. Around it:
+one `("result", report)` or `("error", message)` to a `put` callable. A spec with `"kind": "whatif"`
+is a what-if table (probe/whatif_spec.py) instead of a probe; the executors need not know. Around it:
 
 - `run_job_process`, the local executor's job process (a fresh interpreter, no inherited CUDA
   state, started through probe/lifetime.py so it dies with the service), so a crash, an OOM-killer
@@ -41,9 +42,18 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     spec = dict(spec)
     search_from = spec.pop("search_from", None)  # a verification-only job: the routes put the cached search here
+
+    def emit(event: dict[str, Any]) -> None:
+        put(("event", event))
+
     try:
-        put(("result", run_job(ProbeSpec(**spec), lambda event: put(("event", event)), allowed_factories,
-                               search_from=search_from)))
+        if spec.pop("kind", "probe") == "whatif":  # app/store.py's WHATIF: the route stored the kind in the spec
+            from probe.whatif_spec import WhatIfSpec, run_whatif_job
+
+            spec.pop("device", None)  # an estimate: it runs under fake tensors whichever worker claimed it
+            put(("result", run_whatif_job(WhatIfSpec(**spec), emit, allowed_factories)))
+            return
+        put(("result", run_job(ProbeSpec(**spec), emit, allowed_factories, search_from=search_from)))
     except (SpecError, ValidationError) as exc:
         put(("error", validation_message(exc)))
     except Exception as exc:  # noqa: BLE001 - reported as the job's failure, the process then exits

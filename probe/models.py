@@ -301,9 +301,14 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
             f"capacity_bytes: capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
             f"({format_bytes(weight_bytes)}); raise the capacity or pick a smaller model"
         )
-    if context is not None and spec.seq_len > context:
-        raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
+    check_seq_len(spec.seq_len, context)
     return constructor, logits_fn, vocab_size, context
+
+
+def check_seq_len(seq_len: int, context: int | None) -> None:
+    """Refuse a seq_len beyond the model's context (its position table): such a step cannot run at all."""
+    if context is not None and seq_len > context:
+        raise SpecError(f"seq_len {seq_len} exceeds this model's context of {context} tokens; lower seq_len")
 
 
 @functools.cache
@@ -385,8 +390,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
             f"(about {format_bytes(weight_bytes)}, counted from its config); raise the capacity or pick a "
             "smaller model"
         )
-    if context is not None and spec.seq_len > context:
-        raise SpecError(f"seq_len {spec.seq_len} exceeds this model's context of {context} tokens; lower seq_len")
+    check_seq_len(spec.seq_len, context)
     _check_lora_targets(spec, model_type)
 
 

@@ -9,6 +9,13 @@ search, under fake tensors), so a cell can be checked by running that probe.
 The last column, the longest sequence that fits at micro-batch 1, is a bisection over seq_len on
 a grid of SEQ_GRID tokens (and the model's context itself): a step's memory grows with seq_len, so
 one trial per halving, about log2(context / SEQ_GRID) of them. The table's own cells bound it first.
+
+Building the model is most of a single estimate's time, and the model a cell trains depends on the
+model, precision, finetuning and checkpointing, not on seq_len or optimizer: `Builds` keeps the
+last build and every cell, and every longest-sequence trial, whose spec differs from it only there
+runs on it. That is what a probe's own search already does between its trials (each trial creates
+its optimizer and batches and frees them, gradients set to None), so a cell still answers what a
+fresh `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from probe.build import make_trial
+from probe.build import Trial, make_trial, prepare
 from probe.events import Emit, ignore
-from probe.models import build_model
+from probe.meter import Meter
+from probe.models import LoadedModel, build_model, check_seq_len
 from probe.search import find_micro_batch
 from probe.spec import ESTIMATED, MAX_SEQ_LEN, ProbeSpec, SpecError, format_bytes
+from probe.trial import TrialResult, TrialRunner
 
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
 
@@ -109,10 +118,49 @@ def _cell_spec(base: ProbeSpec, setting: Setting, seq_len: int) -> ProbeSpec:
     return base.model_copy(update={**setting.update(), "seq_len": seq_len, "mode": "estimate"})
 
 
-def estimate_cell(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> Cell:
+class Builds:
+    """`trial_for(spec)`: a trial on the model built for the last spec, when `spec` differs from it only in
+    the fields a build does not read (BUILD_FREE); otherwise the old model is dropped and a new one built.
+
+    One build is kept, not one per key: the grid's rows come ordered so that the rows sharing a build
+    (the optimizers) are neighbours, and two models never live at once.
+    """
+
+    BUILD_FREE = frozenset({"seq_len", "optimizer"})
+
+    def __init__(self, allowed_factories: Collection[str] = ()) -> None:
+        self.allowed_factories = allowed_factories
+        self._key: str | None = None
+        self._built: tuple[Meter, LoadedModel] | None = None
+        self.count = 0  # models built: what the reuse saves is visible
+
+    def trial_for(self, spec: ProbeSpec) -> tuple[Meter, Trial]:
+        if spec.sharding == "fsdp":  # a sharded trial builds its own model in each rank
+            meter, _, trial = make_trial(spec, self.allowed_factories)
+            return meter, trial
+        key = spec.model_dump_json(exclude=set(self.BUILD_FREE))
+        if key != self._key:
+            self._key, self._built = None, None  # the old model goes before the new one is built
+            self._built = prepare(spec, self.allowed_factories)  # raises SpecError for what cannot be built
+            self._key = key
+            self.count += 1
+        assert self._built is not None
+        meter, model = self._built
+        check_seq_len(spec.seq_len, model.max_seq_len)  # the check a fresh build makes
+        runner = TrialRunner(spec, meter, model)  # its own batches' generator, seeded as a probe's is
+
+        def trial(micro_batch: int) -> TrialResult:
+            with meter.tracking():
+                return runner(micro_batch)
+
+        return meter, trial
+
+
+def estimate_cell(spec: ProbeSpec, allowed_factories: Collection[str] = (), builds: Builds | None = None) -> Cell:
     """The max and safe micro-batch for `spec` (an estimate), found by the probe's own search."""
+    builds = builds or Builds(allowed_factories)
     try:
-        meter, _, trial = make_trial(spec, allowed_factories)
+        meter, trial = builds.trial_for(spec)
     except SpecError as exc:  # QLoRA on a builtin model, a seq_len beyond the context
         return Cell(spec.seq_len, note=f"not applicable: {exc}")
     found = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
@@ -121,9 +169,9 @@ def estimate_cell(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> C
     return Cell(spec.seq_len, found.max_micro_batch, found.safe_micro_batch, peak)
 
 
-def _fits_at_one(spec: ProbeSpec, allowed_factories: Collection[str]) -> int | None:
+def _fits_at_one(spec: ProbeSpec, builds: Builds) -> int | None:
     """Peak bytes of micro-batch 1 at spec.seq_len, or None when it does not fit."""
-    _, _, trial = make_trial(spec, allowed_factories)
+    _, trial = builds.trial_for(spec)
     result = trial(1)
     return result.peak_allocated_bytes if result.fits else None
 
@@ -135,8 +183,9 @@ def seq_grid(context: int) -> list[int]:
 
 
 def longest_at_one(base: ProbeSpec, setting: Setting, context: int, cells: Sequence[Cell],
-                   allowed_factories: Collection[str] = ()) -> Longest:
+                   allowed_factories: Collection[str] = (), builds: Builds | None = None) -> Longest:
     """Bisect the grid for the longest seq_len whose step fits at micro-batch 1."""
+    builds = builds or Builds(allowed_factories)
     grid = seq_grid(context)
     # what the table already proved: a seq_len that fits bounds from below, one that does not from above
     lo, hi = -1, len(grid)  # grid[lo] fits (or lo = -1), grid[hi] does not (or hi = len)
@@ -152,7 +201,7 @@ def longest_at_one(base: ProbeSpec, setting: Setting, context: int, cells: Seque
     while hi - lo > 1:
         mid = (lo + hi) // 2
         try:
-            peak = _fits_at_one(_cell_spec(base, setting, grid[mid]), allowed_factories)
+            peak = _fits_at_one(_cell_spec(base, setting, grid[mid]), builds)
         except SpecError as exc:
             return Longest(None, trials=trials, note=f"not applicable: {exc}")
         trials += 1
@@ -161,7 +210,7 @@ def longest_at_one(base: ProbeSpec, setting: Setting, context: int, cells: Seque
         else:
             lo, peaks[mid] = mid, peak
     if lo >= 0 and lo not in peaks:  # bounded by a table cell: its peak at micro-batch 1 is one trial away
-        peaks[lo] = _fits_at_one(_cell_spec(base, setting, grid[lo]), allowed_factories) or 0
+        peaks[lo] = _fits_at_one(_cell_spec(base, setting, grid[lo]), builds) or 0
         trials += 1
     return Longest(grid[lo] if lo >= 0 else 0, grid[hi] if hi < len(grid) else None,
                    peaks.get(lo), trials)
@@ -191,11 +240,12 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
     base = base.model_copy(update={"mode": "estimate"})
     context = model_context(base, allowed_factories)
     total, done = len(settings) * (len(seq_lens) + 1), 0
+    builds = Builds(allowed_factories)
     rows = []
     for setting in settings:
         row = Row(setting, setting.label)
         for seq_len in seq_lens:
-            cell = estimate_cell(_cell_spec(base, setting, seq_len), allowed_factories)
+            cell = estimate_cell(_cell_spec(base, setting, seq_len), allowed_factories, builds)
             row.cells.append(cell)
             done += 1
             emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": seq_len,
@@ -203,7 +253,7 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
         if any(cell.note for cell in row.cells) and all(cell.max_micro_batch is None for cell in row.cells):
             row.longest = Longest(None, note=row.cells[0].note)
         else:
-            row.longest = longest_at_one(base, setting, context, row.cells, allowed_factories)
+            row.longest = longest_at_one(base, setting, context, row.cells, allowed_factories, builds)
         done += 1
         emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": "longest",
               "longest_seq_len": row.longest.seq_len, "note": row.longest.note})

@@ -8,18 +8,19 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.executors.base import Executor
 from app.schemas import ProbeRequest, error_responses
-from app.store import ClientLimits, ClientQuota, Conflict, QueueFull
+from app.store import PROBE, ClientLimits, ClientQuota, Conflict, QueueFull
 from app.watch import compact, etag_of
 from fitprobe_client.status import TERMINAL, JobStatus
 from probe.models import check_reference
@@ -28,6 +29,8 @@ from probe.plan import plan_for_probe
 from probe.spec import SpecError, format_bytes
 from probe.versions import distribution_version
 
+STATUSES = tuple(JobStatus)
+
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 SSE_HEARTBEAT_S = 10.0
 SSE_POLL_S = 0.25
@@ -35,6 +38,7 @@ STREAMS_RETRY_AFTER_S = 10
 # gpu: capacity_bytes carries the card's memory, so a card and its byte count share one cached answer
 NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "verify_cached", "device", "gpu"}
 MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
+RequestT = TypeVar("RequestT", bound=BaseModel)  # a request with a `model` field (a probe, a what-if table)
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
 
 
@@ -157,7 +161,7 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Exe
         raise HTTPException(422, str(exc)) from exc
 
 
-def _pinned(request: ProbeRequest, settings: Any) -> ProbeRequest:
+def pinned(request: RequestT, settings: Any) -> RequestT:
     """hf:org/name -> hf:org/name@<commit>, its config.json read now (checked at the door).
 
     The job then builds exactly the snapshot checked here, from the cache, and the result cache keys on
@@ -214,7 +218,7 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     Every stored row counts against `client`: a queued job against its share of the queue
     (FITPROBE_MAX_JOBS_PER_CLIENT), and any row, cached answers too, against its submits per minute.
     """
-    request = _pinned(request, settings)
+    request = pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
     _refuse_at_the_door(request, settings, executor, capacity)
     key = fingerprint(request, executor.device_name, capacity)
@@ -228,16 +232,17 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
         except SpecError as exc:
             raise HTTPException(422, str(exc)) from exc
         if not (request.verify_cached and replanned.get("verification_note")):
-            return _within_quota(store.create_cached, spec, key, replanned, client=client, limits=limits)
+            return within_quota(store.create_cached, spec, key, replanned, client=client, limits=limits)
         # a verification-only job's result carries the search too: name the probe that ran it
         spec["search_from"] = {"probe_id": report.get("search_cached_from") or source_id, "report": report}
     try:
-        return _within_quota(store.create, spec, key, settings.max_queued_jobs, client=client, limits=limits)
+        return within_quota(store.create, spec, key, settings.max_queued_jobs, client=client, limits=limits)
     except QueueFull as exc:
         raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "30"}) from exc
 
 
-def _within_quota(create: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def within_quota(create: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`create(...)`, a client at its limits answered 429 with when to retry."""
     try:
         return create(*args, **kwargs)
     except ClientQuota as exc:
@@ -269,11 +274,17 @@ def list_probes(store: StoreDep,
     return {"items": rows, "total": total, "limit": limit, "offset": offset}
 
 
-def _job_or_404(store: Any, job_id: str) -> dict[str, Any]:
+def job_or_404(store: Any, job_id: str, kind: str = PROBE) -> dict[str, Any]:
+    """The job, if it is one of `kind`: each kind's routes answer for their own jobs only."""
     try:
-        return store.get(job_id)
+        job = store.get(job_id)
     except KeyError:
-        raise HTTPException(404, f"no probe with id {job_id!r}") from None
+        job = None
+    if job is None or job["kind"] != kind:
+        what = "probe" if kind == PROBE else "what-if job"
+        raise HTTPException(404, f"no {what} with id {job_id!r}")
+    return job
+
 
 
 @router.get("/{job_id}", summary="A probe's status, phase, trials so far, plan and verification",
@@ -285,20 +296,20 @@ async def get_probe(job_id: str, store: StoreDep, response: Response,
     # because a hop through the 40-thread pool cost 3x the throughput under 200 pollers. A poller
     # that sends back the ETag costs one read and gets an empty 304 until something changes; the
     # version is read before the body, so a change in between makes the ETag older, never newer.
-    version = store.version(job_id)
+    version = store.version(job_id, PROBE)
     if version is None:
         raise HTTPException(404, f"no probe with id {job_id!r}")
     etag = etag_of(version)
     if if_none_match and etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(",")):
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return public(_job_or_404(store, job_id), store)
+    return public(job_or_404(store, job_id), store)
 
 
 @router.delete("/{job_id}", summary="Cancel a queued or running probe (kills its process)",
                responses=error_responses(404, 409, 422, 507))
 def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
-    _job_or_404(store, job_id)
+    job_or_404(store, job_id)
     try:
         job = store.cancel(job_id)
     except Conflict as exc:
@@ -323,7 +334,14 @@ async def probe_events(job_id: str, store: StoreDep, request: Request, client: C
     client's (429 beyond). Each event carries its job's `attempt`. When the server stops, every
     stream ends with a `shutdown` event, and the client reconnects with Last-Event-ID.
     """
-    _job_or_404(store, job_id)
+    job_or_404(store, job_id)
+    return stream_events(job_id, store, request, client, last_event_id, f"/v1/probes/{job_id}")
+
+
+def stream_events(job_id: str, store: Any, request: Request, client: str, last_event_id: str | None,
+                  poll_path: str) -> StreamingResponse:
+    """A job's events as Server-Sent Events (any kind of job: the caller checked it exists); `poll_path` is
+    where the 429 sends a client that may not open another stream."""
     try:
         after = int(last_event_id) if last_event_id else 0
         if not 0 <= after <= MAX_EVENT_ID:
@@ -334,7 +352,7 @@ async def probe_events(job_id: str, store: StoreDep, request: Request, client: C
     streams: EventStreams = request.app.state.event_streams
     refused = streams.enter(client)
     if refused:
-        raise HTTPException(429, f"{refused}; poll GET /v1/probes/{job_id} instead, or retry later",
+        raise HTTPException(429, f"{refused}; poll GET {poll_path} instead, or retry later",
                             headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)})
 
     async def stream() -> AsyncIterator[str]:

@@ -300,3 +300,29 @@ def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, pag
     expect(grid.locator("td.heat-5")).to_have_text(["7 (8.0GiB)"])
     page.fill("#whatif-json", "{not json")
     expect(page.locator("#whatif-map .error")).to_contain_text("not a what-if table")
+
+
+@pytest.mark.slow  # one estimated table of 1 setting × 1 seq_len and its longest-sequence search
+def test_whatif_page_submits_a_table_follows_the_job_and_draws_it_from_the_api(server, page):
+    page.goto(f"{server.url}/#/whatif")
+    for field, value in {"model": "builtin:gpt-nano", "capacity": "12MiB", "seq-lens": "32", "finetuning": "full",
+                         "checkpointing": "off", "optimizers": "adamw_torch_fused"}.items():
+        page.fill(f"#whatif-{field}", value)
+    page.click("text=Estimate the table")
+    expect(page.locator("#whatif-status")).to_contain_text("succeeded · 2/2 cells", timeout=300_000)
+    grid = page.locator("#whatif-map table.heat-map")
+    expect(grid.locator("tbody tr")).to_have_count(1)
+    job_id = page.input_value("#whatif-job-id")
+    table = server.client().get(f"/v1/whatif/{job_id}").json()["table"]
+    cell = table["rows"][0]["cells"][0]
+    expect(grid.locator("td.heat-cell")).to_have_text([f"{cell['max_micro_batch']} ("
+                                                       f"{cell['peak_bytes'] / 2**20:.1f}MiB)"])
+    # a job loaded by id draws the same table; one that does not exist says so
+    page.goto(f"{server.url}/#/whatif")
+    page.reload()
+    page.fill("#whatif-job-id", job_id)
+    page.click("#whatif-load button")
+    expect(page.locator("#whatif-map td.heat-cell")).to_have_count(1)
+    page.fill("#whatif-job-id", "no-such-job")
+    page.click("#whatif-load button")
+    expect(page.locator("#whatif-status .error")).to_contain_text("no what-if job with id 'no-such-job'")

@@ -213,6 +213,10 @@ def test_the_openapi_schema_documents_every_error_body_and_content_type(server):
         ("get", "/v1/probes/{job_id}"): {401, 404, 422},
         ("delete", "/v1/probes/{job_id}"): {401, 404, 409, 422},
         ("get", "/v1/probes/{job_id}/events"): {401, 404, 422},
+        ("post", "/v1/whatif"): {400, 401, 413, 422, 429},
+        ("get", "/v1/whatif/{job_id}"): {401, 404, 422},
+        ("delete", "/v1/whatif/{job_id}"): {401, 404, 409, 422},
+        ("get", "/v1/whatif/{job_id}/events"): {401, 404, 422},
         ("post", "/v1/plans"): {400, 401, 413, 422},
         ("get", "/v1/devices"): {401},
         ("get", "/readyz"): {503},
@@ -237,7 +241,7 @@ def test_the_openapi_schema_documents_every_error_body_and_content_type(server):
 def test_every_request_field_is_described_with_its_unit(server):
     with server.client() as client:
         components = client.get("/openapi.json").json()["components"]["schemas"]
-    for name in ("ProbeRequest", "LoraSpec", "PlanRequest"):
+    for name in ("ProbeRequest", "LoraSpec", "PlanRequest", "WhatIfSpec"):
         undescribed = [field for field, prop in components[name]["properties"].items() if not prop.get("description")]
         assert not undescribed, (name, undescribed)
     probe = components["ProbeRequest"]["properties"]

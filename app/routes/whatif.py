@@ -1,0 +1,128 @@
+"""What-if jobs: a settings × seq_len table of estimates, submitted, polled, streamed and cancelled as a probe is.
+
+A table is many estimated probes (one search per cell, a bisection per row), minutes of work, so it
+is a job on the same queue and store as probes (`kind` = whatif), never work in the request. Its
+cost is bounded at the door by arithmetic on the request: at most FITPROBE_MAX_WHATIF_SEQ_LENS
+columns and FITPROBE_MAX_WHATIF_CELLS cells, every seq_len within FITPROBE_MAX_SEQ_LEN, and the
+model checked as a probe's is (its size, the capacity its weights need).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.config import Settings
+from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from app.routes.probes import job_or_404, pinned, stream_events, within_quota
+from app.schemas import WhatIfJob, WhatIfList, error_responses
+from app.store import STATUSES, WHATIF, ClientLimits, Conflict, QueueFull
+from probe.models import check_reference
+from probe.spec import ProbeSpec, validation_message
+from probe.whatif_spec import WhatIfSpec
+
+router = APIRouter(prefix="/v1/whatif", tags=["whatif"])
+
+
+def _refuse_at_the_door(request: WhatIfSpec, settings: Settings) -> ProbeSpec:
+    """422 now for a table too large for this service, or one whose every cell would fail; else its base spec."""
+    columns, cells = len(request.seq_lens), request.cell_count
+    if columns > settings.max_whatif_seq_lens:
+        raise HTTPException(422, f"seq_lens: at most {settings.max_whatif_seq_lens} on this service (got {columns}, "
+                                 "FITPROBE_MAX_WHATIF_SEQ_LENS); drop some, or submit the rest as another table")
+    too_long = [s for s in request.seq_lens if s > settings.max_seq_len]
+    if too_long:
+        raise HTTPException(422, f"seq_lens must each be ≤ {settings.max_seq_len} on this service (got "
+                                 f"{', '.join(map(str, too_long))})")
+    if cells > settings.max_whatif_cells:
+        rows = cells // columns
+        raise HTTPException(422, f"the table has {rows} settings × {columns} seq_lens = {cells} cells, more than "
+                                 f"this service's {settings.max_whatif_cells} (FITPROBE_MAX_WHATIF_CELLS); drop "
+                                 "seq_lens, or narrow finetuning, checkpointing or optimizers")
+    try:
+        base = request.base()
+        # what every row shares; a row that cannot apply (QLoRA on a builtin model) is a cell marked n/a
+        check_reference(base, settings.allowed_factories, base.capacity_bytes, settings.model_limits)
+    except ValueError as exc:  # SpecError and pydantic's ValidationError both are
+        raise HTTPException(422, validation_message(exc)) from exc
+    return base
+
+
+def _fingerprint(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"whatif": spec}, sort_keys=True).encode()).hexdigest()
+
+
+def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
+    """A what-if job as the API shows it: its progress from the latest cell event, the table once done."""
+    cells = [data for _, data in store.events_after(job["id"], 0, 10_000) if data.get("type") == "whatif_cell"]
+    spec = {key: value for key, value in (job["spec"] or {}).items() if key != "kind"}
+    return {**{key: job[key] for key in ("id", "status", "phase", "device", "attempts", "error", "created_at",
+                                         "started_at", "finished_at")},
+            "spec": spec, "table": job["result"],
+            "progress": {"done": cells[-1]["done"], "total": cells[-1]["total"]} if cells else None}
+
+
+@router.post("", status_code=202, response_model=WhatIfJob, summary="Submit a what-if table (estimated)",
+             responses=error_responses(400, 413, 422, 429, 507))
+def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: SettingsDep,
+           client: ClientDep) -> dict[str, Any]:
+    """Queue the table: which settings fit on the card, at which seq_len and micro-batch (fake tensors, no device)."""
+    request = pinned(request, settings)
+    base = _refuse_at_the_door(request, settings)
+    # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity
+    spec = {"kind": WHATIF, **request.model_dump(mode="json"), "capacity_bytes": base.capacity_bytes}
+    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
+    try:
+        job = within_quota(store.create, spec, _fingerprint(spec), settings.max_queued_jobs, client=client,
+                           limits=limits, kind=WHATIF)
+    except QueueFull as exc:
+        raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "30"}) from exc
+    response.headers["Location"] = f"/v1/whatif/{job['id']}"
+    return public(job, store)
+
+
+@router.get("", response_model=WhatIfList, summary="List what-if jobs, newest first", responses=error_responses(422))
+def list_whatif(store: StoreDep,
+                status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
+                limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> dict[str, Any]:
+    if status is not None and status not in STATUSES:
+        raise HTTPException(422, f"status must be one of {', '.join(STATUSES)} (got {status!r})")
+    items, total = store.list(status, limit, offset, kind=WHATIF)
+    return {"items": [public(job, store) for job in items], "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/{job_id}", response_model=WhatIfJob, summary="A what-if job's status, progress and, once done, table",
+            responses=error_responses(404, 422))
+def get_whatif(job_id: str, store: StoreDep) -> dict[str, Any]:
+    return public(job_or_404(store, job_id, WHATIF), store)
+
+
+@router.delete("/{job_id}", response_model=WhatIfJob, summary="Cancel a queued or running what-if job",
+               responses=error_responses(404, 409, 422, 507))
+def cancel_whatif(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
+    job_or_404(store, job_id, WHATIF)
+    try:
+        job = store.cancel(job_id)
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+    executor.kill(job_id)
+    return public(job, store)
+
+
+@router.get("/{job_id}/events", summary="Server-Sent Events: one whatif_cell per cell; resumable with Last-Event-ID",
+            response_class=Response, responses={
+                200: {"description": "one `id:`/`event:`/`data:` record per event, then `event: end`",
+                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                **error_responses(404, 422, 429)})
+async def whatif_events(job_id: str, store: StoreDep, request: Request, client: ClientDep,
+                        last_event_id: Annotated[str | None, Header(
+                            description="resume after this event id (the `id:` of the last event received)")] = None,
+                        ) -> StreamingResponse:
+    """As a probe's events (GET /v1/probes/{id}/events): the same limits on open streams, the same end."""
+    job_or_404(store, job_id, WHATIF)
+    return stream_events(job_id, store, request, client, last_event_id, f"/v1/whatif/{job_id}")

@@ -1,0 +1,75 @@
+"""A what-if request as the command line and the service take it, and the job that answers it.
+
+`fitprobe whatif` and `POST /v1/whatif` describe the same table: the fixed part (model, card or
+capacity, precision, collation, LoRA rank, headroom), the seq_lens, and the three settings axes in
+the command line's words. One model holds it so that both build the same base spec and rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from probe.job import Emit, _ignore
+from probe.spec import Optimizer, ProbeSpec
+from probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, Setting, run_whatif, settings_grid
+
+FineTuningWord = Literal["full", "lora", "qlora"]
+CheckpointingWord = Literal["off", "on"]
+
+
+class WhatIfSpec(BaseModel):
+    """The table: rows are finetuning × checkpointing × optimizers, columns the seq_lens (all estimated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | dict[str, Any] = Field(..., description=ProbeSpec.model_fields["model"].description)
+    seq_lens: list[int] = Field(..., min_length=1, description="the table's columns, e.g. [1024, 2048, 4096]")
+    gpu: str | None = Field(None, description="plan for this card's memory (its name, as GET /v1/devices' "
+                            "cards and `fitprobe whatif --gpu` name them)")
+    capacity_bytes: int | str | None = Field(None, description="or the memory a step may use, bytes or e.g. "
+                                             "'24GiB'")
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = Field(
+        "bf16-mixed", description="training precision (for fp16-mixed ask bf16-mixed: the memory is the same)")
+    collation: Literal["padded", "packed"] = Field(
+        "padded", description="padded: batches hold padding (an attention mask); packed: no padding, no mask")
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank of the LoRA and QLoRA rows")
+    headroom: float = Field(0.1, description="fraction of the capacity the safe micro-batch keeps free")
+    finetuning: list[FineTuningWord] = Field(list(FINETUNINGS), min_length=1,
+                                             description="rows: full, lora, qlora (LoRA over an nf4 base)")
+    checkpointing: list[CheckpointingWord] = Field(["on" if c else "off" for c in CHECKPOINTING], min_length=1,
+                                                   description="rows: gradient checkpointing off, on")
+    optimizers: list[Optimizer] = Field(list(OPTIMIZERS), min_length=1, description="rows: these optimizers")
+
+    @field_validator("seq_lens", "finetuning", "checkpointing", "optimizers")
+    @classmethod
+    def _once_each(cls, values: list[Any]) -> list[Any]:
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"name each value once (repeated: {', '.join(repeated)})")
+        return values
+
+    def base(self) -> ProbeSpec:
+        """What stays fixed across the table, as a probe spec at the shortest seq_len (raises on a bad field)."""
+        if self.gpu is None and self.capacity_bytes is None:
+            raise ValueError("the what-if table plans for a card: give gpu (a card's name) or capacity_bytes")
+        return ProbeSpec(model=self.model, seq_len=min(self.seq_lens), mode="estimate", gpu=self.gpu,
+                         capacity_bytes=self.capacity_bytes, precision=self.precision, collation=self.collation,
+                         lora={"rank": self.lora_rank}, headroom=self.headroom)
+
+    def settings(self) -> list[Setting]:
+        return settings_grid(self.finetuning, [word == "on" for word in self.checkpointing], self.optimizers)
+
+    @property
+    def cell_count(self) -> int:
+        """settings × seq_lens: what the request costs (each row adds its longest-sequence search)."""
+        return len(self.finetuning) * len(self.checkpointing) * len(self.optimizers) * len(self.seq_lens)
+
+
+def run_whatif_job(spec: WhatIfSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = ()
+                   ) -> dict[str, Any]:
+    """The service's what-if job: the table as a dict, one `whatif_cell` event per cell on the way."""
+    emit({"type": "phase", "phase": "estimating"})
+    return run_whatif(spec.base(), spec.seq_lens, spec.settings(), emit, allowed_factories).to_dict()
