@@ -34,6 +34,7 @@ from sqlalchemy import event as sa_event
 
 from fitprobe_client.status import TERMINAL, UNFINISHED, JobStatus
 
+STATUSES = tuple(JobStatus)
 PROBE, WHATIF = "probe", "whatif"  # job kinds; the job body reads its kind from the spec (app/worker.py)
 
 MAX_ATTEMPTS = 2  # a job interrupted by a service crash is re-queued once, then failed

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from probe.job import Emit, _ignore
+from probe.events import Emit, ignore
 from probe.spec import Optimizer, ProbeSpec
 from probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, Setting, run_whatif, settings_grid
 
@@ -68,7 +68,7 @@ class WhatIfSpec(BaseModel):
         return len(self.finetuning) * len(self.checkpointing) * len(self.optimizers) * len(self.seq_lens)
 
 
-def run_whatif_job(spec: WhatIfSpec, emit: Emit = _ignore, allowed_factories: Collection[str] = ()
+def run_whatif_job(spec: WhatIfSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()
                    ) -> dict[str, Any]:
     """The service's what-if job: the table as a dict, one `whatif_cell` event per cell on the way."""
     emit({"type": "phase", "phase": "estimating"})
