@@ -116,9 +116,20 @@ def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tupl
 
     Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
     N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
+    An estimate of a decoder runs on two shallow cuts of it and extrapolates to its depth
+    (probe/extrapolate.py); the facts say from which depths, or why the full depth ran.
     """
+    not_extrapolated: dict[str, Any] = {}
+    if spec.mode == "estimate":
+        from probe.extrapolate import extrapolated_trial
+
+        made = extrapolated_trial(spec, allowed_factories, make_trial)
+        if not isinstance(made, str):
+            return made
+        not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": made}
     if spec.sharding == "fsdp":
-        return _sharded_trial(spec, allowed_factories)
+        meter, facts, trial = _sharded_trial(spec, allowed_factories)
+        return meter, {**facts, **not_extrapolated}, trial
     meter, model = prepare(spec, allowed_factories)
     runner = TrialRunner(spec, meter, model)
 
@@ -126,7 +137,7 @@ def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tupl
         with meter.tracking():
             return runner(micro_batch)
 
-    return meter, {**model_facts(model), "attention": attention_facts(model, spec)}, trial
+    return meter, {**model_facts(model), "attention": attention_facts(model, spec), **not_extrapolated}, trial
 
 
 def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:

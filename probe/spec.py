@@ -153,6 +153,12 @@ class ProbeSpec(BaseModel):
         False, description="measure mode: estimate first and start the real search at the estimated max; "
         "the report gives the estimate's error at every real trial",
     )
+    extrapolate: bool = Field(
+        False, description="estimate mode: estimate a Hugging Face decoder cut to two shallow depths and extrapolate "
+        "each phase's peak to its full depth (seconds, not minutes). Off by default: at small micro-batches the "
+        "peak can move to a moment that grows faster with depth, and the line through two cuts then underestimates "
+        "it (tests/test_extrapolate.py)",
+    )
     device: str = Field("cpu", description="cpu or cuda:N")
     capacity_bytes: int | None = Field(
         None, ge=1, strict=True,
