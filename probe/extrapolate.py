@@ -1,56 +1,61 @@
-"""Estimate a deep decoder from two shallow cuts of it: seconds where the full depth takes minutes.
+"""Estimate a deep decoder from two shallow cuts of it, moment by moment: seconds where the full depth takes minutes.
 
 A decoder repeats one block, or a short pattern of blocks (Gemma's sliding and global layers, an
 MoE's dense and sparse ones). At every moment of the training step it holds what the embeddings,
-head and loss hold, plus the same bytes for every repetition of the pattern: each block's weights,
-gradients and optimizer state, and the activations it saved for backward. So each phase's peak is a
-line in the number of repetitions, and two cuts of the stack fix that line. The cuts keep the
-layers the full stack starts with (a dense prefix, then the pattern once or twice, then the
-pattern's first `rest` layers that the full stack ends on), so they hold exactly the layers of the
-full stack minus whole repetitions, and the extrapolation multiplies by a whole number.
+head and loss hold, plus the same bytes for every repetition of the pattern (a *period*): weights,
+gradients and optimizer state per period, and the activations saved by the periods already run.
+So each moment's live bytes are a line in the number of periods, each with its own slope.
 
-Nothing here assumes a pattern: each layer's structure (its modules' types, parameter shapes and
-dtypes, and plain attributes such as `attention_type` or `sliding_window`) is read from the model
-built on the meta device, the pattern is found in that list, and each cut is checked to hold the
-full stack's first layers and the same modules around them. Families whose extrapolated estimate
-was compared with the full depth to the byte (tests/test_extrapolate.py) are extrapolated; any
-other model runs at full depth, and the report says why.
+A phase's peak is the largest of its moments, a maximum of lines: extrapolating the peaks of two
+cuts is not exact, since a moment that is not the peak of the shallow cuts can overtake at full
+depth (up to 6 % low at micro-batch 1). So the cuts' whole traces are extrapolated instead. The
+cuts hold the dense prefix, the period two and three times, and the `rest` layers the full stack
+ends on (so the first and last periods are distinct). Each cut's trial records every moment
+(probe/meter.py `LiveBytesMode.trace`) and where the forward leaves the first period and enters the
+last, and where the backward leaves the last and enters the first (tensor hooks on those layers'
+outputs). Cut at those marks, the two traces are the same moments except for the deep cut's one
+inserted middle period, whose forward and backward moments are dropped: at full depth each middle
+period's moment is a line in its index, so never above the same moment in the first or last period.
+Every other moment is paired index to index and extrapolated to s + R·(d − s), R the periods the
+full stack has more than the shallow cut; a phase's peak is the largest extrapolated moment. The
+optimizer step runs one kernel per parameter list (fused, foreach), so its moments pair up too,
+once the state it creates per parameter (an allocation-only climb) is read at its top.
 
-The cuts run uncapped; the extrapolated peak is then compared with the capacity, which is the
-full-depth trial's verdict (the byte counter raises exactly when the live bytes pass the capacity).
-
-Where it is not exact: a phase's peak is the largest of the live bytes at each moment of the phase,
-and each moment's bytes are a line in the depth, so the peak is a maximum of lines (convex). At
-small micro-batches in full fine-tuning, the moment that holds the peak of the shallow cuts (the
-start of backward, with the logits' gradient) is overtaken at full depth by one that grows faster
-per layer, and the line through the cuts underestimates (tests/test_extrapolate.py shows cases).
-Hence off by default (`ProbeSpec.extrapolate`).
+Anything that does not pair up (lengths, phases, missing marks: per-parameter optimizers such as
+single-tensor AdamW, 8-bit bitsandbytes or Adafactor) falls back to the full depth, and the report
+says why. Families whose extrapolated estimate was compared with the full depth to the byte
+(tests/test_extrapolate.py) are extrapolated; any other model runs at full depth.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialError, TrialResult
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing
-VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2",
-                                  "mixtral", "qwen2_moe", "qwen3_moe"})
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "qwen2_moe"})
 _PLAIN = (bool, int, float, str, type(None))
 # attributes that differ between layers without changing what they allocate
 _POSITION_ATTRIBUTES = frozenset({"layer_idx", "layer_id"})
+# the marks of one micro-step, in the order they occur: forward leaves the first period, enters the last;
+# backward leaves the last period, enters the first
+MARKS = ("first_forward", "last_forward", "last_backward", "first_backward")
 
 Trial = Callable[[int], TrialResult]
+Moment = tuple[str, int]  # (phase, live bytes)
 
 
 @dataclass(frozen=True)
 class Cuts:
-    """The full stack is `prefix` layers, `period`-layer repetitions, then `rest` layers of one more."""
+    """The full stack is `prefix` layers, whole `period`-layer repetitions, then `rest` layers of one more."""
 
     full_layers: int
     prefix: int
@@ -59,19 +64,23 @@ class Cuts:
 
     @property
     def depths(self) -> tuple[int, int]:
-        shallow = self.prefix + self.period + self.rest
+        shallow = self.prefix + 2 * self.period + self.rest
         return shallow, shallow + self.period
 
     @property
     def repeats(self) -> int:
-        """How many times the deeper cut's extra repetition is added to the shallower cut to reach full depth."""
+        """How many periods the full stack has more than the shallow cut."""
         return (self.full_layers - self.depths[0]) // self.period
+
+    def marked_layers(self, depth: int) -> tuple[int, int]:
+        """(last layer of the first period, layer just before the last period) in a cut of `depth` layers."""
+        return self.prefix + self.period - 1, depth - self.rest - self.period - 1
 
 
 def find_pattern(signatures: Sequence[Hashable]) -> tuple[int, int] | None:
     """(prefix, period) whose cuts are shallowest: `signatures[prefix:]` repeats every `period` layers.
 
-    None when no pattern leaves the deeper cut (prefix + 2 periods + rest) shallower than the stack.
+    None when no pattern leaves the deeper cut (prefix + 3 periods + rest) shallower than the stack.
     """
     ids: dict[Hashable, int] = {}
     layers = [ids.setdefault(s, len(ids)) for s in signatures]
@@ -79,26 +88,72 @@ def find_pattern(signatures: Sequence[Hashable]) -> tuple[int, int] | None:
     best: tuple[int, int] | None = None
     best_depth = n
     for prefix in range(n):
-        if prefix + 2 >= best_depth:
+        if prefix + 3 >= best_depth:
             break
         tail = layers[prefix:]
-        for period in range(1, len(tail) // 3 + 1):
-            if prefix + 2 * period >= best_depth:
+        for period in range(1, len(tail) // 4 + 1):
+            if prefix + 3 * period >= best_depth:
                 break
             if all(tail[i] == tail[i + period] for i in range(len(tail) - period)):
-                depth = prefix + 2 * period + len(tail) % period
+                depth = prefix + 3 * period + len(tail) % period
                 if depth < best_depth:
                     best, best_depth = (prefix, period), depth
                 break
     return best
 
 
-def extrapolate_peaks(shallow: dict[str, int], deep: dict[str, int], repeats: int) -> dict[str, int]:
-    """Each phase's peak at full depth: the shallow cut's plus `repeats` times what one more repetition adds."""
-    if shallow.keys() != deep.keys():
-        raise TrialError(f"the cuts' steps went through different phases ({sorted(shallow)} and {sorted(deep)}); "
-                         "estimate with extrapolate off")
-    return {phase: shallow[phase] + repeats * (deep[phase] - shallow[phase]) for phase in shallow}
+@dataclass
+class Trace:
+    """One cut's trial: its moments, and the trace index at each mark, one per micro-step."""
+
+    moments: list[Moment]
+    marks: dict[str, list[int]] = field(default_factory=lambda: {mark: [] for mark in MARKS})
+
+
+def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
+    """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut)."""
+    counts = {len(indices) for indices in trace.marks.values()}
+    if len(counts) != 1 or not counts.pop():
+        return f"the marks on the period's layers fired {dict((k, len(v)) for k, v in trace.marks.items())} times"
+    steps = list(zip(*(trace.marks[mark] for mark in MARKS)))
+    bounds = [index for step in steps for index in step]
+    if bounds != sorted(bounds):
+        return "the marks on the period's layers fired out of order"
+    if shallow and any(first_fwd != last_fwd or last_bwd != first_bwd
+                       for first_fwd, last_fwd, last_bwd, first_bwd in steps):
+        return "the shallow cut ran layers between its first and last period"
+    segments, start = [], 0
+    for first_fwd, last_fwd, last_bwd, first_bwd in steps:
+        segments += [trace.moments[start:first_fwd], trace.moments[last_fwd:last_bwd]]
+        start = first_bwd
+    return segments + [trace.moments[start:]]
+
+
+def _optimizer_climbs_read_at_the_top(moments: list[Moment]) -> list[Moment]:
+    """Optimizer moments that only allocate (state created parameter by parameter) kept at their top."""
+    return [moment for moment, after in zip(moments, moments[1:] + [("", -1)])
+            if not (moment[0] == after[0] == "optimizer" and after[1] >= moment[1])]
+
+
+def extrapolate_trace(shallow: Trace, deep: Trace, repeats: int) -> dict[str, int] | str:
+    """Each phase's peak at full depth, moment by moment; or why the two traces do not pair up."""
+    kept = _kept_segments(shallow, True), _kept_segments(deep, False)
+    for name, segments in zip(("shallow", "deep"), kept):
+        if isinstance(segments, str):
+            return f"{name} cut: {segments}"
+    peaks: dict[str, int] = {}
+    for s_segment, d_segment in zip(*kept):
+        s_moments, d_moments = (_optimizer_climbs_read_at_the_top(m) for m in (s_segment, d_segment))
+        if len(s_moments) != len(d_moments):
+            phases = sorted({p for p, _ in s_segment} | {p for p, _ in d_segment})
+            return (f"the cuts ran {len(s_moments)} and {len(d_moments)} allocating ops in the same stretch of the step "
+                    f"(phases {', '.join(phases)}): the optimizer works parameter by parameter, or a layer's ops "
+                    "depend on the depth")
+        for (s_phase, s_bytes), (d_phase, d_bytes) in zip(s_moments, d_moments):
+            if s_phase != d_phase:
+                return f"the cuts' moments do not pair up (phase {s_phase} against {d_phase})"
+            peaks[s_phase] = max(peaks.get(s_phase, 0), s_bytes + repeats * (d_bytes - s_bytes))
+    return peaks
 
 
 def _module_signature(module: nn.Module) -> tuple:
@@ -132,20 +187,23 @@ def _cut_spec(spec: ProbeSpec, model_type: str, fields: dict[str, Any], config: 
     if isinstance(getattr(config, "layer_types", None), list):
         fields["layer_types"] = list(config.layer_types[:depth])
     return spec.model_copy(update={"model": {"model_type": model_type, **fields}, "capacity_bytes": MAX_CAPACITY_BYTES,
-                                   "gpu": None, "extrapolate": False})
+                                   "gpu": spec.gpu, "extrapolate": False})
 
 
 def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
               ) -> tuple[Cuts, list[ProbeSpec]] | str:
     """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
     from probe.models import _hf_config, _reference_fields, build_model
+    from probe.optimizers import KINDS
 
     if not spec.extrapolate:
-        return "extrapolate is off (--extrapolate turns it on)"
+        return "extrapolate is off (--no-extrapolate)"
     if spec.sharding != "none":
         return "sharding=fsdp: extrapolation was compared with the full depth on one device only"
     if spec.quantization != "none":
         return f"quantization {spec.quantization}: extrapolation was not compared with the full depth for it"
+    if KINDS[spec.optimizer].paged:
+        return f"optimizer {spec.optimizer}: its paged state is outside the byte count the cuts are traced by"
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
         return "only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut"
     model_type, fields = _reference_fields(spec.model)
@@ -161,8 +219,8 @@ def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[st
     layers = [_signature(layer) for layer in stack]
     pattern = find_pattern(layers)
     if pattern is None:
-        return (f"{n_layers} layers: no repeating pattern of layers leaves two cuts shallower than the model, "
-                "so they would cost as much as the full depth")
+        return (f"{n_layers} layers: no repeating pattern of layers leaves two cuts (its period twice and three "
+                "times) shallower than the model, so they would cost as much as the full depth")
     prefix, period = pattern
     cuts = Cuts(n_layers, prefix, period, (n_layers - prefix) % period)
     specs = [_cut_spec(spec, model_type, fields, config, depth) for depth in cuts.depths]
@@ -176,32 +234,94 @@ def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[st
     return cuts, specs
 
 
-class ExtrapolatedTrial:
-    """`trial(b)`: THE estimate trial on both cuts, each phase's peak extrapolated to full depth and capped."""
+class TracedCut:
+    """THE estimate trial on one cut, recording its moments and the marks on its first and last period."""
 
-    def __init__(self, cuts: Cuts, shallow: Trial, deep: Trial, capacity_bytes: int) -> None:
-        self.cuts = cuts
-        self.shallow, self.deep = shallow, deep
-        self.capacity_bytes = capacity_bytes
+    def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str]) -> None:
+        from probe.job import prepare
+        from probe.trial import TrialRunner
+
+        self.meter, model = prepare(spec, allowed_factories)
+        self.runner = TrialRunner(spec, self.meter, model)
+        self.trace = Trace([])
+        stack = _layer_stack(model.module, depth)
+        if stack is None:
+            raise TrialError(f"the cut model has no stack of {depth} layers")
+        first, last = cuts.marked_layers(depth)
+        stack[1][first].register_forward_hook(partial(self._forward_ended, "first"))
+        stack[1][last].register_forward_hook(partial(self._forward_ended, "last"))
+
+    def _forward_ended(self, period: str, _module: nn.Module, _args: Any, output: Any) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return  # gradient checkpointing recomputing the layer inside the backward: not a forward
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        self.trace.marks[f"{period}_forward"].append(len(self.trace.moments))
+        if hidden.requires_grad:
+            # the gradient w.r.t. the layer's output is ready: the backward is about to enter the layer
+            hidden.register_hook(lambda _grad: self.trace.marks[f"{period}_backward"].append(len(self.trace.moments)))
+
+    def __call__(self, micro_batch: int) -> tuple[TrialResult, Trace]:
+        self.trace = Trace(self.meter.record_trace(True))
+        try:
+            with self.meter.tracking():
+                result = self.runner(micro_batch)
+        finally:
+            self.meter.record_trace(False)
+        if not result.fits:
+            raise TrialError(f"the cut model did not run at micro-batch {micro_batch}: {result.error}")
+        return result, self.trace
+
+
+class ExtrapolatedTrial:
+    """`trial(b)`: both cuts traced, each moment extrapolated to full depth and capped; else the full depth.
+
+    When the traces do not pair up, this trial and every later one run the full depth, and `facts`
+    (the report's model section) says why.
+    """
+
+    def __init__(self, spec: ProbeSpec, cuts: Cuts, shallow: TracedCut, deep: TracedCut, facts: dict[str, Any],
+                 allowed_factories: Collection[str]) -> None:
+        self.spec, self.cuts, self.facts = spec, cuts, facts
+        self.cut_trials: tuple[TracedCut, TracedCut] | None = (shallow, deep)
+        self.allowed_factories = allowed_factories
+        self.full: Trial | None = None
 
     def __call__(self, micro_batch: int) -> TrialResult:
-        shallow, deep = self.shallow(micro_batch), self.deep(micro_batch)
-        if not (shallow.fits and deep.fits):
-            raise TrialError(f"the cut model did not run at micro-batch {micro_batch}: {shallow.error or deep.error}")
-        phases = extrapolate_peaks(shallow.phase_peak_bytes, deep.phase_peak_bytes, self.cuts.repeats)
+        if self.cut_trials is None:
+            return self._full_depth(micro_batch)
+        (shallow, s_trace), (_, d_trace) = (cut(micro_batch) for cut in self.cut_trials)
+        phases = extrapolate_trace(s_trace, d_trace, self.cuts.repeats)
+        if isinstance(phases, dict) and _trace_peaks(s_trace) != shallow.phase_peak_bytes:
+            phases = "the shallow cut's trace disagrees with its meter's phase peaks"
+        if isinstance(phases, str):
+            self.cut_trials = None
+            self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=phases)
+            return self._full_depth(micro_batch)
         peak_bytes = max(phases.values())
-        if peak_bytes > self.capacity_bytes:
+        capacity_bytes = self.spec.capacity_bytes
+        if peak_bytes > capacity_bytes:
             return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
-                               f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(self.capacity_bytes)}")
+                               f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
         return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
 
+    def _full_depth(self, micro_batch: int) -> TrialResult:
+        if self.full is None:
+            from probe.job import make_trial
 
-def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], make_trial: Callable
+            _, _, self.full = make_trial(self.spec.model_copy(update={"extrapolate": False}), self.allowed_factories)
+        return self.full(micro_batch)
+
+
+def _trace_peaks(trace: Trace) -> dict[str, int]:
+    peaks: dict[str, int] = {}
+    for phase, live_bytes in trace.moments:
+        peaks[phase] = max(peaks.get(phase, 0), live_bytes)
+    return peaks
+
+
+def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None]
                        ) -> tuple[Any, dict[str, Any], Trial] | str:
-    """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run.
-
-    `make_trial` is probe.job's, run on each cut spec (which has extrapolate off).
-    """
+    """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run."""
     from probe.estimate import EstimateMeter
     from probe.job import attention_facts, model_facts
     from probe.models import build_model
@@ -214,7 +334,12 @@ def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], make
         return planned
     cuts, specs = planned
     facts = {**model_facts(full), "attention": attention_facts(full, spec),
-             "extrapolated_from_layers": list(cuts.depths)}
+             "extrapolated_from_layers": list(cuts.depths), "not_extrapolated_because": None}
     del full
-    (_, _, shallow), (_, _, deep) = (make_trial(cut, allowed_factories) for cut in specs)
-    return EstimateMeter(spec.capacity_bytes), facts, ExtrapolatedTrial(cuts, shallow, deep, spec.capacity_bytes)
+    traced = []
+    for done, (depth, cut_spec) in enumerate(zip(cuts.depths, specs), start=1):
+        emit({"type": "phase", "phase": "building_cut", "done": done, "total": len(specs),
+              "option": f"{depth} of {cuts.full_layers} layers"})
+        traced.append(TracedCut(cut_spec, cuts, depth, allowed_factories))
+    meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
+    return meter, facts, ExtrapolatedTrial(spec, cuts, traced[0], traced[1], facts, allowed_factories)

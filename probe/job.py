@@ -111,19 +111,20 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
     return meter, model
 
 
-def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tuple[Meter, dict[str, Any], Trial]:
+def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = (), emit: Emit = _ignore
+               ) -> tuple[Meter, dict[str, Any], Trial]:
     """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
 
     Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
     N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
-    An estimate of a decoder runs on two shallow cuts of it and extrapolates to its depth
-    (probe/extrapolate.py); the facts say from which depths, or why the full depth ran.
+    An estimate of a decoder runs on two shallow cuts of it and extrapolates each moment of the step
+    to its depth (probe/extrapolate.py); the facts say from which depths, or why the full depth ran.
     """
     not_extrapolated: dict[str, Any] = {}
     if spec.mode == "estimate":
         from probe.extrapolate import extrapolated_trial
 
-        made = extrapolated_trial(spec, allowed_factories, make_trial)
+        made = extrapolated_trial(spec, allowed_factories, emit)
         if not isinstance(made, str):
             return made
         not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": made}
@@ -187,7 +188,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = _ignore, allowed_factories: Collecti
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
-    meter, facts, run = make_trial(spec, allowed_factories)
+    meter, facts, run = make_trial(spec, allowed_factories, emit)
     estimate = None
     if spec.estimate_first and spec.mode == "measure":
         emit({"type": "phase", "phase": "estimating"})
