@@ -101,9 +101,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="with --estimate: plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
     parser.add_argument("--estimate", action="store_true",
                         help="count bytes under fake tensors instead of running on the device (no memory used)")
-    parser.add_argument("--extrapolate", action="store_true",
-                        help="with --estimate: run two shallow cuts of the decoder and extrapolate to its depth "
-                        "instead of every layer (fast; can underestimate at small micro-batches)")
+    parser.add_argument("--no-extrapolate", dest="extrapolate", action="store_false",
+                        help="with --estimate: run every layer of the decoder instead of two shallow cuts "
+                        "extrapolated to its depth (the same bytes, slower)")
     parser.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
     parser.add_argument("--sharding", default="none", choices=["none", "fsdp"],
                         help="fsdp: weights, gradients and optimizer state sharded over --devices (FSDP2, ZeRO-3)")

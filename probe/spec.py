@@ -154,10 +154,10 @@ class ProbeSpec(BaseModel):
         "the report gives the estimate's error at every real trial",
     )
     extrapolate: bool = Field(
-        False, description="estimate mode: estimate a Hugging Face decoder cut to two shallow depths and extrapolate "
-        "each phase's peak to its full depth (seconds, not minutes). Off by default: at small micro-batches the "
-        "peak can move to a moment that grows faster with depth, and the line through two cuts then underestimates "
-        "it (tests/test_extrapolate.py)",
+        True, description="estimate mode: run a Hugging Face decoder cut to two shallow depths and extrapolate every "
+        "moment of the step to its full depth (seconds, not minutes; equal to the full depth's count to the byte, "
+        "tests/test_extrapolate.py). Models it was not verified for run at full depth and the report says why; "
+        "false: always the full depth",
     )
     device: str = Field("cpu", description="cpu or cuda:N")
     capacity_bytes: int | None = Field(
