@@ -15,6 +15,7 @@ import torch
 
 from probe.devices import cpu_capacity_limit_bytes
 from probe.estimate import EstimateMeter
+from probe.events import Emit, ignore
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes
@@ -73,14 +74,26 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
     return meter, model
 
 
-def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tuple[Meter, dict[str, Any], Trial]:
+def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = (), emit: Emit = ignore
+               ) -> tuple[Meter, dict[str, Any], Trial]:
     """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
 
     Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
     N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
+    An estimate of a decoder runs on two shallow cuts of it and extrapolates each moment of the step
+    to its depth (probe/extrapolate.py); the facts say from which depths, or why the full depth ran.
     """
+    not_extrapolated: dict[str, Any] = {}
+    if spec.mode == "estimate":
+        from probe.extrapolate import extrapolated_trial
+
+        made = extrapolated_trial(spec, allowed_factories, emit)
+        if not isinstance(made, str):
+            return made
+        not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": made}
     if spec.sharding == "fsdp":
-        return _sharded_trial(spec, allowed_factories)
+        meter, facts, sharded = _sharded_trial(spec, allowed_factories)
+        return meter, {**facts, **not_extrapolated}, sharded
     meter, model = prepare(spec, allowed_factories)
     runner = TrialRunner(spec, meter, model)
 
@@ -88,7 +101,7 @@ def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> tupl
         with meter.tracking():
             return runner(micro_batch)
 
-    return meter, {**model_facts(model), "attention": attention_facts(model, spec)}, trial
+    return meter, {**model_facts(model), "attention": attention_facts(model, spec), **not_extrapolated}, trial
 
 
 def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:

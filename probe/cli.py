@@ -101,6 +101,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="with --estimate: plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
     parser.add_argument("--estimate", action="store_true",
                         help="count bytes under fake tensors instead of running on the device (no memory used)")
+    parser.add_argument("--no-extrapolate", dest="extrapolate", action="store_false",
+                        help="with --estimate: run every layer of the decoder instead of two shallow cuts "
+                        "extrapolated to its depth (the same bytes, slower)")
     parser.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
     parser.add_argument("--sharding", default="none", choices=["none", "fsdp"],
                         help="fsdp: weights, gradients and optimizer state sharded over --devices (FSDP2, ZeRO-3)")
@@ -143,7 +146,7 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, quantization=args.quantization,
         collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices,
-        sharding=args.sharding, **search,
+        sharding=args.sharding, extrapolate=args.extrapolate, **search,
     )
 
 

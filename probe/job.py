@@ -65,7 +65,7 @@ def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collectio
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
-    meter, facts, run = make_trial(spec, allowed_factories)
+    meter, facts, run = make_trial(spec, allowed_factories, emit)
     estimate = None
     if spec.estimate_first and spec.mode == "measure":
         emit({"type": "phase", "phase": "estimating"})

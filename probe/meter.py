@@ -154,6 +154,9 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase = "idle"
         self.phase_peak_bytes: dict[str, int] = {}
         self.last_oom = OomFacts(None, None)
+        # (phase, live bytes) after every op that allocated, and at every phase change: the moments a peak
+        # can sit at, in order (probe/extrapolate.py aligns two cuts' traces). None: not recorded, no cost.
+        self.trace: list[tuple[str, int]] | None = None
         self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
         self._paused = 0
         self._patches: list[ExitStack] = []
@@ -196,10 +199,14 @@ class LiveBytesMode(TorchDispatchMode):
     def set_phase(self, name: str) -> None:
         self.phase = name
         self.phase_peak_bytes[name] = max(self.phase_peak_bytes.get(name, 0), self.live_bytes)
+        if self.trace is not None:
+            self.trace.append((name, self.live_bytes))
 
     def reset_peaks(self) -> None:
         self.peak_bytes = self.live_bytes
         self.phase_peak_bytes = {self.phase: self.live_bytes}
+        if self.trace is not None:
+            self.trace[:] = [(self.phase, self.live_bytes)]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(_is_dtensor_type(kind) for kind in types):
@@ -208,22 +215,28 @@ class LiveBytesMode(TorchDispatchMode):
         if self._paused or func in _ALLOCATES_NOTHING:
             return out
         inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
+        allocated = False
         for tensor in _tensors(out):
             # meta tensors (a model sized before it is built) occupy nothing
             if tensor.device.type != "meta":
                 storage = tensor.untyped_storage()
                 if id(storage) not in inputs:
-                    self._add(storage, raise_on_overflow=True)
+                    allocated |= self._add(storage, raise_on_overflow=True)
+        # one moment per op, after all its outputs: the largest of its own (an op only adds)
+        if allocated and self.trace is not None:
+            self.trace.append((self.phase, self.live_bytes))
         return out
 
-    def _add(self, storage: torch.UntypedStorage, raise_on_overflow: bool) -> None:
+    def _add(self, storage: torch.UntypedStorage, raise_on_overflow: bool) -> bool:
+        """Count a storage not counted yet; whether it was new."""
         key = id(storage)
         if key in self._counted:
-            return
+            return False
         n_bytes = round_allocation(storage.nbytes())
         self._counted[key] = n_bytes
         weakref.finalize(storage, self._free, key)
         self._grow(n_bytes, raise_on_overflow)
+        return True
 
     def _resized(self, storage: torch.UntypedStorage) -> None:
         """A counted storage changed size in place: count its new size (FSDP2's free and re-gather)."""
@@ -304,6 +317,11 @@ class CpuMeter:
 
     def oom_facts(self, exc: BaseException) -> OomFacts:
         return self._mode.last_oom
+
+    def record_trace(self, on: bool) -> list[tuple[str, int]] | None:
+        """From the next trial on, keep its (phase, live bytes) moments in the list returned (None: stop)."""
+        self._mode.trace = [] if on else None
+        return self._mode.trace
 
     def allocated_bytes(self) -> int:
         return self._mode.live_bytes

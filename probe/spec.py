@@ -152,6 +152,12 @@ class ProbeSpec(BaseModel):
         False, description="measure mode: estimate first and start the real search at the estimated max; "
         "the report gives the estimate's error at every real trial",
     )
+    extrapolate: bool = Field(
+        True, description="estimate mode: run a Hugging Face decoder cut to two shallow depths and extrapolate every "
+        "moment of the step to its full depth (seconds, not minutes; equal to the full depth's count to the byte, "
+        "tests/test_extrapolate.py). Models it was not verified for run at full depth and the report says why; "
+        "false: always the full depth",
+    )
     device: str = Field("cpu", description="cpu or cuda:N")
     capacity_bytes: int | None = Field(
         None, ge=1, strict=True,

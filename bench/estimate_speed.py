@@ -1,0 +1,52 @@
+"""How much faster an extrapolated estimate is (issue 22 §1), timed side by side, median of 3 runs.
+
+The row: llama-3.3-70b (80 layers) estimated from two cuts (2 and 3 layers, traced and extrapolated moment
+by moment) against the same architecture cut to 2 layers and estimated as is (goal: at most 3x; the
+cuts alone are 2.5x), each one trial at one micro-batch (the unit a search repeats), model building
+included. Run: PYTHONPATH=. python bench/estimate_speed.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from probe.job import make_trial
+from probe.presets import PRESETS
+from probe.spec import ProbeSpec
+
+RUNS = 3
+SETTINGS = dict(seq_len=2048, precision="bf16-mixed", finetuning="lora", mode="estimate", capacity_bytes="1EiB")
+
+
+def preset_config(name: str, **changes: int) -> dict:
+    model_type, fields = PRESETS[name]
+    return {"model_type": model_type, **fields, **changes}
+
+
+def timed_s(spec: ProbeSpec, micro_batch: int = 1) -> float:
+    """Seconds for what a one-trial estimate costs: building the trial (model, cuts) and running it."""
+    times_s = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        _, _, trial = make_trial(spec)
+        assert trial(micro_batch).fits
+        times_s.append(time.perf_counter() - started)
+    return statistics.median(times_s)
+
+
+def main() -> None:
+    big = "llama-3.3-70b"
+    rows = [
+        (f"{big} extrapolated", ProbeSpec(model=f"preset:{big}", extrapolate=True, **SETTINGS),
+         f"{big} cut to 2 layers", ProbeSpec(model=preset_config(big, num_hidden_layers=2), extrapolate=False,
+                                             **SETTINGS)),
+    ]
+    print(f"{'estimate':<34} {'s':>7}   {'against':<34} {'s':>7}  ratio")
+    for name, spec, other_name, other in rows:
+        a_s, b_s = timed_s(spec), timed_s(other)
+        print(f"{name:<34} {a_s:7.2f}   {other_name:<34} {b_s:7.2f}  {a_s / b_s:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Estimate a deep decoder from two shallow cuts of it, moment by moment: seconds where the full depth takes minutes.
+
+A decoder repeats one block, or a short pattern of blocks (Gemma's sliding and global layers, an
+MoE's dense and sparse ones). At every moment of the training step it holds what the embeddings,
+head and loss hold, plus the same bytes for every repetition of the pattern (a *period*): weights,
+gradients and optimizer state per period, and the activations saved by the periods already run.
+So each moment's live bytes are a line in the number of periods, each with its own slope.
+
+A phase's peak is the largest of its moments, a maximum of lines: extrapolating the peaks of two
+cuts is not exact, since a moment that is not the peak of the shallow cuts can overtake at full
+depth (up to 6 % low at micro-batch 1). So the cuts' whole traces are extrapolated instead. The
+cuts hold the dense prefix, the period two and three times, and the `rest` layers the full stack
+ends on (so the first and last periods are distinct). Each cut's trial records every moment
+(probe/meter.py `LiveBytesMode.trace`) and where the forward leaves the first period and enters the
+last, and where the backward leaves the last and enters the first (tensor hooks on those layers'
+outputs). Cut at those marks, the two traces are the same moments except for the deep cut's one
+inserted middle period, whose forward and backward moments are dropped: at full depth each middle
+period's moment is a line in its index, so never above the same moment in the first or last period.
+Every other moment is paired index to index and extrapolated to s + R·(d − s), R the periods the
+full stack has more than the shallow cut; a phase's peak is the largest extrapolated moment. The
+optimizer step runs one kernel per parameter list (fused, foreach), so its moments pair up too,
+once the state it creates per parameter (an allocation-only climb) is read at its top.
+
+Anything that does not pair up (lengths, phases, missing marks: per-parameter optimizers such as
+single-tensor AdamW, 8-bit bitsandbytes or Adafactor) falls back to the full depth, and the report
+says why. Families whose extrapolated estimate was compared with the full depth to the byte
+(tests/test_extrapolate.py) are extrapolated; any other model runs at full depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Hashable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
+from probe.trial import TrialError, TrialResult
+
+# compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "qwen2_moe"})
+_PLAIN = (bool, int, float, str, type(None))
+# attributes that differ between layers without changing what they allocate
+_POSITION_ATTRIBUTES = frozenset({"layer_idx", "layer_id"})
+# the marks of one micro-step, in the order they occur: forward leaves the first period, enters the last;
+# backward leaves the last period, enters the first
+MARKS = ("first_forward", "last_forward", "last_backward", "first_backward")
+
+Trial = Callable[[int], TrialResult]
+Moment = tuple[str, int]  # (phase, live bytes)
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """The full stack is `prefix` layers, whole `period`-layer repetitions, then `rest` layers of one more."""
+
+    full_layers: int
+    prefix: int
+    period: int
+    rest: int
+
+    @property
+    def depths(self) -> tuple[int, int]:
+        shallow = self.prefix + 2 * self.period + self.rest
+        return shallow, shallow + self.period
+
+    @property
+    def repeats(self) -> int:
+        """How many periods the full stack has more than the shallow cut."""
+        return (self.full_layers - self.depths[0]) // self.period
+
+    def marked_layers(self, depth: int) -> tuple[int, int]:
+        """(last layer of the first period, layer just before the last period) in a cut of `depth` layers."""
+        return self.prefix + self.period - 1, depth - self.rest - self.period - 1
+
+
+def find_pattern(signatures: Sequence[Hashable]) -> tuple[int, int] | None:
+    """(prefix, period) whose cuts are shallowest: `signatures[prefix:]` repeats every `period` layers.
+
+    None when no pattern leaves the deeper cut (prefix + 3 periods + rest) shallower than the stack.
+    """
+    ids: dict[Hashable, int] = {}
+    layers = [ids.setdefault(s, len(ids)) for s in signatures]
+    n = len(layers)
+    best: tuple[int, int] | None = None
+    best_depth = n
+    for prefix in range(n):
+        if prefix + 3 >= best_depth:
+            break
+        tail = layers[prefix:]
+        for period in range(1, len(tail) // 4 + 1):
+            if prefix + 3 * period >= best_depth:
+                break
+            if all(tail[i] == tail[i + period] for i in range(len(tail) - period)):
+                depth = prefix + 3 * period + len(tail) % period
+                if depth < best_depth:
+                    best, best_depth = (prefix, period), depth
+                break
+    return best
+
+
+@dataclass
+class Trace:
+    """One cut's trial: its moments, and the trace index at each mark, one per micro-step."""
+
+    moments: list[Moment]
+    marks: dict[str, list[int]] = field(default_factory=lambda: {mark: [] for mark in MARKS})
+
+
+def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
+    """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut)."""
+    counts = {len(indices) for indices in trace.marks.values()}
+    if len(counts) != 1 or not counts.pop():
+        return f"the marks on the period's layers fired {dict((k, len(v)) for k, v in trace.marks.items())} times"
+    steps = list(zip(*(trace.marks[mark] for mark in MARKS), strict=False))
+    bounds = [index for step in steps for index in step]
+    if bounds != sorted(bounds):
+        return "the marks on the period's layers fired out of order"
+    if shallow and any(first_fwd != last_fwd or last_bwd != first_bwd
+                       for first_fwd, last_fwd, last_bwd, first_bwd in steps):
+        return "the shallow cut ran layers between its first and last period"
+    segments, start = [], 0
+    for first_fwd, last_fwd, last_bwd, first_bwd in steps:
+        segments += [trace.moments[start:first_fwd], trace.moments[last_fwd:last_bwd]]
+        start = first_bwd
+    return segments + [trace.moments[start:]]
+
+
+def _optimizer_climbs_read_at_the_top(moments: list[Moment]) -> list[Moment]:
+    """Optimizer moments that only allocate (state created parameter by parameter) kept at their top."""
+    return [moment for moment, after in zip(moments, moments[1:] + [("", -1)], strict=False)
+            if not (moment[0] == after[0] == "optimizer" and after[1] >= moment[1])]
+
+
+def extrapolate_trace(shallow: Trace, deep: Trace, repeats: int) -> dict[str, int] | str:
+    """Each phase's peak at full depth, moment by moment; or why the two traces do not pair up."""
+    kept = _kept_segments(shallow, True), _kept_segments(deep, False)
+    for name, segments in zip(("shallow", "deep"), kept, strict=False):
+        if isinstance(segments, str):
+            return f"{name} cut: {segments}"
+    peaks: dict[str, int] = {}
+    for s_segment, d_segment in zip(*kept, strict=False):
+        s_moments, d_moments = (_optimizer_climbs_read_at_the_top(m) for m in (s_segment, d_segment))
+        if len(s_moments) != len(d_moments):
+            phases = sorted({p for p, _ in s_segment} | {p for p, _ in d_segment})
+            return (f"the cuts ran {len(s_moments)} and {len(d_moments)} allocating ops in the same stretch of the step "
+                    f"(phases {', '.join(phases)}): the optimizer works parameter by parameter, or a layer's ops "
+                    "depend on the depth")
+        for (s_phase, s_bytes), (d_phase, d_bytes) in zip(s_moments, d_moments, strict=False):
+            if s_phase != d_phase:
+                return f"the cuts' moments do not pair up (phase {s_phase} against {d_phase})"
+            peaks[s_phase] = max(peaks.get(s_phase, 0), s_bytes + repeats * (d_bytes - s_bytes))
+    return peaks
+
+
+def _module_signature(module: nn.Module) -> tuple:
+    plain = tuple(sorted((k, v) for k, v in vars(module).items()
+                         if not k.startswith("_") and k not in _POSITION_ATTRIBUTES and isinstance(v, _PLAIN)))
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.requires_grad)
+                    for store in (module._parameters, module._buffers) for name, t in store.items() if t is not None)
+    return type(module).__qualname__, plain, tensors
+
+
+def _signature(module: nn.Module, skip: str | None = None) -> tuple:
+    """Everything about `module` that decides what it allocates, leaving out the subtree named `skip`."""
+    return tuple((name, _module_signature(m)) for name, m in module.named_modules()
+                 if skip is None or not (name == skip or name.startswith(skip + ".")))
+
+
+def _layer_stack(module: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList] | None:
+    """The outermost list of `n_layers` modules: the decoder's repeated blocks."""
+    return next(((name, m) for name, m in module.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+
+
+def _layer_count_key(config: Any) -> str:
+    return type(config).attribute_map.get("num_hidden_layers", "num_hidden_layers")
+
+
+def _cut_spec(spec: ProbeSpec, model_type: str, fields: dict[str, Any], config: Any, depth: int) -> ProbeSpec:
+    """The spec with the stack cut to its first `depth` layers, uncapped (the full depth is compared later)."""
+    fields = {k: v for k, v in fields.items() if k not in ("num_hidden_layers", _layer_count_key(config))}
+    fields[_layer_count_key(config)] = depth
+    if isinstance(getattr(config, "layer_types", None), list):
+        fields["layer_types"] = list(config.layer_types[:depth])
+    return spec.model_copy(update={"model": {"model_type": model_type, **fields}, "capacity_bytes": MAX_CAPACITY_BYTES,
+                                   "gpu": spec.gpu, "extrapolate": False})
+
+
+def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
+              ) -> tuple[Cuts, list[ProbeSpec]] | str:
+    """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
+    from probe.models import _hf_config, _reference_fields, build_model
+    from probe.optimizers import KINDS
+
+    if not spec.extrapolate:
+        return "extrapolate is off (--no-extrapolate)"
+    if spec.sharding != "none":
+        return "sharding=fsdp: extrapolation was compared with the full depth on one device only"
+    if spec.quantization != "none":
+        return f"quantization {spec.quantization}: extrapolation was not compared with the full depth for it"
+    if KINDS[spec.optimizer].paged:
+        return f"optimizer {spec.optimizer}: its paged state is outside the byte count the cuts are traced by"
+    if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
+        return "only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut"
+    model_type, fields = _reference_fields(spec.model)
+    if model_type not in VERIFIED_MODEL_TYPES:
+        return (f"model_type {model_type}: its extrapolated estimate was not compared with the full depth "
+                f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
+    config = _hf_config(model_type, dict(fields))
+    n_layers = getattr(config, "num_hidden_layers", None)
+    found = _layer_stack(full, n_layers) if isinstance(n_layers, int) else None
+    if found is None:
+        return f"no stack of num_hidden_layers={n_layers} layers found in the model"
+    stack_name, stack = found
+    layers = [_signature(layer) for layer in stack]
+    pattern = find_pattern(layers)
+    if pattern is None:
+        return (f"{n_layers} layers: no repeating pattern of layers leaves two cuts (its period twice and three "
+                "times) shallower than the model, so they would cost as much as the full depth")
+    prefix, period = pattern
+    cuts = Cuts(n_layers, prefix, period, (n_layers - prefix) % period)
+    specs = [_cut_spec(spec, model_type, fields, config, depth) for depth in cuts.depths]
+    around = _signature(full, skip=stack_name)
+    for depth, cut_spec in zip(cuts.depths, specs, strict=False):
+        cut = build_model(cut_spec, "meta", allowed_factories).module
+        cut_stack = _layer_stack(cut, depth)
+        if (cut_stack is None or [_signature(layer) for layer in cut_stack[1]] != layers[:depth]
+                or _signature(cut, skip=cut_stack[0]) != around):
+            return f"the model cut to {depth} layers is not the full model's first {depth} layers"
+    return cuts, specs
+
+
+class TracedCut:
+    """THE estimate trial on one cut, recording its moments and the marks on its first and last period."""
+
+    def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
+                 attention: Any = None) -> None:
+        from probe.build import prepare
+        from probe.trial import TrialRunner
+
+        self.meter, model = prepare(spec, allowed_factories)
+        # the cut runs uncapped, so its spec names no card: it counts attention as the full spec's card runs it
+        self.meter.attention = attention
+        self.runner = TrialRunner(spec, self.meter, model)
+        self.trace = Trace([])
+        stack = _layer_stack(model.module, depth)
+        if stack is None:
+            raise TrialError(f"the cut model has no stack of {depth} layers")
+        first, last = cuts.marked_layers(depth)
+        stack[1][first].register_forward_hook(partial(self._forward_ended, "first"))
+        stack[1][last].register_forward_hook(partial(self._forward_ended, "last"))
+
+    def _forward_ended(self, period: str, _module: nn.Module, _args: Any, output: Any) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return  # gradient checkpointing recomputing the layer inside the backward: not a forward
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        self.trace.marks[f"{period}_forward"].append(len(self.trace.moments))
+        if hidden.requires_grad:
+            # the gradient w.r.t. the layer's output is ready: the backward is about to enter the layer
+            hidden.register_hook(lambda _grad: self.trace.marks[f"{period}_backward"].append(len(self.trace.moments)))
+
+    def __call__(self, micro_batch: int) -> tuple[TrialResult, Trace]:
+        self.trace = Trace(self.meter.record_trace(True))
+        try:
+            with self.meter.tracking():
+                result = self.runner(micro_batch)
+        finally:
+            self.meter.record_trace(False)
+        if not result.fits:
+            raise TrialError(f"the cut model did not run at micro-batch {micro_batch}: {result.error}")
+        return result, self.trace
+
+
+class ExtrapolatedTrial:
+    """`trial(b)`: both cuts traced, each moment extrapolated to full depth and capped; else the full depth.
+
+    When the traces do not pair up, this trial and every later one run the full depth, and `facts`
+    (the report's model section) says why.
+    """
+
+    def __init__(self, spec: ProbeSpec, cuts: Cuts, shallow: TracedCut, deep: TracedCut, facts: dict[str, Any],
+                 allowed_factories: Collection[str]) -> None:
+        self.spec, self.cuts, self.facts = spec, cuts, facts
+        self.cut_trials: tuple[TracedCut, TracedCut] | None = (shallow, deep)
+        self.allowed_factories = allowed_factories
+        self.full: Trial | None = None
+
+    def __call__(self, micro_batch: int) -> TrialResult:
+        if self.cut_trials is None:
+            return self._full_depth(micro_batch)
+        (shallow, s_trace), (_, d_trace) = (cut(micro_batch) for cut in self.cut_trials)
+        phases = extrapolate_trace(s_trace, d_trace, self.cuts.repeats)
+        if isinstance(phases, dict) and _trace_peaks(s_trace) != shallow.phase_peak_bytes:
+            phases = "the shallow cut's trace disagrees with its meter's phase peaks"
+        if isinstance(phases, str):
+            self.cut_trials = None
+            self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=phases)
+            return self._full_depth(micro_batch)
+        peak_bytes = max(phases.values())
+        capacity_bytes = self.spec.capacity_bytes
+        if peak_bytes > capacity_bytes:
+            return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
+                               f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
+        return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
+
+    def _full_depth(self, micro_batch: int) -> TrialResult:
+        if self.full is None:
+            from probe.build import make_trial
+
+            _, _, self.full = make_trial(self.spec.model_copy(update={"extrapolate": False}), self.allowed_factories)
+        return self.full(micro_batch)
+
+
+def _trace_peaks(trace: Trace) -> dict[str, int]:
+    peaks: dict[str, int] = {}
+    for phase, live_bytes in trace.moments:
+        peaks[phase] = max(peaks.get(phase, 0), live_bytes)
+    return peaks
+
+
+def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None]
+                       ) -> tuple[Any, dict[str, Any], Trial] | str:
+    """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run."""
+    from probe.estimate import EstimateMeter
+    from probe.build import attention_facts, model_facts
+    from probe.models import build_model
+
+    if spec.mode != "estimate":
+        raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
+    full = build_model(spec, "meta", allowed_factories, spec.capacity_bytes)  # refuses weights past the capacity
+    planned = plan_cuts(spec, full.module, allowed_factories)
+    if isinstance(planned, str):
+        return planned
+    cuts, specs = planned
+    facts = {**model_facts(full), "attention": attention_facts(full, spec),
+             "extrapolated_from_layers": list(cuts.depths), "not_extrapolated_because": None}
+    del full
+    meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
+    traced = []
+    for done, (depth, cut_spec) in enumerate(zip(cuts.depths, specs, strict=True), start=1):
+        emit({"type": "phase", "phase": "building_cut", "done": done, "total": len(specs),
+              "option": f"{depth} of {cuts.full_layers} layers"})
+        traced.append(TracedCut(cut_spec, cuts, depth, allowed_factories, meter.attention))
+    return meter, facts, ExtrapolatedTrial(spec, cuts, traced[0], traced[1], facts, allowed_factories)
