@@ -26,7 +26,7 @@ Trial = Callable[[int], TrialResult]
 
 def model_facts(model: LoadedModel) -> dict[str, Any]:
     params = list(model.module.parameters())
-    facts = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+    facts: dict[str, Any] = {"parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
              "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
              "weight_bytes": parameter_bytes(model.module), "vocab_size": model.vocab_size}
     peft_config = getattr(model.module, "peft_config", None)
@@ -51,6 +51,7 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
             ) -> tuple[Meter, LoadedModel]:
     """The meter for the spec's device and the model built under it (so its weights are counted)."""
     if spec.mode == "estimate":
+        assert spec.capacity_bytes is not None, "ProbeSpec refuses estimate mode without a capacity"
         meter = meter or EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
     elif spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
