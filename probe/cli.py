@@ -26,7 +26,7 @@ from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
-from probe.spec import ESTIMATED, Optimizer, ProbeSpec, Quantization, SpecError, format_bytes
+from probe.spec import ESTIMATED, Collation, DataLengths, Optimizer, ProbeSpec, Quantization, SpecError, format_bytes
 from probe.versions import fitprobe_version
 
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -92,8 +92,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-targets", help="comma-separated module names to adapt, with --lora "
                         "(default: the model's attention projections)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--collation", default="padded", choices=["padded", "packed"],
-                        help="padded: batches hold padding (an attention mask); packed: no padding, no mask")
+    parser.add_argument("--collation", default="padded", choices=get_args(Collation),
+                        help="padded: batches hold padding (an attention mask); packed: rows of --seq-len tokens, no "
+                        "padding, no mask; flattened: padding-free, a micro-batch's rows concatenated with position "
+                        "ids (HF DataCollatorWithFlattening, TRL padding_free; Hugging Face models)")
+    parser.add_argument("--data", metavar="PATH",
+                        help="your tokenized dataset (.jsonl or .parquet with input_ids, a datasets save_to_disk "
+                        "folder, or a .txt/.lengths file of one length per line), read streaming: trials use the "
+                        "worst batch your collation builds from its rows, and the report the padding each wastes")
     parser.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when CUDA is available, else cpu)")
     parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB (CPU default 1GiB; "
                         "on CUDA a cap below the card)")
@@ -120,6 +126,9 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-micro-batch", type=positive_int, help="never try a micro-batch above this")
     parser.add_argument("--effective-batch", type=positive_int, help="target examples per optimizer step: plan and "
                         "verify the split")
+    parser.add_argument("--effective-batch-tokens", type=positive_int,
+                        help="target tokens per optimizer step (packed or flattened collation, a multiple of "
+                        "--seq-len): plan rows of --seq-len per micro-batch × accumulation × devices, exactly")
 
 
 def default_device() -> str:
@@ -139,15 +148,34 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     search = {}
     if hasattr(args, "effective_batch"):
         search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
-                      max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch)
+                      max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch,
+                      effective_batch_tokens=args.effective_batch_tokens)
     return ProbeSpec(
         model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=args.capacity,
         gpu=args.gpu,
         mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
         finetuning="lora" if args.lora else "full", lora=lora, quantization=args.quantization,
         collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices,
-        sharding=args.sharding, extrapolate=args.extrapolate, **search,
+        sharding=args.sharding, extrapolate=args.extrapolate, data=data_from_args(args), **search,
     )
+
+
+def data_from_args(args: argparse.Namespace) -> DataLengths | None:
+    """`--data PATH` read here, on the user's machine, streaming: the spec carries only rows per length."""
+    if not getattr(args, "data", None):
+        return None
+    from probe.data import data_lengths, read_profile
+
+    progress = Progress(args.quiet)
+
+    def reading(rows: int, done_bytes: int, total_bytes: int) -> None:
+        share = f" ({done_bytes / total_bytes:.0%})" if total_bytes else ""
+        progress.say(f"reading {args.data}: {rows} rows{share}")
+
+    profile = read_profile(args.data, reading)
+    progress.say(f"{args.data}: {profile.rows} rows, longest {profile.max_tokens} tokens, median "
+                 f"{profile.quantile(0.5)}")
+    return data_lengths(profile, os.path.basename(os.path.normpath(args.data)))
 
 
 def checked_processes(spec: ProbeSpec, verify: bool) -> ProbeSpec:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from probe.spec import SpecError
+from probe.spec import DataLengths, ProbeSpec, SpecError
 
 Collation = Literal["padded", "packed", "flattened"]
 COLLATIONS: tuple[Collation, ...] = ("padded", "packed", "flattened")
@@ -109,6 +109,34 @@ def read_profile(path: str | os.PathLike[str], progress: ProgressFn | None = Non
         histogram, rows = counts, rows + lengths.size
     if rows == 0:
         raise SpecError(f"{path}: the dataset has no rows")
+    return _profile(histogram)
+
+
+def data_lengths(profile: LengthProfile, source: str | None = None) -> DataLengths:
+    """The profile as the spec carries it: rows per length, the bins that hold rows only."""
+    lengths = np.flatnonzero(profile.histogram)
+    return DataLengths(rows_by_length={int(n): int(profile.histogram[n]) for n in lengths},
+                       source=source[-256:] if source else None)
+
+
+def longest_rows(data: DataLengths, count: int, seq_len: int) -> tuple[int, ...]:
+    """The `count` longest rows of the data, longest first, each cut at seq_len (walks length bins, not rows)."""
+    if count > data.rows:
+        raise SpecError(f"micro-batch {count} is larger than the dataset ({data.rows} rows): "
+                        "a batch never holds more rows than the data has")
+    taken: list[int] = []
+    for length in sorted(data.rows_by_length, reverse=True):
+        taken += [min(length, seq_len)] * min(data.rows_by_length[length], count - len(taken))
+        if len(taken) == count:
+            break
+    return tuple(taken)
+
+
+def profile_of(data: DataLengths) -> LengthProfile:
+    """The spec's rows per length back as a LengthProfile (quantiles, worst batches, padding)."""
+    histogram = np.zeros(max(data.rows_by_length) + 1, dtype=np.int64)
+    for length, rows in data.rows_by_length.items():
+        histogram[length] = rows
     return _profile(histogram)
 
 
@@ -288,3 +316,40 @@ def _arrow_dir_lengths(path: Path, progress: ProgressFn | None) -> Iterator[np.n
             raise SpecError(f"{path / name}: not a readable arrow stream after row {rows} ({exc})") from None
         done_bytes += size
     tracker(rows, done_bytes, final=True)
+
+
+def micro_batch_tokens(spec: ProbeSpec, micro_batch: int) -> int | None:
+    """Tokens one micro-batch of `micro_batch` rows holds with packed or flattened collation (no padding);
+    None for padded batches, whose tokens depend on which rows meet."""
+    if micro_batch < 1 or spec.collation == "padded":
+        return None
+    if spec.collation == "flattened" and spec.data is not None:
+        return sum(longest_rows(spec.data, min(micro_batch, spec.data.rows), spec.seq_len))
+    return micro_batch * spec.seq_len
+
+
+def data_facts(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | None) -> dict[str, Any] | None:
+    """The report's view of the user's data: its lengths, the worst batch at the max micro-batch (the shape the
+    trials ran), and the padding each collation wastes at the planned micro-batch."""
+    if spec.data is None:
+        return None
+    profile = profile_of(spec.data)
+    planned = safe_micro_batch or max_micro_batch
+    worst = None
+    if max_micro_batch >= 1:
+        batch = worst_batch(profile, spec.collation, min(max_micro_batch, profile.rows)
+                            if spec.collation != "packed" else max_micro_batch, spec.seq_len)
+        worst = {"micro_batch": max_micro_batch, "shape": list(batch.shape),
+                 "longest_row": max(batch.sequence_lengths), "tokens": sum(batch.sequence_lengths)}
+    padding = None
+    if planned >= 1:
+        padding = {c: round(expected_padding_fraction(profile, c, min(planned, profile.rows), spec.seq_len), 4)
+                   for c in COLLATIONS}
+    over = int(profile.histogram[spec.seq_len + 1:].sum())
+    return {"source": spec.data.source, "rows": profile.rows, "total_tokens": profile.total_tokens,
+            "min_tokens": profile.min_tokens, "max_tokens": profile.max_tokens,
+            "mean_tokens": round(profile.mean_tokens, 2),
+            "quantiles": {f"p{round(q * 1000) / 10:g}": n for q, n in profile.quantiles},
+            "rows_longer_than_seq_len": over, "worst_batch": worst,
+            "padding_fraction_at_micro_batch": planned if planned >= 1 else None,
+            "padding_fraction": padding}

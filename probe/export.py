@@ -53,6 +53,8 @@ class Run:
     lora: dict[str, Any] | None
     optimizer: str = "adamw_torch_fused"
     quantization: str = "none"
+    collation: str = "padded"
+    seq_len: int | None = None
 
     @property
     def effective_batch(self) -> int:
@@ -136,6 +138,17 @@ def _launch_note(run: Run, command: str) -> list[str]:
             "effective batch"] if run.num_devices > 1 else []
 
 
+def _collation_note(run: Run, loader: str) -> list[str]:
+    """Frameworks without a packing switch: say what the data loader must build."""
+    if run.collation == "packed":
+        return [f"packed collation: {loader} must yield rows of exactly {run.seq_len} tokens (sequences packed, "
+                "no padding, no attention mask), as fitprobe measured"]
+    if run.collation == "flattened":
+        return [f"flattened collation: {loader} must concatenate each micro-batch's rows into one with position ids "
+                "restarting per row (transformers' DataCollatorWithFlattening), as fitprobe measured"]
+    return []
+
+
 def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
     config: dict[str, Any] = {"per_device_train_batch_size": run.micro_batch,
                               "gradient_accumulation_steps": run.accumulation_steps,
@@ -143,6 +156,14 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "optim": run.optimizer}
     notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
              + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}"))
+    if run.collation == "packed":  # TRL's SFTConfig: rows of max_length tokens
+        config.update(packing=True, max_length=run.seq_len)
+        notes.append("packing and max_length are TRL SFTConfig fields; with a plain Trainer pack the dataset into "
+                     f"rows of {run.seq_len} tokens yourself")
+    elif run.collation == "flattened":  # TRL's SFTConfig: padding-free batches (DataCollatorWithFlattening)
+        config.update(padding_free=True, max_length=run.seq_len)
+        notes.append("padding_free is a TRL SFTConfig field; with a plain Trainer pass "
+                     "data_collator=DataCollatorWithFlattening()")
     if run.gradient_checkpointing:
         # transformers 5's name: its old one, gradient_checkpointing, warns (FutureWarning) until v6 removes it
         config["activation_checkpointing"] = True
@@ -212,6 +233,9 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
     if run.precision == "bf16":
         config["bfloat16"] = True  # axolotl's "no AMP": weights in bf16
     notes = _launch_note(run, f"accelerate launch --num_processes {run.num_devices} -m axolotl.cli.train")
+    if run.collation in ("packed", "flattened"):
+        # axolotl's multipack: rows of sequence_len, several sequences each, position ids restarting
+        config.update(sample_packing=True, sequence_len=run.seq_len, pad_to_sequence_len=run.collation == "packed")
     if run.lora:
         config.update(adapter="qlora" if run.quantization != "none" else "lora", lora_r=run.lora["rank"],
                       lora_alpha=run.lora["alpha"])
@@ -252,6 +276,12 @@ def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
               "dtype": "fp32" if run.precision == "fp32" else "bf16",
               "optimizer": _TORCHTUNE_OPTIMIZER.get(run.optimizer)}
     notes = _launch_note(run, f"tune run --nproc_per_node {run.num_devices} <a distributed recipe>")
+    if run.collation == "packed":
+        config["dataset"] = {"packed": True}
+        config["tokenizer"] = {"max_seq_len": run.seq_len}
+    elif run.collation == "flattened":
+        notes.append("torchtune has no flattening collator: its packed datasets (dataset.packed: True, "
+                     f"tokenizer.max_seq_len: {run.seq_len}) are the nearest, rows of max_seq_len tokens")
     if run.precision == "bf16-mixed":
         notes.append("torchtune has no mixed precision: dtype bf16 trains pure bf16, which holds less memory than "
                      "the bf16-mixed step fitprobe measured (the micro-batch fits) but is numerically different")
@@ -293,8 +323,11 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
               if spec.get("finetuning") == "lora" else None,
               optimizer=LEGACY_OPTIMIZER_NAMES.get(optimizer, optimizer),
-              quantization=spec.get("quantization") or "none")
+              quantization=spec.get("quantization") or "none", collation=spec.get("collation") or "padded",
+              seq_len=spec.get("seq_len"))
     config, notes = EXPORTERS[fmt](run)
+    if fmt in ("accelerate", "deepspeed", "lightning"):
+        notes = notes + _collation_note(run, "your data loader")
     asked = plan["effective_batch"]
     provenance: dict[str, Any] = {
         "effective_batch": run.effective_batch,
@@ -304,6 +337,10 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
         "deviation_percent": round(100.0 * (run.effective_batch - asked) / asked, 2),
         "precision": run.precision,
     }
+    if spec.get("effective_batch_tokens") and run.seq_len:  # a token budget, planned in rows of seq_len
+        provenance["effective_batch_tokens"] = run.effective_batch * run.seq_len
+        provenance["effective_batch_tokens_asked"] = spec["effective_batch_tokens"]
+        provenance["tokens_per_micro_batch"] = run.micro_batch * run.seq_len
     known = {"max_micro_batch": max_micro_batch, "safe_micro_batch": safe_micro_batch, "verified": verified}
     provenance.update({key: value for key, value in known.items() if value is not None})
     if why_different:

@@ -63,7 +63,8 @@ MODULE_NAMES: dict[str, frozenset[str]] = {
                           "wpe", "wte"}),
 }
 
-LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (module, input_ids, attention_mask, position_ids) -> logits
+LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -76,15 +77,21 @@ class LoadedModel:
     logits: LogitsFn
 
 
-def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    if position_ids is not None:  # ProbeSpec refuses flattened collation for these models before any trial
+        raise SpecError("this model takes no position ids: use collation padded or packed")
     out = module(input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     # called exactly as a training loop calls the model: `use_cache` is left to the config, because
     # the cache changes what autograd keeps (Phi-3 copies values out of its fused qkv output into
     # the cache, which frees the fused buffer; use_cache=False keeps it alive through backward)
+    if position_ids is not None:  # flattened rows: as DataCollatorWithFlattening's batches reach the model
+        return module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     return module(input_ids=input_ids, attention_mask=attention_mask).logits
 
 

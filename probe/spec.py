@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # one definition for the library, the service and the torch-free client; modules import it from here
 from fitprobe_client.units import format_bytes
@@ -26,6 +26,9 @@ MAX_SEED = 2**63  # torch.Generator.manual_seed takes a 64-bit integer
 MAX_CAPACITY_BYTES = 2**60  # 1 EiB: far above any device, far below what overflows a float or int64
 MAX_JSON_DEPTH = 32  # an HF config nests 3 deep; deeper is an attack on the recursion limit
 MAX_JSON_ITEMS = 10_000  # values in one field (an HF config has a few hundred)
+MAX_EFFECTIVE_BATCH_TOKENS = 1 << 34  # 16 Gi tokens per optimizer step: far above any published run
+MAX_LENGTH_BINS = MAX_SEQ_LEN + 1  # distinct row lengths in a data profile (longer rows are cut to seq_len)
+MAX_DATA_ROWS = 1 << 40  # rows per length bin
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 # the names users write in their framework (HF TrainingArguments.optim); probe/optimizers.py builds each
@@ -35,7 +38,7 @@ Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "adamw
 LEGACY_OPTIMIZER_NAMES = {"adamw": "adamw_torch"}
 Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
-Collation = Literal["padded", "packed"]
+Collation = Literal["padded", "packed", "flattened"]
 Sharding = Literal["none", "fsdp"]
 # bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/quantization.py
 Quantization = Literal["none", "nf4", "fp4", "int8"]
@@ -103,6 +106,35 @@ class LoraSpec(BaseModel):
     )
 
 
+class DataLengths(BaseModel):
+    """The user's dataset as trials need it: how many rows have each token length.
+
+    `fitprobe probe --data PATH` reads the file streaming on the user's machine (probe/data.py) and
+    sends only this, so the service never opens a path a request names. Rows longer than seq_len are
+    kept at their length here (the report quotes the data as it is) and cut to seq_len in the batches.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    rows_by_length: dict[int, int] = Field(
+        ..., min_length=1, max_length=MAX_LENGTH_BINS,
+        description="token length → number of rows of that length (what `--data` reads from a tokenized dataset)",
+    )
+    source: str | None = Field(None, max_length=256, description="where the lengths came from, for the report")
+
+    @field_validator("rows_by_length")
+    @classmethod
+    def _counts_positive(cls, value: dict[int, int]) -> dict[int, int]:
+        for length, rows in value.items():
+            if not 0 <= length <= 1 << 22 or not 1 <= rows <= MAX_DATA_ROWS:
+                raise ValueError(f"each length must be 0..{1 << 22} tokens with 1..{MAX_DATA_ROWS} rows "
+                                 f"(got {rows} rows of {length} tokens)")
+        return value
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_by_length.values())
+
+
 class ProbeSpec(BaseModel):
     """One probe request. Every field that changes the memory of a training step is here."""
 
@@ -141,7 +173,14 @@ class ProbeSpec(BaseModel):
         "padded",
         description="how your data loader builds batches: padded (HF padding collators; a batch holding one "
         "padding token makes the model use an explicit attention mask, which costs more under grouped-query "
-        "attention) or packed (no padding, no attention mask)",
+        "attention), packed (rows of seq_len tokens, no padding, no attention mask) or flattened (padding-free: "
+        "a micro-batch's rows concatenated into one with position ids restarting per row, as HF's "
+        "DataCollatorWithFlattening and TRL's padding_free make; Hugging Face models only)",
+    )
+    data: DataLengths | None = Field(
+        None, description="your dataset's row lengths: trials use the worst batch your collation builds from them "
+        "(padded: the longest rows, cut at seq_len; flattened: the longest rows concatenated) instead of rows of "
+        "seq_len, and the report gives the padding each collation wastes on them",
     )
     mode: Mode = Field(
         "measure",
@@ -179,6 +218,11 @@ class ProbeSpec(BaseModel):
         None, ge=1, le=MAX_EFFECTIVE_BATCH, strict=True,
         description="target examples per optimizer step across all devices; the search stops there",
     )
+    effective_batch_tokens: int | None = Field(
+        None, ge=1, le=MAX_EFFECTIVE_BATCH_TOKENS, strict=True,
+        description="target tokens per optimizer step across all devices (packed or flattened collation): the "
+        "plan splits it into tokens per micro-batch × accumulation × devices, exactly; instead of effective_batch",
+    )
     num_devices: int = Field(1, ge=1, le=MAX_DEVICES, strict=True, description="data-parallel devices")
     sharding: Sharding = Field(
         "none",
@@ -194,8 +238,9 @@ class ProbeSpec(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _plain_json(cls, value: Any) -> Any:
-        check_plain_json(value)
+    def _plain_json(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name != "data":  # integers only, bounded by DataLengths' own bins limit
+            check_plain_json(value)
         return value
 
     @field_validator("optimizer", mode="before")
@@ -287,12 +332,47 @@ class ProbeSpec(BaseModel):
                              "sharded gradients is not: use bf16-mixed, whose memory is the same")
         return self
 
+    @model_validator(mode="after")
+    def _collation_fits_the_rest(self) -> ProbeSpec:
+        if self.collation == "flattened" and isinstance(self.model, str) and self.model.startswith(("builtin:", "factory:")):
+            raise ValueError("collation flattened passes position ids that restart per row, which only Hugging Face "
+                             "models take: use a preset:, hf: or inline config, or collation padded/packed")
+        if self.effective_batch_tokens is not None:
+            if self.effective_batch is not None:
+                raise ValueError("give effective_batch (examples) or effective_batch_tokens, not both")
+            if self.collation == "padded":
+                raise ValueError("effective_batch_tokens counts the tokens of full rows: use collation packed or "
+                                 "flattened (padded batches hold padding, so their tokens vary by batch)")
+            if self.collation == "flattened" and self.data is not None:
+                raise ValueError("with data, a flattened micro-batch holds as many tokens as its rows happen to: for an "
+                                 "exact token budget pack rows to seq_len (collation packed), or plan effective_batch")
+            tokens, row = self.effective_batch_tokens, self.seq_len
+            if tokens % row:
+                raise ValueError(f"effective_batch_tokens ({tokens}) must be a multiple of seq_len ({row}): each row "
+                                 f"holds seq_len tokens; the nearest are {tokens // row * row or row} and "
+                                 f"{(tokens // row + 1) * row}")
+            if tokens < self.num_devices * row:
+                raise ValueError(f"effective_batch_tokens ({tokens}) must be at least num_devices × seq_len "
+                                 f"({self.num_devices * row}): every device trains one row per step")
+        return self
+
+    @property
+    def effective_rows(self) -> int | None:
+        """The target per optimizer step in rows: effective_batch, or effective_batch_tokens in rows of seq_len."""
+        if self.effective_batch_tokens is not None:
+            return self.effective_batch_tokens // self.seq_len
+        return self.effective_batch
+
     @property
     def micro_batch_limit(self) -> int | None:
-        """The largest micro-batch worth trying: the user's cap, or what the target batch needs."""
+        """The largest micro-batch worth trying: the user's cap, what the target batch needs, the data's rows."""
         limits = [self.max_micro_batch] if self.max_micro_batch else []
         if self.effective_batch:
             limits.append(-(-self.effective_batch // self.num_devices))
+        if self.effective_batch_tokens:
+            limits.append(-(-self.effective_batch_tokens // (self.num_devices * self.seq_len)))
+        if self.data is not None and self.collation != "packed":  # a batch never holds more rows than the data
+            limits.append(self.data.rows)
         return min(limits) if limits else None
 
     def device_processes(self, verify: bool = True) -> int:

@@ -47,6 +47,8 @@ class MicroBatch:
     # targets per row, known when the batch is made: counting them from `labels` would force a
     # device sync every micro-step, and is impossible under fake tensors (estimate mode)
     row_targets: tuple[int, ...] | None = None
+    # flattened collation: positions restart at each row concatenated into the one sequence
+    position_ids: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -85,19 +87,50 @@ def synthetic_batch(
     return MicroBatch(input_ids.to(device), labels.to(device), mask, row_targets)
 
 
+def flattened_batch(vocab_size: int, sequence_lengths: Sequence[int], device: torch.device | str,
+                    generator: torch.Generator | None = None) -> MicroBatch:
+    """Rows concatenated into one, as HF's DataCollatorWithFlattening makes them: no padding, no mask,
+    position ids restarting at each row, and no target across a row boundary.
+
+    A single row needs no position ids (the model counts from 0 itself), and leaving them out keeps
+    the model on its plain causal path, as it would be with the collator's output.
+    """
+    total = sum(sequence_lengths)
+    input_ids = torch.randint(0, vocab_size, (1, total), generator=generator)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    start = 0
+    for length in sequence_lengths:
+        labels[0, start:start + length - 1] = input_ids[0, start + 1:start + length]
+        start += length
+    positions = torch.cat([torch.arange(length) for length in sequence_lengths])[None]
+    targets = (sum(max(length - 1, 0) for length in sequence_lengths),)
+    return MicroBatch(input_ids.to(device), labels.to(device), None, targets,
+                      positions.to(device) if len(sequence_lengths) > 1 else None)
+
+
 def worst_case_batch(vocab_size: int, batch_size: int, spec: ProbeSpec, device: torch.device | str,
                      generator: torch.Generator | None = None) -> MicroBatch:
-    """Full-length rows, taking the attention path the user's batches take.
+    """The widest batch of `batch_size` rows the user's collation builds, taking the attention path theirs take.
 
+    Without data every row is seq_len tokens; with the user's row lengths (`spec.data`) a padded or
+    flattened batch holds the longest rows of the data, cut at seq_len, since no batch holds longer.
     With padded collation one row ends in a padding token: a mask that is all ones lets
     transformers drop it (causal SDPA, key/value heads not repeated), but a single padding token
     forces the explicit 4-D mask and, under grouped-query attention, key/value heads repeated to
-    the query heads. That path costs more, and a padded batch of real data always takes it.
+    the query heads. That path costs more, and a padded batch of real data almost always takes it.
     """
-    lengths = None
-    if spec.collation == "padded" and spec.seq_len >= 2:
-        lengths = [spec.seq_len - 1] + [spec.seq_len] * (batch_size - 1)
-    return synthetic_batch(vocab_size, batch_size, spec.seq_len, device, generator, lengths, spec.collation)
+    from probe.data import longest_rows
+
+    rows = None
+    if spec.data is not None and spec.collation != "packed":
+        rows = list(longest_rows(spec.data, batch_size, spec.seq_len))
+    if spec.collation == "flattened":
+        return flattened_batch(vocab_size, rows or [spec.seq_len] * batch_size, device, generator)
+    width = rows[0] if rows else spec.seq_len
+    lengths = rows
+    if spec.collation == "padded" and width >= 2 and (rows is None or min(rows) == width):
+        lengths = [width - 1] + [width] * (batch_size - 1)
+    return synthetic_batch(vocab_size, batch_size, width, device, generator, lengths, spec.collation)
 
 
 def split(batch: MicroBatch, sizes: Sequence[int]) -> list[MicroBatch]:
@@ -162,7 +195,7 @@ def token_loss_sum(model: LoadedModel, module: torch.nn.Module, mb: MicroBatch, 
     as well would overstate the peak by one logits-sized buffer (batch × seq × vocab).
     """
     with autocast_for(spec, mb.input_ids.device.type):
-        logits = model.logits(module, mb.input_ids, mb.attention_mask)
+        logits = model.logits(module, mb.input_ids, mb.attention_mask, mb.position_ids)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mb.labels.view(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 

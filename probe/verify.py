@@ -69,7 +69,7 @@ def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:
     if r.oom is not None:
         return checks + [Check(name, False, "not run: the step ran out of memory") for name in
                          ("memory_within_headroom", "finite_loss", "loss_decreases", "gradient_equivalence",
-                          "examples_per_step")]
+                          "examples_per_step") + (("tokens_per_step",) if spec.effective_batch_tokens else ())]
     checks.append(Check(
         "memory_within_headroom", peak <= limit_bytes,
         f"peak {format_bytes(peak)} per step of {format_bytes(r.capacity_bytes)} capacity; the limit with "
@@ -92,6 +92,12 @@ def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:
         f"{r.examples_per_step} examples per optimizer step across {plan.split.num_devices} device(s); "
         f"effective batch {target}",
     ))
+    if spec.effective_batch_tokens is not None:
+        checks.append(Check(
+            "tokens_per_step", r.input_tokens_per_step == spec.effective_batch_tokens,
+            f"{r.input_tokens_per_step} tokens fed per optimizer step across {plan.split.num_devices} device(s) "
+            f"(counted from the trained batches); effective_batch_tokens {spec.effective_batch_tokens}",
+        ))
     return checks
 
 
@@ -122,6 +128,7 @@ def _report(spec: ProbeSpec, plan: Plan, steps: int, r: RankResult) -> dict[str,
         "accumulation_steps": plan.split.accumulation_steps,
         "num_devices": plan.split.num_devices,
         "examples_per_step": r.examples_per_step,
+        "input_tokens_per_step": r.input_tokens_per_step,
         "reference_split": r.reference_split,
     }
 

@@ -49,7 +49,8 @@ class RankResult:
     noise_g2: list[float] = field(default_factory=list)
     noise_s: list[float] = field(default_factory=list)
     examples_per_step: int = 0
-    tokens_per_step: int = 0
+    tokens_per_step: int = 0  # target tokens (labels not ignored)
+    input_tokens_per_step: int = 0  # every token fed, padding included: what a token budget counts
     reference_split: list[int] = field(default_factory=list)
     oom: str | None = None
 
@@ -150,6 +151,8 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
     result.reference_split = reference_sizes(sizes, fits_at_once)
     result.examples_per_step = int(_all_reduce([float(sum(sizes))], device=meter.device)[0])
     result.tokens_per_step = int(_all_reduce([float(examples.target_tokens())], device=meter.device)[0])
+    fed = sum(mb.input_ids.numel() for mb in micro_batches)  # counted from the tensors the steps train on
+    result.input_tokens_per_step = int(_all_reduce([float(fed)], device=meter.device)[0])
     optimizer = make_optimizer(spec, bare, lr=VERIFY_LR.get(spec.optimizer, VERIFY_LR_DEFAULT))
     scaler = make_scaler(spec, meter.device.type)
     recorder = _Recorder(spec, model, bare, micro_batches, plan.split.effective_batch, scaler, meter, result, on_step)

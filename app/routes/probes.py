@@ -25,6 +25,7 @@ from app.watch import compact, etag_of
 from fitprobe_client.status import TERMINAL, JobStatus
 from probe.models import check_reference
 from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
+from probe.job import plan_dict
 from probe.plan import plan_for_probe
 from probe.spec import SpecError, format_bytes
 from probe.versions import distribution_version
@@ -36,7 +37,7 @@ SSE_HEARTBEAT_S = 10.0
 SSE_POLL_S = 0.25
 STREAMS_RETRY_AFTER_S = 10
 # gpu: capacity_bytes carries the card's memory, so a card and its byte count share one cached answer
-NOT_IN_FINGERPRINT = {"effective_batch", "num_devices", "reuse", "verify_cached", "device", "gpu"}
+NOT_IN_FINGERPRINT = {"effective_batch", "effective_batch_tokens", "num_devices", "reuse", "verify_cached", "device", "gpu"}
 MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
 RequestT = TypeVar("RequestT", bound=BaseModel)  # a request with a `model` field (a probe, a what-if table)
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
@@ -119,11 +120,11 @@ def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
     """
     result = dict(result)
     search = result["search"]
-    if request.effective_batch is None:
+    if request.effective_rows is None:
         result["plan"] = result["verification"] = None
         return result
-    plan = plan_for_probe(search, request.effective_batch, request.num_devices,
-                          request.micro_steps_per_trial).to_dict()
+    plan = plan_dict(plan_for_probe(search, request.effective_rows, request.num_devices,
+                                    request.micro_steps_per_trial), request)
     if plan != result.get("plan"):
         result["verification"] = None
         if request.mode == "measure":
