@@ -353,3 +353,19 @@ def data_facts(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | No
             "rows_longer_than_seq_len": over, "worst_batch": worst,
             "padding_fraction_at_micro_batch": planned if planned >= 1 else None,
             "padding_fraction": padding}
+
+
+def padded_width_ratio(spec: ProbeSpec) -> Callable[[int], float] | None:
+    """b ↦ the expected width of a padded batch of b random rows of the data over the trials' width (its
+    longest row, cut at seq_len): the share of a worst-case micro-step's per-example work a real one does.
+    None unless the batches are padded and the data is known."""
+    if spec.data is None or spec.collation != "padded":
+        return None
+    profile = profile_of(spec.data)
+    width = min(profile.max_tokens, spec.seq_len)
+    cdf = np.cumsum(profile.histogram[:width]) / profile.rows  # F(x) for x < width
+
+    def ratio(b: int) -> float:
+        return float(np.sum(1 - cdf ** max(b, 1))) / width  # E[max of b] = Σ_x (1 - F(x)^b)
+
+    return ratio

@@ -20,7 +20,7 @@ import torch
 
 from probe import optimizers, quantization
 from probe.build import make_trial
-from probe.data import data_facts, micro_batch_tokens
+from probe.data import data_facts, micro_batch_tokens, padded_width_ratio
 from probe.estimate import EstimateMeter
 from probe.estimator import Estimator
 from probe.events import Emit, ignore
@@ -138,6 +138,12 @@ def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collectio
 def plan_dict(plan: Plan, spec: ProbeSpec) -> dict[str, Any]:
     """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len)."""
     planned = plan.to_dict()
+    if spec.data is not None and spec.collation == "padded":
+        from probe.data import expected_padding_fraction, profile_of
+
+        profile = profile_of(spec.data)
+        planned["padding_fraction"] = round(expected_padding_fraction(
+            profile, "padded", min(plan.split.micro_batch, profile.rows), spec.seq_len), 4)
     if spec.effective_batch_tokens is not None:  # planned in rows of seq_len tokens, which packing fills
         rows = plan.split.effective_batch
         planned["tokens"] = {
@@ -180,7 +186,7 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
         return report
     emit({"type": "phase", "phase": "planning"})
     search = report["search"]
-    plan = plan_for_probe(search, rows, spec.num_devices, spec.micro_steps_per_trial)
+    plan = plan_for_probe(search, rows, spec.num_devices, spec.micro_steps_per_trial, padded_width_ratio(spec))
     report["plan"] = plan_dict(plan, spec)
     emit({"type": "phase", "phase": "planned", "micro_batch": plan.split.micro_batch,
           "accumulation_steps": plan.split.accumulation_steps})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,9 @@ class MicroStepTime:
     cost per micro-step on top of a cost per example, which makes fewer, larger micro-steps faster.
     """
 
-    def __init__(self, max_micro_batch: int, measured_s: dict[int, float] | None, trusted: bool = True) -> None:
+    def __init__(self, max_micro_batch: int, measured_s: dict[int, float] | None, trusted: bool = True,
+                 width: Callable[[int], float] | None = None) -> None:
+        self._width = width
         points = sorted((b, s) for b, s in (measured_s or {}).items() if b >= 1 and s > 0) if trusted else []
         self._max_micro_batch = max_micro_batch
         self._line: tuple[float, float] | None = None
@@ -155,12 +158,15 @@ class MicroStepTime:
                            "of a micro-step at the max micro-batch, so the fewest micro-steps wins")
 
     def __call__(self, b: int) -> float:
+        """Seconds (or the assumed unit) of a micro-step of b rows; with `width`, the per-example part scaled
+        by how wide a padded batch of b of the user's rows is expected to be, next to the trials' worst batch."""
+        scale = self._width(b) if self._width else 1.0
         if self._line is None or self.measured_range is None:
-            return ASSUMED_OVERHEAD_FRACTION + (1 - ASSUMED_OVERHEAD_FRACTION) * b / self._max_micro_batch
+            return ASSUMED_OVERHEAD_FRACTION + (1 - ASSUMED_OVERHEAD_FRACTION) * b / self._max_micro_batch * scale
         fixed, per_example = self._line
         low, high = self.measured_range
         edge = min(max(b, low), high)
-        return b * (fixed / edge + per_example)
+        return b * (fixed / edge + per_example * scale)
 
     def extrapolated(self, b: int) -> bool:
         """True when b lies below every measured micro-batch: its time is a bound, not a measurement."""
@@ -254,7 +260,7 @@ def _layout(sizes: list[int]) -> str:
 
 
 def plan_for_probe(search: dict[str, Any], effective_batch: int, num_devices: int,
-                   micro_steps_per_trial: int) -> Plan:
+                   micro_steps_per_trial: int, width: Callable[[int], float] | None = None) -> Plan:
     """The plan for a probe report's search: its safe micro-batch and its measured micro-step times.
 
     A trial's step is `micro_steps_per_trial` micro-steps plus one optimizer update; dividing
@@ -264,7 +270,7 @@ def plan_for_probe(search: dict[str, Any], effective_batch: int, num_devices: in
     step_s = {t["micro_batch"]: t["step_s"] / micro_steps_per_trial
               for t in search["trials"] if t["fits"] and t["step_s"]}
     return make_plan(effective_batch, search["safe_micro_batch"] or search["max_micro_batch"], num_devices, step_s,
-                     timings_trusted=search.get("step_times_trusted", False))
+                     timings_trusted=search.get("step_times_trusted", False), width=width)
 
 
 def make_plan(
@@ -275,17 +281,22 @@ def make_plan(
     reference_lr: float | None = None,
     reference_batch: int | None = None,
     timings_trusted: bool = True,
+    width: Callable[[int], float] | None = None,
 ) -> Plan:
     """The recommended split of `effective_batch` with micro-batches ≤ `max_micro_batch`.
 
     `step_s_by_micro_batch` are measured seconds of one micro-step per micro-batch (the probe's
-    trials), ignored unless `timings_trusted`; `reference_lr` at `reference_batch` adds
+    trials), ignored unless `timings_trusted`; `width(b)`, the expected width of a padded batch of b
+    of the user's rows over the trials' width, makes padding part of the cost; `reference_lr` at `reference_batch` adds
     learning-rate guidance. The same inputs always give the same plan.
     """
     _check(effective_batch, max_micro_batch, num_devices)
     if (reference_lr is None) != (reference_batch is None):
         raise SpecError("give reference_lr and reference_batch together (the lr known to work at that batch)")
-    time = MicroStepTime(max_micro_batch, step_s_by_micro_batch, timings_trusted)
+    time = MicroStepTime(max_micro_batch, step_s_by_micro_batch, timings_trusted, width)
+    if width:
+        time.source += ("; padded batches of your data: each micro-step's per-example cost scaled by the expected "
+                        "width of a batch of that many of your rows (its padding included) over the trials' width")
     per_device = -(-effective_batch // num_devices)
     top = min(max_micro_batch, per_device)
 

@@ -185,3 +185,25 @@ def test_the_exports_carry_packing_and_padding_free_settings():
     flat = export_plan(plan, {"collation": "flattened", "seq_len": 2048}, "hf")["config"]
     assert flat["padding_free"] is True
     assert "packing" not in export_plan(plan, {"collation": "padded", "seq_len": 2048}, "hf")["config"]
+
+
+def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking():
+    from probe.data import padded_width_ratio
+    from probe.plan import ASSUMED_OVERHEAD_FRACTION, make_plan
+
+    # 950 rows of 10 tokens and 50 of 1000: a padded batch of b random rows is 1000 wide unless all b are
+    # short (probability 0.95^b), so its expected width is 10 + 990·(1 − 0.95^b) tokens, by hand
+    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=1024, data={"rows_by_length": {10: 950, 1000: 50}})
+    width = {b: (10 + 990 * (1 - 0.95**b)) / 1000 for b in (1, 2, 4, 8, 16, 32, 64)}
+    ratio = padded_width_ratio(spec)
+    assert all(ratio(b) == pytest.approx(w, rel=1e-9) for b, w in width.items())
+    # no timings on this host: a micro-step costs a fixed share plus its rows' tokens
+    fixed = ASSUMED_OVERHEAD_FRACTION
+    step = {b: 64 // b * (fixed + (1 - fixed) * b / 64 * width[b]) for b in width}
+    assert step[16] < step[32] < step[64]  # one micro-batch of 64 pads every step to 1000 tokens
+    assert step[32] <= min(step.values()) * 1.05  # within the planner's 5 % noise band, with fewer micro-steps
+    without_data = make_plan(64, 64).to_dict()
+    with_data = make_plan(64, 64, width=ratio).to_dict()
+    assert without_data["micro_batch"] == 64 and with_data["micro_batch"] == 32
+    slower = next(a for a in with_data["alternatives"] if a["micro_batch"] == 64)
+    assert slower["relative_throughput"] == pytest.approx(step[32] / step[64], abs=1e-3)

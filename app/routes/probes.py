@@ -25,6 +25,7 @@ from app.watch import compact, etag_of
 from fitprobe_client.status import TERMINAL, JobStatus
 from probe.models import check_reference
 from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
+from probe.data import padded_width_ratio
 from probe.job import plan_dict
 from probe.plan import plan_for_probe
 from probe.spec import SpecError, format_bytes
@@ -124,7 +125,7 @@ def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
         result["plan"] = result["verification"] = None
         return result
     plan = plan_dict(plan_for_probe(search, request.effective_rows, request.num_devices,
-                                    request.micro_steps_per_trial), request)
+                                    request.micro_steps_per_trial, padded_width_ratio(request)), request)
     if plan != result.get("plan"):
         result["verification"] = None
         if request.mode == "measure":

@@ -36,3 +36,17 @@ def test_a_gpu_by_name_sets_the_capacity_of_an_estimate(client):
     unknown = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
                                               "gpu": "b300"})
     assert unknown.status_code == 422 and "unknown GPU 'b300'; choose one of: t4-16gb" in unknown.text
+
+
+def test_user_data_arrives_as_row_lengths_never_as_a_path_the_server_would_open(client):
+    path = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "data": "/etc/passwd"})
+    assert path.status_code == 422 and "data" in path.text
+    negative = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32,
+                                               "data": {"rows_by_length": {"20": -1}}})
+    assert negative.status_code == 422 and "rows of 20 tokens" in negative.text
+    job = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+                                          "capacity_bytes": "1GiB", "reuse": False,
+                                          "data": {"rows_by_length": {"20": 5, "32": 1}, "source": "chat.jsonl"}})
+    assert job.status_code == 202, job.text
+    assert job.json()["spec"]["data"] == {"rows_by_length": {"20": 5, "32": 1}, "source": "chat.jsonl"}
+    client.delete(f"/v1/probes/{job.json()['id']}")
