@@ -257,7 +257,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                         "the first and the last step")
     verify = not args.no_verify
     report = run_job(checked_processes(checked_spec(args), verify), Progress(args.quiet), allowed_factories(),
-                     args.verify_steps, verify)
+                     args.verify_steps, verify, data_path=args.data)
     verification, not_fitting = report["verification"], report["does_not_fit"]
     # the probe ran, but nothing fits, or the plan it leads to failed when trained for real
     unmet = not_fitting is not None or (verification is not None and not verification["passed"])

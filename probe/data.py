@@ -369,3 +369,37 @@ def padded_width_ratio(spec: ProbeSpec) -> Callable[[int], float] | None:
         return float(np.sum(1 - cdf ** max(b, 1))) / width  # E[max of b] = Σ_x (1 - F(x)^b)
 
     return ratio
+
+
+def read_rows(path: str | os.PathLike[str], count: int) -> list[list[int]] | None:
+    """The first `count` rows' token ids (fewer if the data has fewer): the verification trains on them, so
+    the gradient noise scale is measured on the user's tokens. None for a lengths file, which has no tokens.
+
+    Reads only as far as `count` rows: one line, or one record batch, at a time.
+    """
+    path = Path(path)
+    if path.suffix in (".txt", ".lengths"):
+        return None
+    rows: list[list[int]] = []
+    if path.suffix == ".jsonl":
+        with path.open("rb") as file:
+            for number, line in enumerate(file, start=1):
+                if len(rows) == count:
+                    break
+                if line.strip():
+                    _jsonl_row(path, number, line)  # the same checks and messages as the profile's read
+                    rows.append(json.loads(line)["input_ids"])
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(path) as file:
+            for batch in file.iter_batches(batch_size=min(count, _CHUNK_ROWS), columns=["input_ids"]):
+                rows += batch.column("input_ids").to_pylist()[: count - len(rows)]
+                if len(rows) == count:
+                    break
+        return rows
+    import datasets
+
+    table = datasets.load_from_disk(str(path))  # memory-mapped: only the rows taken are read
+    return [list(ids) for ids in table.select(range(min(count, len(table))))["input_ids"]]

@@ -155,7 +155,8 @@ def plan_dict(plan: Plan, spec: ProbeSpec) -> dict[str, Any]:
 
 
 def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = (),
-            verify_steps: int = 2, verify: bool = True, search_from: dict[str, Any] | None = None) -> dict[str, Any]:
+            verify_steps: int = 2, verify: bool = True, search_from: dict[str, Any] | None = None,
+            data_path: str | None = None) -> dict[str, Any]:
     """Probe, then (with an effective batch) plan the split and verify it by training: the service's unit.
 
     The plan uses the safe micro-batch and the trials' measured step times; the verification's
@@ -164,6 +165,9 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     `search_from` (`{"probe_id", "report"}`) makes this a verification-only job: the probe with the
     same fingerprint already searched, so its report stands in for `run_probe` and only the plan for
     this effective batch is trained.
+
+    `data_path` (the command line's `--data`; never a request's) makes the verification train on the
+    file's first rows, so the gradient noise scale is measured on the user's tokens.
     """
     from probe.plan import plan_for_probe
     from probe.verify import run_verification
@@ -192,7 +196,10 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
           "accumulation_steps": plan.split.accumulation_steps})
     if verify and spec.mode == "measure":  # an estimate has no device to train on
         emit({"type": "phase", "phase": "verifying"})
+        from probe.data import read_rows
+
+        data_rows = read_rows(data_path, plan.split.effective_batch) if data_path else None
         report["verification"] = run_verification(spec, plan, verify_steps, allowed_factories,
-                                                   search["max_micro_batch"], emit)
+                                                   search["max_micro_batch"], emit, data_rows)
         emit({"type": "phase", "phase": "verified", "passed": report["verification"]["passed"]})
     return report

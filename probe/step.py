@@ -68,13 +68,14 @@ def synthetic_batch(
     generator: torch.Generator | None = None,
     lengths: Sequence[int] | None = None,
     collation: Collation = "padded",
+    ids: torch.Tensor | None = None,
 ) -> MicroBatch:
-    """Random tokens; full `seq_len` unless `lengths` shortens rows.
+    """Random tokens (or the given `ids`); full `seq_len` unless `lengths` shortens rows.
 
     Padded collation pads a short row and masks it out; packed collation has no padding, so a
     shorter "length" only ends the row's targets early (a document boundary) and no mask is made.
     """
-    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    input_ids = ids if ids is not None else torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     attention_mask = torch.ones_like(input_ids)

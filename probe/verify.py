@@ -37,27 +37,30 @@ class Check:
 
 
 def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_STEPS, allowed_factories: Collection[str] = (),
-                     fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None
-                     ) -> dict[str, Any]:
+                     fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
+                     rows: list[list[int]] | None = None) -> dict[str, Any]:
     """Train `steps` optimizer steps with the plan and report every check.
 
     `fits_at_once` is the largest micro-batch known to fit (the probe's max): the reference gradient
     uses one batch of that many examples per device at most. `emit` hears each step as it starts
-    (on one device; spawned devices report when they are done).
+    (on one device; spawned devices report when they are done). `rows`, the user's token ids, replace
+    the synthetic batches, so the gradient noise scale is their data's.
     """
     if steps < 2:
         raise SpecError(f"verify_steps must be at least 2 (got {steps}): the loss check compares the first and last step")
     fits_at_once = fits_at_once or plan.split.micro_batch
     started_s = time.perf_counter()
     if plan.split.num_devices > 1:
-        result = run_spawned(spec, plan, steps, allowed_factories, fits_at_once)
+        result = run_spawned(spec, plan, steps, allowed_factories, fits_at_once, rows)
     else:
         def on_step(step: int) -> None:
             if emit:
                 emit({"type": "verify_step", "step": step, "steps": steps})
 
-        result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once, on_step)
-    return {**_report(spec, plan, steps, result), "wall_s": round(time.perf_counter() - started_s, 3)}
+        result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once, on_step, rows)
+    batches = (f"the data's first {min(len(rows), plan.split.effective_batch)} rows" if rows else
+               "synthetic: random tokens, rows from a quarter of seq_len to all of it")
+    return {**_report(spec, plan, steps, result), "batches": batches, "wall_s": round(time.perf_counter() - started_s, 3)}
 
 
 def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:

@@ -63,6 +63,30 @@ def variable_length_batch(vocab_size: int, size: int, seq_len: int, device: torc
     return synthetic_batch(vocab_size, size, seq_len, device, generator, lengths, collation)
 
 
+def data_batch(rows: list[list[int]], vocab_size: int, seq_len: int, device: torch.device,
+               collation: Collation = "padded") -> MicroBatch:
+    """The user's own rows, as their collation batches them: padded to the longest (cut at seq_len), or their
+    tokens packed end to end into rows of seq_len. An id outside the model's vocabulary is refused by row."""
+    for number, row in enumerate(rows, start=1):
+        bad = next((token for token in row if not 0 <= token < vocab_size), None)
+        if bad is not None:
+            raise SpecError(f"data row {number} holds token id {bad}, outside the model's vocabulary (0..{vocab_size - 1}): "
+                            "was the data tokenized for this model?")
+    if collation == "packed":
+        stream = [token for row in rows for token in row]
+        needed = len(rows) * seq_len
+        stream = (stream * (needed // max(len(stream), 1) + 1))[:needed]  # short data repeats, as epochs do
+        ids = torch.tensor(stream, dtype=torch.long).view(len(rows), seq_len)
+        return synthetic_batch(vocab_size, len(rows), seq_len, device, lengths=None, collation="packed", ids=ids)
+    cut = [row[:seq_len] for row in rows]
+    width = max(max(len(row) for row in cut), 1)
+    ids = torch.zeros(len(cut), width, dtype=torch.long)
+    for i, row in enumerate(cut):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return synthetic_batch(vocab_size, len(cut), width, device, lengths=[len(row) for row in cut],
+                           collation=collation, ids=ids)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -128,7 +152,7 @@ class _Recorder(StepHooks):
 
 def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int,
              allowed_factories: Collection[str], fits_at_once: int,
-             on_step: Callable[[int], None] | None = None) -> RankResult:
+             on_step: Callable[[int], None] | None = None, rows: list[list[int]] | None = None) -> RankResult:
     """The verification on one device; with world_size > 1 the process group is already up.
 
     Running out of memory is a verdict, in `RankResult.oom`; any other error is raised.
@@ -145,8 +169,13 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
     result = RankResult(capacity_bytes=meter.capacity_bytes)
     sizes = plan.device_micro_batches(rank)
     generator = torch.Generator().manual_seed(spec.seed + 7919 * rank)
-    examples = variable_length_batch(model.vocab_size, sum(sizes), spec.seq_len, meter.device, generator,
-                                     spec.collation)
+    if rows:  # the user's rows: this device's share of the step, in order
+        start = sum(sum(plan.device_micro_batches(r)) for r in range(rank))
+        mine = [rows[(start + i) % len(rows)] for i in range(sum(sizes))]
+        examples = data_batch(mine, model.vocab_size, spec.seq_len, meter.device, spec.collation)
+    else:
+        examples = variable_length_batch(model.vocab_size, sum(sizes), spec.seq_len, meter.device, generator,
+                                         spec.collation)
     micro_batches = split(examples, sizes)
     result.reference_split = reference_sizes(sizes, fits_at_once)
     result.examples_per_step = int(_all_reduce([float(sum(sizes))], device=meter.device)[0])
@@ -167,10 +196,10 @@ def run_rank(spec: ProbeSpec, plan: Plan, steps: int, rank: int, world_size: int
 
 
 def _rank_main(rank: int, world_size: int, spec_json: dict[str, Any], plan: Plan, steps: int,
-               allowed_factories: list[str], fits_at_once: int) -> dict[str, Any]:
+               allowed_factories: list[str], fits_at_once: int, rows: list[list[int]] | None = None) -> dict[str, Any]:
     """One spawned device process, already in the group: its `RankResult`, as the rank protocol returns it."""
     spec = ProbeSpec.model_validate(spec_json)
-    result = run_rank(spec, plan, steps, rank, world_size, allowed_factories, fits_at_once)
+    result = run_rank(spec, plan, steps, rank, world_size, allowed_factories, fits_at_once, rows=rows)
     if result.oom is not None:
         # its peers may be blocked in a collective waiting for this rank: stop them all
         raise RankOutOfMemory(asdict(result))
@@ -178,7 +207,7 @@ def _rank_main(rank: int, world_size: int, spec_json: dict[str, Any], plan: Plan
 
 
 def run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Collection[str],
-                fits_at_once: int) -> RankResult:
+                fits_at_once: int, rows: list[list[int]] | None = None) -> RankResult:
     """The verification on `num_devices` spawned ranks: device 0's result, or the one that ran out of memory."""
     world_size = plan.split.num_devices
     if spec.device.startswith("cuda") and torch.cuda.device_count() < world_size:
@@ -188,7 +217,7 @@ def run_spawned(spec: ProbeSpec, plan: Plan, steps: int, allowed_factories: Coll
         )
     try:
         ranks = spawn_ranks(_rank_main, world_size, spec.device,
-                            (spec.model_dump(mode="json"), plan, steps, sorted(allowed_factories), fits_at_once))
+                            (spec.model_dump(mode="json"), plan, steps, sorted(allowed_factories), fits_at_once, rows))
     except RankFailed as exc:
         # an OOM on one device stops all of them (a verdict, returned above); anything else is an error
         raise RuntimeError(f"verification process failed: {str(exc).strip().splitlines()[-1]}") from exc

@@ -207,3 +207,20 @@ def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking()
     assert without_data["micro_batch"] == 64 and with_data["micro_batch"] == 32
     slower = next(a for a in with_data["alternatives"] if a["micro_batch"] == 64)
     assert slower["relative_throughput"] == pytest.approx(step[32] / step[64], abs=1e-3)
+
+
+def test_the_verification_trains_on_the_users_rows(dataset, tmp_path):
+    rows, paths = dataset
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
+    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "64", "--data", str(paths["parquet"]),
+                "--capacity", "300MiB", "--effective-batch", "20", "--max-micro-batch", "5", "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    verification = json.loads(done.stdout)["verification"]
+    assert verification["passed"], verification["checks"]
+    assert verification["batches"] == "the data's first 20 rows"
+    # the targets of the file's first 20 rows, cut at seq_len 64, counted by hand: the step trained on them
+    expected_targets = sum(min(len(r), 64) - 1 for r in rows[:20])
+    assert verification["tokens_per_s"] * verification["step_s"] == pytest.approx(expected_targets)
+    assert verification["micro_batch"] == 5  # two batch sizes, 5 and 20: the noise scale is measured on the rows
+    assert verification["gradient_noise_scale"] is not None or "noisy" in verification["gradient_noise_note"]
