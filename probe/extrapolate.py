@@ -32,13 +32,16 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialError, TrialResult
+
+if TYPE_CHECKING:
+    from probe.cuda_attention import CudaAttention
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing
 VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "qwen2_moe"})
@@ -137,12 +140,13 @@ def _optimizer_climbs_read_at_the_top(moments: list[Moment]) -> list[Moment]:
 
 def extrapolate_trace(shallow: Trace, deep: Trace, repeats: int) -> dict[str, int] | str:
     """Each phase's peak at full depth, moment by moment; or why the two traces do not pair up."""
-    kept = _kept_segments(shallow, True), _kept_segments(deep, False)
-    for name, segments in zip(("shallow", "deep"), kept, strict=False):
-        if isinstance(segments, str):
-            return f"{name} cut: {segments}"
+    s_kept, d_kept = _kept_segments(shallow, True), _kept_segments(deep, False)
+    if isinstance(s_kept, str):
+        return f"shallow cut: {s_kept}"
+    if isinstance(d_kept, str):
+        return f"deep cut: {d_kept}"
     peaks: dict[str, int] = {}
-    for s_segment, d_segment in zip(*kept, strict=False):
+    for s_segment, d_segment in zip(s_kept, d_kept, strict=False):
         s_moments, d_moments = (_optimizer_climbs_read_at_the_top(m) for m in (s_segment, d_segment))
         if len(s_moments) != len(d_moments):
             phases = sorted({p for p, _ in s_segment} | {p for p, _ in d_segment})
@@ -212,8 +216,7 @@ def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[st
                 f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
     config = _hf_config(model_type, dict(fields))
     n_layers = getattr(config, "num_hidden_layers", None)
-    found = _layer_stack(full, n_layers) if isinstance(n_layers, int) else None
-    if found is None:
+    if not isinstance(n_layers, int) or (found := _layer_stack(full, n_layers)) is None:
         return f"no stack of num_hidden_layers={n_layers} layers found in the model"
     stack_name, stack = found
     layers = [_signature(layer) for layer in stack]
@@ -238,11 +241,15 @@ class TracedCut:
     """THE estimate trial on one cut, recording its moments and the marks on its first and last period."""
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
-                 attention: Any = None) -> None:
+                 attention: CudaAttention | None = None) -> None:
         from probe.build import prepare
+        from probe.estimate import EstimateMeter
         from probe.trial import TrialRunner
 
-        self.meter, model = prepare(spec, allowed_factories)
+        meter, model = prepare(spec, allowed_factories)
+        if not isinstance(meter, EstimateMeter):
+            raise SpecError(f"a cut is traced under fake tensors: its spec must be in estimate mode (got {spec.mode})")
+        self.meter = meter
         # the cut runs uncapped, so its spec names no card: it counts attention as the full spec's card runs it
         self.meter.attention = attention
         self.runner = TrialRunner(spec, self.meter, model)
@@ -284,7 +291,10 @@ class ExtrapolatedTrial:
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, shallow: TracedCut, deep: TracedCut, facts: dict[str, Any],
                  allowed_factories: Collection[str]) -> None:
+        if spec.capacity_bytes is None:
+            raise SpecError("extrapolation caps the extrapolated peak at the capacity: set capacity_bytes or gpu")
         self.spec, self.cuts, self.facts = spec, cuts, facts
+        self.capacity_bytes: int = spec.capacity_bytes
         self.cut_trials: tuple[TracedCut, TracedCut] | None = (shallow, deep)
         self.allowed_factories = allowed_factories
         self.full: Trial | None = None
@@ -301,7 +311,7 @@ class ExtrapolatedTrial:
             self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=phases)
             return self._full_depth(micro_batch)
         peak_bytes = max(phases.values())
-        capacity_bytes = self.spec.capacity_bytes
+        capacity_bytes = self.capacity_bytes
         if peak_bytes > capacity_bytes:
             return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
                                f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
@@ -331,6 +341,8 @@ def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit
 
     if spec.mode != "estimate":
         raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
+    if spec.capacity_bytes is None:
+        raise SpecError("estimate mode needs a capacity: set capacity_bytes (e.g. 40GiB) or gpu (a card's name)")
     full = build_model(spec, "meta", allowed_factories, spec.capacity_bytes)  # refuses weights past the capacity
     planned = plan_cuts(spec, full.module, allowed_factories)
     if isinstance(planned, str):

@@ -35,9 +35,11 @@ def reference_sizes(plan_sizes: list[int], fits_at_once: int) -> list[int]:
 
 def joined(micro_batches: list[MicroBatch]) -> MicroBatch:
     """The micro-batches as one batch again, to be cut the reference's way."""
-    masks = [mb.attention_mask for mb in micro_batches]
+    masks = [mb.attention_mask for mb in micro_batches if mb.attention_mask is not None]
+    if masks and len(masks) != len(micro_batches):
+        raise ValueError("micro-batches to join must all carry an attention mask or none of them")
     return MicroBatch(torch.cat([mb.input_ids for mb in micro_batches]), torch.cat([mb.labels for mb in micro_batches]),
-                      None if masks[0] is None else torch.cat(masks))
+                      torch.cat(masks) if masks else None)
 
 
 def reference_gradient(model: LoadedModel, module: torch.nn.Module, batches: list[MicroBatch],

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, overload
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -317,6 +317,11 @@ class CpuMeter:
 
     def oom_facts(self, exc: BaseException) -> OomFacts:
         return self._mode.last_oom
+
+    @overload
+    def record_trace(self, on: Literal[True]) -> list[tuple[str, int]]: ...
+    @overload
+    def record_trace(self, on: Literal[False]) -> None: ...
 
     def record_trace(self, on: bool) -> list[tuple[str, int]] | None:
         """From the next trial on, keep its (phase, live bytes) moments in the list returned (None: stop)."""

@@ -83,8 +83,8 @@ def spawn_ranks(entry: RankEntry, world_size: int, device: str, args: tuple[Any,
         # the result file, written before the group broke, tells which rank stopped it
         results.stopped_by = next((rank for rank, w in enumerate(written) if w and w[0]), None)
         if results.stopped_by is None:
-            rank, code = failed
-            raise RankFailed(_failure(rank, code, Path(run_dir, f"rank{rank}.txt")))
+            failed_rank, code = failed
+            raise RankFailed(_failure(failed_rank, code, Path(run_dir, f"rank{failed_rank}.txt")))
         return results
 
 
@@ -92,9 +92,9 @@ def _wait(ranks: list[subprocess.Popen]) -> tuple[int, int] | None:
     """Block until every rank returned (None) or one exited otherwise: (rank, exit code)."""
     while True:
         codes = [rank.poll() for rank in ranks]
-        failed = next((r for r, code in enumerate(codes) if code not in (None, 0)), None)
+        failed = next(((r, code) for r, code in enumerate(codes) if code is not None and code != 0), None)
         if failed is not None:
-            return failed, codes[failed]
+            return failed
         if all(code == 0 for code in codes):
             return None
         time.sleep(POLL_S)

@@ -91,7 +91,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM, device: torch.device | None = None
+def _all_reduce(values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, device: torch.device | None = None
                 ) -> list[float]:
     if not _distributed():
         return values

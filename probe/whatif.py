@@ -23,14 +23,14 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from probe.build import Trial, make_trial, prepare
 from probe.events import Emit, ignore
 from probe.meter import Meter
 from probe.models import LoadedModel, build_model, check_seq_len
 from probe.search import find_micro_batch
-from probe.spec import ESTIMATED, MAX_SEQ_LEN, ProbeSpec, SpecError, format_bytes
+from probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialResult, TrialRunner
 
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
@@ -56,9 +56,11 @@ class Setting:
                 "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer}
 
 
-FINETUNINGS = ("full", "lora", "qlora")
+FineTuningWord = Literal["full", "lora", "qlora"]  # a row's finetuning: QLoRA is LoRA over an nf4 base
+
+FINETUNINGS: tuple[FineTuningWord, ...] = ("full", "lora", "qlora")
 CHECKPOINTING = (False, True)
-OPTIMIZERS = ("adamw_torch_fused", "adamw_bnb_8bit")
+OPTIMIZERS: tuple[Optimizer, ...] = ("adamw_torch_fused", "adamw_bnb_8bit")
 
 
 def settings_grid(finetunings: Sequence[str] = FINETUNINGS, checkpointing: Sequence[bool] = CHECKPOINTING,
@@ -136,8 +138,8 @@ class Builds:
 
     def trial_for(self, spec: ProbeSpec) -> tuple[Meter, Trial]:
         if spec.sharding == "fsdp":  # a sharded trial builds its own model in each rank
-            meter, _, trial = make_trial(spec, self.allowed_factories)
-            return meter, trial
+            meter, _, sharded_trial = make_trial(spec, self.allowed_factories)
+            return meter, sharded_trial
         key = spec.model_dump_json(exclude=set(self.BUILD_FREE))
         if key != self._key:
             self._key, self._built = None, None  # the old model goes before the new one is built
