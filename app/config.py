@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     cpu_capacity_bytes: int = Field(1 << 30, description="virtual capacity of the CPU device (bytes)")
     max_queued_jobs: int = Field(32, ge=1, description="queued jobs beyond this are refused with 429")
     job_timeout_s: float = Field(3600.0, gt=0, description="a job running longer is killed and failed")
+    scratch_dir: str | None = Field(
+        None, description="where each job process gets a temporary directory of its own (its TMPDIR: rank result "
+        "files, compiler caches), removed when the job ends however it ends; default: the system's temp directory")
     max_seq_len: int = Field(32_768, ge=1, description="largest seq_len a request may ask for")
     max_effective_batch: int = Field(65_536, ge=1, description="largest effective_batch a request may ask for")
     max_model_params: int = Field(

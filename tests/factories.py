@@ -1,5 +1,8 @@
 """A factory an operator could allow-list: any callable returning a module with `vocab_size`."""
 
+import tempfile
+import time
+
 from torch import nn
 
 
@@ -16,4 +19,11 @@ class TinyMlpLM(nn.Module):
 
 
 def tiny_mlp_lm() -> nn.Module:
+    return TinyMlpLM()
+
+
+def scratch_writing_lm() -> nn.Module:
+    """Leaves a temporary file, as compilers and rank protocols do, then works a while (so a test can cancel it)."""
+    handle, _ = tempfile.mkstemp(prefix="left-by-the-job-")
+    time.sleep(60)
     return TinyMlpLM()

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -124,12 +126,22 @@ class DeviceWorker(threading.Thread):
         return False
 
     def _run(self, job: dict[str, Any]) -> None:
+        # the job's TMPDIR, and its ranks': a cancel or a kill -9 skips every cleanup inside the job, so the
+        # worker removes what the job left when it ends, however it ends
+        scratch = tempfile.mkdtemp(prefix=f"fitprobe-job-{job['id']}-", dir=self.settings.scratch_dir)
+        try:
+            self._run_in(job, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _run_in(self, job: dict[str, Any], scratch: str) -> None:
         job_id = job["id"]
         read_fd, write_fd = os.pipe()
         try:
             process = start_guarded(run_job_process, (
                 spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories),
-                write_fd, self.settings.hub_access == "offline"), pass_fds=(write_fd,), start_new_session=True)
+                write_fd, self.settings.hub_access == "offline"), pass_fds=(write_fd,), start_new_session=True,
+                env={**os.environ, "TMPDIR": scratch})
         finally:
             os.close(write_fd)  # the job holds the only write end: its exit is the pipe's end
         running = JobProcess(job_id, process, Connection(read_fd, writable=False))
