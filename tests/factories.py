@@ -1,5 +1,6 @@
 """A factory an operator could allow-list: any callable returning a module with `vocab_size`."""
 
+import os
 import tempfile
 import time
 
@@ -25,5 +26,6 @@ def tiny_mlp_lm() -> nn.Module:
 def scratch_writing_lm() -> nn.Module:
     """Leaves a temporary file, as compilers and rank protocols do, then works a while (so a test can cancel it)."""
     handle, _ = tempfile.mkstemp(prefix="left-by-the-job-")
+    os.close(handle)
     time.sleep(60)
     return TinyMlpLM()
