@@ -25,7 +25,7 @@ from app.deps import require_token
 from app.executors import make_executor
 from app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from app.metrics import Metrics
-from app.routes import devices, exports, health, limits, models, plans, preflight, probes, whatif
+from app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
 from app.schemas import error_responses
 from app.store import SWEEP_BATCH, Store, is_disk_full
 from probe.versions import fitprobe_version
@@ -101,8 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.event_streams = probes.EventStreams(settings.max_event_streams,
-                                                   settings.max_streams_per_client)  # `serve` closes it on SIGTERM
+    app.state.event_streams = jobs.EventStreams(settings.max_event_streams,
+                                                 settings.max_streams_per_client)  # `serve` closes it on SIGTERM
     auth = [Depends(require_token)]
     auth_errors = error_responses(401)
     app.include_router(probes.router, dependencies=auth, responses=auth_errors)

@@ -23,7 +23,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
-from app.routes.probes import EventStreams, public, submit_probe
+from app.routes.jobs import EventStreams
+from app.routes.probes import public, submit_probe
 from app.schemas import PreflightRequest, PreflightVerdict, error_responses
 from fitprobe_client.status import TERMINAL
 from fitprobe_client.verdict import verdict

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import threading
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, TypeVar
 
-from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
 
 from app.config import Settings
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.executors.base import Executor
+from app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
 from app.schemas import ProbeRequest, error_responses
-from app.store import PROBE, ClientLimits, ClientQuota, Conflict, QueueFull
+from app.store import PROBE, ClientLimits, ClientQuota, QueueFull
 from app.watch import compact, etag_of
-from fitprobe_client.status import TERMINAL, JobStatus
+from fitprobe_client.status import JobStatus
 from probe.models import check_reference
 from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
 from probe.data import padded_width_ratio
@@ -34,63 +29,10 @@ from probe.versions import distribution_version
 STATUSES = tuple(JobStatus)
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
-SSE_HEARTBEAT_S = 10.0
-SSE_POLL_S = 0.25
-STREAMS_RETRY_AFTER_S = 10
 # gpu: capacity_bytes carries the card's memory, so a card and its byte count share one cached answer
 NOT_IN_FINGERPRINT = {"effective_batch", "effective_batch_tokens", "num_devices", "reuse", "verify_cached", "device", "gpu"}
-MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
 RequestT = TypeVar("RequestT", bound=BaseModel)  # a request with a `model` field (a probe, a what-if table)
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
-
-
-class EventStreams:
-    """Bounds the open event streams, in all and per client, and ends them all when the server starts to stop.
-
-    Each stream is a connection uvicorn waits for on shutdown, and each polls the store: unbounded,
-    500 of them starved the API, and without a share per client, one client's 100 unread streams
-    took every slot. Touched only from the event loop (the events and pre-flight routes are async),
-    except `close`, which uvicorn's signal handler calls: hence the Event.
-    """
-
-    def __init__(self, limit: int, per_client: int) -> None:
-        self.limit, self.per_client, self.open = limit, per_client, 0
-        self.by_client: dict[str, int] = {}
-        self.closing = threading.Event()
-
-    def enter(self, client: str) -> str | None:
-        """Take a slot for `client`; None when taken, else why not (the 429's detail)."""
-        if self.by_client.get(client, 0) >= self.per_client:
-            return (f"this client has {self.per_client} event streams and pre-flights open, its limit "
-                    f"(FITPROBE_MAX_STREAMS_PER_CLIENT={self.per_client}); close one")
-        if self.open >= self.limit:
-            return f"{self.limit} event streams and pre-flights are open (FITPROBE_MAX_EVENT_STREAMS)"
-        self.open += 1
-        self.by_client[client] = self.by_client.get(client, 0) + 1
-        return None
-
-    def leave(self, client: str) -> None:
-        self.open -= 1
-        self.by_client[client] -= 1
-        if not self.by_client[client]:
-            del self.by_client[client]
-
-    def close(self) -> None:
-        self.closing.set()
-
-
-class _CountedStream(StreamingResponse):
-    """A stream that gives its slot back however it ends: finished, disconnected or cancelled."""
-
-    def __init__(self, content: AsyncIterator[str], streams: EventStreams, client: str, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.streams, self.client = streams, client
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.streams.leave(self.client)
 
 
 def fingerprint(request: ProbeRequest, device_name: str, capacity_bytes: int | None) -> str:
@@ -276,19 +218,6 @@ def list_probes(store: StoreDep,
     return {"items": rows, "total": total, "limit": limit, "offset": offset}
 
 
-def job_or_404(store: Any, job_id: str, kind: str = PROBE) -> dict[str, Any]:
-    """The job, if it is one of `kind`: each kind's routes answer for their own jobs only."""
-    try:
-        job = store.get(job_id)
-    except KeyError:
-        job = None
-    if job is None or job["kind"] != kind:
-        what = "probe" if kind == PROBE else "what-if job"
-        raise HTTPException(404, f"no {what} with id {job_id!r}")
-    return job
-
-
-
 @router.get("/{job_id}", summary="A probe's status, phase, trials so far, plan and verification",
             responses={304: {"description": "unchanged since the ETag sent in If-None-Match"},
                        **error_responses(404, 422)})
@@ -311,71 +240,17 @@ async def get_probe(job_id: str, store: StoreDep, response: Response,
 @router.delete("/{job_id}", summary="Cancel a queued or running probe (kills its process)",
                responses=error_responses(404, 409, 422, 507))
 def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
-    job_or_404(store, job_id)
-    try:
-        job = store.cancel(job_id)
-    except Conflict as exc:
-        raise HTTPException(409, str(exc)) from exc
-    executor.kill(job_id)
-    return public(job, store)
+    return public(cancel_job(store, executor, job_id, PROBE), store)
 
 
-# response_class=Response (no media type of its own) so the errors stay documented as JSON
 @router.get("/{job_id}/events", summary="Server-Sent Events: phases and trials; resumable with Last-Event-ID",
-            response_class=Response, responses={
-                200: {"description": "one `id:`/`event:`/`data:` record per event, then `event: end`",
-                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                **error_responses(404, 422, 429)})
+            response_class=Response, responses=EVENTS_RESPONSES)
 async def probe_events(job_id: str, store: StoreDep, request: Request, client: ClientDep,
-                       last_event_id: Annotated[str | None, Header(
-                           description="resume after this event id (the `id:` of the last event received)")] = None,
-                       ) -> StreamingResponse:
+                       last_event_id: LastEventId = None) -> StreamingResponse:
     """Polls the store in a worker thread until the job ends; the event loop only sleeps between polls.
 
     At most FITPROBE_MAX_EVENT_STREAMS are open at once, FITPROBE_MAX_STREAMS_PER_CLIENT of them one
     client's (429 beyond). Each event carries its job's `attempt`. When the server stops, every
     stream ends with a `shutdown` event, and the client reconnects with Last-Event-ID.
     """
-    job_or_404(store, job_id)
-    return stream_events(job_id, store, request, client, last_event_id, f"/v1/probes/{job_id}")
-
-
-def stream_events(job_id: str, store: Any, request: Request, client: str, last_event_id: str | None,
-                  poll_path: str) -> StreamingResponse:
-    """A job's events as Server-Sent Events (any kind of job: the caller checked it exists); `poll_path` is
-    where the 429 sends a client that may not open another stream."""
-    try:
-        after = int(last_event_id) if last_event_id else 0
-        if not 0 <= after <= MAX_EVENT_ID:
-            raise ValueError
-    except ValueError:
-        raise HTTPException(422, f"Last-Event-ID must be an event id between 0 and {MAX_EVENT_ID} "
-                                 f"(got {(last_event_id or '')[:40]!r})") from None
-    streams: EventStreams = request.app.state.event_streams
-    refused = streams.enter(client)
-    if refused:
-        raise HTTPException(429, f"{refused}; poll GET {poll_path} instead, or retry later",
-                            headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)})
-
-    async def stream() -> AsyncIterator[str]:
-        nonlocal after
-        last_sent_s = time.monotonic()
-        while not streams.closing.is_set():
-            rows = await to_thread.run_sync(store.events_after, job_id, after)
-            for event_id, data in rows:
-                after = event_id
-                yield f"id: {event_id}\nevent: {data.get('type', 'message')}\ndata: {json.dumps(data)}\n\n"
-                last_sent_s = time.monotonic()
-            if not rows:
-                status = (await to_thread.run_sync(store.get, job_id))["status"]
-                if status in TERMINAL:
-                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
-                    return
-                if time.monotonic() - last_sent_s > SSE_HEARTBEAT_S:
-                    yield ": keep-alive\n\n"
-                    last_sent_s = time.monotonic()
-                await asyncio.sleep(SSE_POLL_S)
-        yield f"event: shutdown\ndata: {json.dumps({'detail': 'server stopping; reconnect with Last-Event-ID'})}\n\n"
-
-    return _CountedStream(stream(), streams, client, media_type="text/event-stream",
-                          headers={"Cache-Control": "no-cache"})
+    return job_events(store, request, client, job_id, PROBE, last_event_id)

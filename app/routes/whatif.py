@@ -13,14 +13,15 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.config import Settings
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
-from app.routes.probes import job_or_404, pinned, stream_events, within_quota
+from app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
+from app.routes.probes import pinned, within_quota
 from app.schemas import WhatIfJob, WhatIfList, error_responses
-from app.store import STATUSES, WHATIF, ClientLimits, Conflict, QueueFull
+from app.store import STATUSES, WHATIF, ClientLimits, QueueFull
 from probe.models import check_reference
 from probe.spec import ProbeSpec, validation_message
 from probe.whatif_spec import WhatIfSpec
@@ -105,24 +106,12 @@ def get_whatif(job_id: str, store: StoreDep) -> dict[str, Any]:
 @router.delete("/{job_id}", response_model=WhatIfJob, summary="Cancel a queued or running what-if job",
                responses=error_responses(404, 409, 422, 507))
 def cancel_whatif(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
-    job_or_404(store, job_id, WHATIF)
-    try:
-        job = store.cancel(job_id)
-    except Conflict as exc:
-        raise HTTPException(409, str(exc)) from exc
-    executor.kill(job_id)
-    return public(job, store)
+    return public(cancel_job(store, executor, job_id, WHATIF), store)
 
 
 @router.get("/{job_id}/events", summary="Server-Sent Events: one whatif_cell per cell; resumable with Last-Event-ID",
-            response_class=Response, responses={
-                200: {"description": "one `id:`/`event:`/`data:` record per event, then `event: end`",
-                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                **error_responses(404, 422, 429)})
+            response_class=Response, responses=EVENTS_RESPONSES)
 async def whatif_events(job_id: str, store: StoreDep, request: Request, client: ClientDep,
-                        last_event_id: Annotated[str | None, Header(
-                            description="resume after this event id (the `id:` of the last event received)")] = None,
-                        ) -> StreamingResponse:
+                        last_event_id: LastEventId = None) -> StreamingResponse:
     """As a probe's events (GET /v1/probes/{id}/events): the same limits on open streams, the same end."""
-    job_or_404(store, job_id, WHATIF)
-    return stream_events(job_id, store, request, client, last_event_id, f"/v1/whatif/{job_id}")
+    return job_events(store, request, client, job_id, WHATIF, last_event_id)

@@ -54,6 +54,15 @@ def test_a_declared_content_length_past_the_limit_is_413(server):
         assert str(MAX_BODY_BYTES) in response.json()["detail"]
 
 
+def test_a_body_over_the_limit_is_refused_with_413(server):
+    # from test_probes_watch.py, whose other tests run in process: a body limit is the wire's
+    with server.client() as client:
+        response = client.post("/v1/probes", content=b"{" + b" " * (300 * 1024) + b"}",
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"].startswith("request body must be ≤")
+
+
 # ---- 2. lone surrogates, and rows nobody can read -------------------------------------------------
 @pytest.mark.parametrize(("body", "field"), [
     (b'{"model": "builtin:\\ud800", "seq_len": 32}', "model"),

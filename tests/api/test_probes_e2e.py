@@ -1,4 +1,9 @@
-"""Probe jobs over HTTP against a real uvicorn server: the paths users and pipelines take."""
+"""Probe jobs over HTTP: the paths users and pipelines take.
+
+Against a real uvicorn server (`server`) where the wire matters: event streams, killed processes, a
+restart, binding. What a route answers (validation, 404s, pagination, the cache, the queue's limit,
+tokens) runs in process (`client`, `in_process`), which starts in a fraction of a second, not 15.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.api.conftest import FAST_JOB, SLOW_JOB, start_server, wait_for
+from tests.api.conftest import FAST_JOB, SLOW_JOB, in_process, start_server, wait_for
 
 
 def test_submit_poll_and_stream_a_probe_to_success(server):
@@ -36,18 +41,17 @@ def test_submit_poll_and_stream_a_probe_to_success(server):
         assert resumed == ids[3:]
 
 
-def test_same_probe_again_is_answered_from_cache_with_a_new_plan(server):
-    with server.client() as client:
-        first = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
-        # a smaller batch than the search went to: its plan is new, so it has no verification yet
-        again = client.post("/v1/probes", json={**FAST_JOB, "effective_batch": 12}).json()
-        assert again["status"] == "succeeded" and again["cached"] is True
-        assert again["report"]["search"]["max_micro_batch"] == first["report"]["search"]["max_micro_batch"]
-        assert again["plan"]["effective_batch"] == 12
-        assert again["verification"] is None and "reuse=false" in again["verification_note"]
-        fresh = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()
-        assert fresh["status"] == "queued" and fresh["cached"] is False
-        wait_for(client, fresh["id"], ("succeeded",))
+def test_same_probe_again_is_answered_from_cache_with_a_new_plan(client):
+    first = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+    # a smaller batch than the search went to: its plan is new, so it has no verification yet
+    again = client.post("/v1/probes", json={**FAST_JOB, "effective_batch": 12}).json()
+    assert again["status"] == "succeeded" and again["cached"] is True
+    assert again["report"]["search"]["max_micro_batch"] == first["report"]["search"]["max_micro_batch"]
+    assert again["plan"]["effective_batch"] == 12
+    assert again["verification"] is None and "reuse=false" in again["verification_note"]
+    fresh = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()
+    assert fresh["status"] == "queued" and fresh["cached"] is False
+    wait_for(client, fresh["id"], ("succeeded",))
 
 
 def test_cancel_kills_the_job_process_and_frees_the_device(server):
@@ -85,60 +89,52 @@ def test_a_killed_job_process_fails_its_job_with_the_reason_and_the_service_goes
     ({**FAST_JOB, "model": "hf:/etc/passwd"}, "hf:"),
     ({**FAST_JOB, "effective_batch": 0}, "effective_batch"),
 ])
-def test_bad_input_is_a_422_that_names_the_field(server, body, field):
-    with server.client() as client:
-        response = client.post("/v1/probes", json=body)
+def test_bad_input_is_a_422_that_names_the_field(client, body, field):
+    response = client.post("/v1/probes", json=body)
     assert response.status_code == 422
     assert field in response.json()["detail"]
     assert "Traceback" not in response.text
 
 
-def test_unknown_model_is_refused_at_the_door_with_the_valid_names(server):
-    with server.client() as client:
-        response = client.post("/v1/probes", json={**FAST_JOB, "model": "builtin:nope"})
+def test_unknown_model_is_refused_at_the_door_with_the_valid_names(client):
+    response = client.post("/v1/probes", json={**FAST_JOB, "model": "builtin:nope"})
     assert response.status_code == 422 and "choose one of: gpt-nano" in response.json()["detail"]
 
 
-def test_unknown_ids_are_404_and_lists_filter_and_paginate(server):
-    with server.client() as client:
-        assert client.get("/v1/probes/nope").status_code == 404
-        assert client.delete("/v1/probes/nope").status_code == 404
-        # jobs of its own, so that it passes alone too: two succeeded (the second answered from the cache of
-        # the first) and one cancelled, which the status filter must leave out
-        wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
-        assert client.post("/v1/probes", json=FAST_JOB).json()["status"] == "succeeded"
-        cancelled = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
-        assert client.delete(f"/v1/probes/{cancelled}").json()["status"] == "cancelled"
-        page = client.get("/v1/probes", params={"status": "succeeded", "limit": 1}).json()
-        assert len(page["items"]) == 1 and page["total"] >= 2
-        assert all(j["status"] == "succeeded" for j in page["items"])
-        assert client.get("/v1/probes", params={"status": "bogus"}).status_code == 422
+def test_unknown_ids_are_404_and_lists_filter_and_paginate(client):
+    assert client.get("/v1/probes/nope").status_code == 404
+    assert client.delete("/v1/probes/nope").status_code == 404
+    # jobs of its own, so that it passes alone too: two succeeded (the second answered from the cache of
+    # the first) and one cancelled, which the status filter must leave out
+    wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+    assert client.post("/v1/probes", json=FAST_JOB).json()["status"] == "succeeded"
+    cancelled = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
+    assert client.delete(f"/v1/probes/{cancelled}").json()["status"] == "cancelled"
+    page = client.get("/v1/probes", params={"status": "succeeded", "limit": 1}).json()
+    assert len(page["items"]) == 1 and page["total"] >= 2
+    assert all(j["status"] == "succeeded" for j in page["items"])
+    assert client.get("/v1/probes", params={"status": "bogus"}).status_code == 422
 
 
-def test_plans_devices_and_metrics(server):
-    with server.client() as client:
-        plan = client.post("/v1/plans", json={"effective_batch": 64, "max_micro_batch": 24}).json()["plan"]
-        assert plan["micro_batch"] * plan["accumulation_steps"] == 64
-        bad = client.post("/v1/plans", json={"effective_batch": 1, "max_micro_batch": 4, "num_devices": 2})
-        assert bad.status_code == 422 and "num_devices" in bad.json()["detail"]
-        devices = client.get("/v1/devices").json()["devices"]
-        assert devices[0]["device"] == "cpu"
-        metrics = client.get("/metrics").text
-        assert 'fitprobe_jobs{status="succeeded"}' in metrics and "fitprobe_queue_depth" in metrics
-        assert "fitprobe_trials_per_job_count" in metrics
+def test_plans_devices_and_metrics(client):
+    plan = client.post("/v1/plans", json={"effective_batch": 64, "max_micro_batch": 24}).json()["plan"]
+    assert plan["micro_batch"] * plan["accumulation_steps"] == 64
+    bad = client.post("/v1/plans", json={"effective_batch": 1, "max_micro_batch": 4, "num_devices": 2})
+    assert bad.status_code == 422 and "num_devices" in bad.json()["detail"]
+    devices = client.get("/v1/devices").json()["devices"]
+    assert devices[0]["device"] == "cpu"
+    metrics = client.get("/metrics").text
+    assert 'fitprobe_jobs{status="succeeded"}' in metrics and "fitprobe_queue_depth" in metrics
+    assert "fitprobe_trials_per_job_count" in metrics
 
 
 def test_a_full_queue_answers_429_with_retry_after(tmp_path):
-    server = start_server(tmp_path / "data", max_queued_jobs="1")
-    try:
-        with server.client() as client:
-            running = client.post("/v1/probes", json=SLOW_JOB).json()
-            wait_for(client, running["id"], ("running",))
-            assert client.post("/v1/probes", json=SLOW_JOB).status_code == 202
-            refused = client.post("/v1/probes", json=SLOW_JOB)
-            assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
-    finally:
-        server.stop()
+    with in_process(tmp_path / "data", max_queued_jobs="1") as client:
+        running = client.post("/v1/probes", json=SLOW_JOB).json()
+        wait_for(client, running["id"], ("running",))
+        assert client.post("/v1/probes", json=SLOW_JOB).status_code == 202
+        refused = client.post("/v1/probes", json=SLOW_JOB)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
 
 
 def test_a_killed_server_keeps_its_jobs_and_finishes_them_after_restart(tmp_path):
@@ -160,14 +156,10 @@ def test_a_killed_server_keeps_its_jobs_and_finishes_them_after_restart(tmp_path
 
 
 def test_tokens_are_required_when_configured(tmp_path):
-    server = start_server(tmp_path / "data", api_tokens="s3cret,other")
-    try:
-        with server.client() as client:
-            assert client.get("/v1/probes").status_code == 401
-            assert client.get("/v1/probes", headers={"Authorization": "Bearer other"}).status_code == 200
-            assert client.get("/healthz").status_code == 200
-    finally:
-        server.stop()
+    with in_process(tmp_path / "data", api_tokens="s3cret,other") as client:
+        assert client.get("/v1/probes").status_code == 401
+        assert client.get("/v1/probes", headers={"Authorization": "Bearer other"}).status_code == 200
+        assert client.get("/healthz").status_code == 200
 
 
 def test_binding_beyond_loopback_without_tokens_is_refused(tmp_path):

@@ -1,4 +1,7 @@
-"""Watching probes cheaply: ETag/304 on a probe, the compact list, and what the form offers."""
+"""Watching probes cheaply: ETag/304 on a probe, the compact list, and what the form offers.
+
+Route logic, so in process (the module's `client`); the body limit, which is the wire's, is tested
+against a real uvicorn in test_hostile_input.py."""
 
 from __future__ import annotations
 
@@ -7,30 +10,28 @@ import json
 from tests.api.conftest import FAST_JOB, wait_for
 
 
-def test_a_poll_with_the_etag_gets_an_empty_304_until_the_probe_changes(server):
-    with server.client() as client:
-        job_id = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()["id"]
-        etags = set()
-        while True:
-            response = client.get(f"/v1/probes/{job_id}")
-            etags.add(response.headers["ETag"])
-            if response.json()["status"] == "succeeded":
-                break
-        assert len(etags) > 1, "the ETag moves as phases and trials arrive"
+def test_a_poll_with_the_etag_gets_an_empty_304_until_the_probe_changes(client):
+    job_id = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()["id"]
+    etags = set()
+    while True:
+        response = client.get(f"/v1/probes/{job_id}")
+        etags.add(response.headers["ETag"])
+        if response.json()["status"] == "succeeded":
+            break
+    assert len(etags) > 1, "the ETag moves as phases and trials arrive"
 
-        unchanged = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": response.headers["ETag"]})
-        assert unchanged.status_code == 304 and unchanged.content == b""
-        assert unchanged.headers["ETag"] == response.headers["ETag"]
-        stale = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": '"an-old-one"'})
-        assert stale.status_code == 200 and stale.json()["trials"]
-        assert client.get("/v1/probes/nope", headers={"If-None-Match": "*"}).status_code == 404
+    unchanged = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": response.headers["ETag"]})
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert unchanged.headers["ETag"] == response.headers["ETag"]
+    stale = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": '"an-old-one"'})
+    assert stale.status_code == 200 and stale.json()["trials"]
+    assert client.get("/v1/probes/nope", headers={"If-None-Match": "*"}).status_code == 404
 
 
-def test_the_compact_list_carries_what_a_table_shows_without_trials_or_report(server):
-    with server.client() as client:
-        job = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
-        row = next(r for r in client.get("/v1/probes", params={"view": "compact"}).json()["items"]
-                   if r["id"] == job["id"])
+def test_the_compact_list_carries_what_a_table_shows_without_trials_or_report(client):
+    job = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+    row = next(r for r in client.get("/v1/probes", params={"view": "compact"}).json()["items"]
+               if r["id"] == job["id"])
     assert "trials" not in row and "report" not in row
     assert len(json.dumps(row)) < 1000
     assert (row["max_micro_batch"], row["safe_micro_batch"]) == (job["report"]["search"]["max_micro_batch"],
@@ -39,17 +40,8 @@ def test_the_compact_list_carries_what_a_table_shows_without_trials_or_report(se
     assert row["verified"] == job["verification"]["passed"]
 
 
-def test_models_offers_builtins_presets_and_gpu_cards(server):
-    with server.client() as client:
-        models = client.get("/v1/models").json()
+def test_models_offers_builtins_presets_and_gpu_cards(client):
+    models = client.get("/v1/models").json()
     assert "builtin:gpt-nano" in models["builtins"]
     assert any(p["model"] == "preset:gpt2" for p in models["presets"])
     assert all(g["capacity_bytes"] > 0 for g in models["gpus"])
-
-
-def test_a_body_over_the_limit_is_refused_with_413(server):
-    with server.client() as client:
-        response = client.post("/v1/probes", content=b"{" + b" " * (300 * 1024) + b"}",
-                               headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
-    assert response.json()["detail"].startswith("request body must be ≤")
