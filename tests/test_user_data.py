@@ -224,3 +224,15 @@ def test_the_verification_trains_on_the_users_rows(dataset, tmp_path):
     assert verification["tokens_per_s"] * verification["step_s"] == pytest.approx(expected_targets)
     assert verification["micro_batch"] == 5  # two batch sizes, 5 and 20: the noise scale is measured on the rows
     assert verification["gradient_noise_scale"] is not None or "noisy" in verification["gradient_noise_note"]
+
+
+def test_an_extrapolated_estimate_of_flattened_batches_equals_the_full_depth():
+    """Flattened batches take the packed-sequence mask path: the depth extrapolation must hold there too."""
+    config = dict(model_type="llama", vocab_size=4000, hidden_size=128, intermediate_size=344, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    reports = [run_trial(ProbeSpec(model=config, seq_len=128, collation="flattened", capacity_bytes=1 << 32,
+                                   mode="estimate", precision="bf16-mixed", extrapolate=extrapolate,
+                                   data={"rows_by_length": {30: 10, 100: 3}}), 4)
+               for extrapolate in (True, False)]
+    assert reports[0]["model"]["extrapolated_from_layers"] == [2, 3]
+    assert reports[0]["trial"]["phase_peak_bytes"] == reports[1]["trial"]["phase_peak_bytes"]
