@@ -21,14 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 
-from probe.spec import DataLengths, ProbeSpec, SpecError
+from probe.spec import Collation, DataLengths, ProbeSpec, SpecError
 
-Collation = Literal["padded", "packed", "flattened"]
-COLLATIONS: tuple[Collation, ...] = ("padded", "packed", "flattened")
+COLLATIONS: tuple[Collation, ...] = get_args(Collation)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 # 4 Mi tokens, 32 MiB of counts: far above any trained context, so a longer row is a tokenizing bug
 MAX_ROW_TOKENS = 1 << 22
