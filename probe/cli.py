@@ -26,7 +26,8 @@ from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
-from probe.spec import ESTIMATED, Collation, DataLengths, Optimizer, ProbeSpec, Quantization, SpecError, format_bytes
+from probe.spec_options import add_spec_options, spec_fields
+from probe.spec import ESTIMATED, DataLengths, Optimizer, ProbeSpec, SpecError, format_bytes
 from probe.versions import fitprobe_version
 
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -73,62 +74,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """What the step is: every setting that changes its memory. Shared by probe and trial."""
-    parser.add_argument("--model", required=True,
-                        help="builtin:<name>, preset:<name>, hf:<config.json or its directory>, "
-                        "hf:org/name[@revision] (config.json only, from the Hub cache) or factory:pkg.mod:fn")
-    parser.add_argument("--seq-len", type=positive_int, required=True, help="tokens per example")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="training precision")
-    parser.add_argument("--optimizer", default="adamw_torch_fused", choices=get_args(Optimizer), metavar="OPTIM",
-                        help="the optimizer as your framework names it (HF TrainingArguments.optim), run as it runs "
-                        "there: " + ", ".join(get_args(Optimizer)) + " (default: adamw_torch_fused, HF's default)")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    parser.add_argument("--quantization", default="none", choices=get_args(Quantization),
-                        help="QLoRA: the frozen base in bitsandbytes 4-bit (nf4 or fp4, double quantization) or int8 "
-                        "(LLM.int8, measured only), "
-                        "loaded and prepared as from_pretrained + prepare_model_for_kbit_training do; with --lora")
-    parser.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, with --lora")
-    parser.add_argument("--lora-targets", help="comma-separated module names to adapt, with --lora "
-                        "(default: the model's attention projections)")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--collation", default="padded", choices=get_args(Collation),
-                        help="padded: batches hold padding (an attention mask); packed: rows of --seq-len tokens, no "
-                        "padding, no mask; flattened: padding-free, a micro-batch's rows concatenated with position "
-                        "ids (HF DataCollatorWithFlattening, TRL padding_free; Hugging Face models)")
-    parser.add_argument("--data", metavar="PATH",
-                        help="your tokenized dataset (.jsonl or .parquet with input_ids, a datasets save_to_disk "
-                        "folder, or a .txt/.lengths file of one length per line), read streaming: trials use the "
-                        "worst batch your collation builds from its rows, and the report the padding each wastes")
-    parser.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when CUDA is available, else cpu)")
-    parser.add_argument("--capacity", help="memory the step may use, e.g. 600MiB or 40GiB (CPU default 1GiB; "
-                        "on CUDA a cap below the card)")
-    parser.add_argument("--gpu", choices=sorted(GPU_TOTAL_MIB), metavar="CARD",
-                        help="with --estimate: plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
-    parser.add_argument("--estimate", action="store_true",
-                        help="count bytes under fake tensors instead of running on the device (no memory used)")
-    parser.add_argument("--no-extrapolate", dest="extrapolate", action="store_false",
-                        help="with --estimate: run every layer of the decoder instead of two shallow cuts "
-                        "extrapolated to its depth (the same bytes, slower)")
-    parser.add_argument("--devices", type=positive_int, default=1, help="data-parallel devices")
-    parser.add_argument("--sharding", default="none", choices=["none", "fsdp"],
-                        help="fsdp: weights, gradients and optimizer state sharded over --devices (FSDP2, ZeRO-3)")
+def add_model_options(parser: argparse.ArgumentParser, search: bool = False) -> None:
+    """Every setting that changes the step's memory, one option per ProbeSpec field (probe/spec_options.py);
+    `search`: with how far to search and what to plan (probe only)."""
+    add_spec_options(parser, search, sorted(GPU_TOTAL_MIB))
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-
-
-def add_search_options(parser: argparse.ArgumentParser) -> None:
-    """How far to search and what to plan: probe only."""
-    parser.add_argument("--headroom", type=float, default=0.1,
-                        help="fraction of capacity the safe micro-batch keeps free")
-    parser.add_argument("--estimate-first", action="store_true",
-                        help="estimate first, start the real search at the estimated max, report the estimate's error")
-    parser.add_argument("--max-micro-batch", type=positive_int, help="never try a micro-batch above this")
-    parser.add_argument("--effective-batch", type=positive_int, help="target examples per optimizer step: plan and "
-                        "verify the split")
-    parser.add_argument("--effective-batch-tokens", type=positive_int,
-                        help="target tokens per optimizer step (packed or flattened collation, a multiple of "
-                        "--seq-len): plan rows of --seq-len per micro-batch × accumulation × devices, exactly")
 
 
 def default_device() -> str:
@@ -139,25 +90,12 @@ def default_device() -> str:
 
 
 def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
-    if args.gpu and not args.estimate:
+    if args.gpu and args.mode != "estimate":
         raise SpecError(f"--gpu {args.gpu} plans for a card this machine does not measure: add --estimate "
                         "(or use --capacity to cap the GPU you have)")
-    lora: dict[str, Any] = {"rank": args.lora_rank}
-    if args.lora_targets:
-        lora["targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    search = {}
-    if hasattr(args, "effective_batch"):
-        search = dict(headroom=args.headroom, estimate_first=args.estimate_first,
-                      max_micro_batch=args.max_micro_batch, effective_batch=args.effective_batch,
-                      effective_batch_tokens=args.effective_batch_tokens)
-    return ProbeSpec(
-        model=args.model, seq_len=args.seq_len, device=args.device or default_device(), capacity_bytes=args.capacity,
-        gpu=args.gpu,
-        mode="estimate" if args.estimate else "measure", precision=args.precision, optimizer=args.optimizer,
-        finetuning="lora" if args.lora else "full", lora=lora, quantization=args.quantization,
-        collation=args.collation, gradient_checkpointing=args.grad_checkpointing, num_devices=args.devices,
-        sharding=args.sharding, extrapolate=args.extrapolate, data=data_from_args(args), **search,
-    )
+    fields = spec_fields(args)
+    fields.update(device=args.device or default_device(), data=data_from_args(args))
+    return ProbeSpec(**fields)
 
 
 def data_from_args(args: argparse.Namespace) -> DataLengths | None:
@@ -404,8 +342,7 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("probe", help="find the largest micro-batch that fits, then plan and verify",
                                 formatter_class=_Formatter)
-    add_model_options(probe)
-    add_search_options(probe)
+    add_model_options(probe, search=True)
     probe.add_argument("--verify-steps", type=int, default=2,
                        help="optimizer steps of the verification run (with --effective-batch; at least 2)")
     probe.add_argument("--no-verify", action="store_true", help="plan the effective batch without training it")

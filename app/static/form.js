@@ -5,15 +5,18 @@ import { request } from "./api.js";
 import { h } from "./dom.js";
 import { formatBytes } from "./format.js";
 
-const NUMBERS = ["seq_len", "effective_batch", "num_devices", "headroom", "max_micro_batch",
+const NUMBERS = ["seq_len", "effective_batch", "effective_batch_tokens", "num_devices", "headroom", "max_micro_batch",
   "micro_steps_per_trial", "optimizer_steps_per_trial", "seed", "lora.rank", "lora.alpha"];
-const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "mode"];
-const CHECKS = ["gradient_checkpointing", "estimate_first", "reuse"];
+const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "mode", "sharding"];
+const CHECKS = ["gradient_checkpointing", "estimate_first", "extrapolate", "reuse"];
+// choices whose values the spec's schema lists (optimizer comes with its descriptions from /v1/models)
+const SCHEMA_CHOICES = ["precision", "finetuning", "quantization", "collation", "mode", "sharding"];
 const field = (name) => document.getElementById(`f-${name}`);
 
 export function setUpForm(onSubmitted) {
   const form = document.getElementById("submit-form");
   loadChoices();
+  loadSchemaChoices();
   loadLimits();
   field("finetuning").addEventListener("change", () => {
     document.getElementById("lora-fields").disabled = field("finetuning").value !== "lora";
@@ -63,6 +66,27 @@ async function loadChoices() {
       `${g.name} (${formatBytes(g.capacity_bytes)} for tensors)`)));
   } catch {
     // presets are a convenience: the field still takes any reference by hand
+  }
+}
+
+// A choice's values and meaning come from the service's own schema of a probe request (probe/spec.py's
+// ProbeSpec, as FastAPI publishes it), so a value added there appears here; the page keeps no copy.
+async function loadSchemaChoices() {
+  try {
+    const schema = await request("/openapi.json");
+    const properties = schema.components.schemas.ProbeRequest.properties;
+    for (const name of SCHEMA_CHOICES) {
+      const property = properties[name];
+      const values = property?.enum ?? property?.anyOf?.find((p) => p.enum)?.enum;
+      if (!values) continue;
+      const select = field(name);
+      const chosen = select.value || property.default;
+      select.replaceChildren(...values.map((value) => h("option", { value, selected: value === chosen }, value)));
+      const help = document.getElementById(`${name}-help`);
+      if (help && property.description) help.textContent = property.description;
+    }
+  } catch {
+    // the page's own options still submit; the service's 422 names a value it does not take
   }
 }
 

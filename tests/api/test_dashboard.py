@@ -326,3 +326,17 @@ def test_whatif_page_submits_a_table_follows_the_job_and_draws_it_from_the_api(s
     page.fill("#whatif-job-id", "no-such-job")
     page.click("#whatif-load button")
     expect(page.locator("#whatif-status .error")).to_contain_text("no what-if job with id 'no-such-job'")
+
+
+def test_the_forms_choices_are_the_specs_own(server, page):
+    """A value the spec takes appears in the form without a copy in the page: flattened collation, fsdp sharding."""
+    with server.client() as client:
+        properties = client.get("/openapi.json").json()["components"]["schemas"]["ProbeRequest"]["properties"]
+    page.goto(f"{server.url}/#/new")
+    for name in ("collation", "sharding", "precision", "mode"):
+        expected = properties[name]["enum"]
+        expect(page.locator(f"#f-{name} option")).to_have_count(len(expected))
+        assert page.locator(f"#f-{name} option").all_text_contents() == expected
+    assert "flattened" in page.locator("#f-collation option").all_text_contents()
+    expect(page.locator("#collation-help")).to_contain_text("DataCollatorWithFlattening")
+    expect(page.locator("#f-collation")).to_have_value("padded")  # the spec's default stays selected

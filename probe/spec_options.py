@@ -1,0 +1,165 @@
+"""The command line's options for ProbeSpec's fields, made from the fields: help, default, choices, bounds.
+
+ProbeSpec is the one place a training setting is described. The `probe` and `trial` commands take
+each field through the option named for it in OPTIONS; what the option says (its help is the field's
+description, its choices the field's Literal values, its default the field's, its integer bounds the
+field's) is read from the field here, so a description changed in probe/spec.py changes `--help`
+too. A field without an option is in NOT_ON_THE_COMMAND_LINE with the reason;
+tests/test_spec_surface.py holds every field to one of the two, and the service's form and the
+pre-flight command to the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
+
+from annotated_types import Ge, Le
+from pydantic.fields import FieldInfo
+
+from probe.spec import LoraSpec, ProbeSpec
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one field is spelled on the command line.
+
+    `switch`: a flag without a value that sets the field to this value (e.g. --lora sets finetuning to
+    "lora"); `search`: only `probe` has it (a trial runs one micro-batch and plans nothing).
+    """
+
+    flag: str
+    switch: Any = None
+    required: bool = False
+    search: bool = False
+    metavar: str | None = None
+    text: bool = False  # handed to ProbeSpec as written, which parses it (a capacity with units)
+
+
+OPTIONS: dict[str, Option] = {
+    "model": Option("--model", required=True),
+    "seq_len": Option("--seq-len", required=True),
+    "precision": Option("--precision"),
+    "optimizer": Option("--optimizer", metavar="OPTIM"),
+    "finetuning": Option("--lora", switch="lora"),
+    "quantization": Option("--quantization"),
+    "gradient_checkpointing": Option("--grad-checkpointing", switch=True),
+    "collation": Option("--collation"),
+    "mode": Option("--estimate", switch="estimate"),
+    "extrapolate": Option("--no-extrapolate", switch=False),
+    "device": Option("--device"),
+    "capacity_bytes": Option("--capacity", metavar="BYTES", text=True),
+    "gpu": Option("--gpu", metavar="CARD"),
+    "num_devices": Option("--devices"),
+    "sharding": Option("--sharding"),
+    "micro_steps_per_trial": Option("--micro-steps-per-trial"),
+    "optimizer_steps_per_trial": Option("--optimizer-steps-per-trial"),
+    "seed": Option("--seed"),
+    "data": Option("--data", metavar="PATH"),
+    "headroom": Option("--headroom", search=True),
+    "estimate_first": Option("--estimate-first", switch=True, search=True),
+    "max_micro_batch": Option("--max-micro-batch", search=True),
+    "effective_batch": Option("--effective-batch", search=True),
+    "effective_batch_tokens": Option("--effective-batch-tokens", search=True),
+}
+LORA_OPTIONS: dict[str, Option] = {
+    "rank": Option("--lora-rank"), "alpha": Option("--lora-alpha"), "targets": Option("--lora-targets"),
+}
+# every ProbeSpec field has an option above or a line here
+NOT_ON_THE_COMMAND_LINE: dict[str, str] = {
+    "lora": "spelled as its own fields: --lora-rank, --lora-alpha, --lora-targets",
+}
+# what the command line adds to a field's own description
+CLI_NOTES: dict[str, str] = {
+    "capacity_bytes": "; with units, e.g. 600MiB or 40GiB",
+    "data": " (command line: a .jsonl or .parquet file with input_ids, a datasets save_to_disk folder, or a "
+            ".txt/.lengths file of one length per line, read streaming here)",
+    "device": " (default: cuda:0 when CUDA is available, else cpu)",
+    "targets": " (comma-separated)",
+}
+
+
+def _bounds(info: FieldInfo) -> tuple[int | float | None, int | float | None]:
+    low = next((m.ge for m in info.metadata if isinstance(m, Ge)), None)
+    high = next((m.le for m in info.metadata if isinstance(m, Le)), None)
+    return low, high  # type: ignore[return-value]  # annotated_types types them as SupportsGe/SupportsLe
+
+
+def _number(kind: type, flag: str, low: Any, high: Any):
+    """argparse type: a number within the field's bounds, refused with the bound in the message (a whole
+    number without bounds counts something, so at least 1: ProbeSpec checks its upper bound)."""
+    if kind is int and low is None and high is None:
+        low = 1
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {'whole ' if kind is int else ''}number (got {text!r})") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high} (got {value})" if high is not None
+                                             else f"must be at least {low} (got {value})")
+        return value
+    parse.__name__ = flag
+    return parse
+
+
+def _literal(annotation: Any) -> tuple[Any, ...] | None:
+    """The values of a Literal field (also inside `X | None`), else None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return None
+
+
+def _numeric(annotation: Any) -> type | None:
+    kinds = {annotation, *get_args(annotation)}
+    return int if int in kinds else float if float in kinds else None
+
+
+def add_field_option(parser: argparse.ArgumentParser, name: str, info: FieldInfo, option: Option,
+                     choices: list[str] | None = None) -> None:
+    """The option for one field: its help, default, choices and bounds read from the field."""
+    description = ((info.description or "") + CLI_NOTES.get(name, "")).replace("%", "%%")  # argparse formats help
+    kwargs: dict[str, Any] = {"dest": name, "help": description, "metavar": option.metavar}
+    if option.switch is not None:
+        kwargs.update(action="store_const", const=option.switch, default=info.default,
+                      help=f"sets {name} to {str(option.switch).lower()}: {kwargs['help']}")
+        del kwargs["metavar"]
+    else:
+        values = choices or _literal(info.annotation)
+        kind = _numeric(info.annotation)
+        if values is not None:
+            kwargs["choices"] = list(values)
+            if kwargs.get("metavar"):  # the choices hide behind the metavar in the usage line: name them here
+                kwargs["help"] += "; one of " + ", ".join(map(str, values))
+        elif kind is not None and not option.text:
+            kwargs["type"] = _number(kind, option.flag, *_bounds(info))
+        if option.required:
+            kwargs["required"] = True
+        elif info.default is not None and not info.is_required():
+            kwargs["default"] = info.default
+    parser.add_argument(option.flag, **kwargs)
+
+
+def add_spec_options(parser: argparse.ArgumentParser, search: bool, gpu_choices: list[str]) -> None:
+    """Every ProbeSpec field's option (`search`: with the ones only a probe has)."""
+    for name, info in ProbeSpec.model_fields.items():
+        option = OPTIONS.get(name)
+        if option is None or (option.search and not search):
+            continue
+        add_field_option(parser, name, info, option, gpu_choices if name == "gpu" else None)
+    for name, info in LoraSpec.model_fields.items():
+        add_field_option(parser, f"lora_{name}", info, LORA_OPTIONS[name])
+
+
+def spec_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ProbeSpec fields the options gave (those this command has), LoRA's gathered into `lora`."""
+    fields = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
+    lora = {name: getattr(args, f"lora_{name}") for name in LORA_OPTIONS}
+    if isinstance(lora["targets"], str):
+        lora["targets"] = [t.strip() for t in lora["targets"].split(",") if t.strip()]
+    fields["lora"] = {name: value for name, value in lora.items() if value is not None}
+    return {name: value for name, value in fields.items() if value is not None}
