@@ -13,9 +13,11 @@ one trial per halving, about log2(context / SEQ_GRID) of them. The table's own c
 Building the model is most of a single estimate's time, and the model a cell trains depends on the
 model, precision, finetuning and checkpointing, not on seq_len or optimizer: `Builds` keeps the
 last build and every cell, and every longest-sequence trial, whose spec differs from it only there
-runs on it. That is what a probe's own search already does between its trials (each trial creates
-its optimizer and batches and frees them, gradients set to None), so a cell still answers what a
-fresh `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
+runs on it. The build is what a single estimate runs: for a decoder extrapolation is proven on, its
+two shallow cuts (probe/extrapolate.py CutModels), else the full depth; each cell says which. Reusing
+it is what a probe's own search already does between its trials (each trial creates its optimizer
+and batches and frees them, gradients set to None), so a cell still answers what a fresh
+`probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
 """
 
 from __future__ import annotations
