@@ -22,6 +22,13 @@ from probe.spec import ProbeSpec, SpecError, format_bytes
 from probe.trial import TrialResult, TrialRunner
 
 Trial = Callable[[int], TrialResult]
+# the spec's fields no model build reads: a build made for one spec serves every spec that differs only here
+BUILD_FREE = frozenset({"seq_len", "optimizer"})
+
+
+def build_key(spec: ProbeSpec) -> str:
+    """The spec without BUILD_FREE: two specs with the same key run on the same model."""
+    return spec.model_dump_json(exclude=set(BUILD_FREE))
 
 
 def model_facts(model: LoadedModel) -> dict[str, Any]:

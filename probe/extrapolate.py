@@ -194,10 +194,13 @@ def _cut_spec(spec: ProbeSpec, model_type: str, fields: dict[str, Any], config: 
                                    "gpu": spec.gpu, "extrapolate": False})
 
 
-def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
-              ) -> tuple[Cuts, list[ProbeSpec]] | str:
-    """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
-    from probe.models import _hf_config, _reference_fields, build_model
+def not_extrapolable_because(spec: ProbeSpec) -> str | None:
+    """Why the spec itself rules the cuts out (before any model is built), or None.
+
+    The optimizer is among these: a build is reused across optimizers (probe/whatif.py), so this is
+    asked again for every spec the build serves.
+    """
+    from probe.models import _reference_fields
     from probe.optimizers import KINDS
 
     if not spec.extrapolate:
@@ -210,10 +213,22 @@ def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[st
         return f"optimizer {spec.optimizer}: its paged state is outside the byte count the cuts are traced by"
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
         return "only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut"
-    model_type, fields = _reference_fields(spec.model)
+    model_type, _ = _reference_fields(spec.model)
     if model_type not in VERIFIED_MODEL_TYPES:
         return (f"model_type {model_type}: its extrapolated estimate was not compared with the full depth "
                 f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
+    return None
+
+
+def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
+              ) -> tuple[Cuts, list[ProbeSpec]] | str:
+    """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
+    from probe.models import _hf_config, _reference_fields, build_model
+
+    reason = not_extrapolable_because(spec)
+    if reason is not None:
+        return reason
+    model_type, fields = _reference_fields(spec.model)
     config = _hf_config(model_type, dict(fields))
     n_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(n_layers, int) or (found := _layer_stack(full, n_layers)) is None:
@@ -237,24 +252,27 @@ def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[st
     return cuts, specs
 
 
+CutTrial = Callable[[int], tuple[TrialResult, Trace]]
+FullDepth = Callable[[ProbeSpec, str], Trial]  # (spec, why the cuts did not do) → the full depth's trial
+
+
 class TracedCut:
-    """THE estimate trial on one cut, recording its moments and the marks on its first and last period."""
+    """One cut model, built once, with marks on its first and last period; `bind(spec)` is THE estimate
+    trial on it for a spec of this cut (any seq_len and optimizer), recording its moments."""
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
                  attention: CudaAttention | None = None) -> None:
         from probe.build import prepare
         from probe.estimate import EstimateMeter
-        from probe.trial import TrialRunner
 
-        meter, model = prepare(spec, allowed_factories)
+        meter, self.model = prepare(spec, allowed_factories)
         if not isinstance(meter, EstimateMeter):
             raise SpecError(f"a cut is traced under fake tensors: its spec must be in estimate mode (got {spec.mode})")
         self.meter = meter
         # the cut runs uncapped, so its spec names no card: it counts attention as the full spec's card runs it
         self.meter.attention = attention
-        self.runner = TrialRunner(spec, self.meter, model)
         self.trace = Trace([])
-        stack = _layer_stack(model.module, depth)
+        stack = _layer_stack(self.model.module, depth)
         if stack is None:
             raise TrialError(f"the cut model has no stack of {depth} layers")
         first, last = cuts.marked_layers(depth)
@@ -270,11 +288,17 @@ class TracedCut:
             # the gradient w.r.t. the layer's output is ready: the backward is about to enter the layer
             hidden.register_hook(lambda _grad: self.trace.marks[f"{period}_backward"].append(len(self.trace.moments)))
 
-    def __call__(self, micro_batch: int) -> tuple[TrialResult, Trace]:
+    def bind(self, spec: ProbeSpec) -> CutTrial:
+        from probe.trial import TrialRunner
+
+        # its own batches' generator, seeded as a fresh build's runner is
+        return partial(self._run, TrialRunner(spec, self.meter, self.model))
+
+    def _run(self, runner: Callable[[int], TrialResult], micro_batch: int) -> tuple[TrialResult, Trace]:
         self.trace = Trace(self.meter.record_trace(True))
         try:
             with self.meter.tracking():
-                result = self.runner(micro_batch)
+                result = runner(micro_batch)
         finally:
             self.meter.record_trace(False)
         if not result.fits:
@@ -282,47 +306,49 @@ class TracedCut:
         return result, self.trace
 
 
+def _fresh_full_depth(spec: ProbeSpec, _because: str, allowed_factories: Collection[str]) -> Trial:
+    from probe.build import make_trial
+
+    return make_trial(spec.model_copy(update={"extrapolate": False}), allowed_factories)[2]
+
+
 class ExtrapolatedTrial:
     """`trial(b)`: both cuts traced, each moment extrapolated to full depth and capped; else the full depth.
 
     When the traces do not pair up, this trial and every later one run the full depth, and `facts`
-    (the report's model section) says why.
+    (the report's model section) says why. `full_depth(spec, why)` makes that trial: by default a
+    fresh build, as a single estimate has no other.
     """
 
-    def __init__(self, spec: ProbeSpec, cuts: Cuts, shallow: TracedCut, deep: TracedCut, facts: dict[str, Any],
-                 allowed_factories: Collection[str]) -> None:
+    def __init__(self, spec: ProbeSpec, cuts: Cuts, shallow: CutTrial, deep: CutTrial, facts: dict[str, Any],
+                 full_depth: FullDepth) -> None:
         if spec.capacity_bytes is None:
             raise SpecError("extrapolation caps the extrapolated peak at the capacity: set capacity_bytes or gpu")
         self.spec, self.cuts, self.facts = spec, cuts, facts
         self.capacity_bytes: int = spec.capacity_bytes
-        self.cut_trials: tuple[TracedCut, TracedCut] | None = (shallow, deep)
-        self.allowed_factories = allowed_factories
+        self.cut_trials: tuple[CutTrial, CutTrial] | None = (shallow, deep)
+        self.make_full_depth = full_depth
         self.full: Trial | None = None
 
     def __call__(self, micro_batch: int) -> TrialResult:
         if self.cut_trials is None:
-            return self._full_depth(micro_batch)
+            assert self.full is not None, "the cuts go only once the full depth replaces them"
+            return self.full(micro_batch)
         (shallow, s_trace), (_, d_trace) = (cut(micro_batch) for cut in self.cut_trials)
         phases = extrapolate_trace(s_trace, d_trace, self.cuts.repeats)
         if isinstance(phases, dict) and _trace_peaks(s_trace) != shallow.phase_peak_bytes:
             phases = "the shallow cut's trace disagrees with its meter's phase peaks"
         if isinstance(phases, str):
-            self.cut_trials = None
+            self.cut_trials = None  # the cuts may go before the full depth is built
             self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=phases)
-            return self._full_depth(micro_batch)
+            self.full = self.make_full_depth(self.spec, phases)
+            return self.full(micro_batch)
         peak_bytes = max(phases.values())
         capacity_bytes = self.capacity_bytes
         if peak_bytes > capacity_bytes:
             return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
                                f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
         return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
-
-    def _full_depth(self, micro_batch: int) -> TrialResult:
-        if self.full is None:
-            from probe.build import make_trial
-
-            _, _, self.full = make_trial(self.spec.model_copy(update={"extrapolate": False}), self.allowed_factories)
-        return self.full(micro_batch)
 
 
 def _trace_peaks(trace: Trace) -> dict[str, int]:
@@ -332,29 +358,74 @@ def _trace_peaks(trace: Trace) -> dict[str, int]:
     return peaks
 
 
+class CutModels:
+    """The two cut models of one build, made once; `trial(spec)` for every spec that differs from the
+    build's only in the fields a build does not read (probe/build.py BUILD_FREE: seq_len, optimizer).
+
+    A single estimate makes one and asks it once; the what-if table (probe/whatif.py) asks it for every
+    cell of a build, so its cells run the same two cuts a single estimate runs, built once.
+    """
+
+    def __init__(self, spec: ProbeSpec, cuts: Cuts, specs: list[ProbeSpec], facts: dict[str, Any],
+                 allowed_factories: Collection[str], emit: Callable[[dict], None]) -> None:
+        from probe.build import build_key
+        from probe.estimate import EstimateMeter
+
+        self.key, self.cuts, self.facts = build_key(spec), cuts, facts
+        self.allowed_factories = allowed_factories
+        if spec.capacity_bytes is None:
+            raise SpecError("estimate mode needs a capacity: set capacity_bytes (e.g. 40GiB) or gpu (a card's name)")
+        self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)  # the capacity the report names
+        self.cut_specs = specs
+        self.traced = []
+        for done, (depth, cut_spec) in enumerate(zip(cuts.depths, specs, strict=True), start=1):
+            emit({"type": "phase", "phase": "building_cut", "done": done, "total": len(specs),
+                  "option": f"{depth} of {cuts.full_layers} layers"})
+            self.traced.append(TracedCut(cut_spec, cuts, depth, allowed_factories, self.meter.attention))
+
+    @classmethod
+    def build(cls, spec: ProbeSpec, allowed_factories: Collection[str] = (),
+              emit: Callable[[dict], None] = lambda _event: None) -> CutModels | str:
+        """The cuts of the spec's model, built; or why the full depth must run. Raises SpecError as a build does."""
+        from probe.build import attention_facts, model_facts
+        from probe.models import build_model
+
+        if spec.mode != "estimate":
+            raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
+        full = build_model(spec, "meta", allowed_factories, spec.capacity_bytes)  # refuses weights past the capacity
+        planned = plan_cuts(spec, full.module, allowed_factories)
+        if isinstance(planned, str):
+            return planned
+        cuts, specs = planned
+        facts = {**model_facts(full), "attention": attention_facts(full, spec),
+                 "extrapolated_from_layers": list(cuts.depths), "not_extrapolated_because": None}
+        del full
+        return cls(spec, cuts, specs, facts, allowed_factories, emit)
+
+    def trial(self, spec: ProbeSpec, full_depth: FullDepth | None = None
+              ) -> tuple[Any, dict[str, Any], ExtrapolatedTrial]:
+        """(meter, facts, trial) for `spec`, as a fresh `extrapolated_trial(spec)` gives them.
+
+        The facts are this trial's own (a fallback to the full depth rewrites them); `full_depth(spec, why)`
+        makes that fallback, a fresh build unless the caller keeps one.
+        """
+        from probe.build import build_key
+        from probe.models import check_seq_len
+
+        if build_key(spec) != self.key:
+            raise ValueError("CutModels.trial: the spec differs from the cuts' build in more than seq_len and "
+                             "optimizer; make a CutModels for it")
+        check_seq_len(spec.seq_len, self.traced[0].model.max_seq_len)  # the check a fresh build makes
+        same = {"seq_len": spec.seq_len, "optimizer": spec.optimizer}
+        shallow, deep = (cut.bind(cut_spec.model_copy(update=same))
+                         for cut, cut_spec in zip(self.traced, self.cut_specs, strict=True))
+        facts = {**self.facts, "attention": dict(self.facts["attention"])}
+        fallback = full_depth or partial(_fresh_full_depth, allowed_factories=self.allowed_factories)
+        return self.meter, facts, ExtrapolatedTrial(spec, self.cuts, shallow, deep, facts, fallback)
+
+
 def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None]
                        ) -> tuple[Any, dict[str, Any], Trial] | str:
     """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run."""
-    from probe.estimate import EstimateMeter
-    from probe.build import attention_facts, model_facts
-    from probe.models import build_model
-
-    if spec.mode != "estimate":
-        raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
-    if spec.capacity_bytes is None:
-        raise SpecError("estimate mode needs a capacity: set capacity_bytes (e.g. 40GiB) or gpu (a card's name)")
-    full = build_model(spec, "meta", allowed_factories, spec.capacity_bytes)  # refuses weights past the capacity
-    planned = plan_cuts(spec, full.module, allowed_factories)
-    if isinstance(planned, str):
-        return planned
-    cuts, specs = planned
-    facts = {**model_facts(full), "attention": attention_facts(full, spec),
-             "extrapolated_from_layers": list(cuts.depths), "not_extrapolated_because": None}
-    del full
-    meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
-    traced = []
-    for done, (depth, cut_spec) in enumerate(zip(cuts.depths, specs, strict=True), start=1):
-        emit({"type": "phase", "phase": "building_cut", "done": done, "total": len(specs),
-              "option": f"{depth} of {cuts.full_layers} layers"})
-        traced.append(TracedCut(cut_spec, cuts, depth, allowed_factories, meter.attention))
-    return meter, facts, ExtrapolatedTrial(spec, cuts, traced[0], traced[1], facts, allowed_factories)
+    made = CutModels.build(spec, allowed_factories, emit)
+    return made if isinstance(made, str) else made.trial(spec)

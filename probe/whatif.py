@@ -13,9 +13,11 @@ one trial per halving, about log2(context / SEQ_GRID) of them. The table's own c
 Building the model is most of a single estimate's time, and the model a cell trains depends on the
 model, precision, finetuning and checkpointing, not on seq_len or optimizer: `Builds` keeps the
 last build and every cell, and every longest-sequence trial, whose spec differs from it only there
-runs on it. That is what a probe's own search already does between its trials (each trial creates
-its optimizer and batches and frees them, gradients set to None), so a cell still answers what a
-fresh `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
+runs on it. The build is what a single estimate runs: for a decoder extrapolation is proven on, its
+two shallow cuts (probe/extrapolate.py CutModels), else the full depth; each cell says which. Reusing
+it is what a probe's own search already does between its trials (each trial creates its optimizer
+and batches and frees them, gradients set to None), so a cell still answers what a fresh
+`probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from probe.build import Trial, make_trial, prepare
+from probe.build import Trial, build_key, make_trial, prepare
 from probe.events import Emit, ignore
+from probe.extrapolate import CutModels, not_extrapolable_because
 from probe.meter import Meter
 from probe.models import LoadedModel, build_model, check_seq_len
 from probe.search import find_micro_batch
@@ -81,6 +84,8 @@ class Cell:
     safe_micro_batch: int | None = None
     peak_bytes: int | None = None  # peak allocated at the max micro-batch
     note: str | None = None
+    # the depths of the two cuts its trials ran and extrapolated, as a probe's report names them; None: full depth
+    extrapolated_from_layers: list[int] | None = None
 
 
 @dataclass
@@ -121,33 +126,54 @@ def _cell_spec(base: ProbeSpec, setting: Setting, seq_len: int) -> ProbeSpec:
 
 
 class Builds:
-    """`trial_for(spec)`: a trial on the model built for the last spec, when `spec` differs from it only in
-    the fields a build does not read (BUILD_FREE); otherwise the old model is dropped and a new one built.
+    """`trial_for(spec)`: (meter, facts, trial) as `make_trial(spec)` gives them for an estimate, on the build
+    made for the last spec when `spec` differs from it only in BUILD_FREE (seq_len, optimizer).
 
-    One build is kept, not one per key: the grid's rows come ordered so that the rows sharing a build
-    (the optimizers) are neighbours, and two models never live at once.
+    A build is what a single estimate would run: the two cuts of an extrapolable decoder
+    (probe/extrapolate.py CutModels), else the full depth. One build is kept, not one per key: the
+    grid's rows come ordered so that the rows sharing a build (the optimizers) are neighbours, and two
+    models never live at once. An optimizer whose cut traces did not pair up (one that works parameter
+    by parameter) runs its later cells of the build at full depth straight away, which is where a
+    fresh estimate's first trial would send it.
     """
-
-    BUILD_FREE = frozenset({"seq_len", "optimizer"})
 
     def __init__(self, allowed_factories: Collection[str] = ()) -> None:
         self.allowed_factories = allowed_factories
         self._key: str | None = None
-        self._built: tuple[Meter, LoadedModel] | None = None
-        self.count = 0  # models built: what the reuse saves is visible
+        self._cuts: CutModels | str | None = None  # str: why this build's model cannot be cut
+        self._full: tuple[Meter, LoadedModel] | None = None
+        self._full_depth_because: dict[str, str] = {}  # optimizer → why its traces did not pair up
+        self.count = 0  # builds made (a pair of cuts is one): what the reuse saves is visible
 
-    def trial_for(self, spec: ProbeSpec) -> tuple[Meter, Trial]:
+    def trial_for(self, spec: ProbeSpec) -> tuple[Meter, dict[str, Any], Trial]:
         if spec.sharding == "fsdp":  # a sharded trial builds its own model in each rank
-            meter, _, sharded_trial = make_trial(spec, self.allowed_factories)
-            return meter, sharded_trial
-        key = spec.model_dump_json(exclude=set(self.BUILD_FREE))
-        if key != self._key:
-            self._key, self._built = None, None  # the old model goes before the new one is built
-            self._built = prepare(spec, self.allowed_factories)  # raises SpecError for what cannot be built
-            self._key = key
+            return make_trial(spec, self.allowed_factories)
+        key = build_key(spec)
+        if key != self._key:  # the old model goes before the new one is built
+            self._key, self._cuts, self._full, self._full_depth_because = key, None, None, {}
+        because = not_extrapolable_because(spec) or self._full_depth_because.get(spec.optimizer)
+        if because is None:
+            if self._cuts is None:
+                self._full = None
+                self._cuts = CutModels.build(spec, self.allowed_factories)  # raises SpecError as a build does
+                self.count += isinstance(self._cuts, CutModels)
+            if isinstance(self._cuts, CutModels):
+                return self._cuts.trial(spec, self._after_cuts_failed)
+            because = self._cuts
+        meter, trial = self._full_depth(spec)
+        return meter, {"extrapolated_from_layers": None, "not_extrapolated_because": because}, trial
+
+    def _after_cuts_failed(self, spec: ProbeSpec, because: str) -> Trial:
+        self._full_depth_because[spec.optimizer] = because
+        return self._full_depth(spec)[1]
+
+    def _full_depth(self, spec: ProbeSpec) -> tuple[Meter, Trial]:
+        if self._full is None:
+            if isinstance(self._cuts, CutModels):
+                self._cuts = None  # the cuts go before the full depth is built
+            self._full = prepare(spec, self.allowed_factories)  # raises SpecError for what cannot be built
             self.count += 1
-        assert self._built is not None
-        meter, model = self._built
+        meter, model = self._full
         check_seq_len(spec.seq_len, model.max_seq_len)  # the check a fresh build makes
         runner = TrialRunner(spec, meter, model)  # its own batches' generator, seeded as a probe's is
 
@@ -162,18 +188,19 @@ def estimate_cell(spec: ProbeSpec, allowed_factories: Collection[str] = (), buil
     """The max and safe micro-batch for `spec` (an estimate), found by the probe's own search."""
     builds = builds or Builds(allowed_factories)
     try:
-        meter, trial = builds.trial_for(spec)
+        meter, facts, trial = builds.trial_for(spec)
     except SpecError as exc:  # QLoRA on a builtin model, a seq_len beyond the context
         return Cell(spec.seq_len, note=f"not applicable: {exc}")
     found = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit)
     peak = next((t.peak_allocated_bytes for t in found.trials if t.fits and t.micro_batch == found.max_micro_batch),
                 None)
-    return Cell(spec.seq_len, found.max_micro_batch, found.safe_micro_batch, peak)
+    return Cell(spec.seq_len, found.max_micro_batch, found.safe_micro_batch, peak,
+                extrapolated_from_layers=facts.get("extrapolated_from_layers"))
 
 
 def _fits_at_one(spec: ProbeSpec, builds: Builds) -> int | None:
     """Peak bytes of micro-batch 1 at spec.seq_len, or None when it does not fit."""
-    _, trial = builds.trial_for(spec)
+    _, _, trial = builds.trial_for(spec)
     result = trial(1)
     return result.peak_allocated_bytes if result.fits else None
 
@@ -287,7 +314,13 @@ def format_whatif(table: WhatIf) -> str:
         else:
             last = str(longest.seq_len) if longest.seq_len else f"< {SEQ_GRID}"
         lines.append(f"{row.label:<36}" + "".join(cells) + f"  {last:>20}")
-    notes = sorted({cell.note for row in table.rows for cell in row.cells if cell.note})
+    every_cell = [cell for row in table.rows for cell in row.cells]
+    cut = [cell for cell in every_cell if cell.extrapolated_from_layers]
+    if cut:
+        depths = " and ".join(str(d) for d in cut[0].extrapolated_from_layers or [])
+        lines.append(f"{len(cut)} of {len(every_cell)} cells extrapolated from cuts of {depths} layers, as a probe's "
+                     "estimate of them is; the others ran the full depth")
+    notes = sorted({cell.note for cell in every_cell if cell.note})
     lines.extend(f"n/a: {note.removeprefix('not applicable: ')}" for note in notes)
     lines.append(f"model context {table.context} tokens; longest seq searched on a {SEQ_GRID}-token grid; "
                  f"{table.wall_s:.1f}s")

@@ -13,7 +13,7 @@ import pytest
 from probe.build import make_trial
 from probe.job import run_probe
 from probe.spec import ProbeSpec
-from probe.whatif import SEQ_GRID, Setting, run_whatif
+from probe.whatif import SEQ_GRID, Setting, format_whatif, run_whatif
 
 # 2 layers, hidden 128, vocab 2000: a step of a few MiB, so 24 MiB makes the cells differ by setting
 LLAMA = dict(model_type="llama", vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -124,3 +124,30 @@ def test_sizing_the_step_shows_progress_per_option_on_stderr():
     assert [re.search(r"sizing the step (\d+)/", line).group(1) for line in sizing[1:]] == \
         [str(i) for i in range(1, total + 1)]
     assert "gradient checkpointing" in sizing[1]
+
+
+# 8 identical layers: a probe's estimate runs cuts of 2 and 3 layers and extrapolates them (probe/extrapolate.py)
+DEEP_LLAMA = {**LLAMA, "num_hidden_layers": 8, "max_position_embeddings": 512}
+# fused AdamW's traces pair up; Adafactor works parameter by parameter, so its estimate falls back to full depth
+CUT_SETTINGS = [Setting("full", False, "adamw_torch_fused"), Setting("full", False, "adafactor")]
+
+
+@pytest.mark.slow
+def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answers():
+    # 1.7 M parameters: 27 MiB of fp32 weights, gradients and AdamW state, so 64 MiB leaves room for a few samples
+    base = ProbeSpec(model=DEEP_LLAMA, seq_len=128, mode="estimate", capacity_bytes=64 << 20, precision="bf16-mixed")
+    whatif = run_whatif(base, [128, 256], CUT_SETTINGS)
+    fused, adafactor = whatif.rows
+    assert [cell.extrapolated_from_layers for cell in fused.cells] == [[2, 3], [2, 3]]
+    assert [cell.extrapolated_from_layers for cell in adafactor.cells] == [None, None]
+    for row in whatif.rows:
+        for cell in row.cells:
+            report = run_probe(cell_spec(base, row.setting, cell.seq_len))
+            assert cell.extrapolated_from_layers == report["model"]["extrapolated_from_layers"], row.label
+            assert (cell.max_micro_batch, cell.safe_micro_batch) == \
+                (report["search"]["max_micro_batch"], report["search"]["safe_micro_batch"]), (row.label, cell.seq_len)
+            peak = next(t["peak_allocated_bytes"] for t in report["search"]["trials"]
+                        if t["fits"] and t["micro_batch"] == cell.max_micro_batch)
+            assert cell.peak_bytes == peak and cell.max_micro_batch >= 1, (row.label, cell.seq_len)
+        assert fits_at_one(cell_spec(base, row.setting, row.longest.seq_len)), row.label
+    assert "2 of 4 cells extrapolated from cuts of 2 and 3 layers" in format_whatif(whatif)
