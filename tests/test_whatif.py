@@ -136,10 +136,10 @@ CUT_SETTINGS = [Setting("full", False, "adamw_torch_fused"), Setting("full", Fal
 def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answers():
     # 1.7 M parameters: 27 MiB of fp32 weights, gradients and AdamW state, so 64 MiB leaves room for a few samples
     base = ProbeSpec(model=DEEP_LLAMA, seq_len=128, mode="estimate", capacity_bytes=64 << 20, precision="bf16-mixed")
-    whatif = run_whatif(base, [128, 256], CUT_SETTINGS)
+    whatif = run_whatif(base, [128], CUT_SETTINGS)
     fused, adafactor = whatif.rows
-    assert [cell.extrapolated_from_layers for cell in fused.cells] == [[2, 3], [2, 3]]
-    assert [cell.extrapolated_from_layers for cell in adafactor.cells] == [None, None]
+    assert [cell.extrapolated_from_layers for cell in fused.cells] == [[2, 3]]
+    assert [cell.extrapolated_from_layers for cell in adafactor.cells] == [None]
     for row in whatif.rows:
         for cell in row.cells:
             report = run_probe(cell_spec(base, row.setting, cell.seq_len))
@@ -150,4 +150,4 @@ def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answ
                         if t["fits"] and t["micro_batch"] == cell.max_micro_batch)
             assert cell.peak_bytes == peak and cell.max_micro_batch >= 1, (row.label, cell.seq_len)
         assert fits_at_one(cell_spec(base, row.setting, row.longest.seq_len)), row.label
-    assert "2 of 4 cells extrapolated from cuts of 2 and 3 layers" in format_whatif(whatif)
+    assert "1 of 2 cells extrapolated from cuts of 2 and 3 layers" in format_whatif(whatif)
