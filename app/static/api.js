@@ -14,8 +14,11 @@ export class ApiError extends Error {
 }
 
 function askForToken(rejected) {
-  if (asking) return asking;
   const dialog = document.getElementById("token-dialog");
+  if (asking) {
+    if (rejected) dialog.querySelector(".token-rejected").hidden = false; // a token tried meanwhile was refused
+    return asking;
+  }
   const form = dialog.querySelector("form");
   const input = dialog.querySelector("input");
   dialog.querySelector(".token-rejected").hidden = !rejected;
@@ -44,6 +47,8 @@ export async function request(path, { method = "GET", body, headers = {}, raw = 
     const response = await fetch(path, { method, headers: sent, cache: "no-store",
       body: body === undefined ? undefined : JSON.stringify(body) });
     if (response.status === 401) {
+      // sent before a token was entered (or with one replaced since): not a verdict on the current one, retry
+      if (sessionStorage.getItem(TOKEN_KEY) !== token) continue;
       if (token) sessionStorage.removeItem(TOKEN_KEY);
       if (await askForToken(Boolean(token))) continue;
     }
