@@ -31,13 +31,18 @@ FAMILIES: dict[str, tuple[dict, tuple[int, int]]] = {
                        moe_intermediate_size=32, shared_expert_intermediate_size=64, mlp_only_layers=[0, 1],
                        **_SMALL), (4, 5)),
 }
-# each pair of the three settings in every combination of its values, in four runs per family
+# each pair of the three settings in every combination of its values, in four runs
 SETTINGS = [
     dict(precision="fp32", finetuning="full", gradient_checkpointing=False),
     dict(precision="fp32", finetuning="lora", gradient_checkpointing=True),
     dict(precision="bf16-mixed", finetuning="full", gradient_checkpointing=True),
     dict(precision="bf16-mixed", finetuning="lora", gradient_checkpointing=False),
 ]
+# Each family runs two of them, both precisions and both fine-tunings (checkpointing off in one half of the
+# families, on in the other), and each setting runs in four families: 16 comparisons instead of all 32, which
+# cost CI about four minutes more. The case that once underestimated (qwen2, fp32 full, micro-batch 1) has its
+# own test below. The pairs alternate down the family list.
+CASES = [(family, SETTINGS[i]) for n, family in enumerate(FAMILIES) for i in ((0, 3) if n % 2 == 0 else (1, 2))]
 
 
 def test_a_plain_stack_is_cut_to_two_and_three_layers():
@@ -107,10 +112,17 @@ def test_every_verified_family_is_compared_here():
     assert {config["model_type"] for config, _ in FAMILIES.values()} == VERIFIED_MODEL_TYPES
 
 
+def test_the_cases_cover_every_setting_in_four_families_and_both_values_of_each_in_every_family():
+    assert all(sum(settings == s for _, settings in CASES) == 4 for s in SETTINGS)
+    for family in FAMILIES:
+        mine = [settings for name, settings in CASES if name == family]
+        assert {s["precision"] for s in mine} == {"fp32", "bf16-mixed"}
+        assert {s["finetuning"] for s in mine} == {"full", "lora"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s['precision']}-{s['finetuning']}-"
-                         f"{'ckpt' if s['gradient_checkpointing'] else 'nockpt'}")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,settings", CASES, ids=lambda v: v if isinstance(v, str) else
+                         f"{v['precision']}-{v['finetuning']}-{'ckpt' if v['gradient_checkpointing'] else 'nockpt'}")
 def test_extrapolated_phase_peaks_equal_the_full_depths_at_micro_batch_1_and_3(family, settings):
     spec = _spec(family, **settings)
     _, facts, extrapolated = make_trial(spec)
