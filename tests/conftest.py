@@ -18,6 +18,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Where torch sees a GPU the tests measure it: parallel workers would measure each other, so one process."""
+    if torch.cuda.is_available() and getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+        config.option.dist = "no"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect (not skip) `gpu` tests on CPU-only machines: they have nothing to measure there."""
     if torch.cuda.is_available():
