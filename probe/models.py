@@ -284,6 +284,25 @@ def stored_weight_bytes(spec: ProbeSpec, parameters: int) -> int:
     return parameters * weight_dtype(spec).itemsize
 
 
+def _lighter_weights(spec: ProbeSpec, parameters: int, capacity_bytes: int) -> str:
+    """What would make room, as options to write: the settings under which the weights take less than the
+    capacity, and the devices over which sharded weights, gradients and AdamW state would (the step still has
+    to fit: probe with them to know)."""
+    options = []
+    if spec.finetuning == "full" and spec.precision != "bf16":
+        options.append(("--lora --precision bf16-mixed (the frozen base in 16 bits)", parameters * 2))
+    if spec.quantization == "none":
+        options.append(("--lora --quantization nf4 (QLoRA)", int(parameters * QUANTIZED_BYTES_PER_PARAMETER["nf4"])))
+    words = [f"{flag}: at least {format_bytes(size)}" for flag, size in options if size < capacity_bytes]
+    text = f"with {'; with '.join(words)}; " if words else ""
+    if spec.sharding == "none" and spec.quantization == "none":
+        state_bytes = stored_weight_bytes(spec, parameters) + parameters * (4 + 8)  # + fp32 gradients, AdamW state
+        devices = -(-state_bytes // capacity_bytes) + 1  # and room for the activations
+        text += (f"or --sharding fsdp --devices {devices}: weights, gradients and AdamW state "
+                 f"{format_bytes(state_bytes // devices)} per device, before activations; ")
+    return text
+
+
 def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: int | None
            ) -> tuple[Callable[[], nn.Module], LogitsFn, int, int | None]:
     """The model's constructor, built once on the meta device (no memory) to check it can be run.
@@ -301,12 +320,14 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
         raise SpecError(f"model: building it failed ({_one_line(exc)}); "
                         "check the config's sizes") from exc
     vocab_size, context = _vocab_and_context(sized)
-    weight_bytes = stored_weight_bytes(spec, parameter_bytes(sized) // 4)  # meta modules are built in fp32
+    parameters = parameter_bytes(sized) // 4  # meta modules are built in fp32
+    weight_bytes = stored_weight_bytes(spec, parameters)
     del sized
     if capacity_bytes is not None and weight_bytes >= capacity_bytes:
         raise SpecError(
             f"capacity_bytes: capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
-            f"({format_bytes(weight_bytes)}); raise the capacity or pick a smaller model"
+            f"({format_bytes(weight_bytes)}); {_lighter_weights(spec, parameters, capacity_bytes)}raise the capacity "
+            "or pick a smaller model"
         )
     check_seq_len(spec.seq_len, context)
     return constructor, logits_fn, vocab_size, context
@@ -394,8 +415,8 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     if capacity_bytes is not None and weight_bytes >= capacity_bytes:
         raise SpecError(
             f"capacity_bytes: capacity {format_bytes(capacity_bytes)} is smaller than the model's weights alone "
-            f"(about {format_bytes(weight_bytes)}, counted from its config); raise the capacity or pick a "
-            "smaller model"
+            f"(about {format_bytes(weight_bytes)}, counted from its config); "
+            f"{_lighter_weights(spec, shape.parameters, capacity_bytes)}raise the capacity or pick a smaller model"
         )
     check_seq_len(spec.seq_len, context)
     _check_lora_targets(spec, model_type)

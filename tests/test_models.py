@@ -7,7 +7,7 @@ import torch
 
 from probe.models import build_model, check_reference, parameter_bytes
 from probe.presets import PRESETS
-from probe.spec import ProbeSpec, SpecError
+from probe.spec import ProbeSpec, SpecError, format_bytes
 
 
 @pytest.mark.parametrize("name,parameters_millions", [("gpt2", 124), ("gpt2-medium", 355),
@@ -76,3 +76,25 @@ def test_check_reference_counts_the_weights_from_the_config_against_the_capacity
     with pytest.raises(SpecError, match=r"capacity_bytes: capacity 1.0GiB is smaller than the model's weights alone"):
         check_reference(ProbeSpec(model="preset:llama-3.1-8b", seq_len=32), capacity_bytes=1 << 30)
     check_reference(ProbeSpec(model="builtin:gpt-nano", seq_len=32), capacity_bytes=16 << 20)
+
+
+def test_weights_past_the_capacity_are_refused_with_the_settings_that_would_make_room():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from probe.presets import PRESETS
+
+    model_type, fields = PRESETS["llama-3.1-8b"]
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(model_type, **fields)).parameters())
+    capacity = 20 << 30  # fp32 master weights (4 bytes a parameter) do not fit; a 16-bit base (2 bytes) does
+    assert parameters * 2 < capacity < parameters * 4
+    with pytest.raises(SpecError) as refused:
+        check_reference(ProbeSpec(model="preset:llama-3.1-8b", seq_len=32, precision="bf16-mixed"),
+                        capacity_bytes=capacity)
+    message = str(refused.value)
+    assert f"--lora --precision bf16-mixed (the frozen base in 16 bits): at least {format_bytes(parameters * 2)}" in message
+    assert "--lora --quantization nf4 (QLoRA)" in message
+    # fp32 weights, fp32 gradients and two fp32 AdamW moments: 16 bytes a parameter, over the devices, one spare
+    devices = -(-parameters * 16 // capacity) + 1
+    assert f"--sharding fsdp --devices {devices}:" in message
