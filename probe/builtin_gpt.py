@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from probe.recompute import CHECKPOINT_KWARGS
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 # keep only block inputs; recompute the block's activations during backward
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, **CHECKPOINT_KWARGS)
             else:
                 x = block(x)
         return self.lm_head(self.ln_f(x))

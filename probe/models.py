@@ -26,6 +26,7 @@ from probe import quantization
 from probe.presets import PRESETS
 from probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
 from probe.spec import ProbeSpec, SpecError, format_bytes
+from probe.recompute import CHECKPOINT_KWARGS
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
 MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are this few
@@ -256,7 +257,7 @@ def _enable_checkpointing(module: nn.Module) -> None:
     if isinstance(module, GPT):
         module.gradient_checkpointing = True
     elif enable is not None:
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable(gradient_checkpointing_kwargs=CHECKPOINT_KWARGS)
     else:
         raise SpecError("this model has no gradient checkpointing support; drop gradient_checkpointing")
 

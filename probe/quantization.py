@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from probe.spec import ProbeSpec, SpecError
+from probe.recompute import CHECKPOINT_KWARGS
 
 if TYPE_CHECKING:
     import torch
@@ -142,7 +143,7 @@ def prepare_for_training(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(module, use_gradient_checkpointing=spec.gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+                                           gradient_checkpointing_kwargs=CHECKPOINT_KWARGS)
 
 
 def report_facts(spec: ProbeSpec) -> dict[str, Any] | None:

@@ -161,3 +161,23 @@ def test_a_capacity_without_a_card_counts_this_hosts_kernels_and_says_so():
     report = run_trial(spec, 1)
     assert report["device"]["kernels"] is None
     assert "fake" in report["device"]["accuracy_note"]
+
+
+def test_gradient_checkpointing_recomputes_attention_as_the_cards_kernels_too():
+    """torch recomputes a checkpointed layer inside the backward, where the forward's function modes are not:
+    the estimate failed ("a different number of tensors was saved") until the recomputation re-entered them."""
+    from probe.job import run_trial
+
+    config = dict(model_type="llama", vocab_size=4000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+
+    def sdpa_calls(checkpointing: bool) -> int:
+        spec = ProbeSpec(model=config, seq_len=128, mode="estimate", precision="bf16-mixed", gpu="a100-40gb",
+                         gradient_checkpointing=checkpointing, extrapolate=False)
+        report = run_trial(spec, 2)
+        assert report["trial"]["fits"]
+        return sum(kernel["calls"] for kernel in report["device"]["kernels"]["sdpa"])
+
+    # 2 layers × 2 micro-steps × 2 optimizer steps forward; checkpointing runs every forward once more
+    assert sdpa_calls(False) == 2 * 2 * 2
+    assert sdpa_calls(True) == 2 * 2 * 2 * 2
