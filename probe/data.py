@@ -360,9 +360,14 @@ def padded_width_ratio(spec: ProbeSpec) -> Callable[[int], float] | None:
     None unless the batches are padded and the data is known."""
     if spec.data is None or spec.collation != "padded":
         return None
-    profile = profile_of(spec.data)
-    width = min(profile.max_tokens, spec.seq_len)
-    cdf = np.cumsum(profile.histogram[:width]) / profile.rows  # F(x) for x < width
+    # rows cut at seq_len, so the histogram never outgrows seq_len (the service plans cached probes with this)
+    width = min(max(spec.data.rows_by_length), spec.seq_len)
+    if width < 1:  # rows of no tokens: nothing to pad
+        return None
+    histogram = np.zeros(width + 1, dtype=np.int64)
+    for length, rows in spec.data.rows_by_length.items():
+        histogram[min(length, width)] += rows
+    cdf = np.cumsum(histogram[:width]) / spec.data.rows  # F(x) for x < width
 
     def ratio(b: int) -> float:
         return float(np.sum(1 - cdf ** max(b, 1))) / width  # E[max of b] = Σ_x (1 - F(x)^b)

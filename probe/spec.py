@@ -351,6 +351,9 @@ class ProbeSpec(BaseModel):
                 raise ValueError(f"effective_batch_tokens ({tokens}) must be a multiple of seq_len ({row}): each row "
                                  f"holds seq_len tokens; the nearest are {tokens // row * row or row} and "
                                  f"{(tokens // row + 1) * row}")
+            if tokens // row > MAX_EFFECTIVE_BATCH:
+                raise ValueError(f"effective_batch_tokens ({tokens}) is {tokens // row} rows of seq_len {row}, more than "
+                                 f"{MAX_EFFECTIVE_BATCH}: lower it, or raise seq_len")
             if tokens < self.num_devices * row:
                 raise ValueError(f"effective_batch_tokens ({tokens}) must be at least num_devices × seq_len "
                                  f"({self.num_devices * row}): every device trains one row per step")

@@ -84,6 +84,10 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Exe
     if request.effective_batch and request.effective_batch > settings.max_effective_batch:
         raise HTTPException(422, f"effective_batch must be ≤ {settings.max_effective_batch} on this service "
                                  f"(got {request.effective_batch})")
+    if request.effective_batch_tokens and (request.effective_rows or 0) > settings.max_effective_batch:
+        raise HTTPException(422, f"effective_batch_tokens is {request.effective_rows} rows of seq_len "
+                                 f"{request.seq_len}; at most {settings.max_effective_batch} rows on this service "
+                                 "(FITPROBE_MAX_EFFECTIVE_BATCH)")
     devices = executor.devices
     if "device" in request.model_fields_set and request.device not in devices:
         raise HTTPException(422, f"device: this service has no {request.device}; it runs probes on "

@@ -50,3 +50,14 @@ def test_user_data_arrives_as_row_lengths_never_as_a_path_the_server_would_open(
     assert job.status_code == 202, job.text
     assert job.json()["spec"]["data"] == {"rows_by_length": {"20": 5, "32": 1}, "source": "chat.jsonl"}
     client.delete(f"/v1/probes/{job.json()['id']}")
+
+
+def test_a_token_budget_is_bounded_at_the_door_in_rows_like_an_effective_batch(client):
+    limits = client.get("/v1/limits").json()
+    rows = limits["max_effective_batch"] + 1  # one row of seq_len tokens more than the service plans
+    refused = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "collation": "packed",
+                                              "effective_batch_tokens": rows * 32})
+    assert refused.status_code == 422
+    assert f"effective_batch_tokens is {rows} rows of seq_len 32; at most {rows - 1} rows" in refused.text
+    padded = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "effective_batch_tokens": 64})
+    assert padded.status_code == 422 and "use collation packed or flattened" in padded.text
