@@ -1,4 +1,4 @@
-"""spec → (meter, model facts, `trial(b)`): what every search, estimate and report runs on.
+"""spec → (meter, model): the model built under the meter that counts it, and the facts a report gives of it.
 
 The meter is the spec's device (or fake tensors, estimating) with its capacity; the model is built
 under it, so its weights are counted like any other tensor; `trial(b)` runs THE training step at
@@ -15,11 +15,10 @@ import torch
 
 from probe.devices import cpu_capacity_limit_bytes
 from probe.estimate import EstimateMeter
-from probe.events import Emit, ignore
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes
-from probe.trial import TrialResult, TrialRunner
+from probe.trial import TrialResult
 
 Trial = Callable[[int], TrialResult]
 # the spec's fields no model build reads: a build made for one spec serves every spec that differs only here
@@ -80,52 +79,3 @@ def prepare(spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: Met
     with meter.tracking():
         model = build_model(spec, meter.device, allowed_factories, meter.capacity_bytes)
     return meter, model
-
-
-def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = (), emit: Emit = ignore
-               ) -> tuple[Meter, dict[str, Any], Trial]:
-    """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
-
-    Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
-    N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
-    An estimate of a decoder runs on two shallow cuts of it and extrapolates each moment of the step
-    to its depth (probe/extrapolate.py); the facts say from which depths, or why the full depth ran.
-    """
-    not_extrapolated: dict[str, Any] = {}
-    if spec.mode == "estimate":
-        from probe.extrapolate import extrapolated_trial
-
-        made = extrapolated_trial(spec, allowed_factories, emit)
-        if not isinstance(made, str):
-            return made
-        not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": made}
-    if spec.sharding == "fsdp":
-        meter, facts, sharded = _sharded_trial(spec, allowed_factories)
-        return meter, {**facts, **not_extrapolated}, sharded
-    meter, model = prepare(spec, allowed_factories)
-    runner = TrialRunner(spec, meter, model)
-
-    def trial(micro_batch: int) -> TrialResult:
-        with meter.tracking():
-            return runner(micro_batch)
-
-    return meter, {**model_facts(model), "attention": attention_facts(model, spec), **not_extrapolated}, trial
-
-
-def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
-    from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
-
-    meter: Meter
-    trial: Trial
-    if spec.mode == "estimate":
-        estimated = EstimatedShardedTrial(spec, allowed_factories)
-        meter, trial = estimated.meter, estimated
-    else:
-        if spec.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SpecError(f"device {spec.device} requested but this torch build sees no GPU; use --device cpu "
-                            "or --estimate")
-        meter, trial = make_meter(spec.device, spec.capacity_bytes), MeasuredShardedTrial(spec, allowed_factories)
-    # every trial builds its own model; this one is on meta, for the full model's sizes
-    sized = build_model(spec, "meta", allowed_factories)
-    facts = {**model_facts(sized), "attention": attention_facts(sized, spec), "sharded_over_devices": spec.num_devices}
-    return meter, facts, trial

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from probe.build import make_trial, prepare
+from probe.build import prepare
+from probe.make_trial import make_trial
 from probe.search import find_micro_batch
 from probe.spec import ProbeSpec, SpecError
 from probe.trial import TrialRunner

@@ -306,12 +306,6 @@ class TracedCut:
         return result, self.trace
 
 
-def _fresh_full_depth(spec: ProbeSpec, _because: str, allowed_factories: Collection[str]) -> Trial:
-    from probe.build import make_trial
-
-    return make_trial(spec.model_copy(update={"extrapolate": False}), allowed_factories)[2]
-
-
 class ExtrapolatedTrial:
     """`trial(b)`: both cuts traced, each moment extrapolated to full depth and capped; else the full depth.
 
@@ -402,12 +396,11 @@ class CutModels:
         del full
         return cls(spec, cuts, specs, facts, allowed_factories, emit)
 
-    def trial(self, spec: ProbeSpec, full_depth: FullDepth | None = None
-              ) -> tuple[Any, dict[str, Any], ExtrapolatedTrial]:
+    def trial(self, spec: ProbeSpec, full_depth: FullDepth) -> tuple[Any, dict[str, Any], ExtrapolatedTrial]:
         """(meter, facts, trial) for `spec`, as a fresh `extrapolated_trial(spec)` gives them.
 
         The facts are this trial's own (a fallback to the full depth rewrites them); `full_depth(spec, why)`
-        makes that fallback, a fresh build unless the caller keeps one.
+        makes that fallback (probe/make_trial.py builds it afresh; the what-if table keeps one).
         """
         from probe.build import build_key
         from probe.models import check_seq_len
@@ -420,12 +413,12 @@ class CutModels:
         shallow, deep = (cut.bind(cut_spec.model_copy(update=same))
                          for cut, cut_spec in zip(self.traced, self.cut_specs, strict=True))
         facts = {**self.facts, "attention": dict(self.facts["attention"])}
-        fallback = full_depth or partial(_fresh_full_depth, allowed_factories=self.allowed_factories)
-        return self.meter, facts, ExtrapolatedTrial(spec, self.cuts, shallow, deep, facts, fallback)
+        return self.meter, facts, ExtrapolatedTrial(spec, self.cuts, shallow, deep, facts, full_depth)
 
 
-def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None]
-                       ) -> tuple[Any, dict[str, Any], Trial] | str:
-    """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run."""
+def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None],
+                       full_depth: FullDepth) -> tuple[Any, dict[str, Any], Trial] | str:
+    """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run;
+    `full_depth(spec, why)` is the trial it falls back to when the cuts' traces do not pair up."""
     made = CutModels.build(spec, allowed_factories, emit)
-    return made if isinstance(made, str) else made.trial(spec)
+    return made if isinstance(made, str) else made.trial(spec, full_depth)

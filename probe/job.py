@@ -1,6 +1,6 @@
 """spec → report: the unit of work an executor runs (CLI in-process, service in a subprocess).
 
-It builds the trial (probe/build.py), searches, asks the estimate beside it (probe/estimator.py)
+It builds the trial (probe/make_trial.py), searches, asks the estimate beside it (probe/estimator.py)
 and, when nothing fits, what would (probe/needs.py); then plans and verifies.
 
 Every step on the way is announced through `emit(event)` so a caller can stream progress; the
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from probe import optimizers, quantization
-from probe.build import make_trial
+from probe.make_trial import make_trial
 from probe.data import data_facts, micro_batch_tokens, padded_width_ratio
 from probe.estimate import EstimateMeter
 from probe.estimator import Estimator

@@ -27,7 +27,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from probe.build import Trial, build_key, make_trial, prepare
+from probe.build import Trial, build_key, prepare
+from probe.make_trial import make_trial
 from probe.events import Emit, ignore
 from probe.extrapolate import CutModels, not_extrapolable_because
 from probe.meter import Meter
