@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from probe.build import make_trial
+from probe.make_trial import make_trial
 from probe.job import run_probe
 from probe.spec import ProbeSpec
 from probe.whatif import SEQ_GRID, Setting, format_whatif, run_whatif
