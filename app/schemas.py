@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from probe.report import PlanFacts, Report, Verification
 from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
 
 
@@ -42,12 +43,78 @@ class PreflightRequest(ProbeSpec):
         return ProbeRequest(**self.model_dump(exclude_unset=True, exclude={"timeout_s"}), verify_cached=True)
 
 
+class Attempt(BaseModel):
+    attempt: int
+    trials: list[dict[str, Any]] = Field(description="that run's trial events")
+
+
+class ProbeJob(BaseModel):
+    """A probe job as GET /v1/probes/{id} shows it: its state, its trials so far and, once done, its report."""
+
+    id: str
+    kind: str = Field(description="probe (what-if tables live under /v1/whatif)")
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    phase: str | None = Field(None, description="the latest phase event: building_model, probing, planning, …")
+    spec: dict[str, Any] | None = Field(None, description="the request, as stored; null if the record is unreadable")
+    fingerprint: str | None = Field(None, description="what a cached answer must share with this request")
+    device: str | None = Field(None, description="the worker that ran it")
+    attempts: int = Field(0, description="runs started; a job interrupted by a restart runs again once")
+    worker_pid: int | None = None
+    owner: str | None = Field(None, description="the replica running it")
+    lease_until: str | None = None
+    cached: bool = Field(False, description="answered from an earlier probe with the same fingerprint")
+    error: str | None = Field(None, description="why it failed, and what to change")
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    trials: list[dict[str, Any]] = Field(default_factory=list, description="the final attempt's trial events")
+    earlier_attempts: list[Attempt] = Field(default_factory=list)
+    search_cached_from: str | None = Field(None, description="the probe whose search this job reuses")
+    report: Report | None = Field(None, description="the whole report, once succeeded")
+    plan: PlanFacts | None = Field(None, description="the report's plan (null without an effective batch)")
+    verification: Verification | None = Field(None, description="the report's verification; null when not run")
+    verification_note: str | None = None
+
+
+class CompactProbe(BaseModel):
+    """A list row with view=compact (app/watch.py): what a table shows, without trials and report."""
+
+    id: str
+    status: str
+    phase: str | None = None
+    device: str | None = None
+    cached: bool = False
+    error: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    model: Any = Field(description="the model reference; hf:inline for an inline config")
+    spec: dict[str, Any] = Field(description="seq_len, effective_batch, num_devices, mode, precision")
+    max_micro_batch: int | None = None
+    safe_micro_batch: int | None = None
+    trial_count: int | None = None
+    plan: dict[str, Any] | None = Field(None, description="micro_batch, accumulation_steps, num_devices, "
+                                        "effective_batch, last_micro_batch, exact")
+    verified: bool | None = None
+
+
+class ProbeList(BaseModel):
+    items: list[ProbeJob] | list[CompactProbe] = Field(description="full jobs, or compact rows with view=compact")
+    total: int
+    limit: int
+    offset: int
+
+
+class PlanAnswer(BaseModel):
+    plan: PlanFacts
+
+
 class PreflightVerdict(BaseModel):
     """POST /v1/preflight with `Accept: application/json`: the verdict line and the job behind it."""
 
     passed: bool = Field(..., description="true only for a plan verified by training (status 200)")
     detail: str = Field(..., description="the verdict line, `PASS: …` or `FAIL: <reason>`, as the text/plain answer")
-    job: dict[str, Any] | None = Field(None, description="the probe job, as GET /v1/probes/{id} gives it")
+    job: ProbeJob | None = Field(None, description="the probe job, as GET /v1/probes/{id} gives it")
 
 
 class ConfigExport(BaseModel):

@@ -35,6 +35,7 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
     from pydantic import ValidationError
 
     from probe.job import run_job
+    from probe.report import Report
     from probe.spec import ProbeSpec, SpecError, validation_message
 
     if spec.get("device") == "cpu":
@@ -53,7 +54,9 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
             spec.pop("device", None)  # an estimate: it runs under fake tensors whichever worker claimed it
             put(("result", run_whatif_job(WhatIfSpec(**spec), emit, allowed_factories)))
             return
-        put(("result", run_job(ProbeSpec(**spec), emit, allowed_factories, search_from=search_from)))
+        cached = None if search_from is None else (search_from["probe_id"], Report.model_validate(search_from["report"]))
+        # the report crosses into the service as its JSON: what the store keeps and the API answers
+        put(("result", run_job(ProbeSpec(**spec), emit, allowed_factories, search_from=cached).as_json()))
     except (SpecError, ValidationError) as exc:
         put(("error", validation_message(exc)))
     except Exception as exc:  # noqa: BLE001 - reported as the job's failure, the process then exits

@@ -41,10 +41,10 @@ def main() -> None:
     times: dict[str, list[float]] = {"does_not_fit": [], "one_estimate": []}
     for _ in range(args.runs):  # interleaved: a busy moment of the host hits both
         seconds, report = timed(not_fitting)
-        assert report["does_not_fit"] is not None, "the full fine-tune was expected not to fit"
+        assert report.does_not_fit is not None, "the full fine-tune was expected not to fit"
         times["does_not_fit"].append(seconds)
         seconds, report = timed(fitting)
-        assert report["search"]["max_micro_batch"] >= 1, "LoRA with checkpointing was expected to fit"
+        assert report.search.max_micro_batch >= 1, "LoRA with checkpointing was expected to fit"
         times["one_estimate"].append(seconds)
     dnf, one = statistics.median(times["does_not_fit"]), statistics.median(times["one_estimate"])
     print(f"does not fit (all options): {dnf:7.1f} s   one estimate that fits: {one:7.1f} s   ratio {dnf / one:.2f}x "

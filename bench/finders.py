@@ -31,9 +31,9 @@ def _timed(meter: Any, started_s: float) -> float:
 
 def fitprobe_finder(spec: ProbeSpec) -> dict[str, Any]:
     started_s = time.perf_counter()
-    search = run_probe(spec)["search"]
-    return {"answer": search["max_micro_batch"], "safe": search["safe_micro_batch"],
-            "trials": search["trial_count"], "wall_s": round(time.perf_counter() - started_s, 3)}
+    search = run_probe(spec).search
+    return {"answer": search.max_micro_batch, "safe": search.safe_micro_batch,
+            "trials": search.trial_count, "wall_s": round(time.perf_counter() - started_s, 3)}
 
 
 def accelerate_finder(spec: ProbeSpec) -> dict[str, Any]:

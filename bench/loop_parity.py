@@ -38,10 +38,10 @@ def main() -> None:
                     loop = user_loop_peak_bytes(fields, settings)
                     spec = dict(model=fields, seq_len=args.seq_len, precision=precision, collation=collation,
                                 finetuning="lora" if lora else "full", capacity_bytes=1 << 32)
-                    measured = run_trial(ProbeSpec(**spec), args.micro_batch)["trial"]["peak_allocated_bytes"]
-                    estimated = run_trial(ProbeSpec(mode="estimate", **spec), args.micro_batch)["trial"]
+                    measured = run_trial(ProbeSpec(**spec), args.micro_batch).trial.peak_allocated_bytes
+                    estimated = run_trial(ProbeSpec(mode="estimate", **spec), args.micro_batch).trial
                     print(f"{name:16} {collation:9} {precision:10} {'lora' if lora else 'full':6} {measured:>14,} "
-                          f"{loop:>12,} {measured / loop:>7.4f} {estimated['peak_allocated_bytes'] / loop:>14.4f}",
+                          f"{loop:>12,} {measured / loop:>7.4f} {estimated.peak_allocated_bytes / loop:>14.4f}",
                           flush=True)
 
 

@@ -18,7 +18,7 @@ from probe.estimate import EstimateMeter
 from probe.meter import Meter, make_meter
 from probe.models import LoadedModel, build_model, parameter_bytes
 from probe.spec import ProbeSpec, SpecError, format_bytes
-from probe.trial import TrialResult
+from probe.report import TrialResult
 
 Trial = Callable[[int], TrialResult]
 # the spec's fields no model build reads: a build made for one spec serves every spec that differs only here

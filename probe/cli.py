@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from probe.export import FORMATS, export_plan, export_report, provenance_text, render
+from probe.report import TrialResult
 from probe.gpus import GPU_TOTAL_MIB
 from probe.model_bounds import ModelLimits
 from probe.spec_options import add_spec_options, spec_fields
@@ -170,16 +171,16 @@ def _per_device(spec: dict[str, Any]) -> str:
     return f" per device × {spec['num_devices']} devices" if spec["sharding"] == "fsdp" else ""
 
 
-def _trial_table(trials: list[dict[str, Any]]) -> str:
+def _trial_table(trials: list[TrialResult]) -> str:
     lines = [f"{'micro_batch':>11}  {'fits':>4}  {'peak_allocated':>14}  {'peak_reserved':>13}  {'step_s':>7}"]
     for t in trials:
-        step = f"{t['step_s']:.3f}" if t["step_s"] is not None else "-"
-        if t["fits"]:
-            memory = f"{format_bytes(t['peak_allocated_bytes']):>14}  {format_bytes(t['peak_reserved_bytes']):>13}"
+        step = f"{t.step_s:.3f}" if t.step_s is not None else "-"
+        if t.fits:
+            memory = f"{format_bytes(t.peak_allocated_bytes):>14}  {format_bytes(t.peak_reserved_bytes):>13}"
         else:
-            memory = (f"OOM at {format_bytes(t.get('oom_live_bytes'))}, allocating "
-                      f"{format_bytes(t.get('oom_request_bytes'))}").ljust(29)
-        lines.append(f"{t['micro_batch']:>11}  {'yes' if t['fits'] else 'no':>4}  {memory}  {step:>7}")
+            memory = (f"OOM at {format_bytes(t.oom_live_bytes)}, allocating "
+                      f"{format_bytes(t.oom_request_bytes)}").ljust(29)
+        lines.append(f"{t.micro_batch:>11}  {'yes' if t.fits else 'no':>4}  {memory}  {step:>7}")
     return "\n".join(lines)
 
 
@@ -196,44 +197,44 @@ def cmd_probe(args: argparse.Namespace) -> int:
     verify = not args.no_verify
     report = run_job(checked_processes(checked_spec(args), verify), Progress(args.quiet), allowed_factories(),
                      args.verify_steps, verify, data_path=args.data)
-    verification, not_fitting = report["verification"], report["does_not_fit"]
+    verification, not_fitting = report.verification, report.does_not_fit
     # the probe ran, but nothing fits, or the plan it leads to failed when trained for real
-    unmet = not_fitting is not None or (verification is not None and not verification["passed"])
+    unmet = not_fitting is not None or (verification is not None and not verification.passed)
     code = EXIT_UNMET if unmet else EXIT_OK
     if args.format and not not_fitting:
         print_export(export_report(report, args.format), args)
         return code
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.as_json(), indent=2))
         return code
-    search, device = report["search"], report["device"]
-    each = _per_device(report["spec"])
-    print(f"{report['spec']['model']} seq_len={args.seq_len} {report['spec']['precision']} on {device['name']}, "
-          f"capacity {format_bytes(device['capacity_bytes'])}{each}, headroom {args.headroom:.0%}")
-    print(_trial_table(search["trials"]))
+    search, device = report.search, report.device
+    each = _per_device(report.spec)
+    print(f"{report.spec['model']} seq_len={args.seq_len} {report.spec['precision']} on {device.name}, "
+          f"capacity {format_bytes(device.capacity_bytes)}{each}, headroom {args.headroom:.0%}")
+    print(_trial_table(search.trials))
     if not_fitting:
-        print(f"does not fit: {not_fitting['message']}")
-        for option in not_fitting["options"]:
-            print(f"  with {option['change']}: needs {format_bytes(option['needs_bytes'])} at micro-batch 1"
-                  f"{'  (fits)' if option['fits'] else ''}")
+        print(f"does not fit: {not_fitting.message}")
+        for option in not_fitting.options:
+            print(f"  with {option.change}: needs {format_bytes(option.needs_bytes)} at micro-batch 1"
+                  f"{'  (fits)' if option.fits else ''}")
         return code
-    limit = " (the limit you set: larger was not tried)" if search["limit_reached"] else ""
-    estimated = f"{ESTIMATED}; " if report["spec"]["mode"] == "estimate" else ""
-    print(f"max micro-batch:  {search['max_micro_batch']}{each}{limit}")
-    print(f"safe micro-batch: {search['safe_micro_batch']}{each}  ({estimated}{search['trial_count']} trials, "
-          f"{search['wall_s']:.1f}s)")
-    shortfall = report.get("headroom_shortfall")  # absent from reports cached before it existed
+    limit = " (the limit you set: larger was not tried)" if search.limit_reached else ""
+    estimated = f"{ESTIMATED}; " if report.spec["mode"] == "estimate" else ""
+    print(f"max micro-batch:  {search.max_micro_batch}{each}{limit}")
+    print(f"safe micro-batch: {search.safe_micro_batch}{each}  ({estimated}{search.trial_count} trials, "
+          f"{search.wall_s:.1f}s)")
+    shortfall = report.headroom_shortfall
     if shortfall:
-        print(f"headroom: {shortfall['message']}")
-        for option in shortfall["options"]:
-            print(f"  with {option['change']}: micro-batch 1 needs {format_bytes(option['needs_bytes'])}"
-                  f"{'  (keeps the headroom)' if option['fits'] else ''}")
-    if report["plan"]:
-        print(format_plan(report["plan"]))
+        print(f"headroom: {shortfall.message}")
+        for option in shortfall.options:
+            print(f"  with {option.change}: micro-batch 1 needs {format_bytes(option.needs_bytes)}"
+                  f"{'  (keeps the headroom)' if option.fits else ''}")
+    if report.plan:
+        print(format_plan(report.plan))
     if verification:
         print(format_verification(verification))
-    elif estimated and report["plan"]:
-        print(f"verification: none, {ESTIMATED} (accuracy: {device['accuracy_note']})")
+    elif estimated and report.plan:
+        print(f"verification: none, {ESTIMATED} (accuracy: {device.accuracy_note})")
     return code
 
 
@@ -252,28 +253,28 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from probe.job import run_trial
 
     report = run_trial(checked_processes(checked_spec(args), verify=False), args.micro_batch, allowed_factories())
-    trial = report["trial"]
+    trial = report.trial
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
         print(_trial_table([trial]))
-        print(f"micro-batch {trial['micro_batch']}{_per_device(report['spec'])} "
-              f"{'fits' if trial['fits'] else 'does not fit'} in {format_bytes(report['device']['capacity_bytes'])}")
-    return EXIT_OK if trial["fits"] else EXIT_UNMET
+        print(f"micro-batch {trial.micro_batch}{_per_device(report.spec)} "
+              f"{'fits' if trial.fits else 'does not fit'} in {format_bytes(report.device.capacity_bytes)}")
+    return EXIT_OK if trial.fits else EXIT_UNMET
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from probe.plan import format_plan, make_plan
 
     plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
-                     reference_lr=args.reference_lr, reference_batch=args.reference_batch).to_dict()
+                     reference_lr=args.reference_lr, reference_batch=args.reference_batch).facts()
     if args.format:
         spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
                 "finetuning": "lora" if args.lora else "full"}
         print_export(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args)
         return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
-    print(json.dumps({"plan": plan}, indent=2) if args.json else format_plan(plan))
+    print(json.dumps({"plan": plan.model_dump(mode="json")}, indent=2) if args.json else format_plan(plan))
     return EXIT_OK
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from probe.optimizers import implementation
-from probe.plan import plan_equation
+from probe.report import PlanFacts, Report, SplitFacts
 from probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
@@ -61,22 +61,22 @@ class Run:
         return self.micro_batch * self.accumulation_steps * self.num_devices
 
 
-def framework_split(plan: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def framework_split(plan: PlanFacts) -> tuple[SplitFacts, str | None]:
     """The even split a framework can run, and why it differs from the plan (None if it does not)."""
-    if plan["last_micro_batch"] is None:
+    if plan.last_micro_batch is None:
         return plan, None
-    asked = plan["effective_batch"]
-    candidates = [near for near in (plan["nearest_below"], plan["nearest_above"]) if near]
+    asked = plan.effective_batch
+    candidates = [near for near in (plan.nearest_below, plan.nearest_above) if near]
     # smaller |deviation| first; on a tie the smaller effective batch, i.e. the plan below
-    chosen = min(candidates, key=lambda near: (abs(near["effective_batch"] - asked), near["effective_batch"]))
-    why = (f"the recommended plan for {asked} is uneven ({plan_equation(plan)}); "
+    chosen = min(candidates, key=lambda near: (abs(near.effective_batch - asked), near.effective_batch))
+    why = (f"the recommended plan for {asked} is uneven ({plan.equation}); "
            "frameworks run equal micro-batches only, so "
-           f"this config is the nearest even plan ({'below' if chosen['effective_batch'] < asked else 'above'}: "
+           f"this config is the nearest even plan ({'below' if chosen.effective_batch < asked else 'above'}: "
            "the smaller deviation, ties go below)")
-    exact_even = next((alt for alt in plan["alternatives"] if alt["exact"] and alt["last_micro_batch"] is None), None)
+    exact_even = next((alt for alt in plan.alternatives if alt.exact and alt.last_micro_batch is None), None)
     if exact_even:
-        why += (f"; an exact even split exists, {plan_equation(exact_even)}, "
-                f"at {exact_even['relative_throughput']:.2f}× the throughput: use it "
+        why += (f"; an exact even split exists, {exact_even.equation}, "
+                f"at {exact_even.relative_throughput:.2f}× the throughput: use it "
                 "if the exact effective batch matters more than speed")
     return chosen, why
 
@@ -304,9 +304,9 @@ EXPORTERS: dict[str, Callable[[Run], tuple[dict[str, Any], list[str]]]] = {
 }
 
 
-def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_micro_batch: int | None = None,
+def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_batch: int | None = None,
                 safe_micro_batch: int | None = None, verified: bool | None = None) -> dict[str, Any]:
-    """`plan` (Plan.to_dict()) as `{"format", "config", "provenance"}`: `fmt`'s config and where it came from.
+    """`plan` (Plan.facts()) as `{"format", "config", "provenance"}`: `fmt`'s config and where it came from.
 
     `spec` holds the measured settings (precision, gradient_checkpointing, finetuning, lora; missing
     ones take the spec's defaults); the probe's max/safe micro-batch and verification verdict go
@@ -317,8 +317,8 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
     split, why_different = framework_split(plan)
     lora = spec.get("lora") or {}
     optimizer = spec.get("optimizer") or "adamw_torch_fused"
-    run = Run(micro_batch=split["micro_batch"], accumulation_steps=split["accumulation_steps"],
-              num_devices=split["num_devices"], precision=spec.get("precision", "fp32"),
+    run = Run(micro_batch=split.micro_batch, accumulation_steps=split.accumulation_steps,
+              num_devices=split.num_devices, precision=spec.get("precision", "fp32"),
               gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
               if spec.get("finetuning") == "lora" else None,
@@ -328,7 +328,7 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
     config, notes = EXPORTERS[fmt](run)
     if fmt in ("accelerate", "deepspeed", "lightning"):
         notes = notes + _collation_note(run, "your data loader")
-    asked = plan["effective_batch"]
+    asked = plan.effective_batch
     provenance: dict[str, Any] = {
         "effective_batch": run.effective_batch,
         "split": f"micro_batch {run.micro_batch} × accumulation_steps {run.accumulation_steps} × "
@@ -350,22 +350,19 @@ def export_plan(plan: dict[str, Any], spec: dict[str, Any], fmt: str, *, max_mic
     return {"format": fmt, "config": config, "provenance": provenance}
 
 
-def export_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
+def export_report(report: Report, fmt: str) -> dict[str, Any]:
     """A probe report's plan as `fmt`'s config, with the probe's micro-batches and verdict as provenance."""
-    if not report.get("plan"):
+    if report.plan is None:
         raise ExportError("this probe has no plan to export: it ran without an effective batch; "
                           "run it again with one (--effective-batch / effective_batch)")
-    search = report.get("search") or {}
-    verification = report.get("verification")
-    spec = report.get("spec") or {}
-    adapted = (report.get("model") or {}).get("lora_targets")
+    spec = report.spec
+    adapted = report.model.get("lora_targets")
     if spec.get("finetuning") == "lora" and adapted and not (spec.get("lora") or {}).get("targets"):
         # the model's default targets, as the probe resolved them: the config names what was measured
         spec = {**spec, "lora": {**spec["lora"], "targets": adapted}}
-    return export_plan(report["plan"], spec, fmt,
-                       max_micro_batch=search.get("max_micro_batch"),
-                       safe_micro_batch=search.get("safe_micro_batch"),
-                       verified=None if verification is None else verification["passed"])
+    return export_plan(report.plan, spec, fmt, max_micro_batch=report.search.max_micro_batch,
+                       safe_micro_batch=report.search.safe_micro_batch,
+                       verified=None if report.verification is None else report.verification.passed)
 
 
 # The part of a format's config that is the framework's file; the rest becomes comments in YAML.

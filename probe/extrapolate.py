@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
-from probe.trial import TrialError, TrialResult
+from probe.report import TrialResult
+from probe.trial import TrialError
 
 if TYPE_CHECKING:
     from probe.cuda_attention import CudaAttention

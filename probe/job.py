@@ -27,9 +27,10 @@ from probe.events import Emit, ignore
 from probe.meter import Meter
 from probe.needs import does_not_fit, headroom_shortfall
 from probe.plan import Plan
+from probe.report import DeviceFacts, PlanFacts, Report, Search, TokenBudget, TrialReport
 from probe.search import find_micro_batch
 from probe.spec import ProbeSpec, SpecError
-from probe.trial import TrialResult
+from probe.report import TrialResult
 from probe.versions import distribution_version
 
 
@@ -39,31 +40,34 @@ def versions() -> dict[str, str | None]:
             "python": platform.python_version()}
 
 
-def device_facts(meter: Meter) -> dict[str, Any]:
+def device_facts(meter: Meter) -> DeviceFacts:
     if isinstance(meter, EstimateMeter):
-        return {"device": str(meter.device), "name": f"estimate ({meter.device.type} fake tensors)",
-                "total_bytes": None, "capacity_bytes": meter.capacity_bytes, "meter": meter.kind,
-                "accuracy_note": meter.accuracy_note, "allocator_config": None, "kernels": meter.kernel_facts()}
+        return DeviceFacts(device=str(meter.device), name=f"estimate ({meter.device.type} fake tensors)",
+                           total_bytes=None, capacity_bytes=meter.capacity_bytes, meter=meter.kind,
+                           accuracy_note=meter.accuracy_note, kernels=meter.kernel_facts())
     if meter.device.type == "cuda":
         props = torch.cuda.get_device_properties(meter.device)
         name, total = props.name, props.total_memory
     else:
         name, total = f"cpu ({platform.processor() or platform.machine()}, virtual capacity)", None
-    return {"device": str(meter.device), "name": name, "total_bytes": total,
-            "capacity_bytes": meter.capacity_bytes, "meter": meter.kind,
-            "allocator_config": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    return DeviceFacts(device=str(meter.device), name=name, total_bytes=total, capacity_bytes=meter.capacity_bytes,
+                       meter=meter.kind, allocator_config=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
 
 
-def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, Any]:
+    """What every report starts with (report.Facts): the spec and what ran it."""
+    return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": model,
+            "optimizer": optimizers.report_facts(spec), "quantization": quantization.report_facts(spec),
+            "versions": versions()}
+
+
+def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> TrialReport:
     """One trial at a given micro-batch, as a report."""
     meter, facts, trial = make_trial(spec, allowed_factories)
-    result = trial(micro_batch)
-    return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": facts,
-            "optimizer": optimizers.report_facts(spec), "quantization": quantization.report_facts(spec),
-            "versions": versions(), "trial": result.to_dict()}
+    return TrialReport(**_facts(spec, meter, facts), trial=trial(micro_batch))
 
 
-def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> dict[str, Any]:
+def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> Report:
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
@@ -82,13 +86,12 @@ def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collectio
 
     hint = estimate.max_micro_batch(spec) if estimate else None
     search = find_micro_batch(trial, meter.capacity_bytes, spec.headroom, spec.micro_batch_limit, hint)
-    trials = [t.to_dict() for t in search.trials]
+    trials = search.trials
     if estimate:
         for measured in trials:
-            if measured["fits"]:
-                estimated = estimate.peak_bytes(measured["micro_batch"])
-                measured["estimated_peak_bytes"] = estimated
-                measured["estimate_error"] = round(estimated / measured["peak_allocated_bytes"] - 1, 4)
+            if measured.fits and measured.peak_allocated_bytes:
+                measured.estimated_peak_bytes = estimate.peak_bytes(measured.micro_batch)
+                measured.estimate_error = round(measured.estimated_peak_bytes / measured.peak_allocated_bytes - 1, 4)
     not_fitting = None
     if search.max_micro_batch == 0:
         emit({"type": "phase", "phase": "sizing_the_step"})
@@ -97,72 +100,67 @@ def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collectio
     if search.max_micro_batch and not search.safe_micro_batch:
         # the plan runs at the max micro-batch then: say what it costs, and what would avoid it
         emit({"type": "phase", "phase": "sizing_the_step"})
-        peak = next(t for t in trials if t["micro_batch"] == search.max_micro_batch)
+        peak = next(t for t in trials if t.micro_batch == search.max_micro_batch)
         shortfall = headroom_shortfall(spec, search.max_micro_batch,
-                                       peak["peak_reserved_bytes"] or peak["peak_allocated_bytes"],
+                                       peak.peak_reserved_bytes or peak.peak_allocated_bytes or 0,
                                        meter.capacity_bytes, allowed_factories, emit)
-    report = {
-        "spec": spec.model_dump(mode="json"),
-        "device": device_facts(meter),
-        "model": facts,
-        "optimizer": optimizers.report_facts(spec),
-        "quantization": quantization.report_facts(spec),
-        "versions": versions(),
-        "search": {
-            "max_micro_batch": search.max_micro_batch,
-            "safe_micro_batch": search.safe_micro_batch,
-            "safe_micro_batch_basis": search.safe_basis,
-            "limit": search.limit,
-            "limit_reached": search.limit is not None and search.max_micro_batch >= search.limit,
-            "predicted_max_micro_batch": search.predicted_max,
-            "trial_count": len(search.trials),
-            "trials": trials,
-            "estimated_max_micro_batch": hint,
+    report = Report(
+        **_facts(spec, meter, facts),
+        search=Search(
+            max_micro_batch=search.max_micro_batch,
+            safe_micro_batch=search.safe_micro_batch,
+            safe_micro_batch_basis=search.safe_basis,
+            limit=search.limit,
+            limit_reached=search.limit is not None and search.max_micro_batch >= search.limit,
+            predicted_max_micro_batch=search.predicted_max,
+            trial_count=len(trials),
+            trials=trials,
+            estimated_max_micro_batch=hint,
             # packed and flattened batches hold no padding: what a micro-batch holds is a token count
-            "max_tokens_per_micro_batch": micro_batch_tokens(spec, search.max_micro_batch),
-            "safe_tokens_per_micro_batch": micro_batch_tokens(spec, search.safe_micro_batch or 0),
+            max_tokens_per_micro_batch=micro_batch_tokens(spec, search.max_micro_batch),
+            safe_tokens_per_micro_batch=micro_batch_tokens(spec, search.safe_micro_batch or 0),
             # a shared CPU host times trials too noisily to rank plans by; fake tensors time nothing
-            "step_times_trusted": meter.kind == "cuda-allocator",
-            "wall_s": round(time.perf_counter() - started_s, 3),
-        },
-        "data": data_facts(spec, search.max_micro_batch, search.safe_micro_batch),
-        "does_not_fit": not_fitting,
-        "headroom_shortfall": shortfall,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-    }
+            step_times_trusted=meter.kind == "cuda-allocator",
+            wall_s=round(time.perf_counter() - started_s, 3),
+        ),
+        data=data_facts(spec, search.max_micro_batch, search.safe_micro_batch),
+        does_not_fit=not_fitting,
+        headroom_shortfall=shortfall,
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
     emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,
           "safe_micro_batch": search.safe_micro_batch})
     return report
 
 
-def plan_dict(plan: Plan, spec: ProbeSpec) -> dict[str, Any]:
+def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
     """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len)."""
-    planned = plan.to_dict()
+    planned = plan.facts()
     if spec.data is not None and spec.collation == "padded":
         from probe.data import expected_padding_fraction, profile_of
 
         profile = profile_of(spec.data)
-        planned["padding_fraction"] = round(expected_padding_fraction(
+        planned.padding_fraction = round(expected_padding_fraction(
             profile, "padded", min(plan.split.micro_batch, profile.rows), spec.seq_len), 4)
     if spec.effective_batch_tokens is not None:  # planned in rows of seq_len tokens, which packing fills
         rows = plan.split.effective_batch
-        planned["tokens"] = {
-            "effective_batch_tokens": rows * spec.seq_len, "effective_batch_tokens_asked": spec.effective_batch_tokens,
-            "tokens_per_row": spec.seq_len, "tokens_per_micro_batch": plan.split.micro_batch * spec.seq_len,
-            "equation": f"{rows * spec.seq_len} tokens = {rows} rows × {spec.seq_len} tokens; rows per step: "
-                        f"{planned['equation']}"}
+        planned.tokens = TokenBudget(
+            effective_batch_tokens=rows * spec.seq_len, effective_batch_tokens_asked=spec.effective_batch_tokens,
+            tokens_per_row=spec.seq_len, tokens_per_micro_batch=plan.split.micro_batch * spec.seq_len,
+            equation=f"{rows * spec.seq_len} tokens = {rows} rows × {spec.seq_len} tokens; rows per step: "
+                     f"{planned.equation}")
     return planned
 
 
 def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = (),
-            verify_steps: int = 2, verify: bool = True, search_from: dict[str, Any] | None = None,
-            data_path: str | None = None) -> dict[str, Any]:
+            verify_steps: int = 2, verify: bool = True, search_from: tuple[str, Report] | None = None,
+            data_path: str | None = None) -> Report:
     """Probe, then (with an effective batch) plan the split and verify it by training: the service's unit.
 
     The plan uses the safe micro-batch and the trials' measured step times; the verification's
     reference gradient may use up to the max micro-batch at once, which the probe showed fits.
 
-    `search_from` (`{"probe_id", "report"}`) makes this a verification-only job: the probe with the
+    `search_from` (the probe's id and its report) makes this a verification-only job: the probe with the
     same fingerprint already searched, so its report stands in for `run_probe` and only the plan for
     this effective batch is trained.
 
@@ -181,17 +179,18 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     if search_from is None:
         report = run_probe(spec, emit, allowed_factories)
     else:
-        emit({"type": "phase", "phase": "search_cached", "probe_id": search_from["probe_id"]})
-        report = {**search_from["report"], "spec": spec.model_dump(mode="json"),
-                  "search_cached_from": search_from["probe_id"]}
-    report["plan"] = report["verification"] = None
+        probe_id, cached = search_from
+        emit({"type": "phase", "phase": "search_cached", "probe_id": probe_id})
+        report = cached.model_copy(update={"spec": spec.model_dump(mode="json"), "search_cached_from": probe_id,
+                                           "verification_note": None})
+    report.plan = report.verification = None
     rows = spec.effective_rows
-    if rows is None or report["does_not_fit"]:
+    if rows is None or report.does_not_fit:
         return report
     emit({"type": "phase", "phase": "planning"})
-    search = report["search"]
+    search = report.search
     plan = plan_for_probe(search, rows, spec.num_devices, spec.micro_steps_per_trial, padded_width_ratio(spec))
-    report["plan"] = plan_dict(plan, spec)
+    report.plan = plan_facts(plan, spec)
     emit({"type": "phase", "phase": "planned", "micro_batch": plan.split.micro_batch,
           "accumulation_steps": plan.split.accumulation_steps})
     if verify and spec.mode == "measure":  # an estimate has no device to train on
@@ -199,7 +198,7 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
         from probe.data import read_rows
 
         data_rows = read_rows(data_path, plan.split.effective_batch) if data_path else None
-        report["verification"] = run_verification(spec, plan, verify_steps, allowed_factories,
-                                                   search["max_micro_batch"], emit, data_rows)
-        emit({"type": "phase", "phase": "verified", "passed": report["verification"]["passed"]})
+        report.verification = run_verification(spec, plan, verify_steps, allowed_factories, search.max_micro_batch,
+                                               emit, data_rows)
+        emit({"type": "phase", "phase": "verified", "passed": report.verification.passed})
     return report

@@ -21,7 +21,8 @@ from probe.events import Emit, ignore
 from probe.meter import Meter, make_meter
 from probe.models import build_model
 from probe.spec import ProbeSpec, SpecError
-from probe.trial import TrialResult, TrialRunner
+from probe.report import TrialResult
+from probe.trial import TrialRunner
 
 
 def full_depth_trial(spec: ProbeSpec, _because: str, allowed_factories: Collection[str]) -> Trial:

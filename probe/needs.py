@@ -16,6 +16,7 @@ from typing import Any
 from probe.estimator import estimated_step_bytes
 from probe.events import Emit, ignore
 from probe.optimizers import KINDS
+from probe.report import DoesNotFit, HeadroomShortfall, SizingOption
 from probe.spec import ProbeSpec, format_bytes
 
 SHARDING_HINT = "or shard weights, gradients and optimizer state over several devices (--sharding fsdp --devices N)"
@@ -40,7 +41,7 @@ def _shrinking_changes(spec: ProbeSpec) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[str], emit: Emit
-             ) -> list[dict[str, Any]]:
+             ) -> list[SizingOption]:
     """Each shrinking setting with what micro-batch 1 needs under it, and whether that is ≤ limit_bytes.
 
     Each is an estimate of its own (a second or more for a large model): one progress event apiece."""
@@ -50,17 +51,17 @@ def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[st
         emit({"type": "phase", "phase": "sizing_the_step", "option": label, "done": done, "total": len(changes)})
         changed = estimated_step_bytes(spec.model_copy(update=update), 1, allowed_factories)
         if changed is not None:
-            options.append({"change": label, "settings": update, "needs_bytes": changed,
-                            "fits": changed <= limit_bytes})
+            options.append(SizingOption(change=label, settings=update, needs_bytes=changed,
+                                        fits=changed <= limit_bytes))
     return options
 
 
 def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str] = (),
-                 emit: Emit = ignore) -> dict[str, Any]:
+                 emit: Emit = ignore) -> DoesNotFit:
     """The report's answer when micro-batch 1 fails: the need, the settings that fit, the card that would."""
     needs = estimated_step_bytes(spec, 1, allowed_factories)
     options = _options(spec, capacity_bytes, allowed_factories, emit)
-    fitting = [o["change"] for o in options if o["fits"]]
+    fitting = [o.change for o in options if o.fits]
     card_bytes = int(needs / (1 - spec.headroom)) if needs else None
     parts = [f"even micro-batch 1 does not fit in {format_bytes(capacity_bytes)} at seq_len {spec.seq_len}"]
     if needs:
@@ -70,21 +71,21 @@ def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collec
     if card_bytes:
         parts.append(f"or on a device with at least {format_bytes(card_bytes)} ({spec.headroom:.0%} headroom kept)")
     parts.append(SHARDING_HINT)
-    return {"needs_bytes": needs, "capacity_bytes": capacity_bytes, "device_bytes_needed": card_bytes,
-            "options": options, "message": "; ".join(parts)}
+    return DoesNotFit(needs_bytes=needs, capacity_bytes=capacity_bytes, device_bytes_needed=card_bytes,
+                      options=options, message="; ".join(parts))
 
 
 def headroom_shortfall(spec: ProbeSpec, micro_batch: int, peak_bytes: int, capacity_bytes: int,
-                       allowed_factories: Collection[str] = (), emit: Emit = ignore) -> dict[str, Any]:
+                       allowed_factories: Collection[str] = (), emit: Emit = ignore) -> HeadroomShortfall:
     """The report's words when the safe micro-batch is 0: `micro_batch` (the max, which the plan then
     uses) fits, but its peak leaves less free than the headroom asked; which settings would keep it."""
     left = 1 - peak_bytes / capacity_bytes
     options = _options(spec, int(capacity_bytes * (1 - spec.headroom)), allowed_factories, emit)
-    restoring = [o["change"] for o in options if o["fits"]]
+    restoring = [o.change for o in options if o.fits]
     message = (f"micro-batch {micro_batch} fits but leaves only {left:.1%} headroom, under the asked "
                f"{spec.headroom:.0%} (peak {format_bytes(peak_bytes)} of {format_bytes(capacity_bytes)}); "
                + (f"the headroom comes back with {', or '.join(restoring)}; " if restoring else "")
                + SHARDING_HINT)
-    return {"micro_batch": micro_batch, "peak_bytes": peak_bytes, "capacity_bytes": capacity_bytes,
-            "headroom_left": round(left, 4), "headroom_asked": spec.headroom, "options": options,
-            "message": message}
+    return HeadroomShortfall(micro_batch=micro_batch, peak_bytes=peak_bytes, capacity_bytes=capacity_bytes,
+                             headroom_left=round(left, 4), headroom_asked=spec.headroom, options=options,
+                             message=message)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from probe.report import Alternative, LrGuidance, PlanFacts, Search
 from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, SpecError
 
 # Without measurements: a micro-step's fixed cost is this fraction of a micro-step at the max
@@ -90,21 +91,15 @@ class Split:
         full, rest = divmod(base + (1 if extra else 0), self.micro_batch)
         return full * micro_step_s(self.micro_batch) + (micro_step_s(rest) if rest else 0.0)
 
-    def to_dict(self) -> dict[str, Any]:
+    def facts(self) -> dict[str, Any]:
+        """The split as the report's SplitFacts fields, its `equation` included: the one notation for a split,
+        carried with it so the CLI, the page and the exports need no copy of this module."""
         base, extra = self.per_device
-        fields = {
-            "micro_batch": self.micro_batch,
-            "accumulation_steps": self.accumulation_steps,
-            "num_devices": self.num_devices,
-            "effective_batch": self.effective_batch,
-            "exact": self.exact,
-            "last_micro_batch": self.last_micro_batch,
-            "examples_per_device": base + (1 if extra else 0),
-            "devices_with_one_fewer": self.num_devices - extra if extra else 0,
-            "deviation_percent": self.deviation_percent,
-        }
-        # the one notation for a split, carried with it so the CLI, the page and exports need no copy of this module
-        return {**fields, "equation": plan_equation(fields)}
+        return {"micro_batch": self.micro_batch, "accumulation_steps": self.accumulation_steps,
+                "num_devices": self.num_devices, "effective_batch": self.effective_batch, "exact": self.exact,
+                "last_micro_batch": self.last_micro_batch, "examples_per_device": base + (1 if extra else 0),
+                "devices_with_one_fewer": self.num_devices - extra if extra else 0,
+                "deviation_percent": self.deviation_percent, "equation": plan_equation(self)}
 
 
 def robust_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -180,20 +175,20 @@ class Plan:
     split: Split
     reason: str
     throughput_model: str
-    alternatives: list[dict[str, Any]] = field(default_factory=list)
-    nearest_below: dict[str, Any] | None = None
-    nearest_above: dict[str, Any] | None = None
-    lr_guidance: dict[str, Any] | None = None
+    alternatives: list[Alternative] = field(default_factory=list)
+    nearest_below: Alternative | None = None
+    nearest_above: Alternative | None = None
+    lr_guidance: LrGuidance | None = None
 
     def device_micro_batches(self, rank: int) -> list[int]:
         return self.split.device_micro_batches(rank)
 
-    def to_dict(self) -> dict[str, Any]:
-        split = self.split.to_dict()
-        # the equation travels with the plan, so a client prints it without this module (or torch)
-        return {**split, "reason": self.reason, "throughput_model": self.throughput_model,
-                "alternatives": self.alternatives, "nearest_below": self.nearest_below,
-                "nearest_above": self.nearest_above, "lr_guidance": self.lr_guidance}
+    def facts(self) -> PlanFacts:
+        """The plan as the report holds it; the equation travels with it, so a client prints it without
+        this module (or torch)."""
+        return PlanFacts(**self.split.facts(), reason=self.reason, throughput_model=self.throughput_model,
+                         alternatives=self.alternatives, nearest_below=self.nearest_below,
+                         nearest_above=self.nearest_above, lr_guidance=self.lr_guidance)
 
 
 def _check(effective_batch: int, max_micro_batch: int, num_devices: int) -> None:
@@ -215,25 +210,23 @@ def _check(effective_batch: int, max_micro_batch: int, num_devices: int) -> None
         raise SpecError(f"max_micro_batch must be at most {MAX_MICRO_BATCH} (got {max_micro_batch})")
 
 
-def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int) -> dict[str, Any]:
+def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int) -> LrGuidance:
     """Learning rates scaled from a known-good (lr, batch) pair. Guidance, not a rule."""
     if reference_lr <= 0 or reference_batch < 1:
         raise SpecError(f"reference_lr must be > 0 and reference_batch ≥ 1 (got {reference_lr}, {reference_batch})")
     ratio = effective_batch / reference_batch
-    return {
-        "reference_lr": reference_lr,
-        "reference_batch": reference_batch,
-        "linear_scaled_lr": reference_lr * ratio,
-        "sqrt_scaled_lr": reference_lr * math.sqrt(ratio),
-        "note": "guidance, not a rule: square-root scaling often suits Adam-family optimizers, linear scaling "
-                "suits SGD (with warmup); confirm with a short run",
-    }
+    return LrGuidance(
+        reference_lr=reference_lr, reference_batch=reference_batch, linear_scaled_lr=reference_lr * ratio,
+        sqrt_scaled_lr=reference_lr * math.sqrt(ratio),
+        note="guidance, not a rule: square-root scaling often suits Adam-family optimizers, linear scaling "
+             "suits SGD (with warmup); confirm with a short run",
+    )
 
 
 def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
     e, n = best.target_batch, best.num_devices
     if best.even:
-        return (f"{plan_equation(best.to_dict())}: an even exact split within "
+        return (f"{plan_equation(best)}: an even exact split within "
                 f"{NOISE_TOLERANCE:.0%} of the highest expected throughput with the fewest micro-steps, every "
                 "micro-batch the same size")
     if e % n:
@@ -259,7 +252,7 @@ def _layout(sizes: list[int]) -> str:
     return head + "".join(f" + {b}" for b in sizes[full:])
 
 
-def plan_for_probe(search: dict[str, Any], effective_batch: int, num_devices: int,
+def plan_for_probe(search: Search, effective_batch: int, num_devices: int,
                    micro_steps_per_trial: int, width: Callable[[int], float] | None = None) -> Plan:
     """The plan for a probe report's search: its safe micro-batch and its measured micro-step times.
 
@@ -267,10 +260,9 @@ def plan_for_probe(search: dict[str, Any], effective_batch: int, num_devices: in
     attributes the update to the micro-steps, which slightly favours fewer of them, as it should.
     Timings count only where the search says they are trustworthy (a GPU, not a shared CPU host).
     """
-    step_s = {t["micro_batch"]: t["step_s"] / micro_steps_per_trial
-              for t in search["trials"] if t["fits"] and t["step_s"]}
-    return make_plan(effective_batch, search["safe_micro_batch"] or search["max_micro_batch"], num_devices, step_s,
-                     timings_trusted=search.get("step_times_trusted", False), width=width)
+    step_s = {t.micro_batch: t.step_s / micro_steps_per_trial for t in search.trials if t.fits and t.step_s}
+    return make_plan(effective_batch, search.safe_micro_batch or search.max_micro_batch, num_devices, step_s,
+                     timings_trusted=search.step_times_trusted, width=width)
 
 
 def make_plan(
@@ -325,10 +317,11 @@ def make_plan(
     best_throughput = throughput(best)
     alternatives = []
     for s in sorted({c for c in candidates if c != best}, key=rank)[:MAX_ALTERNATIVES]:
-        alternatives.append({**s.to_dict(), "relative_throughput": round(throughput(s) / best_throughput, 3)})
+        alternatives.append(Alternative(**s.facts(), relative_throughput=round(throughput(s) / best_throughput, 3)))
 
-    def described(s: Split | None) -> dict[str, Any] | None:
-        return None if s is None else {**s.to_dict(), "relative_throughput": round(throughput(s) / best_throughput, 3)}
+    def described(s: Split | None) -> Alternative | None:
+        return None if s is None else Alternative(**s.facts(),
+                                                  relative_throughput=round(throughput(s) / best_throughput, 3))
 
     return Plan(
         split=best,
@@ -376,9 +369,8 @@ def _device_equation(sizes: list[int]) -> str:
     return f"{total} = {full} × {sizes[0]} + {rest} ({_count(full)} {plural} of {sizes[0]}, then one of {rest})"
 
 
-def plan_equation(plan: dict[str, Any]) -> str:
+def plan_equation(split: Split) -> str:
     """How the examples are cut, in words a person checks by eye, uneven plans included."""
-    split = Split(plan["micro_batch"], plan["num_devices"], plan["effective_batch"], plan["effective_batch"])
     n = split.num_devices
     if split.even:  # count × size, as the uneven form: '96 = 3 × 32 (three micro-batches of 32)'
         steps, micro = split.accumulation_steps, split.micro_batch
@@ -395,31 +387,29 @@ def plan_equation(plan: dict[str, Any]) -> str:
     return f"{split.effective_batch} over {n} devices: " + "; ".join(parts)
 
 
-def format_plan(plan: dict[str, Any]) -> str:
+def format_plan(plan: PlanFacts) -> str:
     """The plan as a few lines a person reads at a terminal; every split written as its `equation`."""
     lines = [
-        f"plan: {plan['equation']}"
-        f"  [{'exact' if plan['exact'] else format(plan['deviation_percent'], '+.2f') + '%'}]",
-        f"  why: {plan['reason']}",
-        f"  throughput model: {plan['throughput_model']}",
+        f"plan: {plan.equation}  [{'exact' if plan.exact else format(plan.deviation_percent, '+.2f') + '%'}]",
+        f"  why: {plan.reason}",
+        f"  throughput model: {plan.throughput_model}",
     ]
-    for key in ("nearest_below", "nearest_above"):
-        near = plan[key]
+    for key, near in (("nearest below", plan.nearest_below), ("nearest above", plan.nearest_above)):
         if near:
-            lines.append(f"  {key.replace('_', ' ')} (even): {near['equation']} ({near['deviation_percent']:+.2f}%)")
-    if plan["alternatives"]:
+            lines.append(f"  {key} (even): {near.equation} ({near.deviation_percent:+.2f}%)")
+    if plan.alternatives:
         lines.append("  alternatives (by expected throughput):")
-        rows = [(alt["equation"], str(alt["micro_batch"]), str(alt["accumulation_steps"]), str(alt["num_devices"]),
-                 str(alt["effective_batch"]), f"{alt['relative_throughput']:.2f}×", f"{alt['deviation_percent']:+.2f}%")
-                for alt in plan["alternatives"]]
+        rows = [(alt.equation, str(alt.micro_batch), str(alt.accumulation_steps), str(alt.num_devices),
+                 str(alt.effective_batch), f"{alt.relative_throughput:.2f}×", f"{alt.deviation_percent:+.2f}%")
+                for alt in plan.alternatives]
         header = ("split", "micro-batch", "accumulation", "devices", "effective", "throughput", "deviation")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("    " + "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                                              for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
-    guidance = plan["lr_guidance"]
+    guidance = plan.lr_guidance
     if guidance:
-        lines.append(f"  learning rate: linear-scaled {guidance['linear_scaled_lr']:.3g}, sqrt-scaled "
-                     f"{guidance['sqrt_scaled_lr']:.3g} (from {guidance['reference_lr']:g} at batch "
-                     f"{guidance['reference_batch']}); {guidance['note']}")
+        lines.append(f"  learning rate: linear-scaled {guidance.linear_scaled_lr:.3g}, sqrt-scaled "
+                     f"{guidance.sqrt_scaled_lr:.3g} (from {guidance.reference_lr:g} at batch "
+                     f"{guidance.reference_batch}); {guidance.note}")
     return "\n".join(lines)

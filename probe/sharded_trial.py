@@ -25,7 +25,8 @@ from probe.meter import make_meter
 from probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
 from probe.sharding import build_sharded_model, process_group
 from probe.spec import ProbeSpec, SpecError
-from probe.trial import TrialError, TrialResult, TrialRunner
+from probe.report import TrialResult
+from probe.trial import TrialError, TrialRunner
 
 
 def combine(results: list[TrialResult]) -> TrialResult:

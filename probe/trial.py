@@ -9,43 +9,15 @@ OOM or not, so one trial's leftovers cannot make the next one look bigger.
 from __future__ import annotations
 
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
 from probe.meter import Meter, is_oom
 from probe.models import LoadedModel
 from probe.optimizers import paged_state_bytes
+from probe.report import TrialResult
 from probe.spec import ProbeSpec, format_bytes
 from probe.step import make_optimizer, make_scaler, run_steps, worst_case_batch
-
-
-@dataclass
-class TrialResult:
-    micro_batch: int
-    fits: bool
-    peak_allocated_bytes: int | None = None
-    peak_reserved_bytes: int | None = None
-    alloc_retries: int = 0
-    step_s: float | None = None
-    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-    # an OOM trial has no peak (it stopped part-way): where it stopped instead
-    oom_live_bytes: int | None = None
-    oom_request_bytes: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        """One line for people: a peak when it fit, where it stopped when it did not."""
-        if self.fits:
-            return f"fits, peak {format_bytes(self.peak_allocated_bytes)}"
-        if self.oom_request_bytes is None:
-            return "out of memory"
-        return (f"out of memory at {format_bytes(self.oom_live_bytes)} live while allocating "
-                f"{format_bytes(self.oom_request_bytes)}")
 
 
 class TrialError(RuntimeError):

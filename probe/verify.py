@@ -13,11 +13,11 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from probe.noise import noise_scale
 from probe.plan import Plan
+from probe.report import Check, Verification
 from probe.spec import ProbeSpec, SpecError, format_bytes
 from probe.verify_run import RankResult, run_rank, run_spawned
 
@@ -29,16 +29,9 @@ GRAD_TOLERANCE = {"fp32": 1e-5, "bf16-mixed": 2e-2, "fp16-mixed": 2e-2, "bf16": 
 DEFAULT_VERIFY_STEPS = 2
 
 
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
 def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_STEPS, allowed_factories: Collection[str] = (),
                      fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
-                     rows: list[list[int]] | None = None) -> dict[str, Any]:
+                     rows: list[list[int]] | None = None) -> Verification:
     """Train `steps` optimizer steps with the plan and report every check.
 
     `fits_at_once` is the largest micro-batch known to fit (the probe's max): the reference gradient
@@ -60,7 +53,7 @@ def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_ST
         result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once, on_step, rows)
     batches = (f"the data's first {min(len(rows), plan.split.effective_batch)} rows" if rows else
                "synthetic: random tokens, rows from a quarter of seq_len to all of it")
-    return {**_report(spec, plan, steps, result), "batches": batches, "wall_s": round(time.perf_counter() - started_s, 3)}
+    return _report(spec, plan, steps, result, batches, round(time.perf_counter() - started_s, 3))
 
 
 def _checks(spec: ProbeSpec, plan: Plan, r: RankResult) -> list[Check]:
@@ -110,40 +103,41 @@ def _noise_scale(r: RankResult, effective_batch: int) -> tuple[float | None, str
     return noise_scale(r.noise_g2, r.noise_s, effective_batch)
 
 
-def _report(spec: ProbeSpec, plan: Plan, steps: int, r: RankResult) -> dict[str, Any]:
+def _report(spec: ProbeSpec, plan: Plan, steps: int, r: RankResult, batches: str, wall_s: float) -> Verification:
     checks = _checks(spec, plan, r)
     noise, note = _noise_scale(r, plan.split.effective_batch)
     steady_s = statistics.median(r.step_s[1:]) if len(r.step_s) > 1 else None
-    return {
-        "passed": all(c.passed for c in checks),
-        "checks": [asdict(c) for c in checks],
-        "grad_rel_error": r.grad_rel_error,
-        "gradient_noise_scale": noise,
-        "gradient_noise_note": note,
-        "peak_reserved_bytes": max(r.peak_reserved_bytes, default=None),
-        "capacity_bytes": r.capacity_bytes,
+    return Verification(
+        passed=all(c.passed for c in checks),
+        checks=checks,
+        grad_rel_error=r.grad_rel_error,
+        gradient_noise_scale=noise,
+        gradient_noise_note=note,
+        peak_reserved_bytes=max(r.peak_reserved_bytes, default=None),
+        capacity_bytes=r.capacity_bytes,
         # the first step also creates the optimizer state: the median of the others is the steady step
-        "step_s": steady_s,
-        "tokens_per_s": r.tokens_per_step / steady_s if steady_s else None,
-        "losses": r.losses,
-        "steps": steps,
-        "micro_batch": plan.split.micro_batch,
-        "accumulation_steps": plan.split.accumulation_steps,
-        "num_devices": plan.split.num_devices,
-        "examples_per_step": r.examples_per_step,
-        "input_tokens_per_step": r.input_tokens_per_step,
-        "reference_split": r.reference_split,
-    }
+        step_s=steady_s,
+        tokens_per_s=r.tokens_per_step / steady_s if steady_s else None,
+        losses=r.losses,
+        steps=steps,
+        micro_batch=plan.split.micro_batch,
+        accumulation_steps=plan.split.accumulation_steps,
+        num_devices=plan.split.num_devices,
+        examples_per_step=r.examples_per_step,
+        input_tokens_per_step=r.input_tokens_per_step,
+        reference_split=r.reference_split,
+        batches=batches,
+        wall_s=wall_s,
+    )
 
 
-def format_verification(verification: dict[str, Any]) -> str:
+def format_verification(verification: Verification) -> str:
     """The verification as a few lines a person reads at a terminal."""
-    verdict = "PASSED" if verification["passed"] else "FAILED"
-    lines = [f"verification: {verdict} ({verification['steps']} optimizer steps, "
-             f"{verification['num_devices']} device(s))"]
-    for check in verification["checks"]:
-        lines.append(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
-    if verification["step_s"]:
-        lines.append(f"  step {verification['step_s']:.3f}s, {verification['tokens_per_s']:.0f} tokens/s")
-    lines.append(f"  gradient noise scale: {verification['gradient_noise_note']}")
+    verdict = "PASSED" if verification.passed else "FAILED"
+    lines = [f"verification: {verdict} ({verification.steps} optimizer steps, {verification.num_devices} device(s))"]
+    for check in verification.checks:
+        lines.append(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+    if verification.step_s:
+        lines.append(f"  step {verification.step_s:.3f}s, {verification.tokens_per_s:.0f} tokens/s")
+    lines.append(f"  gradient noise scale: {verification.gradient_noise_note}")
     return "\n".join(lines)

@@ -35,7 +35,8 @@ from probe.meter import Meter
 from probe.models import LoadedModel, build_model, check_seq_len
 from probe.search import find_micro_batch
 from probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
-from probe.trial import TrialResult, TrialRunner
+from probe.report import TrialResult
+from probe.trial import TrialRunner
 
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
 

@@ -141,7 +141,7 @@ def test_flash_backward_holds_softmax_d_and_a_float32_dq_accumulator(kv_heads):
 def _estimate(gpu: str, collation: str) -> dict:
     spec = ProbeSpec(model="builtin:gpt-tiny", seq_len=256, precision="bf16-mixed", collation=collation,
                      mode="estimate", gpu=gpu)
-    return run_trial(spec, 2)
+    return run_trial(spec, 2).as_json()
 
 
 def test_the_report_names_the_kernels_and_the_t4_pays_for_the_attention_matrix():
@@ -158,7 +158,7 @@ def test_the_report_names_the_kernels_and_the_t4_pays_for_the_attention_matrix()
 def test_a_capacity_without_a_card_counts_this_hosts_kernels_and_says_so():
     spec = ProbeSpec(model="builtin:gpt-nano", seq_len=64, precision="fp32", mode="estimate",
                      capacity_bytes=1 << 30)
-    report = run_trial(spec, 1)
+    report = run_trial(spec, 1).as_json()
     assert report["device"]["kernels"] is None
     assert "fake" in report["device"]["accuracy_note"]
 
@@ -174,7 +174,7 @@ def test_gradient_checkpointing_recomputes_attention_as_the_cards_kernels_too():
     def sdpa_calls(checkpointing: bool) -> int:
         spec = ProbeSpec(model=config, seq_len=128, mode="estimate", precision="bf16-mixed", gpu="a100-40gb",
                          gradient_checkpointing=checkpointing, extrapolate=False)
-        report = run_trial(spec, 2)
+        report = run_trial(spec, 2).as_json()
         assert report["trial"]["fits"]
         return sum(kernel["calls"] for kernel in report["device"]["kernels"]["sdpa"])
 

@@ -44,12 +44,12 @@ def case_id(case: dict) -> str:
 def test_estimated_peak_and_max_equal_the_cpu_meters(case):
     measured, estimated = ProbeSpec(**case), ProbeSpec(mode="estimate", **case)
     assert peak_at(estimated, 3) == pytest.approx(peak_at(measured, 3), rel=0.005)
-    estimate_max = run_probe(estimated)["search"]["max_micro_batch"]
-    assert estimate_max == run_probe(measured)["search"]["max_micro_batch"]
+    estimate_max = run_probe(estimated).as_json()["search"]["max_micro_batch"]
+    assert estimate_max == run_probe(measured).as_json()["search"]["max_micro_batch"]
 
 
 def test_estimate_report_says_what_it_counted_and_times_nothing():
-    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate"))
+    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate")).as_json()
     assert report["device"]["meter"] == "estimate-fake-tensors"
     assert "fake" in report["device"]["accuracy_note"]
     assert all(t["step_s"] is None for t in report["search"]["trials"])
@@ -87,8 +87,8 @@ def test_estimate_needs_a_capacity():
 
 def test_estimate_first_places_the_real_search_and_reports_its_error_per_trial():
     spec = ProbeSpec(model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB", estimate_first=True)
-    search = run_probe(spec)["search"]
-    plain = run_probe(spec.model_copy(update={"estimate_first": False}))["search"]
+    search = run_probe(spec).as_json()["search"]
+    plain = run_probe(spec.model_copy(update={"estimate_first": False})).as_json()["search"]
     assert search["max_micro_batch"] == plain["max_micro_batch"] == search["estimated_max_micro_batch"]
     assert search["trial_count"] < plain["trial_count"]
     fitted = [t for t in search["trials"] if t["fits"]]

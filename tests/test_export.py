@@ -49,8 +49,8 @@ def test_the_plans_under_test_are_what_the_hand_arithmetic_says():
         split = plan.split
         assert (split.micro_batch, split.accumulation_steps, split.num_devices) == (micro, steps, devices)
         assert plan.split.even
-    assert make_plan(97, 32).to_dict()["last_micro_batch"] == 22
-    assert make_plan(101, 32, 3).to_dict()["last_micro_batch"] is not None
+    assert make_plan(97, 32).facts().as_json()["last_micro_batch"] == 22
+    assert make_plan(101, 32, 3).facts().as_json()["last_micro_batch"] is not None
 
 
 @pytest.mark.parametrize("name", PLANS)
@@ -59,7 +59,7 @@ def test_hf_training_arguments_accept_the_fields_and_multiply_to_the_effective_b
     from transformers import TrainingArguments
 
     plan, (micro, steps, devices), effective = PLANS[name]
-    exported = export_plan(plan.to_dict(), {"precision": precision, "gradient_checkpointing": True}, "hf")
+    exported = export_plan(plan.facts(), {"precision": precision, "gradient_checkpointing": True}, "hf")
     config = exported["config"]
     # use_cpu: bf16 on a CPU-only machine raises without it; the config itself is unpacked unchanged
     with warnings.catch_warnings():
@@ -76,7 +76,7 @@ def test_hf_training_arguments_accept_the_fields_and_multiply_to_the_effective_b
 def test_hf_yaml_loads_with_hf_argument_parser_unchanged(tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
 
-    config = export_plan(make_plan(97, 32).to_dict(), {"precision": "fp16-mixed"}, "hf")
+    config = export_plan(make_plan(97, 32).facts(), {"precision": "fp16-mixed"}, "hf")
     path = tmp_path / "args.yaml"
     path.write_text(render(config, as_yaml=True))
     (args,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(path), allow_extra_keys=False)
@@ -93,7 +93,7 @@ def test_lightning_trainer_constructs_with_the_exported_arguments(name, precisio
     import lightning
 
     plan, (_micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.to_dict(), {"precision": precision}, "lightning")["config"]
+    config = export_plan(plan.facts(), {"precision": precision}, "lightning")["config"]
     assert config["trainer"] == {"accumulate_grad_batches": steps, "devices": devices, "precision": lightning_precision}
     trainer = lightning.Trainer(**config["trainer"], accelerator="cpu", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
@@ -112,7 +112,7 @@ def test_accelerate_accelerator_and_config_file_take_the_export(name, precision,
     from accelerate.state import AcceleratorState
 
     plan, (_micro, steps, devices), effective = PLANS[name]
-    exported = export_plan(plan.to_dict(), {"precision": precision}, "accelerate")
+    exported = export_plan(plan.facts(), {"precision": precision}, "accelerate")
     config = exported["config"]
     try:
         accelerator = Accelerator(**config["accelerator"], cpu=True)
@@ -147,7 +147,7 @@ def _deepspeed_config(config: dict, world_size: int):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_deepspeed_config_passes_deepspeeds_batch_assertion(name, precision):
     plan, (micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.to_dict(), {"precision": precision}, "deepspeed")["config"]
+    config = export_plan(plan.facts(), {"precision": precision}, "deepspeed")["config"]
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"]) == (micro, steps, effective)
     pytest.importorskip("deepspeed")
@@ -167,11 +167,11 @@ def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
     plan, (micro, steps, devices), effective = PLANS[name]
     spec = {"precision": "bf16-mixed", "gradient_checkpointing": True, "finetuning": "lora",
             "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}, "optimizer": "paged_adamw_8bit"}
-    axolotl = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "axolotl"), as_yaml=True))
+    axolotl = yaml.safe_load(render(export_plan(plan.facts(), spec, "axolotl"), as_yaml=True))
     assert axolotl == {"micro_batch_size": micro, "gradient_accumulation_steps": steps, "bf16": True, "fp16": False,
                        "gradient_checkpointing": True, "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
                        "lora_target_modules": ["q_proj", "v_proj"], "optimizer": "paged_adamw_8bit"}
-    torchtune = yaml.safe_load(render(export_plan(plan.to_dict(), spec, "torchtune"), as_yaml=True))
+    torchtune = yaml.safe_load(render(export_plan(plan.facts(), spec, "torchtune"), as_yaml=True))
     assert torchtune == {"batch_size": micro, "gradient_accumulation_steps": steps,
                          "enable_activation_checkpointing": True, "dtype": "bf16",
                          "optimizer": {"_component_": "bitsandbytes.optim.PagedAdamW8bit"}}
@@ -179,7 +179,7 @@ def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
 
 
 def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
-    plan = make_plan(96, 32).to_dict()
+    plan = make_plan(96, 32).facts()
     assert export_plan(plan, {"precision": "bf16"}, "axolotl")["config"]["bfloat16"] is True
     assert export_plan(plan, {"precision": "fp32"}, "torchtune")["config"]["dtype"] == "fp32"
     with pytest.raises(ExportError, match="torchtune trains in fp32 or bf16 only"):
@@ -193,8 +193,8 @@ def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
                          [("uneven-tie-below", 97, 96, -1.03, "below"), ("uneven-above", 101, 102, 0.99, "above")])
 def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, asked, given, deviation, side):
     plan, (micro, steps, _devices), _ = PLANS[name]
-    assert plan.to_dict()["last_micro_batch"] is not None  # the recommendation itself is uneven
-    exported = export_plan(plan.to_dict(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
+    assert plan.facts().as_json()["last_micro_batch"] is not None  # the recommendation itself is uneven
+    exported = export_plan(plan.facts(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
     assert micro_and_accumulation(fmt, exported["config"]) == (micro, steps)
     provenance = exported["provenance"]
     assert (provenance["effective_batch_asked"], provenance["effective_batch"]) == (asked, given)
@@ -206,7 +206,7 @@ def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, ask
 
 
 def test_an_even_plan_is_exported_as_is_with_its_provenance():
-    exported = export_plan(make_plan(96, 32).to_dict(), {}, "hf")
+    exported = export_plan(make_plan(96, 32).facts(), {}, "hf")
     provenance = exported["provenance"]
     assert provenance["effective_batch"] == provenance["effective_batch_asked"] == 96
     assert provenance["deviation_percent"] == 0 and "why_not_the_plan" not in provenance

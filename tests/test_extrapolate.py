@@ -161,8 +161,8 @@ def test_foreach_adamw_pairs_up_and_adafactor_falls_back_to_the_full_depth():
 def test_the_search_over_an_extrapolated_llama_finds_the_full_depths_micro_batch_and_says_so():
     spec = _spec("llama", finetuning="lora").model_copy(update={"capacity_bytes": 12 * 2**20})
     events: list[dict] = []
-    extrapolated = run_probe(spec, events.append)
-    full = run_probe(spec.model_copy(update={"extrapolate": False}))
+    extrapolated = run_probe(spec, events.append).as_json()
+    full = run_probe(spec.model_copy(update={"extrapolate": False})).as_json()
     assert extrapolated["model"]["extrapolated_from_layers"] == [2, 3]
     assert full["model"]["not_extrapolated_because"].startswith("extrapolate is off")
     assert extrapolated["search"]["max_micro_batch"] == full["search"]["max_micro_batch"] > 2
@@ -173,6 +173,6 @@ def test_the_search_over_an_extrapolated_llama_finds_the_full_depths_micro_batch
 
 
 def test_builtin_models_run_at_full_depth_and_the_report_says_why():
-    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate"))
+    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate")).as_json()
     assert report["model"]["extrapolated_from_layers"] is None
     assert "Hugging Face" in report["model"]["not_extrapolated_because"]

@@ -38,7 +38,7 @@ def test_after_a_real_oom_allocated_memory_is_back_to_baseline():
 ])
 def test_probe_max_is_the_true_maximum_on_cuda(case):
     spec = ProbeSpec(device="cuda:0", **case)
-    search = run_probe(spec)["search"]
+    search = run_probe(spec).as_json()["search"]
     best = search["max_micro_batch"]
 
     def fits(b: int) -> bool:

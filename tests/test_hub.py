@@ -71,7 +71,7 @@ def test_the_test_cache_is_the_layout_huggingface_hub_reads(hub_cache):
 def test_hub_id_builds_from_the_cache_without_asking_the_hub(hub_cache, no_hub_calls):
     model = build_model(ProbeSpec(model="hf:testorg/tiny-llama", seq_len=16), "cpu")
     assert model.module.config.num_hidden_layers == 2 and model.vocab_size == 256 and model.max_seq_len == 512
-    trial = run_trial(ProbeSpec(model="hf:testorg/tiny-llama", seq_len=16, capacity_bytes="64MiB"), 2)["trial"]
+    trial = run_trial(ProbeSpec(model="hf:testorg/tiny-llama", seq_len=16, capacity_bytes="64MiB"), 2).as_json()["trial"]
     assert trial["fits"]
 
 

@@ -41,7 +41,7 @@ def spec_for(family: str, optim: str, **extra) -> ProbeSpec:
 
 
 def trial_peak(family: str, optim: str, micro_batch: int, **extra) -> int:
-    trial = run_trial(spec_for(family, optim, **extra), micro_batch)
+    trial = run_trial(spec_for(family, optim, **extra), micro_batch).as_json()
     assert trial["trial"]["fits"]
     return trial["trial"]["peak_allocated_bytes"]
 
@@ -117,14 +117,14 @@ def test_an_estimate_runs_adamw_torch_as_cuda_runs_it_not_as_the_host_would():
     settings = LoopSettings(micro_batch=1, optim="adamw_torch")
     cuda_loop = allocator_peak_bytes(lambda: run_user_loop(
         FAMILIES["qwen3"], settings, make_optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, foreach=True)))
-    estimate = run_trial(spec_for("qwen3", "adamw_torch", mode="estimate"), 1)
+    estimate = run_trial(spec_for("qwen3", "adamw_torch", mode="estimate"), 1).as_json()
     assert estimate["trial"]["peak_allocated_bytes"] == pytest.approx(cuda_loop, rel=TOLERANCE)
     assert estimate["optimizer"]["implementation"] == "torch.optim.AdamW(foreach=True)"
     assert trial_peak("qwen3", "adamw_torch", 1) < cuda_loop * (1 - TOLERANCE)  # the CPU measure: single-tensor
 
 
 def test_paged_state_is_said_to_be_counted_as_device_memory():
-    report = run_trial(spec_for("qwen3", "paged_adamw_8bit", mode="estimate"), 1)
+    report = run_trial(spec_for("qwen3", "paged_adamw_8bit", mode="estimate"), 1).as_json()
     assert report["optimizer"]["implementation"] == "bitsandbytes.optim.AdamW(optim_bits=8, is_paged=True)"
     assert "counted as device memory" in report["optimizer"]["note"]
 

@@ -28,10 +28,10 @@ def test_recommended_plan_is_exact_and_within_the_micro_batch_limit(request: tup
     effective_batch, max_micro_batch, num_devices = request
     plan = make_plan(effective_batch, max_micro_batch, num_devices)
     layouts = [plan.device_micro_batches(rank) for rank in range(num_devices)]
-    assert plan.split.exact and plan.to_dict()["effective_batch"] == effective_batch
+    assert plan.split.exact and plan.facts().as_json()["effective_batch"] == effective_batch
     assert sum(map(sum, layouts)) == effective_batch
     assert all(1 <= b <= plan.split.micro_batch <= max_micro_batch for sizes in layouts for b in sizes)
-    assert max(map(len, layouts)) == plan.to_dict()["accumulation_steps"]
+    assert max(map(len, layouts)) == plan.facts().as_json()["accumulation_steps"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -39,7 +39,7 @@ def test_recommended_plan_is_exact_and_within_the_micro_batch_limit(request: tup
 def test_an_even_exact_plan_is_found_whenever_one_exists(request: tuple[int, int, int]) -> None:
     effective_batch, max_micro_batch, num_devices = request
     evens = _even_exact_micro_batches(effective_batch, max_micro_batch, num_devices)
-    plan = make_plan(effective_batch, max_micro_batch, num_devices).to_dict()
+    plan = make_plan(effective_batch, max_micro_batch, num_devices).facts().as_json()
     offered = [plan] + plan["alternatives"]
     found = [p for p in offered if p["exact"] and p["last_micro_batch"] is None]
     if not evens:
@@ -57,7 +57,7 @@ def test_an_even_exact_plan_is_found_whenever_one_exists(request: tuple[int, int
 @given(requests)
 def test_uneven_recommendation_comes_with_the_nearest_even_plans(request: tuple[int, int, int]) -> None:
     effective_batch, max_micro_batch, num_devices = request
-    plan = make_plan(effective_batch, max_micro_batch, num_devices).to_dict()
+    plan = make_plan(effective_batch, max_micro_batch, num_devices).facts().as_json()
     if plan["last_micro_batch"] is None:
         assert plan["nearest_below"] is None and plan["nearest_above"] is None
         return
@@ -74,10 +74,10 @@ def test_prime_effective_batch_gets_an_uneven_exact_plan_not_micro_batch_one() -
     plan = make_plan(97, 32)
     assert plan.split.exact and plan.split.micro_batch > 1
     assert plan.split.accumulation_steps == 4
-    assert plan.to_dict()["last_micro_batch"] is not None
+    assert plan.facts().as_json()["last_micro_batch"] is not None
     assert "only micro-batch 1 divides it" in plan.reason
-    assert plan.to_dict()["nearest_below"]["effective_batch"] == 96
-    assert plan.to_dict()["nearest_above"]["effective_batch"] == 98
+    assert plan.facts().as_json()["nearest_below"]["effective_batch"] == 96
+    assert plan.facts().as_json()["nearest_above"]["effective_batch"] == 98
 
 
 def test_effective_batch_not_divisible_by_devices_spreads_one_extra_example() -> None:
@@ -87,7 +87,7 @@ def test_effective_batch_not_divisible_by_devices_spreads_one_extra_example() ->
 
 
 def test_even_split_recommended_when_it_needs_as_few_micro_steps() -> None:
-    plan = make_plan(96, 40).to_dict()
+    plan = make_plan(96, 40).facts().as_json()
     assert (plan["micro_batch"], plan["accumulation_steps"], plan["last_micro_batch"]) == (32, 3, None)
     throughputs = [alt["relative_throughput"] for alt in plan["alternatives"]]
     assert throughputs == sorted(throughputs, reverse=True)
@@ -141,7 +141,7 @@ def test_noisy_timings_never_rest_on_an_extrapolation(effective_batch, safe, noi
         timings[b] = true_cost_s(b, fixed_s) * noise[i] * (slow_factor if i == slow_index else 1.0)
     plan = make_plan(effective_batch, safe, step_s_by_micro_batch=timings)
     again = make_plan(effective_batch, safe, step_s_by_micro_batch=dict(reversed(list(timings.items()))))
-    assert plan.to_dict() == again.to_dict()  # the same trials give the same plan
+    assert plan.facts().as_json() == again.facts().as_json()  # the same trials give the same plan
     split = plan.split
     assert split.effective_batch == effective_batch
     if effective_batch >= 2:
@@ -155,11 +155,11 @@ def test_noisy_timings_never_rest_on_an_extrapolation(effective_batch, safe, noi
 
 
 def test_learning_rate_guidance_is_labelled_linear_and_sqrt() -> None:
-    guidance = make_plan(256, 32, reference_lr=1e-4, reference_batch=64).to_dict()["lr_guidance"]
+    guidance = make_plan(256, 32, reference_lr=1e-4, reference_batch=64).facts().as_json()["lr_guidance"]
     assert guidance["linear_scaled_lr"] == pytest.approx(4e-4)
     assert guidance["sqrt_scaled_lr"] == pytest.approx(2e-4)
     assert "Adam" in guidance["note"] and "SGD" in guidance["note"]
-    assert make_plan(256, 32).to_dict()["lr_guidance"] is None
+    assert make_plan(256, 32).facts().as_json()["lr_guidance"] is None
 
 
 @pytest.mark.parametrize(("args", "field", "fix"), [
@@ -208,7 +208,7 @@ def test_every_split_is_written_one_way_and_the_alternatives_table_has_a_header_
                                      "deviation"]
     assert lines[header + 1].strip().startswith("96 = 3 × 32 (three micro-batches of 32)")
     # what the CLI prints is each split's `equation`, the field the page and the verdict print too
-    plan = make_plan(64, 33, 1).to_dict()
+    plan = make_plan(64, 33, 1).facts().as_json()
     for split in [plan, *plan["alternatives"]]:
         assert split["equation"].startswith(f"{split['effective_batch']} = ")
     uneven = next(alt for alt in plan["alternatives"] if alt["last_micro_batch"])

@@ -75,7 +75,7 @@ def test_preset_estimates_a_lora_step_at_micro_batch_one(name):
     config = with_fewer_layers(name)
     spec = ProbeSpec(model=config, seq_len=64, finetuning="lora", precision="bf16-mixed", mode="estimate",
                      capacity_bytes="200GiB")
-    report = run_trial(spec, 1)
+    report = run_trial(spec, 1).as_json()
     weight_bytes = report["model"]["weight_bytes"]
     assert report["trial"]["fits"]
     assert weight_bytes > 2 * transformers_parameter_count(config) * 0.98  # bf16 base weights, all of them
@@ -114,6 +114,6 @@ def test_moe_estimate_counts_the_experts_as_the_cpu_run_allocates_them(model_typ
 def test_moe_whose_experts_loop_over_the_routing_is_measured_not_estimated():
     looped = {**TINY_MOE["mixtral"], "experts_implementation": "eager"}  # torch.where over the router's picks
     spec = ProbeSpec(model=looped, seq_len=16, capacity_bytes="64MiB")
-    assert run_trial(spec, 2)["trial"]["fits"]
+    assert run_trial(spec, 2).as_json()["trial"]["fits"]
     with pytest.raises(SpecError, match=r"estimate mode cannot run this mixture-of-experts model.*measure mode"):
-        run_trial(spec.model_copy(update={"mode": "estimate"}), 2)
+        run_trial(spec.model_copy(update={"mode": "estimate"}), 2).as_json()

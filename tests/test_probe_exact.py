@@ -32,7 +32,7 @@ def test_probe_max_is_the_true_maximum_with_a_median_of_at_most_five_trials():
     trial_counts = []
     for case in CASES:
         spec = ProbeSpec(**case)
-        search = run_probe(spec)["search"]
+        search = run_probe(spec).as_json()["search"]
         best = search["max_micro_batch"]
         assert fits_on_a_fresh_model(spec, best), case
         assert not fits_on_a_fresh_model(spec, best + 1), case
@@ -48,7 +48,7 @@ def test_probe_max_is_the_true_maximum_with_a_median_of_at_most_five_trials():
 
 def test_the_search_stops_at_what_the_effective_batch_needs():
     spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="256MiB", effective_batch=6)
-    search = run_probe(spec)["search"]
+    search = run_probe(spec).as_json()["search"]
     assert search["max_micro_batch"] == 6 and search["limit_reached"]
     assert max(t["micro_batch"] for t in search["trials"]) == 6
 
@@ -56,7 +56,7 @@ def test_the_search_stops_at_what_the_effective_batch_needs():
 def test_every_trial_is_announced_as_an_event():
     events = []
     spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="24MiB")
-    report = run_probe(spec, events.append)
+    report = run_probe(spec, events.append).as_json()
     trial_events = [e for e in events if e["type"] == "trial"]
     assert [e["micro_batch"] for e in trial_events] == [t["micro_batch"] for t in report["search"]["trials"]]
     assert [e["phase"] for e in events if e["type"] == "phase"] == ["building_model", "probing", "probed"]

@@ -45,10 +45,10 @@ def test_qlora_trial_equals_the_qlora_recipe(checkpoints, family, optim, micro_b
     counter = LiveBytes()
     with counter:
         run_qlora_loop(checkpoints[family], settings)
-    trial = run_trial(qlora_spec(family, optim), micro_batch)
+    trial = run_trial(qlora_spec(family, optim), micro_batch).as_json()
     assert trial["trial"]["fits"]
     assert trial["trial"]["peak_allocated_bytes"] == pytest.approx(counter.peak, rel=TOLERANCE)
-    estimate = run_trial(qlora_spec(family, optim, mode="estimate"), micro_batch)
+    estimate = run_trial(qlora_spec(family, optim, mode="estimate"), micro_batch).as_json()
     assert estimate["trial"]["peak_allocated_bytes"] == pytest.approx(trial["trial"]["peak_allocated_bytes"],
                                                                        rel=TOLERANCE)
 
@@ -60,7 +60,7 @@ def test_qlora_trial_equals_the_allocators_account_where_training_holds_the_peak
     training holds the peak and the account is the independent count."""
     settings = LoopSettings(micro_batch=8, optim="paged_adamw_8bit", precision="bf16-mixed", lora=True)
     expected = allocator_peak_bytes(lambda: run_qlora_loop(checkpoints[family], settings))
-    trial = run_trial(qlora_spec(family, "paged_adamw_8bit"), 8)["trial"]
+    trial = run_trial(qlora_spec(family, "paged_adamw_8bit"), 8).as_json()["trial"]
     assert trial["peak_allocated_bytes"] == pytest.approx(expected, rel=TOLERANCE)
 
 
@@ -68,8 +68,8 @@ def test_qlora_weighs_less_than_lora_on_a_16_bit_base_by_the_quantized_linears()
     """Hand count: each quantized linear weight goes from 2 bytes (bf16 LoRA base) to 0.5 bytes plus its
     scales; embeddings and norms go from bf16 to fp32 (prepare_model_for_kbit_training upcasts them)."""
     lora = run_trial(ProbeSpec(model=FAMILIES["qwen3"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
-                               precision="bf16-mixed"), 1)["model"]["weight_bytes"]
-    qlora = run_trial(qlora_spec("qwen3", "adamw_torch_fused"), 1)["model"]["weight_bytes"]
+                               precision="bf16-mixed"), 1).as_json()["model"]["weight_bytes"]
+    qlora = run_trial(qlora_spec("qwen3", "adamw_torch_fused"), 1).as_json()["model"]["weight_bytes"]
     fields = FAMILIES["qwen3"]
     hidden, inter, layers, vocab = (fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"],
                                     fields["vocab_size"])
@@ -89,7 +89,7 @@ def test_quantization_without_lora_is_refused_with_the_fix():
 
 
 def test_report_says_how_the_base_was_loaded_and_prepared():
-    report = run_trial(qlora_spec("olmo2", "paged_adamw_8bit", mode="estimate"), 1)
+    report = run_trial(qlora_spec("olmo2", "paged_adamw_8bit", mode="estimate"), 1).as_json()
     quantization = report["quantization"]
     assert quantization["bits_and_bytes_config"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                                                      "bnb_4bit_use_double_quant": True,
@@ -115,13 +115,13 @@ def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
     from probe.needs import does_not_fit
 
     spec = ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
-    answer = does_not_fit(spec, spec.capacity_bytes)
+    answer = does_not_fit(spec, spec.capacity_bytes).as_json()
     options = {o["change"].split(" (")[0]: o for o in answer["options"]}
     qlora, eight_bit = options["QLoRA"], options["8-bit AdamW"]
     assert qlora["settings"] == {"finetuning": "lora", "quantization": "nf4"}
     # what QLoRA needs is what the QLoRA recipe's trial holds at micro-batch 1 (checked against it above)
     measured = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
-                                   quantization="nf4"), 1)["trial"]["peak_allocated_bytes"]
+                                   quantization="nf4"), 1).as_json()["trial"]["peak_allocated_bytes"]
     assert qlora["needs_bytes"] == pytest.approx(measured, rel=TOLERANCE)
     assert qlora["needs_bytes"] < options["LoRA"]["needs_bytes"] < answer["needs_bytes"]
     assert eight_bit["needs_bytes"] < answer["needs_bytes"]
@@ -132,8 +132,8 @@ def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
 def test_fp4_estimate_equals_the_measured_trial():
     spec = dict(model=FAMILIES["qwen3"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora", quantization="fp4",
                 precision="bf16-mixed")
-    measured = run_trial(ProbeSpec(**spec), 4)["trial"]["peak_allocated_bytes"]
-    assert run_trial(ProbeSpec(**spec, mode="estimate"), 4)["trial"]["peak_allocated_bytes"] == pytest.approx(
+    measured = run_trial(ProbeSpec(**spec), 4).as_json()["trial"]["peak_allocated_bytes"]
+    assert run_trial(ProbeSpec(**spec, mode="estimate"), 4).as_json()["trial"]["peak_allocated_bytes"] == pytest.approx(
         measured, rel=TOLERANCE)
 
 
@@ -147,7 +147,7 @@ def test_int8_base_equals_the_8bit_recipe(tmp_path):
     with counter:
         run_qlora_loop(str(tmp_path), settings, quant_type="int8")
     trial = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
-                                quantization="int8"), 4)["trial"]
+                                quantization="int8"), 4).as_json()["trial"]
     assert trial["peak_allocated_bytes"] == pytest.approx(counter.peak, rel=TOLERANCE)
     with pytest.raises(ValueError, match="estimate with nf4"):
         ProbeSpec(model="preset:gpt2", finetuning="lora", quantization="int8", mode="estimate", capacity_bytes=1 << 30)
@@ -160,4 +160,4 @@ def test_quantizing_a_builtin_model_is_refused_with_the_fix():
     with pytest.raises(Exception, match="drop quantization for builtin"):
         check_reference(spec)  # at the door
     with pytest.raises(Exception, match="drop quantization for builtin"):
-        run_trial(spec, 1)  # and in the job, should a request get past the door
+        run_trial(spec, 1).as_json()  # and in the job, should a request get past the door

@@ -147,7 +147,7 @@ def test_model_states_per_device_fall_as_one_over_n():
 @pytest.mark.slow
 def test_search_under_sharding_finds_the_true_max_measured_on_gloo_ranks():
     spec = llama(2, mode="estimate")
-    found = run_probe(spec)["search"]["max_micro_batch"]
+    found = run_probe(spec).as_json()["search"]["max_micro_batch"]
     assert found > MICRO_BATCH
     estimate = EstimatedShardedTrial(spec)
     assert estimate(found).fits and not estimate(found + 1).fits
@@ -161,8 +161,8 @@ def test_fsdp_beats_ddp_where_model_states_dominate():
     """Full fine-tuning, 4 devices, a capacity that the unsharded weights + AdamW state nearly fill."""
     capacity = "28MiB"
     plain = ProbeSpec(model=dict(LLAMA), seq_len=SEQ_LEN, capacity_bytes=capacity, num_devices=4, mode="estimate")
-    ddp = run_probe(plain)["search"]["max_micro_batch"]
-    fsdp = run_probe(plain.model_copy(update={"sharding": "fsdp"}))["search"]["max_micro_batch"]
+    ddp = run_probe(plain).as_json()["search"]["max_micro_batch"]
+    fsdp = run_probe(plain.model_copy(update={"sharding": "fsdp"})).as_json()["search"]["max_micro_batch"]
     assert ddp == 1
     assert fsdp == 3
     assert not torch.distributed.is_initialized(), "the fake group must not outlive the estimate"
@@ -189,7 +189,7 @@ def test_combinations_not_modelled_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="use bf16-mixed"):
         llama(2, precision="fp16-mixed")
     with pytest.raises(ValueError, match="--no-verify"):
-        run_job(llama(2, effective_batch=8))
+        run_job(llama(2, effective_batch=8)).as_json()
     with pytest.raises(SystemExit) as exit_:
         main(["probe", "--sharding", "tp", "--devices", "2"])
     assert exit_.value.code == EXIT_BAD_INPUT

@@ -28,7 +28,7 @@ def spec_for(name: str, settings: LoopSettings, **extra) -> ProbeSpec:
 def test_trial_peak_equals_the_standard_hf_loops_peak(name, precision, lora):
     settings = LoopSettings(precision=precision, lora=lora)
     loop_bytes = user_loop_peak_bytes(ARCHITECTURES[name], settings)
-    trial = run_trial(spec_for(name, settings), settings.micro_batch)["trial"]
+    trial = run_trial(spec_for(name, settings), settings.micro_batch).as_json()["trial"]
     assert trial["fits"]
     assert trial["peak_allocated_bytes"] == pytest.approx(loop_bytes, rel=TOLERANCE)
 
@@ -39,7 +39,7 @@ def test_estimate_takes_the_users_attention_path(name, padded):
     """Under fake tensors the mask's values cannot be read; the estimate must still match the real run."""
     settings = LoopSettings(precision="bf16-mixed", lora=True, padded=padded, micro_batch=6)
     loop_bytes = user_loop_peak_bytes(ARCHITECTURES[name], settings)
-    estimated = run_trial(spec_for(name, settings, mode="estimate"), settings.micro_batch)["trial"]
+    estimated = run_trial(spec_for(name, settings, mode="estimate"), settings.micro_batch).as_json()["trial"]
     assert estimated["peak_allocated_bytes"] == pytest.approx(loop_bytes, rel=TOLERANCE)
 
 
@@ -48,6 +48,6 @@ def test_padded_trial_is_the_worst_case_of_a_padded_loader():
     one_pad = LoopSettings(padded=True, micro_batch=6, seq_len=128)
     no_padding_bytes = user_loop_peak_bytes(ARCHITECTURES["llama-gqa"], LoopSettings(padded=False, micro_batch=6,
                                                                                          seq_len=128))
-    padded_trial = run_trial(spec_for("llama-gqa", one_pad), 6)["trial"]["peak_allocated_bytes"]
+    padded_trial = run_trial(spec_for("llama-gqa", one_pad), 6).as_json()["trial"]["peak_allocated_bytes"]
     assert padded_trial > no_padding_bytes * (1 + TOLERANCE)
     assert padded_trial == pytest.approx(user_loop_peak_bytes(ARCHITECTURES["llama-gqa"], one_pad), rel=TOLERANCE)

@@ -62,13 +62,13 @@ def _longest(rows: list[list[int]], count: int) -> list[list[int]]:
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_the_worst_padded_batch_is_as_wide_as_the_datas_longest_row(dataset, fmt):
     rows, paths = dataset
-    report = run_probe(_spec(paths[fmt], "padded", max_micro_batch=MICRO_BATCH))
+    report = run_probe(_spec(paths[fmt], "padded", max_micro_batch=MICRO_BATCH)).as_json()
     data = report["data"]
     assert data["rows"] == len(rows) and data["max_tokens"] == max(len(r) for r in rows) == LONGEST
     assert data["total_tokens"] == sum(len(r) for r in rows)
     assert data["worst_batch"]["shape"] == [MICRO_BATCH, LONGEST]  # not seq_len 256: no batch is wider
     # cut at seq_len: rows longer than it are counted and the batch is seq_len wide
-    cut = run_probe(_spec(paths[fmt], "padded", seq_len=128, max_micro_batch=2))["data"]
+    cut = run_probe(_spec(paths[fmt], "padded", seq_len=128, max_micro_batch=2)).as_json()["data"]
     assert cut["rows_longer_than_seq_len"] == sum(len(r) > 128 for r in rows) == 1
     assert cut["worst_batch"]["shape"] == [2, 128]
 
@@ -108,7 +108,7 @@ def _flattened_batch(rows: list[list[int]]) -> dict[str, torch.Tensor]:
 def test_the_trial_at_the_datas_worst_batch_holds_what_the_hf_collators_loop_holds(dataset, collation, precision, lora):
     rows, paths = dataset
     spec = _spec(paths["parquet"], collation, precision=precision, finetuning="lora" if lora else "full")
-    trial = run_trial(spec, MICRO_BATCH)["trial"]
+    trial = run_trial(spec, MICRO_BATCH).as_json()["trial"]
     assert trial["fits"]
     worst = _longest(rows, MICRO_BATCH)
     collate = _padded_batch if collation == "padded" else _flattened_batch
@@ -124,9 +124,9 @@ def test_the_trial_at_the_datas_worst_batch_holds_what_the_hf_collators_loop_hol
 @pytest.mark.parametrize("collation", ["padded", "flattened"])
 def test_an_estimate_of_the_datas_worst_batch_equals_the_measured_trial(dataset, collation):
     _, paths = dataset
-    measured = run_trial(_spec(paths["jsonl"], collation, precision="bf16-mixed"), MICRO_BATCH)["trial"]
+    measured = run_trial(_spec(paths["jsonl"], collation, precision="bf16-mixed"), MICRO_BATCH).as_json()["trial"]
     estimated = run_trial(_spec(paths["jsonl"], collation, precision="bf16-mixed", mode="estimate"),
-                          MICRO_BATCH)["trial"]
+                          MICRO_BATCH).as_json()["trial"]
     assert estimated["peak_allocated_bytes"] == pytest.approx(measured["peak_allocated_bytes"], rel=TOLERANCE)
 
 
@@ -175,7 +175,7 @@ def test_the_exports_carry_packing_and_padding_free_settings():
     from probe.export import export_plan
     from probe.plan import make_plan
 
-    plan = make_plan(48, 16).to_dict()
+    plan = make_plan(48, 16).facts()
     packed = {"collation": "packed", "seq_len": 2048, "effective_batch_tokens": 48 * 2048}
     hf = export_plan(plan, packed, "hf")
     assert hf["config"]["packing"] is True and hf["config"]["max_length"] == 2048
@@ -202,8 +202,8 @@ def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking()
     step = {b: 64 // b * (fixed + (1 - fixed) * b / 64 * width[b]) for b in width}
     assert step[16] < step[32] < step[64]  # one micro-batch of 64 pads every step to 1000 tokens
     assert step[32] <= min(step.values()) * 1.05  # within the planner's 5 % noise band, with fewer micro-steps
-    without_data = make_plan(64, 64).to_dict()
-    with_data = make_plan(64, 64, width=ratio).to_dict()
+    without_data = make_plan(64, 64).facts().as_json()
+    with_data = make_plan(64, 64, width=ratio).facts().as_json()
     assert without_data["micro_batch"] == 64 and with_data["micro_batch"] == 32
     slower = next(a for a in with_data["alternatives"] if a["micro_batch"] == 64)
     assert slower["relative_throughput"] == pytest.approx(step[32] / step[64], abs=1e-3)
@@ -233,7 +233,7 @@ def test_an_extrapolated_estimate_of_flattened_batches_equals_the_full_depth():
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
     reports = [run_trial(ProbeSpec(model=config, seq_len=128, collation="flattened", capacity_bytes=1 << 32,
                                    mode="estimate", precision="bf16-mixed", extrapolate=extrapolate,
-                                   data={"rows_by_length": {30: 10, 100: 3}}), 4)
+                                   data={"rows_by_length": {30: 10, 100: 3}}), 4).as_json()
                for extrapolate in (True, False)]
     assert reports[0]["model"]["extrapolated_from_layers"] == [2, 3]
     assert reports[0]["trial"]["phase_peak_bytes"] == reports[1]["trial"]["phase_peak_bytes"]

@@ -83,8 +83,8 @@ def test_naive_mean_per_micro_batch_is_visibly_wrong_on_padded_batches() -> None
 def test_verification_of_an_uneven_plan_passes_every_check() -> None:
     spec = _nano(capacity_bytes="64MiB", effective_batch=11)
     plan = make_plan(11, 4)
-    verification = run_verification(spec, plan, steps=3, fits_at_once=8)
-    assert plan.to_dict()["last_micro_batch"] is not None
+    verification = run_verification(spec, plan, steps=3, fits_at_once=8).as_json()
+    assert plan.facts().as_json()["last_micro_batch"] is not None
     assert verification["passed"], verification["checks"]
     assert {c["name"] for c in verification["checks"]} == {
         "no_oom", "memory_within_headroom", "finite_loss", "loss_decreases", "gradient_equivalence",
@@ -101,7 +101,7 @@ def test_verification_of_an_uneven_plan_passes_every_check() -> None:
 
 def test_verification_that_runs_out_of_memory_fails_and_says_so() -> None:
     spec = _nano(capacity_bytes="2MiB", effective_batch=8)
-    verification = run_verification(spec, make_plan(8, 8), steps=2)
+    verification = run_verification(spec, make_plan(8, 8), steps=2).as_json()
     checks = {c["name"]: c for c in verification["checks"]}
     assert not verification["passed"]
     assert not checks["no_oom"]["passed"] and "out of memory" in checks["no_oom"]["detail"]
@@ -110,14 +110,14 @@ def test_verification_that_runs_out_of_memory_fails_and_says_so() -> None:
 
 def test_one_verification_step_is_refused() -> None:
     with pytest.raises(SpecError, match="verify_steps must be at least 2"):
-        run_verification(_nano(effective_batch=4), make_plan(4, 4), steps=1)
+        run_verification(_nano(effective_batch=4), make_plan(4, 4), steps=1).as_json()
 
 
 @pytest.mark.slow
 def test_probe_plan_verify_with_two_gloo_processes() -> None:
     events: list[dict] = []
     spec = _nano(capacity_bytes="16MiB", effective_batch=13, num_devices=2)
-    report = run_job(spec, events.append, verify_steps=2)
+    report = run_job(spec, events.append, verify_steps=2).as_json()
     plan, verification = report["plan"], report["verification"]
     assert plan["exact"] and plan["num_devices"] == 2 and plan["effective_batch"] == 13
     assert plan["micro_batch"] <= report["search"]["safe_micro_batch"]
@@ -150,6 +150,6 @@ def test_dropout_does_not_break_the_gradient_check() -> None:
     """GPT-2's default dropout (0.1) draws different masks for two cuts of the same examples."""
     config = {"model_type": "gpt2", "vocab_size": 256, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 2}
     spec = ProbeSpec(model=config, seq_len=32, capacity_bytes="64MiB", effective_batch=8)
-    verification = run_verification(spec, make_plan(8, 4), steps=2)
+    verification = run_verification(spec, make_plan(8, 4), steps=2).as_json()
     checks = {c["name"]: c for c in verification["checks"]}
     assert checks["gradient_equivalence"]["passed"], checks["gradient_equivalence"]["detail"]

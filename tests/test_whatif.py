@@ -45,7 +45,7 @@ def test_every_cell_is_the_single_estimate_of_its_setting(table):
     answers = set()
     for row in whatif.rows:
         for cell in row.cells:
-            search = run_probe(cell_spec(base, row.setting, cell.seq_len))["search"]
+            search = run_probe(cell_spec(base, row.setting, cell.seq_len)).as_json()["search"]
             assert cell.max_micro_batch == search["max_micro_batch"], (row.label, cell.seq_len)
             assert cell.safe_micro_batch == search["safe_micro_batch"], (row.label, cell.seq_len)
             peak = next((t["peak_allocated_bytes"] for t in search["trials"]
@@ -142,7 +142,7 @@ def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answ
     assert [cell.extrapolated_from_layers for cell in adafactor.cells] == [None]
     for row in whatif.rows:
         for cell in row.cells:
-            report = run_probe(cell_spec(base, row.setting, cell.seq_len))
+            report = run_probe(cell_spec(base, row.setting, cell.seq_len)).as_json()
             assert cell.extrapolated_from_layers == report["model"]["extrapolated_from_layers"], row.label
             assert (cell.max_micro_batch, cell.safe_micro_batch) == \
                 (report["search"]["max_micro_batch"], report["search"]["safe_micro_batch"]), (row.label, cell.seq_len)

@@ -10,6 +10,7 @@ from app.deps import StoreDep
 from app.schemas import ConfigExport
 from fitprobe_client.status import JobStatus
 from probe.export import FORMATS, ExportError, ExportFormat, export_report
+from probe.report import Report
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
@@ -34,6 +35,6 @@ def probe_config(job_id: str, store: StoreDep,
         raise HTTPException(409, f"probe {job_id} has no plan: it ran without an effective_batch; submit it again "
                                  "with one (the same probe is answered from the cache)")
     try:
-        return export_report(job["result"], format)
+        return export_report(Report.model_validate(job["result"]), format)
     except ExportError as exc:
         raise HTTPException(422, str(exc)) from exc

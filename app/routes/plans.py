@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, HTTPException
 
-from app.schemas import PlanRequest, error_responses
+from app.schemas import PlanAnswer, PlanRequest, error_responses
 from probe.plan import make_plan
 from probe.spec import SpecError
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 
-@router.post("", summary="Split an effective batch into micro-batch × accumulation × devices",
+@router.post("", response_model=PlanAnswer, summary="Split an effective batch into micro-batch × accumulation × devices",
              responses=error_responses(400, 413, 422))
-def plan(request: PlanRequest) -> dict[str, Any]:
+def plan(request: PlanRequest) -> PlanAnswer:
     if (request.reference_lr is None) != (request.reference_batch is None):
         raise HTTPException(422, "reference_lr and reference_batch go together: give both or neither")
     try:
@@ -23,4 +21,4 @@ def plan(request: PlanRequest) -> dict[str, Any]:
                          reference_lr=request.reference_lr, reference_batch=request.reference_batch)
     except SpecError as exc:
         raise HTTPException(422, str(exc)) from exc
-    return {"plan": made.to_dict()}
+    return PlanAnswer(plan=made.facts())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request
@@ -25,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.routes.jobs import EventStreams
 from app.routes.probes import public, submit_probe
-from app.schemas import PreflightRequest, PreflightVerdict, error_responses
+from app.schemas import PreflightRequest, PreflightVerdict, ProbeJob, error_responses
 from fitprobe_client.status import TERMINAL
 from fitprobe_client.verdict import verdict
 
@@ -36,7 +35,7 @@ _LINE = {"text/plain": {"schema": {"type": "string"},
                          "example": "PASS: 20 = 10 × 2 (verified; peak 12.1MiB of 16.0MiB)"}}
 
 
-def _answer(request: Request, status_code: int, line: str, job: dict[str, Any] | None) -> Response:
+def _answer(request: Request, status_code: int, line: str, job: ProbeJob | None) -> Response:
     if "application/json" in request.headers.get("accept", ""):
         body = PreflightVerdict(passed=status_code == 200, detail=line, job=job)
         return JSONResponse(body.model_dump(mode="json"), status_code=status_code)
@@ -76,5 +75,5 @@ async def preflight(body: PreflightRequest, request: Request, store: StoreDep, s
         shown = await to_thread.run_sync(public, job, store)
     finally:
         streams.leave(client)
-    passed, line = verdict(shown)
+    passed, line = verdict(shown.model_dump(mode="json"))  # the torch-free client's own reading of the job
     return _answer(request, 200 if passed else FAILED, line, shown)

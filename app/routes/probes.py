@@ -8,21 +8,22 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from app.config import Settings
 from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
 from app.executors.base import Executor
 from app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
-from app.schemas import ProbeRequest, error_responses
+from app.schemas import CompactProbe, ProbeJob, ProbeList, ProbeRequest, error_responses
 from app.store import PROBE, ClientLimits, ClientQuota, QueueFull
 from app.watch import compact, etag_of
 from fitprobe_client.status import JobStatus
 from probe.models import check_reference
 from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
 from probe.data import padded_width_ratio
-from probe.job import plan_dict
+from probe.job import plan_facts
 from probe.plan import plan_for_probe
+from probe.report import Report
 from probe.spec import SpecError, format_bytes
 from probe.versions import distribution_version
 
@@ -54,25 +55,24 @@ def _covers(search: dict[str, Any], micro_batch_limit: int | None) -> bool:
     return micro_batch_limit is not None and micro_batch_limit <= search["limit"]
 
 
-def _replan(result: dict[str, Any], request: ProbeRequest) -> dict[str, Any]:
+def _replan(cached: Report, request: ProbeRequest) -> Report:
     """A cached probe, with the plan made for this request's effective batch.
 
     The verification trained the cached job's plan, so it stays only when the new plan is the same.
     Otherwise `verification` is null (not run, which is not "failed") with a `verification_note`
     saying how to get one: the probe, the expensive part, still holds.
     """
-    result = dict(result)
-    search = result["search"]
+    result = cached.model_copy()
     if request.effective_rows is None:
-        result["plan"] = result["verification"] = None
+        result.plan = result.verification = None
         return result
-    plan = plan_dict(plan_for_probe(search, request.effective_rows, request.num_devices,
-                                    request.micro_steps_per_trial, padded_width_ratio(request)), request)
-    if plan != result.get("plan"):
-        result["verification"] = None
+    plan = plan_facts(plan_for_probe(result.search, request.effective_rows, request.num_devices,
+                                     request.micro_steps_per_trial, padded_width_ratio(request)), request)
+    if plan != result.plan:
+        result.verification = None
         if request.mode == "measure":
-            result["verification_note"] = VERIFICATION_NOT_RUN
-    result["plan"] = plan
+            result.verification_note = VERIFICATION_NOT_RUN
+    result.plan = plan
     return result
 
 
@@ -129,7 +129,7 @@ def pinned(request: RequestT, settings: Any) -> RequestT:
     return request.model_copy(update={"model": f"hf:{HubId(hub_id.repo_id, commit or hub_id.revision)}"})
 
 
-def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
+def public(job: dict[str, Any], store: Any) -> ProbeJob:
     """A job as the API shows it. `trials` are the final attempt's: a job re-run after a restart shows its
     earlier runs' trials apart, in `earlier_attempts`, not mixed into the curve its report describes."""
     job = dict(job)
@@ -144,13 +144,19 @@ def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
     job["earlier_attempts"] = [{"attempt": attempt, "trials": [t for t in trials if t.get("attempt", 1) == attempt]}
                                for attempt in range(1, final)]
     result = job.pop("result")
-    job["search_cached_from"] = (spec.get("search_from") or {}).get("probe_id") or (result or {}).get(
-        "search_cached_from")
-    job["report"] = result
-    job["plan"] = result.get("plan") if result else None
-    job["verification"] = result.get("verification") if result else None
-    job["verification_note"] = result.get("verification_note") if result else None
-    return job
+    report = None
+    if result is not None:
+        try:
+            report = Report.model_validate(result)
+        except ValidationError as exc:  # a record an older fitprobe stored, in a shape this one does not read
+            job["error"] = (f"this job's stored report does not match this version's ({exc.error_count()} fields "
+                            "differ); submit the probe again with reuse=false")
+    job["search_cached_from"] = (spec.get("search_from") or {}).get("probe_id") or (
+        report.search_cached_from if report else None)
+    job["report"] = report
+    if report is not None:
+        job.update(plan=report.plan, verification=report.verification, verification_note=report.verification_note)
+    return ProbeJob(**job)
 
 
 def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor,
@@ -174,15 +180,19 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     cached = store.cached_result(key) if request.reuse else None
     if cached is not None and _covers(cached[1]["search"], request.micro_batch_limit):
-        source_id, report = cached
+        source_id, stored = cached
         try:
+            report = Report.model_validate(stored)
             replanned = _replan(report, request)
+        except ValidationError:  # stored by an older fitprobe in another shape: probe again
+            replanned = None
         except SpecError as exc:
             raise HTTPException(422, str(exc)) from exc
-        if not (request.verify_cached and replanned.get("verification_note")):
-            return within_quota(store.create_cached, spec, key, replanned, client=client, limits=limits)
-        # a verification-only job's result carries the search too: name the probe that ran it
-        spec["search_from"] = {"probe_id": report.get("search_cached_from") or source_id, "report": report}
+        if replanned is not None and not (request.verify_cached and replanned.verification_note):
+            return within_quota(store.create_cached, spec, key, replanned.as_json(), client=client, limits=limits)
+        if replanned is not None:
+            # a verification-only job's result carries the search too: name the probe that ran it
+            spec["search_from"] = {"probe_id": report.search_cached_from or source_id, "report": stored}
     try:
         return within_quota(store.create, spec, key, settings.max_queued_jobs, client=client, limits=limits)
     except QueueFull as exc:
@@ -197,32 +207,32 @@ def within_quota(create: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
 
 
-@router.post("", status_code=202, summary="Submit a probe (probe → plan → verify)",
+@router.post("", status_code=202, response_model=ProbeJob, summary="Submit a probe (probe → plan → verify)",
              responses=error_responses(400, 413, 422, 429, 507))
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
-           executor: ExecutorDep, client: ClientDep) -> dict[str, Any]:
+           executor: ExecutorDep, client: ClientDep) -> ProbeJob:
     """Queue a probe, or answer it from the cache (see `submit_probe`)."""
     job = submit_probe(request, store, settings, executor, client)
     response.headers["Location"] = f"/v1/probes/{job['id']}"
     return public(job, store)
 
 
-@router.get("", summary="List probes, newest first", responses=error_responses(422))
+@router.get("", response_model=ProbeList, summary="List probes, newest first", responses=error_responses(422))
 def list_probes(store: StoreDep,
                 status: Annotated[str | None, Query(description=f"one of {', '.join(JobStatus)}")] = None,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
                 offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
                 view: Annotated[Literal["full", "compact"],
                                 Query(description="compact: rows without trials and report, for tables")] = "full",
-                ) -> dict[str, Any]:
+                ) -> ProbeList:
     if status is not None and status not in tuple(JobStatus):
         raise HTTPException(422, f"status must be one of {', '.join(JobStatus)} (got {status!r})")
     items, total = store.list(status, limit, offset)
-    rows = [compact(job) if view == "compact" else public(job, store) for job in items]
-    return {"items": rows, "total": total, "limit": limit, "offset": offset}
+    rows = [CompactProbe(**compact(job)) for job in items] if view == "compact" else [public(job, store) for job in items]
+    return ProbeList(items=rows, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", summary="A probe's status, phase, trials so far, plan and verification",
+@router.get("/{job_id}", response_model=ProbeJob, summary="A probe's status, phase, trials so far, plan and verification",
             responses={304: {"description": "unchanged since the ETag sent in If-None-Match"},
                        **error_responses(404, 422)})
 async def get_probe(job_id: str, store: StoreDep, response: Response,
@@ -241,9 +251,9 @@ async def get_probe(job_id: str, store: StoreDep, response: Response,
     return public(job_or_404(store, job_id), store)
 
 
-@router.delete("/{job_id}", summary="Cancel a queued or running probe (kills its process)",
+@router.delete("/{job_id}", response_model=ProbeJob, summary="Cancel a queued or running probe (kills its process)",
                responses=error_responses(404, 409, 422, 507))
-def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
+def cancel_probe(job_id: str, store: StoreDep, executor: ExecutorDep) -> ProbeJob:
     return public(cancel_job(store, executor, job_id, PROBE), store)
 
 

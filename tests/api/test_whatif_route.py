@@ -60,7 +60,7 @@ def test_a_table_runs_as_a_job_with_one_event_per_cell_and_cells_equal_single_pr
         "full · no ckpt · adamw_torch_fused"]
     for cell in table["rows"][0]["cells"]:
         single = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=cell["seq_len"], mode="estimate",
-                                     capacity_bytes=12 << 20, precision="bf16-mixed"))["search"]
+                                     capacity_bytes=12 << 20, precision="bf16-mixed")).as_json()["search"]
         assert (cell["max_micro_batch"], cell["safe_micro_batch"]) == (single["max_micro_batch"],
                                                                       single["safe_micro_batch"])
     assert table["rows"][0]["cells"][0]["max_micro_batch"] > table["rows"][0]["cells"][1]["max_micro_batch"] > 0
