@@ -1,0 +1,48 @@
+"""The API documents the report it answers with, and answers with what it documents (route logic: in process).
+
+The expected shape comes from the OpenAPI document the service publishes, checked by a JSON Schema
+validator against a real job's body: every key the report holds is a documented one (the schema
+forbids others), every documented required key is there, with the documented type.
+"""
+
+from __future__ import annotations
+
+import jsonschema
+
+from tests.api.conftest import FAST_JOB, wait_for
+
+
+def _validator(openapi: dict, component: str) -> jsonschema.Draft202012Validator:
+    # OpenAPI 3.1 component schemas are JSON Schema 2020-12; refs point into the same document
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{component}", **openapi})
+
+
+def test_a_probes_body_is_the_documented_report_and_nothing_else(client):
+    openapi = client.get("/openapi.json").json()
+    got = openapi["paths"]["/v1/probes/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert got == {"$ref": "#/components/schemas/ProbeJob"}, "GET /v1/probes/{id} documents its body"
+    schemas = openapi["components"]["schemas"]
+    report = schemas["Report"]["properties"]
+    assert {"search", "plan", "verification", "device", "does_not_fit"} <= report.keys()
+    assert "max_micro_batch" in schemas["Search"]["properties"] and "equation" in schemas["PlanFacts"]["properties"]
+    assert schemas["Report"].get("additionalProperties") is False, "a key the schema does not name is refused"
+
+    job = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+    assert job["report"]["plan"] and job["report"]["verification"], "the job planned and verified"
+    errors = sorted(_validator(openapi, "ProbeJob").iter_errors(job), key=str)
+    assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
+    # the plan's words are the report's: the top-level plan is the report's plan, equation and all
+    assert job["plan"] == job["report"]["plan"] and job["plan"]["equation"].startswith("24 = ")
+
+    listed = client.get("/v1/probes", params={"view": "compact"}).json()
+    assert not list(_validator(openapi, "ProbeList").iter_errors(listed))
+    assert not list(_validator(openapi, "PlanAnswer").iter_errors(
+        client.post("/v1/plans", json={"effective_batch": 97, "max_micro_batch": 32}).json()))
+
+
+def test_an_undocumented_key_in_a_report_fails_the_schema(client):
+    # the check above can fail: the same validator refuses a body with one key the schema does not name
+    openapi = client.get("/openapi.json").json()
+    job = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+    job["report"]["search"]["undocumented"] = 1
+    assert any("undocumented" in e.message for e in _validator(openapi, "ProbeJob").iter_errors(job))
