@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
+from pydantic import ValidationError
 
 from app.deps import StoreDep
 from app.schemas import ConfigExport
@@ -35,6 +36,11 @@ def probe_config(job_id: str, store: StoreDep,
         raise HTTPException(409, f"probe {job_id} has no plan: it ran without an effective_batch; submit it again "
                                  "with one (the same probe is answered from the cache)")
     try:
-        return export_report(Report.model_validate(job["result"]), format)
+        report = Report.model_validate(job["result"])
+    except ValidationError:
+        raise HTTPException(409, f"probe {job_id}'s report was stored by an older fitprobe in another shape: submit "
+                                 "it again with reuse=false") from None
+    try:
+        return export_report(report, format)
     except ExportError as exc:
         raise HTTPException(422, str(exc)) from exc

@@ -46,3 +46,18 @@ def test_an_undocumented_key_in_a_report_fails_the_schema(client):
     job = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
     job["report"]["search"]["undocumented"] = 1
     assert any("undocumented" in e.message for e in _validator(openapi, "ProbeJob").iter_errors(job))
+
+
+def test_a_report_stored_in_an_older_shape_is_shown_with_an_error_not_a_500(client):
+    store = client.app.state.store
+    old = {"search": {"max_micro_batch": 3}, "plan": {"micro_batch": 3}}  # what an older fitprobe might have kept
+    job = store.create_cached(dict(FAST_JOB), "old-shape-fingerprint", old)
+    response = client.get(f"/v1/probes/{job['id']}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["report"] is None and body["plan"] is None and "reuse=false" in body["error"]
+    listed = client.get("/v1/probes", params={"limit": 200})
+    assert listed.status_code == 200 and any(row["id"] == job["id"] for row in listed.json()["items"])
+    # its export cannot be read either: a 409 that says what to do
+    exported = client.get(f"/v1/probes/{job['id']}/config", params={"format": "hf"})
+    assert exported.status_code == 409 and "reuse=false" in exported.json()["detail"]
