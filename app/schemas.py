@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from probe.report import PlanFacts, Report, Verification
+from probe.whatif import WhatIf
 from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
 
 
@@ -157,8 +158,8 @@ class WhatIfJob(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     progress: WhatIfProgress | None = Field(None, description="from the latest whatif_cell event")
-    table: dict[str, Any] | None = Field(None, description="the table once succeeded, as `fitprobe whatif --json` "
-                                         "prints it: rows of settings, a cell per seq_len, the longest seq_len")
+    table: WhatIf | None = Field(None, description="the table once succeeded, as `fitprobe whatif --json` prints it: "
+                                 "rows of settings, a cell per seq_len, the longest seq_len")
 
 
 class WhatIfList(BaseModel):

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
@@ -64,6 +65,11 @@ def test_a_table_runs_as_a_job_with_one_event_per_cell_and_cells_equal_single_pr
         assert (cell["max_micro_batch"], cell["safe_micro_batch"]) == (single["max_micro_batch"],
                                                                       single["safe_micro_batch"])
     assert table["rows"][0]["cells"][0]["max_micro_batch"] > table["rows"][0]["cells"][1]["max_micro_batch"] > 0
+    # the body is the one the API documents: the table's schema comes from probe/whatif.py's own records
+    openapi = client.get("/openapi.json").json()
+    documented = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/WhatIfJob", **openapi})
+    assert not list(documented.iter_errors(job)) and openapi["components"]["schemas"]["Cell"]["properties"].keys() >= {
+        "seq_len", "max_micro_batch", "peak_bytes", "extrapolated_from_layers"}
 
     with client.stream("GET", f"/v1/whatif/{job_id}/events") as stream:
         text = "".join(stream.iter_text())
