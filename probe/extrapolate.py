@@ -19,11 +19,15 @@ period's moment is a line in its index, so never above the same moment in the fi
 Every other moment is paired index to index and extrapolated to s + R·(d − s), R the periods the
 full stack has more than the shallow cut; a phase's peak is the largest extrapolated moment. The
 optimizer step runs one kernel per parameter list (fused, foreach), so its moments pair up too,
-once the state it creates per parameter (an allocation-only climb) is read at its top.
+once the state it creates per parameter (an allocation-only climb) is read at its top. bitsandbytes'
+optimizers (8-bit AdamW, Lion) update one parameter at a time, in the model's parameter order: their
+`update_step` is marked where it is done with the first period's parameters and with those of the
+layer before the last period, and the deep cut's stretch between (the middle period's parameters) is
+dropped as its forward and backward are. QLoRA's 4-bit layers are a layer's own ops and pair up as is.
 
-Anything that does not pair up (lengths, phases, missing marks: per-parameter optimizers such as
-single-tensor AdamW, 8-bit bitsandbytes or Adafactor) falls back to the full depth, and the report
-says why. Families whose extrapolated estimate was compared with the full depth to the byte
+Anything that does not pair up (lengths, phases, missing marks: per-parameter optimizers whose loop
+cannot be marked, such as single-tensor AdamW or Adafactor) falls back to the full depth, and the
+report says why. Families whose extrapolated estimate was compared with the full depth to the byte
 (tests/test_extrapolate.py) are extrapolated; any other model runs at full depth.
 """
 
@@ -44,7 +48,8 @@ from probe.trial import TrialError
 if TYPE_CHECKING:
     from probe.cuda_attention import CudaAttention
 
-# compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing
+# compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing; llama,
+# qwen2 and mistral also with QLoRA (nf4) and 8-bit AdamW
 VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "qwen2_moe"})
 _PLAIN = (bool, int, float, str, type(None))
 # attributes that differ between layers without changing what they allocate

@@ -64,7 +64,8 @@ def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, An
 def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> TrialReport:
     """One trial at a given micro-batch, as a report."""
     meter, facts, trial = make_trial(spec, allowed_factories)
-    return TrialReport(**_facts(spec, meter, facts), trial=trial(micro_batch))
+    result = trial(micro_batch)  # first: the device facts name the kernels the trial ran
+    return TrialReport(**_facts(spec, meter, facts), trial=result)
 
 
 def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> Report:
