@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,10 +56,13 @@ class TrialError(RuntimeError):
 class TrialRunner:
     """Callable `runner(b) -> TrialResult` over one model that stays built between trials."""
 
-    def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel) -> None:
+    def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel,
+                 watch_optimizer: Callable[[torch.optim.Optimizer], None] = lambda _optimizer: None) -> None:
         self.spec = spec
         self.meter = meter
         self.model = model
+        # sees each trial's optimizer before its first step (probe/extrapolate.py marks its parameters there)
+        self.watch_optimizer = watch_optimizer
         self._generator = torch.Generator().manual_seed(spec.seed)
 
     def __call__(self, micro_batch: int) -> TrialResult:
@@ -86,6 +90,7 @@ class TrialRunner:
             for _ in range(spec.micro_steps_per_trial)
         ]
         optimizer = make_optimizer(spec, self.model.module)
+        self.watch_optimizer(optimizer)
         scaler = make_scaler(spec, meter.device.type)
         meter.start_trial()
         step_times_s = run_steps(self.model, optimizer, batches, spec, scaler, meter, spec.optimizer_steps_per_trial)
