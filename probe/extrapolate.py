@@ -119,7 +119,8 @@ class Trace:
 def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
     """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut)."""
     counts = {len(trace.marks[mark]) for mark in MARKS}
-    optimizer_counts = {len(trace.marks[mark]) for mark in OPTIMIZER_MARKS}
+    optimizer_marks = [trace.marks.get(mark, []) for mark in OPTIMIZER_MARKS]  # absent: one kernel per list
+    optimizer_counts = {len(indices) for indices in optimizer_marks}
     if len(counts) != 1 or not counts.pop() or len(optimizer_counts) != 1:
         return f"the marks on the period's layers fired {dict((k, len(v)) for k, v in trace.marks.items())} times"
     steps = list(zip(*(trace.marks[mark] for mark in MARKS), strict=False))
@@ -128,7 +129,7 @@ def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
         return "the marks on the period's layers fired out of order"
     middles = [(first_fwd, last_fwd) for first_fwd, last_fwd, _, _ in steps]
     middles += [(last_bwd, first_bwd) for _, _, last_bwd, first_bwd in steps]
-    middles += list(zip(*(trace.marks[mark] for mark in OPTIMIZER_MARKS), strict=False))
+    middles += list(zip(*optimizer_marks, strict=False))
     middles.sort()
     bounds = [index for middle in middles for index in middle]
     if bounds != sorted(bounds):
