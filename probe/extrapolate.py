@@ -314,14 +314,15 @@ class TracedCut:
             trained = [p for p in layer.parameters() if p.requires_grad]
             if trained:  # a period with nothing trained leaves no mark, and the count says so
                 ends.setdefault(id(trained[-1]), []).append(period)
-        update_step = optimizer.update_step
+        per_parameter: Any = optimizer  # bitsandbytes ships no types
+        update_step = per_parameter.update_step
 
         def marked_update_step(group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
             update_step(group, p, gindex, pindex)
             for period in ends.get(id(p), ()):
                 self.trace.marks[f"{period}_optimizer"].append(len(self.trace.moments))
 
-        optimizer.update_step = marked_update_step  # type: ignore[attr-defined]  # the instance's loop calls it
+        per_parameter.update_step = marked_update_step  # its `step` calls the instance's attribute
 
     def bind(self, spec: ProbeSpec) -> CutTrial:
         from probe.trial import TrialRunner
