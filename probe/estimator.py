@@ -42,14 +42,19 @@ def estimated_step_bytes(spec: ProbeSpec, micro_batch: int, allowed_factories: C
     """Peak bytes of THE step at `micro_batch` under fake tensors, uncapped; None if it cannot be estimated.
 
     The whole model's step on one device (fp16-mixed estimated as bf16-mixed, whose memory is the
-    same: fake tensors cannot run fp16 loss scaling).
+    same: fake tensors cannot run fp16 loss scaling). A deep decoder's step is extrapolated from two
+    cuts where a probe's estimate would be (probe/extrapolate.py): exact, and the "does not fit" answer
+    asks this once per shrinking setting, so the full depth each time cost several estimates.
     """
     precision = "bf16-mixed" if spec.precision == "fp16-mixed" else spec.precision
     estimate = as_estimate(spec.model_copy(update={"precision": precision}), UNCAPPED_BYTES)
     try:
-        meter, model = prepare(estimate, allowed_factories)
-        with meter.tracking():
-            result = TrialRunner(estimate, meter, model)(micro_batch)
+        if estimate.sharding == "none":
+            result = make_trial(estimate, allowed_factories)[2](micro_batch)
+        else:  # the whole model on one device, not the sharded step make_trial would run
+            meter, model = prepare(estimate, allowed_factories)
+            with meter.tracking():
+                result = TrialRunner(estimate, meter, model)(micro_batch)
     except (SpecError, RuntimeError, NotImplementedError):
         # some models cannot run under fake tensors (data-dependent shapes); the answer stays "does not fit"
         return None

@@ -57,6 +57,9 @@ _POSITION_ATTRIBUTES = frozenset({"layer_idx", "layer_id"})
 # the marks of one micro-step, in the order they occur: forward leaves the first period, enters the last;
 # backward leaves the last period, enters the first
 MARKS = ("first_forward", "last_forward", "last_backward", "first_backward")
+# the marks of one optimizer step that updates parameter by parameter: done with the first period's
+# parameters, done with those of the layer before the last period (none for one kernel per list)
+OPTIMIZER_MARKS = ("first_optimizer", "last_optimizer")
 
 Trial = Callable[[int], TrialResult]
 Moment = tuple[str, int]  # (phase, live bytes)
@@ -116,25 +119,33 @@ class Trace:
     """One cut's trial: its moments, and the trace index at each mark, one per micro-step."""
 
     moments: list[Moment]
-    marks: dict[str, list[int]] = field(default_factory=lambda: {mark: [] for mark in MARKS})
+    marks: dict[str, list[int]] = field(default_factory=lambda: {mark: [] for mark in MARKS + OPTIMIZER_MARKS})
 
 
 def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
     """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut)."""
-    counts = {len(indices) for indices in trace.marks.values()}
-    if len(counts) != 1 or not counts.pop():
+    counts = {len(trace.marks[mark]) for mark in MARKS}
+    optimizer_marks = [trace.marks.get(mark, []) for mark in OPTIMIZER_MARKS]  # absent: one kernel per list
+    optimizer_counts = {len(indices) for indices in optimizer_marks}
+    if len(counts) != 1 or not counts.pop() or len(optimizer_counts) != 1:
         return f"the marks on the period's layers fired {dict((k, len(v)) for k, v in trace.marks.items())} times"
     steps = list(zip(*(trace.marks[mark] for mark in MARKS), strict=False))
     bounds = [index for step in steps for index in step]
     if bounds != sorted(bounds):
         return "the marks on the period's layers fired out of order"
-    if shallow and any(first_fwd != last_fwd or last_bwd != first_bwd
-                       for first_fwd, last_fwd, last_bwd, first_bwd in steps):
+    middles = [(first_fwd, last_fwd) for first_fwd, last_fwd, _, _ in steps]
+    middles += [(last_bwd, first_bwd) for _, _, last_bwd, first_bwd in steps]
+    middles += list(zip(*optimizer_marks, strict=False))
+    middles.sort()
+    bounds = [index for middle in middles for index in middle]
+    if bounds != sorted(bounds):
+        return "the optimizer's marks fell inside a forward or backward stretch, or out of order"
+    if shallow and any(enters != leaves for enters, leaves in middles):
         return "the shallow cut ran layers between its first and last period"
     segments, start = [], 0
-    for first_fwd, last_fwd, last_bwd, first_bwd in steps:
-        segments += [trace.moments[start:first_fwd], trace.moments[last_fwd:last_bwd]]
-        start = first_bwd
+    for enters, leaves in middles:
+        segments.append(trace.moments[start:enters])
+        start = leaves
     return segments + [trace.moments[start:]]
 
 
@@ -213,8 +224,6 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
         return "extrapolate is off (--no-extrapolate)"
     if spec.sharding != "none":
         return "sharding=fsdp: extrapolation was compared with the full depth on one device only"
-    if spec.quantization != "none":
-        return f"quantization {spec.quantization}: extrapolation was not compared with the full depth for it"
     if KINDS[spec.optimizer].paged:
         return f"optimizer {spec.optimizer}: its paged state is outside the byte count the cuts are traced by"
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
@@ -284,6 +293,7 @@ class TracedCut:
         first, last = cuts.marked_layers(depth)
         stack[1][first].register_forward_hook(partial(self._forward_ended, "first"))
         stack[1][last].register_forward_hook(partial(self._forward_ended, "last"))
+        self.marked_layers = {"first": stack[1][first], "last": stack[1][last]}
 
     def _forward_ended(self, period: str, _module: nn.Module, _args: Any, output: Any) -> None:
         if torch._C._current_graph_task_id() != -1:
@@ -294,11 +304,37 @@ class TracedCut:
             # the gradient w.r.t. the layer's output is ready: the backward is about to enter the layer
             hidden.register_hook(lambda _grad: self.trace.marks[f"{period}_backward"].append(len(self.trace.moments)))
 
+    def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mark where a per-parameter optimizer is done with each marked layer's parameters.
+
+        bitsandbytes' optimizers create state and update one parameter at a time, so the deep cut runs
+        more optimizer moments than the shallow one; parameters come in the model's order (embeddings,
+        layers, norm, head), so the stretch between the two marks is the middle period's parameters,
+        dropped as its forward and backward are. A middle period's moment holds the state made for the
+        parameters before it, a line in its index, so it is never above the same moment of the last period.
+        """
+        if not _updates_parameter_by_parameter(optimizer):
+            return
+        ends: dict[int, list[str]] = {}
+        for period, layer in self.marked_layers.items():
+            trained = [p for p in layer.parameters() if p.requires_grad]
+            if trained:  # a period with nothing trained leaves no mark, and the count says so
+                ends.setdefault(id(trained[-1]), []).append(period)
+        per_parameter: Any = optimizer  # bitsandbytes ships no types
+        update_step = per_parameter.update_step
+
+        def marked_update_step(group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
+            update_step(group, p, gindex, pindex)
+            for period in ends.get(id(p), ()):
+                self.trace.marks[f"{period}_optimizer"].append(len(self.trace.moments))
+
+        per_parameter.update_step = marked_update_step  # its `step` calls the instance's attribute
+
     def bind(self, spec: ProbeSpec) -> CutTrial:
         from probe.trial import TrialRunner
 
         # its own batches' generator, seeded as a fresh build's runner is
-        return partial(self._run, TrialRunner(spec, self.meter, self.model))
+        return partial(self._run, TrialRunner(spec, self.meter, self.model, self._watch_optimizer))
 
     def _run(self, runner: Callable[[int], TrialResult], micro_batch: int) -> tuple[TrialResult, Trace]:
         self.trace = Trace(self.meter.record_trace(True))
@@ -349,6 +385,15 @@ class ExtrapolatedTrial:
             return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
                                f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
         return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
+
+
+def _updates_parameter_by_parameter(optimizer: torch.optim.Optimizer) -> bool:
+    """bitsandbytes' optimizers: `step` calls `update_step` once per parameter, in the parameters' order."""
+    if not type(optimizer).__module__.startswith("bitsandbytes"):
+        return False
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+
+    return isinstance(optimizer, Optimizer8bit)
 
 
 def _trace_peaks(trace: Trace) -> dict[str, int]:

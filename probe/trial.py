@@ -9,6 +9,7 @@ OOM or not, so one trial's leftovers cannot make the next one look bigger.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 
 import torch
 
@@ -27,10 +28,13 @@ class TrialError(RuntimeError):
 class TrialRunner:
     """Callable `runner(b) -> TrialResult` over one model that stays built between trials."""
 
-    def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel) -> None:
+    def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel,
+                 watch_optimizer: Callable[[torch.optim.Optimizer], None] = lambda _optimizer: None) -> None:
         self.spec = spec
         self.meter = meter
         self.model = model
+        # sees each trial's optimizer before its first step (probe/extrapolate.py marks its parameters there)
+        self.watch_optimizer = watch_optimizer
         self._generator = torch.Generator().manual_seed(spec.seed)
 
     def __call__(self, micro_batch: int) -> TrialResult:
@@ -58,6 +62,7 @@ class TrialRunner:
             for _ in range(spec.micro_steps_per_trial)
         ]
         optimizer = make_optimizer(spec, self.model.module)
+        self.watch_optimizer(optimizer)
         scaler = make_scaler(spec, meter.device.type)
         meter.start_trial()
         step_times_s = run_steps(self.model, optimizer, batches, spec, scaler, meter, spec.optimizer_steps_per_trial)

@@ -94,6 +94,20 @@ def test_optimizer_state_created_parameter_by_parameter_is_read_at_its_top():
     assert extrapolate_trace(shallow, deep, 2) == {"fb": 10, "optimizer": 13 + 2 * 1, "idle": 5 + 2 * 1}
 
 
+def test_a_per_parameter_optimizers_middle_period_is_dropped_between_its_marks():
+    # bitsandbytes: state made and a temporary freed per parameter; the deep cut's middle period is indices 3-4
+    shallow = _trace([("fb", 10), ("optimizer", 12), ("optimizer", 11), ("optimizer", 14), ("optimizer", 13)],
+                     1, 1, 1, 1)
+    shallow.marks.update(first_optimizer=[3], last_optimizer=[3])
+    deep = _trace([("fb", 11), ("optimizer", 13), ("optimizer", 12), ("optimizer", 99), ("optimizer", 99),
+                   ("optimizer", 16), ("optimizer", 15)], 1, 1, 1, 1)
+    deep.marks.update(first_optimizer=[3], last_optimizer=[5])
+    # paired: 12/13, 11/12 (each +1 a period), then the last period's 14/16 (+2 a period): 14 + 3 x 2
+    assert extrapolate_trace(shallow, deep, 3) == {"fb": 13, "optimizer": 20}
+    deep.marks.update(last_optimizer=[])
+    assert "marks" in extrapolate_trace(shallow, deep, 3)
+
+
 def test_traces_that_do_not_pair_up_are_refused_with_the_reason():
     # single-tensor AdamW: a temporary made and freed per parameter, so the deep cut has more ops
     shallow = _trace([("fb", 10), ("optimizer", 20), ("optimizer", 12)], 1, 1, 1, 1)
@@ -130,6 +144,30 @@ def test_extrapolated_phase_peaks_equal_the_full_depths_at_micro_batch_1_and_3(f
     for micro_batch in (1, 3):
         assert extrapolated(micro_batch).phase_peak_bytes == full(micro_batch).phase_peak_bytes, micro_batch
     assert facts["extrapolated_from_layers"] == list(FAMILIES[family][1])
+    assert facts["not_extrapolated_because"] is None
+
+
+# the "does not fit" answer's shrinking settings (probe/needs.py) that once ran the full depth: QLoRA alone
+# (llama), all together with bitsandbytes' 8-bit AdamW (qwen2: LoRA's small adapters keep 32-bit state), and
+# 8-bit AdamW on a full fine-tune (mistral: 8-bit state for the linears, 32-bit for the norms)
+SHRINKING_CASES = [
+    ("llama", dict(precision="bf16-mixed", finetuning="lora", quantization="nf4", gradient_checkpointing=False)),
+    ("qwen2", dict(precision="bf16-mixed", finetuning="lora", quantization="nf4", gradient_checkpointing=True,
+                   optimizer="adamw_bnb_8bit")),
+    ("mistral", dict(precision="fp32", finetuning="full", optimizer="adamw_bnb_8bit")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,settings", SHRINKING_CASES, ids=lambda v: v if isinstance(v, str) else
+                         f"{v.get('quantization', 'noquant')}-{v.get('optimizer', 'fused')}")
+def test_qlora_and_8bit_adamw_extrapolate_to_the_full_depths_phase_peaks(family, settings):
+    spec = _spec(family, **settings)
+    _, facts, extrapolated = make_trial(spec)
+    _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
+    for micro_batch in (1, 3):
+        assert extrapolated(micro_batch).phase_peak_bytes == full(micro_batch).phase_peak_bytes, micro_batch
+    assert facts["extrapolated_from_layers"] == [2, 3]
     assert facts["not_extrapolated_because"] is None
 
 
