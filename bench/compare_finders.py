@@ -92,6 +92,14 @@ def run_case(case: dict[str, Any], device: str, tools: list[str], repetitions: i
                                                 "--device", device))
     fitprobe_answer = runs["fitprobe"][0].get("answer", 1)
     truth = true_maximum(case, device, fitprobe_answer)
+    checked: dict[int, bool] = {}
+
+    def trains(micro_batch: int) -> bool:
+        """Tools that agree share one check: the same micro-batch in a fresh process is the same question."""
+        if micro_batch not in checked:
+            checked[micro_batch] = fits(case, device, micro_batch, CHECK_STEPS)
+        return checked[micro_batch]
+
     summary = {}
     for tool, results in runs.items():
         ok = [r for r in results if "answer" in r]
@@ -105,12 +113,12 @@ def run_case(case: dict[str, Any], device: str, tools: list[str], repetitions: i
             "trials_median": statistics.median(r["trials"] for r in ok),
             "wall_s_median": statistics.median(r["wall_s"] for r in ok),
             "wall_s_all": [r["wall_s"] for r in ok],
-            f"trains_{CHECK_STEPS}_steps": fits(case, device, answer, CHECK_STEPS),
+            f"trains_{CHECK_STEPS}_steps": trains(answer),
         }
     safe = runs["fitprobe"][0].get("safe")
     if safe:
         summary["fitprobe"]["safe_answer"] = safe
-        summary["fitprobe"][f"safe_trains_{CHECK_STEPS}_steps"] = fits(case, device, safe, CHECK_STEPS)
+        summary["fitprobe"][f"safe_trains_{CHECK_STEPS}_steps"] = trains(safe)
     return {"case": case, "true_max_micro_batch": truth, "tools": summary, "raw": runs}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -24,6 +25,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if torch.cuda.is_available() and getattr(config.option, "numprocesses", None):
         config.option.numprocesses = 0
         config.option.dist = "no"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what the imports made (torch, transformers, the test modules): it lives for the whole run.
+
+    Every trial starts and ends with a full `gc.collect()` (the meters' `release`), and a full collection
+    walks every tracked object; on the 2-core CI host the ~200k objects of the imports alone cost 0.2-0.4 s
+    per walk, a fifth of a small trial. Frozen objects are still freed by reference counting; only the cycle
+    collector stops visiting them, and nothing created by a test is frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,8 @@ import pytest
 from probe.make_trial import make_trial
 from probe.job import run_probe
 from probe.spec import ProbeSpec
-from probe.whatif import SEQ_GRID, Setting, format_whatif, run_whatif
+from probe.whatif import SEQ_GRID, Setting, WhatIf, format_whatif, run_whatif
+from tests.once_per_run import once_per_run
 
 # 2 layers, hidden 128, vocab 2000: a step of a few MiB, so 24 MiB makes the cells differ by setting
 LLAMA = dict(model_type="llama", vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -23,11 +24,16 @@ SEQ_LENS = [128, 256]
 SETTINGS = [Setting("full", False, "adamw_torch_fused"), Setting("qlora", True, "adamw_bnb_8bit")]
 
 
-@pytest.fixture(scope="module")
-def table():
-    events = []
+def _build_table() -> tuple[ProbeSpec, WhatIf, list[dict]]:
+    events: list[dict] = []
     base = ProbeSpec(model=LLAMA, seq_len=128, mode="estimate", capacity_bytes=CAPACITY_BYTES, precision="bf16-mixed")
     return base, run_whatif(base, SEQ_LENS, SETTINGS, events.append), events
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """The table three tests read: built once per run, also when xdist gives them to different workers."""
+    return once_per_run(tmp_path_factory, "whatif-table", _build_table)
 
 
 def cell_spec(base: ProbeSpec, setting: Setting, seq_len: int) -> ProbeSpec:
