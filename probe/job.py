@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from probe import optimizers, quantization
+from probe.heap import frozen_heap
 from probe.make_trial import make_trial
 from probe.data import data_facts, micro_batch_tokens, padded_width_ratio
 from probe.estimate import EstimateMeter
@@ -63,13 +64,19 @@ def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, An
 
 def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> TrialReport:
     """One trial at a given micro-batch, as a report."""
-    meter, facts, trial = make_trial(spec, allowed_factories)
-    result = trial(micro_batch)  # first: the device facts name the kernels the trial ran
+    with frozen_heap():
+        meter, facts, trial = make_trial(spec, allowed_factories)
+        result = trial(micro_batch)  # first: the device facts name the kernels the trial ran
     return TrialReport(**_facts(spec, meter, facts), trial=result)
 
 
 def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> Report:
     """Probe: the largest and the safe micro-batch for the spec, with every trial in the report."""
+    with frozen_heap():  # each trial's collections walk only what trials made (probe/heap.py)
+        return _probe(spec, emit, allowed_factories)
+
+
+def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> Report:
     started_s = time.perf_counter()
     emit({"type": "phase", "phase": "building_model"})
     meter, facts, run = make_trial(spec, allowed_factories, emit)

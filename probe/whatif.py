@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from probe.build import Trial, build_key, prepare
+from probe.heap import frozen_heap
 from probe.make_trial import make_trial
 from probe.events import Emit, ignore
 from probe.extrapolate import CutModels, not_extrapolable_because
@@ -263,6 +264,12 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
     `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each
     row overrides finetuning, quantization, gradient_checkpointing and optimizer.
     """
+    with frozen_heap():  # each trial's collections walk only what trials made (probe/heap.py)
+        return _whatif(base, seq_lens, settings, emit, allowed_factories)
+
+
+def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting] | None, emit: Emit,
+            allowed_factories: Collection[str]) -> WhatIf:
     capacity_bytes = base.capacity_bytes
     if capacity_bytes is None:
         raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
