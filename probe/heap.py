@@ -2,15 +2,18 @@
 
 Every trial starts and ends with a full `gc.collect()` (a meter's `release`): reference cycles left
 by the last step may hold tensors, and a byte count must not include them. A full collection walks
-every tracked object in the process, and after torch, transformers and a model are loaded that is
+every tracked object in the process, and once torch, transformers and a model are loaded that is
 half a million objects: about a quarter of an estimate's trial went into those walks, over objects
-that live as long as the job does.
+that live as long as the model does.
 
-Inside `frozen_heap()`, each release collects and then freezes what survived (`gc.freeze`), so the
-next collection walks only what was made since. Freezing follows a full collection, so it keeps
-only live objects; one that becomes cyclic garbage later waits until the bracket ends (then
-`gc.unfreeze()` hands it back to the collector). A trial's own objects (optimizer state,
-activations, an OOM's frames) are made and dropped between two releases, so they are never frozen.
+Inside `frozen_heap()`, `settle()` — called right after a model is built — collects everything
+and freezes what survives (`gc.freeze`): the imports and the model. Until the next `settle` or the
+end of the bracket, a release's collection walks only what was made since, which is what trials
+make and drop. Freezing only ever follows a full collection of everything (`gc.unfreeze` first),
+so no garbage is frozen, and a model dropped for the next build is collected by that build's
+`settle`, before any trial counts bytes. The trials themselves never freeze: an object that lives
+across a release and dies later (a model built per trial, as sharded estimates do) stays with the
+collector.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _depth = 0  # brackets open in this process: only the outermost one unfreezes
 
 @contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Within this block `collect()` freezes what survives it; on leaving, everything is collectable again."""
+    """Within this block `settle()` freezes what is alive; on leaving, everything is collectable again."""
     global _depth
     _depth += 1
     try:
@@ -35,8 +38,9 @@ def frozen_heap() -> Iterator[None]:
             gc.unfreeze()
 
 
-def collect() -> None:
-    """A full collection (what a meter's release needs); inside `frozen_heap()`, the survivors are frozen."""
-    gc.collect()
+def settle() -> None:
+    """After a build: inside `frozen_heap()`, collect everything and freeze the survivors; else nothing."""
     if _depth:
+        gc.unfreeze()
+        gc.collect()
         gc.freeze()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from probe.build import Trial, attention_facts, model_facts, prepare
+from probe.heap import settle
 from probe.events import Emit, ignore
 from probe.meter import Meter, make_meter
 from probe.models import build_model
@@ -33,6 +34,16 @@ def full_depth_trial(spec: ProbeSpec, _because: str, allowed_factories: Collecti
 def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = (), emit: Emit = ignore
                ) -> tuple[Meter, dict[str, Any], Trial]:
     """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
+
+    The model built, what is alive settles (probe/heap.py): the trials' collections walk only what they make.
+    """
+    made = _make_trial(spec, allowed_factories, emit)
+    settle()
+    return made
+
+
+def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit) -> tuple[Meter, dict[str, Any], Trial]:
+    """make_trial's build.
 
     Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
     N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.

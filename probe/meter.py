@@ -13,6 +13,7 @@ Never read `torch.cuda.*` memory stats on a CPU build: they return 0 and every b
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 import weakref
@@ -23,8 +24,6 @@ from typing import Literal, Protocol, overload
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from probe import heap
 
 DEFAULT_CPU_CAPACITY_BYTES = 1 << 30
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -341,7 +340,7 @@ class CpuMeter:
         return None
 
     def release(self) -> None:
-        heap.collect()
+        gc.collect()
 
 
 class CudaMeter:
@@ -406,7 +405,7 @@ class CudaMeter:
         torch.cuda.synchronize(self.device)
 
     def release(self) -> None:
-        heap.collect()
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from probe.build import Trial, build_key, prepare
-from probe.heap import frozen_heap
+from probe.heap import frozen_heap, settle
 from probe.make_trial import make_trial
 from probe.events import Emit, ignore
 from probe.extrapolate import CutModels, not_extrapolable_because
@@ -160,6 +160,7 @@ class Builds:
                 self._full = None
                 self._cuts = CutModels.build(spec, self.allowed_factories)  # raises SpecError as a build does
                 self.count += isinstance(self._cuts, CutModels)
+                settle()  # the old build is collected, the new one frozen (probe/heap.py)
             if isinstance(self._cuts, CutModels):
                 return self._cuts.trial(spec, self._after_cuts_failed)
             because = self._cuts
@@ -176,6 +177,7 @@ class Builds:
                 self._cuts = None  # the cuts go before the full depth is built
             self._full = prepare(spec, self.allowed_factories)  # raises SpecError for what cannot be built
             self.count += 1
+            settle()
         meter, model = self._full
         check_seq_len(spec.seq_len, model.max_seq_len)  # the check a fresh build makes
         runner = TrialRunner(spec, meter, model)  # its own batches' generator, seeded as a probe's is
