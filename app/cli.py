@@ -1,6 +1,6 @@
 """The `fitprobe` command: the library's commands (probe/cli.py) and the service's: serve, preflight, devices.
 
-It sits above both, as the console script's entry (`fitprobe = "app.cli:main"`): probe/ never
+It sits above both, as the console script's entry (`fitprobe = "fitprobe.app.cli:main"`): probe/ never
 imports app/, so the library's command line takes these commands from here, not the other way.
 Nothing heavy is imported before a command runs: `--help` and `preflight` stay free of torch and
 FastAPI (each command imports what it needs).
@@ -19,15 +19,15 @@ from fitprobe_client.exit_codes import EXIT_OK
 from fitprobe_client.preflight import __doc__ as preflight_doc
 from fitprobe_client.preflight import add_options as add_preflight_options
 from fitprobe_client.preflight import run as cmd_preflight
-from probe import cli as probe_cli
+from fitprobe.probe import cli as probe_cli
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.config import Settings
-    from app.http_protocol import MAX_HEAD_BYTES, protocol
-    from app.main import create_app
+    from fitprobe.app.config import Settings
+    from fitprobe.app.http_protocol import MAX_HEAD_BYTES, protocol
+    from fitprobe.app.main import create_app
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     settings = Settings(**overrides)
@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _setting_help(name: str) -> str:
     """A Settings field as an option's help: its meaning, default and environment variable."""
-    from app.config import Settings
+    from fitprobe.app.config import Settings
 
     field = Settings.model_fields[name]
     return f"{field.description} (default: {field.get_default(call_default_factory=True)}; env FITPROBE_{name.upper()})"
@@ -60,7 +60,7 @@ def _setting_help(name: str) -> str:
 
 def _settings_text() -> str:
     """Every setting `serve` reads, from app/config.py's one Settings: most have no option, only a variable."""
-    from app.config import Settings
+    from fitprobe.app.config import Settings
 
     lines = ["settings (environment variables; the options above override theirs):"]
     for name, field in Settings.model_fields.items():
@@ -72,7 +72,7 @@ def _settings_text() -> str:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from probe.devices import list_devices
+    from fitprobe.probe.devices import list_devices
 
     capacity = int(os.environ.get("FITPROBE_CPU_CAPACITY_BYTES", 1 << 30))
     print(json.dumps({"devices": list_devices(capacity)}, indent=2))

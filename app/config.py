@@ -9,8 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
 
-from app.http_hygiene import default_allowed_hosts
-from probe.model_bounds import ModelLimits
+from fitprobe.app.http_hygiene import default_allowed_hosts
+from fitprobe.probe.model_bounds import ModelLimits
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from app.config import Settings
-from app.executors.base import Executor
-from app.store import Store
+from fitprobe.app.config import Settings
+from fitprobe.app.executors.base import Executor
+from fitprobe.app.store import Store
 
 
 # async, though nothing here awaits: FastAPI runs a sync dependency on its thread pool, and that hop

@@ -28,7 +28,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from app.http_hygiene import SECURITY_HEADERS
+from fitprobe.app.http_hygiene import SECURITY_HEADERS
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers together (h11's default, now stated)
 LINGER_S = 2.0

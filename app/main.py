@@ -18,17 +18,17 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import migrate
-from app.body_limit import BodyLimit
-from app.config import Settings
-from app.deps import require_token
-from app.executors import make_executor
-from app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
-from app.metrics import Metrics
-from app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
-from app.schemas import error_responses
-from app.store import SWEEP_BATCH, Store, is_disk_full
-from probe.versions import fitprobe_version
+from fitprobe.app import migrate
+from fitprobe.app.body_limit import BodyLimit
+from fitprobe.app.config import Settings
+from fitprobe.app.deps import require_token
+from fitprobe.app.executors import make_executor
+from fitprobe.app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
+from fitprobe.app.metrics import Metrics
+from fitprobe.app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
+from fitprobe.app.schemas import error_responses
+from fitprobe.app.store import SWEEP_BATCH, Store, is_disk_full
+from fitprobe.probe.versions import fitprobe_version
 
 log = logging.getLogger("fitprobe")
 STATIC_DIR = Path(__file__).parent / "static"

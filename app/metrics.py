@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from app.store import Store
+from fitprobe.app.store import Store
 from fitprobe_client.status import JobStatus
 
 

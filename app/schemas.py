@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from probe.report import PlanFacts, Report, Verification
-from probe.whatif import WhatIf
-from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
+from fitprobe.probe.report import PlanFacts, Report, Verification
+from fitprobe.probe.whatif import WhatIf
+from fitprobe.probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
 
 
 REUSE = "answer from a finished probe with the same fingerprint when there is one"

@@ -34,9 +34,9 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
     import torch
     from pydantic import ValidationError
 
-    from probe.job import run_job
-    from probe.report import Report
-    from probe.spec import ProbeSpec, SpecError, validation_message
+    from fitprobe.probe.job import run_job
+    from fitprobe.probe.report import Report
+    from fitprobe.probe.spec import ProbeSpec, SpecError, validation_message
 
     if spec.get("device") == "cpu":
         # leave a core to the service: a probe on the CPU device must not starve the API it reports to
@@ -49,7 +49,7 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
 
     try:
         if spec.pop("kind", "probe") == "whatif":  # app/store.py's WHATIF: the route stored the kind in the spec
-            from probe.whatif_spec import WhatIfSpec, run_whatif_job
+            from fitprobe.probe.whatif_spec import WhatIfSpec, run_whatif_job
 
             spec.pop("device", None)  # an estimate: it runs under fake tensors whichever worker claimed it
             put(("result", run_whatif_job(WhatIfSpec(**spec), emit, allowed_factories)))

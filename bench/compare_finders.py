@@ -43,7 +43,7 @@ CHECK_STEPS = 50
 
 
 def _spec(case: dict[str, Any], device: str):
-    from probe.spec import ProbeSpec
+    from fitprobe.probe.spec import ProbeSpec
 
     return ProbeSpec(device=device, **{k: v for k, v in case.items() if k not in ("name", "note")})
 

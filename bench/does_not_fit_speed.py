@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from probe.job import run_probe
-from probe.spec import ProbeSpec
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.spec import ProbeSpec
 
 BASE = dict(model="preset:llama-3.1-8b", seq_len=2048, precision="bf16-mixed", mode="estimate", gpu="a100-40gb")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from probe.job import make_trial
-from probe.presets import PRESETS
-from probe.spec import ProbeSpec
+from fitprobe.probe.job import make_trial
+from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.spec import ProbeSpec
 
 RUNS = 3
 SETTINGS = dict(seq_len=2048, precision="bf16-mixed", finetuning="lora", mode="estimate", capacity_bytes="1EiB")

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from probe.build import prepare
-from probe.job import run_probe
-from probe.meter import is_oom
-from probe.spec import ProbeSpec
-from probe.step import accumulate_gradients, make_optimizer, make_scaler, optimizer_step, worst_case_batch
-from probe.trial import TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.meter import is_oom
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.step import accumulate_gradients, make_optimizer, make_scaler, optimizer_step, worst_case_batch
+from fitprobe.probe.trial import TrialRunner
 
 
 def _timed(meter: Any, started_s: float) -> float:

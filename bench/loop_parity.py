@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe.job import run_trial
-from probe.spec import ProbeSpec
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.spec import ProbeSpec
 from tests.reference_loop import ARCHITECTURES, LoopSettings, user_loop_peak_bytes
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe.job import run_probe
-from probe.spec import ProbeSpec
-from probe.whatif import run_whatif, settings_grid
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.whatif import run_whatif, settings_grid
 
 LLAMA = dict(model_type="llama", vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)

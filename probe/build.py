@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from probe.devices import cpu_capacity_limit_bytes
-from probe.estimate import EstimateMeter
-from probe.meter import Meter, make_meter
-from probe.models import LoadedModel, build_model, parameter_bytes
-from probe.spec import ProbeSpec, SpecError, format_bytes
-from probe.report import TrialResult
+from fitprobe.probe.devices import cpu_capacity_limit_bytes
+from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.meter import Meter, make_meter
+from fitprobe.probe.models import LoadedModel, build_model, parameter_bytes
+from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.report import TrialResult
 
 Trial = Callable[[int], TrialResult]
 # the spec's fields no model build reads: a build made for one spec serves every spec that differs only here

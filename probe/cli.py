@@ -23,13 +23,13 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
-from probe.export import FORMATS, export_plan, export_report, provenance_text, render
-from probe.report import TrialResult
-from probe.gpus import GPU_TOTAL_MIB
-from probe.model_bounds import ModelLimits
-from probe.spec_options import add_spec_options, spec_fields
-from probe.spec import ESTIMATED, DataLengths, Optimizer, ProbeSpec, SpecError, format_bytes
-from probe.versions import fitprobe_version
+from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.gpus import GPU_TOTAL_MIB
+from fitprobe.probe.model_bounds import ModelLimits
+from fitprobe.probe.spec_options import add_spec_options, spec_fields
+from fitprobe.probe.spec import ESTIMATED, DataLengths, Optimizer, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.versions import fitprobe_version
 
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
 MAX_CPU_PROCESSES = 16
@@ -57,7 +57,7 @@ def model_limits() -> ModelLimits:
 
 def checked_spec(args: argparse.Namespace) -> ProbeSpec:
     """The spec, its model's sizes checked by arithmetic before the job builds anything."""
-    from probe.models import check_reference
+    from fitprobe.probe.models import check_reference
 
     spec = spec_from_args(args)
     check_reference(spec, allowed_factories(), limits=model_limits())
@@ -103,7 +103,7 @@ def data_from_args(args: argparse.Namespace) -> DataLengths | None:
     """`--data PATH` read here, on the user's machine, streaming: the spec carries only rows per length."""
     if not getattr(args, "data", None):
         return None
-    from probe.data import data_lengths, read_profile
+    from fitprobe.probe.data import data_lengths, read_profile
 
     progress = Progress(args.quiet)
 
@@ -185,9 +185,9 @@ def _trial_table(trials: list[TrialResult]) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probe.job import run_job
-    from probe.plan import format_plan
-    from probe.verify import format_verification
+    from fitprobe.probe.job import run_job
+    from fitprobe.probe.plan import format_plan
+    from fitprobe.probe.verify import format_verification
 
     if args.format and not args.effective_batch:
         raise SpecError("--format exports a plan: give --effective-batch too")
@@ -250,7 +250,7 @@ def print_export(export: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from probe.job import run_trial
+    from fitprobe.probe.job import run_trial
 
     report = run_trial(checked_processes(checked_spec(args), verify=False), args.micro_batch, allowed_factories())
     trial = report.trial
@@ -264,7 +264,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from probe.plan import format_plan, make_plan
+    from fitprobe.probe.plan import format_plan, make_plan
 
     plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
                      reference_lr=args.reference_lr, reference_batch=args.reference_batch).facts()
@@ -292,8 +292,8 @@ def _words(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
-    from probe.models import check_reference
-    from probe.whatif import format_whatif, run_whatif, settings_grid
+    from fitprobe.probe.models import check_reference
+    from fitprobe.probe.whatif import format_whatif, run_whatif, settings_grid
 
     if not args.gpu and not args.capacity:
         raise SpecError("whatif plans for a card: give --gpu CARD or --capacity (e.g. 24GiB)")
@@ -335,7 +335,7 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     `commands.add_parser(...)`, `commands` being argparse's subparsers action (it has no public type).
 
     probe/ never imports app/: the `fitprobe` command (app/cli.py) builds this parser with its own
-    commands added, and `python -m probe.cli` offers the library's alone.
+    commands added, and `python -m fitprobe.probe.cli` offers the library's alone.
     """
     parser = argparse.ArgumentParser(prog="fitprobe", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)

@@ -25,7 +25,7 @@ from typing import Any, get_args
 
 import numpy as np
 
-from probe.spec import Collation, DataLengths, ProbeSpec, SpecError
+from fitprobe.probe.spec import Collation, DataLengths, ProbeSpec, SpecError
 
 COLLATIONS: tuple[Collation, ...] = get_args(Collation)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)

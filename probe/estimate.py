@@ -26,9 +26,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from probe import cuda_attention, quantization
-from probe.meter import CpuMeter, LiveBytesMode
-from probe.spec import SpecError
+from fitprobe.probe import cuda_attention, quantization
+from fitprobe.probe.meter import CpuMeter, LiveBytesMode
+from fitprobe.probe.spec import SpecError
 
 ACCURACY_NOTE = {
     "cuda": "fake CUDA tensors: the same kernels' shapes as a real CUDA run; not counted: kernel "

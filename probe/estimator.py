@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from probe.build import prepare
-from probe.make_trial import make_trial
-from probe.search import find_micro_batch
-from probe.spec import ProbeSpec, SpecError
-from probe.trial import TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.make_trial import make_trial
+from fitprobe.probe.search import find_micro_batch
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.trial import TrialRunner
 
 UNCAPPED_BYTES = 1 << 62
 

@@ -29,9 +29,9 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from probe.optimizers import implementation
-from probe.report import PlanFacts, Report, SplitFacts
-from probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
+from fitprobe.probe.optimizers import implementation
+from fitprobe.probe.report import PlanFacts, Report, SplitFacts
+from fitprobe.probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)

@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
-from probe.report import TrialResult
-from probe.trial import TrialError
+from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.trial import TrialError
 
 if TYPE_CHECKING:
-    from probe.cuda_attention import CudaAttention
+    from fitprobe.probe.cuda_attention import CudaAttention
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing; llama,
 # qwen2 and mistral also with QLoRA (nf4) and 8-bit AdamW
@@ -217,8 +217,8 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
     The optimizer is among these: a build is reused across optimizers (probe/whatif.py), so this is
     asked again for every spec the build serves.
     """
-    from probe.models import _reference_fields
-    from probe.optimizers import KINDS
+    from fitprobe.probe.models import _reference_fields
+    from fitprobe.probe.optimizers import KINDS
 
     if not spec.extrapolate:
         return "extrapolate is off (--no-extrapolate)"
@@ -238,7 +238,7 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
 def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
               ) -> tuple[Cuts, list[ProbeSpec]] | str:
     """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
-    from probe.models import _hf_config, _reference_fields, build_model
+    from fitprobe.probe.models import _hf_config, _reference_fields, build_model
 
     reason = not_extrapolable_because(spec)
     if reason is not None:
@@ -277,8 +277,8 @@ class TracedCut:
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
                  attention: CudaAttention | None = None) -> None:
-        from probe.build import prepare
-        from probe.estimate import EstimateMeter
+        from fitprobe.probe.build import prepare
+        from fitprobe.probe.estimate import EstimateMeter
 
         meter, self.model = prepare(spec, allowed_factories)
         if not isinstance(meter, EstimateMeter):
@@ -331,7 +331,7 @@ class TracedCut:
         per_parameter.update_step = marked_update_step  # its `step` calls the instance's attribute
 
     def bind(self, spec: ProbeSpec) -> CutTrial:
-        from probe.trial import TrialRunner
+        from fitprobe.probe.trial import TrialRunner
 
         # its own batches' generator, seeded as a fresh build's runner is
         return partial(self._run, TrialRunner(spec, self.meter, self.model, self._watch_optimizer))
@@ -413,8 +413,8 @@ class CutModels:
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, specs: list[ProbeSpec], facts: dict[str, Any],
                  allowed_factories: Collection[str], emit: Callable[[dict], None]) -> None:
-        from probe.build import build_key
-        from probe.estimate import EstimateMeter
+        from fitprobe.probe.build import build_key
+        from fitprobe.probe.estimate import EstimateMeter
 
         self.key, self.cuts, self.facts = build_key(spec), cuts, facts
         self.allowed_factories = allowed_factories
@@ -432,8 +432,8 @@ class CutModels:
     def build(cls, spec: ProbeSpec, allowed_factories: Collection[str] = (),
               emit: Callable[[dict], None] = lambda _event: None) -> CutModels | str:
         """The cuts of the spec's model, built; or why the full depth must run. Raises SpecError as a build does."""
-        from probe.build import attention_facts, model_facts
-        from probe.models import build_model
+        from fitprobe.probe.build import attention_facts, model_facts
+        from fitprobe.probe.models import build_model
 
         if spec.mode != "estimate":
             raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
@@ -453,8 +453,8 @@ class CutModels:
         The facts are this trial's own (a fallback to the full depth rewrites them); `full_depth(spec, why)`
         makes that fallback (probe/make_trial.py builds it afresh; the what-if table keeps one).
         """
-        from probe.build import build_key
-        from probe.models import check_seq_len
+        from fitprobe.probe.build import build_key
+        from fitprobe.probe.models import check_seq_len
 
         if build_key(spec) != self.key:
             raise ValueError("CutModels.trial: the spec differs from the cuts' build in more than seq_len and "

@@ -10,7 +10,7 @@ fragmentation, which the estimate does not count.
 
 from __future__ import annotations
 
-from probe.errors import SpecError
+from fitprobe.probe.errors import SpecError
 
 MIB = 1 << 20
 CUDA_CONTEXT_BYTES = 500 * MIB

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from probe.models import LoadedModel
-from probe.spec import ProbeSpec
-from probe.step import MicroBatch, global_target_tokens, token_loss_sum, trainable_parameters
+from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.step import MicroBatch, global_target_tokens, token_loss_sum, trainable_parameters
 
 
 def _chunks(total: int, size: int) -> list[int]:

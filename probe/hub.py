@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from probe.spec import SpecError
+from fitprobe.probe.spec import SpecError
 
 MAX_REPO_ID_CHARS = 96
 MAX_REVISION_CHARS = 128

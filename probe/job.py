@@ -18,21 +18,21 @@ from typing import Any
 
 import torch
 
-from probe import optimizers, quantization
-from probe.heap import frozen_heap
-from probe.make_trial import make_trial
-from probe.data import data_facts, micro_batch_tokens, padded_width_ratio
-from probe.estimate import EstimateMeter
-from probe.estimator import Estimator
-from probe.events import Emit, ignore
-from probe.meter import Meter
-from probe.needs import does_not_fit, headroom_shortfall
-from probe.plan import Plan
-from probe.report import DeviceFacts, PlanFacts, Report, Search, TokenBudget, TrialReport
-from probe.search import find_micro_batch
-from probe.spec import ProbeSpec, SpecError
-from probe.report import TrialResult
-from probe.versions import distribution_version
+from fitprobe.probe import optimizers, quantization
+from fitprobe.probe.heap import frozen_heap
+from fitprobe.probe.make_trial import make_trial
+from fitprobe.probe.data import data_facts, micro_batch_tokens, padded_width_ratio
+from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.estimator import Estimator
+from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.meter import Meter
+from fitprobe.probe.needs import does_not_fit, headroom_shortfall
+from fitprobe.probe.plan import Plan
+from fitprobe.probe.report import DeviceFacts, PlanFacts, Report, Search, TokenBudget, TrialReport
+from fitprobe.probe.search import find_micro_batch
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.versions import distribution_version
 
 
 def versions() -> dict[str, str | None]:
@@ -145,7 +145,7 @@ def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
     """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len)."""
     planned = plan.facts()
     if spec.data is not None and spec.collation == "padded":
-        from probe.data import expected_padding_fraction, profile_of
+        from fitprobe.probe.data import expected_padding_fraction, profile_of
 
         profile = profile_of(spec.data)
         planned.padding_fraction = round(expected_padding_fraction(
@@ -175,8 +175,8 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     `data_path` (the command line's `--data`; never a request's) makes the verification train on the
     file's first rows, so the gradient noise scale is measured on the user's tokens.
     """
-    from probe.plan import plan_for_probe
-    from probe.verify import run_verification
+    from fitprobe.probe.plan import plan_for_probe
+    from fitprobe.probe.verify import run_verification
 
     if verify and spec.mode == "measure" and spec.effective_rows is not None and spec.collation == "flattened":
         raise SpecError("verification with collation=flattened is not implemented yet: use --no-verify (the probe "
@@ -203,7 +203,7 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
           "accumulation_steps": plan.split.accumulation_steps})
     if verify and spec.mode == "measure":  # an estimate has no device to train on
         emit({"type": "phase", "phase": "verifying"})
-        from probe.data import read_rows
+        from fitprobe.probe.data import read_rows
 
         data_rows = read_rows(data_path, plan.split.effective_batch) if data_path else None
         report.verification = run_verification(spec, plan, verify_steps, allowed_factories, search.max_micro_batch,

@@ -4,8 +4,8 @@ A job process, and the device processes it spawns, hold memory on the device. If
 killed (even with `kill -9`, which runs no cleanup) they must not run on, holding a GPU that the
 restarted service then hands to the next job.
 
-So they all start here, as `python -m probe.lifetime PARENT_PID`, not through multiprocessing: a
-spawned multiprocessing child first re-imports the parent's main module (`probe.cli`, hence torch)
+So they all start here, as `python -m fitprobe.probe.lifetime PARENT_PID`, not through multiprocessing: a
+spawned multiprocessing child first re-imports the parent's main module (`fitprobe.probe.cli`, hence torch)
 and then unpickles its target (torch's `mp.spawn` wrapper, torch again), seconds in which a dead
 parent leaves it running. This module imports nothing heavy: the guard is its first work, and only
 then is the target unpickled from stdin and run.
@@ -37,11 +37,11 @@ def start_guarded(target: Callable[..., None], args: tuple[Any, ...], **popen: A
 
     `target` must be importable by name and `args` picklable; `popen` goes to `subprocess.Popen`.
     """
-    # `-m probe.lifetime` must import wherever this process imported probe from (a checkout, not installed)
+    # `-m fitprobe.probe.lifetime` must import wherever this process imported probe from (a checkout, not installed)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = popen.pop("env", None) or os.environ
     env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)}
-    process = subprocess.Popen([sys.executable, "-m", "probe.lifetime", str(os.getpid())],
+    process = subprocess.Popen([sys.executable, "-m", "fitprobe.probe.lifetime", str(os.getpid())],
                                stdin=subprocess.PIPE, env=env, **popen)
     assert process.stdin is not None
     try:

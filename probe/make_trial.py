@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from probe.build import Trial, attention_facts, model_facts, prepare
-from probe.heap import settle
-from probe.events import Emit, ignore
-from probe.meter import Meter, make_meter
-from probe.models import build_model
-from probe.spec import ProbeSpec, SpecError
-from probe.report import TrialResult
-from probe.trial import TrialRunner
+from fitprobe.probe.build import Trial, attention_facts, model_facts, prepare
+from fitprobe.probe.heap import settle
+from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.meter import Meter, make_meter
+from fitprobe.probe.models import build_model
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.trial import TrialRunner
 
 
 def full_depth_trial(spec: ProbeSpec, _because: str, allowed_factories: Collection[str]) -> Trial:
@@ -52,7 +52,7 @@ def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit)
     """
     not_extrapolated: dict[str, Any] = {}
     if spec.mode == "estimate":
-        from probe.extrapolate import extrapolated_trial
+        from fitprobe.probe.extrapolate import extrapolated_trial
 
         made = extrapolated_trial(spec, allowed_factories, emit,
                                   partial(full_depth_trial, allowed_factories=allowed_factories))
@@ -73,7 +73,7 @@ def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit)
 
 
 def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
-    from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
+    from fitprobe.probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
 
     meter: Meter
     trial: Trial

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from probe.spec import MAX_MICRO_BATCH, SpecError
+from fitprobe.probe.spec import MAX_MICRO_BATCH, SpecError
 
 MAX_POSITIONS = 2**24
 

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
-from probe.hub import read_config
-from probe.model_bounds import ModelLimits, check_model
-from probe import quantization
-from probe.presets import PRESETS
-from probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
-from probe.spec import ProbeSpec, SpecError, format_bytes
-from probe.recompute import CHECKPOINT_KWARGS
+from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
+from fitprobe.probe.hub import read_config
+from fitprobe.probe.model_bounds import ModelLimits, check_model
+from fitprobe.probe import quantization
+from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
+from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.recompute import CHECKPOINT_KWARGS
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
 MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are this few

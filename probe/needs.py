@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from probe.estimator import estimated_step_bytes
-from probe.events import Emit, ignore
-from probe.optimizers import KINDS
-from probe.report import DoesNotFit, HeadroomShortfall, SizingOption
-from probe.spec import ProbeSpec, format_bytes
+from fitprobe.probe.estimator import estimated_step_bytes
+from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.optimizers import KINDS
+from fitprobe.probe.report import DoesNotFit, HeadroomShortfall, SizingOption
+from fitprobe.probe.spec import ProbeSpec, format_bytes
 
 SHARDING_HINT = "or shard weights, gradients and optimizer state over several devices (--sharding fsdp --devices N)"
 

@@ -13,9 +13,9 @@ import statistics
 
 import torch
 
-from probe.models import LoadedModel
-from probe.spec import ProbeSpec
-from probe.step import MicroBatch, token_loss_sum, trainable_parameters
+from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.step import MicroBatch, token_loss_sum, trainable_parameters
 
 
 def squared_norm(params: list[torch.nn.Parameter], scale: float = 1.0) -> float:

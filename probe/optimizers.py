@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.spec import ProbeSpec, SpecError
 
 if TYPE_CHECKING:  # torch only where an optimizer is built: exports and the CLI's help name them without it
     import torch

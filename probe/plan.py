@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from probe.report import Alternative, LrGuidance, PlanFacts, Search
-from probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, SpecError
+from fitprobe.probe.report import Alternative, LrGuidance, PlanFacts, Search
+from fitprobe.probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, SpecError
 
 # Without measurements: a micro-step's fixed cost is this fraction of a micro-step at the max
 # micro-batch. With measurements: the least fixed cost a micro-step is credited with.

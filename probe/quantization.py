@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from probe.spec import ProbeSpec, SpecError
-from probe.recompute import CHECKPOINT_KWARGS
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.recompute import CHECKPOINT_KWARGS
 
 if TYPE_CHECKING:
     import torch

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probe.lifetime import start_guarded
+from fitprobe.probe.lifetime import start_guarded
 
 RankEntry = Callable[..., Any]  # entry(rank, world_size, *args) -> JSON value, importable by name (it is pickled)
 POLL_S = 0.05
@@ -126,7 +126,7 @@ def _rank_process(rank: int, entry: RankEntry, world_size: int, device: str, por
                   args: tuple[Any, ...]) -> None:
     import torch
 
-    from probe.sharding import process_group
+    from fitprobe.probe.sharding import process_group
 
     try:
         cuda = device.startswith("cuda")

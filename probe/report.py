@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from probe.spec import format_bytes
+from fitprobe.probe.spec import format_bytes
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from probe.spec import MAX_MICRO_BATCH
+from fitprobe.probe.spec import MAX_MICRO_BATCH
 
 FIRST_MICRO_BATCHES = (2, 4)  # b=1 sits below the bend where activations start to dominate
 SCOUT_RATIO = 4

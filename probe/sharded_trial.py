@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from probe.estimate import EstimateMeter
-from probe.meter import make_meter
-from probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
-from probe.sharding import build_sharded_model, process_group
-from probe.spec import ProbeSpec, SpecError
-from probe.report import TrialResult
-from probe.trial import TrialError, TrialRunner
+from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.meter import make_meter
+from fitprobe.probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
+from fitprobe.probe.sharding import build_sharded_model, process_group
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.trial import TrialError, TrialRunner
 
 
 def combine(results: list[TrialResult]) -> TrialResult:

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 # one definition for the library, the service and the torch-free client; modules import it from here
 from fitprobe_client.units import format_bytes
 from fitprobe_client.verdict import ESTIMATED  # noqa: F401
-from probe.errors import SpecError  # modules and users import it from here too
-from probe.gpus import gpu_capacity_bytes
+from fitprobe.probe.errors import SpecError  # modules and users import it from here too
+from fitprobe.probe.gpus import gpu_capacity_bytes
 
 MAX_SEQ_LEN = 131_072
 MAX_MICRO_BATCH = 65_536

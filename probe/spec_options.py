@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 from annotated_types import Ge, Le
 from pydantic.fields import FieldInfo
 
-from probe.spec import LoraSpec, ProbeSpec
+from fitprobe.probe.spec import LoraSpec, ProbeSpec
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from probe import optimizers
-from probe.meter import Meter
-from probe.models import LoadedModel
-from probe.spec import Collation, ProbeSpec
+from fitprobe.probe import optimizers
+from fitprobe.probe.meter import Meter
+from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.spec import Collation, ProbeSpec
 
 IGNORE_INDEX = -100
 PhaseCallback = Callable[[str], None]
@@ -120,7 +120,7 @@ def worst_case_batch(vocab_size: int, batch_size: int, spec: ProbeSpec, device: 
     forces the explicit 4-D mask and, under grouped-query attention, key/value heads repeated to
     the query heads. That path costs more, and a padded batch of real data almost always takes it.
     """
-    from probe.data import longest_rows
+    from fitprobe.probe.data import longest_rows
 
     rows = None
     if spec.data is not None and spec.collation != "packed":

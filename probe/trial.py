@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from probe.meter import Meter, is_oom
-from probe.models import LoadedModel
-from probe.optimizers import paged_state_bytes
-from probe.report import TrialResult
-from probe.spec import ProbeSpec, format_bytes
-from probe.step import make_optimizer, make_scaler, run_steps, worst_case_batch
+from fitprobe.probe.meter import Meter, is_oom
+from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.optimizers import paged_state_bytes
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.spec import ProbeSpec, format_bytes
+from fitprobe.probe.step import make_optimizer, make_scaler, run_steps, worst_case_batch
 
 
 class TrialError(RuntimeError):

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from probe.noise import noise_scale
-from probe.plan import Plan
-from probe.report import Check, Verification
-from probe.spec import ProbeSpec, SpecError, format_bytes
-from probe.verify_run import RankResult, run_rank, run_spawned
+from fitprobe.probe.noise import noise_scale
+from fitprobe.probe.plan import Plan
+from fitprobe.probe.report import Check, Verification
+from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.verify_run import RankResult, run_rank, run_spawned
 
 # Relative error allowed between the accumulated and the reference gradient. fp32 must agree to
 # rounding; 16-bit matmuls round differently for different batch shapes.

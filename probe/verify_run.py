@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from probe.gradient_check import dropout_off, joined, reference_gradient, reference_sizes, relative_error
-from probe.meter import Meter, is_oom, make_meter
-from probe.models import LoadedModel, build_model
-from probe.noise import micro_batch_squared_norm, noise_terms, squared_norm
-from probe.plan import Plan
-from probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
-from probe.spec import Collation, ProbeSpec, SpecError
-from probe.step import (
+from fitprobe.probe.gradient_check import dropout_off, joined, reference_gradient, reference_sizes, relative_error
+from fitprobe.probe.meter import Meter, is_oom, make_meter
+from fitprobe.probe.models import LoadedModel, build_model
+from fitprobe.probe.noise import micro_batch_squared_norm, noise_terms, squared_norm
+from fitprobe.probe.plan import Plan
+from fitprobe.probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
+from fitprobe.probe.spec import Collation, ProbeSpec, SpecError
+from fitprobe.probe.step import (
     MicroBatch, StepHooks, make_optimizer, make_scaler, run_steps, split, synthetic_batch, trainable_parameters,
 )
 

@@ -27,17 +27,17 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from probe.build import Trial, build_key, prepare
-from probe.heap import frozen_heap, settle
-from probe.make_trial import make_trial
-from probe.events import Emit, ignore
-from probe.extrapolate import CutModels, not_extrapolable_because
-from probe.meter import Meter
-from probe.models import LoadedModel, build_model, check_seq_len
-from probe.search import find_micro_batch
-from probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
-from probe.report import TrialResult
-from probe.trial import TrialRunner
+from fitprobe.probe.build import Trial, build_key, prepare
+from fitprobe.probe.heap import frozen_heap, settle
+from fitprobe.probe.make_trial import make_trial
+from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.extrapolate import CutModels, not_extrapolable_because
+from fitprobe.probe.meter import Meter
+from fitprobe.probe.models import LoadedModel, build_model, check_seq_len
+from fitprobe.probe.search import find_micro_batch
+from fitprobe.probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.trial import TrialRunner
 
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
 

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from probe.events import Emit, ignore
-from probe.spec import Optimizer, ProbeSpec
-from probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, run_whatif, settings_grid
+from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.spec import Optimizer, ProbeSpec
+from fitprobe.probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, run_whatif, settings_grid
 
 CheckpointingWord = Literal["off", "on"]
 

@@ -1,6 +1,6 @@
 """The training loop users write, with a byte counter of its own: the yardstick for fitprobe's step.
 
-Nothing here imports `probe.meter` or `probe.step`: the model is built the way LoRA and
+Nothing here imports `fitprobe.probe.meter` or `fitprobe.probe.step`: the model is built the way LoRA and
 mixed-precision recipes build it, the loop is the Hugging Face pattern
 (`loss = model(input_ids=..., attention_mask=..., labels=...).loss / accumulation; loss.backward()`,
 the outputs object dropped before backward, as HF Trainer, TRL and Axolotl do), and the counter is

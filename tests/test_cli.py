@@ -13,7 +13,7 @@ import pytest
 
 
 def fitprobe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "fitprobe.app.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_probe_json_report_has_the_answer_trials_and_context():
@@ -109,7 +109,7 @@ def test_version_and_help_show_defaults_and_the_exit_codes():
 def test_help_and_preflight_never_import_torch():
     # torch takes 9-12 s to import on the CI machine: a pre-flight step must not pay for it
     check = ("import contextlib, io, sys\n"
-             "from app.cli import main\n"
+             "from fitprobe.app.cli import main\n"
              "for argv in (['--help'], ['preflight', '--help']):\n"
              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
              "        main(argv)\n"
@@ -192,7 +192,7 @@ def test_a_plan_that_eats_the_headroom_says_so_and_what_would_restore_it():
 
 
 def test_serve_and_preflight_help_give_every_options_meaning_default_and_variable():
-    from app.cli import build_parser
+    from fitprobe.app.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     for name in ("serve", "preflight"):

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from probe.cuda_attention import CARD_ARCH, CudaAttention, CudaKernelBuffers, select_backend
-from probe.gpus import GPU_TOTAL_MIB
-from probe.meter import LiveBytesMode
-from probe.job import run_trial
-from probe.spec import ProbeSpec
+from fitprobe.probe.cuda_attention import CARD_ARCH, CudaAttention, CudaKernelBuffers, select_backend
+from fitprobe.probe.gpus import GPU_TOTAL_MIB
+from fitprobe.probe.meter import LiveBytesMode
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.spec import ProbeSpec
 
 H100, A100, RTX4090, T4, V100 = (9, 0), (8, 0), (8, 9), (7, 5), (7, 0)
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -166,7 +166,7 @@ def test_a_capacity_without_a_card_counts_this_hosts_kernels_and_says_so():
 def test_gradient_checkpointing_recomputes_attention_as_the_cards_kernels_too():
     """torch recomputes a checkpointed layer inside the backward, where the forward's function modes are not:
     the estimate failed ("a different number of tensors was saved") until the recomputation re-entered them."""
-    from probe.job import run_trial
+    from fitprobe.probe.job import run_trial
 
     config = dict(model_type="llama", vocab_size=4000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)

@@ -18,8 +18,8 @@ import datasets
 import numpy as np
 import pytest
 
-from probe.data import COLLATIONS, QUANTILES, expected_padding_fraction, read_profile, worst_batch
-from probe.spec import SpecError
+from fitprobe.probe.data import COLLATIONS, QUANTILES, expected_padding_fraction, read_profile, worst_batch
+from fitprobe.probe.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_a_malformed_dataset_names_the_file_and_row(write, message: str, tmp_pat
 
 _READ_AND_MEASURE = """
 import json, resource, sys, time
-from probe.data import read_profile
+from fitprobe.probe.data import read_profile
 calls = []
 before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 profile = read_profile(sys.argv[1], lambda *call: calls.append((time.monotonic(), *call)))

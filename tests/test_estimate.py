@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from probe.build import prepare
-from probe.job import run_probe
-from probe.spec import ProbeSpec
-from probe.trial import TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.trial import TrialRunner
 from tests.reference_loop import ARCHITECTURES
 
 # GPT-style builtins and Hugging Face configs the estimate was not written against: grouped-query
@@ -59,7 +59,7 @@ def test_estimate_report_says_what_it_counted_and_times_nothing():
 # rusage maximum would include the forked copy of the test process).
 RUN_AND_REPORT_PEAK_RSS = """
 import sys
-from probe.cli import main
+from fitprobe.probe.cli import main
 code = main(sys.argv[1:])
 hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(f"peak_rss_kib={hwm_kib}", file=sys.stderr)

@@ -20,9 +20,9 @@ from unittest import mock
 import pytest
 import yaml
 
-from probe.cli import main
-from probe.export import FORMATS, ExportError, export_plan, render
-from probe.plan import make_plan
+from fitprobe.probe.cli import main
+from fitprobe.probe.export import FORMATS, ExportError, export_plan, render
+from fitprobe.probe.plan import make_plan
 
 EVEN_1 = (make_plan(96, 32, 1), (32, 3, 1), 96)
 EVEN_2 = (make_plan(64, 16, 2), (16, 2, 2), 64)
@@ -251,7 +251,7 @@ def test_fitprobe_probe_format_exports_the_probed_plan(capsys):
 def test_the_saved_hf_json_unpacks_into_training_arguments_without_a_warning(tmp_path):
     from transformers import TrainingArguments
 
-    run = subprocess.run([sys.executable, "-m", "probe.cli", "plan", "--effective-batch", "96", "--max-micro-batch",
+    run = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "plan", "--effective-batch", "96", "--max-micro-batch",
                           "32", "--format", "hf", "--grad-checkpointing", "--lora"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

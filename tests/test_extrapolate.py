@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from probe.extrapolate import VERIFIED_MODEL_TYPES, Cuts, Trace, extrapolate_trace, find_pattern
-from probe.job import make_trial, run_probe
-from probe.spec import ProbeSpec
+from fitprobe.probe.extrapolate import VERIFIED_MODEL_TYPES, Cuts, Trace, extrapolate_trace, find_pattern
+from fitprobe.probe.job import make_trial, run_probe
+from fitprobe.probe.spec import ProbeSpec
 
 _SMALL = dict(vocab_size=2000, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, tie_word_embeddings=False)

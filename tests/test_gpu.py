@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.build import prepare
-from probe.job import run_probe
-from probe.meter import is_oom
-from probe.spec import ProbeSpec
-from probe.trial import TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.meter import is_oom
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.trial import TrialRunner
 
 pytestmark = pytest.mark.gpu
 
@@ -112,7 +112,7 @@ SDPA_CASES = [  # dtype, heads, kv_heads, head size, mask, causal, enable_gqa
 def test_sdpa_backend_rules_match_torch_on_this_card(dtype, heads, kv_heads, head, masked, causal, gqa):
     """probe/cuda_attention.py's rules against torch's own choice on this card (cuDNN attention off:
     the estimate assumes torch's default order flash, memory-efficient, math)."""
-    from probe.cuda_attention import select_backend
+    from fitprobe.probe.cuda_attention import select_backend
 
     names = {int(torch.nn.attention.SDPBackend.FLASH_ATTENTION): "flash",
              int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION): "efficient",
@@ -136,8 +136,8 @@ def test_one_attention_step_peak_equals_the_count_as_on_this_card(masked):
     against the same step counted under fake tensors as this card runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from probe.cuda_attention import CudaAttention, CudaKernelBuffers
-    from probe.meter import LiveBytesMode
+    from fitprobe.probe.cuda_attention import CudaAttention, CudaKernelBuffers
+    from fitprobe.probe.meter import LiveBytesMode
 
     arch = torch.cuda.get_device_capability()
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import scan_cache_dir
 
-from probe.hub import parse_hub_id, read_config
-from probe.job import run_trial
-from probe.models import build_model
-from probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.hub import parse_hub_id, read_config
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.models import build_model
+from fitprobe.probe.spec import ProbeSpec, SpecError
 from tests.api.conftest import free_port, start_server, wait_for
 
 TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
@@ -94,7 +94,7 @@ def test_an_unreachable_hub_is_one_line_in_seconds_that_does_not_blame_hf_hub_of
            "PYTHONPATH": os.getcwd()}
     env.pop("HF_HUB_OFFLINE", None)
     started_s = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "probe.cli", "probe", "--model", "hf:testorg/absent", "--seq-len",
+    run = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", "hf:testorg/absent", "--seq-len",
                           "16", "--estimate", "--gpu", "a100-80gb"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert time.monotonic() - started_s < 20, "no minute of retries"
@@ -209,7 +209,7 @@ def test_online_service_that_cannot_reach_the_hub_says_so(hub_cache, tmp_path, m
 
 
 def test_hub_access_defaults_to_offline():
-    from app.config import Settings
+    from fitprobe.app.config import Settings
 
     assert Settings().hub_access == "offline"
     with pytest.raises(ValueError):

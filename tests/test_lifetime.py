@@ -7,13 +7,13 @@ import pickle
 import subprocess
 import sys
 
-from probe.lifetime import EXIT_ORPHANED, start_guarded
+from fitprobe.probe.lifetime import EXIT_ORPHANED, start_guarded
 
 
 def test_a_process_whose_parent_is_already_gone_exits_before_running_its_target(tmp_path):
     marker = tmp_path / "ran"
     not_my_parent = str(os.getpid() + 1_000_000)  # what getppid() no longer returns once the parent died
-    run = subprocess.run([sys.executable, "-m", "probe.lifetime", not_my_parent],
+    run = subprocess.run([sys.executable, "-m", "fitprobe.probe.lifetime", not_my_parent],
                          input=pickle.dumps(sys.path) + pickle.dumps((marker.touch, ())), timeout=60, check=False)
     assert run.returncode == EXIT_ORPHANED and not marker.exists()
 

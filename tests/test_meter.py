@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from probe.meter import CpuMeter, LiveBytesMode, is_oom, round_allocation
+from fitprobe.probe.meter import CpuMeter, LiveBytesMode, is_oom, round_allocation
 
 # Messages as PyTorch 2.x, cuBLAS and cuDNN print them.
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "

@@ -15,10 +15,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 
-from app import migrate
-from app.config import Settings
-from app.main import create_app
-from app.store import Store, metadata
+from fitprobe.app import migrate
+from fitprobe.app.config import Settings
+from fitprobe.app.main import create_app
+from fitprobe.app.store import Store, metadata
 from fitprobe_client.status import JobStatus
 
 HEAD = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
@@ -59,7 +59,7 @@ def test_upgrade_from_empty_builds_exactly_the_models_schema(database_url):
 
 def test_replicas_starting_together_migrate_once(postgres_url):
     # separate processes, as replicas are: Alembic's `op` and `context` are process-wide
-    migrate_once = ("import sqlalchemy as sa; from app import migrate; "
+    migrate_once = ("import sqlalchemy as sa; from fitprobe.app import migrate; "
                     f"migrate.upgrade(sa.create_engine({postgres_url!r}))")
     replicas = [subprocess.Popen([sys.executable, "-c", migrate_once], stderr=subprocess.PIPE, text=True)
                 for _ in range(3)]
@@ -107,7 +107,7 @@ def test_the_service_refuses_a_database_a_newer_fitprobe_migrated(database_url, 
 def test_serve_on_a_newer_database_exits_with_the_way_out(tmp_path):
     url = f"sqlite:///{tmp_path / 'fitprobe.db'}"
     _from_a_newer_fitprobe(url)
-    run = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "fitprobe.app.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120,
                          env={"FITPROBE_DATABASE_URL": url, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0

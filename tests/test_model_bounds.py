@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from probe.model_bounds import ModelLimits, check_model, count_parameters
-from probe.models import MODULE_NAMES, check_reference, config_defaults
-from probe.presets import PRESETS
-from probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.model_bounds import ModelLimits, check_model, count_parameters
+from fitprobe.probe.models import MODULE_NAMES, check_reference, config_defaults
+from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.spec import ProbeSpec, SpecError
 
 GPT2 = PRESETS["gpt2"][1]
 LLAMA_1B = PRESETS["llama-3.2-1b"][1]
@@ -78,7 +78,7 @@ def test_the_module_names_the_door_checks_lora_targets_against_are_those_of_the_
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from probe.builtin_gpt import BUILTIN_CONFIGS, GPT
+    from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS, GPT
 
     with torch.device("meta"):
         if model_type == "builtin":

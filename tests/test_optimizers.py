@@ -16,9 +16,9 @@ from typing import get_args
 import pytest
 import torch
 
-from probe import optimizers
-from probe.job import run_trial
-from probe.spec import Optimizer, ProbeSpec
+from fitprobe.probe import optimizers
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.spec import Optimizer, ProbeSpec
 from tests.reference_loop import (LiveBytes, LoopSettings, allocator_peak_bytes, hf_trainer_optimizer,
                                   run_user_loop)
 
@@ -135,7 +135,7 @@ def test_old_optimizer_name_adamw_still_means_plain_torch_adamw():
 
 
 def test_cli_hf_export_names_the_optimizer():
-    out = subprocess.run([sys.executable, "-m", "probe.cli", "probe", "--model", "builtin:gpt-nano", "--seq-len", "32",
+    out = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", "builtin:gpt-nano", "--seq-len", "32",
                           "--capacity", "200MiB", "--effective-batch", "8", "--no-verify", "--optimizer",
                           "adamw_bnb_8bit", "--format", "hf", "--quiet"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

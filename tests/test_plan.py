@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from probe.plan import make_plan
-from probe.spec import SpecError
+from fitprobe.probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from fitprobe.probe.plan import make_plan
+from fitprobe.probe.spec import SpecError
 
 requests = st.tuples(st.integers(1, 2000), st.integers(1, 64), st.integers(1, 8)).filter(lambda r: r[0] >= r[2])
 

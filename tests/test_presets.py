@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.build import prepare
-from probe.job import run_trial
-from probe.models import build_model
-from probe.presets import PRESETS
-from probe.spec import ProbeSpec, SpecError
-from probe.trial import TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.models import build_model
+from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.trial import TrialRunner
 
 # parameter counts from the model cards (billions)
 PUBLISHED_BILLIONS = {

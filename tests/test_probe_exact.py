@@ -6,10 +6,10 @@ import statistics
 
 import pytest
 
-from probe.build import prepare
-from probe.job import run_probe
-from probe.spec import ProbeSpec
-from probe.trial import TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.trial import TrialRunner
 
 CASES = [
     dict(model="builtin:gpt-nano", seq_len=64, capacity_bytes="24MiB"),

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from probe.job import run_trial
-from probe.spec import ProbeSpec
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.spec import ProbeSpec
 from tests.reference_loop import (LiveBytes, LoopSettings, allocator_peak_bytes, run_qlora_loop,
                                   save_random_model)
 from tests.test_optimizers import FAMILIES, pairwise
@@ -100,7 +100,7 @@ def test_report_says_how_the_base_was_loaded_and_prepared():
 def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(FAMILIES["olmo2"]))
-    out = subprocess.run([sys.executable, "-m", "probe.cli", "probe", "--model", f"hf:{config}", "--seq-len", "64",
+    out = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", f"hf:{config}", "--seq-len", "64",
                           "--capacity", "300MiB", "--precision", "bf16-mixed", "--quantization", "nf4", "--lora",
                           "--optimizer", "paged_adamw_8bit", "--effective-batch", "8", "--no-verify",
                           "--format", "hf", "--quiet"], capture_output=True, text=True, timeout=300)
@@ -112,7 +112,7 @@ def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path):
 
 
 def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
-    from probe.needs import does_not_fit
+    from fitprobe.probe.needs import does_not_fit
 
     spec = ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
     answer = does_not_fit(spec, spec.capacity_bytes).as_json()
@@ -154,7 +154,7 @@ def test_int8_base_equals_the_8bit_recipe(tmp_path):
 
 
 def test_quantizing_a_builtin_model_is_refused_with_the_fix():
-    from probe.models import check_reference
+    from fitprobe.probe.models import check_reference
 
     spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, finetuning="lora", quantization="nf4")
     with pytest.raises(Exception, match="drop quantization for builtin"):

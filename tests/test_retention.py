@@ -11,8 +11,8 @@ import psycopg.errors
 import pytest
 import sqlalchemy as sa
 
-from app import migrate
-from app.store import (
+from fitprobe.app import migrate
+from fitprobe.app.store import (
     ClientLimits,
     ClientQuota,
     Store,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from probe.search import find_micro_batch
+from fitprobe.probe.search import find_micro_batch
 
 MIB = 1 << 20
 

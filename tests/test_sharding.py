@@ -19,17 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-from probe.cli import EXIT_BAD_INPUT, main
-from probe.estimate import EstimateMeter
-from probe.job import run_job, run_probe
-from probe.meter import CpuMeter, Meter, round_allocation
-from probe.models import build_model
-from probe.ranks import spawn_ranks
-from probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
-from probe.sharding import build_sharded_model, process_group, transformer_blocks
-from probe.spec import ProbeSpec
-from probe.step import accumulate_gradients, make_optimizer, worst_case_batch
-from probe.trial import TrialRunner
+from fitprobe.probe.cli import EXIT_BAD_INPUT, main
+from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.job import run_job, run_probe
+from fitprobe.probe.meter import CpuMeter, Meter, round_allocation
+from fitprobe.probe.models import build_model
+from fitprobe.probe.ranks import spawn_ranks
+from fitprobe.probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
+from fitprobe.probe.sharding import build_sharded_model, process_group, transformer_blocks
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.step import accumulate_gradients, make_optimizer, worst_case_batch
+from fitprobe.probe.trial import TrialRunner
 
 LLAMA = {"model_type": "llama", "vocab_size": 2000, "hidden_size": 128, "intermediate_size": 256,
          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
@@ -209,7 +209,7 @@ def test_the_cli_takes_sharding(capsys):
 # Runs the CLI, then reports the process's own peak RSS (VmHWM, as in test_estimate.py).
 RUN_AND_REPORT_PEAK_RSS = """
 import sys
-from probe.cli import main
+from fitprobe.probe.cli import main
 code = main(sys.argv[1:])
 hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(f"peak_rss_kib={hwm_kib}", file=sys.stderr)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from fitprobe_client.preflight import add_options as add_preflight_options
-from probe.cli import build_parser
-from probe.spec import LoraSpec, ProbeSpec
-from probe.spec_options import LORA_OPTIONS, NOT_ON_THE_COMMAND_LINE, OPTIONS
+from fitprobe.probe.cli import build_parser
+from fitprobe.probe.spec import LoraSpec, ProbeSpec
+from fitprobe.probe.spec_options import LORA_OPTIONS, NOT_ON_THE_COMMAND_LINE, OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ProbeSpec.model_json_schema()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from probe.job import run_trial
-from probe.spec import ProbeSpec
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.spec import ProbeSpec
 from tests.reference_loop import ARCHITECTURES, LoopSettings, user_loop_peak_bytes
 
 TOLERANCE = 0.005  # the bar: within 0.5 % of the loop users run

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from probe.build import prepare
-from probe.spec import ProbeSpec
-from probe.trial import TrialError, TrialRunner
+from fitprobe.probe.build import prepare
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.trial import TrialError, TrialRunner
 
 
 def runner_for(**fields) -> TrialRunner:

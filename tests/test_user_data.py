@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from probe.data import data_lengths, read_profile
-from probe.job import run_probe, run_trial
-from probe.spec import ProbeSpec
+from fitprobe.probe.data import data_lengths, read_profile
+from fitprobe.probe.job import run_probe, run_trial
+from fitprobe.probe.spec import ProbeSpec
 from tests.reference_loop import ARCHITECTURES, LoopSettings, allocator_peak_bytes, build_user_model, hf_trainer_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_an_estimate_of_the_datas_worst_batch_equals_the_measured_trial(dataset,
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fitprobe.app.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
@@ -172,8 +172,8 @@ def test_a_token_budget_is_planned_exactly_and_verified_by_training():
 
 
 def test_the_exports_carry_packing_and_padding_free_settings():
-    from probe.export import export_plan
-    from probe.plan import make_plan
+    from fitprobe.probe.export import export_plan
+    from fitprobe.probe.plan import make_plan
 
     plan = make_plan(48, 16).facts()
     packed = {"collation": "packed", "seq_len": 2048, "effective_batch_tokens": 48 * 2048}
@@ -188,8 +188,8 @@ def test_the_exports_carry_packing_and_padding_free_settings():
 
 
 def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking():
-    from probe.data import padded_width_ratio
-    from probe.plan import ASSUMED_OVERHEAD_FRACTION, make_plan
+    from fitprobe.probe.data import padded_width_ratio
+    from fitprobe.probe.plan import ASSUMED_OVERHEAD_FRACTION, make_plan
 
     # 950 rows of 10 tokens and 50 of 1000: a padded batch of b random rows is 1000 wide unless all b are
     # short (probability 0.95^b), so its expected width is 10 + 990·(1 − 0.95^b) tokens, by hand

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from probe.gradient_check import reference_gradient, relative_error
-from probe.job import run_job
-from probe.models import build_model
-from probe.plan import make_plan
-from probe.spec import ProbeSpec, SpecError
-from probe.step import IGNORE_INDEX, accumulate_gradients, split
-from probe.verify import run_verification
-from probe.verify_run import variable_length_batch
+from fitprobe.probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from fitprobe.probe.gradient_check import reference_gradient, relative_error
+from fitprobe.probe.job import run_job
+from fitprobe.probe.models import build_model
+from fitprobe.probe.plan import make_plan
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.step import IGNORE_INDEX, accumulate_gradients, split
+from fitprobe.probe.verify import run_verification
+from fitprobe.probe.verify_run import variable_length_batch
 
 SEQ_LEN = 16
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from probe.make_trial import make_trial
-from probe.job import run_probe
-from probe.spec import ProbeSpec
-from probe.whatif import SEQ_GRID, Setting, WhatIf, format_whatif, run_whatif
+from fitprobe.probe.make_trial import make_trial
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.whatif import SEQ_GRID, Setting, WhatIf, format_whatif, run_whatif
 from tests.once_per_run import once_per_run
 
 # 2 layers, hidden 128, vocab 2000: a step of a few MiB, so 24 MiB makes the cells differ by setting
@@ -91,7 +91,7 @@ def test_qlora_on_a_builtin_model_is_not_applicable_rather_than_a_crash():
 
 
 def fitprobe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "probe.cli", *args], capture_output=True, check=False, text=True,
+    return subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", *args], capture_output=True, check=False, text=True,
                           timeout=300)
 
 

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from app.config import Settings
-from app.executors.base import Executor
-from app.executors.local import LocalExecutor
-from app.store import Store
+from fitprobe.app.config import Settings
+from fitprobe.app.executors.base import Executor
+from fitprobe.app.executors.local import LocalExecutor
+from fitprobe.app.store import Store
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
+    from fitprobe.app.metrics import Metrics
 
 __all__ = ["Executor", "make_executor"]
 
 
 def make_executor(store: Store, settings: Settings, metrics: Metrics | None = None) -> Executor:
     if settings.executor == "ray":
-        from app.executors.ray import RayExecutor  # ray is an optional extra: imported only when asked for
+        from fitprobe.app.executors.ray import RayExecutor  # ray is an optional extra: imported only when asked for
 
         return RayExecutor(store, settings, metrics)
     return LocalExecutor(store, settings, metrics)

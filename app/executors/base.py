@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 
-from app.config import Settings
-from app.store import Conflict, Store
-from app.worker import Item
+from fitprobe.app.config import Settings
+from fitprobe.app.store import Conflict, Store
+from fitprobe.app.worker import Item
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
+    from fitprobe.app.metrics import Metrics
 
 DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.5, 10.0
 log = logging.getLogger("fitprobe.executor")

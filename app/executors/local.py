@@ -24,16 +24,16 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from app.config import Settings
-from app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
-from app.store import Store
+from fitprobe.app.config import Settings
+from fitprobe.app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
+from fitprobe.app.store import Store
 from fitprobe_client.status import JobStatus
-from app.worker import Item, run_job_process
-from probe.devices import list_devices
-from probe.lifetime import start_guarded
+from fitprobe.app.worker import Item, run_job_process
+from fitprobe.probe.devices import list_devices
+from fitprobe.probe.lifetime import start_guarded
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
+    from fitprobe.app.metrics import Metrics
 
 DRAIN_TIMEOUT_S = 0.5
 WAIT_S = 0.2

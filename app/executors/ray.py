@@ -3,7 +3,7 @@
 The service keeps the queue and every status in its store, as with the local executor; Ray places
 and runs the jobs. What each choice buys:
 
-- The task is a *streaming generator* (`app.worker.run_job_ray_task`, around the same `execute` the
+- The task is a *streaming generator* (`fitprobe.app.worker.run_job_ray_task`, around the same `execute` the
   local job process runs): it yields each event as the job emits it, and the service, the store's
   only writer, copies them in as they arrive. Cluster nodes never see the database, so SQLite on
   one machine and PostgreSQL across machines work the same.
@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING, Any
 import ray
 import ray.exceptions
 
-from app.config import Settings
-from app.executors.base import DbRetry, Follower, Stopping, internal_error, spec_for_device
-from app.store import Store
+from fitprobe.app.config import Settings
+from fitprobe.app.executors.base import DbRetry, Follower, Stopping, internal_error, spec_for_device
+from fitprobe.app.store import Store
 from fitprobe_client.status import JobStatus
-from app.worker import Item, run_job_ray_task
+from fitprobe.app.worker import Item, run_job_ray_task
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
+    from fitprobe.app.metrics import Metrics
 
 DEVICE_RESOURCE = "fitprobe_device"  # a custom Ray resource standing in for one GPU on CPU nodes
-CPU_DEVICE_NAME = "cpu (virtual capacity)"  # as probe.devices names it: results cache across executors
+CPU_DEVICE_NAME = "cpu (virtual capacity)"  # as fitprobe.probe.devices names it: results cache across executors
 CLUSTER_REFRESH_S = 5.0
 WAIT_S = 0.2
 log = logging.getLogger("fitprobe.ray")
@@ -161,7 +161,7 @@ class RayExecutor:
         try:
             ray.init(address="auto", **options)
         except ConnectionError:
-            from probe.devices import list_devices
+            from fitprobe.probe.devices import list_devices
 
             local = list_devices(self.settings.cpu_capacity_bytes)
             extra: dict[str, Any] = {} if local[0]["kind"] == "cuda" else {"resources": {DEVICE_RESOURCE: len(local)}}
@@ -193,7 +193,7 @@ class RayExecutor:
                                   if node["Alive"] and node["Resources"].get(self.resource, 0) >= 1]
         return self._node_devices
 
-    # ---- the executor interface (app.executors.base.Executor) -----------------------------
+    # ---- the executor interface (fitprobe.app.executors.base.Executor) -----------------------------
     def start(self) -> None:
         self.dispatcher.start()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from app.store import metadata
+from fitprobe.app.store import metadata
 
 
 def run_migrations(connection: sa.Connection) -> None:
@@ -27,7 +27,7 @@ connection = context.config.attributes.get("connection")
 if connection is not None:
     run_migrations(connection)
 else:
-    from app.config import Settings
+    from fitprobe.app.config import Settings
 
     with sa.create_engine(Settings().resolved_database_url).begin() as connection:
         run_migrations(connection)

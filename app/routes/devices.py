@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.deps import SettingsDep
-from probe.devices import list_devices
+from fitprobe.app.deps import SettingsDep
+from fitprobe.probe.devices import list_devices
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import ValidationError
 
-from app.deps import StoreDep
-from app.schemas import ConfigExport
+from fitprobe.app.deps import StoreDep
+from fitprobe.app.schemas import ConfigExport
 from fitprobe_client.status import JobStatus
-from probe.export import FORMATS, ExportError, ExportFormat, export_report
-from probe.report import Report
+from fitprobe.probe.export import FORMATS, ExportError, ExportFormat, export_report
+from fitprobe.probe.report import Report
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 

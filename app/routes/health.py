@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import generate_latest
 
-from app.schemas import error_responses
+from fitprobe.app.schemas import error_responses
 
 router = APIRouter(tags=["health"])
 # the text format every Prometheus version parses; prometheus_client >= 0.22 labels the same text (for

@@ -20,9 +20,9 @@ from fastapi import Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.executors.base import Executor
-from app.schemas import error_responses
-from app.store import PROBE, WHATIF, Conflict
+from fitprobe.app.executors.base import Executor
+from fitprobe.app.schemas import error_responses
+from fitprobe.app.store import PROBE, WHATIF, Conflict
 from fitprobe_client.status import TERMINAL
 
 SSE_HEARTBEAT_S = 10.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from app.deps import SettingsDep
-from probe.spec import MAX_DEVICES, MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, MAX_SEQ_LEN
+from fitprobe.app.deps import SettingsDep
+from fitprobe.probe.spec import MAX_DEVICES, MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, MAX_SEQ_LEN
 
 router = APIRouter(prefix="/v1/limits", tags=["models"])
 

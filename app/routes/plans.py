@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from app.schemas import PlanAnswer, PlanRequest, error_responses
-from probe.plan import make_plan
-from probe.spec import SpecError
+from fitprobe.app.schemas import PlanAnswer, PlanRequest, error_responses
+from fitprobe.probe.plan import make_plan
+from fitprobe.probe.spec import SpecError
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 

@@ -21,10 +21,10 @@ from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
-from app.routes.jobs import EventStreams
-from app.routes.probes import public, submit_probe
-from app.schemas import PreflightRequest, PreflightVerdict, ProbeJob, error_responses
+from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from fitprobe.app.routes.jobs import EventStreams
+from fitprobe.app.routes.probes import public, submit_probe
+from fitprobe.app.schemas import PreflightRequest, PreflightVerdict, ProbeJob, error_responses
 from fitprobe_client.status import TERMINAL
 from fitprobe_client.verdict import verdict
 

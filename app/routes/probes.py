@@ -10,22 +10,22 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from app.config import Settings
-from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
-from app.executors.base import Executor
-from app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
-from app.schemas import CompactProbe, ProbeJob, ProbeList, ProbeRequest, error_responses
-from app.store import PROBE, ClientLimits, ClientQuota, QueueFull
-from app.watch import compact, etag_of
+from fitprobe.app.config import Settings
+from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from fitprobe.app.executors.base import Executor
+from fitprobe.app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
+from fitprobe.app.schemas import CompactProbe, ProbeJob, ProbeList, ProbeRequest, error_responses
+from fitprobe.app.store import PROBE, ClientLimits, ClientQuota, QueueFull
+from fitprobe.app.watch import compact, etag_of
 from fitprobe_client.status import JobStatus
-from probe.models import check_reference
-from probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
-from probe.data import padded_width_ratio
-from probe.job import plan_facts
-from probe.plan import plan_for_probe
-from probe.report import Report
-from probe.spec import SpecError, format_bytes
-from probe.versions import distribution_version
+from fitprobe.probe.models import check_reference
+from fitprobe.probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
+from fitprobe.probe.data import padded_width_ratio
+from fitprobe.probe.job import plan_facts
+from fitprobe.probe.plan import plan_for_probe
+from fitprobe.probe.report import Report
+from fitprobe.probe.spec import SpecError, format_bytes
+from fitprobe.probe.versions import distribution_version
 
 STATUSES = tuple(JobStatus)
 

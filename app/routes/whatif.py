@@ -16,15 +16,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.config import Settings
-from app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
-from app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
-from app.routes.probes import pinned, within_quota
-from app.schemas import WhatIfJob, WhatIfList, error_responses
-from app.store import STATUSES, WHATIF, ClientLimits, QueueFull
-from probe.models import check_reference
-from probe.spec import ProbeSpec, validation_message
-from probe.whatif_spec import WhatIfSpec
+from fitprobe.app.config import Settings
+from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from fitprobe.app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
+from fitprobe.app.routes.probes import pinned, within_quota
+from fitprobe.app.schemas import WhatIfJob, WhatIfList, error_responses
+from fitprobe.app.store import STATUSES, WHATIF, ClientLimits, QueueFull
+from fitprobe.probe.models import check_reference
+from fitprobe.probe.spec import ProbeSpec, validation_message
+from fitprobe.probe.whatif_spec import WhatIfSpec
 
 router = APIRouter(prefix="/v1/whatif", tags=["whatif"])
 

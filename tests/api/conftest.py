@@ -19,8 +19,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
+from fitprobe.app.config import Settings
+from fitprobe.app.main import create_app
 
 FAST_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "effective_batch": 24}
 # long enough to still be running when a test kills or cancels it (within the CPU device's 1 GiB)
@@ -69,7 +69,7 @@ def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Se
     port = port or free_port()
     env = {**os.environ, **{f"FITPROBE_{k.upper()}": v for k, v in settings.items()}, "OMP_NUM_THREADS": "1"}
     log = open(data_dir.parent / f"server-{port}.log", "ab")  # noqa: SIM115 - the server writes it while it lives
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "fitprobe.app.cli", "serve", "--port", str(port),
                                 "--data-dir", str(data_dir)], env=env, stdout=log, stderr=log)
     server = Server(f"http://127.0.0.1:{port}", data_dir, process, env)
     deadline = time.monotonic() + 60

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from probe.gpus import gpu_capacity_bytes
+from fitprobe.probe.gpus import gpu_capacity_bytes
 from tests.api.conftest import in_process
 
 

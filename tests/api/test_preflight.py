@@ -20,7 +20,7 @@ TINY_GPT2_RUN = ("--seq-len", "32", "--capacity", "32MiB", "--effective-batch", 
 
 
 def preflight(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", "preflight", *args],
+    return subprocess.run([sys.executable, "-m", "fitprobe.app.cli", "preflight", *args],
                           capture_output=True, text=True, timeout=300)
 
 

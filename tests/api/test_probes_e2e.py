@@ -163,7 +163,7 @@ def test_tokens_are_required_when_configured(tmp_path):
 
 
 def test_binding_beyond_loopback_without_tokens_is_refused(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--data-dir",
+    run = subprocess.run([sys.executable, "-m", "fitprobe.app.cli", "serve", "--host", "0.0.0.0", "--data-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "FITPROBE_API_TOKENS": ""})
     assert run.returncode != 0 and "FITPROBE_API_TOKENS" in run.stderr

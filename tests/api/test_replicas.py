@@ -17,8 +17,8 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from app import migrate
-from app.store import Store, events
+from fitprobe.app import migrate
+from fitprobe.app.store import Store, events
 from fitprobe_client.status import JobStatus
 from tests.api.conftest import SLOW_JOB, Server, start_server, wait_for
 from tests.postgres import create_database

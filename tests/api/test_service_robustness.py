@@ -17,8 +17,8 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from app.config import Settings
-from app.executors import base, local
+from fitprobe.app.config import Settings
+from fitprobe.app.executors import base, local
 from tests.api.conftest import FAST_JOB, SLOW_JOB, Server, start_server, wait_for
 
 

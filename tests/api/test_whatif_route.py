@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
-from probe.job import run_probe
-from probe.spec import ProbeSpec
+from fitprobe.app.config import Settings
+from fitprobe.app.main import create_app
+from fitprobe.probe.job import run_probe
+from fitprobe.probe.spec import ProbeSpec
 
 SMALL = {"model": "builtin:gpt-nano", "capacity_bytes": "12MiB", "seq_lens": [32, 64], "finetuning": ["full"],
          "checkpointing": ["off"], "optimizers": ["adamw_torch_fused"]}
