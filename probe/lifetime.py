@@ -22,6 +22,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import fitprobe  # only its location: the package itself is a docstring
+
 PR_SET_PDEATHSIG = 1
 EXIT_ORPHANED = 70  # the parent was gone before the guard was set: the target never ran
 
@@ -37,8 +39,9 @@ def start_guarded(target: Callable[..., None], args: tuple[Any, ...], **popen: A
 
     `target` must be importable by name and `args` picklable; `popen` goes to `subprocess.Popen`.
     """
-    # `-m fitprobe.probe.lifetime` must import wherever this process imported probe from (a checkout, not installed)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # `-m fitprobe.probe.lifetime` must import wherever this process imported fitprobe from (a checkout, not
+    # installed): the directory that holds the `fitprobe` package, whichever directory holds this file
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fitprobe.__file__)))
     env = popen.pop("env", None) or os.environ
     env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)}
     process = subprocess.Popen([sys.executable, "-m", "fitprobe.probe.lifetime", str(os.getpid())],
