@@ -25,6 +25,11 @@ optimizers (8-bit AdamW, Lion) update one parameter at a time, in the model's pa
 layer before the last period, and the deep cut's stretch between (the middle period's parameters) is
 dropped as its forward and backward are. QLoRA's 4-bit layers are a layer's own ops and pair up as is.
 
+Sharded (FSDP2 over a fake group, estimate mode), each cut's trial builds its own group and model as the
+full depth's does (probe/sharded_trial.py), marked as it is built: one rank's moments (its shards, the
+blocks it gathers and prefetches, the gradients it reduce-scatters) pair up as the unsharded step's do.
+Measured FSDP runs real ranks at full depth.
+
 Anything that does not pair up (lengths, phases, missing marks: per-parameter optimizers whose loop
 cannot be marked, such as single-tensor AdamW or Adafactor) falls back to the full depth, and the
 report says why. Families whose extrapolated estimate was compared with the full depth to the byte
@@ -47,10 +52,13 @@ from fitprobe.probe.trial import TrialError
 
 if TYPE_CHECKING:
     from fitprobe.probe.cuda_attention import CudaAttention
+    from fitprobe.probe.models import LoadedModel
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing; llama,
 # qwen2 and mistral also with QLoRA (nf4) and 8-bit AdamW
 VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "qwen2_moe"})
+# compared with the full depth under FSDP2 (tests/test_extrapolate.py FSDP_CASES); other families shard at full depth
+FSDP_VERIFIED_MODEL_TYPES = frozenset({"llama", "qwen2"})
 _PLAIN = (bool, int, float, str, type(None))
 # attributes that differ between layers without changing what they allocate
 _POSITION_ATTRIBUTES = frozenset({"layer_idx", "layer_id"})
@@ -222,8 +230,9 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
 
     if not spec.extrapolate:
         return "extrapolate is off (--no-extrapolate)"
-    if spec.sharding != "none":
-        return "sharding=fsdp: extrapolation was compared with the full depth on one device only"
+    if spec.mode != "estimate":
+        ranks = f" on {spec.num_devices} real ranks" if spec.sharding == "fsdp" else ""
+        return f"{spec.mode} mode runs the real model{ranks}: extrapolation is for estimates under fake tensors"
     if KINDS[spec.optimizer].paged:
         return f"optimizer {spec.optimizer}: its paged state is outside the byte count the cuts are traced by"
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
@@ -232,6 +241,9 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
     if model_type not in VERIFIED_MODEL_TYPES:
         return (f"model_type {model_type}: its extrapolated estimate was not compared with the full depth "
                 f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
+    if spec.sharding == "fsdp" and model_type not in FSDP_VERIFIED_MODEL_TYPES:
+        return (f"model_type {model_type} with sharding=fsdp: its extrapolated estimate was not compared with the "
+                f"full depth under FSDP (verified: {', '.join(sorted(FSDP_VERIFIED_MODEL_TYPES))})")
     return None
 
 
@@ -272,27 +284,48 @@ FullDepth = Callable[[ProbeSpec, str], Trial]  # (spec, why the cuts did not do)
 
 
 class TracedCut:
-    """One cut model, built once, with marks on its first and last period; `bind(spec)` is THE estimate
-    trial on it for a spec of this cut (any seq_len and optimizer), recording its moments."""
+    """One cut model with marks on its first and last period; `bind(spec)` is THE estimate trial on it for a
+    spec of this cut (any seq_len and optimizer), recording its moments.
+
+    Unsharded, the cut is built once and every trial runs on it. Sharded (FSDP2), a trial builds its own
+    group and model, as the full depth's does (probe/sharded_trial.py): each fresh model is marked as
+    it is built, and one rank's moments (its shards, the blocks it gathers, the gradients it reduces)
+    are traced as the unsharded step's are.
+    """
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
                  attention: CudaAttention | None = None) -> None:
         from fitprobe.probe.build import prepare
         from fitprobe.probe.estimate import EstimateMeter
+        from fitprobe.probe.models import build_model
 
-        meter, self.model = prepare(spec, allowed_factories)
-        if not isinstance(meter, EstimateMeter):
+        if spec.mode != "estimate" or spec.capacity_bytes is None:
             raise SpecError(f"a cut is traced under fake tensors: its spec must be in estimate mode (got {spec.mode})")
-        self.meter = meter
+        self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
         # the cut runs uncapped, so its spec names no card: it counts attention as the full spec's card runs it
         self.meter.attention = attention
+        self.cuts, self.depth, self.allowed_factories = cuts, depth, allowed_factories
         self.trace = Trace([])
-        stack = _layer_stack(self.model.module, depth)
+        self.marked_layers: dict[str, nn.Module] = {}
+        self.model: LoadedModel | None = None
+        if spec.sharding == "fsdp":
+            self.max_seq_len = build_model(spec, "meta", allowed_factories).max_seq_len
+        else:
+            self.model = prepare(spec, allowed_factories, self.meter)[1]
+            self.max_seq_len = self.model.max_seq_len
+            self._mark(self.model)
+
+    def _mark(self, model: LoadedModel) -> None:
+        """Hooks on the last layer of the first period and on the layer before the last period."""
+        stack = _layer_stack(model.module, self.depth)
         if stack is None:
-            raise TrialError(f"the cut model has no stack of {depth} layers")
-        first, last = cuts.marked_layers(depth)
-        stack[1][first].register_forward_hook(partial(self._forward_ended, "first"))
-        stack[1][last].register_forward_hook(partial(self._forward_ended, "last"))
+            raise TrialError(f"the cut model has no stack of {self.depth} layers")
+        first, last = self.cuts.marked_layers(self.depth)
+        # before FSDP2's own hooks on the layer: its pre-backward hook on the output gathers the layer and
+        # prefetches the one before it, which is a block in the deep cut and the root's (already gathered)
+        # in the shallow one, so a mark after it would count the prefetch on one side of it only
+        stack[1][first].register_forward_hook(partial(self._forward_ended, "first"), prepend=True)
+        stack[1][last].register_forward_hook(partial(self._forward_ended, "last"), prepend=True)
         self.marked_layers = {"first": stack[1][first], "last": stack[1][last]}
 
     def _forward_ended(self, period: str, _module: nn.Module, _args: Any, output: Any) -> None:
@@ -333,14 +366,26 @@ class TracedCut:
     def bind(self, spec: ProbeSpec) -> CutTrial:
         from fitprobe.probe.trial import TrialRunner
 
-        # its own batches' generator, seeded as a fresh build's runner is
-        return partial(self._run, TrialRunner(spec, self.meter, self.model, self._watch_optimizer))
+        runner: Trial
+        if spec.sharding == "fsdp":
+            from fitprobe.probe.sharded_trial import EstimatedShardedTrial
 
-    def _run(self, runner: Callable[[int], TrialResult], micro_batch: int) -> tuple[TrialResult, Trace]:
+            runner = EstimatedShardedTrial(spec, self.allowed_factories, self.meter, self._mark, self._watch_optimizer)
+        else:
+            assert self.model is not None, "an unsharded cut is built once, in __init__"
+            # its own batches' generator, seeded as a fresh build's runner is
+            unsharded = TrialRunner(spec, self.meter, self.model, self._watch_optimizer)
+
+            def runner(micro_batch: int) -> TrialResult:
+                with self.meter.tracking():
+                    return unsharded(micro_batch)
+
+        return partial(self._run, runner)
+
+    def _run(self, runner: Trial, micro_batch: int) -> tuple[TrialResult, Trace]:
         self.trace = Trace(self.meter.record_trace(True))
         try:
-            with self.meter.tracking():
-                result = runner(micro_batch)
+            result = runner(micro_batch)
         finally:
             self.meter.record_trace(False)
         if not result.fits:
@@ -444,6 +489,8 @@ class CutModels:
         cuts, specs = planned
         facts = {**model_facts(full), "attention": attention_facts(full, spec),
                  "extrapolated_from_layers": list(cuts.depths), "not_extrapolated_because": None}
+        if spec.sharding == "fsdp":
+            facts["sharded_over_devices"] = spec.num_devices
         del full
         return cls(spec, cuts, specs, facts, allowed_factories, emit)
 
@@ -459,7 +506,7 @@ class CutModels:
         if build_key(spec) != self.key:
             raise ValueError("CutModels.trial: the spec differs from the cuts' build in more than seq_len and "
                              "optimizer; make a CutModels for it")
-        check_seq_len(spec.seq_len, self.traced[0].model.max_seq_len)  # the check a fresh build makes
+        check_seq_len(spec.seq_len, self.traced[0].max_seq_len)  # the check a fresh build makes
         same = {"seq_len": spec.seq_len, "optimizer": spec.optimizer}
         shallow, deep = (cut.bind(cut_spec.model_copy(update=same))
                          for cut, cut_spec in zip(self.traced, self.cut_specs, strict=True))

@@ -246,6 +246,10 @@ class LiveBytesMode(TorchDispatchMode):
         n_bytes = round_allocation(storage.nbytes())
         delta, self._counted[key] = n_bytes - self._counted[key], n_bytes
         self._grow(delta, raise_on_overflow=delta > 0)
+        # a gathered parameter is a moment as an op's output is: FSDP2 gathers into it, then frees the
+        # all-gather buffer, so the peak can sit between the two with no allocating op after it
+        if delta > 0 and self.trace is not None:
+            self.trace.append((self.phase, self.live_bytes))
 
     def _grow(self, n_bytes: int, raise_on_overflow: bool) -> None:
         self.live_bytes += n_bytes

@@ -15,13 +15,14 @@ Both are callables `trial(b) -> TrialResult` for `find_micro_batch`, and both ru
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 
 from fitprobe.probe.estimate import EstimateMeter
 from fitprobe.probe.meter import make_meter
+from fitprobe.probe.models import LoadedModel
 from fitprobe.probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
 from fitprobe.probe.sharding import build_sharded_model, process_group
 from fitprobe.probe.spec import ProbeSpec, SpecError
@@ -90,21 +91,27 @@ class EstimatedShardedTrial:
 
     Like the measured ranks, every trial builds its group and model afresh: a trial that ran out of
     memory stopped FSDP midway (parameters gathered, hooks half-run), and the group must not outlive
-    the trial (an unsharded step later in this process would take it for data parallelism).
+    the trial (an unsharded step later in this process would take it for data parallelism). The cuts of
+    an extrapolated estimate (probe/extrapolate.py) pass their meter and see each fresh model (to mark
+    its layers) and optimizer before the step runs.
     """
 
-    def __init__(self, spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> None:
+    def __init__(self, spec: ProbeSpec, allowed_factories: Collection[str] = (), meter: EstimateMeter | None = None,
+                 watch_model: Callable[[LoadedModel], None] = lambda _model: None,
+                 watch_optimizer: Callable[[torch.optim.Optimizer], None] = lambda _optimizer: None) -> None:
         self.spec = spec
         self.allowed_factories = allowed_factories
         assert spec.capacity_bytes is not None, "ProbeSpec refuses estimate mode without a capacity"
-        self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
+        self.meter = meter or EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
+        self.watch_model, self.watch_optimizer = watch_model, watch_optimizer
 
     def __call__(self, micro_batch: int) -> TrialResult:
         with process_group(self.spec.num_devices):
             model = build_sharded_model(self.spec, self.meter, self.allowed_factories)
+            self.watch_model(model)
             try:
                 with self.meter.tracking():
-                    return TrialRunner(self.spec, self.meter, model)(micro_batch)
+                    return TrialRunner(self.spec, self.meter, model, self.watch_optimizer)(micro_batch)
             finally:
                 del model
                 self.meter.release()

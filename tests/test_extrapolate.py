@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from fitprobe.probe.extrapolate import VERIFIED_MODEL_TYPES, Cuts, Trace, extrapolate_trace, find_pattern
+from fitprobe.probe.extrapolate import (
+    FSDP_VERIFIED_MODEL_TYPES,
+    VERIFIED_MODEL_TYPES,
+    Cuts,
+    Trace,
+    extrapolate_trace,
+    find_pattern,
+    not_extrapolable_because,
+)
 from fitprobe.probe.job import make_trial, run_probe
 from fitprobe.probe.spec import ProbeSpec
 
@@ -214,3 +222,63 @@ def test_builtin_models_run_at_full_depth_and_the_report_says_why():
     report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate")).as_json()
     assert report["model"]["extrapolated_from_layers"] is None
     assert "Hugging Face" in report["model"]["not_extrapolated_because"]
+
+
+# FSDP2 over a fake group of 2 or 4: one rank's shards, the blocks it gathers and prefetches, the gradients it
+# reduce-scatters. Both fine-tunings, both precisions, checkpointing on and off, a tied and an untied head.
+FSDP_CASES = [
+    ("llama", 4, dict(precision="bf16-mixed", finetuning="lora", gradient_checkpointing=True)),
+    ("qwen2", 2, dict(precision="fp32", finetuning="full", gradient_checkpointing=False)),
+    ("qwen2", 4, dict(precision="bf16-mixed", finetuning="lora", gradient_checkpointing=False)),
+]
+
+
+def _fsdp_spec(family: str, num_devices: int, **settings) -> ProbeSpec:
+    return _spec(family, sharding="fsdp", num_devices=num_devices, **settings)
+
+
+def test_an_fsdp_estimate_extrapolates_to_the_full_depths_phase_peaks():
+    spec = _fsdp_spec("llama", 2, precision="fp32", finetuning="full")
+    _, facts, extrapolated = make_trial(spec)
+    _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
+    assert extrapolated(2).phase_peak_bytes == full(2).phase_peak_bytes
+    assert facts["extrapolated_from_layers"] == [2, 3] and facts["not_extrapolated_because"] is None
+    assert facts["sharded_over_devices"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,num_devices,settings", FSDP_CASES, ids=lambda v: str(v) if not isinstance(v, dict)
+                         else f"{v['precision']}-{v['finetuning']}-{'ckpt' if v['gradient_checkpointing'] else 'nockpt'}")
+def test_fsdp_extrapolated_phase_peaks_equal_the_full_depths_at_micro_batch_1_and_3(family, num_devices, settings):
+    spec = _fsdp_spec(family, num_devices, **settings)
+    _, facts, extrapolated = make_trial(spec)
+    _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
+    for micro_batch in (1, 3):
+        assert extrapolated(micro_batch).phase_peak_bytes == full(micro_batch).phase_peak_bytes, micro_batch
+    assert facts["extrapolated_from_layers"] == [2, 3] and facts["not_extrapolated_because"] is None
+
+
+@pytest.mark.slow
+def test_the_search_over_an_fsdp_llama_finds_the_full_depths_micro_batch_past_out_of_memory_trials():
+    # 8 MiB per device: micro-batch 2 fits, 3 and 4 run out, and 1 comes after them
+    spec = _fsdp_spec("llama", 2, precision="bf16-mixed", finetuning="full").model_copy(
+        update={"capacity_bytes": 8 * 2**20})
+    extrapolated = run_probe(spec).as_json()
+    full = run_probe(spec.model_copy(update={"extrapolate": False})).as_json()
+    assert extrapolated["model"]["extrapolated_from_layers"] == [2, 3]
+    assert extrapolated["search"]["max_micro_batch"] == full["search"]["max_micro_batch"] == 2
+    assert [(t["micro_batch"], t["phase_peak_bytes"]) for t in extrapolated["search"]["trials"] if t["fits"]] == \
+        [(t["micro_batch"], t["phase_peak_bytes"]) for t in full["search"]["trials"] if t["fits"]]
+    assert {1, 2} <= {t["micro_batch"] for t in full["search"]["trials"] if t["fits"]}
+
+
+def test_every_family_extrapolated_under_fsdp_is_compared_here():
+    assert {family for family, _, _ in FSDP_CASES} | {"llama"} == FSDP_VERIFIED_MODEL_TYPES
+
+
+def test_measured_fsdp_and_unverified_families_run_at_full_depth_and_say_why():
+    measured = _fsdp_spec("llama", 2).model_copy(update={"mode": "measure"})
+    assert "real model on 2 real ranks" in not_extrapolable_because(measured)
+    assert not_extrapolable_because(measured.model_copy(update={"mode": "estimate"})) is None
+    assert "not compared with the full depth under FSDP" in not_extrapolable_because(_fsdp_spec("gemma2", 2))
+    assert not_extrapolable_because(_spec("gemma2")) is None
