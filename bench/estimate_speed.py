@@ -1,15 +1,23 @@
 """How much faster an extrapolated estimate is (issue 22 §1), timed side by side, median of 3 runs.
 
-The row: llama-3.3-70b (80 layers) estimated from two cuts (2 and 3 layers, traced and extrapolated moment
+The rows: llama-3.3-70b (80 layers) estimated from two cuts (2 and 3 layers, traced and extrapolated moment
 by moment) against the same architecture cut to 2 layers and estimated as is (goal: at most 3x; the
-cuts alone are 2.5x), each one trial at one micro-batch (the unit a search repeats), model building
-included. Run: PYTHONPATH=. python bench/estimate_speed.py
+cuts alone are 2.5x); and llama-3.1-8b fully sharded over 8 H100s (FSDP2 on a fake group, seq 4096,
+bf16-mixed full fine-tune) against its own 2-layer cut, the goal for FSDP being the same. Each is one
+trial at one micro-batch (the unit a search repeats), model building included.
+Run: PYTHONPATH=. python bench/estimate_speed.py [--json bench/results/estimate-speed-cpu.json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 import statistics
 import time
+from datetime import datetime, timezone
+
+import torch
 
 from fitprobe.probe.job import make_trial
 from fitprobe.probe.presets import PRESETS
@@ -36,16 +44,32 @@ def timed_s(spec: ProbeSpec, micro_batch: int = 1) -> float:
 
 
 def main() -> None:
-    big = "llama-3.3-70b"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the medians and ratios here, with the host and versions")
+    args = parser.parse_args()
+    big, sharded = "llama-3.3-70b", "llama-3.1-8b"
+    fsdp = dict(SETTINGS, seq_len=4096, finetuning="full", sharding="fsdp", num_devices=8, capacity_bytes=None,
+                gpu="h100-80gb")
     rows = [
         (f"{big} extrapolated", ProbeSpec(model=f"preset:{big}", extrapolate=True, **SETTINGS),
          f"{big} cut to 2 layers", ProbeSpec(model=preset_config(big, num_hidden_layers=2), extrapolate=False,
                                              **SETTINGS)),
+        (f"{sharded} fsdp x8 extrapolated", ProbeSpec(model=f"preset:{sharded}", extrapolate=True, **fsdp),
+         f"{sharded} fsdp x8 cut to 2 layers", ProbeSpec(model=preset_config(sharded, num_hidden_layers=2),
+                                                          extrapolate=False, **fsdp)),
     ]
     print(f"{'estimate':<34} {'s':>7}   {'against':<34} {'s':>7}  ratio")
+    results = []
     for name, spec, other_name, other in rows:
         a_s, b_s = timed_s(spec), timed_s(other)
         print(f"{name:<34} {a_s:7.2f}   {other_name:<34} {b_s:7.2f}  {a_s / b_s:5.2f}x", flush=True)
+        results.append({"estimate": name, "median_s": round(a_s, 3), "against": other_name,
+                        "against_median_s": round(b_s, 3), "ratio": round(a_s / b_s, 3)})
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"date": datetime.now(timezone.utc).isoformat(), "torch": torch.__version__,
+                       "host": f"{platform.machine()} {platform.processor()}, CPU only", "runs": RUNS,
+                       "rows": results}, out, indent=2)
 
 
 if __name__ == "__main__":
