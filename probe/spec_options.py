@@ -12,12 +12,14 @@ pre-flight command to the same values.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from annotated_types import Ge, Le
 from pydantic.fields import FieldInfo
 
+from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.spec import LoraSpec, ProbeSpec
 
 
@@ -78,6 +80,19 @@ CLI_NOTES: dict[str, str] = {
     "device": " (default: cuda:0 when CUDA is available, else cpu)",
     "targets": " (comma-separated)",
 }
+# what pre-flight (the torch-free client's `fitprobe preflight`) leaves out of its request, and why;
+# every other field with an option reaches it, through the table in client/fitprobe_client/spec_options.json
+NOT_IN_PREFLIGHT: dict[str, str] = {
+    "data": "the service never opens a path a request names; `fitprobe probe --data PATH` reads a dataset on "
+            "your machine and sends its row lengths",
+    "device": "the service runs the job on the device a free worker owns (POST /v1/probes refuses one it lacks)",
+    **NOT_ON_THE_COMMAND_LINE,
+}
+PREFLIGHT_NOTES: dict[str, str] = {**CLI_NOTES, "model": "; required: pre-flight never picks a model. "
+                                   "An hf: path (a config.json or its directory) is read here and sent inline"}
+# pre-flight verifies the plan for a target per optimizer step: one of these, in examples or in tokens
+PREFLIGHT_TARGET = ["effective_batch", "effective_batch_tokens"]
+REGENERATE = "python -m fitprobe.probe.spec_options > client/fitprobe_client/spec_options.json"
 
 
 def _bounds(info: FieldInfo) -> tuple[int | float | None, int | float | None]:
@@ -87,10 +102,7 @@ def _bounds(info: FieldInfo) -> tuple[int | float | None, int | float | None]:
 
 
 def _number(kind: type, flag: str, low: Any, high: Any):
-    """argparse type: a number within the field's bounds, refused with the bound in the message (a whole
-    number without bounds counts something, so at least 1: ProbeSpec checks its upper bound)."""
-    if kind is int and low is None and high is None:
-        low = 1
+    """argparse type: a number within the field's bounds, refused with the bound in the message."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -114,33 +126,62 @@ def _literal(annotation: Any) -> tuple[Any, ...] | None:
     return None
 
 
+def _listed(annotation: Any) -> bool:
+    """Whether the field holds a list (also inside `X | None`): written comma-separated on the command line."""
+    return any(get_origin(a) is list for a in (annotation, *get_args(annotation)))
+
+
 def _numeric(annotation: Any) -> type | None:
     kinds = {annotation, *get_args(annotation)}
     return int if int in kinds else float if float in kinds else None
 
 
+def field_row(name: str, info: FieldInfo, option: Option, choices: list[str] | None = None,
+              parent: str | None = None, notes: dict[str, str] = CLI_NOTES) -> dict[str, Any]:
+    """What one field's option says, as plain data: the one reading of the field that both the library's
+    commands (through add_field_option) and the torch-free client (through spec_options.json) build from.
+
+    `kind` is how the value is read (int, float or str; null for a switch, which takes none); a whole
+    number without bounds counts something, so its minimum is 1 (ProbeSpec checks the upper end).
+    """
+    field = name.removeprefix(f"{parent}_") if parent else name
+    help_text = (info.description or "") + notes.get(name, "")
+    switch = option.switch is not None
+    values = None if switch else choices or _literal(info.annotation)
+    number = None if switch or option.text or values is not None else _numeric(info.annotation)
+    low, high = _bounds(info) if number is not None else (None, None)
+    if number is int and low is None and high is None:
+        low = 1
+    if switch:
+        help_text = f"sets {name} to {str(option.switch).lower()}: {help_text}"
+    elif values is not None and option.metavar:  # the choices hide behind the metavar in the usage line
+        help_text += "; one of " + ", ".join(map(str, values))
+    default = None if option.required or info.is_required() else info.default
+    return {"flag": option.flag, "dest": name, "field": field, "parent": parent, "help": help_text,
+            "kind": None if switch else number.__name__ if number is not None else "str",
+            "choices": list(values) if values is not None else None, "default": default,
+            "minimum": low, "maximum": high, "switch": option.switch, "required": option.required,
+            "metavar": None if switch else option.metavar, "separator": "," if _listed(info.annotation) else None}
+
+
 def add_field_option(parser: argparse.ArgumentParser, name: str, info: FieldInfo, option: Option,
-                     choices: list[str] | None = None) -> None:
+                     choices: list[str] | None = None, parent: str | None = None) -> None:
     """The option for one field: its help, default, choices and bounds read from the field."""
-    description = ((info.description or "") + CLI_NOTES.get(name, "")).replace("%", "%%")  # argparse formats help
-    kwargs: dict[str, Any] = {"dest": name, "help": description, "metavar": option.metavar}
-    if option.switch is not None:
-        kwargs.update(action="store_const", const=option.switch, default=info.default,
-                      help=f"sets {name} to {str(option.switch).lower()}: {kwargs['help']}")
-        del kwargs["metavar"]
+    row = field_row(name, info, option, choices, parent)
+    kwargs: dict[str, Any] = {"dest": name, "help": row["help"].replace("%", "%%")}  # argparse formats help
+    if row["switch"] is not None:
+        kwargs.update(action="store_const", const=row["switch"], default=row["default"])
     else:
-        values = choices or _literal(info.annotation)
-        kind = _numeric(info.annotation)
-        if values is not None:
-            kwargs["choices"] = list(values)
-            if kwargs.get("metavar"):  # the choices hide behind the metavar in the usage line: name them here
-                kwargs["help"] += "; one of " + ", ".join(map(str, values))
-        elif kind is not None and not option.text:
-            kwargs["type"] = _number(kind, option.flag, *_bounds(info))
-        if option.required:
+        kwargs["metavar"] = row["metavar"]
+        if row["choices"] is not None:
+            kwargs["choices"] = row["choices"]
+        elif row["kind"] in ("int", "float"):
+            kwargs["type"] = _number(int if row["kind"] == "int" else float, option.flag,
+                                     row["minimum"], row["maximum"])
+        if row["required"]:
             kwargs["required"] = True
-        elif info.default is not None and not info.is_required():
-            kwargs["default"] = info.default
+        elif row["default"] is not None:
+            kwargs["default"] = row["default"]
     parser.add_argument(option.flag, **kwargs)
 
 
@@ -152,7 +193,22 @@ def add_spec_options(parser: argparse.ArgumentParser, search: bool, gpu_choices:
             continue
         add_field_option(parser, name, info, option, gpu_choices if name == "gpu" else None)
     for name, info in LoraSpec.model_fields.items():
-        add_field_option(parser, f"lora_{name}", info, LORA_OPTIONS[name])
+        add_field_option(parser, f"lora_{name}", info, LORA_OPTIONS[name], parent="lora")
+
+
+def preflight_table() -> dict[str, Any]:
+    """The pre-flight command's spec options as plain JSON data, for the client that cannot import pydantic.
+
+    Shipped as client/fitprobe_client/spec_options.json (regenerated by REGENERATE, and held equal to
+    this by tests/test_spec_surface.py), so a new ProbeSpec field reaches `fitprobe-preflight` too.
+    """
+    options = [field_row(name, info, OPTIONS[name], sorted(GPU_TOTAL_MIB) if name == "gpu" else None,
+                         notes=PREFLIGHT_NOTES)
+               for name, info in ProbeSpec.model_fields.items() if name not in NOT_IN_PREFLIGHT]
+    options += [field_row(f"lora_{name}", info, LORA_OPTIONS[name], parent="lora", notes=PREFLIGHT_NOTES)
+                for name, info in LoraSpec.model_fields.items()]
+    return {"regenerate": REGENERATE, "options": options, "one_of_required": PREFLIGHT_TARGET,
+            "left_out": NOT_IN_PREFLIGHT}
 
 
 def spec_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,3 +219,7 @@ def spec_fields(args: argparse.Namespace) -> dict[str, Any]:
         lora["targets"] = [t.strip() for t in lora["targets"].split(",") if t.strip()]
     fields["lora"] = {name: value for name, value in lora.items() if value is not None}
     return {name: value for name, value in fields.items() if value is not None}
+
+
+if __name__ == "__main__":
+    print(json.dumps(preflight_table(), indent=1, ensure_ascii=False))

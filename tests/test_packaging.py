@@ -38,7 +38,8 @@ def _expected_files() -> set[str]:
         for path in (ROOT / directory).rglob("*"):
             relative = path.relative_to(ROOT / directory)
             if path.is_file() and "__pycache__" not in relative.parts and (
-                    path.suffix == ".py" or relative.parts[0] == "static" or path.name == "script.py.mako"):
+                    path.suffix == ".py" or relative.parts[0] == "static" or path.name == "script.py.mako"
+                    or path.name == "spec_options.json"):  # pre-flight's options, read by the client at start
                 expected.add(f"{installed}/{relative.as_posix()}")
     return expected
 

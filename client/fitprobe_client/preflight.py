@@ -23,38 +23,25 @@ from typing import Any
 from fitprobe_client.client import (BadRequest, ConfigFileError, FitprobeClient, ServerError, TimedOut,
                                     Unreachable)
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET, EXIT_UNREACHABLE
+from fitprobe_client.spec_table import add_spec_options, missing, spec_body
 from fitprobe_client.status import TERMINAL
 from fitprobe_client.units import format_bytes
 from fitprobe_client.verdict import plan_words, verdict
 
 
 def add_options(preflight: argparse.ArgumentParser) -> None:
-    """Every option says what it means, its default, and the environment variable it reads, if any."""
+    """Every option says what it means, its default, and the environment variable it reads, if any.
+
+    The training settings are ProbeSpec's fields, with the help, choices, defaults and bounds the
+    library's `probe` command gives them; the rest (where the service is, how long to wait, what
+    passes) belong to pre-flight alone.
+    """
     preflight.add_argument("--server", required=True,
                            help="the fitprobe service, e.g. localhost:8000 or https://fitprobe.example.com (required)")
     preflight.add_argument("--token", default=os.environ.get("FITPROBE_TOKEN"),
                            help="bearer token, when the service has FITPROBE_API_TOKENS set "
                            "(default: the environment variable FITPROBE_TOKEN; none without it)")
-    preflight.add_argument("--model", help="the model the training run uses (required): builtin:<name>, "
-                           "preset:<name>, hf:<config.json or its directory> (read here, sent inline), "
-                           "hf:org/name[@revision]")
-    preflight.add_argument("--seq-len", type=int, required=True, help="tokens per example (required)")
-    preflight.add_argument("--effective-batch", type=int, required=True,
-                           help="target examples per optimizer step across all devices (required)")
-    preflight.add_argument("--devices", type=int, default=1, help="data-parallel devices (default: 1)")
-    preflight.add_argument("--capacity", help="memory the step may use, e.g. 40GiB (default: the device's own "
-                           "memory; on the service's CPU device its FITPROBE_CPU_CAPACITY_BYTES)")
-    preflight.add_argument("--precision", default="fp32",
-                           help="fp32, bf16-mixed, fp16-mixed or bf16 (default: fp32)")
-    preflight.add_argument("--optimizer", default="adamw_torch_fused",
-                           help="as your framework names it (HF TrainingArguments.optim), e.g. adamw_torch_fused, "
-                           "adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd (default: adamw_torch_fused)")
-    preflight.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights "
-                           "(default: off, full fine-tuning)")
-    preflight.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
-                           help="QLoRA: the base in bitsandbytes 4-bit, or int8; with --lora (default: none)")
-    preflight.add_argument("--grad-checkpointing", action="store_true",
-                           help="recompute activations in backward (default: off)")
+    add_spec_options(preflight)  # ProbeSpec's fields, from the table the library writes (spec_table.py)
     preflight.add_argument("--require-exact", action="store_true",
                            help="fail unless the plan reaches the effective batch exactly (default: off, a nearest "
                            "plan within its stated deviation passes)")
@@ -81,21 +68,15 @@ def run(args: argparse.Namespace) -> int:
     stdout carries only the verdict line, or with --json exactly one JSON object (the job, whatever
     happened), so a CI step can capture it; progress and, with --json, the verdict go to stderr.
     """
-    if not args.model:
-        return _refused(args, "--model is required: name the model the training run uses (builtin:<name>, "
-                              "preset:<name>, hf:./config.json or hf:org/name); pre-flight never picks one")
+    lacking = missing(args)
+    if lacking:
+        return _refused(args, lacking)
     try:
         timeout_s = parse_duration_s(args.timeout)
     except ValueError:
         return _refused(args, f"--timeout must look like 30m, 90s or 2h (got {args.timeout!r})")
-    body: dict[str, Any] = {"model": args.model, "seq_len": args.seq_len, "effective_batch": args.effective_batch,
-                            "num_devices": args.devices, "precision": args.precision, "optimizer": args.optimizer,
-                            "finetuning": "lora" if args.lora else "full", "quantization": args.quantization,
-                            "gradient_checkpointing": args.grad_checkpointing, "reuse": not args.fresh,
-                            # a cached search with a plan nobody trained gets a verification-only job, not a FAIL
-                            "verify_cached": True}
-    if args.capacity:
-        body["capacity_bytes"] = args.capacity
+    # a cached search with a plan nobody trained gets a verification-only job, not a FAIL
+    body: dict[str, Any] = {**spec_body(args), "reuse": not args.fresh, "verify_cached": True}
     job: dict[str, Any] | None = None
     with FitprobeClient(args.server, token=args.token) as client:
         try:

@@ -47,6 +47,9 @@ def test_the_client_installs_without_torch_and_gates_a_real_probe(client_venv: P
 
     help_run = _run(client_venv, "fitprobe-preflight", "--help", cwd=tmp_path)
     assert help_run.returncode == 0 and "--effective-batch" in help_run.stdout, help_run.stderr
+    # ProbeSpec's options come from spec_options.json, which the client ships as package data
+    for words in ("--sharding {none,fsdp}", "--collation {padded,packed,flattened}", "--lora-rank"):
+        assert words in help_run.stdout, words
 
     run = _run(client_venv, "fitprobe-preflight", "--server", server.url, "--model", "builtin:gpt-nano",
                "--seq-len", "32", "--capacity", "16777216", "--effective-batch", "4", "--fresh", cwd=tmp_path)

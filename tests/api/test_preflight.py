@@ -89,6 +89,20 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
 
 
+def test_the_spec_options_reach_the_job_the_service_ran(server):
+    """--sharding, --collation, --estimate, --lora-* and --seed are ProbeSpec's fields: the stored job has them."""
+    run = preflight("--server", server.url, *NANO, "--effective-batch", "8", "--estimate", "--sharding", "fsdp",
+                    "--devices", "2", "--collation", "packed", "--seed", "7", "--lora-rank", "4",
+                    "--lora-targets", "c_attn, c_proj", "--fresh", "--json")
+    job = json.loads(run.stdout)
+    spec = job["spec"]
+    assert (spec["sharding"], spec["num_devices"], spec["collation"], spec["mode"], spec["seed"]) == (
+        "fsdp", 2, "packed", "estimate", 7), spec
+    assert spec["lora"] == {"rank": 4, "alpha": 16, "targets": ["c_attn", "c_proj"]}, spec
+    # an estimate trains nothing, so its plan is not verified: pre-flight cannot pass it
+    assert run.returncode == 1 and job["status"] == "succeeded", run.stderr
+
+
 @pytest.mark.slow
 def test_a_cached_search_with_a_new_effective_batch_verifies_the_new_plan_without_searching_again(server):
     first = preflight("--server", server.url, *NANO, "--effective-batch", "20", "--fresh", "--json")
