@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from fitprobe.app.config import Settings
 from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
@@ -57,20 +58,24 @@ def _fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"whatif": spec}, sort_keys=True).encode()).hexdigest()
 
 
-def public(job: dict[str, Any], store: Any) -> dict[str, Any]:
+def public(job: dict[str, Any], store: Any) -> WhatIfJob:
     """A what-if job as the API shows it: its progress from the latest cell event, the table once done."""
     cells = [data for _, data in store.events_after(job["id"], 0, 10_000) if data.get("type") == "whatif_cell"]
     spec = {key: value for key, value in (job["spec"] or {}).items() if key != "kind"}
-    return {**{key: job[key] for key in ("id", "status", "phase", "device", "attempts", "error", "created_at",
-                                         "started_at", "finished_at")},
-            "spec": spec, "table": job["result"],
-            "progress": {"done": cells[-1]["done"], "total": cells[-1]["total"]} if cells else None}
+    shown = {**{key: job[key] for key in ("id", "status", "phase", "device", "attempts", "error", "created_at",
+                                          "started_at", "finished_at")},
+             "spec": spec, "progress": {"done": cells[-1]["done"], "total": cells[-1]["total"]} if cells else None}
+    try:
+        return WhatIfJob(**shown, table=job["result"])
+    except ValidationError as exc:  # a table an older fitprobe stored in another shape
+        return WhatIfJob(**{**shown, "error": f"this job's stored table does not match this version's "
+                                              f"({exc.error_count()} fields differ); submit the table again"})
 
 
 @router.post("", status_code=202, response_model=WhatIfJob, summary="Submit a what-if table (estimated)",
              responses=error_responses(400, 413, 422, 429, 507))
 def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: SettingsDep,
-           client: ClientDep) -> dict[str, Any]:
+           client: ClientDep) -> WhatIfJob:
     """Queue the table: which settings fit on the card, at which seq_len and micro-batch (fake tensors, no device)."""
     request = pinned(request, settings)
     base = _refuse_at_the_door(request, settings)
@@ -90,22 +95,22 @@ def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: S
 def list_whatif(store: StoreDep,
                 status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> dict[str, Any]:
+                offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> WhatIfList:
     if status is not None and status not in STATUSES:
         raise HTTPException(422, f"status must be one of {', '.join(STATUSES)} (got {status!r})")
     items, total = store.list(status, limit, offset, kind=WHATIF)
-    return {"items": [public(job, store) for job in items], "total": total, "limit": limit, "offset": offset}
+    return WhatIfList(items=[public(job, store) for job in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=WhatIfJob, summary="A what-if job's status, progress and, once done, table",
             responses=error_responses(404, 422))
-def get_whatif(job_id: str, store: StoreDep) -> dict[str, Any]:
+def get_whatif(job_id: str, store: StoreDep) -> WhatIfJob:
     return public(job_or_404(store, job_id, WHATIF), store)
 
 
 @router.delete("/{job_id}", response_model=WhatIfJob, summary="Cancel a queued or running what-if job",
                responses=error_responses(404, 409, 422, 507))
-def cancel_whatif(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
+def cancel_whatif(job_id: str, store: StoreDep, executor: ExecutorDep) -> WhatIfJob:
     return public(cancel_job(store, executor, job_id, WHATIF), store)
 
 

@@ -61,3 +61,18 @@ def test_a_report_stored_in_an_older_shape_is_shown_with_an_error_not_a_500(clie
     # its export cannot be read either: a 409 that says what to do
     exported = client.get(f"/v1/probes/{job['id']}/config", params={"format": "hf"})
     assert exported.status_code == 409 and "reuse=false" in exported.json()["detail"]
+
+
+def test_a_what_if_table_stored_in_an_older_shape_is_shown_with_an_error_not_a_500(client):
+    import sqlalchemy as sa
+
+    from fitprobe.app.store import WHATIF, jobs
+
+    store = client.app.state.store
+    job = store.create_cached({"model": "builtin:gpt-nano"}, "old-table-shape", {"rows": "once a string"})
+    with store.engine.begin() as connection:
+        connection.execute(sa.update(jobs).where(jobs.c.id == job["id"]).values(kind=WHATIF))
+    response = client.get(f"/v1/whatif/{job['id']}")
+    assert response.status_code == 200, response.text
+    assert response.json()["table"] is None and "submit the table again" in response.json()["error"]
+    assert client.get("/v1/whatif").status_code == 200
