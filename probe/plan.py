@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fitprobe.probe.report import Alternative, LrGuidance, PlanFacts, Search
@@ -168,27 +168,20 @@ class MicroStepTime:
         return self.measured_range is not None and b < self.measured_range[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The recommended split, why, and what else would work."""
+    """The recommended split (which micro-batches each device runs) and the report's record of it (why, what else
+    would work, the learning-rate guidance): the record is made once, here, and read by everyone after."""
 
     split: Split
-    reason: str
-    throughput_model: str
-    alternatives: list[Alternative] = field(default_factory=list)
-    nearest_below: Alternative | None = None
-    nearest_above: Alternative | None = None
-    lr_guidance: LrGuidance | None = None
+    record: PlanFacts
 
     def device_micro_batches(self, rank: int) -> list[int]:
         return self.split.device_micro_batches(rank)
 
     def facts(self) -> PlanFacts:
-        """The plan as the report holds it; the equation travels with it, so a client prints it without
-        this module (or torch)."""
-        return PlanFacts(**self.split.facts(), reason=self.reason, throughput_model=self.throughput_model,
-                         alternatives=self.alternatives, nearest_below=self.nearest_below,
-                         nearest_above=self.nearest_above, lr_guidance=self.lr_guidance)
+        """The plan as the report holds it (a copy: the report adds its own sections to it)."""
+        return self.record.model_copy()
 
 
 def _check(effective_batch: int, max_micro_batch: int, num_devices: int) -> None:
@@ -323,8 +316,8 @@ def make_plan(
         return None if s is None else Alternative(**s.facts(),
                                                   relative_throughput=round(throughput(s) / best_throughput, 3))
 
-    return Plan(
-        split=best,
+    return Plan(best, PlanFacts(
+        **best.facts(),
         reason=_why(best, best_even, time),
         throughput_model=time.source,
         alternatives=alternatives,
@@ -332,7 +325,7 @@ def make_plan(
         nearest_above=described(nearest_above),
         lr_guidance=None if reference_lr is None or reference_batch is None
         else lr_guidance(reference_lr, reference_batch, effective_batch),
-    )
+    ))
 
 
 def _nearest_even(effective_batch: int, top: int, num_devices: int, throughput) -> tuple[Split | None, Split | None]:

@@ -142,17 +142,21 @@ def test_the_cases_cover_every_setting_in_four_families_and_both_values_of_each_
         assert {s["finetuning"] for s in mine} == {"full", "lora"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family,settings", CASES, ids=lambda v: v if isinstance(v, str) else
-                         f"{v['precision']}-{v['finetuning']}-{'ckpt' if v['gradient_checkpointing'] else 'nockpt'}")
-def test_extrapolated_phase_peaks_equal_the_full_depths_at_micro_batch_1_and_3(family, settings):
-    spec = _spec(family, **settings)
+def _assert_cuts_equal_the_full_depth(spec: ProbeSpec, depths: list[int]) -> None:
+    """Per-phase peaks of the extrapolated trial equal the full depth's at micro-batch 1 and 3, from those cuts."""
     _, facts, extrapolated = make_trial(spec)
     _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
     for micro_batch in (1, 3):
         assert extrapolated(micro_batch).phase_peak_bytes == full(micro_batch).phase_peak_bytes, micro_batch
-    assert facts["extrapolated_from_layers"] == list(FAMILIES[family][1])
+    assert facts["extrapolated_from_layers"] == depths
     assert facts["not_extrapolated_because"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,settings", CASES, ids=lambda v: v if isinstance(v, str) else
+                         f"{v['precision']}-{v['finetuning']}-{'ckpt' if v['gradient_checkpointing'] else 'nockpt'}")
+def test_extrapolated_phase_peaks_equal_the_full_depths_at_micro_batch_1_and_3(family, settings):
+    _assert_cuts_equal_the_full_depth(_spec(family, **settings), list(FAMILIES[family][1]))
 
 
 # the "does not fit" answer's shrinking settings (probe/needs.py) that once ran the full depth: QLoRA alone
@@ -170,13 +174,7 @@ SHRINKING_CASES = [
 @pytest.mark.parametrize("family,settings", SHRINKING_CASES, ids=lambda v: v if isinstance(v, str) else
                          f"{v.get('quantization', 'noquant')}-{v.get('optimizer', 'fused')}")
 def test_qlora_and_8bit_adamw_extrapolate_to_the_full_depths_phase_peaks(family, settings):
-    spec = _spec(family, **settings)
-    _, facts, extrapolated = make_trial(spec)
-    _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
-    for micro_batch in (1, 3):
-        assert extrapolated(micro_batch).phase_peak_bytes == full(micro_batch).phase_peak_bytes, micro_batch
-    assert facts["extrapolated_from_layers"] == [2, 3]
-    assert facts["not_extrapolated_because"] is None
+    _assert_cuts_equal_the_full_depth(_spec(family, **settings), [2, 3])
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def test_prime_effective_batch_gets_an_uneven_exact_plan_not_micro_batch_one() -
     assert plan.split.exact and plan.split.micro_batch > 1
     assert plan.split.accumulation_steps == 4
     assert plan.facts().as_json()["last_micro_batch"] is not None
-    assert "only micro-batch 1 divides it" in plan.reason
+    assert "only micro-batch 1 divides it" in plan.facts().reason
     assert plan.facts().as_json()["nearest_below"]["effective_batch"] == 96
     assert plan.facts().as_json()["nearest_above"]["effective_batch"] == 98
 
@@ -83,7 +83,7 @@ def test_prime_effective_batch_gets_an_uneven_exact_plan_not_micro_batch_one() -
 def test_effective_batch_not_divisible_by_devices_spreads_one_extra_example() -> None:
     plan = make_plan(10, 8, 3)
     assert [sum(plan.device_micro_batches(rank)) for rank in range(3)] == [4, 3, 3]
-    assert "not a multiple of 3 devices" in plan.reason
+    assert "not a multiple of 3 devices" in plan.facts().reason
 
 
 def test_even_split_recommended_when_it_needs_as_few_micro_steps() -> None:
@@ -98,8 +98,8 @@ def test_measured_step_times_drive_the_ranking() -> None:
     measured_s = {b: 0.04 + 0.001 * b for b in (2, 4, 16, 32)}
     plan = make_plan(64, 32, step_s_by_micro_batch=measured_s)
     assert (plan.split.micro_batch, plan.split.accumulation_steps) == (32, 2)
-    assert plan.throughput_model.startswith("measured")
-    assert make_plan(64, 32).throughput_model.startswith("assumed")
+    assert plan.facts().throughput_model.startswith("measured")
+    assert make_plan(64, 32).facts().throughput_model.startswith("assumed")
 
 
 def test_untrusted_timings_are_ignored_and_the_fewest_micro_steps_win() -> None:
@@ -107,7 +107,7 @@ def test_untrusted_timings_are_ignored_and_the_fewest_micro_steps_win() -> None:
     noisy = {2: 0.17, 4: 0.56, 24: 1.51}
     plan = make_plan(24, 24, step_s_by_micro_batch=noisy, timings_trusted=False)
     assert (plan.split.micro_batch, plan.split.accumulation_steps) == (24, 1)
-    assert plan.throughput_model.startswith("assumed")
+    assert plan.facts().throughput_model.startswith("assumed")
     assert make_plan(64, 20, timings_trusted=False).split.micro_batch == 16  # 16 × 4, not 1 × 64
 
 
