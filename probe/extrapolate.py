@@ -52,6 +52,7 @@ from fitprobe.probe.trial import TrialError
 
 if TYPE_CHECKING:
     from fitprobe.probe.cuda_attention import CudaAttention
+    from fitprobe.probe.meter import AllocationLog
     from fitprobe.probe.models import LoadedModel
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing; llama,
@@ -128,6 +129,7 @@ class Trace:
 
     moments: list[Moment]
     marks: dict[str, list[int]] = field(default_factory=lambda: {mark: [] for mark in MARKS + OPTIMIZER_MARKS})
+    log: AllocationLog | None = None  # every allocation behind the moments, when the cut was asked to log them
 
 
 def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
@@ -306,6 +308,7 @@ class TracedCut:
         self.meter.attention = attention
         self.cuts, self.depth, self.allowed_factories = cuts, depth, allowed_factories
         self.trace = Trace([])
+        self.logging = False  # whether trials keep their allocation log (probe/replay.py learns sizes from it)
         self.marked_layers: dict[str, nn.Module] = {}
         self.model: LoadedModel | None = None
         if spec.sharding == "fsdp":
@@ -383,11 +386,15 @@ class TracedCut:
         return partial(self._run, runner)
 
     def _run(self, runner: Trial, micro_batch: int) -> tuple[TrialResult, Trace]:
+        if self.logging:  # what earlier trials left to the collector is freed before the log begins, not in it
+            self.meter.release()
         self.trace = Trace(self.meter.record_trace(True))
+        self.trace.log = self.meter.record_log(True) if self.logging else None
         try:
             result = runner(micro_batch)
         finally:
             self.meter.record_trace(False)
+            self.meter.record_log(False)
         if not result.fits:
             raise TrialError(f"the cut model did not run at micro-batch {micro_batch}: {result.error}")
         return result, self.trace
@@ -410,26 +417,38 @@ class ExtrapolatedTrial:
         self.cut_trials: tuple[CutTrial, CutTrial] | None = (shallow, deep)
         self.make_full_depth = full_depth
         self.full: Trial | None = None
+        self.last_traces: tuple[Trace, Trace] | None = None  # the cuts' traces of the latest trial (probe/replay.py)
 
     def __call__(self, micro_batch: int) -> TrialResult:
         if self.cut_trials is None:
             assert self.full is not None, "the cuts go only once the full depth replaces them"
             return self.full(micro_batch)
         (shallow, s_trace), (_, d_trace) = (cut(micro_batch) for cut in self.cut_trials)
-        phases = extrapolate_trace(s_trace, d_trace, self.cuts.repeats)
-        if isinstance(phases, dict) and _trace_peaks(s_trace) != shallow.phase_peak_bytes:
-            phases = "the shallow cut's trace disagrees with its meter's phase peaks"
-        if isinstance(phases, str):
+        self.last_traces = (s_trace, d_trace)
+        result = extrapolated_result(micro_batch, shallow.phase_peak_bytes, s_trace, d_trace, self.cuts.repeats,
+                                     self.capacity_bytes)
+        if isinstance(result, str):
             self.cut_trials = None  # the cuts may go before the full depth is built
-            self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=phases)
-            self.full = self.make_full_depth(self.spec, phases)
+            self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=result)
+            self.full = self.make_full_depth(self.spec, result)
             return self.full(micro_batch)
-        peak_bytes = max(phases.values())
-        capacity_bytes = self.capacity_bytes
-        if peak_bytes > capacity_bytes:
-            return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
-                               f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
-        return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
+        return result
+
+
+def extrapolated_result(micro_batch: int, shallow_phase_peaks: dict[str, int], shallow: Trace, deep: Trace,
+                        repeats: int, capacity_bytes: int) -> TrialResult | str:
+    """The full depth's trial from its two cuts' traces (and the shallow cut's meter peaks, which its trace must
+    hold), capped at the capacity; or why the traces do not pair up."""
+    phases = extrapolate_trace(shallow, deep, repeats)
+    if isinstance(phases, dict) and _trace_peaks(shallow) != shallow_phase_peaks:
+        phases = "the shallow cut's trace disagrees with its meter's phase peaks"
+    if isinstance(phases, str):
+        return phases
+    peak_bytes = max(phases.values())
+    if peak_bytes > capacity_bytes:
+        return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
+                           f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
+    return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
 
 
 def _updates_parameter_by_parameter(optimizer: torch.optim.Optimizer) -> bool:

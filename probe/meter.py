@@ -78,6 +78,28 @@ def requested_bytes(message: str) -> int | None:
 
 
 @dataclass
+class AllocationLog:
+    """A trial's allocations, frees and moments in program order, with the allocations' sizes kept apart.
+
+    Under fake tensors the step at another micro-batch or seq_len runs the same program with other
+    sizes: probe/replay.py compares two logs' `events` and replays one with sizes it predicts. An
+    allocation is ("a",), numbered by its position in `sizes` (requested bytes, before rounding); its free
+    ("f", number); the free of a storage counted before the log began ("o", rounded bytes); a moment the
+    trace records ("m",); a phase change ("p", name); the trial's start, where peaks reset ("r",); a storage
+    resized in place ("z", number) (FSDP2: not replayed).
+    """
+
+    start_bytes: int
+    start_phase: str
+    events: list[tuple] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    numbers: dict[int, int] = field(default_factory=dict)  # id(storage) -> its allocation's number, while live
+
+
+_ALLOCATED, _MOMENT, _RESET = ("a",), ("m",), ("r",)
+
+
+@dataclass
 class MemoryReading:
     """Peaks of one trial: overall, and per phase of the step (the peak moves between phases)."""
 
@@ -157,6 +179,7 @@ class LiveBytesMode(TorchDispatchMode):
         # (phase, live bytes) after every op that allocated, and at every phase change: the moments a peak
         # can sit at, in order (probe/extrapolate.py aligns two cuts' traces). None: not recorded, no cost.
         self.trace: list[tuple[str, int]] | None = None
+        self.log: AllocationLog | None = None  # every event behind the trace, when probe/replay.py asks
         self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
         self._paused = 0
         self._patches: list[ExitStack] = []
@@ -201,12 +224,16 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase_peak_bytes[name] = max(self.phase_peak_bytes.get(name, 0), self.live_bytes)
         if self.trace is not None:
             self.trace.append((name, self.live_bytes))
+        if self.log is not None:
+            self.log.events.append(("p", name))
 
     def reset_peaks(self) -> None:
         self.peak_bytes = self.live_bytes
         self.phase_peak_bytes = {self.phase: self.live_bytes}
         if self.trace is not None:
             self.trace[:] = [(self.phase, self.live_bytes)]
+        if self.log is not None:
+            self.log.events.append(_RESET)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(_is_dtensor_type(kind) for kind in types):
@@ -225,6 +252,8 @@ class LiveBytesMode(TorchDispatchMode):
         # one moment per op, after all its outputs: the largest of its own (an op only adds)
         if allocated and self.trace is not None:
             self.trace.append((self.phase, self.live_bytes))
+            if self.log is not None:
+                self.log.events.append(_MOMENT)
         return out
 
     def _add(self, storage: torch.UntypedStorage, raise_on_overflow: bool) -> bool:
@@ -232,8 +261,13 @@ class LiveBytesMode(TorchDispatchMode):
         key = id(storage)
         if key in self._counted:
             return False
-        n_bytes = round_allocation(storage.nbytes())
+        requested = storage.nbytes()
+        n_bytes = round_allocation(requested)
         self._counted[key] = n_bytes
+        if self.log is not None:
+            self.log.numbers[key] = len(self.log.sizes)
+            self.log.sizes.append(requested)
+            self.log.events.append(_ALLOCATED)
         weakref.finalize(storage, self._free, key)
         self._grow(n_bytes, raise_on_overflow)
         return True
@@ -245,11 +279,15 @@ class LiveBytesMode(TorchDispatchMode):
             return
         n_bytes = round_allocation(storage.nbytes())
         delta, self._counted[key] = n_bytes - self._counted[key], n_bytes
+        if self.log is not None:
+            self.log.events.append(("z", self.log.numbers.get(key)))
         self._grow(delta, raise_on_overflow=delta > 0)
         # a gathered parameter is a moment as an op's output is: FSDP2 gathers into it, then frees the
         # all-gather buffer, so the peak can sit between the two with no allocating op after it
         if delta > 0 and self.trace is not None:
             self.trace.append((self.phase, self.live_bytes))
+            if self.log is not None:
+                self.log.events.append(_MOMENT)
 
     def _grow(self, n_bytes: int, raise_on_overflow: bool) -> None:
         self.live_bytes += n_bytes
@@ -265,7 +303,11 @@ class LiveBytesMode(TorchDispatchMode):
             )
 
     def _free(self, key: int) -> None:
-        self.live_bytes -= self._counted.pop(key, 0)
+        n_bytes = self._counted.pop(key, 0)
+        self.live_bytes -= n_bytes
+        if self.log is not None:
+            number = self.log.numbers.pop(key, None)
+            self.log.events.append(("f", number) if number is not None else ("o", n_bytes))
 
 
 @contextmanager
@@ -331,6 +373,12 @@ class CpuMeter:
         """From the next trial on, keep its (phase, live bytes) moments in the list returned (None: stop)."""
         self._mode.trace = [] if on else None
         return self._mode.trace
+
+    def record_log(self, on: bool) -> AllocationLog | None:
+        """From now on, log every allocation, free and moment (probe/replay.py); None: stop."""
+        mode = self._mode
+        mode.log = AllocationLog(mode.live_bytes, mode.phase) if on else None
+        return mode.log
 
     def allocated_bytes(self) -> int:
         return self._mode.live_bytes

@@ -18,6 +18,10 @@ two shallow cuts (probe/extrapolate.py CutModels), else the full depth; each cel
 it is what a probe's own search already does between its trials (each trial creates its optimizer
 and batches and frees them, gradients set to None), so a cell still answers what a fresh
 `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
+
+On the cuts, the trials themselves are shared too: five traced trials per (build, optimizer) teach
+probe/replay.py every allocation's size as a function of micro-batch and seq_len, and every other trial
+of those rows (each cell's search, the longest-sequence bisection) is replayed from their logs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fitprobe.probe.meter import Meter
 from fitprobe.probe.models import LoadedModel, build_model, check_seq_len
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.replay import Replay
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialRunner
 
@@ -140,8 +145,11 @@ class Builds:
     fresh estimate's first trial would send it.
     """
 
-    def __init__(self, allowed_factories: Collection[str] = ()) -> None:
+    def __init__(self, allowed_factories: Collection[str] = (), seq_lens: Sequence[int] = (),
+                 emit: Emit = ignore) -> None:
         self.allowed_factories = allowed_factories
+        self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/replay.py)
+        self._replays: dict[str, Replay | str] = {}  # optimizer → its trials' replay, or why they are traced
         self._key: str | None = None
         self._cuts: CutModels | str | None = None  # str: why this build's model cannot be cut
         self._full: tuple[Meter, LoadedModel] | None = None
@@ -154,6 +162,7 @@ class Builds:
         key = build_key(spec)
         if key != self._key:  # the old model goes before the new one is built
             self._key, self._cuts, self._full, self._full_depth_because = key, None, None, {}
+            self._replays = {}
         because = not_extrapolable_because(spec) or self._full_depth_because.get(spec.optimizer)
         if because is None:
             if self._cuts is None:
@@ -162,10 +171,20 @@ class Builds:
                 self.count += isinstance(self._cuts, CutModels)
                 settle()  # the old build is collected, the new one frozen (probe/heap.py)
             if isinstance(self._cuts, CutModels):
-                return self._cuts.trial(spec, self._after_cuts_failed)
+                meter, facts, traced = self._cuts.trial(spec, self._after_cuts_failed)
+                replay = self._replay(self._cuts, spec)
+                return meter, facts, replay.trial(spec.seq_len, traced) if isinstance(replay, Replay) else traced
             because = self._cuts
         meter, trial = self._full_depth(spec)
         return meter, {"extrapolated_from_layers": None, "not_extrapolated_because": because}, trial
+
+    def _replay(self, cuts: CutModels, spec: ProbeSpec) -> Replay | str:
+        """The replay of this build's trials with `spec`'s optimizer, learned at its first cell."""
+        if not self.seq_lens:
+            return "no seq_lens to learn the sizes at"
+        if spec.optimizer not in self._replays:
+            self._replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit)
+        return self._replays[spec.optimizer]
 
     def _after_cuts_failed(self, spec: ProbeSpec, because: str) -> Trial:
         self._full_depth_because[spec.optimizer] = because
@@ -280,7 +299,7 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
     base = base.model_copy(update={"mode": "estimate"})
     context = model_context(base, allowed_factories)
     total, done = len(settings) * (len(seq_lens) + 1), 0
-    builds = Builds(allowed_factories)
+    builds = Builds(allowed_factories, [*seq_lens, *seq_grid(context)[:1]], emit)
     rows = []
     for setting in settings:
         row = Row(setting, setting.label)

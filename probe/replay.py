@@ -1,0 +1,279 @@
+"""Answer a cut model's trial at any micro-batch and seq_len from five traced ones: the what-if table's trials.
+
+Under fake tensors a trial is a program of allocations, frees and moments (probe/meter.py AllocationLog).
+At another micro-batch b or seq_len s a decoder runs the same program with other sizes, and each
+allocation's size is a product of its dims: b^β·q(s), q a polynomial of degree at most 2 in s (an
+activation b·s·h, the attention mask b·s², a label row padded by one b·(s+1)). Four traced trials, at
+(1, a), (2, a), (1, m) and (1, z) (a, m, z seq_lens of the table, or multiples of them), give every
+allocation's β and q exactly; a fifth at (3, z) must come out to the byte as predicted (the same
+events, every size, the same result) or nothing is replayed. A replayed trial is then one pass over the
+two cuts' logs in Python instead of a step under fake tensors, and it is the trial: the same moments,
+marks and extrapolation (probe/extrapolate.py extrapolated_result), so the probe's own search on it
+finds what `probe --estimate` finds (tests/test_whatif.py holds the cells equal to single estimates).
+
+Not replayed, and traced trial by trial as before, with the reason: a program that changes with b or s
+(logs that differ: the flattened collation's per-row tensors, an optimizer whose work depends on the
+batch), a cut that falls back to the full depth, a storage resized in place (FSDP2), a size that is not
+such a product. A point whose predicted size is not a whole number of bytes is traced. When the step
+does not fit at (1, a), no larger b or s does (the search and the longest-sequence bisection assume
+the same monotony), so those trials are answered "does not fit" without learning the sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fitprobe.probe.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
+from fitprobe.probe.meter import AllocationLog, round_allocation
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.spec import MAX_SEQ_LEN, ProbeSpec
+from fitprobe.probe.trial import TrialError
+
+Trial = Callable[[int], TrialResult]
+Point = tuple[int, int]  # (micro-batch, seq_len)
+Emit = Callable[[dict], None]
+
+
+class NotReplayable(Exception):
+    """Why a cut's trials must be traced one by one."""
+
+
+@dataclass(frozen=True)
+class SizeLaw:
+    """One allocation's requested bytes: b^beta · (a2·s² + a1·s + a0) / denominator."""
+
+    beta: int
+    a2: int
+    a1: int
+    a0: int
+    denominator: int
+
+    def at(self, micro_batch: int, seq_len: int) -> int | None:
+        numerator = (self.a2 * seq_len + self.a1) * seq_len + self.a0
+        whole, rest = divmod(numerator * micro_batch**self.beta, self.denominator)
+        return None if rest or whole < 0 else whole
+
+
+def fit_sizes(by_point: dict[Point, Sequence[int]], seqs: tuple[int, int, int]) -> list[SizeLaw]:
+    """Each allocation's law from its sizes at (1, a), (2, a), (1, m), (1, z); raises NotReplayable."""
+    a, m, z = seqs
+    laws = []
+    # Lagrange's quadratic through (a, y_a), (m, y_m), (z, y_z), over one common integer denominator
+    d_a, d_m, d_z = (a - m) * (a - z), (m - a) * (m - z), (z - a) * (z - m)
+    denominator = d_a * d_m * d_z
+    basis = [(denominator // d_a, m + z, m * z), (denominator // d_m, a + z, a * z), (denominator // d_z, a + m, a * m)]
+    columns = zip(by_point[(1, a)], by_point[(2, a)], by_point[(1, m)], by_point[(1, z)], strict=True)
+    for one, two, at_m, at_z in columns:
+        if one == two:
+            beta = 0
+        elif two == 2 * one:
+            beta = 1
+        elif two == 4 * one:
+            beta = 2
+        else:
+            raise NotReplayable(f"an allocation of {one} bytes at micro-batch 1 has {two} at 2: not a power of the "
+                                "micro-batch")
+        a2 = a1 = a0 = 0
+        for y, (weight, pair_sum, pair_product) in zip((one, at_m, at_z), basis, strict=True):
+            a2 += y * weight
+            a1 -= y * weight * pair_sum
+            a0 += y * weight * pair_product
+        laws.append(SizeLaw(beta, a2, a1, a0, denominator))
+    return laws
+
+
+def replay(log: AllocationLog, sizes: Sequence[int]) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """The trace's moments and the meter's phase peaks, had the log's allocations had `sizes`.
+
+    Does what probe/meter.py LiveBytesMode does at each event, in the same order.
+    """
+    rounded = [round_allocation(n) for n in sizes]
+    live, phase = log.start_bytes, log.start_phase
+    moments: list[tuple[str, int]] = []
+    peaks: dict[str, int] = {}
+    allocated = 0
+    for event in log.events:
+        kind = event[0]
+        if kind == "a":
+            live += rounded[allocated]
+            allocated += 1
+            if live > peaks.get(phase, 0):
+                peaks[phase] = live
+        elif kind == "f":
+            live -= rounded[event[1]]
+        elif kind == "m":
+            moments.append((phase, live))
+        elif kind == "o":
+            live -= event[1]
+        elif kind == "p":
+            phase = event[1]
+            peaks[phase] = max(peaks.get(phase, 0), live)
+            moments.append((phase, live))
+        elif kind == "r":
+            peaks, moments = {phase: live}, [(phase, live)]
+        else:
+            raise NotReplayable(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
+    return moments, peaks
+
+
+@dataclass
+class _Traced:
+    """One traced trial of both cuts: its result and the cuts' traces, with their logs."""
+
+    result: TrialResult
+    shallow: Trace
+    deep: Trace
+
+
+class Replay:
+    """`trial(seq_len)`: the extrapolated trial of one (build, optimizer) at that seq_len, replayed where it can be."""
+
+    def __init__(self, cuts: CutModels, spec: ProbeSpec, seqs: tuple[int, int, int], emit: Emit) -> None:
+        self.cuts, self.spec, self.seqs, self.emit = cuts, spec, seqs, emit
+        self.capacity_bytes: int = spec.capacity_bytes or 0
+        self.traced: dict[Point, _Traced] = {}
+        self.fits_nowhere_from: int | None = None  # a seq_len at which micro-batch 1 does not fit
+        self.laws: tuple[list[SizeLaw], list[SizeLaw]] | None = None
+        self.replayed = 0  # trials answered without tracing
+
+    @classmethod
+    def learn(cls, cuts: CutModels, spec: ProbeSpec, seq_lens: Sequence[int], emit: Emit) -> Replay | str:
+        """A replay of `spec`'s trials on `cuts`, learned from five traced trials; or why its trials are traced."""
+        seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
+        if seqs is None:
+            return "fewer than three seq_lens fit the model's context to learn the sizes from"
+        made = cls(cuts, spec, seqs, emit)
+        try:
+            made._learn()
+        except (NotReplayable, TrialError) as exc:
+            return str(exc)
+        return made
+
+    def _learn(self) -> None:
+        a, m, z = self.seqs
+        points: list[Point] = [(1, a), (2, a), (1, m), (1, z), (3, z)]
+        first = self._trace(1, a, 1, len(points))
+        if not first.result.fits:  # nothing larger fits either: no sizes to learn
+            self.fits_nowhere_from = a
+            return
+        for done, (micro_batch, seq_len) in enumerate(points[1:4], start=2):
+            self._trace(micro_batch, seq_len, done, len(points))
+        logs = [[self._logs(point)[cut] for point in points[:4]] for cut in (0, 1)]
+        for cut_logs in logs:
+            for log in cut_logs:
+                log.events = frees_in_order(log.events)
+            if any(log.events != cut_logs[0].events or log.start_bytes != cut_logs[0].start_bytes
+                   for log in cut_logs[1:]):
+                raise NotReplayable("the step's allocations change with the micro-batch or seq_len")
+        if any(self.traced[point].shallow.marks != first.shallow.marks
+               or self.traced[point].deep.marks != first.deep.marks for point in points[1:4]):
+            raise NotReplayable("the marks on the period's layers move with the micro-batch or seq_len")
+        laws = tuple(fit_sizes({point: log.sizes for point, log in zip(points, cut_logs, strict=False)}, self.seqs)
+                     for cut_logs in logs)
+        self.laws = (laws[0], laws[1])
+        for point in points[:4]:  # the logs replay to the traces they came from
+            if self._replayed(*point) != self.traced[point].result:
+                raise NotReplayable("replaying a traced trial's own log does not give its result")
+        check = self._replayed(3, z)
+        validation = self._trace(3, z, 5, len(points))
+        if any(frees_in_order(log.events) != first_log.events
+               for log, first_log in zip(self._logs((3, z)), self._logs((1, a)), strict=True)):
+            raise NotReplayable(f"the step's allocations at micro-batch 3, seq_len {z} are not those at 1, {a}")
+        if validation.result != check:
+            raise NotReplayable(f"the sizes learned from four trials do not predict the trial at micro-batch 3, "
+                                f"seq_len {z}")
+
+    def _logs(self, point: Point) -> tuple[AllocationLog, AllocationLog]:
+        traced = self.traced[point]
+        if traced.shallow.log is None or traced.deep.log is None:
+            raise NotReplayable("the cuts kept no allocation log")
+        return traced.shallow.log, traced.deep.log
+
+    def _extrapolated(self, seq_len: int) -> ExtrapolatedTrial:
+        def refuse(_spec: ProbeSpec, why: str):
+            raise NotReplayable(why)
+
+        return self.cuts.trial(self.spec.model_copy(update={"seq_len": seq_len}), refuse)[2]
+
+    def _trace(self, micro_batch: int, seq_len: int, done: int, total: int) -> _Traced:
+        self.emit({"type": "phase", "phase": "tracing_sizes", "done": done, "total": total,
+                   "option": f"micro-batch {micro_batch} at seq_len {seq_len}"})
+        trial = self._extrapolated(seq_len)
+        for cut in self.cuts.traced:
+            cut.logging = True
+        try:
+            result = trial(micro_batch)
+        finally:
+            for cut in self.cuts.traced:
+                cut.logging = False
+        assert trial.last_traces is not None, "a trial on the cuts keeps their traces"
+        self.traced[(micro_batch, seq_len)] = _Traced(result, *trial.last_traces)
+        return self.traced[(micro_batch, seq_len)]
+
+    def _replayed(self, micro_batch: int, seq_len: int) -> TrialResult | None:
+        """The trial at (micro_batch, seq_len) from the logs of (1, a); None where a size is not whole."""
+        assert self.laws is not None
+        a = self.seqs[0]
+        traces = []
+        first = self.traced[(1, a)]
+        for log, laws, traced in zip(self._logs((1, a)), self.laws, (first.shallow, first.deep), strict=True):
+            sizes = [law.at(micro_batch, seq_len) for law in laws]
+            if any(size is None for size in sizes):
+                return None
+            moments, peaks = replay(log, sizes)  # type: ignore[arg-type]  # no None left
+            traces.append((Trace(moments, traced.marks), peaks))
+        (shallow, shallow_peaks), (deep, _) = traces
+        result = extrapolated_result(micro_batch, shallow_peaks, shallow, deep, self.cuts.cuts.repeats,
+                                     self.capacity_bytes)
+        return None if isinstance(result, str) else result
+
+    def trial(self, seq_len: int, traced: Trial) -> Trial:
+        """The trial at `seq_len`: replayed, else `traced` (the cuts' own trial at that seq_len)."""
+        def run(micro_batch: int) -> TrialResult:
+            known = self.traced.get((micro_batch, seq_len))
+            if known is not None:
+                return known.result
+            if self.fits_nowhere_from is not None and seq_len >= self.fits_nowhere_from:
+                self.replayed += 1
+                return TrialResult(micro_batch, False, error=f"out of memory: micro-batch 1 at seq_len "
+                                   f"{self.fits_nowhere_from} does not fit, so neither does this")
+            result = self._replayed(micro_batch, seq_len) if self.laws is not None else None
+            if result is None:
+                return traced(micro_batch)
+            self.replayed += 1
+            return result
+
+        return run
+
+
+def frees_in_order(events: list[tuple]) -> list[tuple]:
+    """The events with each run of frees sorted: storages freed together (a tuple of outputs dropped) go in an
+    order that varies from run to run, and frees alone change no moment and no peak."""
+    ordered: list[tuple] = []
+    run: list[tuple] = []
+    for event in events:
+        if event[0] in ("f", "o"):
+            run.append(event)
+            continue
+        if run:
+            ordered.extend(sorted(run))
+            run = []
+        ordered.append(event)
+    return ordered + sorted(run)
+
+
+def learning_seq_lens(seq_lens: Sequence[int], context: int) -> tuple[int, int, int] | None:
+    """Three distinct seq_lens to learn sizes at: the table's shortest, one between, its longest (within the
+    context); with fewer than three, multiples of its longest or halves of its shortest."""
+    seqs = sorted({s for s in seq_lens if s <= context})
+    if not seqs:
+        return None
+    for extra in (2 * seqs[-1], 4 * seqs[-1], seqs[0] // 2, seqs[0] // 4):
+        if len(seqs) >= 3:
+            break
+        if 1 <= extra <= context and extra not in seqs:
+            seqs = sorted({*seqs, extra})
+    if len(seqs) < 3:
+        return None
+    return seqs[0], seqs[len(seqs) // 2], seqs[-1]

@@ -1,0 +1,97 @@
+"""A replayed trial is the traced trial: the what-if table's cells are found on replays (probe/replay.py).
+
+Each size law is checked against sizes worked out by hand; each family's replayed trials against trials
+traced afresh at micro-batches and seq_lens the replay never traced, on families with grouped-query
+attention, a sliding window, tied embeddings and an MoE's dense-then-sparse stack.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fitprobe.probe.extrapolate import CutModels
+from fitprobe.probe.heap import frozen_heap
+from fitprobe.probe.replay import NotReplayable, Replay, fit_sizes, learning_seq_lens
+from fitprobe.probe.spec import ProbeSpec
+from tests.test_extrapolate import FAMILIES
+
+SEQS = (64, 96, 160)
+
+
+def hand_sizes(b: int, s: int) -> list[int]:
+    # labels padded by one (int64), an activation (bf16, hidden 64), an attention mask (bool), a rotary
+    # table (no batch), a weight (neither)
+    return [8 * b * (s + 1), 2 * 64 * b * s, b * s * s, 4 * 16 * s, 4096]
+
+
+def test_size_laws_predict_sizes_they_were_not_learned_from():
+    a, m, z = SEQS
+    laws = fit_sizes({point: hand_sizes(*point) for point in [(1, a), (2, a), (1, m), (1, z)]}, SEQS)
+    for b, s in [(3, 160), (7, 1000), (64, 8192), (1, 1)]:
+        assert [law.at(b, s) for law in laws] == hand_sizes(b, s)
+
+
+def test_a_size_that_is_not_a_power_of_the_micro_batch_is_refused():
+    a, m, z = SEQS
+    sizes = {(1, a): [8 * (1 + 1)], (2, a): [8 * (2 + 1)], (1, m): [16], (1, z): [16]}  # cu_seqlens: b + 1 rows
+    with pytest.raises(NotReplayable, match="not a power of the micro-batch"):
+        fit_sizes(sizes, SEQS)
+
+
+def test_learning_seq_lens_are_the_tables_or_multiples_within_the_context():
+    assert learning_seq_lens([512, 1024, 2048, 4096], 8192) == (512, 2048, 4096)
+    assert learning_seq_lens([128], 1024) == (128, 256, 512)
+    assert learning_seq_lens([128], 256) == (64, 128, 256)
+    assert learning_seq_lens([4096], 4096) == (1024, 2048, 4096)
+    assert learning_seq_lens([8192], 4096) is None
+
+
+# llama: grouped-query attention, untied; qwen2: tied embeddings; mistral: a sliding window shorter than the seq_lens;
+# qwen2_moe: dense layers first, then experts (routing under fake tensors)
+REPLAY_CASES = [
+    ("llama", dict(precision="bf16-mixed", finetuning="lora", gradient_checkpointing=True,
+                   optimizer="adamw_torch_fused")),
+    ("qwen2", dict(precision="fp32", finetuning="full", gradient_checkpointing=False, optimizer="adamw_bnb_8bit")),
+    ("mistral", dict(precision="bf16-mixed", finetuning="full", gradient_checkpointing=False,
+                     optimizer="adamw_torch_fused", collation="packed")),
+    ("qwen2_moe", dict(precision="bf16-mixed", finetuning="lora", gradient_checkpointing=False,
+                       optimizer="adamw_torch_fused")),
+]
+
+
+@pytest.mark.slow  # five learning trials and two fresh ones per family, about 40 s each
+@pytest.mark.parametrize("family,settings", REPLAY_CASES, ids=[family for family, _ in REPLAY_CASES])
+def test_replayed_trials_equal_trials_traced_afresh(family, settings):
+    config, _ = FAMILIES[family]
+    spec = ProbeSpec(model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=1 << 30, **settings)
+    with frozen_heap():
+        cuts = CutModels.build(spec)
+        assert isinstance(cuts, CutModels), cuts
+        replay = Replay.learn(cuts, spec, list(SEQS), lambda _event: None)
+        assert isinstance(replay, Replay), replay
+
+        def refuse(_spec, why):
+            raise AssertionError(why)
+
+        for b, s in [(5, 128), (2, 200)]:  # between the learned seq_lens, and past them
+            traced = cuts.trial(spec.model_copy(update={"seq_len": s}), refuse)[2]
+            before = replay.replayed
+            replayed = replay.trial(s, traced)(b)
+            assert replay.replayed == before + 1, "answered by tracing, not by the replay"
+            assert replayed == traced(b), (b, s)
+
+
+def test_a_step_that_does_not_fit_at_micro_batch_one_fits_nowhere_larger_without_learning():
+    config, _ = FAMILIES["llama"]
+    # 4 MiB holds the 2.3 MiB of fp32 weights, not their gradients and AdamW state as well
+    spec = ProbeSpec(model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=4 << 20)
+    with frozen_heap():
+        cuts = CutModels.build(spec)
+        replay = Replay.learn(cuts, spec, list(SEQS), lambda _event: None)
+        assert isinstance(replay, Replay) and replay.laws is None and set(replay.traced) == {(1, 64)}
+        traced_calls = []
+        trial = replay.trial(128, lambda b: traced_calls.append(b))
+        assert not trial(1).fits and not trial(8).fits and traced_calls == []
+        below = replay.trial(32, lambda b: traced_calls.append(b))
+        below(1)
+        assert traced_calls == [1], "a shorter seq_len than the one that failed is traced"
