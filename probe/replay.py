@@ -21,7 +21,8 @@ the same monotony), so those trials are answered "does not fit" without learning
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from fitprobe.probe.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
@@ -48,6 +49,12 @@ class SizeLaw:
     a1: int
     a0: int
     denominator: int
+
+    @classmethod
+    def lowest_terms(cls, beta: int, a2: int, a1: int, a0: int, denominator: int) -> SizeLaw:
+        """The law with its fraction reduced, so that two equal laws compare equal (a constant is (0, 0, 0, n, 1))."""
+        divisor = math.gcd(a2, a1, a0, denominator) * (1 if denominator > 0 else -1)
+        return cls(beta, a2 // divisor, a1 // divisor, a0 // divisor, denominator // divisor)
 
     def at(self, micro_batch: int, seq_len: int) -> int | None:
         numerator = (self.a2 * seq_len + self.a1) * seq_len + self.a0
@@ -79,7 +86,7 @@ def fit_sizes(by_point: dict[Point, Sequence[int]], seqs: tuple[int, int, int]) 
             a2 += y * weight
             a1 -= y * weight * pair_sum
             a0 += y * weight * pair_product
-        laws.append(SizeLaw(beta, a2, a1, a0, denominator))
+        laws.append(SizeLaw.lowest_terms(beta, a2, a1, a0, denominator))
     return laws
 
 
@@ -138,13 +145,24 @@ class Replay:
         self.replayed = 0  # trials answered without tracing
 
     @classmethod
-    def learn(cls, cuts: CutModels, spec: ProbeSpec, seq_lens: Sequence[int], emit: Emit) -> Replay | str:
-        """A replay of `spec`'s trials on `cuts`, learned from five traced trials; or why its trials are traced."""
+    def learn(cls, cuts: CutModels, spec: ProbeSpec, seq_lens: Sequence[int], emit: Emit,
+              known: Collection[SizeLaw] = ()) -> Replay | str:
+        """A replay of `spec`'s trials on `cuts`; or why its trials are traced.
+
+        With `known` laws (another row's of the same table), two traced trials where they explain every
+        size (`_learn_from_known`), else five.
+        """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
             return "fewer than three seq_lens fit the model's context to learn the sizes from"
         made = cls(cuts, spec, seqs, emit)
         try:
+            if known:
+                try:
+                    made._learn_from_known(known)
+                    return made
+                except NotReplayable:
+                    made.laws = None  # its traced trials are kept: learning from five reuses them
             made._learn()
         except (NotReplayable, TrialError) as exc:
             return str(exc)
@@ -159,30 +177,80 @@ class Replay:
             return
         for done, (micro_batch, seq_len) in enumerate(points[1:4], start=2):
             self._trace(micro_batch, seq_len, done, len(points))
+        self._same_program(points[:4])
         logs = [[self._logs(point)[cut] for point in points[:4]] for cut in (0, 1)]
-        for cut_logs in logs:
-            for log in cut_logs:
-                log.events = frees_in_order(log.events)
-            if any(log.events != cut_logs[0].events or log.start_bytes != cut_logs[0].start_bytes
-                   for log in cut_logs[1:]):
-                raise NotReplayable("the step's allocations change with the micro-batch or seq_len")
-        if any(self.traced[point].shallow.marks != first.shallow.marks
-               or self.traced[point].deep.marks != first.deep.marks for point in points[1:4]):
-            raise NotReplayable("the marks on the period's layers move with the micro-batch or seq_len")
         laws = tuple(fit_sizes({point: log.sizes for point, log in zip(points, cut_logs, strict=False)}, self.seqs)
                      for cut_logs in logs)
         self.laws = (laws[0], laws[1])
         for point in points[:4]:  # the logs replay to the traces they came from
             if self._replayed(*point) != self.traced[point].result:
                 raise NotReplayable("replaying a traced trial's own log does not give its result")
-        check = self._replayed(3, z)
-        validation = self._trace(3, z, 5, len(points))
-        if any(frees_in_order(log.events) != first_log.events
-               for log, first_log in zip(self._logs((3, z)), self._logs((1, a)), strict=True)):
-            raise NotReplayable(f"the step's allocations at micro-batch 3, seq_len {z} are not those at 1, {a}")
-        if validation.result != check:
-            raise NotReplayable(f"the sizes learned from four trials do not predict the trial at micro-batch 3, "
-                                f"seq_len {z}")
+        self._validate(3, z, 5, len(points))
+
+    def _learn_from_known(self, known: Collection[SizeLaw]) -> None:
+        """Each allocation's law from two traced trials, (1, a) and (3, z), and the laws other rows learned.
+
+        Another setting of the same model allocates tensors of the same shapes (the same activations with
+        another optimizer, or with checkpointing, or over a 4-bit base): an allocation whose sizes at both
+        points one known law gives, and only one, takes it; one of the same size at both is constant (an
+        optimizer's state, a dequantized weight). Anything else, or a replay that does not give both traced
+        results, and the sizes are learned from five trials.
+        """
+        a, _, z = self.seqs
+        if not self._trace(1, a, 1, 2).result.fits:
+            self.fits_nowhere_from = a
+            return
+        self._trace(3, z, 2, 2)
+        self._same_program([(1, a), (3, z)])
+        by_first: dict[int | None, set[SizeLaw]] = {}
+        for law in known:
+            by_first.setdefault(law.at(1, a), set()).add(law)
+        laws = []
+        for first_log, last_log in zip(self._logs((1, a)), self._logs((3, z)), strict=True):
+            cut_laws = []
+            for one, three in zip(first_log.sizes, last_log.sizes, strict=True):
+                fitting = {law for law in by_first.get(one, ()) if law.at(3, z) == three}
+                if one == three:
+                    fitting.add(SizeLaw(0, 0, 0, one, 1))
+                if len(fitting) != 1:
+                    raise NotReplayable(f"{len(fitting)} known sizes explain an allocation of {one} bytes at "
+                                        f"(1, {a}) and {three} at (3, {z})")
+                cut_laws.append(fitting.pop())
+            laws.append(cut_laws)
+        self.laws = (laws[0], laws[1])
+        for point in [(1, a), (3, z)]:
+            if self._replayed(*point) != self.traced[point].result:
+                raise NotReplayable("replaying a traced trial's own log does not give its result")
+
+    def _same_program(self, points: Sequence[Point]) -> None:
+        """The traced trials at `points` ran the same events (frees in a canonical order) and marks."""
+        first = self.traced[points[0]]
+        for cut in (0, 1):
+            logs = [self._logs(point)[cut] for point in points]
+            for log in logs:
+                log.events = frees_in_order(log.events)
+            if any(log.events != logs[0].events or log.start_bytes != logs[0].start_bytes for log in logs[1:]):
+                raise NotReplayable("the step's allocations change with the micro-batch or seq_len")
+        if any(self.traced[point].shallow.marks != first.shallow.marks
+               or self.traced[point].deep.marks != first.deep.marks for point in points[1:]):
+            raise NotReplayable("the marks on the period's layers move with the micro-batch or seq_len")
+
+    def _validate(self, micro_batch: int, seq_len: int, done: int, total: int) -> None:
+        """Trace (micro_batch, seq_len): the same events as at (1, a), every size as the laws predict, the same result."""
+        assert self.laws is not None
+        predicted = self._replayed(micro_batch, seq_len)
+        traced = self._trace(micro_batch, seq_len, done, total)
+        a = self.seqs[0]
+        for log, first_log, laws in zip(self._logs((micro_batch, seq_len)), self._logs((1, a)), self.laws,
+                                        strict=True):
+            if frees_in_order(log.events) != first_log.events:
+                raise NotReplayable(f"the step's allocations at micro-batch {micro_batch}, seq_len {seq_len} are "
+                                    f"not those at 1, {a}")
+            if [law.at(micro_batch, seq_len) for law in laws] != log.sizes:
+                raise NotReplayable(f"the sizes learned do not predict those at micro-batch {micro_batch}, "
+                                    f"seq_len {seq_len}")
+        if traced.result != predicted:
+            raise NotReplayable(f"the replay does not predict the trial at micro-batch {micro_batch}, seq_len {seq_len}")
 
     def _logs(self, point: Point) -> tuple[AllocationLog, AllocationLog]:
         traced = self.traced[point]
@@ -197,6 +265,8 @@ class Replay:
         return self.cuts.trial(self.spec.model_copy(update={"seq_len": seq_len}), refuse)[2]
 
     def _trace(self, micro_batch: int, seq_len: int, done: int, total: int) -> _Traced:
+        if (micro_batch, seq_len) in self.traced:
+            return self.traced[(micro_batch, seq_len)]
         self.emit({"type": "phase", "phase": "tracing_sizes", "done": done, "total": total,
                    "option": f"micro-batch {micro_batch} at seq_len {seq_len}"})
         trial = self._extrapolated(seq_len)

@@ -40,7 +40,7 @@ from fitprobe.probe.meter import Meter
 from fitprobe.probe.models import LoadedModel, build_model, check_seq_len
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
-from fitprobe.probe.replay import Replay
+from fitprobe.probe.replay import Replay, SizeLaw
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialRunner
 
@@ -150,6 +150,7 @@ class Builds:
         self.allowed_factories = allowed_factories
         self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/replay.py)
         self._replays: dict[str, Replay | str] = {}  # optimizer → its trials' replay, or why they are traced
+        self._known_laws: set[SizeLaw] = set()  # every allocation size law learned by this table's rows so far
         self._key: str | None = None
         self._cuts: CutModels | str | None = None  # str: why this build's model cannot be cut
         self._full: tuple[Meter, LoadedModel] | None = None
@@ -183,7 +184,10 @@ class Builds:
         if not self.seq_lens:
             return "no seq_lens to learn the sizes at"
         if spec.optimizer not in self._replays:
-            self._replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit)
+            replay = Replay.learn(cuts, spec, self.seq_lens, self.emit, self._known_laws)
+            if isinstance(replay, Replay) and replay.laws is not None:
+                self._known_laws.update(law for cut_laws in replay.laws for law in cut_laws)
+            self._replays[spec.optimizer] = replay
         return self._replays[spec.optimizer]
 
     def _after_cuts_failed(self, spec: ProbeSpec, because: str) -> Trial:

@@ -11,7 +11,7 @@ import pytest
 
 from fitprobe.probe.extrapolate import CutModels
 from fitprobe.probe.heap import frozen_heap
-from fitprobe.probe.replay import NotReplayable, Replay, fit_sizes, learning_seq_lens
+from fitprobe.probe.replay import NotReplayable, Replay, SizeLaw, fit_sizes, learning_seq_lens
 from fitprobe.probe.spec import ProbeSpec
 from tests.test_extrapolate import FAMILIES
 
@@ -29,6 +29,12 @@ def test_size_laws_predict_sizes_they_were_not_learned_from():
     laws = fit_sizes({point: hand_sizes(*point) for point in [(1, a), (2, a), (1, m), (1, z)]}, SEQS)
     for b, s in [(3, 160), (7, 1000), (64, 8192), (1, 1)]:
         assert [law.at(b, s) for law in laws] == hand_sizes(b, s)
+
+
+def test_equal_laws_compare_equal_whatever_points_they_were_learned_at():
+    constant = fit_sizes({(1, 64): [4096], (2, 64): [4096], (1, 96): [4096], (1, 160): [4096]}, SEQS)
+    assert constant == fit_sizes({(1, 8): [4096], (2, 8): [4096], (1, 24): [4096], (1, 40): [4096]}, (8, 24, 40))
+    assert constant == [SizeLaw(0, 0, 0, 4096, 1)]
 
 
 def test_a_size_that_is_not_a_power_of_the_micro_batch_is_refused():
@@ -95,3 +101,29 @@ def test_a_step_that_does_not_fit_at_micro_batch_one_fits_nowhere_larger_without
         below = replay.trial(32, lambda b: traced_calls.append(b))
         below(1)
         assert traced_calls == [1], "a shorter seq_len than the one that failed is traced"
+
+
+@pytest.mark.slow  # seven learning trials and two fresh ones, about a minute
+def test_another_setting_takes_the_laws_learned_for_the_first_from_two_traced_trials():
+    config, _ = FAMILIES["llama"]
+    spec = ProbeSpec(model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=1 << 30, precision="bf16-mixed",
+                     finetuning="lora", gradient_checkpointing=False, optimizer="adamw_torch_fused")
+    # another optimizer on another build: checkpointing recomputes the forward inside the backward
+    other = spec.model_copy(update={"optimizer": "adamw_bnb_8bit", "gradient_checkpointing": True})
+    with frozen_heap():
+        first = Replay.learn(CutModels.build(spec), spec, list(SEQS), lambda _event: None)
+        assert isinstance(first, Replay) and first.laws is not None, first
+        known = {law for cut_laws in first.laws for law in cut_laws}
+        del first
+        cuts = CutModels.build(other)
+        replay = Replay.learn(cuts, other, list(SEQS), lambda _event: None, known)
+        assert isinstance(replay, Replay), replay
+        assert sorted(replay.traced) == [(1, 64), (3, 160)], "learned from more than two traced trials"
+
+        def refuse(_spec, why):
+            raise AssertionError(why)
+
+        for b, s in [(5, 128), (2, 200)]:
+            traced = cuts.trial(other.model_copy(update={"seq_len": s}), refuse)[2]
+            replayed = replay.trial(s, traced)(b)
+            assert replayed == traced(b) and replayed.fits, (b, s)
