@@ -1,22 +1,28 @@
-"""Answer a cut model's trial at any micro-batch and seq_len from five traced ones: the what-if table's trials.
+"""Answer a cut model's trial at any micro-batch and seq_len from two to five traced ones: the what-if table's trials.
 
 Under fake tensors a trial is a program of allocations, frees and moments (probe/meter.py AllocationLog).
 At another micro-batch b or seq_len s a decoder runs the same program with other sizes, and each
 allocation's size is a product of its dims: b^β·q(s), q a polynomial of degree at most 2 in s (an
-activation b·s·h, the attention mask b·s², a label row padded by one b·(s+1)). Four traced trials, at
-(1, a), (2, a), (1, m) and (1, z) (a, m, z seq_lens of the table, or multiples of them), give every
-allocation's β and q exactly; a fifth at (3, z) must come out to the byte as predicted (the same
-events, every size, the same result) or nothing is replayed. A replayed trial is then one pass over the
-two cuts' logs in Python instead of a step under fake tensors, and it is the trial: the same moments,
-marks and extrapolation (probe/extrapolate.py extrapolated_result), so the probe's own search on it
-finds what `probe --estimate` finds (tests/test_whatif.py holds the cells equal to single estimates).
+activation b·s·h, the attention mask b·s², a label row padded by one b·(s+1)): its *law*. A replayed
+trial is one pass over the two cuts' logs in Python instead of a step under fake tensors, and it is the
+trial: the same moments, marks and extrapolation (probe/extrapolate.py extrapolated_result), so the
+probe's own search on it finds what `probe --estimate` finds (tests/test_whatif.py holds the table's
+cells equal to single estimates, tests/test_replay.py replayed trials equal to traced ones).
+
+Learning a row's laws (a, m, z: the table's shortest, a middle and its longest seq_len, or multiples):
+- two traced trials, at (1, a) and (3, z), when for every allocation exactly one law the table's earlier
+  rows learned gives both sizes (another optimizer, checkpointing or a 4-bit base allocates activations of
+  the same shapes), or it is constant (optimizer state, a dequantized weight);
+- a third at (2, m) when some sizes were read off those two points as a plain product c·b^β·s^σ (the
+  first row; QLoRA's float32 activations): every size there must come out to the byte as predicted;
+- else five: (1, a), (2, a), (1, m), (1, z) fix each β and q exactly, and (3, z) must come out as predicted.
 
 Not replayed, and traced trial by trial as before, with the reason: a program that changes with b or s
-(logs that differ: the flattened collation's per-row tensors, an optimizer whose work depends on the
-batch), a cut that falls back to the full depth, a storage resized in place (FSDP2), a size that is not
-such a product. A point whose predicted size is not a whole number of bytes is traced. When the step
-does not fit at (1, a), no larger b or s does (the search and the longest-sequence bisection assume
-the same monotony), so those trials are answered "does not fit" without learning the sizes.
+(logs that differ: the flattened collation's per-row tensors), a cut that falls back to the full depth, a
+storage resized in place (FSDP2), a size none of the laws above explains. A point whose predicted size is
+not a whole number of bytes is traced. When the step does not fit at (1, a), no larger b or s does (the
+search and the longest-sequence bisection assume the same monotony), so those trials are answered "does
+not fit" without learning the sizes.
 """
 
 from __future__ import annotations
@@ -90,6 +96,17 @@ def fit_sizes(by_point: dict[Point, Sequence[int]], seqs: tuple[int, int, int]) 
     return laws
 
 
+def monomials_through(one: int, three: int, a: int, z: int) -> set[SizeLaw]:
+    """The laws c·b^β·s^σ (β, σ at most 2) that give `one` byte at (1, a) and `three` at (3, z)."""
+    laws = set()
+    for beta in range(3):
+        for sigma in range(3):
+            if one * 3**beta * z**sigma == three * a**sigma:
+                a2, a1, a0 = (one if power == sigma else 0 for power in (2, 1, 0))
+                laws.add(SizeLaw.lowest_terms(beta, a2, a1, a0, a**sigma))
+    return laws
+
+
 def replay(log: AllocationLog, sizes: Sequence[int]) -> tuple[list[tuple[str, int]], dict[str, int]]:
     """The trace's moments and the meter's phase peaks, had the log's allocations had `sizes`.
 
@@ -149,20 +166,19 @@ class Replay:
               known: Collection[SizeLaw] = ()) -> Replay | str:
         """A replay of `spec`'s trials on `cuts`; or why its trials are traced.
 
-        With `known` laws (another row's of the same table), two traced trials where they explain every
-        size (`_learn_from_known`), else five.
+        Two traced trials where the `known` laws (other rows' of the same table) explain every size, three
+        where the rest are plain products c·b^β·s^σ (`_learn_from_known`), else five (`_learn`).
         """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
             return "fewer than three seq_lens fit the model's context to learn the sizes from"
         made = cls(cuts, spec, seqs, emit)
         try:
-            if known:
-                try:
-                    made._learn_from_known(known)
-                    return made
-                except NotReplayable:
-                    made.laws = None  # its traced trials are kept: learning from five reuses them
+            try:
+                made._learn_from_known(known)
+                return made
+            except NotReplayable:
+                made.laws = None  # its traced trials are kept: learning from five reuses them
             made._learn()
         except (NotReplayable, TrialError) as exc:
             return str(exc)
@@ -205,15 +221,17 @@ class Replay:
         by_first: dict[int | None, set[SizeLaw]] = {}
         for law in known:
             by_first.setdefault(law.at(1, a), set()).add(law)
-        laws = []
+        laws, guessed = [], False
         for first_log, last_log in zip(self._logs((1, a)), self._logs((3, z)), strict=True):
             cut_laws = []
             for one, three in zip(first_log.sizes, last_log.sizes, strict=True):
                 fitting = {law for law in by_first.get(one, ()) if law.at(3, z) == three}
                 if one == three:
                     fitting.add(SizeLaw(0, 0, 0, one, 1))
+                if not fitting:  # a tensor no other row allocates (QLoRA's float32 activations): b^β·c·s^σ?
+                    fitting, guessed = monomials_through(one, three, a, z), True
                 if len(fitting) != 1:
-                    raise NotReplayable(f"{len(fitting)} known sizes explain an allocation of {one} bytes at "
+                    raise NotReplayable(f"{len(fitting)} sizes explain an allocation of {one} bytes at "
                                         f"(1, {a}) and {three} at (3, {z})")
                 cut_laws.append(fitting.pop())
             laws.append(cut_laws)
@@ -221,6 +239,8 @@ class Replay:
         for point in [(1, a), (3, z)]:
             if self._replayed(*point) != self.traced[point].result:
                 raise NotReplayable("replaying a traced trial's own log does not give its result")
+        if guessed:  # a law read off two points is checked at a third
+            self._validate(2, self.seqs[1], 3, 3)
 
     def _same_program(self, points: Sequence[Point]) -> None:
         """The traced trials at `points` ran the same events (frees in a canonical order) and marks."""

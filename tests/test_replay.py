@@ -11,7 +11,14 @@ import pytest
 
 from fitprobe.probe.extrapolate import CutModels
 from fitprobe.probe.heap import frozen_heap
-from fitprobe.probe.replay import NotReplayable, Replay, SizeLaw, fit_sizes, learning_seq_lens
+from fitprobe.probe.replay import (
+    NotReplayable,
+    Replay,
+    SizeLaw,
+    fit_sizes,
+    learning_seq_lens,
+    monomials_through,
+)
 from fitprobe.probe.spec import ProbeSpec
 from tests.test_extrapolate import FAMILIES
 
@@ -35,6 +42,17 @@ def test_equal_laws_compare_equal_whatever_points_they_were_learned_at():
     constant = fit_sizes({(1, 64): [4096], (2, 64): [4096], (1, 96): [4096], (1, 160): [4096]}, SEQS)
     assert constant == fit_sizes({(1, 8): [4096], (2, 8): [4096], (1, 24): [4096], (1, 40): [4096]}, (8, 24, 40))
     assert constant == [SizeLaw(0, 0, 0, 4096, 1)]
+
+
+def test_a_monomial_is_read_off_two_points_and_an_ambiguous_size_is_not():
+    # float32 activations of a 160-wide MLP: 640 bytes a token; at (1, 64) and (3, 160)
+    (law,) = monomials_through(640 * 64, 640 * 3 * 160, 64, 160)
+    assert law.at(7, 1000) == 640 * 7 * 1000
+    (mask,) = monomials_through(64 * 64, 3 * 160 * 160, 64, 160)
+    assert mask.at(2, 100) == 2 * 100 * 100
+    assert monomials_through(100, 333, 64, 160) == set()
+    # with z = 3a, b·s⁰ and b⁰·s give the same two sizes: two laws, so the row learns from five trials
+    assert len(monomials_through(64, 192, 64, 192)) == 2
 
 
 def test_a_size_that_is_not_a_power_of_the_micro_batch_is_refused():
