@@ -19,9 +19,10 @@ it is what a probe's own search already does between its trials (each trial crea
 and batches and frees them, gradients set to None), so a cell still answers what a fresh
 `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
 
-On the cuts, the trials themselves are shared too: five traced trials per (build, optimizer) teach
-probe/replay.py every allocation's size as a function of micro-batch and seq_len, and every other trial
-of those rows (each cell's search, the longest-sequence bisection) is replayed from their logs.
+On the cuts, the trials themselves are shared too: two to five traced trials per (build, optimizer)
+teach probe/replay.py every allocation's size as a function of micro-batch and seq_len (fewer where the
+laws earlier rows learned explain the sizes), and every other trial of those rows (each cell's search,
+the longest-sequence bisection) is replayed from their logs.
 """
 
 from __future__ import annotations
@@ -303,6 +304,7 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
     base = base.model_copy(update={"mode": "estimate"})
     context = model_context(base, allowed_factories)
     total, done = len(settings) * (len(seq_lens) + 1), 0
+    # the sizes are learned from the shortest grid point too, where the longest-sequence bisection may go
     builds = Builds(allowed_factories, [*seq_lens, *seq_grid(context)[:1]], emit)
     rows = []
     for setting in settings:
