@@ -9,9 +9,10 @@ at most 3 single estimates. The single estimate is LoRA + checkpointing + fused 
 seq_len (a setting that fits, so it is a search and not a "does not fit" answer with its options).
 Without --model, a small 8-layer Llama on 24 MiB (the one tests/test_whatif.py deepens), a few minutes.
 
-Where the time goes: a deep decoder's table learns each (build, optimizer)'s allocation sizes from five
-traced trials and replays every other trial (probe/replay.py); before that, every cell was a search of
-about four traced trials and every longest-sequence column a bisection of them. `--no-replay` times that
+Where the time goes: a deep decoder's table learns each build's allocation sizes from a few traced
+trials, one per optimizer where the build's optimizers learn together, and replays every other trial
+(probe/replay.py); before that, every cell was a search of about four traced trials and every
+longest-sequence column a bisection of them. `--no-replay` times that
 way too, for the side-by-side ratio. Medians of `--repetitions` runs, interleaved, each in this process.
 """
 

@@ -1,4 +1,4 @@
-"""Answer a cut model's trial at any micro-batch and seq_len from two to five traced ones: the what-if table's trials.
+"""Answer a cut model's trial at any micro-batch and seq_len from one to five traced ones: the what-if table's trials.
 
 Under fake tensors a trial is a program of allocations, frees and moments (probe/meter.py AllocationLog).
 At another micro-batch b or seq_len s a decoder runs the same program with other sizes, and each
@@ -16,6 +16,14 @@ Learning a row's laws (a, m, z: the table's shortest, a middle and its longest s
 - a third at (2, m) when some sizes were read off those two points as a plain product c·b^β·s^σ (the
   first row; QLoRA's float32 activations): every size there must come out to the byte as predicted;
 - else five: (1, a), (2, a), (1, m), (1, z) fix each β and q exactly, and (3, z) must come out as predicted.
+
+Rows that differ only in the optimizer share a build and learn together (`Replay.learn_together`): one
+traced trial each. Their forward and backward allocate the same tensors in the same order whatever updates
+the weights, so the first optimizer's trial at (1, a) and the second's at (3, z) are the two points of
+every allocation outside the optimizer phase (the rules above, a third point when guessed); what the step
+allocates in its optimizer phase (state, its temporaries) is parameter-shaped, a constant read off the
+optimizer's own trial. A third optimizer's trial at (1, a) takes the same laws. Where the optimizers' trials
+differ outside that phase, each learns alone, reusing the trials made.
 
 Not replayed, and traced trial by trial as before, with the reason: a program that changes with b or s
 (logs that differ: the flattened collation's per-row tensors), a cut that falls back to the full depth, a
@@ -107,6 +115,27 @@ def monomials_through(one: int, three: int, a: int, z: int) -> set[SizeLaw]:
     return laws
 
 
+def laws_through(first: Sequence[int], last: Sequence[int], known: Collection[SizeLaw], a: int, z: int
+                 ) -> tuple[list[SizeLaw], bool]:
+    """Each allocation's law from its sizes at (1, a) and (3, z): the one known law that gives both, a constant,
+    or a plain product c·b^β·s^σ (then `guessed` is True: a third point must check it); raises NotReplayable."""
+    by_first: dict[int | None, set[SizeLaw]] = {}
+    for law in known:
+        by_first.setdefault(law.at(1, a), set()).add(law)
+    laws, guessed = [], False
+    for one, three in zip(first, last, strict=True):
+        fitting = {law for law in by_first.get(one, ()) if law.at(3, z) == three}
+        if one == three:
+            fitting.add(SizeLaw(0, 0, 0, one, 1))
+        if not fitting:  # a tensor no other row allocates (QLoRA's float32 activations): b^β·c·s^σ?
+            fitting, guessed = monomials_through(one, three, a, z), True
+        if len(fitting) != 1:
+            raise NotReplayable(f"{len(fitting)} sizes explain an allocation of {one} bytes at "
+                                f"(1, {a}) and {three} at (3, {z})")
+        laws.append(fitting.pop())
+    return laws, guessed
+
+
 def replay(log: AllocationLog, sizes: Sequence[int]) -> tuple[list[tuple[str, int]], dict[str, int]]:
     """The trace's moments and the meter's phase peaks, had the log's allocations had `sizes`.
 
@@ -159,6 +188,7 @@ class Replay:
         self.traced: dict[Point, _Traced] = {}
         self.fits_nowhere_from: int | None = None  # a seq_len at which micro-batch 1 does not fit
         self.laws: tuple[list[SizeLaw], list[SizeLaw]] | None = None
+        self.base: Point = (1, seqs[0])  # the traced point whose logs are replayed with the laws' sizes
         self.replayed = 0  # trials answered without tracing
 
     @classmethod
@@ -172,17 +202,50 @@ class Replay:
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
             return "fewer than three seq_lens fit the model's context to learn the sizes from"
-        made = cls(cuts, spec, seqs, emit)
+        return cls(cuts, spec, seqs, emit)._learn_alone(known)
+
+    def _learn_alone(self, known: Collection[SizeLaw]) -> Replay | str:
+        """`learn` on this replay, whose traced trials (if any) are reused."""
+        self.base = (1, self.seqs[0])
         try:
             try:
-                made._learn_from_known(known)
-                return made
+                self._learn_from_known(known)
+                return self
             except NotReplayable:
-                made.laws = None  # its traced trials are kept: learning from five reuses them
-            made._learn()
+                self.laws = None  # its traced trials are kept: learning from five reuses them
+            self._learn()
         except (NotReplayable, TrialError) as exc:
             return str(exc)
-        return made
+        return self
+
+    @classmethod
+    def learn_together(cls, cuts: CutModels, specs: Sequence[ProbeSpec], seq_lens: Sequence[int], emit: Emit,
+                       known: Collection[SizeLaw] = ()) -> dict[str, Replay | str]:
+        """Replays of one build's trials with each of `specs`' optimizers (by optimizer), from one traced trial each.
+
+        The optimizers share the build's forward and backward, which allocate the same tensors whatever
+        updates the weights afterwards; what an optimizer itself allocates, in the step's optimizer phase,
+        is parameter-shaped (state, its temporaries, the gradients it frees), the same at any micro-batch
+        and seq_len. So the first optimizer's trial at (1, a) and the second's at (3, z) give every shared
+        allocation its two points (`laws_through`, a third at (2, m) for a guessed product), each optimizer's
+        own allocations are constants, and a third optimizer needs its trial at (1, a) only. Whatever does not
+        line up (the shared allocations, their frees, the marks on the period's layers) and each optimizer
+        learns alone, reusing the trials made.
+        """
+        seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
+        if seqs is None:
+            return {spec.optimizer: "fewer than three seq_lens fit the model's context to learn the sizes from"
+                    for spec in specs}
+        made = [cls(cuts, spec, seqs, emit) for spec in specs]
+        if len(made) > 1:
+            try:
+                _learn_shared(made, known)
+                return {replay.spec.optimizer: replay for replay in made}
+            except NotReplayable:
+                pass
+            except TrialError as exc:
+                return {spec.optimizer: str(exc) for spec in specs}
+        return {replay.spec.optimizer: replay._learn_alone(known) for replay in made}
 
     def _learn(self) -> None:
         a, m, z = self.seqs
@@ -218,23 +281,11 @@ class Replay:
             return
         self._trace(3, z, 2, 2)
         self._same_program([(1, a), (3, z)])
-        by_first: dict[int | None, set[SizeLaw]] = {}
-        for law in known:
-            by_first.setdefault(law.at(1, a), set()).add(law)
         laws, guessed = [], False
         for first_log, last_log in zip(self._logs((1, a)), self._logs((3, z)), strict=True):
-            cut_laws = []
-            for one, three in zip(first_log.sizes, last_log.sizes, strict=True):
-                fitting = {law for law in by_first.get(one, ()) if law.at(3, z) == three}
-                if one == three:
-                    fitting.add(SizeLaw(0, 0, 0, one, 1))
-                if not fitting:  # a tensor no other row allocates (QLoRA's float32 activations): b^β·c·s^σ?
-                    fitting, guessed = monomials_through(one, three, a, z), True
-                if len(fitting) != 1:
-                    raise NotReplayable(f"{len(fitting)} sizes explain an allocation of {one} bytes at "
-                                        f"(1, {a}) and {three} at (3, {z})")
-                cut_laws.append(fitting.pop())
+            cut_laws, cut_guessed = laws_through(first_log.sizes, last_log.sizes, known, a, z)
             laws.append(cut_laws)
+            guessed = guessed or cut_guessed
         self.laws = (laws[0], laws[1])
         for point in [(1, a), (3, z)]:
             if self._replayed(*point) != self.traced[point].result:
@@ -260,12 +311,11 @@ class Replay:
         assert self.laws is not None
         predicted = self._replayed(micro_batch, seq_len)
         traced = self._trace(micro_batch, seq_len, done, total)
-        a = self.seqs[0]
-        for log, first_log, laws in zip(self._logs((micro_batch, seq_len)), self._logs((1, a)), self.laws,
-                                        strict=True):
-            if frees_in_order(log.events) != first_log.events:
+        for log, base_log, laws in zip(self._logs((micro_batch, seq_len)), self._logs(self.base), self.laws,
+                                       strict=True):
+            if frees_in_order(log.events) != frees_in_order(base_log.events):
                 raise NotReplayable(f"the step's allocations at micro-batch {micro_batch}, seq_len {seq_len} are "
-                                    f"not those at 1, {a}")
+                                    f"not those at {self.base[0]}, {self.base[1]}")
             if [law.at(micro_batch, seq_len) for law in laws] != log.sizes:
                 raise NotReplayable(f"the sizes learned do not predict those at micro-batch {micro_batch}, "
                                     f"seq_len {seq_len}")
@@ -302,12 +352,11 @@ class Replay:
         return self.traced[(micro_batch, seq_len)]
 
     def _replayed(self, micro_batch: int, seq_len: int) -> TrialResult | None:
-        """The trial at (micro_batch, seq_len) from the logs of (1, a); None where a size is not whole."""
+        """The trial at (micro_batch, seq_len) from the base point's logs; None where a size is not whole."""
         assert self.laws is not None
-        a = self.seqs[0]
         traces = []
-        first = self.traced[(1, a)]
-        for log, laws, traced in zip(self._logs((1, a)), self.laws, (first.shallow, first.deep), strict=True):
+        base = self.traced[self.base]
+        for log, laws, traced in zip(self._logs(self.base), self.laws, (base.shallow, base.deep), strict=True):
             sizes = [law.at(micro_batch, seq_len) for law in laws]
             if any(size is None for size in sizes):
                 return None
@@ -335,6 +384,94 @@ class Replay:
             return result
 
         return run
+
+
+OPTIMIZER_PHASE = "optimizer"  # the phase probe/step.py train_step names the update's
+
+
+@dataclass
+class _Split:
+    """A traced cut's log seen apart from its optimizer's own allocations: what optimizers of one build share."""
+
+    shared: list[int]  # the allocations made outside the optimizer phase, by number, in order
+    skeleton: list[tuple]  # the events without the optimizer's own, shared allocations numbered in `shared`
+    marks: dict[str, list[int]]  # the marks on the period's forward and backward, counted in the kept moments
+
+
+def split_off_optimizer(log: AllocationLog, marks: dict[str, list[int]]) -> _Split:
+    """The log's shared part: its allocations outside the optimizer phase, their frees, the moments there, and
+    the marks on the forward and backward (a per-parameter optimizer's own marks are its own)."""
+    phase, number = log.start_phase, 0
+    shared_of: dict[int, int] = {}
+    skeleton: list[tuple] = []
+    kept = [0]  # kept[i]: moments among the first i since the trial's start that are not the optimizer's own
+    for event in log.events:
+        kind = event[0]
+        if kind == "a":
+            if phase != OPTIMIZER_PHASE:
+                shared_of[number] = len(shared_of)
+                skeleton.append(event)
+            number += 1
+        elif kind == "f":
+            if event[1] in shared_of:
+                skeleton.append(("f", shared_of[event[1]]))
+        elif kind == "m":
+            kept.append(kept[-1] + (phase != OPTIMIZER_PHASE))
+            if phase != OPTIMIZER_PHASE:
+                skeleton.append(event)
+        elif kind == "p":  # a phase change is a moment of both trials
+            phase = event[1]
+            kept.append(kept[-1] + 1)
+            skeleton.append(event)
+        elif kind == "r":  # the trial's start: the moments (and the marks' count) begin again at this one
+            kept = [0, 1]
+            skeleton.append(event)
+        elif kind == "o":
+            skeleton.append(event)
+        else:
+            raise NotReplayable(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
+    if any(i >= len(kept) for name, indices in marks.items() for i in indices):
+        raise NotReplayable("a mark lies past the trial's moments")
+    shared_marks = {name: [kept[i] for i in indices] for name, indices in marks.items()
+                    if not name.endswith("_optimizer")}
+    return _Split(list(shared_of), frees_in_order(skeleton), shared_marks)
+
+
+def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
+    """Replay.learn_together's laws for `made` (one replay per optimizer of a build); raises NotReplayable."""
+    first = made[0]
+    a, m, z = first.seqs
+    points: list[Point] = [(1, a), (3, z), *([(1, a)] * (len(made) - 2))]
+    traced = [replay._trace(*point, done, len(made))
+              for done, (replay, point) in enumerate(zip(made, points, strict=True), 1)]
+    logs = [replay._logs(point) for replay, point in zip(made, points, strict=True)]
+    splits = [[split_off_optimizer(log, trace.marks) for log, trace in zip(cut_logs, (one.shallow, one.deep),
+                                                                             strict=True)]
+              for cut_logs, one in zip(logs, traced, strict=True)]
+    cut_laws: list[list[SizeLaw]] = []
+    guessed = False
+    for cut in (0, 1):
+        anchor = splits[0][cut]
+        if any(row[cut].skeleton != anchor.skeleton or row[cut].marks != anchor.marks for row in splits[1:]):
+            raise NotReplayable("the optimizers' trials differ outside the optimizer's own allocations")
+        sizes = [[cut_logs[cut].sizes[n] for n in row[cut].shared] for cut_logs, row in zip(logs, splits, strict=True)]
+        if any(other != sizes[0] for other in sizes[2:]):  # a third optimizer's trial is at (1, a) too
+            raise NotReplayable("the optimizers' shared allocations differ in size at the same point")
+        laws, cut_guessed = laws_through(sizes[0], sizes[1], known, a, z)
+        cut_laws.append(laws)
+        guessed = guessed or cut_guessed
+    for replay, point, cut_logs, row in zip(made, points, logs, splits, strict=True):
+        per_cut = []
+        for cut in (0, 1):
+            laws = [SizeLaw(0, 0, 0, size, 1) for size in cut_logs[cut].sizes]  # the optimizer's own: constants
+            for index, number in enumerate(row[cut].shared):
+                laws[number] = cut_laws[cut][index]
+            per_cut.append(laws)
+        replay.laws, replay.base = (per_cut[0], per_cut[1]), point
+        if replay._replayed(*point) != replay.traced[point].result:
+            raise NotReplayable("replaying a traced trial's own log does not give its result")
+    if guessed:  # a law read off two points is checked at a third
+        first._validate(2, m, len(made) + 1, len(made) + 1)
 
 
 def frees_in_order(events: list[tuple]) -> list[tuple]:

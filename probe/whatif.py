@@ -19,16 +19,16 @@ it is what a probe's own search already does between its trials (each trial crea
 and batches and frees them, gradients set to None), so a cell still answers what a fresh
 `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
 
-On the cuts, the trials themselves are shared too: two to five traced trials per (build, optimizer)
-teach probe/replay.py every allocation's size as a function of micro-batch and seq_len (fewer where the
-laws earlier rows learned explain the sizes), and every other trial of those rows (each cell's search,
-the longest-sequence bisection) is replayed from their logs.
+On the cuts, the trials themselves are shared too: one to five traced trials per (build, optimizer)
+teach probe/replay.py every allocation's size as a function of micro-batch and seq_len (one each where
+the build's optimizers learn together, two where laws earlier rows learned explain the sizes), and every
+other trial of those rows (each cell's search, the longest-sequence bisection) is replayed from their logs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -147,9 +147,11 @@ class Builds:
     """
 
     def __init__(self, allowed_factories: Collection[str] = (), seq_lens: Sequence[int] = (),
-                 emit: Emit = ignore) -> None:
+                 emit: Emit = ignore, optimizers: Mapping[str, Sequence[str]] | None = None) -> None:
         self.allowed_factories = allowed_factories
         self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/replay.py)
+        # build key → the optimizers the table runs on that build: their trials are learned together
+        self.optimizers = optimizers or {}
         self._replays: dict[str, Replay | str] = {}  # optimizer → its trials' replay, or why they are traced
         self._known_laws: set[SizeLaw] = set()  # every allocation size law learned by this table's rows so far
         self._key: str | None = None
@@ -185,10 +187,15 @@ class Builds:
         if not self.seq_lens:
             return "no seq_lens to learn the sizes at"
         if spec.optimizer not in self._replays:
-            replay = Replay.learn(cuts, spec, self.seq_lens, self.emit, self._known_laws)
-            if isinstance(replay, Replay) and replay.laws is not None:
-                self._known_laws.update(law for cut_laws in replay.laws for law in cut_laws)
-            self._replays[spec.optimizer] = replay
+            together = [o for o in self.optimizers.get(cuts.key, ()) if o not in self._replays]
+            if spec.optimizer in together and len(together) > 1:
+                specs = [spec.model_copy(update={"optimizer": optimizer}) for optimizer in together]
+                self._replays.update(Replay.learn_together(cuts, specs, self.seq_lens, self.emit, self._known_laws))
+            else:
+                self._replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit, self._known_laws)
+            for replay in self._replays.values():
+                if isinstance(replay, Replay) and replay.laws is not None:
+                    self._known_laws.update(law for cut_laws in replay.laws for law in cut_laws)
         return self._replays[spec.optimizer]
 
     def _after_cuts_failed(self, spec: ProbeSpec, because: str) -> Trial:
@@ -305,7 +312,11 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
     context = model_context(base, allowed_factories)
     total, done = len(settings) * (len(seq_lens) + 1), 0
     # the sizes are learned from the shortest grid point too, where the longest-sequence bisection may go
-    builds = Builds(allowed_factories, [*seq_lens, *seq_grid(context)[:1]], emit)
+    optimizers: dict[str, list[str]] = {}  # each build's optimizers, in the rows' order
+    for setting in settings:
+        spec = _cell_spec(base, setting, base.seq_len)
+        optimizers.setdefault(build_key(spec), []).append(spec.optimizer)
+    builds = Builds(allowed_factories, [*seq_lens, *seq_grid(context)[:1]], emit, optimizers)
     rows = []
     for setting in settings:
         row = Row(setting, setting.label)
@@ -354,8 +365,9 @@ def format_whatif(table: WhatIf) -> str:
     cut = [cell for cell in every_cell if cell.extrapolated_from_layers]
     if cut:
         depths = " and ".join(str(d) for d in cut[0].extrapolated_from_layers or [])
+        full_depth = sum(cell.max_micro_batch is not None and not cell.extrapolated_from_layers for cell in every_cell)
         lines.append(f"{len(cut)} of {len(every_cell)} cells extrapolated from cuts of {depths} layers, as a probe's "
-                     "estimate of them is; the others ran the full depth")
+                     f"estimate of them is" + (f"; {full_depth} ran the full depth" if full_depth else ""))
     notes = sorted({cell.note for cell in every_cell if cell.note})
     lines.extend(f"n/a: {note.removeprefix('not applicable: ')}" for note in notes)
     lines.append(f"model context {table.context} tokens; longest seq searched on a {SEQ_GRID}-token grid; "

@@ -11,6 +11,7 @@ import pytest
 
 from fitprobe.probe.extrapolate import CutModels
 from fitprobe.probe.heap import frozen_heap
+from fitprobe.probe.meter import AllocationLog
 from fitprobe.probe.replay import (
     NotReplayable,
     Replay,
@@ -18,6 +19,7 @@ from fitprobe.probe.replay import (
     fit_sizes,
     learning_seq_lens,
     monomials_through,
+    split_off_optimizer,
 )
 from fitprobe.probe.spec import ProbeSpec
 from tests.test_extrapolate import FAMILIES
@@ -154,3 +156,55 @@ def test_another_setting_takes_the_laws_learned_for_the_first_from_two_or_three_
             traced = cuts.trial(other.model_copy(update={"seq_len": s}), refuse)[2]
             replayed = replay.trial(s, traced)(b)
             assert replayed == traced(b) and replayed.fits, (b, s)
+
+
+def test_the_shared_part_of_a_log_leaves_out_what_the_optimizer_allocates_and_counts_marks_without_its_moments():
+    # a batch (0), the trial's start; a forward allocation (1) and a gradient (2); the update makes state (3) and a
+    # temporary (4), frees the temporary and the gradient; the next forward allocates (5)
+    log = AllocationLog(100, "idle", [
+        ("a",), ("m",), ("r",), ("p", "forward_backward"), ("a",), ("m",), ("a",), ("m",), ("f", 1),
+        ("p", "optimizer"), ("a",), ("m",), ("a",), ("m",), ("f", 4), ("f", 2),
+        ("p", "forward_backward"), ("a",), ("m",), ("p", "idle"), ("f", 5), ("f", 3), ("f", 0)],
+        sizes=[8, 16, 32, 64, 4, 16])
+    # moments since the start: 0 reset, 1 phase, 2 and 3 allocations, 4 phase, 5 and 6 the optimizer's, 7 phase, 8
+    marks = {"first_forward": [2, 8], "first_optimizer": [6]}
+    split = split_off_optimizer(log, marks)
+    assert split.shared == [0, 1, 2, 5]
+    assert split.skeleton == [
+        ("a",), ("m",), ("r",), ("p", "forward_backward"), ("a",), ("m",), ("a",), ("m",), ("f", 1),
+        ("p", "optimizer"), ("f", 2), ("p", "forward_backward"), ("a",), ("m",), ("p", "idle"), ("f", 0), ("f", 3)]
+    # the second mark has the optimizer's two moments before it; the optimizer's own mark is its own
+    assert split.marks == {"first_forward": [2, 6]}
+
+
+# three optimizers on one build, on families the size laws were not written against (tied embeddings, a sliding
+# window): the first traces (1, a) and (2, m) (its laws are guessed, no row learned any before), the second (3, z),
+# the third (1, a), and each one's replayed trial equals its trial traced afresh at a point it did not trace
+TOGETHER = ["adamw_torch_fused", "adamw_bnb_8bit", "adamw_torch"]
+
+
+@pytest.mark.slow  # four learning trials and three fresh ones per family, about 30 s each
+@pytest.mark.parametrize("family,settings", [
+    ("qwen2", dict(precision="bf16-mixed", finetuning="lora", gradient_checkpointing=False)),
+    ("mistral", dict(precision="fp32", finetuning="full", gradient_checkpointing=True)),
+], ids=["qwen2-lora", "mistral-full-ckpt"])
+def test_the_optimizers_of_one_build_learn_together_from_one_traced_trial_each(family, settings):
+    config, _ = FAMILIES[family]
+    specs = [ProbeSpec(model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=1 << 30, optimizer=optimizer,
+                       **settings) for optimizer in TOGETHER]
+    with frozen_heap():
+        cuts = CutModels.build(specs[0])
+        replays = Replay.learn_together(cuts, specs, list(SEQS), lambda _event: None)
+        assert all(isinstance(replays[o], Replay) for o in TOGETHER), replays
+        assert [sorted(replays[o].traced) for o in TOGETHER] == [[(1, 64), (2, 96)], [(3, 160)], [(1, 64)]]
+
+        def refuse(_spec, why):
+            raise AssertionError(why)
+
+        # each at a point it did not trace: past the learned seq_lens, where the first traced, between them
+        for spec, (b, s) in zip(specs, [(2, 200), (1, 64), (5, 128)], strict=True):
+            replay = replays[spec.optimizer]
+            traced = cuts.trial(spec.model_copy(update={"seq_len": s}), refuse)[2]
+            replayed = replay.trial(s, traced)(b)
+            assert replay.replayed == 1, "traced, not replayed"
+            assert replayed == traced(b), (spec.optimizer, b, s)

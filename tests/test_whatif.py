@@ -156,4 +156,5 @@ def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answ
                         if t["fits"] and t["micro_batch"] == cell.max_micro_batch)
             assert cell.peak_bytes == peak and cell.max_micro_batch >= 1, (row.label, cell.seq_len)
         assert fits_at_one(cell_spec(base, row.setting, row.longest.seq_len)), row.label
-    assert "1 of 2 cells extrapolated from cuts of 2 and 3 layers" in format_whatif(whatif)
+    assert ("1 of 2 cells extrapolated from cuts of 2 and 3 layers, as a probe's estimate of them is; "
+            "1 ran the full depth") in format_whatif(whatif)
