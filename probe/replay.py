@@ -205,8 +205,8 @@ class Replay:
         return cls(cuts, spec, seqs, emit)._learn_alone(known)
 
     def _learn_alone(self, known: Collection[SizeLaw]) -> Replay | str:
-        """`learn` on this replay, whose traced trials (if any) are reused."""
-        self.base = (1, self.seqs[0])
+        """`learn` on this replay, whose traced trials (if any) are reused; laws an attempt together left are not."""
+        self.base, self.laws = (1, self.seqs[0]), None
         try:
             try:
                 self._learn_from_known(known)
@@ -230,7 +230,8 @@ class Replay:
         allocation its two points (`laws_through`, a third at (2, m) for a guessed product), each optimizer's
         own allocations are constants, and a third optimizer needs its trial at (1, a) only. Whatever does not
         line up (the shared allocations, their frees, the marks on the period's layers) and each optimizer
-        learns alone, reusing the trials made.
+        learns alone, reusing the trials made. When the first does not fit at (1, a), it fits nowhere larger
+        and the others learn without it.
         """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
@@ -239,6 +240,10 @@ class Replay:
         made = [cls(cuts, spec, seqs, emit) for spec in specs]
         if len(made) > 1:
             try:
+                first = made[0]
+                if not first._trace(1, seqs[0], 1, len(made)).result.fits:  # nothing larger fits: no laws to learn
+                    first.fits_nowhere_from = seqs[0]
+                    return {first.spec.optimizer: first, **cls.learn_together(cuts, specs[1:], seq_lens, emit, known)}
                 _learn_shared(made, known)
                 return {replay.spec.optimizer: replay for replay in made}
             except NotReplayable:

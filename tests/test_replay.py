@@ -121,6 +121,10 @@ def test_a_step_that_does_not_fit_at_micro_batch_one_fits_nowhere_larger_without
         below = replay.trial(32, lambda b: traced_calls.append(b))
         below(1)
         assert traced_calls == [1], "a shorter seq_len than the one that failed is traced"
+        # learning together with another optimizer: weights and gradients alone are past 4 MiB, one trial each
+        specs = [spec.model_copy(update={"optimizer": optimizer}) for optimizer in ("adamw_torch", "adamw_bnb_8bit")]
+        replays = Replay.learn_together(cuts, specs, list(SEQS), lambda _event: None)
+        assert [(set(r.traced), r.fits_nowhere_from) for r in replays.values()] == [({(1, 64)}, 64)] * 2
 
 
 # another optimizer on another build (checkpointing recomputes the forward inside the backward): every size is a
