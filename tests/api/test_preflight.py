@@ -89,6 +89,19 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
 
 
+def test_rerunning_a_gate_that_does_not_fit_gives_the_same_fail_and_exit_1(server):
+    """A CI job reruns its gate: the second run is answered from the cached probe and must not turn into bad input."""
+    # 1 MB is less than micro-batch 1 of gpt-nano needs
+    args = ("--server", server.url, "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "1000000")
+    first = preflight(*args, "--effective-batch", "256")
+    again = preflight(*args, "--effective-batch", "256")
+    other = preflight(*args, "--effective-batch", "64", "--json")
+    assert first.returncode == again.returncode == other.returncode == 1, (again.stderr, other.stderr)
+    assert verdict(first).startswith("FAIL: does not fit: even micro-batch 1 does not fit"), first.stdout
+    assert verdict(again) == verdict(first)
+    job = json.loads(other.stdout)
+    assert job["cached"] and job["plan"] is None and job["report"]["does_not_fit"], job
+
 def test_the_spec_options_reach_the_job_the_service_ran(server):
     """--sharding, --collation, --estimate, --lora-* and --seed are ProbeSpec's fields: the stored job has them."""
     run = preflight("--server", server.url, *NANO, "--effective-batch", "8", "--estimate", "--sharding", "fsdp",
