@@ -136,6 +136,8 @@ class SplitFacts(Section):
     devices_with_one_fewer: int
     deviation_percent: float
     equation: str = Field(description="how the examples are cut, e.g. `96 = 3 × 32 (three micro-batches of 32)`")
+    uneven_note: str | None = Field(None, description="for an uneven split (a smaller last micro-batch, or devices "
+                                    "with one example fewer): which frameworks cannot run it as written")
 
 
 class Alternative(SplitFacts):
