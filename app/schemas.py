@@ -100,6 +100,7 @@ class CompactProbe(BaseModel):
     spec: dict[str, Any] = Field(description="seq_len, effective_batch, num_devices, mode, precision")
     max_micro_batch: int | None = None
     safe_micro_batch: int | None = None
+    does_not_fit: bool = Field(False, description="the probe succeeded and found that even micro-batch 1 does not fit")
     trial_count: int | None = None
     plan: dict[str, Any] | None = Field(None, description="micro_batch, accumulation_steps, num_devices, "
                                         "effective_batch, last_micro_batch, exact")
