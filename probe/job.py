@@ -106,10 +106,10 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
         not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories, emit)
     shortfall = None
     if search.max_micro_batch and not search.safe_micro_batch:
-        # the plan runs at the max micro-batch then: say what it costs, and what would avoid it
+        # the plan runs at micro-batch 1 then (plan.plan_limit): say what it costs, and what would avoid it
         emit({"type": "phase", "phase": "sizing_the_step"})
-        peak = next(t for t in trials if t.micro_batch == search.max_micro_batch)
-        shortfall = headroom_shortfall(spec, search.max_micro_batch,
+        peak = min((t for t in trials if t.fits), key=lambda t: t.micro_batch)
+        shortfall = headroom_shortfall(spec, peak.micro_batch,
                                        peak.peak_reserved_bytes or peak.peak_allocated_bytes or 0,
                                        meter.capacity_bytes, allowed_factories, emit)
     report = Report(
