@@ -1,0 +1,83 @@
+"""The step as each trainer runs it: `hf` (transformers Trainer) and `trl` (TRL's SFTTrainer).
+
+The two differ in the loss head, which at long sequences and large vocabularies is the biggest
+per-example term. The Trainer lets the model compute its own loss over the full `[tokens, vocab]`
+logits (probe/step.py's `token_loss_sum`). SFTTrainer, with its default `loss_type="nll"`, adds a
+fused LM head (`trl.trainer.utils.add_fused_lm_head`) and calls the model with `fused_lm_head=True`:
+the hidden states are projected through the LM head in tiles of 4096 tokens × 32768 vocabulary
+columns, each tile folded into running log-sum-exp statistics and dropped, so the logits never
+exist; backward recomputes each tile. Both the patch and the call below are TRL's own code, so the
+buffers counted are the ones SFTTrainer allocates: on a CPU host its torch path (every position
+scored, tiles as wide as 32768 columns even for a smaller vocabulary).
+
+Known limitations: on CUDA, TRL scores only the labelled positions and folds tiles in Triton kernels;
+this host runs the torch path, so an estimate for a card counts the CPU path's tiles (the same tile
+buffer, plus the torch fold's temporaries, which the Triton fold does not allocate). SFTTrainer's
+metrics (entropy, token accuracy) are scalars read after the loss and are not run here: they read
+values, which fake tensors do not have.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch import nn
+
+from fitprobe.probe.spec import ProbeSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+IGNORE_INDEX = -100
+# the per-token fields SFTTrainer asks its fused head for (`is_top1` feeds mean_token_accuracy)
+SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _base_model(module: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper: where SFTTrainer adds the head and Liger patches."""
+    get_base_model = getattr(module, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else module
+
+
+def adapt(module: nn.Module, spec: ProbeSpec) -> None:
+    """Patch a built model as the spec's trainer does before training starts.
+
+    SFTTrainer adds its fused head after PEFT wraps the model, to the base model; with `--liger`,
+    Trainer applies `apply_liger_kernel` (transformers' own integration) with the config the trainer
+    sets: SFTTrainer turns Liger's fused linear cross-entropy off, since it would replace the fused head.
+    """
+    if spec.liger:
+        from fitprobe.probe.liger import apply_liger
+
+        apply_liger(module, fused_linear_cross_entropy=spec.trainer == "hf")
+    if spec.trainer == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        # ProbeSpec takes trainer trl for transformers models only
+        add_fused_lm_head(cast("PreTrainedModel", _base_model(module)), outputs=SFT_OUTPUTS)
+
+
+def unshifted_labels(shifted: torch.Tensor) -> torch.Tensor:
+    """Labels as TRL's collator makes them (the token itself; -100 at each row's first token), from
+    fitprobe's next-token labels: the fused head shifts them itself (`labels[:, 1:]`)."""
+    first = torch.full_like(shifted[:, :1], IGNORE_INDEX)
+    return torch.cat([first, shifted[:, :-1]], dim=1)
+
+
+def sft_token_loss_sum(module: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """SFTTrainer.compute_loss with loss_type nll: the model called with `fused_lm_head=True` and
+    `use_cache=False`, the token losses `-log_probs` (zero where ignored) summed.
+
+    SFTTrainer divides by the step's token count; fitprobe's step does that for every trainer.
+    """
+    kwargs: dict[str, torch.Tensor] = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    outputs = module(input_ids=input_ids, labels=unshifted_labels(labels), fused_lm_head=True, use_cache=False,
+                     **kwargs)
+    per_token_loss = -outputs.log_probs
+    return per_token_loss.sum()

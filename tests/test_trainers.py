@@ -1,0 +1,136 @@
+"""`--trainer trl` holds what TRL's SFTTrainer holds, and `--format trl` builds the SFTConfig that trains it.
+
+The yardstick is a real `trl.SFTTrainer` run: a tiny model, padding-free batches of a pre-tokenized JSONL
+written here, CPU, its whole life (model, trainer, two optimizer steps of two micro-batches) counted by
+the CPU allocator's own account (torch.profiler memory events, tests/reference_loop.py). Nothing of
+fitprobe's step runs in it: the SFTConfig is the one the export writes, and SFTTrainer builds its
+optimizer, collator and fused LM head itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fitprobe.probe.job import run_trial
+from fitprobe.probe.spec import ProbeSpec
+
+pytest.importorskip("trl", reason="the trl extra: pip install 'fitprobe[trl]'")
+
+TOLERANCE = 0.005
+# Qwen3 (grouped-query attention, q/k norms) at 8k vocabulary: the head's 32768-column tile is 4x the vocabulary
+FIELDS = dict(model_type="qwen3", vocab_size=8000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+              tie_word_embeddings=False)
+SEQ_LEN, MICRO_BATCH, ACCUMULATION, STEPS = 64, 4, 2, 2
+
+
+def write_jsonl(path: Path, rows: int, seq_len: int) -> None:
+    """Pre-tokenized rows, as users hand SFTTrainer a tokenized dataset (no tokenizer runs over them)."""
+    generator = torch.Generator().manual_seed(0)
+    with path.open("w") as out:
+        for _ in range(rows):
+            ids = torch.randint(1, FIELDS["vocab_size"], (seq_len,), generator=generator).tolist()
+            out.write(json.dumps({"input_ids": ids}) + "\n")
+
+
+def word_level_tokenizer():
+    """A tokenizer SFTTrainer accepts as processing_class; it only supplies the pad token here."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, FIELDS["vocab_size"])}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>")
+
+
+def run_sft_trainer(data: Path, output_dir: Path, config: dict) -> None:
+    """SFTTrainer as its users run it: model from a config, the JSONL as a datasets dataset, the SFTConfig."""
+    from datasets import load_dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    fields = dict(FIELDS)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields),
+                                             attn_implementation="sdpa")
+    args = SFTConfig(output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no",
+                     max_steps=STEPS, **config)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(data),
+                                                                            split="train"),
+                         processing_class=word_level_tokenizer())
+    trainer.train()
+
+
+def sft_trainer_peak_bytes(data: Path, output_dir: Path, config: dict) -> int:
+    """The allocator's account of `run_sft_trainer`, in a fresh process.
+
+    In a process that has built a transformers model before, the profiler's memory events miss the
+    next model's weights (transformers 5 initializes them on a thread the profiler started before
+    did not register); the first build in a process is counted whole.
+    """
+    script = ("import json, sys; from pathlib import Path; from tests.test_trainers import run_sft_trainer; "
+              "from tests.reference_loop import allocator_peak_bytes; "
+              "print(allocator_peak_bytes(lambda: run_sft_trainer(Path(sys.argv[1]), Path(sys.argv[2]), "
+              "json.loads(sys.argv[3]))))")
+    done = subprocess.run([sys.executable, "-c", script, str(data), str(output_dir), json.dumps(config)],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def trl_spec(**extra) -> ProbeSpec:
+    return ProbeSpec(model=FIELDS, seq_len=SEQ_LEN, capacity_bytes=1 << 32, trainer="trl", collation="flattened",
+                     effective_batch=MICRO_BATCH * ACCUMULATION, **extra)
+
+
+@pytest.mark.slow  # ~20 s: a real SFTTrainer run, the trial and the estimate
+def test_trl_trial_equals_sft_trainer_with_padding_free_batches(tmp_path):
+    from fitprobe.probe.export import export_plan
+    from fitprobe.probe.plan import make_plan
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, MICRO_BATCH * ACCUMULATION * STEPS, SEQ_LEN)
+    spec = trl_spec()
+    plan = make_plan(MICRO_BATCH * ACCUMULATION, MICRO_BATCH)
+    config = export_plan(plan.facts(), spec.model_dump(), "trl")["config"]
+    assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (MICRO_BATCH,
+                                                                                               ACCUMULATION)
+    expected = sft_trainer_peak_bytes(data, tmp_path / "out", config)
+    trial = run_trial(spec, MICRO_BATCH).as_json()["trial"]
+    assert trial["fits"]
+    assert trial["peak_allocated_bytes"] == pytest.approx(expected, rel=TOLERANCE)
+    estimate = run_trial(trl_spec(mode="estimate"), MICRO_BATCH).as_json()["trial"]
+    assert estimate["peak_allocated_bytes"] == trial["peak_allocated_bytes"]
+
+
+@pytest.mark.parametrize("collation", ["flattened", "packed", "padded"])
+def test_trl_export_builds_an_sft_config_that_trains_the_measured_step(tmp_path, collation):
+    """SFTConfig's own defaults (gradient checkpointing and bf16 on, packing's bfd strategy) are overridden."""
+    from trl import SFTConfig
+
+    from fitprobe.probe.export import export_plan
+    from fitprobe.probe.plan import make_plan
+
+    spec = {"precision": "fp32", "collation": collation, "seq_len": 512, "liger": True}
+    config = export_plan(make_plan(32, 8).facts(), spec, "trl")["config"]
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **config)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 4)
+    assert args.gradient_checkpointing is False and args.bf16 is False and args.use_liger_kernel is True
+    assert args.loss_type == "nll"
+    expected = {"flattened": (True, False, None), "packed": (False, True, 512), "padded": (False, False, 512)}
+    assert (args.padding_free, args.packing, args.max_length) == expected[collation]
+    if collation == "packed":  # fitprobe's packed rows: seq_len tokens, causal across the row, no position ids
+        assert args.packing_strategy == "wrapped"
+
+
+def test_trainer_trl_and_liger_refuse_what_their_code_cannot_run():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="trainer trl adds TRL's fused LM head to a transformers model"):
+        ProbeSpec(model="builtin:gpt-tiny", seq_len=64, trainer="trl")
+    with pytest.raises(ValidationError, match="add --estimate"):
+        ProbeSpec(model=FIELDS, seq_len=64, liger=True)
