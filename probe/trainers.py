@@ -65,19 +65,26 @@ def unshifted_labels(shifted: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, shifted[:, :-1]], dim=1)
 
 
-def sft_token_loss_sum(module: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """SFTTrainer.compute_loss with loss_type nll: the model called with `fused_lm_head=True` and
-    `use_cache=False`, the token losses `-log_probs` (zero where ignored) summed.
+def token_loss_sum(module: nn.Module, spec: ProbeSpec, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The sum of the token losses as the spec's trainer computes them, where the model computes the loss.
 
-    SFTTrainer divides by the step's token count; fitprobe's step does that for every trainer.
+    trl: SFTTrainer.compute_loss with loss_type nll, the model called with `fused_lm_head=True`, the token
+    losses `-log_probs` (zero where ignored) summed. hf with Liger: the Trainer's call with labels, which
+    Liger's patched forward turns into its fused linear cross-entropy (no logits returned in training);
+    `num_items_in_batch=1` makes its loss the token sum. The step divides by the step's token count for
+    every trainer, as both trainers do with `num_items_in_batch`.
     """
     kwargs: dict[str, torch.Tensor] = {}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    outputs = module(input_ids=input_ids, labels=unshifted_labels(labels), fused_lm_head=True, use_cache=False,
-                     **kwargs)
-    per_token_loss = -outputs.log_probs
-    return per_token_loss.sum()
+    if spec.trainer == "trl":
+        outputs = module(input_ids=input_ids, labels=unshifted_labels(labels), fused_lm_head=True, use_cache=False,
+                         **kwargs)
+        per_token_loss = -outputs.log_probs
+        return per_token_loss.sum()
+    return module(input_ids=input_ids, labels=unshifted_labels(labels), use_cache=False, num_items_in_batch=1,
+                  **kwargs).loss
+

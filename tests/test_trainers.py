@@ -20,8 +20,6 @@ import torch
 from fitprobe.probe.job import run_trial
 from fitprobe.probe.spec import ProbeSpec
 
-pytest.importorskip("trl", reason="the trl extra: pip install 'fitprobe[trl]'")
-
 TOLERANCE = 0.005
 # Qwen3 (grouped-query attention, q/k norms) at 8k vocabulary: the head's 32768-column tile is 4x the vocabulary
 FIELDS = dict(model_type="qwen3", vocab_size=8000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -134,3 +132,65 @@ def test_trainer_trl_and_liger_refuse_what_their_code_cannot_run():
         ProbeSpec(model="builtin:gpt-tiny", seq_len=64, trainer="trl")
     with pytest.raises(ValidationError, match="add --estimate"):
         ProbeSpec(model=FIELDS, seq_len=64, liger=True)
+
+
+# Llama at a 32k vocabulary: Liger's patches (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) apply to it
+LIGER_FIELDS = dict(model_type="llama", vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                    tie_word_embeddings=False)
+LIGER_SEQ_LEN, LIGER_MICRO_BATCH = 512, 4
+
+
+def estimate_peaks_in_a_fresh_process(specs: list[dict]) -> list[int]:
+    """Liger patches the family's modeling module for the whole process (as in a training script): run apart."""
+    script = ("import json, sys; from fitprobe.probe.job import run_trial; from fitprobe.probe.spec import ProbeSpec; "
+              "print(json.dumps([run_trial(ProbeSpec(**s), int(sys.argv[2])).as_json()['trial']['peak_allocated_bytes'] "
+              "for s in json.loads(sys.argv[1])]))")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(specs), str(LIGER_MICRO_BATCH)],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # ~30 s: two estimates of a 32k-vocabulary model at 2048 tokens, in a subprocess
+def test_liger_estimate_is_below_the_plain_heads_by_the_logits_it_never_builds():
+    """Hand count: the plain head holds the [BT, V] logits in fp32 (its log-probabilities beside them at the
+    peak); Liger's fused linear cross-entropy holds one [chunk, V] chunk, chunk = next_power_of_2(ceil(BT /
+    ceil(V / H))) = next_power_of_2(ceil(2048 / 125)) = 32 rows, i.e. 4 MB instead of 262 MB."""
+    base = dict(model=LIGER_FIELDS, seq_len=LIGER_SEQ_LEN, capacity_bytes=1 << 34, mode="estimate")
+    plain, liger = estimate_peaks_in_a_fresh_process([base, {**base, "liger": True}])
+    tokens, vocab = LIGER_MICRO_BATCH * LIGER_SEQ_LEN, LIGER_FIELDS["vocab_size"]
+    assert plain - liger >= tokens * vocab * 4
+
+
+@pytest.mark.gpu
+def test_liger_estimate_equals_the_liger_loop_on_this_card():
+    """On a card Liger's kernels run: the HF loop with transformers' apply_liger_kernel, counted by the CUDA
+    allocator, against the estimate (fake CUDA tensors there, so Liger's host code takes its CUDA branches)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from tests.reference_loop import hf_trainer_optimizer
+
+    fields = dict(LIGER_FIELDS)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields),
+                                             attn_implementation="sdpa").cuda().train()
+    apply_liger_kernel(model, {"fused_linear_cross_entropy": True})
+    optimizer = hf_trainer_optimizer("adamw_torch_fused", list(model.parameters()))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, LIGER_FIELDS["vocab_size"], (LIGER_MICRO_BATCH, LIGER_SEQ_LEN),
+                             generator=generator).cuda() for _ in range(2)]
+    for _ in range(2):
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / 2
+            loss.backward()
+            del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated() - base
+    name = torch.cuda.get_device_name(0)
+    spec = dict(model=LIGER_FIELDS, seq_len=LIGER_SEQ_LEN, mode="estimate", liger=True, collation="packed",
+                capacity_bytes=torch.cuda.get_device_properties(0).total_memory)
+    estimate = run_trial(ProbeSpec(**spec), LIGER_MICRO_BATCH).as_json()["trial"]["peak_allocated_bytes"]
+    assert estimate == pytest.approx(measured, rel=0.01), name
