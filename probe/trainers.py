@@ -11,20 +11,24 @@ buffers counted are the ones SFTTrainer allocates: on a CPU host its torch path 
 scored, tiles as wide as 32768 columns even for a smaller vocabulary).
 
 Known limitations: on CUDA, TRL scores only the labelled positions and folds tiles in Triton kernels;
-this host runs the torch path, so an estimate for a card counts the CPU path's tiles (the same tile
-buffer, plus the torch fold's temporaries, which the Triton fold does not allocate). SFTTrainer's
+a CPU-only host runs the torch path, so an estimate for a card counts the CPU path's tiles (the same
+tile buffer, plus the torch fold's temporaries, which the Triton fold does not allocate): more than
+the card holds, never less. Under fake CUDA tensors (an estimate on a CUDA host) TRL's path picks the
+labelled positions by value, which fake tensors do not have: refused with a message. SFTTrainer's
 metrics (entropy, token accuracy) are scalars read after the loss and are not run here: they read
 values, which fake tensors do not have.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
-from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.versions import distribution_version
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -81,6 +85,11 @@ def token_loss_sum(module: nn.Module, spec: ProbeSpec, input_ids: torch.Tensor, 
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if spec.trainer == "trl":
+        if input_ids.device.type == "cuda" and isinstance(input_ids, FakeTensor):
+            # TRL's CUDA path indexes the labelled positions (a data-dependent shape) and runs Triton tiles
+            raise SpecError("trainer trl under fake CUDA tensors is not modelled (TRL's Triton path picks the "
+                            "labelled positions by value): estimate on a CPU-only host, which counts TRL's torch "
+                            "path (more temporaries per tile than its Triton path), or measure on the card")
         outputs = module(input_ids=input_ids, labels=unshifted_labels(labels), fused_lm_head=True, use_cache=False,
                          **kwargs)
         per_token_loss = -outputs.log_probs
@@ -88,3 +97,28 @@ def token_loss_sum(module: nn.Module, spec: ProbeSpec, input_ids: torch.Tensor, 
     return module(input_ids=input_ids, labels=unshifted_labels(labels), use_cache=False, num_items_in_batch=1,
                   **kwargs).loss
 
+
+
+def report_facts(spec: ProbeSpec) -> dict[str, Any] | None:
+    """What the report says about the trainer's step: its loss head, its defaults, what fitprobe followed.
+
+    None for the plain HF Trainer step without Liger, whose report needs no word beyond the spec.
+    """
+    if spec.trainer == "hf" and not spec.liger:
+        return None
+    facts: dict[str, Any] = {"trainer": "TRL SFTTrainer (loss_type nll)" if spec.trainer == "trl"
+                             else "transformers Trainer"}
+    if spec.trainer == "trl":
+        facts["loss_head"] = ("trl.trainer.utils.add_fused_lm_head: the LM head in tiles of 4096 tokens x 32768 "
+                              "columns, the logits never built; on this host TRL's torch path (every position "
+                              "scored), on CUDA its Triton path scores labelled positions only")
+        facts["note"] = ("SFTConfig defaults gradient_checkpointing=True and bf16=True: fitprobe followed "
+                         f"gradient_checkpointing={spec.gradient_checkpointing} and precision {spec.precision}; "
+                         "--format trl writes both")
+        facts["trl_version"] = distribution_version("trl")
+    if spec.liger:
+        facts["liger"] = ("apply_liger_kernel (RMSNorm, RoPE, SwiGLU" + (", fused linear cross-entropy)"
+                          if spec.trainer == "hf" else "; SFTTrainer turns its fused linear cross-entropy off)")
+                          + ": Liger's host code under fake tensors, its Triton launches skipped")
+        facts["liger_kernel_version"] = distribution_version("liger-kernel")
+    return facts

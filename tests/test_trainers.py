@@ -194,3 +194,12 @@ def test_liger_estimate_equals_the_liger_loop_on_this_card():
                 capacity_bytes=torch.cuda.get_device_properties(0).total_memory)
     estimate = run_trial(ProbeSpec(**spec), LIGER_MICRO_BATCH).as_json()["trial"]["peak_allocated_bytes"]
     assert estimate == pytest.approx(measured, rel=0.01), name
+
+
+def test_a_trl_report_says_which_sft_config_defaults_fitprobe_did_not_follow():
+    tiny = dict(FIELDS, hidden_size=64, intermediate_size=128, head_dim=16)
+    report = run_trial(ProbeSpec(model=tiny, seq_len=32, capacity_bytes=1 << 30, trainer="trl", mode="estimate"),
+                       1).as_json()
+    assert report["trainer"]["trainer"] == "TRL SFTTrainer (loss_type nll)"
+    assert "gradient_checkpointing=True" in report["trainer"]["note"]
+    assert "gradient_checkpointing=False" in report["trainer"]["note"]
