@@ -56,6 +56,7 @@ class Run:
     collation: str = "padded"
     seq_len: int | None = None
     liger: bool = False
+    trainer: str = "hf"
 
     @property
     def effective_batch(self) -> int:
@@ -157,6 +158,8 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "optim": run.optimizer}
     notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
              + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}"))
+    if run.liger:
+        config["use_liger_kernel"] = True
     if run.collation == "packed":  # TRL's SFTConfig: rows of max_length tokens
         config.update(packing=True, max_length=run.seq_len)
         notes.append("packing and max_length are TRL SFTConfig fields; with a plain Trainer pack the dataset into "
@@ -190,6 +193,9 @@ def _trl(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "loss_type": "nll", "use_liger_kernel": run.liger}
     notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
              + _launch_note(run, f"accelerate launch --num_processes {run.num_devices}"))
+    if run.trainer != "trl":
+        notes.append("this plan was measured with the HF Trainer's step (the full logits); SFTTrainer's fused LM "
+                     "head holds other buffers: probe with --trainer trl for the step this config trains")
     if run.collation == "flattened":
         config.update(padding_free=True, max_length=None)
         notes.append(f"padding_free does not cut rows: truncate every row to {run.seq_len} tokens before "
@@ -353,7 +359,8 @@ def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_ba
               if spec.get("finetuning") == "lora" else None,
               optimizer=LEGACY_OPTIMIZER_NAMES.get(optimizer, optimizer),
               quantization=spec.get("quantization") or "none", collation=spec.get("collation") or "padded",
-              seq_len=spec.get("seq_len"), liger=bool(spec.get("liger", False)))
+              seq_len=spec.get("seq_len"), liger=bool(spec.get("liger", False)),
+              trainer=spec.get("trainer") or "hf")
     config, notes = EXPORTERS[fmt](run)
     if fmt in ("accelerate", "deepspeed", "lightning"):
         notes = notes + _collation_note(run, "your data loader")

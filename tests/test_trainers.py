@@ -113,8 +113,10 @@ def test_trl_export_builds_an_sft_config_that_trains_the_measured_step(tmp_path,
     from fitprobe.probe.export import export_plan
     from fitprobe.probe.plan import make_plan
 
-    spec = {"precision": "fp32", "collation": collation, "seq_len": 512, "liger": True}
-    config = export_plan(make_plan(32, 8).facts(), spec, "trl")["config"]
+    spec = {"precision": "fp32", "collation": collation, "seq_len": 512, "liger": True, "trainer": "trl"}
+    exported = export_plan(make_plan(32, 8).facts(), spec, "trl")
+    config = exported["config"]
+    assert not any("--trainer trl" in note for note in exported["provenance"].get("notes", []))
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **config)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 4)
     assert args.gradient_checkpointing is False and args.bf16 is False and args.use_liger_kernel is True
@@ -203,3 +205,11 @@ def test_a_trl_report_says_which_sft_config_defaults_fitprobe_did_not_follow():
     assert report["trainer"]["trainer"] == "TRL SFTTrainer (loss_type nll)"
     assert "gradient_checkpointing=True" in report["trainer"]["note"]
     assert "gradient_checkpointing=False" in report["trainer"]["note"]
+
+
+def test_a_trl_export_of_a_plan_measured_with_the_hf_step_says_to_probe_the_trl_step():
+    from fitprobe.probe.export import export_plan
+    from fitprobe.probe.plan import make_plan
+
+    exported = export_plan(make_plan(32, 8).facts(), {"seq_len": 512}, "trl")
+    assert any("probe with --trainer trl" in note for note in exported["provenance"]["notes"])
