@@ -12,8 +12,9 @@ scored, tiles as wide as 32768 columns even for a smaller vocabulary).
 
 Known limitations: on CUDA, TRL scores only the labelled positions and folds tiles in Triton kernels;
 a CPU-only host runs the torch path, so an estimate for a card counts the CPU path's tiles (the same
-tile buffer, plus the torch fold's temporaries, which the Triton fold does not allocate): more than
-the card holds, never less. Under fake CUDA tensors (an estimate on a CUDA host) TRL's path picks the
+tile buffer, plus the torch fold's temporaries, which the Triton fold does not allocate, and every
+position where the card scores the labelled ones): more than the card holds, by reading of TRL's code,
+not yet checked on a card. Under fake CUDA tensors (an estimate on a CUDA host) TRL's path picks the
 labelled positions by value, which fake tensors do not have: refused with a message. SFTTrainer's
 metrics (entropy, token accuracy) are scalars read after the loss and are not run here: they read
 values, which fake tensors do not have.
