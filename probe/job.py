@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fitprobe.probe import optimizers, quantization
+from fitprobe.probe import optimizers, quantization, trainers
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.data import data_facts, micro_batch_tokens, padded_width_ratio
@@ -59,7 +59,7 @@ def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, An
     """What every report starts with (report.Facts): the spec and what ran it."""
     return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": model,
             "optimizer": optimizers.report_facts(spec), "quantization": quantization.report_facts(spec),
-            "versions": versions()}
+            "trainer": trainers.report_facts(spec), "versions": versions()}
 
 
 def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> TrialReport:

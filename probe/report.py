@@ -203,6 +203,8 @@ class Facts(Section):
     model: dict[str, Any] = Field(description="the model as built: parameters, layers, its config's facts")
     optimizer: dict[str, Any]
     quantization: dict[str, Any] | None
+    trainer: dict[str, Any] | None = Field(
+        None, description="whose step ran (trainer trl, liger): its loss head, its defaults and what fitprobe followed")
     versions: dict[str, str | None]
 
 

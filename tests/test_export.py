@@ -37,6 +37,7 @@ def micro_and_accumulation(fmt: str, config: dict) -> tuple[int, int]:
     """Where each framework keeps the two numbers; read the way its users read them."""
     return {
         "hf": lambda c: (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]),
+        "trl": lambda c: (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]),
         "accelerate": lambda c: (c["dataloader"]["batch_size"], c["accelerator"]["gradient_accumulation_steps"]),
         "deepspeed": lambda c: (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]),
         "lightning": lambda c: (c["data"]["batch_size"], c["trainer"]["accumulate_grad_batches"]),
@@ -188,7 +189,7 @@ def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
     assert export_plan(plan, {"precision": "fp32"}, "torchtune")["config"]["dtype"] == "fp32"
     with pytest.raises(ExportError, match="torchtune trains in fp32 or bf16 only"):
         export_plan(plan, {"precision": "fp16-mixed"}, "torchtune")
-    with pytest.raises(ExportError, match="format must be one of hf, accelerate"):
+    with pytest.raises(ExportError, match="format must be one of hf, trl, accelerate"):
         export_plan(plan, {}, "keras")
 
 
