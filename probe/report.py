@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fitprobe_client.phases import oom_words
 from fitprobe.probe.spec import format_bytes
 
 
@@ -48,10 +49,7 @@ class TrialResult:
         """One line for people: a peak when it fit, where it stopped when it did not."""
         if self.fits:
             return f"fits, peak {format_bytes(self.peak_allocated_bytes)}"
-        if self.oom_request_bytes is None:
-            return "out of memory"
-        return (f"out of memory at {format_bytes(self.oom_live_bytes)} live while allocating "
-                f"{format_bytes(self.oom_request_bytes)}")
+        return "out of memory" + oom_words(self.oom_live_bytes, self.oom_request_bytes)
 
 
 @dataclass

@@ -229,16 +229,19 @@ def test_fitprobe_plan_format_prints_the_config(capsys):
 
 
 def test_fitprobe_probe_format_needs_an_effective_batch(capsys):
-    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--format", "hf"]) == 2
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+                 "--format", "hf"]) == 2
     assert "--effective-batch" in capsys.readouterr().err
 
 
 def test_fitprobe_probe_format_exports_the_probed_plan(capsys):
-    code = main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+    code = main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+                 "--capacity", "16MiB",
                  "--effective-batch", "24", "--no-verify", "--format", "hf"])
     assert code == 0
     config = json.loads(capsys.readouterr().out)
-    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+                 "--capacity", "16MiB",
                  "--effective-batch", "24", "--no-verify", "--format", "hf", "--json", "--quiet"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["config"] == config and exported["format"] == "hf"
@@ -267,7 +270,8 @@ def test_the_saved_hf_json_unpacks_into_training_arguments_without_a_warning(tmp
 
 
 def test_a_lora_probes_export_names_the_modules_it_adapted(capsys):
-    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--estimate",
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16MiB",
+                 "--estimate",
                  "--lora", "--effective-batch", "8", "--format", "hf", "--json", "--quiet"]) == 0
     notes = json.loads(capsys.readouterr().out)["provenance"]["notes"]
     lora = next(note for note in notes if note.startswith("LoRA:"))

@@ -124,10 +124,12 @@ function curveSection(job, search, capacity) {
 
 // Where an OOM trial stopped, in the units of the rest of the page (as the CLI says it), not the
 // allocator's raw byte counts.
+// Only the numbers the trial has: an estimate's refusal may know neither.
 function oomNote(trial) {
-  if (trial.oom_request_bytes === null || trial.oom_request_bytes === undefined) return "out of memory";
-  return `out of memory at ${formatBytes(trial.oom_live_bytes)} live while allocating `
-    + formatBytes(trial.oom_request_bytes);
+  const known = (bytes) => bytes !== null && bytes !== undefined;
+  return "out of memory"
+    + (known(trial.oom_live_bytes) ? ` at ${formatBytes(trial.oom_live_bytes)} live` : "")
+    + (known(trial.oom_request_bytes) ? ` while allocating ${formatBytes(trial.oom_request_bytes)}` : "");
 }
 
 function planSection(plan) {

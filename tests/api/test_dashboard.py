@@ -18,7 +18,7 @@ from tests.api.conftest import SLOW_JOB, start_server, wait_for
 
 # 12 MiB makes builtin:gpt-nano run out of memory below 37, so the probe has OOM trials, and 37 (prime)
 # has no fast even split: the plan is uneven (19 + 18)
-UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "effective_batch": "37", "capacity_bytes": "12MiB"}
+UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "precision": "fp32", "effective_batch": "37", "capacity_bytes": "12MiB"}
 WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
@@ -48,7 +48,11 @@ def page(browser: Browser) -> Iterator[Page]:
 
 def fill_form(page: Page, fields: dict[str, str], reuse: bool = True) -> None:
     for name, value in fields.items():
-        page.fill(f"[id='f-{name}']", value)
+        field = page.locator(f"[id='f-{name}']")
+        if field.evaluate("element => element.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
     if not reuse:
         page.click("text=More settings")
         page.uncheck("#f-reuse")
@@ -203,7 +207,8 @@ def test_the_page_asks_for_a_token_once_and_keeps_it_for_the_tab(tmp_path, page)
 
 def test_an_estimates_page_says_it_was_estimated_not_run_on_a_device(server, page):
     with server.client() as client:
-        job_id = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+        job_id = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32",
+                                                 "mode": "estimate",
                                                  "capacity_bytes": 16 << 20, "effective_batch": 8}).json()["id"]
         wait_for(client, job_id, ("succeeded",))
     page.goto(f"{server.url}/#/probes/{job_id}")

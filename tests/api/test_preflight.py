@@ -11,12 +11,12 @@ import pytest
 from fitprobe_client.client import FitprobeClient
 from tests.api.conftest import SLOW_JOB, free_port
 
-NANO = ("--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16777216")
+NANO = ("--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16777216")
 # a gpt2 small enough to probe and verify in seconds on the CPU device; dropout off because the
 # verification compares two cuts of the same examples, and gpt2's default 0.1 dropout draws other masks
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 256, "n_positions": 64,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-TINY_GPT2_RUN = ("--seq-len", "32", "--capacity", "32MiB", "--effective-batch", "8")
+TINY_GPT2_RUN = ("--seq-len", "32", "--precision", "fp32", "--capacity", "32MiB", "--effective-batch", "8")
 
 
 def preflight(*args: str) -> subprocess.CompletedProcess:

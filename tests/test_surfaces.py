@@ -1,0 +1,55 @@
+"""What every answer says about itself: the default precision, each phase once, only the numbers that exist."""
+
+import json
+import re
+
+import pytest
+
+from fitprobe.probe.cli import _trial_table, main
+from fitprobe.probe.report import TrialResult
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.whatif_spec import WhatIfSpec
+
+NANO = ["--model", "builtin:gpt-nano", "--seq-len", "16", "--device", "cpu"]
+
+
+@pytest.mark.slow  # three trials of a nano model (~18 s on the shared host)
+def test_without_precision_every_entry_point_trains_bf16_mixed_and_the_text_says_it_was_the_default(capsys):
+    assert main(["trial", *NANO, "--capacity", "64MiB", "--micro-batch", "1"]) == 0
+    assert "bf16-mixed (the default precision" in capsys.readouterr().out
+    assert main(["trial", *NANO, "--capacity", "64MiB", "--micro-batch", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["spec"]["precision"] == "bf16-mixed"
+    assert main(["trial", *NANO, "--capacity", "64MiB", "--micro-batch", "1", "--precision", "fp32"]) == 0
+    assert "default precision" not in capsys.readouterr().out
+    # the plan's export, the what-if table and the service's spec read the same default
+    assert main(["plan", "--effective-batch", "8", "--max-micro-batch", "4", "--format", "hf"]) == 0
+    assert json.loads(capsys.readouterr().out)["bf16"] is True
+    assert WhatIfSpec(model="builtin:gpt-nano", seq_lens=[16], capacity_bytes="1GiB").precision == "bf16-mixed"
+    assert ProbeSpec().precision == "bf16-mixed"
+
+
+def test_the_client_tables_default_precision_is_the_specs():
+    from importlib.resources import files
+
+    table = json.loads(files("fitprobe_client").joinpath("spec_options.json").read_text())
+    precision = next(row for row in table["options"] if row["dest"] == "precision")
+    assert precision["default"] == ProbeSpec().precision
+
+
+@pytest.mark.slow  # a does-not-fit estimate sizes five settings (~20 s on the shared host)
+def test_a_phase_is_printed_once_and_each_sizing_line_names_its_setting(capsys):
+    code = main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--estimate", "--capacity", "1MiB"])
+    assert code == 1
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines() if line.startswith("[fitprobe")]
+    sizing = [line for line in lines if line.startswith("sizing the step")]
+    assert len(sizing) == len(set(sizing)) > 2, sizing
+    assert all(re.match(r"sizing the step \d+/\d+: ", line) for line in sizing[1:]), sizing
+
+
+def test_a_trial_row_shows_only_the_oom_numbers_the_trial_has():
+    refused = TrialResult(4, False, oom_live_bytes=None, oom_request_bytes=None)
+    stopped = TrialResult(8, False, oom_live_bytes=3 << 20, oom_request_bytes=None)
+    table = _trial_table([refused, stopped])
+    assert " -," not in table and "allocating -" not in table and "at -" not in table
+    assert "OOM at 3.0MiB" in table
+    assert refused.describe() == "out of memory" and stopped.describe() == "out of memory at 3.0MiB"
