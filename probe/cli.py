@@ -292,8 +292,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
                      reference_lr=args.reference_lr, reference_batch=args.reference_batch).facts()
     if args.format:
+        if args.quantization != "none" and not args.lora:
+            raise SpecError(f"--quantization {args.quantization} is QLoRA: add --lora")
+        targets = [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()] or None
         spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
-                "finetuning": "lora" if args.lora else "full"}
+                "finetuning": "lora" if args.lora or targets else "full", "lora": {"targets": targets},
+                "quantization": args.quantization, "seq_len": args.seq_len}
         print_export(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args)
         return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
@@ -389,6 +393,12 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
                       help="with --format: the precision the max micro-batch was measured in")
     plan.add_argument("--grad-checkpointing", action="store_true", help="with --format: measured with it")
     plan.add_argument("--lora", action="store_true", help="with --format: measured training LoRA adapters")
+    plan.add_argument("--lora-targets", metavar="A,B", help="with --format: the modules the adapters wrap (axolotl "
+                      "needs them), e.g. q_proj,k_proj,v_proj,o_proj")
+    plan.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
+                      help="with --format and --lora: the base was measured quantized (QLoRA)")
+    plan.add_argument("--seq-len", type=positive_int, help="with --format: the seq_len measured; padded rows are cut there "
+                      "(axolotl sequence_len, torchtune max_seq_len, the hf note's max_length)")
     _add_export_options(plan)
     plan.set_defaults(run=cmd_plan)
     whatif = commands.add_parser("whatif", help="which settings (full/LoRA/QLoRA, checkpointing, 8-bit optimizer) "

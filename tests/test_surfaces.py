@@ -53,3 +53,18 @@ def test_a_trial_row_shows_only_the_oom_numbers_the_trial_has():
     assert " -," not in table and "allocating -" not in table and "at -" not in table
     assert "OOM at 3.0MiB" in table
     assert refused.describe() == "out of memory" and stopped.describe() == "out of memory at 3.0MiB"
+
+
+def test_the_readmes_route_table_names_every_route_the_service_serves(tmp_path):
+    from pathlib import Path
+
+    from fitprobe.app.config import Settings
+    from fitprobe.app.main import create_app
+
+    rows = [line.split(" | ")[0] for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+            if re.match(r"\| `(GET|POST|DELETE) /", line)]
+    served = create_app(Settings(data_dir=tmp_path)).openapi()["paths"]
+    missing = [f"{method.upper()} {path}" for path, item in served.items() for method in item
+               if not any(method.upper() in row and re.search(re.escape(path.replace("{job_id}", "{id}")) + r"[`?,\s]", row)
+                          for row in rows)]
+    assert not missing, f"routes missing from the README's table: {missing}"
