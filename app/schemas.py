@@ -95,7 +95,8 @@ class CompactProbe(BaseModel):
     safe_micro_batch: int | None = None
     trial_count: int | None = None
     plan: dict[str, Any] | None = Field(None, description="micro_batch, accumulation_steps, num_devices, "
-                                        "effective_batch, last_micro_batch, exact")
+                                        "effective_batch, last_micro_batch, exact, equation (the plan's one notation) "
+                                        "and tokens_equation (a token budget's, else null)")
     verified: bool | None = None
 
 

@@ -133,7 +133,8 @@ class SplitFacts(Section):
     examples_per_device: int
     devices_with_one_fewer: int
     deviation_percent: float
-    equation: str = Field(description="how the examples are cut, e.g. `96 = 3 × 32 (three micro-batches of 32)`")
+    equation: str = Field(description="how the examples are cut, the one notation of every surface: "
+                          "`64 = 4 micro × 16 accum × 1 device`; uneven: `97 = 25 micro × 4 accum × 1 device (3 × 25 + 22)`")
 
 
 class Alternative(SplitFacts):
@@ -153,7 +154,8 @@ class TokenBudget(Section):
     effective_batch_tokens_asked: int
     tokens_per_row: int
     tokens_per_micro_batch: int
-    equation: str
+    equation: str = Field(description="the split in tokens: `65536 tokens = 4096 micro × 16 accum × 1 device "
+                          "(rows of 1024 tokens)`")
 
 
 class PlanFacts(SplitFacts):

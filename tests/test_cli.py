@@ -186,7 +186,7 @@ def test_a_plan_that_eats_the_headroom_says_so_and_what_would_restore_it():
                    "--estimate",
                    "--effective-batch", "4", "--quiet")
     assert run.returncode == 0, run.stderr
-    assert "safe micro-batch: 0" in run.stdout and "plan: 4 = 2 × 2 (two micro-batches of 2)" in run.stdout
+    assert "safe micro-batch: 0" in run.stdout and "plan: 4 = 2 micro × 2 accum × 1 device" in run.stdout
     headroom = next(line for line in run.stdout.splitlines() if line.startswith("headroom:"))
     assert re.search(r"micro-batch 2 fits but leaves only \d\.\d% headroom, under the asked 10%", headroom), headroom
     assert "the headroom comes back with LoRA (--lora)" in headroom

@@ -68,3 +68,12 @@ def test_the_readmes_route_table_names_every_route_the_service_serves(tmp_path):
                if not any(method.upper() in row and re.search(re.escape(path.replace("{job_id}", "{id}")) + r"[`?,\s]", row)
                           for row in rows)]
     assert not missing, f"routes missing from the README's table: {missing}"
+
+
+@pytest.mark.slow  # an estimate of a nano model (~7 s on the shared host)
+def test_a_token_budgets_plan_is_written_in_tokens(capsys):
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "16", "--collation", "packed", "--estimate",
+                 "--capacity", "64MiB", "--effective-batch-tokens", "128", "--max-micro-batch", "4", "--quiet"]) == 0
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
+    # 128 tokens = 8 rows of 16; micro-batches of at most 4 rows (64 tokens): two of them, by hand
+    assert plan == "plan: 128 tokens = 64 micro × 2 accum × 1 device (rows of 16 tokens)  [exact]"

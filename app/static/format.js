@@ -13,12 +13,14 @@ export function formatBytes(bytes) {
 
 /**
  * A split as the server writes it (probe/plan.py plan_equation), the one notation of the CLI, the
- * exports and the pre-flight verdict: "97 = 3 × 25 + 22 (three micro-batches of 25, then one of 22)".
- * A plan stored by a server older than `equation` gets its numbers, as the verdict's plan_words does.
+ * list, the exports and the pre-flight verdict: "97 = 25 micro × 4 accum × 1 device (3 × 25 + 22)";
+ * a token budget in tokens. A plan stored by a server older than `equation` gets its numbers in the
+ * same notation, as the verdict's plan_words does.
  */
 export function planText(plan) {
-  return plan.equation
-    ?? `${plan.effective_batch} = ${plan.micro_batch} × ${plan.accumulation_steps} × ${plan.num_devices} devices`;
+  const devices = plan.num_devices === 1 ? "1 device" : `${plan.num_devices} devices`;
+  return plan.tokens?.equation ?? plan.tokens_equation ?? plan.equation
+    ?? `${plan.effective_batch} = ${plan.micro_batch} micro × ${plan.accumulation_steps} accum × ${devices}`;
 }
 
 export function deviationText(plan) {
