@@ -233,6 +233,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     each = _per_device(report.spec)
     print(f"{report.spec['model']} seq_len={args.seq_len} {precision_words(report.spec['precision'])} on {device.name}, "
           f"capacity {format_bytes(device.capacity_bytes)}{each}, headroom {args.headroom:.0%}")
+    if report.data:
+        from fitprobe.probe.data import data_words
+
+        print("\n".join(data_words(report.data, args.seq_len, report.spec["collation"])))
     print(_trial_table(search.trials))
     if not_fitting:
         print(f"does not fit: {not_fitting.message}")

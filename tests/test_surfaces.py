@@ -77,3 +77,17 @@ def test_a_token_budgets_plan_is_written_in_tokens(capsys):
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
     # 128 tokens = 8 rows of 16; micro-batches of at most 4 rows (64 tokens): two of them, by hand
     assert plan == "plan: 128 tokens = 64 micro × 2 accum × 1 device (rows of 16 tokens)  [exact]"
+
+
+@pytest.mark.slow  # an estimate of a nano model on the data's worst batch (~8 s on the shared host)
+def test_data_text_says_which_rows_are_cut_the_padding_each_collation_wastes_and_what_to_change(tmp_path, capsys):
+    lengths = tmp_path / "train.lengths"
+    lengths.write_text("10\n" * 90 + "100\n" * 10)  # 90 short rows, 10 longer than seq_len 64
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "64", "--estimate", "--capacity", "64MiB",
+                 "--data", str(lengths), "--max-micro-batch", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "data: train.lengths: 100 rows, 10 to 100 tokens (median 10, p99 100)" in out
+    assert "10 rows longer than seq_len 64, cut at 64 tokens" in out
+    assert re.search(r"padding wasted at micro-batch 4: padded \d+\.\d%, packed \d+\.\d%, flattened \d+\.\d%", out), out
+    # p99 by hand: 90 % of the rows have 10 tokens, so the 99th percentile row has 100
+    assert "hint: --seq-len 100 keeps 99% of rows whole; pack instead of pad (--collation packed)" in out
