@@ -69,6 +69,8 @@ class ProbeJob(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     trials: list[dict[str, Any]] = Field(default_factory=list, description="the final attempt's trial events")
+    trying_micro_batch: int | None = Field(None, description="while running: the micro-batch of the trial in "
+                                           "progress (started, no result yet); null otherwise")
     earlier_attempts: list[Attempt] = Field(default_factory=list)
     search_cached_from: str | None = Field(None, description="the probe whose search this job reuses")
     report: Report | None = Field(None, description="the whole report, once succeeded")

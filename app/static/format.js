@@ -34,9 +34,21 @@ export function modelLabel(model) {
   return `inline ${model?.model_type ?? "config"}`;
 }
 
+// the store writes UTC; SQLite drops the offset, so a bare timestamp is UTC too
+function parseTime(iso) {
+  return new Date(/[zZ]|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`);
+}
+
 export function timeText(iso) {
-  if (!iso) return "-";
-  // the store writes UTC; SQLite drops the offset, so a bare timestamp is UTC too
-  const date = new Date(/[zZ]|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`);
-  return date.toLocaleString();
+  return iso ? parseTime(iso).toLocaleString() : "-";
+}
+
+/** How long a job has run (or waited, queued), in the CLI's words: "12s elapsed", "3m 05s elapsed". */
+export function elapsedText(job, now = Date.now()) {
+  const since = job.started_at ?? job.created_at;
+  if (!since) return "";
+  const until = job.finished_at ? parseTime(job.finished_at).getTime() : now;
+  const seconds = Math.max(0, Math.round((until - parseTime(since).getTime()) / 1000));
+  const words = seconds < 60 ? `${seconds}s` : `${Math.floor(seconds / 60)}m ${String(seconds % 60).padStart(2, "0")}s`;
+  return job.started_at ? `${words} elapsed` : `queued ${words}`;
 }

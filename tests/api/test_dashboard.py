@@ -175,6 +175,27 @@ def test_cancel_from_the_job_page_and_the_list_shows_it(server, page, tmp_path):
     page.screenshot(path=tmp_path / "list.png", full_page=True)
 
 
+@pytest.mark.slow  # a gpt-base trial runs while the page is read (~16 s)
+def test_the_running_page_says_which_micro_batch_it_is_trying_and_for_how_long(server, page):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
+        wait_for(client, job_id, ("running",))
+        page.goto(f"{server.url}/#/probes/{job_id}")
+        doing = page.locator("#job-doing")
+        expect(doing).to_have_text(re.compile(r"^trying micro-batch \d+$"), timeout=60_000)
+        trying = int(doing.text_content().rsplit(" ", 1)[1])
+        job = client.get(f"/v1/probes/{job_id}").json()
+        # the API's account: the trial started last, or (when it ended since) one with a result
+        assert trying == job["trying_micro_batch"] or trying in [t["micro_batch"] for t in job["trials"]]
+        elapsed = page.locator("#job-elapsed")
+        expect(elapsed).to_have_text(re.compile(r"^(\d+s|\d+m \d\ds) elapsed$"))
+        first = elapsed.text_content()
+        expect(elapsed).not_to_have_text(first, timeout=5_000)  # the clock ticks between polls
+        client.delete(f"/v1/probes/{job_id}")
+        expect(page.locator("#job-status")).to_have_text("cancelled", timeout=30_000)
+        expect(page.locator("#job-progress")).to_have_count(0)
+
+
 def test_cancel_from_the_list(server, page):
     with server.client() as client:
         job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
