@@ -299,10 +299,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.quantization != "none" and not args.lora:
             raise SpecError(f"--quantization {args.quantization} is QLoRA: add --lora")
         targets = [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()] or None
-        spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
+        spec = {"precision": args.precision or DEFAULT_PRECISION, "gradient_checkpointing": args.grad_checkpointing,
                 "finetuning": "lora" if args.lora or targets else "full", "lora": {"targets": targets},
                 "quantization": args.quantization, "seq_len": args.seq_len}
-        print_export(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args)
+        export = export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch)
+        if args.precision is None:
+            export["provenance"].setdefault("notes", []).insert(0, (
+                f"precision {DEFAULT_PRECISION} is the default (no --precision given): if the max micro-batch was "
+                "measured in another precision, pass that one"))
+        print_export(export, args)
         return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
     print(json.dumps({"plan": plan.model_dump(mode="json")}, indent=2) if args.json else format_plan(plan))
@@ -393,8 +398,9 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     plan.add_argument("--reference-lr", type=float, help="a learning rate known to work at --reference-batch")
     plan.add_argument("--reference-batch", type=positive_int, help="the effective batch --reference-lr was tuned for")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
-                      help="with --format: the precision the max micro-batch was measured in")
+    plan.add_argument("--precision", choices=PRECISIONS,  # None: the default, which the export then says it used
+                      help=f"with --format: the precision the max micro-batch was measured in (default: "
+                      f"{DEFAULT_PRECISION})")
     plan.add_argument("--grad-checkpointing", action="store_true", help="with --format: measured with it")
     plan.add_argument("--lora", action="store_true", help="with --format: measured training LoRA adapters")
     plan.add_argument("--lora-targets", metavar="A,B", help="with --format: the modules the adapters wrap (axolotl "

@@ -23,7 +23,8 @@ def test_without_precision_every_entry_point_trains_bf16_mixed_and_the_text_says
     assert "default precision" not in capsys.readouterr().out
     # the plan's export, the what-if table and the service's spec read the same default
     assert main(["plan", "--effective-batch", "8", "--max-micro-batch", "4", "--format", "hf"]) == 0
-    assert json.loads(capsys.readouterr().out)["bf16"] is True
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["bf16"] is True and "precision bf16-mixed is the default" in printed.err
     assert WhatIfSpec(model="builtin:gpt-nano", seq_lens=[16], capacity_bytes="1GiB").precision == "bf16-mixed"
     assert ProbeSpec().precision == "bf16-mixed"
 
