@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -87,6 +88,10 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     job = json.loads(run.stdout)
     assert job["status"] == "succeeded" and job["report"]["does_not_fit"]["needs_bytes"] > 60_000_000
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
+    # each phase once, and each sizing line names the setting it sizes
+    sizing = [line for line in run.stderr.splitlines() if line.startswith("[fitprobe] phase: sizing the step")]
+    assert len(sizing) == len(set(sizing)) > 2, sizing
+    assert all(re.match(r"\[fitprobe\] phase: sizing the step \d+/\d+: ", line) for line in sizing[1:]), sizing
 
 
 def test_the_spec_options_reach_the_job_the_service_ran(server):
