@@ -25,7 +25,7 @@ from fitprobe_client.client import (BadRequest, ConfigFileError, FitprobeClient,
                                     Unreachable)
 from fitprobe_client.phases import PhaseLines, trial_outcome
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET, EXIT_UNREACHABLE
-from fitprobe_client.spec_table import add_spec_options, missing, spec_body
+from fitprobe_client.spec_table import add_spec_options, default_of, missing, spec_body
 from fitprobe_client.status import TERMINAL
 from fitprobe_client.verdict import plan_words, verdict
 
@@ -85,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
             source = job.get("search_cached_from")
             _progress(f"probe {job['id']} {job['status']}{' (cached)' if job.get('cached') else ''}"
                       f"{f' (search cached from probe {source}; verifying the plan)' if source else ''}")
+            precision = (job.get("spec") or {}).get("precision")
+            default = " (the default precision; --precision to change)" if precision == default_of("precision") else ""
+            _progress(f"precision {precision}{default}")
             if job["status"] not in TERMINAL:
                 job = client.wait(job["id"], timeout_s, on_event=_event_printer())
         except ConfigFileError as exc:

@@ -88,6 +88,7 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     job = json.loads(run.stdout)
     assert job["status"] == "succeeded" and job["report"]["does_not_fit"]["needs_bytes"] > 60_000_000
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
+    assert "[fitprobe] precision bf16-mixed (the default precision" in run.stderr  # no --precision was given
     # each phase once, and each sizing line names the setting it sizes
     sizing = [line for line in run.stderr.splitlines() if line.startswith("[fitprobe] phase: sizing the step")]
     assert len(sizing) == len(set(sizing)) > 2, sizing
