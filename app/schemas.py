@@ -76,6 +76,8 @@ class ProbeJob(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     trials: list[dict[str, Any]] = Field(default_factory=list, description="the final attempt's trial events")
+    trying_micro_batch: int | None = Field(None, description="while running: the micro-batch of the trial in "
+                                           "progress (started, no result yet); null otherwise")
     earlier_attempts: list[Attempt] = Field(default_factory=list)
     search_cached_from: str | None = Field(None, description="the probe whose search this job reuses")
     report: Report | None = Field(None, description="the whole report, once succeeded")
@@ -103,7 +105,8 @@ class CompactProbe(BaseModel):
     does_not_fit: bool = Field(False, description="the probe succeeded and found that even micro-batch 1 does not fit")
     trial_count: int | None = None
     plan: dict[str, Any] | None = Field(None, description="micro_batch, accumulation_steps, num_devices, "
-                                        "effective_batch, last_micro_batch, exact")
+                                        "effective_batch, last_micro_batch, exact, equation (the plan's one notation) "
+                                        "and tokens_equation (a token budget's, else null)")
     verified: bool | None = None
 
 

@@ -469,7 +469,12 @@ class Store:
         return {status.value: 0 for status in JobStatus} | {row[0]: row[1] for row in rows}
 
     def trials(self, job_id: str) -> builtins.list[dict[str, Any]]:  # builtins: `list` here is the method above
-        return [data for _, data in self.events_after(job_id, 0, 10_000) if data.get("type") == "trial"]
+        return [data for data in self.trial_events(job_id) if data.get("type") == "trial"]
+
+    def trial_events(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """Trials started and finished, in order: a start without its result is the trial running now."""
+        return [data for _, data in self.events_after(job_id, 0, 10_000)
+                if data.get("type") in ("trial", "trial_started")]
 
     @staticmethod
     def _as_dict(row: Any) -> dict[str, Any]:

@@ -22,8 +22,9 @@ def compact(job: dict[str, Any]) -> dict[str, Any]:
         "spec": {key: spec.get(key) for key in ("seq_len", "effective_batch", "num_devices", "mode", "precision")},
         "max_micro_batch": search.get("max_micro_batch"), "safe_micro_batch": search.get("safe_micro_batch"),
         "trial_count": search.get("trial_count"),
-        "plan": {key: plan[key] for key in ("micro_batch", "accumulation_steps", "num_devices", "effective_batch",
-                                            "last_micro_batch", "exact")} if plan else None,
+        "plan": {key: plan.get(key) for key in ("micro_batch", "accumulation_steps", "num_devices", "effective_batch",
+                                                "last_micro_batch", "exact", "equation")}
+        | {"tokens_equation": (plan.get("tokens") or {}).get("equation")} if plan else None,
         "verified": verification["passed"] if verification else None,
         "does_not_fit": bool(result.get("does_not_fit")),
     }

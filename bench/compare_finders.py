@@ -45,7 +45,8 @@ CHECK_STEPS = 50
 def _spec(case: dict[str, Any], device: str):
     from fitprobe.probe.spec import ProbeSpec
 
-    return ProbeSpec(device=device, **{k: v for k, v in case.items() if k not in ("name", "note")})
+    return ProbeSpec(device=device, **{"precision": "fp32",  # the recorded results predate the bf16-mixed default
+                                        **{k: v for k, v in case.items() if k not in ("name", "note")}})
 
 
 def _in_fresh_process(*args: str) -> Any:

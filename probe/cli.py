@@ -23,17 +23,19 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
+from fitprobe_client.phases import PhaseLines, trial_outcome
 from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.model_bounds import ModelLimits
 from fitprobe.probe.spec_options import add_spec_options, spec_fields
-from fitprobe.probe.spec import ESTIMATED, DataLengths, Optimizer, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.spec import (DEFAULT_PRECISION, ESTIMATED, DataLengths, Optimizer, Precision, ProbeSpec, SpecError,
+                                 format_bytes)
 from fitprobe.probe.versions import fitprobe_version
 
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
 MAX_CPU_PROCESSES = 16
-PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+PRECISIONS = list(get_args(Precision))
 
 
 def allowed_factories() -> frozenset[str]:
@@ -105,7 +107,7 @@ def data_from_args(args: argparse.Namespace) -> DataLengths | None:
         return None
     from fitprobe.probe.data import data_lengths, read_profile
 
-    progress = Progress(args.quiet)
+    progress = progress_of(args)
 
     def reading(rows: int, done_bytes: int, total_bytes: int) -> None:
         share = f" ({done_bytes / total_bytes:.0%})" if total_bytes else ""
@@ -126,12 +128,27 @@ def checked_processes(spec: ProbeSpec, verify: bool) -> ProbeSpec:
     return spec
 
 
+def progress_of(args: argparse.Namespace) -> Progress:
+    """The command's one clock: reading --data, the search and the verification count from its start."""
+    if not hasattr(args, "progress"):
+        args.progress = Progress(getattr(args, "quiet", False))
+    return args.progress
+
+
+def precision_words(precision: str) -> str:
+    """The precision an answer used, saying so when it is the default: a forgotten --precision shows."""
+    return f"{precision} (the default precision; --precision fp32 for no autocast)" if precision == DEFAULT_PRECISION \
+        else precision
+
+
 class Progress:
     """Long work shows what it is doing on stderr, with elapsed time; stdout stays for the answer."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.started_s = time.monotonic()
+        self.phase_lines = PhaseLines()
+        self.notes: dict[str, int] = {}  # a what-if reason said once, then referred to by its number
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -139,27 +156,31 @@ class Progress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["type"]
-        if kind == "phase" and "option" in event:
-            self.say(f"{event['phase'].replace('_', ' ')} {event['done']}/{event['total']}: {event['option']}")
-        elif kind == "phase":
-            self.say(event["phase"].replace("_", " "))
+        if kind == "phase":
+            words = self.phase_lines(event)
+            if words:
+                self.say(words)
         elif kind == "whatif_cell":
-            self.say(f"what-if {event['done']}/{event['total']}: {event['setting']}, {_cell_words(event)}")
+            self.say(f"what-if {event['done']}/{event['total']}: {event['setting']}, {self._cell_words(event)}")
         elif kind == "trial_started":
             self.say(f"trial micro_batch={event['micro_batch']} ...")
         elif kind == "trial":
-            verdict = (f"fits, peak {format_bytes(event['peak_allocated_bytes'])}" if event["fits"] else
-                       f"out of memory at {format_bytes(event.get('oom_live_bytes'))} while allocating "
-                       f"{format_bytes(event.get('oom_request_bytes'))}")
             step = f", step {event['step_s']:.2f}s" if event.get("step_s") else ""
-            self.say(f"trial micro_batch={event['micro_batch']}: {verdict}{step}")
+            self.say(f"trial micro_batch={event['micro_batch']}: {trial_outcome(event)}{step}")
         elif kind == "verify_step":
             self.say(f"verification step {event['step']} of {event['steps']}")
 
 
+    def _cell_words(self, event: dict[str, Any]) -> str:
+        note = event.get("note")
+        if note:
+            first = note not in self.notes
+            number = self.notes.setdefault(note, len(self.notes) + 1)
+            return f"seq_len {event['seq_len']}: n/a [{number}]" + (f": {note}" if first else " (as above)")
+        return _cell_words(event)
+
+
 def _cell_words(event: dict[str, Any]) -> str:
-    if event.get("note"):
-        return f"seq_len {event['seq_len']}: {event['note']}"
     if event["seq_len"] == "longest":
         return f"longest seq_len at micro-batch 1: {event['longest_seq_len']}"
     peak = f", peak {format_bytes(event['peak_bytes'])}" if event["peak_bytes"] else ""
@@ -178,8 +199,9 @@ def _trial_table(trials: list[TrialResult]) -> str:
         if t.fits:
             memory = f"{format_bytes(t.peak_allocated_bytes):>14}  {format_bytes(t.peak_reserved_bytes):>13}"
         else:
-            memory = (f"OOM at {format_bytes(t.oom_live_bytes)}, allocating "
-                      f"{format_bytes(t.oom_request_bytes)}").ljust(29)
+            known = [f"at {format_bytes(t.oom_live_bytes)}" if t.oom_live_bytes is not None else "",
+                     f"allocating {format_bytes(t.oom_request_bytes)}" if t.oom_request_bytes is not None else ""]
+            memory = " ".join(["OOM", ", ".join(word for word in known if word)]).strip().ljust(29)
         lines.append(f"{t.micro_batch:>11}  {'yes' if t.fits else 'no':>4}  {memory}  {step:>7}")
     return "\n".join(lines)
 
@@ -195,7 +217,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise SpecError(f"--verify-steps must be at least 2 (got {args.verify_steps}): the loss check compares "
                         "the first and the last step")
     verify = not args.no_verify
-    report = run_job(checked_processes(checked_spec(args), verify), Progress(args.quiet), allowed_factories(),
+    report = run_job(checked_processes(checked_spec(args), verify), progress_of(args), allowed_factories(),
                      args.verify_steps, verify, data_path=args.data)
     verification, not_fitting = report.verification, report.does_not_fit
     # the probe ran, but nothing fits, or the plan it leads to failed when trained for real
@@ -209,8 +231,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return code
     search, device = report.search, report.device
     each = _per_device(report.spec)
-    print(f"{report.spec['model']} seq_len={args.seq_len} {report.spec['precision']} on {device.name}, "
+    print(f"{report.spec['model']} seq_len={args.seq_len} {precision_words(report.spec['precision'])} on {device.name}, "
           f"capacity {format_bytes(device.capacity_bytes)}{each}, headroom {args.headroom:.0%}")
+    if report.data:
+        from fitprobe.probe.data import data_words
+
+        print("\n".join(data_words(report.data, args.seq_len, report.spec["collation"])))
     print(_trial_table(search.trials))
     if not_fitting:
         print(f"does not fit: {not_fitting.message}")
@@ -259,7 +285,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
     else:
         print(_trial_table([trial]))
         print(f"micro-batch {trial.micro_batch}{_per_device(report.spec)} "
-              f"{'fits' if trial.fits else 'does not fit'} in {format_bytes(report.device.capacity_bytes)}")
+              f"{'fits' if trial.fits else 'does not fit'} in {format_bytes(report.device.capacity_bytes)}, "
+              f"{precision_words(report.spec['precision'])}")
     return EXIT_OK if trial.fits else EXIT_UNMET
 
 
@@ -269,9 +296,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.effective_batch, args.max_micro_batch, args.devices,
                      reference_lr=args.reference_lr, reference_batch=args.reference_batch).facts()
     if args.format:
-        spec = {"precision": args.precision, "gradient_checkpointing": args.grad_checkpointing,
-                "finetuning": "lora" if args.lora else "full"}
-        print_export(export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch), args)
+        if args.quantization != "none" and not args.lora:
+            raise SpecError(f"--quantization {args.quantization} is QLoRA: add --lora")
+        targets = [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()] or None
+        spec = {"precision": args.precision or DEFAULT_PRECISION, "gradient_checkpointing": args.grad_checkpointing,
+                "finetuning": "lora" if args.lora or targets else "full", "lora": {"targets": targets},
+                "quantization": args.quantization, "seq_len": args.seq_len}
+        export = export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch)
+        if args.precision is None:
+            export["provenance"].setdefault("notes", []).insert(0, (
+                f"precision {DEFAULT_PRECISION} is the default (no --precision given): if the max micro-batch was "
+                "measured in another precision, pass that one"))
+        print_export(export, args)
         return EXIT_OK
     # an exact plan always exists (uneven if need be): a request that passes validation is met
     print(json.dumps({"plan": plan.model_dump(mode="json")}, indent=2) if args.json else format_plan(plan))
@@ -307,7 +343,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     optimizers = _words(args.optimizers, "--optimizers", get_args(Optimizer))
     settings = settings_grid(_words(args.finetuning, "--finetuning", ("full", "lora", "qlora")), checkpointing,
                              optimizers)
-    table = run_whatif(base, args.seq_len, settings, Progress(args.quiet), allowed_factories())
+    table = run_whatif(base, args.seq_len, settings, progress_of(args), allowed_factories())
     fits = any(cell.max_micro_batch for row in table.rows for cell in row.cells)
     print(json.dumps(table.to_dict(), indent=2) if args.json else format_whatif(table))
     return EXIT_OK if fits else EXIT_UNMET
@@ -362,10 +398,17 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     plan.add_argument("--reference-lr", type=float, help="a learning rate known to work at --reference-batch")
     plan.add_argument("--reference-batch", type=positive_int, help="the effective batch --reference-lr was tuned for")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                      help="with --format: the precision the max micro-batch was measured in")
+    plan.add_argument("--precision", choices=PRECISIONS,  # None: the default, which the export then says it used
+                      help=f"with --format: the precision the max micro-batch was measured in (default: "
+                      f"{DEFAULT_PRECISION})")
     plan.add_argument("--grad-checkpointing", action="store_true", help="with --format: measured with it")
     plan.add_argument("--lora", action="store_true", help="with --format: measured training LoRA adapters")
+    plan.add_argument("--lora-targets", metavar="A,B", help="with --format: the modules the adapters wrap (axolotl "
+                      "needs them), e.g. q_proj,k_proj,v_proj,o_proj")
+    plan.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
+                      help="with --format and --lora: the base was measured quantized (QLoRA)")
+    plan.add_argument("--seq-len", type=positive_int, help="with --format: the seq_len measured; padded rows are cut there "
+                      "(axolotl sequence_len, torchtune max_seq_len, the hf note's max_length)")
     _add_export_options(plan)
     plan.set_defaults(run=cmd_plan)
     whatif = commands.add_parser("whatif", help="which settings (full/LoRA/QLoRA, checkpointing, 8-bit optimizer) "
@@ -376,7 +419,7 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     whatif.add_argument("--gpu", choices=sorted(GPU_TOTAL_MIB), metavar="CARD",
                         help="plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
     whatif.add_argument("--capacity", help="or the memory the step may use, e.g. 24GiB")
-    whatif.add_argument("--precision", default="bf16-mixed", choices=[p for p in PRECISIONS if p != "fp16-mixed"],
+    whatif.add_argument("--precision", default=DEFAULT_PRECISION, choices=[p for p in PRECISIONS if p != "fp16-mixed"],
                         help="training precision (fp16-mixed: estimate bf16-mixed, whose memory is the same)")
     whatif.add_argument("--collation", default="padded", choices=["padded", "packed"],
                         help="padded: batches hold padding (an attention mask); packed: no padding, no mask")

@@ -30,6 +30,8 @@ from fitprobe.probe.spec import Collation, DataLengths, ProbeSpec, SpecError
 
 COLLATIONS: tuple[Collation, ...] = get_args(Collation)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
+# padded batches wasting this share of their tokens get the hint to pack instead
+PACKING_HINT_PADDING = 0.2
 # 4 Mi tokens, 32 MiB of counts: far above any trained context, so a longer row is a tokenizing bug
 MAX_ROW_TOKENS = 1 << 22
 PROGRESS_INTERVAL_S = 0.5
@@ -353,6 +355,34 @@ def data_facts(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | No
             "rows_longer_than_seq_len": over, "worst_batch": worst,
             "padding_fraction_at_micro_batch": planned if planned >= 1 else None,
             "padding_fraction": padding}
+
+
+def data_words(data: dict[str, Any], seq_len: int, collation: str) -> list[str]:
+    """The report's data section as the lines a terminal shows: what `--json` has, said so a person acts on it.
+
+    Rows longer than seq_len are cut in every batch, so the count is said, with the seq_len that keeps the
+    99th percentile whole; the padding each collation wastes is said per collation, with packing as the
+    hint when padded batches waste a large share."""
+    quantiles = data["quantiles"]
+    lines = [f"data: {data['source'] or 'your data'}: {data['rows']} rows, {data['min_tokens']} to {data['max_tokens']} "
+             f"tokens (median {quantiles.get('p50')}, p99 {quantiles.get('p99')})"]
+    over = data["rows_longer_than_seq_len"]
+    if over:
+        lines.append(f"  {over} row{'s' if over > 1 else ''} longer than seq_len {seq_len}, cut at {seq_len} tokens")
+    padding = data.get("padding_fraction")
+    if padding:
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in padding.items())
+        lines.append(f"  padding wasted at micro-batch {data['padding_fraction_at_micro_batch']}: {shares}")
+    hints = []
+    p99 = quantiles.get("p99")
+    if over and p99 is not None and p99 > seq_len:
+        hints.append(f"--seq-len {p99} keeps 99% of rows whole")
+    if collation == "padded" and padding and padding.get("padded", 0) >= PACKING_HINT_PADDING:
+        hints.append(f"pack instead of pad (--collation packed): padded batches waste {padding['padded']:.0%} "
+                     f"of their tokens, packed ones {padding.get('packed', 0):.0%}")
+    if hints:
+        lines.append("  hint: " + "; ".join(hints))
+    return lines
 
 
 def padded_width_ratio(spec: ProbeSpec) -> Callable[[int], float] | None:

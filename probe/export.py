@@ -31,7 +31,7 @@ import yaml
 
 from fitprobe.probe.optimizers import implementation
 from fitprobe.probe.report import PlanFacts, Report, SplitFacts
-from fitprobe.probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
+from fitprobe.probe.spec import DEFAULT_PRECISION, LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "trl", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -112,21 +112,34 @@ def _lora_note(run: Run) -> list[str]:
             f"target_modules={json.dumps(list(targets))}) as fitprobe measured"]
 
 
+def quantization_config(run: Run) -> dict[str, Any] | None:
+    """The base's bitsandbytes settings as fitprobe loaded them, as `BitsAndBytesConfig(**d)` takes them (the
+    compute dtype by name, which it accepts as a string): an object to pass, not a recipe to retype."""
+    if run.quantization == "none":
+        return None
+    if run.quantization == "int8":
+        return {"load_in_8bit": True}
+    dtype = "float16" if run.precision == "fp16-mixed" else "bfloat16" if "bf16" in run.precision else "float32"
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": run.quantization, "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": dtype}
+
+
 def _quantization_note(run: Run) -> list[str]:
     """QLoRA: how to load and prepare the base as fitprobe measured it (no framework flag says all of it)."""
     if run.quantization == "none":
         return []
-    dtype = "float16" if run.precision == "fp16-mixed" else "bfloat16" if "bf16" in run.precision else "float32"
-    checkpointing = run.gradient_checkpointing
-    if run.quantization == "int8":
-        return ["8-bit base: load with "
-                "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True)), "
-                f"then peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing={checkpointing}) before "
-                "get_peft_model, as fitprobe measured"]
-    return [f"QLoRA: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
-            f'bnb_4bit_quant_type="{run.quantization}", bnb_4bit_use_double_quant=True, '
-            f"bnb_4bit_compute_dtype=torch.{dtype})), then peft.prepare_model_for_kbit_training(model, "
-            f"use_gradient_checkpointing={checkpointing}) before get_peft_model, as fitprobe measured"]
+    base = "8-bit base" if run.quantization == "int8" else "QLoRA"
+    return [f"{base}: load with from_pretrained(..., quantization_config=BitsAndBytesConfig(**quantization_config)), "
+            "quantization_config being the object beside this note, then peft.prepare_model_for_kbit_training(model, "
+            f"use_gradient_checkpointing={run.gradient_checkpointing}) before get_peft_model, as fitprobe measured"]
+
+
+def _truncation_note(run: Run) -> list[str]:
+    """Padded batches: fitprobe measured rows up to seq_len, so the data must be cut there too."""
+    if run.collation != "padded" or not run.seq_len:
+        return []
+    return [f"padded rows up to {run.seq_len} tokens, as fitprobe measured: tokenize with truncation=True, "
+            f"max_length={run.seq_len} (TRL SFTConfig: max_length={run.seq_len}); longer rows make larger batches"]
 
 
 def _optimizer_note(run: Run) -> list[str]:
@@ -156,7 +169,7 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "gradient_accumulation_steps": run.accumulation_steps,
                               "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
                               "optim": run.optimizer}
-    notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
+    notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run) + _truncation_note(run)
              + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}"))
     if run.liger:
         config["use_liger_kernel"] = True
@@ -271,6 +284,8 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
     if run.collation in ("packed", "flattened"):
         # axolotl's multipack: rows of sequence_len, several sequences each, position ids restarting
         config.update(sample_packing=True, sequence_len=run.seq_len, pad_to_sequence_len=run.collation == "packed")
+    elif run.seq_len:  # padded: axolotl cuts (or drops) rows longer than sequence_len, as fitprobe's batches end there
+        config["sequence_len"] = run.seq_len
     if run.lora:
         config.update(adapter="qlora" if run.quantization != "none" else "lora", lora_r=run.lora["rank"],
                       lora_alpha=run.lora["alpha"])
@@ -281,10 +296,11 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
             if run.quantization != "nf4":
                 notes.append(f"QLoRA with {run.quantization}: axolotl loads nf4; set bnb_4bit_quant_type "
                              f"{run.quantization} in its bnb_config_kwargs")
-        if run.lora.get("targets"):
-            config["lora_target_modules"] = run.lora["targets"]
-        else:
-            notes += _lora_note(run)
+        if not run.lora.get("targets"):  # axolotl refuses a LoRA without them, and fitprobe cannot guess a model's
+            raise ExportError("axolotl needs lora_target_modules: name the modules you adapt (fitprobe plan "
+                              "--lora-targets q_proj,k_proj,v_proj,o_proj), or export a probe's plan, which names "
+                              "the ones it measured")
+        config["lora_target_modules"] = run.lora["targets"]
     return config, notes
 
 
@@ -313,6 +329,8 @@ def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
     notes = _launch_note(run, f"tune run --nproc_per_node {run.num_devices} <a distributed recipe>")
     if run.collation == "packed":
         config["dataset"] = {"packed": True}
+        config["tokenizer"] = {"max_seq_len": run.seq_len}
+    elif run.collation == "padded" and run.seq_len:  # its tokenizer truncates there, as fitprobe's batches end
         config["tokenizer"] = {"max_seq_len": run.seq_len}
     elif run.collation == "flattened":
         notes.append("torchtune has no flattening collator: its packed datasets (dataset.packed: True, "
@@ -353,7 +371,7 @@ def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_ba
     lora = spec.get("lora") or {}
     optimizer = spec.get("optimizer") or "adamw_torch_fused"
     run = Run(micro_batch=split.micro_batch, accumulation_steps=split.accumulation_steps,
-              num_devices=split.num_devices, precision=spec.get("precision", "fp32"),
+              num_devices=split.num_devices, precision=spec.get("precision", DEFAULT_PRECISION),
               gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
               lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
               if spec.get("finetuning") == "lora" else None,
@@ -373,6 +391,9 @@ def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_ba
         "deviation_percent": round(100.0 * (run.effective_batch - asked) / asked, 2),
         "precision": run.precision,
     }
+    quantization = quantization_config(run)
+    if quantization:
+        provenance["quantization_config"] = quantization
     if spec.get("effective_batch_tokens") and run.seq_len:  # a token budget, planned in rows of seq_len
         provenance["effective_batch_tokens"] = run.effective_batch * run.seq_len
         provenance["effective_batch_tokens_asked"] = spec["effective_batch_tokens"]

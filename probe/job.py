@@ -27,7 +27,7 @@ from fitprobe.probe.estimator import Estimator
 from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.needs import does_not_fit, headroom_shortfall
-from fitprobe.probe.plan import Plan
+from fitprobe.probe.plan import Plan, plan_equation
 from fitprobe.probe.report import DeviceFacts, PlanFacts, Report, Search, TokenBudget, TrialReport
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import ProbeSpec, SpecError
@@ -155,8 +155,7 @@ def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
         planned.tokens = TokenBudget(
             effective_batch_tokens=rows * spec.seq_len, effective_batch_tokens_asked=spec.effective_batch_tokens,
             tokens_per_row=spec.seq_len, tokens_per_micro_batch=plan.split.micro_batch * spec.seq_len,
-            equation=f"{rows * spec.seq_len} tokens = {rows} rows × {spec.seq_len} tokens; rows per step: "
-                     f"{planned.equation}")
+            equation=plan_equation(plan.split, spec.seq_len))
     return planned
 
 

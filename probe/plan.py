@@ -251,7 +251,7 @@ def _why(best: Split, fastest_uneven: Split | None, time: MicroStepTime, only_ev
 
 
 def _layout(sizes: list[int]) -> str:
-    """[25, 25, 25, 22] → '3 × 25 + 22', as plan_equation writes it."""
+    """[25, 25, 25, 22] → '3 × 25 + 22': what one device runs, as plan_equation writes it."""
     full = sizes.count(sizes[0])  # the remainder is always smaller than the full micro-batches
     head = f"{full} × {sizes[0]}" if full > 1 else str(sizes[0])
     return head + "".join(f" + {b}" for b in sizes[full:])
@@ -377,38 +377,36 @@ def _count(n: int) -> str:
     return _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else str(n)
 
 
-def _device_equation(sizes: list[int]) -> str:
-    """[20, 20, 20, 4] → '64 = 3 × 20 + 4 (three micro-batches of 20, then one of 4)'."""
-    total, full = sum(sizes), sizes.count(sizes[0])
-    if full == len(sizes):
-        return f"{total} ({_count(full)} micro-batch{'es' if full > 1 else ''} of {sizes[0]})"
-    rest = sizes[-1]
-    plural = "micro-batches" if full > 1 else "micro-batch"
-    return f"{total} = {full} × {sizes[0]} + {rest} ({_count(full)} {plural} of {sizes[0]}, then one of {rest})"
-
-
-def plan_equation(split: Split) -> str:
-    """How the examples are cut, in words a person checks by eye, uneven plans included."""
+def plan_equation(split: Split, tokens_per_row: int | None = None) -> str:
+    """The one notation of a split on every surface (CLI, list, page, verdict, exports' notes, README):
+    `64 = 4 micro × 16 accum × 1 device`, the factors in the order the identity multiplies them. An uneven
+    split adds what each device runs: `97 = 25 micro × 4 accum × 1 device (3 × 25 + 22)`. With
+    `tokens_per_row` (a token budget in rows of seq_len) the same split counted in tokens:
+    `65536 tokens = 4096 micro × 16 accum × 1 device (rows of 1024 tokens)`."""
+    unit = tokens_per_row or 1
     n = split.num_devices
-    if split.even:  # count × size, as the uneven form: '96 = 3 × 32 (three micro-batches of 32)'
-        steps, micro = split.accumulation_steps, split.micro_batch
-        devices, on = (f" × {n} devices", f" on each of {n} devices") if n > 1 else ("", "")
-        return (f"{split.effective_batch} = {steps} × {micro}{devices} ({_count(steps)} "
-                f"micro-batch{'es' if steps > 1 else ''} of {micro}{on})")
-    if n == 1:
-        return _device_equation(split.device_micro_batches(0))
-    layouts: dict[tuple[int, ...], list[int]] = {}
-    for rank in range(n):
-        layouts.setdefault(tuple(split.device_micro_batches(rank)), []).append(rank)
-    parts = [f"{_device_equation(list(sizes))} on {_count(len(ranks))} device{'s' if len(ranks) > 1 else ''}"
-             for sizes, ranks in layouts.items()]
-    return f"{split.effective_batch} over {n} devices: " + "; ".join(parts)
+    head = (f"{split.effective_batch * unit}{' tokens' if tokens_per_row else ''} = {split.micro_batch * unit} micro "
+            f"× {split.accumulation_steps} accum × {n} device{'s' if n > 1 else ''}")
+    details = [f"rows of {tokens_per_row} tokens"] if tokens_per_row else []
+    if not split.even:
+        layouts: dict[tuple[int, ...], int] = {}
+        for rank in range(n):
+            sizes = tuple(b * unit for b in split.device_micro_batches(rank))
+            layouts[sizes] = layouts.get(sizes, 0) + 1
+        if len(layouts) == 1:
+            details.insert(0, _layout(list(next(iter(layouts)))) + (" on each device" if n > 1 else ""))
+        else:
+            details.insert(0, ", ".join(f"{_layout(list(sizes))} on {_count(count)} device{'s' if count > 1 else ''}"
+                                        for sizes, count in layouts.items()))
+    return head + (f" ({'; '.join(details)})" if details else "")
 
 
 def format_plan(plan: PlanFacts) -> str:
     """The plan as a few lines a person reads at a terminal; every split written as its `equation`."""
     lines = [
-        f"plan: {plan.equation}  [{'exact' if plan.exact else format(plan.deviation_percent, '+.2f') + '%'}]",
+        f"plan: {plan.tokens.equation if plan.tokens else plan.equation}  "
+        f"[{'exact' if plan.exact else format(plan.deviation_percent, '+.2f') + '%'}]",
+        *([f"  in rows: {plan.equation}"] if plan.tokens else []),
         f"  why: {plan.reason}",
         f"  throughput model: {plan.throughput_model}",
     ]

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fitprobe_client.phases import oom_words
 from fitprobe.probe.spec import format_bytes
 
 
@@ -48,10 +49,7 @@ class TrialResult:
         """One line for people: a peak when it fit, where it stopped when it did not."""
         if self.fits:
             return f"fits, peak {format_bytes(self.peak_allocated_bytes)}"
-        if self.oom_request_bytes is None:
-            return "out of memory"
-        return (f"out of memory at {format_bytes(self.oom_live_bytes)} live while allocating "
-                f"{format_bytes(self.oom_request_bytes)}")
+        return "out of memory" + oom_words(self.oom_live_bytes, self.oom_request_bytes)
 
 
 @dataclass
@@ -135,7 +133,8 @@ class SplitFacts(Section):
     examples_per_device: int
     devices_with_one_fewer: int
     deviation_percent: float
-    equation: str = Field(description="how the examples are cut, e.g. `96 = 3 × 32 (three micro-batches of 32)`")
+    equation: str = Field(description="how the examples are cut, the one notation of every surface: "
+                          "`64 = 4 micro × 16 accum × 1 device`; uneven: `97 = 25 micro × 4 accum × 1 device (3 × 25 + 22)`")
     uneven_note: str | None = Field(None, description="for an uneven split (a smaller last micro-batch, or devices "
                                     "with one example fewer): which frameworks cannot run it as written")
 
@@ -157,7 +156,8 @@ class TokenBudget(Section):
     effective_batch_tokens_asked: int
     tokens_per_row: int
     tokens_per_micro_batch: int
-    equation: str
+    equation: str = Field(description="the split in tokens: `65536 tokens = 4096 micro × 16 accum × 1 device "
+                          "(rows of 1024 tokens)`")
 
 
 class PlanFacts(SplitFacts):

@@ -31,6 +31,9 @@ MAX_LENGTH_BINS = MAX_SEQ_LEN + 1  # distinct row lengths in a data profile (lon
 MAX_DATA_ROWS = 1 << 40  # rows per length bin
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+# what LLM fine-tuning runs (HF `bf16=True`, Lightning "bf16-mixed"): every entry point takes it from here, and
+# every answer says when it was used by default, so a forgotten --precision is not an fp32 answer in silence
+DEFAULT_PRECISION: Literal["bf16-mixed"] = "bf16-mixed"
 # the names users write in their framework (HF TrainingArguments.optim); probe/optimizers.py builds each
 Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit",
                     "paged_adamw_32bit", "lion_8bit", "lion_32bit", "adafactor", "sgd"]
@@ -149,7 +152,8 @@ class ProbeSpec(BaseModel):
     )
     seq_len: int = Field(256, strict=True, description="tokens per example; every trial uses full-length sequences")
     precision: Precision = Field(
-        "fp32", description="fp32; bf16-mixed or fp16-mixed (autocast over fp32 master weights); bf16 (bf16 weights)"
+        DEFAULT_PRECISION, description="bf16-mixed (the default, what LLM fine-tuning runs) or fp16-mixed (autocast "
+        "over fp32 master weights); bf16 (bf16 weights); fp32 (no autocast)",
     )
     optimizer: Optimizer = Field(
         "adamw_torch_fused",

@@ -40,7 +40,7 @@ from fitprobe.probe.extrapolate import CutModels, not_extrapolable_because
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.models import LoadedModel, build_model, check_seq_len
 from fitprobe.probe.search import find_micro_batch
-from fitprobe.probe.spec import ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.spec import DEFAULT_PRECISION, ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.replay import Replay, SizeLaw
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialRunner
@@ -342,14 +342,21 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
 def format_whatif(table: WhatIf) -> str:
     """The table as text: a row per setting, per seq_len its max micro-batch and peak, then the longest."""
     head = [f"{'seq_len ' + str(s):>22}" for s in table.seq_lens]
-    lines = [(f"{table.model} {table.precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
+    precision = f"{table.precision} (the default precision)" if table.precision == DEFAULT_PRECISION else table.precision
+    lines = [(f"{table.model} {precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
               "each cell: max micro-batch (peak)"),
              f"{'setting':<36}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
+    every_cell = [cell for row in table.rows for cell in row.cells]
+    # a reason not to apply is often long and shared by a whole row or column: numbered, said once below
+    numbers: dict[str, int] = {}
+    for note in [cell.note for cell in every_cell] + [row.longest.note if row.longest else None for row in table.rows]:
+        if note:
+            numbers.setdefault(note, len(numbers) + 1)
     for row in table.rows:
         cells = []
         for cell in row.cells:
             if cell.max_micro_batch is None:
-                text = "n/a"
+                text = f"n/a [{numbers[cell.note]}]" if cell.note else "n/a"
             elif cell.max_micro_batch == 0:
                 text = "does not fit"
             else:
@@ -357,19 +364,17 @@ def format_whatif(table: WhatIf) -> str:
             cells.append(f"{text:>22}")
         longest = row.longest
         if longest is None or longest.seq_len is None:
-            last = "n/a"
+            last = f"n/a [{numbers[longest.note]}]" if longest is not None and longest.note else "n/a"
         else:
             last = str(longest.seq_len) if longest.seq_len else f"< {SEQ_GRID}"
         lines.append(f"{row.label:<36}" + "".join(cells) + f"  {last:>20}")
-    every_cell = [cell for row in table.rows for cell in row.cells]
     cut = [cell for cell in every_cell if cell.extrapolated_from_layers]
     if cut:
         depths = " and ".join(str(d) for d in cut[0].extrapolated_from_layers or [])
         full_depth = sum(cell.max_micro_batch is not None and not cell.extrapolated_from_layers for cell in every_cell)
         lines.append(f"{len(cut)} of {len(every_cell)} cells extrapolated from cuts of {depths} layers, as a probe's "
                      f"estimate of them is" + (f"; {full_depth} ran the full depth" if full_depth else ""))
-    notes = sorted({cell.note for cell in every_cell if cell.note})
-    lines.extend(f"n/a: {note.removeprefix('not applicable: ')}" for note in notes)
+    lines.extend(f"n/a [{number}]: {note.removeprefix('not applicable: ')}" for note, number in numbers.items())
     lines.append(f"model context {table.context} tokens; longest seq searched on a {SEQ_GRID}-token grid; "
                  f"{table.wall_s:.1f}s")
     return "\n".join(lines)

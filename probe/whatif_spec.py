@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitprobe.probe.events import Emit, ignore
-from fitprobe.probe.spec import Optimizer, ProbeSpec
+from fitprobe.probe.spec import DEFAULT_PRECISION, Optimizer, ProbeSpec
 from fitprobe.probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, run_whatif, settings_grid
 
 CheckpointingWord = Literal["off", "on"]
@@ -31,7 +31,7 @@ class WhatIfSpec(BaseModel):
     capacity_bytes: int | str | None = Field(None, description="or the memory a step may use, bytes or e.g. "
                                              "'24GiB'")
     precision: Literal["fp32", "bf16-mixed", "bf16"] = Field(
-        "bf16-mixed", description="training precision (for fp16-mixed ask bf16-mixed: the memory is the same)")
+        DEFAULT_PRECISION, description="training precision (for fp16-mixed ask bf16-mixed: the memory is the same)")
     collation: Literal["padded", "packed"] = Field(
         "padded", description="padded: batches hold padding (an attention mask); packed: no padding, no mask")
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank of the LoRA and QLoRA rows")

@@ -17,7 +17,7 @@ def fitprobe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_probe_json_report_has_the_answer_trials_and_context():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "64", "--capacity", "24MiB",
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "64", "--precision", "fp32", "--capacity", "24MiB",
                    "--device", "cpu", "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
@@ -32,16 +32,17 @@ def test_probe_json_report_has_the_answer_trials_and_context():
 
 
 def test_probe_prints_a_readable_table():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--device", "cpu")
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16MiB",
+                   "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "max micro-batch:" in run.stdout and "safe micro-batch:" in run.stdout
 
 
 def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
-    fits = fitprobe("trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "64MiB",
+    fits = fitprobe("trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "64MiB",
                     "--device", "cpu", "--micro-batch", "2", "--json")
     assert fits.returncode == 0 and json.loads(fits.stdout)["trial"]["fits"] is True
-    too_big = fitprobe("trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "8MiB",
+    too_big = fitprobe("trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "8MiB",
                        "--device", "cpu", "--micro-batch", "512")
     assert too_big.returncode == 1 and "does not fit" in too_big.stdout
 
@@ -64,7 +65,7 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
     (["--devices", "64", "--effective-batch", "64"], "lower --devices, or add --estimate"),
 ])
 def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix):
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", *args)
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu", *args)
     assert run.returncode == 2
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("fitprobe") and fix in last_line, run.stderr
@@ -81,7 +82,7 @@ def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix
 def test_a_config_file_that_is_not_a_json_object_is_one_line_and_exit_2(tmp_path, content, fix):
     config = tmp_path / "config.json"
     config.write_text(content)
-    run = fitprobe("probe", "--model", f"hf:{config}", "--seq-len", "32", "--device", "cpu")
+    run = fitprobe("probe", "--model", f"hf:{config}", "--seq-len", "32", "--precision", "fp32", "--device", "cpu")
     assert run.returncode == 2 and fix in run.stderr.strip().splitlines()[-1] and "Traceback" not in run.stderr
 
 @pytest.mark.parametrize("args,fix", [
@@ -94,7 +95,7 @@ def test_trial_needs_a_model_and_a_positive_micro_batch(args, fix):
 
 
 def test_a_forgotten_model_is_an_error_not_a_silent_default():
-    run = fitprobe("probe", "--seq-len", "32")
+    run = fitprobe("probe", "--seq-len", "32", "--precision", "fp32")
     assert run.returncode == 2 and "--model" in run.stderr
 
 
@@ -121,21 +122,21 @@ def test_help_and_preflight_never_import_torch():
 
 
 def test_gpu_card_without_estimate_does_not_start_a_real_search():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--gpu", "h100-80gb")
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--gpu", "h100-80gb")
     assert run.returncode == 2 and "add --estimate" in run.stderr
     assert "trial micro_batch" not in run.stderr
 
 
 def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs():
     available_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    run = fitprobe("probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--device", "cpu",
+    run = fitprobe("probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
                    "--capacity", str(available_bytes + (4 << 30)), "--json")
     assert run.returncode == 2 and "--estimate" in run.stderr
     assert json.loads(run.stdout)["exit_code"] == 2, "with --json, stdout still holds one JSON object"
 
 
 def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fit():
-    run = fitprobe("probe", "--model", "builtin:gpt-small", "--seq-len", "256", "--device", "cpu",
+    run = fitprobe("probe", "--model", "builtin:gpt-small", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
                    "--capacity", "64MiB", "--effective-batch", "8", "--json")
     assert run.returncode == 1, run.stderr
     report = json.loads(run.stdout)
@@ -145,7 +146,7 @@ def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fi
     assert 0 < failed["oom_live_bytes"] <= 64 * 2**20 < failed["oom_live_bytes"] + failed["oom_request_bytes"]
     needs = report["does_not_fit"]
     # what micro-batch 1 needs, checked by a real trial with room to spare (the CPU meter, not the estimate)
-    roomy = fitprobe("trial", "--model", "builtin:gpt-small", "--seq-len", "256", "--device", "cpu",
+    roomy = fitprobe("trial", "--model", "builtin:gpt-small", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
                      "--capacity", "1GiB", "--micro-batch", "1", "--json")
     measured = json.loads(roomy.stdout)["trial"]["peak_allocated_bytes"]
     assert needs["needs_bytes"] == pytest.approx(measured, rel=0.01)
@@ -157,7 +158,8 @@ def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fi
 
 
 def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
-    args = ["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+    args = ["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu", "--capacity",
+            "16MiB",
             "--effective-batch", "20", "--verify-steps", "2"]
     run = fitprobe(*args)
     assert run.returncode == 0, run.stderr
@@ -167,7 +169,8 @@ def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
 
 
 def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_is():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--estimate",
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16MiB",
+                   "--estimate",
                    "--effective-batch", "8", "--quiet")
     assert run.returncode == 0, run.stderr
     safe_line = next(line for line in run.stdout.splitlines() if line.startswith("safe micro-batch:"))
@@ -179,11 +182,12 @@ def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_i
 
 def test_a_plan_that_eats_the_headroom_says_so_and_what_would_restore_it():
     # 4.1 MiB: micro-batches 1 and 2 of gpt-nano fit (3.9 MiB), neither keeps 10% free; the one plan rule
-    # (probe/plan.py) then runs micro-batch 1, the step that leaves the most free: 4 = 4 × 1, not 2 × 2 at the max
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "4300000", "--estimate",
+    # (probe/plan.py) then runs micro-batch 1, the step that leaves the most free: 4 = 1 micro × 4 accum, not 2 × 2 at the max
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "4300000",
+                   "--estimate",
                    "--effective-batch", "4", "--quiet")
     assert run.returncode == 0, run.stderr
-    assert "safe micro-batch: 0" in run.stdout and "plan: 4 = 4 × 1 (four micro-batches of 1)" in run.stdout
+    assert "safe micro-batch: 0" in run.stdout and "plan: 4 = 1 micro × 4 accum × 1 device" in run.stdout
     headroom = next(line for line in run.stdout.splitlines() if line.startswith("headroom:"))
     assert re.search(r"micro-batch 1 fits but leaves only \d\.\d% headroom, under the asked 10%", headroom), headroom
     assert "the headroom comes back with LoRA (--lora)" in headroom
@@ -212,7 +216,8 @@ def test_serve_and_preflight_help_give_every_options_meaning_default_and_variabl
 
 
 def test_a_sharded_answer_says_it_is_per_device():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--sharding", "fsdp", "--devices", "2",
+    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--sharding", "fsdp",
+                   "--devices", "2",
                    "--estimate", "--capacity", "16MiB", "--max-micro-batch", "8", "--quiet")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()

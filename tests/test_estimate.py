@@ -18,9 +18,9 @@ from tests.reference_loop import ARCHITECTURES
 # attention with a sliding window (Mistral), sliding windows with tied embeddings (Gemma-2), and LoRA
 # under bf16-mixed on grouped-query attention (Llama)
 CASES = [
-    dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB"),
-    dict(model=ARCHITECTURES["mistral-sliding"], seq_len=64, capacity_bytes="100MiB"),
-    dict(model=ARCHITECTURES["gemma2-sliding"], seq_len=64, capacity_bytes="100MiB"),
+    dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB", precision="fp32"),
+    dict(model=ARCHITECTURES["mistral-sliding"], seq_len=64, capacity_bytes="100MiB", precision="fp32"),
+    dict(model=ARCHITECTURES["gemma2-sliding"], seq_len=64, capacity_bytes="100MiB", precision="fp32"),
     dict(model=ARCHITECTURES["llama-gqa"], seq_len=64, capacity_bytes="60MiB", finetuning="lora",
          precision="bf16-mixed"),
 ]
@@ -49,7 +49,8 @@ def test_estimated_peak_and_max_equal_the_cpu_meters(case):
 
 
 def test_estimate_report_says_what_it_counted_and_times_nothing():
-    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate")).as_json()
+    report = run_probe(ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB",
+                                 mode="estimate")).as_json()
     assert report["device"]["meter"] == "estimate-fake-tensors"
     assert "fake" in report["device"]["accuracy_note"]
     assert all(t["step_s"] is None for t in report["search"]["trials"])
@@ -82,11 +83,11 @@ def test_a_7b_estimate_uses_no_memory_for_its_weights():
 
 def test_estimate_needs_a_capacity():
     with pytest.raises(ValueError, match="estimate mode needs a capacity"):
-        ProbeSpec(mode="estimate")
+        ProbeSpec(precision="fp32", mode="estimate")
 
 
 def test_estimate_first_places_the_real_search_and_reports_its_error_per_trial():
-    spec = ProbeSpec(model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB", estimate_first=True)
+    spec = ProbeSpec(precision="fp32", model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB", estimate_first=True)
     search = run_probe(spec).as_json()["search"]
     plain = run_probe(spec.model_copy(update={"estimate_first": False})).as_json()["search"]
     assert search["max_micro_batch"] == plain["max_micro_batch"] == search["estimated_max_micro_batch"]

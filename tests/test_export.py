@@ -228,22 +228,25 @@ def test_fitprobe_plan_format_prints_the_config(capsys):
     assert config["bf16"]["enabled"] and "fitprobe" not in json.dumps(config)
     assert "#   max_micro_batch: 32" in printed.err and "#   effective_batch_asked: 97" in printed.err
     assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--devices", "2",
-                 "--format", "lightning", "--yaml"]) == 0
+                 "--format", "lightning", "--yaml", "--precision", "fp32"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == {
         "trainer": {"accumulate_grad_batches": 2, "devices": 2, "precision": "32-true"}, "data": {"batch_size": 16}}
 
 
 def test_fitprobe_probe_format_needs_an_effective_batch(capsys):
-    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--format", "hf"]) == 2
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+                 "--format", "hf"]) == 2
     assert "--effective-batch" in capsys.readouterr().err
 
 
 def test_fitprobe_probe_format_exports_the_probed_plan(capsys):
-    code = main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+    code = main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+                 "--capacity", "16MiB",
                  "--effective-batch", "24", "--no-verify", "--format", "hf"])
     assert code == 0
     config = json.loads(capsys.readouterr().out)
-    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--device", "cpu", "--capacity", "16MiB",
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+                 "--capacity", "16MiB",
                  "--effective-batch", "24", "--no-verify", "--format", "hf", "--json", "--quiet"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["config"] == config and exported["format"] == "hf"
@@ -257,7 +260,7 @@ def test_the_saved_hf_json_unpacks_into_training_arguments_without_a_warning(tmp
     from transformers import TrainingArguments
 
     run = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "plan", "--effective-batch", "96", "--max-micro-batch",
-                          "32", "--format", "hf", "--grad-checkpointing", "--lora"],
+                          "32", "--format", "hf", "--grad-checkpointing", "--lora", "--precision", "fp32"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     saved = tmp_path / "args.json"
@@ -272,8 +275,43 @@ def test_the_saved_hf_json_unpacks_into_training_arguments_without_a_warning(tmp
 
 
 def test_a_lora_probes_export_names_the_modules_it_adapted(capsys):
-    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16MiB", "--estimate",
+    assert main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16MiB",
+                 "--estimate",
                  "--lora", "--effective-batch", "8", "--format", "hf", "--json", "--quiet"]) == 0
     notes = json.loads(capsys.readouterr().out)["provenance"]["notes"]
     lora = next(note for note in notes if note.startswith("LoRA:"))
     assert 'target_modules=["c_attn"])' in lora, lora
+
+
+def test_a_qlora_export_gives_the_quantization_config_as_an_object_bitsandbytesconfig_takes(capsys):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "8", "--format", "hf", "--lora",
+                 "--quantization", "nf4", "--json"]) == 0
+    provenance = json.loads(capsys.readouterr().out)["provenance"]
+    loaded = BitsAndBytesConfig(**provenance["quantization_config"])
+    # what fitprobe loads (probe/quantization.py), as bitsandbytes' own object holds it
+    assert (loaded.load_in_4bit, loaded.bnb_4bit_quant_type, loaded.bnb_4bit_use_double_quant,
+            loaded.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+    assert any("BitsAndBytesConfig(**quantization_config)" in note for note in provenance["notes"])
+
+
+def test_axolotl_lora_names_its_target_modules_or_says_how_to_give_them(capsys):
+    base = ["plan", "--effective-batch", "64", "--max-micro-batch", "8", "--format", "axolotl", "--lora"]
+    assert main([*base, "--lora-targets", "q_proj,v_proj"]) == 0
+    assert json.loads(capsys.readouterr().out)["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert main(base) == 2
+    assert "--lora-targets" in capsys.readouterr().err
+
+
+def test_a_padded_plan_says_where_rows_are_cut_in_each_frameworks_words(capsys):
+    base = ["plan", "--effective-batch", "64", "--max-micro-batch", "8", "--seq-len", "1024", "--json"]
+    assert main([*base, "--format", "axolotl"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["sequence_len"] == 1024
+    assert main([*base, "--format", "torchtune"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["tokenizer"] == {"max_seq_len": 1024}
+    assert main([*base, "--format", "hf"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert "max_length" not in exported["config"]  # TrainingArguments(**config) has no such field
+    assert any("max_length=1024" in note for note in exported["provenance"]["notes"])

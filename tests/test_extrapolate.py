@@ -218,7 +218,8 @@ def test_the_search_over_an_extrapolated_llama_finds_the_full_depths_micro_batch
 
 
 def test_builtin_models_run_at_full_depth_and_the_report_says_why():
-    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB", mode="estimate")).as_json()
+    report = run_probe(ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, capacity_bytes="16MiB",
+                                 mode="estimate")).as_json()
     assert report["model"]["extrapolated_from_layers"] is None
     assert "Hugging Face" in report["model"]["not_extrapolated_because"]
 

@@ -22,7 +22,7 @@ def test_a_real_cuda_oom_is_classified_as_oom():
 
 
 def test_after_a_real_oom_allocated_memory_is_back_to_baseline():
-    spec = ProbeSpec(model="builtin:gpt-small", seq_len=512, device="cuda:0", capacity_bytes="1GiB")
+    spec = ProbeSpec(precision="fp32", model="builtin:gpt-small", seq_len=512, device="cuda:0", capacity_bytes="1GiB")
     meter, model = prepare(spec)
     runner = TrialRunner(spec, meter, model)
     baseline = meter.allocated_bytes()
@@ -32,9 +32,9 @@ def test_after_a_real_oom_allocated_memory_is_back_to_baseline():
 
 
 @pytest.mark.parametrize("case", [
-    dict(model="builtin:gpt-small", seq_len=512, capacity_bytes="2GiB"),
+    dict(model="builtin:gpt-small", seq_len=512, capacity_bytes="2GiB", precision="fp32"),
     dict(model="builtin:gpt-base", seq_len=1024, capacity_bytes="4GiB", precision="bf16-mixed"),
-    dict(model="preset:gpt2", seq_len=512, capacity_bytes="8GiB", finetuning="lora"),
+    dict(model="preset:gpt2", seq_len=512, capacity_bytes="8GiB", finetuning="lora", precision="fp32"),
 ])
 def test_probe_max_is_the_true_maximum_on_cuda(case):
     spec = ProbeSpec(device="cuda:0", **case)
@@ -87,7 +87,7 @@ def test_cuda_trial_of_each_optimizer_equals_the_hf_loop_on_cuda(optim, tmp_path
             optimizer.zero_grad(set_to_none=True)
 
     expected = _cuda_peak_of(loop)
-    spec = ProbeSpec(model=FAMILIES["qwen3"], seq_len=settings.seq_len, device="cuda:0", capacity_bytes="8GiB",
+    spec = ProbeSpec(precision="fp32", model=FAMILIES["qwen3"], seq_len=settings.seq_len, device="cuda:0", capacity_bytes="8GiB",
                      optimizer=optim, collation="packed")
     meter, model = prepare(spec)
     result = TrialRunner(spec, meter, model)(1)

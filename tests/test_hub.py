@@ -69,9 +69,10 @@ def test_the_test_cache_is_the_layout_huggingface_hub_reads(hub_cache):
 
 
 def test_hub_id_builds_from_the_cache_without_asking_the_hub(hub_cache, no_hub_calls):
-    model = build_model(ProbeSpec(model="hf:testorg/tiny-llama", seq_len=16), "cpu")
+    model = build_model(ProbeSpec(precision="fp32", model="hf:testorg/tiny-llama", seq_len=16), "cpu")
     assert model.module.config.num_hidden_layers == 2 and model.vocab_size == 256 and model.max_seq_len == 512
-    trial = run_trial(ProbeSpec(model="hf:testorg/tiny-llama", seq_len=16, capacity_bytes="64MiB"), 2).as_json()["trial"]
+    trial = run_trial(ProbeSpec(precision="fp32", model="hf:testorg/tiny-llama", seq_len=16, capacity_bytes="64MiB"),
+                      2).as_json()["trial"]
     assert trial["fits"]
 
 
@@ -82,7 +83,7 @@ def test_revision_picks_the_snapshot_by_ref_or_commit(hub_cache, no_hub_calls, r
 
 def test_uncached_id_offline_says_it_is_not_cached_and_how_to_fetch_it(hub_cache, no_hub_calls):
     with pytest.raises(SpecError) as raised:
-        build_model(ProbeSpec(model="hf:testorg/absent", seq_len=16), "meta")
+        build_model(ProbeSpec(precision="fp32", model="hf:testorg/absent", seq_len=16), "meta")
     message = str(raised.value)
     assert "not in the local Hugging Face cache" in message
     assert "hf download testorg/absent config.json" in message and "huggingface-cli download" in message
@@ -95,7 +96,7 @@ def test_an_unreachable_hub_is_one_line_in_seconds_that_does_not_blame_hf_hub_of
     env.pop("HF_HUB_OFFLINE", None)
     started_s = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", "hf:testorg/absent", "--seq-len",
-                          "16", "--estimate", "--gpu", "a100-80gb"], capture_output=True, text=True, env=env,
+                          "16", "--precision", "fp32", "--estimate", "--gpu", "a100-80gb"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert time.monotonic() - started_s < 20, "no minute of retries"
     assert run.returncode == 2 and run.stdout == ""
@@ -114,7 +115,7 @@ def test_a_directory_or_its_config_json_is_read_from_disk(tmp_path, monkeypatch,
     (tmp_path / "tiny" / "config.json").write_text(json.dumps(TINY_LLAMA))
     monkeypatch.chdir(tmp_path)
     for ref in ("hf:tiny", "hf:./tiny", f"hf:{tmp_path / 'tiny'}", f"hf:{tmp_path / 'tiny' / 'config.json'}"):
-        assert build_model(ProbeSpec(model=ref, seq_len=16), "meta").vocab_size == 256
+        assert build_model(ProbeSpec(precision="fp32", model=ref, seq_len=16), "meta").vocab_size == 256
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpecError, match=r"holds no config.json"):
         read_config("empty")
@@ -143,11 +144,11 @@ def test_configs_whose_architecture_is_code_in_the_repo_are_refused(hub_cache, n
                                                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}
     cache_config(hub_cache, "testorg/custom-code", custom, MAIN_COMMIT)
     with pytest.raises(SpecError, match="never runs a repository's code"):
-        build_model(ProbeSpec(model="hf:testorg/custom-code", seq_len=16), "meta")
+        build_model(ProbeSpec(precision="fp32", model="hf:testorg/custom-code", seq_len=16), "meta")
     # an auto_map left beside a model_type transformers ships (as Phi-3's repos have) needs no repo code
     known = {**TINY_LLAMA, "auto_map": {"AutoConfig": "configuration_llama.LlamaConfig"}}
     cache_config(hub_cache, "testorg/known-code", known, MAIN_COMMIT)
-    assert build_model(ProbeSpec(model="hf:testorg/known-code", seq_len=16), "meta").vocab_size == 256
+    assert build_model(ProbeSpec(precision="fp32", model="hf:testorg/known-code", seq_len=16), "meta").vocab_size == 256
 
 
 @pytest.fixture
@@ -164,7 +165,7 @@ def offline_service(hub_cache, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_service_resolves_a_cached_hub_id_pins_its_commit_and_runs_it(offline_service):
-    body = {"model": "hf:testorg/tiny-llama", "seq_len": 16, "capacity_bytes": 32 << 20, "effective_batch": 4}
+    body = {"model": "hf:testorg/tiny-llama", "seq_len": 16, "precision": "fp32", "capacity_bytes": 32 << 20, "effective_batch": 4}
     with offline_service.client() as client:
         response = client.post("/v1/probes", json=body)
         assert response.status_code == 202, response.text

@@ -28,7 +28,8 @@ def test_llama_3_2_1b_count_is_an_upper_bound_within_a_few_percent_of_the_publis
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_shipped_preset_passes_the_default_bounds_at_the_longest_service_seq_len(name):
-    check_reference(ProbeSpec(model=f"preset:{name}", seq_len=min(32_768, _context(name)), effective_batch=65_536))
+    check_reference(ProbeSpec(precision="fp32", model=f"preset:{name}", seq_len=min(32_768, _context(name)),
+                              effective_batch=65_536))
 
 
 def _context(name: str) -> int:
@@ -67,7 +68,7 @@ def test_parameters_and_parameters_times_tokens_have_limits_the_operator_can_set
 
 
 def test_lora_targets_naming_no_module_are_refused_without_building_the_model():
-    spec = ProbeSpec(model="preset:llama-3.2-1b", seq_len=64, finetuning="lora", lora={"targets": ["c_attn"]})
+    spec = ProbeSpec(precision="fp32", model="preset:llama-3.2-1b", seq_len=64, finetuning="lora", lora={"targets": ["c_attn"]})
     with pytest.raises(SpecError, match=r"lora.targets: \['c_attn'\] are not modules of this model \(llama\)"):
         check_reference(spec)
     check_reference(spec.model_copy(update={"lora": spec.lora.model_copy(update={"targets": ["q_proj", "v_proj"]})}))
@@ -94,5 +95,5 @@ def test_the_module_names_the_door_checks_lora_targets_against_are_those_of_the_
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**64, 10**4000, 1.5, True])
 def test_seed_is_a_whole_number_from_0_below_2_to_the_63(seed):
     with pytest.raises(ValueError, match="seed"):
-        ProbeSpec(seed=seed)
-    assert ProbeSpec(seed=2**63 - 1).seed == 2**63 - 1
+        ProbeSpec(precision="fp32", seed=seed)
+    assert ProbeSpec(precision="fp32", seed=2**63 - 1).seed == 2**63 - 1

@@ -35,9 +35,9 @@ TORCH_OPTIMIZERS = ["adamw_torch_fused", "adamw_torch", "adafactor", "sgd"]
 BNB_OPTIMIZERS = ["adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit"]
 
 
-def spec_for(family: str, optim: str, **extra) -> ProbeSpec:
+def spec_for(family: str, optim: str, precision: str = "fp32", **extra) -> ProbeSpec:
     return ProbeSpec(model=FAMILIES[family], seq_len=LoopSettings.seq_len, capacity_bytes=1 << 32, optimizer=optim,
-                     **extra)
+                     precision=precision, **extra)
 
 
 def trial_peak(family: str, optim: str, micro_batch: int, **extra) -> int:
@@ -130,12 +130,13 @@ def test_paged_state_is_said_to_be_counted_as_device_memory():
 
 
 def test_old_optimizer_name_adamw_still_means_plain_torch_adamw():
-    assert ProbeSpec(optimizer="adamw").optimizer == "adamw_torch"
+    assert ProbeSpec(precision="fp32", optimizer="adamw").optimizer == "adamw_torch"
     assert ProbeSpec().optimizer == "adamw_torch_fused"
 
 
 def test_cli_hf_export_names_the_optimizer():
     out = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", "builtin:gpt-nano", "--seq-len", "32",
+                          "--precision", "fp32",
                           "--capacity", "200MiB", "--effective-batch", "8", "--no-verify", "--optimizer",
                           "adamw_bnb_8bit", "--format", "hf", "--quiet"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

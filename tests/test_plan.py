@@ -76,7 +76,7 @@ def test_prime_effective_batch_gets_the_even_plan_and_the_faster_uneven_one_labe
     uneven = next(alt for alt in plan["alternatives"] if alt["last_micro_batch"])
     assert (uneven["micro_batch"], uneven["accumulation_steps"], uneven["last_micro_batch"]) == (25, 4, 22)
     assert uneven["uneven_note"].startswith("uneven: ") and "HF Trainer" in uneven["uneven_note"]
-    assert "the uneven 97 = 3 × 25 + 22" in plan["reason"]
+    assert "the uneven 97 = 25 micro × 4 accum × 1 device (3 × 25 + 22)" in plan["reason"]
     assert plan["nearest_below"]["effective_batch"] == 96 and plan["nearest_above"]["effective_batch"] == 98
 
 
@@ -199,7 +199,7 @@ def test_plan_cli_text_and_bad_input_exit_codes(capsys: pytest.CaptureFixture[st
     assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--reference-lr", "0.001",
                  "--reference-batch", "32"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "plan: 64 = 4 × 16 (four micro-batches of 16)" in out and "sqrt-scaled" in out
+    assert "plan: 64 = 16 micro × 4 accum × 1 device  [exact]" in out and "sqrt-scaled" in out
     assert main(["plan", "--effective-batch", "2", "--max-micro-batch", "16", "--devices", "4"]) == EXIT_BAD_INPUT
     assert "--effective-batch (2) must be at least --devices (4)" in capsys.readouterr().err
 
@@ -208,19 +208,21 @@ def test_every_split_is_written_one_way_and_the_alternatives_table_has_a_header_
         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--effective-batch", "97", "--max-micro-batch", "32"]) == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "plan: 97 = 97 × 1 (97 micro-batches of 1)  [exact]"
-    assert "  nearest below (even): 96 = 3 × 32 (three micro-batches of 32) (-1.03%)" in lines
+    assert lines[0] == "plan: 97 = 1 micro × 97 accum × 1 device  [exact]"
+    assert "  nearest below (even): 96 = 32 micro × 3 accum × 1 device (-1.03%)" in lines
     header = lines.index("  alternatives (by expected throughput):") + 1
     assert lines[header].split() == ["split", "micro-batch", "accumulation", "devices", "effective", "throughput",
                                      "deviation"]
-    assert lines[header + 1].strip().startswith("96 = 3 × 32 (three micro-batches of 32)")
+    assert lines[header + 1].strip().startswith("96 = 32 micro × 3 accum × 1 device")
     # the uneven split is marked in the table, and the mark explained under it
-    assert lines[header + 2].strip().startswith("97 = 3 × 25 + 22 (three micro-batches of 25, then one of 22) *")
+    assert lines[header + 2].strip().startswith("97 = 25 micro × 4 accum × 1 device (3 × 25 + 22) *")
     assert lines[header + 4].startswith("    * uneven: ")
     # what the CLI prints is each split's `equation`, the field the page and the verdict print too
     plan = make_plan(64, 33, 1).facts().as_json()
     for split in [plan, *plan["alternatives"]]:
         assert split["equation"].startswith(f"{split['effective_batch']} = ")
     uneven = next(alt for alt in plan["alternatives"] if alt["last_micro_batch"])
-    assert uneven["equation"] == "64 = 1 × 33 + 31 (one micro-batch of 33, then one of 31)"
-
+    assert uneven["equation"] == "64 = 33 micro × 2 accum × 1 device (33 + 31)"
+    # several devices: what each runs, by hand: 100 = 34 + 33 + 33 examples in micro-batches of at most 17
+    assert make_plan(100, 25,
+                     3).facts().equation == "100 = 17 micro × 2 accum × 3 devices (2 × 17 on one device, 17 + 16 on two devices)"

@@ -37,7 +37,7 @@ TINY_MOE = {
 
 @pytest.mark.parametrize("name", PUBLISHED_BILLIONS)
 def test_preset_has_the_published_parameter_count(name):
-    model = build_model(ProbeSpec(model=f"preset:{name}", seq_len=64), "meta")
+    model = build_model(ProbeSpec(precision="fp32", model=f"preset:{name}", seq_len=64), "meta")
     count = sum(p.numel() for p in model.module.parameters())
     assert count / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.02)
     if name in PUBLISHED_NON_EMBEDDING_BILLIONS:
@@ -113,7 +113,7 @@ def test_moe_estimate_counts_the_experts_as_the_cpu_run_allocates_them(model_typ
 
 def test_moe_whose_experts_loop_over_the_routing_is_measured_not_estimated():
     looped = {**TINY_MOE["mixtral"], "experts_implementation": "eager"}  # torch.where over the router's picks
-    spec = ProbeSpec(model=looped, seq_len=16, capacity_bytes="64MiB")
+    spec = ProbeSpec(precision="fp32", model=looped, seq_len=16, capacity_bytes="64MiB")
     assert run_trial(spec, 2).as_json()["trial"]["fits"]
     with pytest.raises(SpecError, match=r"estimate mode cannot run this mixture-of-experts model.*measure mode"):
         run_trial(spec.model_copy(update={"mode": "estimate"}), 2).as_json()

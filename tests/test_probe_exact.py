@@ -12,12 +12,12 @@ from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.trial import TrialRunner
 
 CASES = [
-    dict(model="builtin:gpt-nano", seq_len=64, capacity_bytes="24MiB"),
-    dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB"),
+    dict(model="builtin:gpt-nano", seq_len=64, capacity_bytes="24MiB", precision="fp32"),
+    dict(model="builtin:gpt-tiny", seq_len=128, capacity_bytes="120MiB", precision="fp32"),
     dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="150MiB", precision="bf16-mixed", optimizer="sgd"),
-    dict(model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB"),
-    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="100MiB", finetuning="lora"),
-    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="100MiB", gradient_checkpointing=True),
+    dict(model="builtin:gpt-small", seq_len=64, capacity_bytes="200MiB", precision="fp32"),
+    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="100MiB", finetuning="lora", precision="fp32"),
+    dict(model="builtin:gpt-tiny", seq_len=256, capacity_bytes="100MiB", gradient_checkpointing=True, precision="fp32"),
 ]
 
 
@@ -47,7 +47,7 @@ def test_probe_max_is_the_true_maximum_with_a_median_of_at_most_five_trials():
 
 
 def test_the_search_stops_at_what_the_effective_batch_needs():
-    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="256MiB", effective_batch=6)
+    spec = ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, capacity_bytes="256MiB", effective_batch=6)
     search = run_probe(spec).as_json()["search"]
     assert search["max_micro_batch"] == 6 and search["limit_reached"]
     assert max(t["micro_batch"] for t in search["trials"]) == 6
@@ -55,7 +55,7 @@ def test_the_search_stops_at_what_the_effective_batch_needs():
 
 def test_every_trial_is_announced_as_an_event():
     events = []
-    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, capacity_bytes="24MiB")
+    spec = ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, capacity_bytes="24MiB")
     report = run_probe(spec, events.append).as_json()
     trial_events = [e for e in events if e["type"] == "trial"]
     assert [e["micro_batch"] for e in trial_events] == [t["micro_batch"] for t in report["search"]["trials"]]

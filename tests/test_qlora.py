@@ -85,7 +85,7 @@ def test_qlora_weighs_less_than_lora_on_a_16_bit_base_by_the_quantized_linears()
 
 def test_quantization_without_lora_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="set finetuning lora"):
-        ProbeSpec(model="preset:gpt2", quantization="nf4")
+        ProbeSpec(precision="fp32", model="preset:gpt2", quantization="nf4")
 
 
 def test_report_says_how_the_base_was_loaded_and_prepared():
@@ -114,13 +114,13 @@ def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path):
 def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
     from fitprobe.probe.needs import does_not_fit
 
-    spec = ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
+    spec = ProbeSpec(precision="fp32", model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
     answer = does_not_fit(spec, spec.capacity_bytes).as_json()
     options = {o["change"].split(" (")[0]: o for o in answer["options"]}
     qlora, eight_bit = options["QLoRA"], options["8-bit AdamW"]
     assert qlora["settings"] == {"finetuning": "lora", "quantization": "nf4"}
     # what QLoRA needs is what the QLoRA recipe's trial holds at micro-batch 1 (checked against it above)
-    measured = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
+    measured = run_trial(ProbeSpec(precision="fp32", model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
                                    quantization="nf4"), 1).as_json()["trial"]["peak_allocated_bytes"]
     assert qlora["needs_bytes"] == pytest.approx(measured, rel=TOLERANCE)
     assert qlora["needs_bytes"] < options["LoRA"]["needs_bytes"] < answer["needs_bytes"]
@@ -146,17 +146,18 @@ def test_int8_base_equals_the_8bit_recipe(tmp_path):
     counter = LiveBytes()
     with counter:
         run_qlora_loop(str(tmp_path), settings, quant_type="int8")
-    trial = run_trial(ProbeSpec(model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
+    trial = run_trial(ProbeSpec(precision="fp32", model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=1 << 32, finetuning="lora",
                                 quantization="int8"), 4).as_json()["trial"]
     assert trial["peak_allocated_bytes"] == pytest.approx(counter.peak, rel=TOLERANCE)
     with pytest.raises(ValueError, match="estimate with nf4"):
-        ProbeSpec(model="preset:gpt2", finetuning="lora", quantization="int8", mode="estimate", capacity_bytes=1 << 30)
+        ProbeSpec(precision="fp32", model="preset:gpt2", finetuning="lora", quantization="int8", mode="estimate",
+                  capacity_bytes=1 << 30)
 
 
 def test_quantizing_a_builtin_model_is_refused_with_the_fix():
     from fitprobe.probe.models import check_reference
 
-    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=32, finetuning="lora", quantization="nf4")
+    spec = ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, finetuning="lora", quantization="nf4")
     with pytest.raises(Exception, match="drop quantization for builtin"):
         check_reference(spec)  # at the door
     with pytest.raises(Exception, match="drop quantization for builtin"):

@@ -110,7 +110,7 @@ def test_replayed_trials_equal_trials_traced_afresh(family, settings):
 def test_a_step_that_does_not_fit_at_micro_batch_one_fits_nowhere_larger_without_learning():
     config, _ = FAMILIES["llama"]
     # 4 MiB holds the 2.3 MiB of fp32 weights, not their gradients and AdamW state as well
-    spec = ProbeSpec(model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=4 << 20)
+    spec = ProbeSpec(precision="fp32", model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=4 << 20)
     with frozen_heap():
         cuts = CutModels.build(spec)
         replay = Replay.learn(cuts, spec, list(SEQS), lambda _event: None)

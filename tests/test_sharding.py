@@ -47,9 +47,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def llama(num_devices: int, **fields: Any) -> ProbeSpec:
+def llama(num_devices: int, precision: str = "fp32", **fields: Any) -> ProbeSpec:
     return ProbeSpec(model=dict(LLAMA), seq_len=SEQ_LEN, capacity_bytes=CAPACITY, sharding="fsdp",
-                     num_devices=num_devices, **fields)
+                     num_devices=num_devices, precision=precision, **fields)
 
 
 def device_numbers(spec: ProbeSpec, meter: Meter) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def test_search_under_sharding_finds_the_true_max_measured_on_gloo_ranks():
 def test_fsdp_beats_ddp_where_model_states_dominate():
     """Full fine-tuning, 4 devices, a capacity that the unsharded weights + AdamW state nearly fill."""
     capacity = "28MiB"
-    plain = ProbeSpec(model=dict(LLAMA), seq_len=SEQ_LEN, capacity_bytes=capacity, num_devices=4, mode="estimate")
+    plain = ProbeSpec(precision="fp32", model=dict(LLAMA), seq_len=SEQ_LEN, capacity_bytes=capacity, num_devices=4, mode="estimate")
     ddp = run_probe(plain).as_json()["search"]["max_micro_batch"]
     fsdp = run_probe(plain.model_copy(update={"sharding": "fsdp"})).as_json()["search"]["max_micro_batch"]
     assert ddp == 1
@@ -169,10 +169,10 @@ def test_fsdp_beats_ddp_where_model_states_dominate():
 
 
 def test_blocks_are_found_through_every_wrapper():
-    spec = ProbeSpec(model=dict(LLAMA), seq_len=SEQ_LEN)
+    spec = ProbeSpec(precision="fp32", model=dict(LLAMA), seq_len=SEQ_LEN)
     hf = build_model(spec, "meta").module
     assert transformer_blocks(hf) == list(hf.model.layers)
-    gpt = build_model(ProbeSpec(model="builtin:gpt-nano"), "meta").module
+    gpt = build_model(ProbeSpec(precision="fp32", model="builtin:gpt-nano"), "meta").module
     assert transformer_blocks(gpt) == list(gpt.blocks)
     lora = build_model(spec.model_copy(update={"finetuning": "lora"}), "meta").module
     assert [type(b).__name__ for b in transformer_blocks(lora)] == ["LlamaDecoderLayer"] * 4

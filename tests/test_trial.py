@@ -9,8 +9,8 @@ from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.trial import TrialError, TrialRunner
 
 
-def runner_for(**fields) -> TrialRunner:
-    spec = ProbeSpec(model="builtin:gpt-tiny", seq_len=128, **fields)
+def runner_for(precision: str = "fp32", **fields) -> TrialRunner:
+    spec = ProbeSpec(model="builtin:gpt-tiny", seq_len=128, precision=precision, **fields)
     meter, model = prepare(spec)
     return TrialRunner(spec, meter, model)
 

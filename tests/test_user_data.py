@@ -49,10 +49,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[list[int]], 
     return rows, {"parquet": directory / "train.parquet", "jsonl": directory / "train.jsonl"}
 
 
-def _spec(path: Path, collation: str, seq_len: int = 256, **extra) -> ProbeSpec:
+def _spec(path: Path, collation: str, seq_len: int = 256, precision: str = "fp32", **extra) -> ProbeSpec:
     data = data_lengths(read_profile(path), path.name)
     return ProbeSpec(model=ARCHITECTURES["llama-gqa"], seq_len=seq_len, collation=collation, data=data,
-                     capacity_bytes=1 << 32, **extra)
+                     capacity_bytes=1 << 32, precision=precision, **extra)
 
 
 def _longest(rows: list[list[int]], count: int) -> list[list[int]]:
@@ -139,7 +139,7 @@ def test_the_cli_reads_data_with_progress_and_reports_it(dataset, tmp_path):
     rows, paths = dataset
     config = tmp_path / "config.json"
     config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
-    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "256", "--data", str(paths["jsonl"]),
+    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32", "--data", str(paths["jsonl"]),
                 "--capacity", "300MiB", "--max-micro-batch", "3", "--json")
     assert done.returncode == 0, done.stderr
     assert f"reading {paths['jsonl']}" in done.stderr and f"{len(rows)} rows, longest {LONGEST} tokens" in done.stderr
@@ -150,12 +150,13 @@ def test_the_cli_reads_data_with_progress_and_reports_it(dataset, tmp_path):
     assert 0 < report["data"]["padding_fraction"]["padded"] < 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": "oops"}\n')
-    refused = _cli("probe", "--model", f"hf:{config}", "--seq-len", "256", "--data", str(bad))
+    refused = _cli("probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32", "--data", str(bad))
     assert refused.returncode == 2 and "row 2" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_a_token_budget_is_planned_exactly_and_verified_by_training():
-    done = _cli("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "64MiB", "--collation",
+    done = _cli("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "64MiB",
+                "--collation",
                 "packed", "--effective-batch-tokens", "1536", "--max-micro-batch", "16", "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -166,7 +167,7 @@ def test_a_token_budget_is_planned_exactly_and_verified_by_training():
     checks = {c["name"]: c["passed"] for c in verification["checks"]}
     assert checks["tokens_per_step"] and verification["passed"], verification["checks"]
     assert verification["input_tokens_per_step"] == 1536  # counted from the tensors the run trained on
-    off = _cli("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--collation", "packed",
+    off = _cli("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--collation", "packed",
                "--effective-batch-tokens", "1000")
     assert off.returncode == 2 and "the nearest are 992 and 1024" in off.stderr
 
@@ -193,7 +194,7 @@ def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking()
 
     # 950 rows of 10 tokens and 50 of 1000: a padded batch of b random rows is 1000 wide unless all b are
     # short (probability 0.95^b), so its expected width is 10 + 990·(1 − 0.95^b) tokens, by hand
-    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=1024, data={"rows_by_length": {10: 950, 1000: 50}})
+    spec = ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=1024, data={"rows_by_length": {10: 950, 1000: 50}})
     width = {b: (10 + 990 * (1 - 0.95**b)) / 1000 for b in (1, 2, 4, 8, 16, 32, 64)}
     ratio = padded_width_ratio(spec)
     assert all(ratio(b) == pytest.approx(w, rel=1e-9) for b, w in width.items())
@@ -213,7 +214,7 @@ def test_the_verification_trains_on_the_users_rows(dataset, tmp_path):
     rows, paths = dataset
     config = tmp_path / "config.json"
     config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
-    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "64", "--data", str(paths["parquet"]),
+    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "64", "--precision", "fp32", "--data", str(paths["parquet"]),
                 "--capacity", "300MiB", "--effective-batch", "20", "--max-micro-batch", "5", "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     verification = json.loads(done.stdout)["verification"]

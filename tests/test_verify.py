@@ -34,8 +34,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _nano(**fields) -> ProbeSpec:
-    return ProbeSpec(model="builtin:gpt-nano", seq_len=SEQ_LEN, **fields)
+def _nano(precision: str = "fp32", **fields) -> ProbeSpec:
+    return ProbeSpec(model="builtin:gpt-nano", seq_len=SEQ_LEN, precision=precision, **fields)
 
 
 def _model_and_examples(count: int, seed: int = 0):
@@ -152,7 +152,7 @@ def test_probe_cli_prints_probe_plan_and_verification(capsys: pytest.CaptureFixt
 def test_dropout_does_not_break_the_gradient_check() -> None:
     """GPT-2's default dropout (0.1) draws different masks for two cuts of the same examples."""
     config = {"model_type": "gpt2", "vocab_size": 256, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 2}
-    spec = ProbeSpec(model=config, seq_len=32, capacity_bytes="64MiB", effective_batch=8)
+    spec = ProbeSpec(precision="fp32", model=config, seq_len=32, capacity_bytes="64MiB", effective_batch=8)
     verification = run_verification(spec, make_plan(8, 4), steps=2).as_json()
     checks = {c["name"]: c for c in verification["checks"]}
     assert checks["gradient_equivalence"]["passed"], checks["gradient_equivalence"]["detail"]

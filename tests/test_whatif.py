@@ -83,7 +83,7 @@ def test_one_progress_event_per_cell(table):
 
 
 def test_qlora_on_a_builtin_model_is_not_applicable_rather_than_a_crash():
-    base = ProbeSpec(model="builtin:gpt-nano", seq_len=32, mode="estimate", capacity_bytes=12 << 20)
+    base = ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, mode="estimate", capacity_bytes=12 << 20)
     whatif = run_whatif(base, [32], [Setting("qlora", False, "adamw_torch_fused")])
     (row,) = whatif.rows
     assert row.cells[0].max_micro_batch is None and "Hugging Face models" in row.cells[0].note
@@ -108,7 +108,10 @@ def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     full = next(line for line in lines if line.startswith("full · no ckpt · adamw_torch_fused"))
     assert re.search(r"\d+ \([\d.]+MiB\)\s+\d+ \([\d.]+MiB\)\s+\d+$", full), full
     qlora = next(line for line in lines if line.startswith("qlora"))
-    assert qlora.count("n/a") == 3, qlora
+    assert qlora.count("n/a [1]") == 3, qlora
+    # the reason is said once, below the table and in the progress, and the cells refer to it by number
+    assert len([line for line in lines if line.startswith("n/a [1]: ")]) == 1
+    assert len([line for line in run.stderr.splitlines() if "n/a [1]: " in line]) == 1
     # one progress line per cell, with the elapsed time: 2 rows × (2 seq_lens + the longest)
     progress = [line for line in run.stderr.splitlines() if "what-if" in line]
     assert len(progress) == 6 and re.match(r"\[fitprobe +[\d.]+s\] what-if 1/6: full", progress[0])

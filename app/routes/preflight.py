@@ -33,7 +33,7 @@ router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
 POLL_S = 0.5
 FAILED = 409  # a 4xx other than 422, so that `curl --fail-with-body` fails the step and shows the line
 _LINE = {"text/plain": {"schema": {"type": "string"},
-                         "example": "PASS: 20 = 10 × 2 (verified; peak 12.1MiB of 16.0MiB)"}}
+                         "example": "PASS: 20 = 10 micro × 2 accum × 1 device (verified; peak 12.1MiB of 16.0MiB)"}}
 
 
 def _answer(request: Request, status_code: int, line: str, job: ProbeJob | None) -> Response:

@@ -140,7 +140,11 @@ def public(job: dict[str, Any], store: Any) -> ProbeJob:
         job["spec"] = {key: value for key, value in spec.items() if key != "search_from"}
     job.pop("client", None)  # a hash of a token is still nobody else's business
     final = max(job["attempts"], 1)
-    trials = store.trials(job["id"])
+    events = store.trial_events(job["id"])
+    trials = [event for event in events if event["type"] == "trial"]
+    started = events[-1] if events and events[-1]["type"] == "trial_started" else None
+    running = job["status"] == "running" and started is not None and started.get("attempt", 1) == final
+    job["trying_micro_batch"] = started.get("micro_batch") if running and started else None
     # events stored before attempts were stamped belong to the first run
     job["trials"] = [trial for trial in trials if trial.get("attempt", 1) == final]
     job["earlier_attempts"] = [{"attempt": attempt, "trials": [t for t in trials if t.get("attempt", 1) == attempt]}

@@ -5,7 +5,7 @@
 import { request } from "./api.js";
 import { lossChart, memoryChart } from "./chart.js";
 import { h, table } from "./dom.js";
-import { deviationText, formatBytes, modelLabel, planText, timeText } from "./format.js";
+import { deviationText, elapsedText, formatBytes, modelLabel, planText, timeText } from "./format.js";
 
 const POLL_MS = 1000;
 // job statuses: TERMINAL of client/fitprobe_client/status.py, the values the API sends
@@ -39,6 +39,9 @@ export async function showJob(root, id, isCurrent) {
       else root.replaceChildren(h("p", { class: "error", role: "alert" }, message));
     }
     if (job && TERMINAL.includes(job.status)) return;
+    // a 304 re-renders nothing, but the clock moves on
+    const elapsed = root.querySelector("#job-elapsed");
+    if (elapsed && job) elapsed.textContent = elapsedText(job);
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
   }
 }
@@ -68,6 +71,7 @@ function render(root, job) {
       spec.gradient_checkpointing ? " · checkpointing" : "",
       ` · ${spec.mode} · device ${job.device ?? "not yet assigned"} · phase ${job.phase ?? "-"}`,
       ` · submitted ${timeText(job.created_at)}`),
+    TERMINAL.includes(job.status) ? null : progressLine(job),
     TERMINAL.includes(job.status) ? null
       : h("button", { type: "button", class: "danger", id: "cancel-job", onclick: () => cancel(job.id, root) },
         "Cancel this probe"),
@@ -82,6 +86,16 @@ function render(root, job) {
     job.verification ? verificationSection(job.verification, job.plan) : null,
     job.status === "succeeded" && job.plan ? (keep ?? exportsSection(job)) : null,
   ].filter(Boolean));
+}
+
+// What a running job is doing now, as the CLI's progress line says it: the trial in progress (or the phase)
+// and the time since it started, which ticks between polls.
+function progressLine(job) {
+  const doing = job.trying_micro_batch
+    ? `trying micro-batch ${job.trying_micro_batch}`
+    : (job.phase ?? job.status).replaceAll("_", " ");
+  return h("p", { class: "meta", id: "job-progress", role: "status" },
+    h("span", { id: "job-doing" }, doing), " · ", h("span", { id: "job-elapsed" }, elapsedText(job)));
 }
 
 async function cancel(id, root) {
@@ -137,10 +151,12 @@ function curveSection(job, search, capacity) {
 
 // Where an OOM trial stopped, in the units of the rest of the page (as the CLI says it), not the
 // allocator's raw byte counts.
+// Only the numbers the trial has: an estimate's refusal may know neither.
 function oomNote(trial) {
-  if (trial.oom_request_bytes === null || trial.oom_request_bytes === undefined) return "out of memory";
-  return `out of memory at ${formatBytes(trial.oom_live_bytes)} live while allocating `
-    + formatBytes(trial.oom_request_bytes);
+  const known = (bytes) => bytes !== null && bytes !== undefined;
+  return "out of memory"
+    + (known(trial.oom_live_bytes) ? ` at ${formatBytes(trial.oom_live_bytes)} live` : "")
+    + (known(trial.oom_request_bytes) ? ` while allocating ${formatBytes(trial.oom_request_bytes)}` : "");
 }
 
 /** Nothing fits: what micro-batch 1 needs against the capacity, and each setting with whether it would fit. */

@@ -18,14 +18,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from fitprobe_client.client import (BadRequest, ConfigFileError, FitprobeClient, ServerError, TimedOut,
                                     Unreachable)
+from fitprobe_client.phases import PhaseLines, trial_outcome
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET, EXIT_UNREACHABLE
-from fitprobe_client.spec_table import add_spec_options, missing, spec_body
+from fitprobe_client.spec_table import add_spec_options, default_of, missing, spec_body
 from fitprobe_client.status import TERMINAL
-from fitprobe_client.units import format_bytes
 from fitprobe_client.verdict import plan_words, verdict
 
 
@@ -88,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
             source = job.get("search_cached_from")
             _progress(f"probe {job['id']} {job['status']}{' (cached)' if job.get('cached') else ''}"
                       f"{f' (search cached from probe {source}; verifying the plan)' if source else ''}")
+            precision = (job.get("spec") or {}).get("precision")
+            default = " (the default precision; --precision to change)" if precision == default_of("precision") else ""
+            _progress(f"precision {precision}{default}")
             if job["status"] not in TERMINAL:
-                job = client.wait(job["id"], timeout_s, on_event=_print_event)
+                job = client.wait(job["id"], timeout_s, on_event=_event_printer())
         except ConfigFileError as exc:
             return _refused(args, str(exc))
         except BadRequest as exc:
@@ -130,16 +134,20 @@ def _progress(message: str) -> None:
     print(f"[fitprobe] {message}", file=sys.stderr, flush=True)
 
 
-def _print_event(event: dict[str, Any]) -> None:
-    if event["type"] == "phase":
-        _progress(f"phase: {event['phase']}")
-    elif event["type"] == "trial_started":
-        _progress(f"trial micro_batch={event['micro_batch']} ...")
-    elif event["type"] == "trial":
-        outcome = (f"fits, peak {format_bytes(event.get('peak_allocated_bytes'))}" if event.get("fits") else
-                   f"out of memory at {format_bytes(event.get('oom_live_bytes'))} while allocating "
-                   f"{format_bytes(event.get('oom_request_bytes'))}")
-        _progress(f"trial micro_batch={event['micro_batch']}: {outcome}")
+def _event_printer() -> Callable[[dict[str, Any]], None]:
+    """Progress on stderr for one job: each phase once, with what it is doing."""
+    phase_lines = PhaseLines()
+
+    def print_event(event: dict[str, Any]) -> None:
+        if event["type"] == "phase":
+            words = phase_lines(event)
+            if words:
+                _progress(f"phase: {words}")
+        elif event["type"] == "trial_started":
+            _progress(f"trial micro_batch={event['micro_batch']} ...")
+        elif event["type"] == "trial":
+            _progress(f"trial micro_batch={event['micro_batch']}: {trial_outcome(event)}")
+    return print_event
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,11 @@ def table() -> dict[str, Any]:
     return json.loads(files("fitprobe_client").joinpath("spec_options.json").read_text(encoding="utf-8"))
 
 
+def default_of(dest: str) -> Any:
+    """A spec field's default as the table (ProbeSpec) has it: what the server uses when the option is left out."""
+    return next((row["default"] for row in table()["options"] if row["dest"] == dest), None)
+
+
 def _number(row: dict[str, Any]) -> Callable[[str], Any]:
     """argparse type: a number within the field's bounds, refused naming the field and the bound."""
     kind, low, high, field = KINDS[row["kind"]], row["minimum"], row["maximum"], row["dest"]

@@ -23,9 +23,13 @@ ESTIMATED = "estimated, not run on a device"
 
 
 def plan_words(plan: dict[str, Any]) -> str:
-    """The server's words for the split; a plan cached by a server older than `equation` gets the numbers."""
-    return plan.get("equation") or (f"{plan['effective_batch']} = {plan['micro_batch']} × "
-                                    f"{plan['accumulation_steps']} × {plan['num_devices']} devices")
+    """The server's words for the split (in tokens for a token budget); a plan cached by a server older than
+    `equation` gets its numbers in the same notation (probe/plan.py plan_equation)."""
+    tokens = (plan.get("tokens") or {}).get("equation")
+    devices = plan["num_devices"]
+    return tokens or plan.get("equation") or (f"{plan['effective_batch']} = {plan['micro_batch']} micro × "
+                                              f"{plan['accumulation_steps']} accum × {devices} "
+                                              f"device{'s' if devices > 1 else ''}")
 
 
 def verdict(job: dict[str, Any], require_exact: bool = False, accept_estimate: bool = False) -> tuple[bool, str]:

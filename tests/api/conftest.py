@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 from fitprobe.app.config import Settings
 from fitprobe.app.main import create_app
 
-FAST_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "effective_batch": 24}
+FAST_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16 << 20, "effective_batch": 24}
 # long enough to still be running when a test kills or cancels it (within the CPU device's 1 GiB)
-SLOW_JOB = {"model": "builtin:gpt-base", "seq_len": 512, "capacity_bytes": 1 << 30, "reuse": False}
+SLOW_JOB = {"model": "builtin:gpt-base", "seq_len": 512, "precision": "fp32", "capacity_bytes": 1 << 30, "reuse": False}
 
 
 def free_port() -> int:

@@ -18,8 +18,8 @@ from tests.api.conftest import SLOW_JOB, start_server, wait_for
 
 # 12 MiB makes builtin:gpt-nano run out of memory below 37, so the probe has OOM trials, and 37 (prime)
 # has no fast even split: the plan is the even 37 × 1, the faster uneven split (19 + 18) a labelled alternative
-UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "effective_batch": "37", "capacity_bytes": "12MiB"}
-WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "precision": "fp32", "effective_batch": "37",
+              "capacity_bytes": "12MiB"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,11 @@ def page(browser: Browser) -> Iterator[Page]:
 
 def fill_form(page: Page, fields: dict[str, str], reuse: bool = True) -> None:
     for name, value in fields.items():
-        page.fill(f"[id='f-{name}']", value)
+        field = page.locator(f"[id='f-{name}']")
+        if field.evaluate("element => element.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
     if not reuse:
         page.click("text=More settings")
         page.uncheck("#f-reuse")
@@ -93,20 +97,20 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_plan_with_its_uneven_a
     # 37 is prime: the only even exact split is 37 micro-batches of 1, the plan every framework runs
     plan = job["plan"]
     assert plan["last_micro_batch"] is None and plan["effective_batch"] == 37
-    expect(page.locator("#plan-text")).to_have_text("37 = 37 × 1 (37 micro-batches of 1)")
+    expect(page.locator("#plan-text")).to_have_text("37 = 1 micro × 37 accum × 1 device")
     # the uneven split, labelled, written as full micro-batches plus the last, and the arithmetic holds
     uneven_row = page.locator("table.alternatives tr", has=page.locator("td.uneven"))
     expect(uneven_row).to_have_count(1)
     uneven = next(alt for alt in plan["alternatives"] if alt["last_micro_batch"])
     text = uneven_row.locator("td:nth-child(2)").inner_text()
-    match = re.fullmatch(r"(\d+) = (\d+) × (\d+) \+ (\d+) "
-                         r"\((\w+) micro-batch(?:es)? of (\d+), then one of (\d+)\)", text)
+    match = re.fullmatch(r"(\d+) = (\d+) micro × (\d+) accum × 1 device \((?:(\d+) × )?(\d+) \+ (\d+)\)", text)
     assert match, text
-    total, full, micro, last, word, micro_again, last_again = match.groups()
+    total, micro, steps, full, micro_again, last = match.groups()
+    full = full or "1"
     assert int(total) == int(full) * int(micro) + int(last) == 37
-    assert (int(micro), int(last), int(full) + 1) == (uneven["micro_batch"], uneven["last_micro_batch"],
-                                                      uneven["accumulation_steps"])
-    assert (word, micro_again, last_again) == (WORDS[int(full)], micro, last)
+    assert (int(micro), int(last), int(full) + 1, int(steps)) == (uneven["micro_batch"], uneven["last_micro_batch"],
+                                                                  uneven["accumulation_steps"], uneven["accumulation_steps"])
+    assert micro_again == micro
     expect(page.locator("#uneven-note")).to_contain_text("HF Trainer")
     expect(page.get_by_text(plan["reason"])).to_be_visible()
     # every split on the page in the plan's own notation, the one the CLI and the exports print
@@ -212,6 +216,27 @@ def test_cancel_from_the_job_page_and_the_list_shows_it(server, page, tmp_path):
     page.screenshot(path=tmp_path / "list.png", full_page=True)
 
 
+@pytest.mark.slow  # a gpt-base trial runs while the page is read (~16 s)
+def test_the_running_page_says_which_micro_batch_it_is_trying_and_for_how_long(server, page):
+    with server.client() as client:
+        job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
+        wait_for(client, job_id, ("running",))
+        page.goto(f"{server.url}/#/probes/{job_id}")
+        doing = page.locator("#job-doing")
+        expect(doing).to_have_text(re.compile(r"^trying micro-batch \d+$"), timeout=60_000)
+        trying = int(doing.text_content().rsplit(" ", 1)[1])
+        job = client.get(f"/v1/probes/{job_id}").json()
+        # the API's account: the trial started last, or (when it ended since) one with a result
+        assert trying == job["trying_micro_batch"] or trying in [t["micro_batch"] for t in job["trials"]]
+        elapsed = page.locator("#job-elapsed")
+        expect(elapsed).to_have_text(re.compile(r"^(\d+s|\d+m \d\ds) elapsed$"))
+        first = elapsed.text_content()
+        expect(elapsed).not_to_have_text(first, timeout=5_000)  # the clock ticks between polls
+        client.delete(f"/v1/probes/{job_id}")
+        expect(page.locator("#job-status")).to_have_text("cancelled", timeout=30_000)
+        expect(page.locator("#job-progress")).to_have_count(0)
+
+
 def test_cancel_from_the_list(server, page):
     with server.client() as client:
         job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]
@@ -244,7 +269,8 @@ def test_the_page_asks_for_a_token_once_and_keeps_it_for_the_tab(tmp_path, page)
 
 def test_an_estimates_page_says_it_was_estimated_not_run_on_a_device(server, page):
     with server.client() as client:
-        job_id = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate",
+        job_id = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32",
+                                                 "mode": "estimate",
                                                  "capacity_bytes": 16 << 20, "effective_batch": 8}).json()["id"]
         wait_for(client, job_id, ("succeeded",))
     page.goto(f"{server.url}/#/probes/{job_id}")

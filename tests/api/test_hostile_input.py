@@ -14,7 +14,8 @@ from tests.api.chromium import rendered_dom
 
 MAX_BODY_BYTES = 256 * 1024  # app/config.py's default
 PLAN = {"effective_batch": 64, "max_micro_batch": 8}
-CHEAP_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate", "capacity_bytes": "1GiB", "reuse": False}
+CHEAP_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "mode": "estimate", "capacity_bytes": "1GiB",
+             "reuse": False}
 
 
 def _total(client) -> int:

@@ -213,7 +213,7 @@ def test_many_slow_clients_do_not_block_a_fast_one(server):
 
 
 # ---- 5. strict input types -------------------------------------------------------------------------
-ESTIMATE = {"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate", "capacity_bytes": "1GiB",
+ESTIMATE = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "mode": "estimate", "capacity_bytes": "1GiB",
             "effective_batch": 8, "reuse": False}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import pytest
 from fitprobe_client.client import FitprobeClient
 from tests.api.conftest import SLOW_JOB, free_port
 
-NANO = ("--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "16777216")
+NANO = ("--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16777216")
 # a gpt2 small enough to probe and verify in seconds on the CPU device; dropout off because the
 # verification compares two cuts of the same examples, and gpt2's default 0.1 dropout draws other masks
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 256, "n_positions": 64,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-TINY_GPT2_RUN = ("--seq-len", "32", "--capacity", "32MiB", "--effective-batch", "8")
+TINY_GPT2_RUN = ("--seq-len", "32", "--precision", "fp32", "--capacity", "32MiB", "--effective-batch", "8")
 
 
 def preflight(*args: str) -> subprocess.CompletedProcess:
@@ -89,6 +90,11 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     job = json.loads(run.stdout)
     assert job["status"] == "succeeded" and job["report"]["does_not_fit"]["needs_bytes"] > 60_000_000
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
+    assert "[fitprobe] precision bf16-mixed (the default precision" in run.stderr  # no --precision was given
+    # each phase once, and each sizing line names the setting it sizes
+    sizing = [line for line in run.stderr.splitlines() if line.startswith("[fitprobe] phase: sizing the step")]
+    assert len(sizing) == len(set(sizing)) > 2, sizing
+    assert all(re.match(r"\[fitprobe\] phase: sizing the step \d+/\d+: ", line) for line in sizing[1:]), sizing
 
 
 def test_rerunning_a_gate_that_does_not_fit_gives_the_same_fail_and_exit_1(server):
@@ -105,6 +111,7 @@ def test_rerunning_a_gate_that_does_not_fit_gives_the_same_fail_and_exit_1(serve
     assert "measured on this service's CPU device: capacity 976.6KiB, the capacity asked; needs " in verdict(first)
     job = json.loads(other.stdout)
     assert job["cached"] and job["plan"] is None and job["report"]["does_not_fit"], job
+
 
 def test_an_estimate_passes_the_gate_only_when_accepted_and_the_line_says_estimated(server):
     estimate = ("--server", server.url, *NANO, "--estimate", "--effective-batch", "8")
@@ -124,11 +131,13 @@ def test_an_estimate_passes_the_gate_only_when_accepted_and_the_line_says_estima
 
 def test_an_accepted_estimate_that_keeps_no_headroom_fails(server):
     # 5 MB with 30 % kept free: gpt-nano at seq 32 runs micro-batch 1 at ~4.1 MB, above the 3.5 MB line
-    run = preflight("--server", server.url, "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "5000000",
+    run = preflight("--server", server.url, "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                    "--capacity", "5000000",
                     "--headroom", "0.3", "--estimate", "--effective-batch", "8", "--accept-estimate")
     assert run.returncode == 1, run.stderr
     line = verdict(run)
-    assert line.startswith("FAIL: estimated plan 8 = 8 × 1 ") and "does not keep the 30% headroom" in line, line
+    assert line.startswith("FAIL: estimated plan 8 = 1 micro × 8 accum × 1 device "), line
+    assert "does not keep the 30% headroom" in line, line
 
 
 @pytest.mark.slow

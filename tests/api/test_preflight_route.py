@@ -8,7 +8,7 @@ import pytest
 
 from tests.api.conftest import SLOW_JOB
 
-NANO = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20}
+NANO = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16 << 20}
 
 
 def curl(url: str, body: str, *headers: str) -> subprocess.CompletedProcess:
@@ -20,7 +20,7 @@ def curl(url: str, body: str, *headers: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_verified_plan_answers_200_and_one_pass_line(server):
-    run = curl(server.url, '{"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16777216, '
+    run = curl(server.url, '{"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16777216, '
                            '"effective_batch": 20, "reuse": false}')
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("PASS: 20 = ") and "(verified; peak " in run.stdout, run.stdout
@@ -30,7 +30,7 @@ def test_a_verified_plan_answers_200_and_one_pass_line(server):
 @pytest.mark.slow
 def test_a_plan_that_cannot_be_met_answers_409_so_curl_fails_the_step_and_prints_why(server):
     # 1 MB is less than micro-batch 1 of gpt-nano needs
-    run = curl(server.url, '{"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 1000000, '
+    run = curl(server.url, '{"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 1000000, '
                            '"effective_batch": 8}')
     assert run.returncode == 22 and "409" in run.stderr, (run.stdout, run.stderr)
     assert run.stdout.startswith("FAIL: does not fit: even micro-batch 1 does not fit"), run.stdout

@@ -40,6 +40,8 @@ def test_the_compact_list_carries_what_a_table_shows_without_trials_or_report(cl
     assert (row["max_micro_batch"], row["safe_micro_batch"]) == (job["report"]["search"]["max_micro_batch"],
                                                                  job["report"]["search"]["safe_micro_batch"])
     assert row["plan"]["effective_batch"] == job["plan"]["effective_batch"]
+    # the list writes the plan as the page and the CLI do: its one equation, not numbers of its own
+    assert row["plan"]["equation"] == job["plan"]["equation"] and " micro × " in row["plan"]["equation"]
     assert row["verified"] == job["verification"]["passed"]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.api.conftest import Server, start_server, wait_for
 
-BOMB = {"model": "builtin:gpt-nano", "seq_len": 64, "capacity_bytes": "100MiB", "sharding": "fsdp",
+BOMB = {"model": "builtin:gpt-nano", "seq_len": 64, "precision": "fp32", "capacity_bytes": "100MiB", "sharding": "fsdp",
         "num_devices": 1024}
 # a measured sharded job: every trial spawns two gloo ranks, for a few seconds in all on the CPU
 TWO_RANKS = {**BOMB, "num_devices": 2, "reuse": False}

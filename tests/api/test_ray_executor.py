@@ -25,7 +25,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402 - a local multi-node cluster, for tests (ray's own)
 pytestmark = pytest.mark.slow
 
-QUICK_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "reuse": False}
+QUICK_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16 << 20, "reuse": False}
 TWO_DEVICE_JOB = {**QUICK_JOB, "effective_batch": 8, "num_devices": 2}
 STAND_IN_DEVICES = 2
 

@@ -23,7 +23,7 @@ from fitprobe_client.status import JobStatus
 from tests.api.conftest import SLOW_JOB, Server, start_server, wait_for
 from tests.postgres import create_database
 
-NO_VERIFY_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16 << 20, "reuse": False}
+NO_VERIFY_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16 << 20, "reuse": False}
 LEASE_S = 3.0
 
 

@@ -107,7 +107,7 @@ def test_the_worker_loop_retries_database_errors_and_reports_them_until_they_pas
     assert seen == ["database is locked"] and worker.db_error is None
 
 
-TWO_DEVICES = {"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16777216, "effective_batch": 8,
+TWO_DEVICES = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16777216, "effective_batch": 8,
                "num_devices": 2, "reuse": False}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fitprobe_client.verdict import verdict
 
-PLAN = {"equation": "8 = 4 × 2 (four micro-batches of 2)", "exact": True, "effective_batch": 8,
+PLAN = {"equation": "8 = 2 micro × 4 accum × 1 device", "exact": True, "effective_batch": 8,
         "micro_batch": 2, "accumulation_steps": 4, "num_devices": 1}
 
 
@@ -13,5 +13,5 @@ def test_an_estimate_jobs_verdict_says_its_plan_was_estimated_not_run_on_a_devic
            "report": {"does_not_fit": None}}
     passed, line = verdict(job)
     assert not passed
-    assert line == ("FAIL: plan not verified: 8 = 4 × 2 (four micro-batches of 2), estimated, not run on a device; "
+    assert line == ("FAIL: plan not verified: 8 = 2 micro × 4 accum × 1 device, estimated, not run on a device; "
                     "to gate on an estimate, pass --accept-estimate (API: accept_estimate: true)")
