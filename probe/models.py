@@ -22,6 +22,7 @@ from torch import nn
 from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
 from fitprobe.probe.hub import read_config
 from fitprobe.probe.model_bounds import ModelLimits, check_model
+from fitprobe.probe.model_call import hf_logits
 from fitprobe.probe import quantization
 from fitprobe.probe.presets import PRESETS
 from fitprobe.probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
@@ -84,16 +85,6 @@ def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise SpecError("this model takes no position ids: use collation padded or packed")
     out = module(input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    # called exactly as a training loop calls the model: `use_cache` is left to the config, because
-    # the cache changes what autograd keeps (Phi-3 copies values out of its fused qkv output into
-    # the cache, which frees the fused buffer; use_cache=False keeps it alive through backward)
-    if position_ids is not None:  # flattened rows: as DataCollatorWithFlattening's batches reach the model
-        return module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return module(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _unknown(what: str, name: str, names: Collection[str]) -> SpecError:
@@ -174,7 +165,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
     ref = spec.model
     if isinstance(ref, dict) or ref.startswith("hf:"):
         config = _read_hf_reference(ref)
-        return _hf_constructor(config), _hf_logits
+        return _hf_constructor(config), hf_logits
     kind, _, name = ref.partition(":")
     if kind == "builtin":
         if name not in BUILTIN_CONFIGS:
@@ -185,7 +176,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
         if name not in PRESETS:
             raise _unknown("preset", name, PRESETS)
         model_type, fields = PRESETS[name]
-        return _hf_constructor(_hf_config(model_type, dict(fields))), _hf_logits
+        return _hf_constructor(_hf_config(model_type, dict(fields))), hf_logits
     if kind == "factory":
         return _resolve_factory(ref, allowed_factories), _plain_logits
     raise _not_understood(ref)

@@ -9,6 +9,13 @@ exactly what `transformers.Trainer` builds for it (`trainer_optimizer.py`: the s
 arguments), with the one choice torch would make by device stated explicitly: an estimate is for a CUDA
 card, so it runs what CUDA runs even on a CPU-only host.
 
+Under an 8-bit bitsandbytes optimizer the Trainer's `create_optimizer` registers every `nn.Embedding` weight
+for 32-bit state (`GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})`):
+token embeddings are the largest trained matrix of most models, and an 8-bit build that forgot them was
+6 bytes per embedding parameter under the Trainer (15-18 % of a small model's peak). Its parameter groups
+are the Trainer's too (decayed weights, then biases and norms): torch runs its foreach loop once per
+group, so the group split sizes the foreach temporary.
+
 bitsandbytes' paged optimizers keep large states in CUDA unified memory, outside torch's allocator; the
 driver may evict them to host memory under pressure. fitprobe counts them as device memory (the
 worst case: nothing evicted), and says so in the report.
@@ -16,7 +23,7 @@ worst case: nothing evicted), and says so in the report.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +31,7 @@ from fitprobe.probe.spec import ProbeSpec, SpecError
 
 if TYPE_CHECKING:  # torch only where an optimizer is built: exports and the CLI's help name them without it
     import torch
+    from torch import nn
 
 DeviceType = Literal["cuda", "cpu"]
 
@@ -59,6 +67,10 @@ KINDS: dict[str, OptimizerKind] = {kind.name: kind for kind in (
 )}
 # HF's defaults for the Adam family (TrainingArguments adam_beta1/2, adam_epsilon, weight_decay)
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
+# the parameters HF Trainer does not decay (`Trainer.get_decay_parameter_names`): these name patterns
+# (lower-cased), and every parameter of an nn.LayerNorm
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+EMBEDDING_NOTE = "nn.Embedding weights keep 32-bit state, as HF Trainer registers them with bitsandbytes"
 
 
 def device_type_of(spec: ProbeSpec) -> DeviceType:
@@ -85,10 +97,12 @@ def report_facts(spec: ProbeSpec) -> dict[str, str | None]:
     """What the report says about the optimizer: the name, the exact implementation, and for paged ones
     how their state was counted."""
     device_type = device_type_of(spec)
-    note = None
-    if KINDS[spec.optimizer].paged:
-        note = ("paged optimizer state is counted as device memory: the driver may move it to host memory "
-                "under pressure, so the real peak can be lower, never higher")
+    kind = KINDS[spec.optimizer]
+    notes = [EMBEDDING_NOTE] if kind.library == "bitsandbytes" and kind.bits == 8 else []
+    if kind.paged:
+        notes.append("paged optimizer state is counted as device memory: the driver may move it to host memory "
+                     "under pressure, so the real peak can be lower, never higher")
+    note = "; ".join(notes) or None
     return {"name": spec.optimizer, "implementation": implementation(spec.optimizer, device_type),
             "runs_on": device_type, "note": note}
 
@@ -102,9 +116,27 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
-                   device_type: DeviceType) -> torch.optim.Optimizer:
-    """Build the optimizer `name` names, as HF Trainer builds it, for a device of `device_type`.
+def parameter_groups(module: nn.Module) -> list[dict]:
+    """The trained parameters in HF Trainer's two groups: decayed weights, then biases and norms.
+
+    Both get weight decay 0.0 (the Trainer's default), so only the split matters: a foreach loop runs
+    once per group. Tied parameters count once, as `named_parameters()` yields them.
+    """
+    from torch import nn
+
+    in_layer_norm = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            skip = id(p) in in_layer_norm or NO_DECAY.search(name.lower())
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceType) -> torch.optim.Optimizer:
+    """Build the optimizer `name` names for `module`'s trained parameters, as HF Trainer builds it, for a
+    device of `device_type`.
 
     `device_type` is where the step is meant to run, not where these tensors live: an estimate's fake
     tensors sit on the CPU but stand for a CUDA card, so `adamw_torch` gets CUDA's foreach loop.
@@ -112,18 +144,18 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    params = list(params)
+    groups = parameter_groups(module)
     if name == "adamw_torch_fused":
-        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
     if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
+        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
                                  foreach=device_type == "cuda")
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(groups, lr=lr)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False)
     kind = KINDS.get(name)
     if kind is None:
         raise SpecError(f"optimizer: unknown {name!r}; choose one of {', '.join(KINDS)}")
@@ -133,7 +165,28 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     # the constructor computes its quantization maps with data-dependent ops, which fake tensors cannot
     # run; the maps are 256 floats made outside any mode and moved to the parameters' device on first use
     with _disable_current_modes():
-        return cls(params, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
+        optimizer = cls(groups, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
+    if kind.bits == 8:
+        _embeddings_in_32_bits(optimizer, module)
+    return optimizer
+
+
+def _embeddings_in_32_bits(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    """What `Trainer.create_optimizer` does under an 8-bit bitsandbytes optimizer: every nn.Embedding weight
+    gets 32-bit state, applied by bitsandbytes itself at the first step (`check_overrides`).
+
+    The Trainer registers the modules with bitsandbytes' process-wide manager, which keeps every module
+    alive for the life of the process; a manager of this optimizer's own reads the same registrations
+    and lets each trial's model go.
+    """
+    from torch import nn
+
+    manager_cls = _bitsandbytes().optim.GlobalOptimManager
+    manager = manager_cls.__new__(manager_cls)
+    manager.initialize()
+    for embedding in (m for m in module.modules() if isinstance(m, nn.Embedding)):
+        manager.register_module_override(embedding, "weight", {"optim_bits": 32})
+    optimizer.mng = manager  # type: ignore[attr-defined]  # bitsandbytes' Optimizer8bit reads it
 
 
 def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:

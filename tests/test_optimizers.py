@@ -48,10 +48,12 @@ def trial_peak(family: str, optim: str, micro_batch: int, **extra) -> int:
 
 @pytest.mark.parametrize("optim", get_args(Optimizer))
 def test_every_name_builds_the_class_hf_trainer_builds(optim):
-    param = torch.nn.Parameter(torch.zeros(4, 4))
-    ours = optimizers.make_optimizer(optim, [param], 1e-4, "cuda")
-    theirs = hf_trainer_optimizer(optim, [torch.nn.Parameter(torch.zeros(4, 4))])
+    ours = optimizers.make_optimizer(optim, torch.nn.Linear(4, 4), 1e-4, "cuda")
+    theirs = hf_trainer_optimizer(optim, torch.nn.Linear(4, 4))
     assert type(ours) is type(theirs)
+    # the Trainer's groups: decayed weights, then biases and norms (a foreach loop runs once per group)
+    assert [[p.shape for p in g["params"]] for g in ours.param_groups] == \
+        [[p.shape for p in g["params"]] for g in theirs.param_groups]
     for key in ("fused", "is_paged", "optim_bits", "momentum", "relative_step", "scale_parameter"):
         assert ours.defaults.get(key, getattr(ours, key, None)) == theirs.defaults.get(key, getattr(theirs, key, None))
 
