@@ -26,7 +26,7 @@ from fitprobe.probe.model_call import hf_logits
 from fitprobe.probe import quantization
 from fitprobe.probe.presets import PRESETS
 from fitprobe.probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
-from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.spec import ALL_LINEAR, ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.recompute import CHECKPOINT_KWARGS
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
@@ -222,11 +222,18 @@ def parameter_bytes(module: nn.Module) -> int:
 
 def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
     except ImportError as exc:
         raise SpecError("finetuning=lora needs peft: pip install 'fitprobe[hf]'") from exc
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
     targets = spec.lora.targets
+    if targets == [ALL_LINEAR]:  # PEFT finds the linear layers itself (transformers models only)
+        from transformers import PreTrainedModel  # peft needs it, so it is there
+
+        if not isinstance(module, PreTrainedModel):
+            raise SpecError(f"lora.targets: {ALL_LINEAR} is PEFT's value for transformers models; name this "
+                            "model's modules instead")
+        return get_peft_model(module, _lora_config(spec, module, ALL_LINEAR))
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
     if targets is None:
         targets = next((t for t in DEFAULT_LORA_TARGETS if set(t) <= leaf_names), None)
         if targets is None:
@@ -238,9 +245,14 @@ def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
         raise SpecError(
             f"LoRA targets {missing} are not modules of this model; pick from {linear_names}"
         )
-    config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=list(targets),
-                        lora_dropout=0.0, fan_in_fan_out=type(module).__name__.startswith("GPT2"))
-    return get_peft_model(module, config)
+    return get_peft_model(module, _lora_config(spec, module, list(targets)))
+
+
+def _lora_config(spec: ProbeSpec, module: nn.Module, targets: list[str] | str) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=targets, lora_dropout=0.0,
+                      fan_in_fan_out=type(module).__name__.startswith("GPT2"))
 
 
 def _enable_checkpointing(module: nn.Module) -> None:
@@ -371,6 +383,11 @@ def _check_lora_targets(spec: ProbeSpec, model_type: str) -> None:
         if not any(set(default) <= names for default in DEFAULT_LORA_TARGETS):
             raise SpecError("lora.targets: no default LoRA targets in this model; name them in lora.targets "
                             f"(--lora-targets), from {sorted(names)}")
+        return
+    if targets == [ALL_LINEAR]:
+        if model_type == "builtin":
+            raise SpecError(f"lora.targets: {ALL_LINEAR} is PEFT's value for transformers models; name the "
+                            f"builtin model's modules instead, from {sorted(names)}")
         return
     missing = sorted(set(targets) - names)
     if missing:

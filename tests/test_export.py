@@ -272,3 +272,24 @@ def test_a_lora_probes_export_names_the_modules_it_adapted(capsys):
     notes = json.loads(capsys.readouterr().out)["provenance"]["notes"]
     lora = next(note for note in notes if note.startswith("LoRA:"))
     assert 'target_modules=["c_attn"])' in lora, lora
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_hf_export_always_says_whether_to_checkpoint_so_trls_default_cannot_turn_it_on(checkpointing, tmp_path):
+    """SFTConfig defaults gradient checkpointing to True: a config that left it out trained another step."""
+    from trl import SFTConfig
+
+    config = export_plan(make_plan(96, 32).facts(), {"gradient_checkpointing": checkpointing}, "hf")["config"]
+    assert config["gradient_checkpointing"] is checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5 warns on gradient_checkpointing alone
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **config)
+    assert (args.gradient_checkpointing, args.activation_checkpointing) == (checkpointing, checkpointing)
+
+
+def test_all_linear_lora_exports_peft_and_axolotl_spellings():
+    spec = {"finetuning": "lora", "lora": {"rank": 8, "alpha": 16, "targets": ["all-linear"]}}
+    notes = export_plan(make_plan(96, 32).facts(), spec, "hf")["provenance"]["notes"]
+    assert any('target_modules="all-linear")' in note for note in notes), notes
+    axolotl = export_plan(make_plan(96, 32).facts(), spec, "axolotl")["config"]
+    assert axolotl["lora_target_linear"] is True and "lora_target_modules" not in axolotl

@@ -79,3 +79,34 @@ def test_flattened_batches_hold_what_hf_trainer_with_the_flattening_collator_hol
     expected = trainer_peak_bytes(GRANITE, micro_batch=4, seq_len=128, flatten=True)
     assert measured == pytest.approx(expected, rel=TOLERANCE)
     assert estimated == measured
+
+
+TINY_GRANITE = dict(GRANITE, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+
+
+def test_all_linear_lora_adapts_what_peft_adapts_and_trains():
+    """PEFT's own `target_modules="all-linear"` on the same model decides which layers get adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_GRANITE)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    for mode in ("measure", "estimate"):
+        report = run_trial(ProbeSpec(model=TINY_GRANITE, seq_len=32, capacity_bytes=1 << 32, finetuning="lora",
+                                     lora={"targets": "all-linear"}, mode=mode), 1).as_json()
+        assert report["trial"]["fits"]
+        assert report["model"]["trainable_parameters"] == trainable
+
+
+def test_all_linear_beside_module_names_or_on_a_builtin_model_is_refused_with_the_fix():
+    from pydantic import ValidationError
+
+    from fitprobe.probe.models import check_reference
+    from fitprobe.probe.spec import SpecError
+
+    with pytest.raises(ValidationError, match="name no other module beside it"):
+        ProbeSpec(finetuning="lora", lora={"targets": ["all-linear", "q_proj"]})
+    with pytest.raises(SpecError, match="name the builtin model's modules instead"):
+        check_reference(ProbeSpec(model="builtin:gpt-nano", finetuning="lora", lora={"targets": ["all-linear"]}))
