@@ -12,9 +12,14 @@ card, so it runs what CUDA runs even on a CPU-only host.
 Under an 8-bit bitsandbytes optimizer the Trainer's `create_optimizer` registers every `nn.Embedding` weight
 for 32-bit state (`GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})`):
 token embeddings are the largest trained matrix of most models, and an 8-bit build that forgot them was
-6 bytes per embedding parameter under the Trainer (15-18 % of a small model's peak). Its parameter groups
-are the Trainer's too (decayed weights, then biases and norms): torch runs its foreach loop once per
-group, so the group split sizes the foreach temporary.
+6 bytes per embedding parameter under the Trainer (15-18 % of a small model's peak).
+
+The Trainer puts the parameters in two groups (decayed weights, then biases and norms), both with weight
+decay 0.0 by default; here they stay one group in the model's order. Only torch's foreach loop sees the
+difference (it runs once per group, so its temporary is the larger group's, not all parameters'): one
+group over-counts `adamw_torch` on CUDA by the bytes of the biases and norms, never under. One group keeps
+per-parameter optimizers (bitsandbytes) updating in the model's order, which the estimate's
+extrapolation from shallow cuts relies on (probe/extrapolate.py).
 
 bitsandbytes' paged optimizers keep large states in CUDA unified memory, outside torch's allocator; the
 driver may evict them to host memory under pressure. fitprobe counts them as device memory (the
@@ -23,7 +28,6 @@ worst case: nothing evicted), and says so in the report.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -67,9 +71,6 @@ KINDS: dict[str, OptimizerKind] = {kind.name: kind for kind in (
 )}
 # HF's defaults for the Adam family (TrainingArguments adam_beta1/2, adam_epsilon, weight_decay)
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
-# the parameters HF Trainer does not decay (`Trainer.get_decay_parameter_names`): these name patterns
-# (lower-cased), and every parameter of an nn.LayerNorm
-NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 EMBEDDING_NOTE = "nn.Embedding weights keep 32-bit state, as HF Trainer registers them with bitsandbytes"
 
 
@@ -116,24 +117,6 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def parameter_groups(module: nn.Module) -> list[dict]:
-    """The trained parameters in HF Trainer's two groups: decayed weights, then biases and norms.
-
-    Both get weight decay 0.0 (the Trainer's default), so only the split matters: a foreach loop runs
-    once per group. Tied parameters count once, as `named_parameters()` yields them.
-    """
-    from torch import nn
-
-    in_layer_norm = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            skip = id(p) in in_layer_norm or NO_DECAY.search(name.lower())
-            (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceType) -> torch.optim.Optimizer:
     """Build the optimizer `name` names for `module`'s trained parameters, as HF Trainer builds it, for a
     device of `device_type`.
@@ -144,18 +127,18 @@ def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceT
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    groups = parameter_groups(module)
+    params = [p for p in module.parameters() if p.requires_grad]
     if name == "adamw_torch_fused":
-        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
+        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
     if name == "adamw_torch":
-        return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
+        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
                                  foreach=device_type == "cuda")
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr)
+        return torch.optim.SGD(params, lr=lr)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False)
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
     kind = KINDS.get(name)
     if kind is None:
         raise SpecError(f"optimizer: unknown {name!r}; choose one of {', '.join(KINDS)}")
@@ -165,7 +148,7 @@ def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceT
     # the constructor computes its quantization maps with data-dependent ops, which fake tensors cannot
     # run; the maps are 256 floats made outside any mode and moved to the parameters' device on first use
     with _disable_current_modes():
-        optimizer = cls(groups, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
+        optimizer = cls(params, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
     if kind.bits == 8:
         _embeddings_in_32_bits(optimizer, module)
     return optimizer

@@ -112,7 +112,9 @@ def hf_trainer_optimizer(optim: str, model: torch.nn.Module) -> torch.optim.Opti
     from transformers import Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(output_dir=output_dir, optim=optim, report_to=[], use_cpu=True, learning_rate=1e-4)
+        # the Trainer moves the model to its device: the one the model is on already
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        args = TrainingArguments(output_dir=output_dir, optim=optim, report_to=[], use_cpu=on_cpu, learning_rate=1e-4)
         return Trainer(model=model, args=args).create_optimizer()
 
 
