@@ -60,7 +60,7 @@ def _trial_and_estimate(fields: dict, micro_batch: int, **spec) -> tuple[int, in
     return peaks[0], peaks[1]
 
 
-@pytest.mark.slow  # ~45 s on the shared 2-core host: a real Trainer run and a trial
+@pytest.mark.slow  # 45-90 s on the shared 2-core host: a real Trainer run, a trial and an estimate
 def test_8bit_full_finetune_holds_what_hf_trainer_holds():
     """Micro-batch 1, with the second micro-step's forward holding the peak: weights, gradients and the
     optimizer state, the embedding's in 32 bits (bitsandbytes' CPU backend dequantizes its states into
@@ -71,7 +71,7 @@ def test_8bit_full_finetune_holds_what_hf_trainer_holds():
     assert estimated == measured
 
 
-@pytest.mark.slow  # ~60 s on the shared 2-core host: a real Trainer run and a trial
+@pytest.mark.slow  # 60-100 s on the shared 2-core host: a real Trainer run, a trial and an estimate
 def test_flattened_batches_hold_what_hf_trainer_with_the_flattening_collator_holds():
     """Four rows flattened into one: without a cache, transformers reads the restarting position ids and
     masks each row to itself (a model called with a cache attends across rows, with less memory)."""
