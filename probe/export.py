@@ -31,7 +31,7 @@ import yaml
 
 from fitprobe.probe.optimizers import implementation
 from fitprobe.probe.report import PlanFacts, Report, SplitFacts
-from fitprobe.probe.spec import DEFAULT_PRECISION, LEGACY_OPTIMIZER_NAMES, SpecError
+from fitprobe.probe.spec import ALL_LINEAR, DEFAULT_PRECISION, LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "trl", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -109,7 +109,12 @@ def _lora_note(run: Run) -> list[str]:
                 'target_modules=...) naming the modules fitprobe adapted: by default the attention projections, '
                 '["q_proj", "k_proj", "v_proj", "o_proj"] in Llama, Mistral, Qwen2 and Gemma, ["c_attn"] in GPT-2']
     return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora['rank']}, lora_alpha={run.lora['alpha']}, "
-            f"target_modules={json.dumps(list(targets))}) as fitprobe measured"]
+            f"target_modules={json.dumps(_peft_targets(targets))}) as fitprobe measured"]
+
+
+def _peft_targets(targets: list[str]) -> list[str] | str:
+    """PEFT's `target_modules`: a list of module names, or its own string "all-linear"."""
+    return ALL_LINEAR if targets == [ALL_LINEAR] else list(targets)
 
 
 def quantization_config(run: Run) -> dict[str, Any] | None:
@@ -181,11 +186,13 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
         config.update(padding_free=True, max_length=run.seq_len)
         notes.append("padding_free is a TRL SFTConfig field; with a plain Trainer pass "
                      "data_collator=DataCollatorWithFlattening()")
-    if run.gradient_checkpointing:
-        # transformers 5's name: its old one, gradient_checkpointing, warns (FutureWarning) until v6 removes it
-        config["activation_checkpointing"] = True
-        notes.append("activation_checkpointing is transformers 5's name; on transformers 4 write "
-                     "gradient_checkpointing=True instead")
+    # written either way: TRL's SFTConfig turns it on by default, so a config that leaves it out trains a step
+    # fitprobe did not measure. activation_checkpointing is transformers 5's name and, when set, wins without a
+    # warning over gradient_checkpointing, the alias it keeps until v6 (the one TRL and transformers 4 read)
+    config.update(gradient_checkpointing=run.gradient_checkpointing,
+                  activation_checkpointing=run.gradient_checkpointing)
+    notes.append("activation_checkpointing is transformers 5's name for gradient_checkpointing; on transformers 4 "
+                 "drop activation_checkpointing")
     return config, notes
 
 
@@ -296,11 +303,14 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
             if run.quantization != "nf4":
                 notes.append(f"QLoRA with {run.quantization}: axolotl loads nf4; set bnb_4bit_quant_type "
                              f"{run.quantization} in its bnb_config_kwargs")
-        if not run.lora.get("targets"):  # axolotl refuses a LoRA without them, and fitprobe cannot guess a model's
+        if run.lora.get("targets") == [ALL_LINEAR]:
+            config["lora_target_linear"] = True  # axolotl's switch for every linear layer
+        elif run.lora.get("targets"):
+            config["lora_target_modules"] = run.lora["targets"]
+        else:  # axolotl refuses a LoRA without them, and fitprobe cannot guess a model's
             raise ExportError("axolotl needs lora_target_modules: name the modules you adapt (fitprobe plan "
-                              "--lora-targets q_proj,k_proj,v_proj,o_proj), or export a probe's plan, which names "
-                              "the ones it measured")
-        config["lora_target_modules"] = run.lora["targets"]
+                              "--lora-targets q_proj,k_proj,v_proj,o_proj or all-linear), or export a probe's plan, "
+                              "which names the ones it measured")
     return config, notes
 
 

@@ -22,10 +22,11 @@ from torch import nn
 from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
 from fitprobe.probe.hub import read_config
 from fitprobe.probe.model_bounds import ModelLimits, check_model
+from fitprobe.probe.model_call import hf_logits
 from fitprobe.probe import quantization
 from fitprobe.probe.presets import PRESETS
 from fitprobe.probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
-from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.spec import ALL_LINEAR, ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.recompute import CHECKPOINT_KWARGS
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
@@ -84,16 +85,6 @@ def _plain_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise SpecError("this model takes no position ids: use collation padded or packed")
     out = module(input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def _hf_logits(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    # called exactly as a training loop calls the model: `use_cache` is left to the config, because
-    # the cache changes what autograd keeps (Phi-3 copies values out of its fused qkv output into
-    # the cache, which frees the fused buffer; use_cache=False keeps it alive through backward)
-    if position_ids is not None:  # flattened rows: as DataCollatorWithFlattening's batches reach the model
-        return module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return module(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _unknown(what: str, name: str, names: Collection[str]) -> SpecError:
@@ -174,7 +165,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
     ref = spec.model
     if isinstance(ref, dict) or ref.startswith("hf:"):
         config = _read_hf_reference(ref)
-        return _hf_constructor(config), _hf_logits
+        return _hf_constructor(config), hf_logits
     kind, _, name = ref.partition(":")
     if kind == "builtin":
         if name not in BUILTIN_CONFIGS:
@@ -185,7 +176,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
         if name not in PRESETS:
             raise _unknown("preset", name, PRESETS)
         model_type, fields = PRESETS[name]
-        return _hf_constructor(_hf_config(model_type, dict(fields))), _hf_logits
+        return _hf_constructor(_hf_config(model_type, dict(fields))), hf_logits
     if kind == "factory":
         return _resolve_factory(ref, allowed_factories), _plain_logits
     raise _not_understood(ref)
@@ -231,11 +222,18 @@ def parameter_bytes(module: nn.Module) -> int:
 
 def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
     except ImportError as exc:
         raise SpecError("finetuning=lora needs peft: pip install 'fitprobe[hf]'") from exc
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
     targets = spec.lora.targets
+    if targets == [ALL_LINEAR]:  # PEFT finds the linear layers itself (transformers models only)
+        from transformers import PreTrainedModel  # peft needs it, so it is there
+
+        if not isinstance(module, PreTrainedModel):
+            raise SpecError(f"lora.targets: {ALL_LINEAR} is PEFT's value for transformers models; name this "
+                            "model's modules instead")
+        return get_peft_model(module, _lora_config(spec, module, ALL_LINEAR))
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
     if targets is None:
         targets = next((t for t in DEFAULT_LORA_TARGETS if set(t) <= leaf_names), None)
         if targets is None:
@@ -247,9 +245,14 @@ def _apply_lora(module: nn.Module, spec: ProbeSpec) -> nn.Module:
         raise SpecError(
             f"LoRA targets {missing} are not modules of this model; pick from {linear_names}"
         )
-    config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=list(targets),
-                        lora_dropout=0.0, fan_in_fan_out=type(module).__name__.startswith("GPT2"))
-    return get_peft_model(module, config)
+    return get_peft_model(module, _lora_config(spec, module, list(targets)))
+
+
+def _lora_config(spec: ProbeSpec, module: nn.Module, targets: list[str] | str) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=targets, lora_dropout=0.0,
+                      fan_in_fan_out=type(module).__name__.startswith("GPT2"))
 
 
 def _enable_checkpointing(module: nn.Module) -> None:
@@ -380,6 +383,11 @@ def _check_lora_targets(spec: ProbeSpec, model_type: str) -> None:
         if not any(set(default) <= names for default in DEFAULT_LORA_TARGETS):
             raise SpecError("lora.targets: no default LoRA targets in this model; name them in lora.targets "
                             f"(--lora-targets), from {sorted(names)}")
+        return
+    if targets == [ALL_LINEAR]:
+        if model_type == "builtin":
+            raise SpecError(f"lora.targets: {ALL_LINEAR} is PEFT's value for transformers models; name the "
+                            f"builtin model's modules instead, from {sorted(names)}")
         return
     missing = sorted(set(targets) - names)
     if missing:

@@ -9,6 +9,18 @@ exactly what `transformers.Trainer` builds for it (`trainer_optimizer.py`: the s
 arguments), with the one choice torch would make by device stated explicitly: an estimate is for a CUDA
 card, so it runs what CUDA runs even on a CPU-only host.
 
+Under an 8-bit bitsandbytes optimizer the Trainer's `create_optimizer` registers every `nn.Embedding` weight
+for 32-bit state (`GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})`):
+token embeddings are the largest trained matrix of most models, and an 8-bit build that forgot them was
+6 bytes per embedding parameter under the Trainer (15-18 % of a small model's peak).
+
+The Trainer puts the parameters in two groups (decayed weights, then biases and norms), both with weight
+decay 0.0 by default; here they stay one group in the model's order. Only torch's foreach loop sees the
+difference (it runs once per group, so its temporary is the larger group's, not all parameters'): one
+group over-counts `adamw_torch` on CUDA by the bytes of the biases and norms, never under. One group keeps
+per-parameter optimizers (bitsandbytes) updating in the model's order, which the estimate's
+extrapolation from shallow cuts relies on (probe/extrapolate.py).
+
 bitsandbytes' paged optimizers keep large states in CUDA unified memory, outside torch's allocator; the
 driver may evict them to host memory under pressure. fitprobe counts them as device memory (the
 worst case: nothing evicted), and says so in the report.
@@ -16,7 +28,6 @@ worst case: nothing evicted), and says so in the report.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +35,7 @@ from fitprobe.probe.spec import ProbeSpec, SpecError
 
 if TYPE_CHECKING:  # torch only where an optimizer is built: exports and the CLI's help name them without it
     import torch
+    from torch import nn
 
 DeviceType = Literal["cuda", "cpu"]
 
@@ -59,6 +71,7 @@ KINDS: dict[str, OptimizerKind] = {kind.name: kind for kind in (
 )}
 # HF's defaults for the Adam family (TrainingArguments adam_beta1/2, adam_epsilon, weight_decay)
 ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0
+EMBEDDING_NOTE = "nn.Embedding weights keep 32-bit state, as HF Trainer registers them with bitsandbytes"
 
 
 def device_type_of(spec: ProbeSpec) -> DeviceType:
@@ -85,10 +98,12 @@ def report_facts(spec: ProbeSpec) -> dict[str, str | None]:
     """What the report says about the optimizer: the name, the exact implementation, and for paged ones
     how their state was counted."""
     device_type = device_type_of(spec)
-    note = None
-    if KINDS[spec.optimizer].paged:
-        note = ("paged optimizer state is counted as device memory: the driver may move it to host memory "
-                "under pressure, so the real peak can be lower, never higher")
+    kind = KINDS[spec.optimizer]
+    notes = [EMBEDDING_NOTE] if kind.library == "bitsandbytes" and kind.bits == 8 else []
+    if kind.paged:
+        notes.append("paged optimizer state is counted as device memory: the driver may move it to host memory "
+                     "under pressure, so the real peak can be lower, never higher")
+    note = "; ".join(notes) or None
     return {"name": spec.optimizer, "implementation": implementation(spec.optimizer, device_type),
             "runs_on": device_type, "note": note}
 
@@ -102,9 +117,9 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
-                   device_type: DeviceType) -> torch.optim.Optimizer:
-    """Build the optimizer `name` names, as HF Trainer builds it, for a device of `device_type`.
+def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceType) -> torch.optim.Optimizer:
+    """Build the optimizer `name` names for `module`'s trained parameters, as HF Trainer builds it, for a
+    device of `device_type`.
 
     `device_type` is where the step is meant to run, not where these tensors live: an estimate's fake
     tensors sit on the CPU but stand for a CUDA card, so `adamw_torch` gets CUDA's foreach loop.
@@ -112,7 +127,7 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    params = list(params)
+    params = [p for p in module.parameters() if p.requires_grad]
     if name == "adamw_torch_fused":
         return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True)
     if name == "adamw_torch":
@@ -133,7 +148,28 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     # the constructor computes its quantization maps with data-dependent ops, which fake tensors cannot
     # run; the maps are 256 floats made outside any mode and moved to the parameters' device on first use
     with _disable_current_modes():
-        return cls(params, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
+        optimizer = cls(params, lr=lr, betas=ADAM_BETAS, optim_bits=kind.bits, is_paged=kind.paged, **extra)
+    if kind.bits == 8:
+        _embeddings_in_32_bits(optimizer, module)
+    return optimizer
+
+
+def _embeddings_in_32_bits(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    """What `Trainer.create_optimizer` does under an 8-bit bitsandbytes optimizer: every nn.Embedding weight
+    gets 32-bit state, applied by bitsandbytes itself at the first step (`check_overrides`).
+
+    The Trainer registers the modules with bitsandbytes' process-wide manager, which keeps every module
+    alive for the life of the process; a manager of this optimizer's own reads the same registrations
+    and lets each trial's model go.
+    """
+    from torch import nn
+
+    manager_cls = _bitsandbytes().optim.GlobalOptimManager
+    manager = manager_cls.__new__(manager_cls)
+    manager.initialize()
+    for embedding in (m for m in module.modules() if isinstance(m, nn.Embedding)):
+        manager.register_module_override(embedding, "weight", {"optim_bits": 32})
+    optimizer.mng = manager  # type: ignore[attr-defined]  # bitsandbytes' Optimizer8bit reads it
 
 
 def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -98,6 +98,10 @@ def check_plain_json(value: Any) -> None:
                            for i, child in enumerate(node))
 
 
+# PEFT's `target_modules` value for every linear layer but the output head (QLoRA, Unsloth and Axolotl recipes)
+ALL_LINEAR = "all-linear"
+
+
 class LoraSpec(BaseModel):
     """LoRA adapters: only these are trained, so gradients and optimizer state shrink to them."""
 
@@ -106,8 +110,22 @@ class LoraSpec(BaseModel):
     alpha: int = Field(16, ge=1, le=4096, strict=True, description="LoRA alpha (scaling = alpha / rank)")
     targets: list[str] | None = Field(
         None, max_length=64,
-        description="module names to adapt; default: the attention projections the model has",
+        description=f"module names to adapt, or {ALL_LINEAR} (PEFT's value: every linear layer but the output "
+                    "head); default: the attention projections the model has",
     )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _peft_spelling(cls, value: Any) -> Any:
+        """PEFT writes `target_modules="all-linear"`, a string: accepted as written."""
+        return [value] if value == ALL_LINEAR else value
+
+    @field_validator("targets")
+    @classmethod
+    def _all_linear_alone(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and ALL_LINEAR in value and len(value) > 1:
+            raise ValueError(f"{ALL_LINEAR} adapts every linear layer already; name no other module beside it")
+        return value
 
 
 class DataLengths(BaseModel):

@@ -150,7 +150,7 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def make_optimizer(spec: ProbeSpec, module: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
     """The optimizer the user will train with; its state is what makes step two bigger than step one."""
-    return optimizers.make_optimizer(spec.optimizer, trainable_parameters(module), lr, optimizers.device_type_of(spec))
+    return optimizers.make_optimizer(spec.optimizer, module, lr, optimizers.device_type_of(spec))
 
 
 def autocast_for(spec: ProbeSpec, device_type: str):

@@ -102,16 +102,20 @@ def build_user_model(fields: dict[str, Any], settings: LoopSettings) -> torch.nn
     return model.train()
 
 
-def hf_trainer_optimizer(optim: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer HF Trainer builds for `optim`: its own class and keyword arguments, not fitprobe's."""
+def hf_trainer_optimizer(optim: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer HF Trainer builds for `optim`: `Trainer.create_optimizer` itself, not fitprobe's code (its
+    class and keyword arguments, its parameter groups, and under 8-bit bitsandbytes optimizers the
+    32-bit state it registers for every nn.Embedding). Like the Trainer, it sets `model.config.use_cache`
+    to False."""
     import tempfile
 
     from transformers import Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(output_dir=output_dir, optim=optim, report_to=[], use_cpu=True, learning_rate=1e-4)
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-    return optimizer_cls(params, **kwargs)
+        # the Trainer moves the model to its device: the one the model is on already
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        args = TrainingArguments(output_dir=output_dir, optim=optim, report_to=[], use_cpu=on_cpu, learning_rate=1e-4)
+        return Trainer(model=model, args=args).create_optimizer()
 
 
 def run_user_loop(fields: dict[str, Any], settings: LoopSettings, seed: int = 0,
@@ -119,13 +123,14 @@ def run_user_loop(fields: dict[str, Any], settings: LoopSettings, seed: int = 0,
     """The standard HF loop: model, batches, optimizer steps. Count it with either counter below."""
     model = build_user_model(fields, settings)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params) if make_optimizer else hf_trainer_optimizer(settings.optim, params)
+    optimizer = make_optimizer(params) if make_optimizer else hf_trainer_optimizer(settings.optim, model)
     train(model, optimizer, settings, seed)
 
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings, seed: int = 0) -> None:
     """Batches as a padding collator makes them (one padding token, or none when packed), then the HF loop:
-    `loss = model(...).loss / accumulation; loss.backward()` per micro-batch, one optimizer step each."""
+    `loss = model(...).loss / accumulation; loss.backward()` per micro-batch, one optimizer step each, the
+    model called with `use_cache=False` as HF Trainer and TRL call it."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(settings.accumulation):
@@ -140,7 +145,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Lo
     for _ in range(settings.optimizer_steps):
         for ids, mask, labels in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed"):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / settings.accumulation
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels,
+                             use_cache=False).loss / settings.accumulation
             loss.backward()
             del loss
         optimizer.step()
@@ -200,5 +206,4 @@ def run_qlora_loop(checkpoint: str, settings: LoopSettings, quant_type: str = "n
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
-    train(model, hf_trainer_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad]),
-          settings, seed)
+    train(model, hf_trainer_optimizer(settings.optim, model), settings, seed)

@@ -315,3 +315,24 @@ def test_a_padded_plan_says_where_rows_are_cut_in_each_frameworks_words(capsys):
     exported = json.loads(capsys.readouterr().out)
     assert "max_length" not in exported["config"]  # TrainingArguments(**config) has no such field
     assert any("max_length=1024" in note for note in exported["provenance"]["notes"])
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_hf_export_always_says_whether_to_checkpoint_so_trls_default_cannot_turn_it_on(checkpointing, tmp_path):
+    """SFTConfig defaults gradient checkpointing to True: a config that left it out trained another step."""
+    from trl import SFTConfig
+
+    config = export_plan(make_plan(96, 32).facts(), {"gradient_checkpointing": checkpointing}, "hf")["config"]
+    assert config["gradient_checkpointing"] is checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5 warns on gradient_checkpointing alone
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **config)
+    assert (args.gradient_checkpointing, args.activation_checkpointing) == (checkpointing, checkpointing)
+
+
+def test_all_linear_lora_exports_peft_and_axolotl_spellings():
+    spec = {"finetuning": "lora", "lora": {"rank": 8, "alpha": 16, "targets": ["all-linear"]}}
+    notes = export_plan(make_plan(96, 32).facts(), spec, "hf")["provenance"]["notes"]
+    assert any('target_modules="all-linear")' in note for note in notes), notes
+    axolotl = export_plan(make_plan(96, 32).facts(), spec, "axolotl")["config"]
+    assert axolotl["lora_target_linear"] is True and "lora_target_modules" not in axolotl

@@ -78,7 +78,7 @@ def test_cuda_trial_of_each_optimizer_equals_the_hf_loop_on_cuda(optim, tmp_path
     def loop() -> None:
         config = AutoConfig.for_model(fields.pop("model_type", "qwen3"), **fields)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").cuda().train()
-        optimizer = hf_trainer_optimizer(optim, [p for p in model.parameters() if p.requires_grad])
+        optimizer = hf_trainer_optimizer(optim, model)
         ids = torch.randint(0, config.vocab_size, (1, settings.seq_len), device="cuda")
         for _ in range(2):
             for _ in range(2):

@@ -76,7 +76,7 @@ def test_the_worst_padded_batch_is_as_wide_as_the_datas_longest_row(dataset, fmt
 def _train(batches: list[dict[str, torch.Tensor]], precision: str, lora: bool) -> None:
     """The standard HF loop on the collator's batches: 2 micro-steps per optimizer step, 2 steps."""
     model = build_user_model(ARCHITECTURES["llama-gqa"], LoopSettings(precision=precision, lora=lora))
-    optimizer = hf_trainer_optimizer("adamw_torch_fused", [p for p in model.parameters() if p.requires_grad])
+    optimizer = hf_trainer_optimizer("adamw_torch_fused", model)
     for _ in range(2):
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
