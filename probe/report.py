@@ -33,6 +33,8 @@ class TrialResult:
     alloc_retries: int = 0
     step_s: float | None = None
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    # the peak by category (probe/breakdown.py), summing to peak_allocated_bytes; None where not known (CUDA, OOM)
+    breakdown: dict[str, int] | None = None
     error: str | None = None
     # an OOM trial has no peak (it stopped part-way): where it stopped instead
     oom_live_bytes: int | None = None
