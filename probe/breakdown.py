@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch only where the step runs: the report and the command line read the names without it
+    import torch
+    from torch import nn
 
-if TYPE_CHECKING:
     from fitprobe.probe.step import MicroBatch
 
 CATEGORIES = ("weights", "batch", "gradients", "optimizer_state", "activations", "loss_head", "temporaries")
@@ -59,8 +59,22 @@ def as_dict(counts: list[int] | tuple[int, ...]) -> dict[str, int]:
     return dict(zip(CATEGORIES, counts, strict=True))
 
 
+_SHORT_NAMES = {"gradients": "grads", "optimizer_state": "optimizer", "loss_head": "loss head"}
+_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def describe(peak_bytes: int, breakdown: dict[str, int]) -> str:
+    """One short line: `peak 1.23 GiB = weights 0.40 + grads 0.40 + optimizer 0.20 + ...`, in the peak's unit,
+    the categories that hold any bytes."""
+    unit, size = next(((name, size) for name, size in _UNITS if peak_bytes >= size), _UNITS[-1])
+    parts = [f"{_SHORT_NAMES.get(name, name)} {n_bytes / size:.2f}" for name, n_bytes in breakdown.items() if n_bytes]
+    return f"peak {peak_bytes / size:.2f} {unit} = {' + '.join(parts)}"
+
+
 def output_head(module: nn.Module) -> nn.Module | None:
     """The module that turns hidden states into logits (HF's output embeddings, the builtin GPT's lm_head)."""
+    from torch import nn
+
     get = getattr(module, "get_output_embeddings", None)
     head = get() if callable(get) else getattr(module, "lm_head", None)
     return head if isinstance(head, nn.Module) else None
@@ -73,6 +87,8 @@ def classified(meter: Tagger, module: nn.Module, optimizer: torch.optim.Optimize
 
     Call right after the meter's trial started (everything live then is weights); the batches are tagged here.
     """
+    import torch
+
     meter.tag([t for mb in batches for t in (mb.input_ids, mb.labels, mb.attention_mask, mb.position_ids)
                if t is not None], BATCH)
     with ExitStack() as hooks:
@@ -97,6 +113,8 @@ def classified(meter: Tagger, module: nn.Module, optimizer: torch.optim.Optimize
 def _entering_head(meter: Tagger) -> Callable[[nn.Module, tuple], None]:
     """The head's pre-hook: the forward's leftovers become activations, and allocations the loss head's until
     the backward has passed the head again (the gradient of its input is ready)."""
+    import torch
+
     def entering(_module: nn.Module, args: tuple) -> None:
         if torch._C._current_graph_task_id() != -1:
             return  # recomputed inside a backward: not the forward reaching the head

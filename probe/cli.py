@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
+from fitprobe.probe.breakdown import describe as describe_breakdown
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.model_bounds import ModelLimits
@@ -148,9 +149,7 @@ class Progress:
         elif kind == "trial_started":
             self.say(f"trial micro_batch={event['micro_batch']} ...")
         elif kind == "trial":
-            verdict = (f"fits, peak {format_bytes(event['peak_allocated_bytes'])}" if event["fits"] else
-                       f"out of memory at {format_bytes(event.get('oom_live_bytes'))} while allocating "
-                       f"{format_bytes(event.get('oom_request_bytes'))}")
+            verdict = TrialResult(**{k: v for k, v in event.items() if k != "type"}).describe()
             step = f", step {event['step_s']:.2f}s" if event.get("step_s") else ""
             self.say(f"trial micro_batch={event['micro_batch']}: {verdict}{step}")
         elif kind == "verify_step":
@@ -181,6 +180,10 @@ def _trial_table(trials: list[TrialResult]) -> str:
             memory = (f"OOM at {format_bytes(t.oom_live_bytes)}, allocating "
                       f"{format_bytes(t.oom_request_bytes)}").ljust(29)
         lines.append(f"{t.micro_batch:>11}  {'yes' if t.fits else 'no':>4}  {memory}  {step:>7}")
+    largest = max((t for t in trials if t.fits and t.breakdown), key=lambda t: t.micro_batch, default=None)
+    if largest is not None and largest.breakdown is not None and largest.peak_allocated_bytes is not None:
+        lines.append(f"at micro_batch {largest.micro_batch}: "
+                     f"{describe_breakdown(largest.peak_allocated_bytes, largest.breakdown)}")
     return "\n".join(lines)
 
 
