@@ -11,6 +11,8 @@ import pytest
 
 from fitprobe.probe.breakdown import CATEGORIES, describe
 from fitprobe.probe.build import prepare
+from fitprobe.probe.cli import _trial_table
+from fitprobe.probe.report import TrialResult
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.trial import TrialRunner
 
@@ -79,6 +81,15 @@ def test_the_text_line_is_the_peak_and_its_parts_in_one_unit():
                                                  "optimizer_state": gib}
     assert describe(2 * gib, breakdown) == "peak 2.00 GiB = weights 0.50 + grads 0.25 + optimizer 1.00 + loss head 0.25"
     assert describe(3 * 2**20, {"weights": 3 * 2**20}) == "peak 3.00 MiB = weights 3.00"
+
+
+def test_the_trial_table_ends_with_the_largest_fitting_trials_breakdown():
+    mib = 2**20
+    trials = [TrialResult(2, True, 3 * mib, 3 * mib, breakdown={"weights": mib, "activations": 2 * mib}),
+              TrialResult(4, True, 4 * mib, 4 * mib, breakdown={"weights": mib, "activations": 3 * mib}),
+              TrialResult(5, False, error="out of memory")]
+    assert _trial_table(trials).splitlines()[-1] == "at micro_batch 4: peak 4.00 MiB = weights 1.00 + activations 3.00"
+    assert trials[1].describe() == "fits, peak 4.00 MiB = weights 1.00 + activations 3.00"
 
 
 def test_a_trial_that_did_not_fit_has_no_breakdown():

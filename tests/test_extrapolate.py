@@ -242,7 +242,9 @@ def test_an_fsdp_estimate_extrapolates_to_the_full_depths_phase_peaks():
     spec = _fsdp_spec("llama", 2, precision="fp32", finetuning="full")
     _, facts, extrapolated = make_trial(spec)
     _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
-    assert extrapolated(2).phase_peak_bytes == full(2).phase_peak_bytes
+    cut, whole = extrapolated(2), full(2)
+    assert cut.phase_peak_bytes == whole.phase_peak_bytes
+    assert cut.breakdown == whole.breakdown and whole.breakdown is not None
     assert facts["extrapolated_from_layers"] == [2, 3] and facts["not_extrapolated_because"] is None
     assert facts["sharded_over_devices"] == 2
 
