@@ -87,7 +87,8 @@ def register(commands: Any) -> None:
         serve.add_argument(flag, type=kind, help=_setting_help(name))
     serve.set_defaults(run=cmd_serve)
 
-    preflight = commands.add_parser("preflight", help="CI gate: exit 0 only when the plan is verified",
+    preflight = commands.add_parser("preflight", help="CI gate: exit 0 only when the plan is verified (or, with "
+                                    "--accept-estimate, estimated within the headroom)",
                                     description=preflight_doc.splitlines()[0],
                                     epilog=preflight_doc.split("\n\n", 2)[2],
                                     formatter_class=argparse.RawDescriptionHelpFormatter)

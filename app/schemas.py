@@ -39,9 +39,16 @@ class PreflightRequest(ProbeSpec):
         "and the probe keeps running, so a later request may find it cached",
     )
 
+    accept_estimate: bool = Field(
+        False, description='pass an estimate ("mode": "estimate": nothing trains) when its plan keeps the headroom '
+        "(micro-batch within the safe micro-batch): 200 `PASS (estimated): …`; false: an estimate is 409 "
+        "`FAIL: plan not verified`",
+    )
+
     def probe_request(self) -> ProbeRequest:
         """The probe to submit: what was sent (unset fields stay unset), verifying a cached plan."""
-        return ProbeRequest(**self.model_dump(exclude_unset=True, exclude={"timeout_s"}), verify_cached=True)
+        return ProbeRequest(**self.model_dump(exclude_unset=True, exclude={"timeout_s", "accept_estimate"}),
+                            verify_cached=True)
 
 
 class Attempt(BaseModel):
@@ -93,6 +100,7 @@ class CompactProbe(BaseModel):
     spec: dict[str, Any] = Field(description="seq_len, effective_batch, num_devices, mode, precision")
     max_micro_batch: int | None = None
     safe_micro_batch: int | None = None
+    does_not_fit: bool = Field(False, description="the probe succeeded and found that even micro-batch 1 does not fit")
     trial_count: int | None = None
     plan: dict[str, Any] | None = Field(None, description="micro_batch, accumulation_steps, num_devices, "
                                         "effective_batch, last_micro_batch, exact")
@@ -113,7 +121,8 @@ class PlanAnswer(BaseModel):
 class PreflightVerdict(BaseModel):
     """POST /v1/preflight with `Accept: application/json`: the verdict line and the job behind it."""
 
-    passed: bool = Field(..., description="true only for a plan verified by training (status 200)")
+    passed: bool = Field(..., description="true only for a plan verified by training, or with accept_estimate an "
+                         "estimated plan within the headroom (status 200)")
     detail: str = Field(..., description="the verdict line, `PASS: …` or `FAIL: <reason>`, as the text/plain answer")
     job: ProbeJob | None = Field(None, description="the probe job, as GET /v1/probes/{id} gives it")
 

@@ -25,4 +25,5 @@ def compact(job: dict[str, Any]) -> dict[str, Any]:
         "plan": {key: plan[key] for key in ("micro_batch", "accumulation_steps", "num_devices", "effective_batch",
                                             "last_micro_batch", "exact")} if plan else None,
         "verified": verification["passed"] if verification else None,
+        "does_not_fit": bool(result.get("does_not_fit")),
     }

@@ -25,6 +25,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from fitprobe.probe.plan import plan_limit
 from fitprobe.probe.spec import Collation, DataLengths, ProbeSpec, SpecError
 
 COLLATIONS: tuple[Collation, ...] = get_args(Collation)
@@ -333,7 +334,7 @@ def data_facts(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | No
     if spec.data is None:
         return None
     profile = profile_of(spec.data)
-    planned = safe_micro_batch or max_micro_batch
+    planned = plan_limit(max_micro_batch, safe_micro_batch)  # the micro-batch the plan may use
     worst = None
     if max_micro_batch >= 1:
         batch = worst_batch(profile, spec.collation, min(max_micro_batch, profile.rows)

@@ -33,7 +33,7 @@ from fitprobe.probe.optimizers import implementation
 from fitprobe.probe.report import PlanFacts, Report, SplitFacts
 from fitprobe.probe.spec import LEGACY_OPTIMIZER_NAMES, SpecError
 
-ExportFormat = Literal["hf", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
+ExportFormat = Literal["hf", "trl", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
@@ -55,6 +55,8 @@ class Run:
     quantization: str = "none"
     collation: str = "padded"
     seq_len: int | None = None
+    liger: bool = False
+    trainer: str = "hf"
 
     @property
     def effective_batch(self) -> int:
@@ -156,6 +158,8 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
                               "optim": run.optimizer}
     notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
              + _launch_note(run, f"torchrun --nproc_per_node {run.num_devices}"))
+    if run.liger:
+        config["use_liger_kernel"] = True
     if run.collation == "packed":  # TRL's SFTConfig: rows of max_length tokens
         config.update(packing=True, max_length=run.seq_len)
         notes.append("packing and max_length are TRL SFTConfig fields; with a plain Trainer pack the dataset into "
@@ -169,6 +173,37 @@ def _hf(run: Run) -> tuple[dict[str, Any], list[str]]:
         config["activation_checkpointing"] = True
         notes.append("activation_checkpointing is transformers 5's name; on transformers 4 write "
                      "gradient_checkpointing=True instead")
+    return config, notes
+
+
+def _trl(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """TRL's SFTConfig for the step `--trainer trl` measured; every default that differs from it is written.
+
+    SFTConfig's own defaults would train another step: gradient checkpointing on and bf16 on (both
+    written, whatever fitprobe measured), and packing's default strategy `bfd` makes padding-free rows
+    with position ids, which is fitprobe's flattened collation, not its packed one. Flattened batches
+    are `padding_free` without `max_length` (SFTTrainer refuses the pair, and does not cut rows), so
+    the rows must already be at most seq_len tokens; packed ones are `wrapped` rows of seq_len tokens,
+    as fitprobe's packed collation is (no padding, causal across the whole row).
+    """
+    config: dict[str, Any] = {"per_device_train_batch_size": run.micro_batch,
+                              "gradient_accumulation_steps": run.accumulation_steps,
+                              "bf16": run.precision == "bf16-mixed", "fp16": run.precision == "fp16-mixed",
+                              "optim": run.optimizer, "gradient_checkpointing": run.gradient_checkpointing,
+                              "loss_type": "nll", "use_liger_kernel": run.liger}
+    notes = (_quantization_note(run) + _weights_note(run) + _lora_note(run)
+             + _launch_note(run, f"accelerate launch --num_processes {run.num_devices}"))
+    if run.trainer != "trl":
+        notes.append("this plan was measured with the HF Trainer's step (the full logits); SFTTrainer's fused LM "
+                     "head holds other buffers: probe with --trainer trl for the step this config trains")
+    if run.collation == "flattened":
+        config.update(padding_free=True, max_length=None)
+        notes.append(f"padding_free does not cut rows: truncate every row to {run.seq_len} tokens before "
+                     "training, as fitprobe measured")
+    elif run.collation == "packed":
+        config.update(packing=True, packing_strategy="wrapped", max_length=run.seq_len)
+    else:
+        config.update(padding_free=False, max_length=run.seq_len)
     return config, notes
 
 
@@ -299,7 +334,7 @@ def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
 
 
 EXPORTERS: dict[str, Callable[[Run], tuple[dict[str, Any], list[str]]]] = {
-    "hf": _hf, "accelerate": _accelerate, "deepspeed": _deepspeed,
+    "hf": _hf, "trl": _trl, "accelerate": _accelerate, "deepspeed": _deepspeed,
     "lightning": _lightning, "axolotl": _axolotl, "torchtune": _torchtune,
 }
 
@@ -324,7 +359,8 @@ def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_ba
               if spec.get("finetuning") == "lora" else None,
               optimizer=LEGACY_OPTIMIZER_NAMES.get(optimizer, optimizer),
               quantization=spec.get("quantization") or "none", collation=spec.get("collation") or "padded",
-              seq_len=spec.get("seq_len"))
+              seq_len=spec.get("seq_len"), liger=bool(spec.get("liger", False)),
+              trainer=spec.get("trainer") or "hf")
     config, notes = EXPORTERS[fmt](run)
     if fmt in ("accelerate", "deepspeed", "lightning"):
         notes = notes + _collation_note(run, "your data loader")

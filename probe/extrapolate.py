@@ -249,19 +249,18 @@ def _cut_spec(spec: ProbeSpec, model_type: str, fields: dict[str, Any], config: 
 def not_extrapolable_because(spec: ProbeSpec) -> str | None:
     """Why the spec itself rules the cuts out (before any model is built), or None.
 
-    The optimizer is among these: a build is reused across optimizers (probe/whatif.py), so this is
-    asked again for every spec the build serves.
+    A build is reused across optimizers (probe/whatif.py), so this is asked again for every spec the
+    build serves. Paged optimizers are not among the reasons: under fake tensors bitsandbytes makes
+    their state as ordinary tensors on the fake device (its CPU branch), which the cuts count like any
+    other state, and on a card the paged state holds the same bytes.
     """
     from fitprobe.probe.models import _reference_fields
-    from fitprobe.probe.optimizers import KINDS
 
     if not spec.extrapolate:
         return "extrapolate is off (--no-extrapolate)"
     if spec.mode != "estimate":
         ranks = f" on {spec.num_devices} real ranks" if spec.sharding == "fsdp" else ""
         return f"{spec.mode} mode runs the real model{ranks}: extrapolation is for estimates under fake tensors"
-    if KINDS[spec.optimizer].paged:
-        return f"optimizer {spec.optimizer}: its paged state is outside the byte count the cuts are traced by"
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
         return "only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut"
     model_type, _ = _reference_fields(spec.model)

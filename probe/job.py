@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fitprobe.probe import optimizers, quantization
+from fitprobe.probe import optimizers, quantization, trainers
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.data import data_facts, micro_batch_tokens, padded_width_ratio
@@ -61,7 +61,7 @@ def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, An
     """What every report starts with (report.Facts): the spec and what ran it."""
     return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": model,
             "optimizer": optimizers.report_facts(spec), "quantization": quantization.report_facts(spec),
-            "versions": versions()}
+            "trainer": trainers.report_facts(spec), "versions": versions()}
 
 
 def run_trial(spec: ProbeSpec, micro_batch: int, allowed_factories: Collection[str] = ()) -> TrialReport:
@@ -108,10 +108,10 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
         not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories, emit)
     shortfall = None
     if search.max_micro_batch and not search.safe_micro_batch:
-        # the plan runs at the max micro-batch then: say what it costs, and what would avoid it
+        # the plan runs at micro-batch 1 then (plan.plan_limit): say what it costs, and what would avoid it
         emit({"type": "phase", "phase": "sizing_the_step"})
-        peak = next(t for t in trials if t.micro_batch == search.max_micro_batch)
-        shortfall = headroom_shortfall(spec, search.max_micro_batch,
+        peak = min((t for t in trials if t.fits), key=lambda t: t.micro_batch)
+        shortfall = headroom_shortfall(spec, peak.micro_batch,
                                        peak.peak_reserved_bytes or peak.peak_allocated_bytes or 0,
                                        meter.capacity_bytes, allowed_factories, emit)
     report = Report(

@@ -496,4 +496,8 @@ def build_model(
     if spec.finetuning == "lora":
         module = _apply_lora(module, spec)
     module.train()
+    if spec.trainer != "hf" or spec.liger:  # the trainer's own patches (probe/trainers.py)
+        from fitprobe.probe.trainers import adapt
+
+        adapt(module, spec)
     return LoadedModel(module=module, vocab_size=vocab_size, max_seq_len=context, logits=logits_fn)

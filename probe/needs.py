@@ -5,7 +5,7 @@ run the same step under fake tensors with no cap at all, so it answers both ques
 memory: the bytes micro-batch 1 needs as asked, and as it would be with each setting that shrinks
 a step (gradient checkpointing, LoRA, an 8-bit optimizer, 16-bit mixed precision), alone and
 together. The same options answer a search whose safe micro-batch is 0: the step fits, but only
-in the headroom the user asked to keep free, and the plan runs at the max micro-batch anyway.
+in the headroom the user asked to keep free, and the plan runs at micro-batch 1 anyway.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collec
 
 def headroom_shortfall(spec: ProbeSpec, micro_batch: int, peak_bytes: int, capacity_bytes: int,
                        allowed_factories: Collection[str] = (), emit: Emit = ignore) -> HeadroomShortfall:
-    """The report's words when the safe micro-batch is 0: `micro_batch` (the max, which the plan then
-    uses) fits, but its peak leaves less free than the headroom asked; which settings would keep it."""
+    """The report's words when the safe micro-batch is 0: `micro_batch` (1, which the plan then uses) fits,
+    but its peak leaves less free than the headroom asked; which settings would keep it."""
     left = 1 - peak_bytes / capacity_bytes
     options = _options(spec, int(capacity_bytes * (1 - spec.headroom)), allowed_factories, emit)
     restoring = [o.change for o in options if o.fits]

@@ -1,11 +1,22 @@
 """Split a target effective batch into micro-batch × accumulation steps × devices. Pure arithmetic.
 
 `effective_batch = micro_batch × accumulation_steps × num_devices`: the effective batch is the
-number that matters for the result; the micro-batch is whatever memory allows. When no even split
-is exact (or the only even one needs a tiny micro-batch), an *uneven* split is exact anyway: full
-micro-batches plus a smaller last one. It is correct because THE training step (probe/step.py)
-divides every micro-step's summed token loss by the target tokens of the whole accumulated batch,
-so the update equals the full-batch mean however the examples are cut.
+number that matters for the result; the micro-batch is whatever memory allows.
+
+Two rules decide the headline plan, the one every export and the pre-flight verdict use:
+
+- **Within the safe micro-batch.** A probe's plan never uses a micro-batch above its safe micro-batch
+  (the largest that keeps the headroom free). When even micro-batch 1 eats the headroom (safe 0, max
+  ≥ 1), the plan runs micro-batch 1, the step that leaves the most free, and the report's
+  `headroom_shortfall` says what it costs; when nothing fits (max 0) there is no plan.
+- **Even when possible.** HF Trainer, Lightning, DeepSpeed and Accelerate accumulate equal
+  micro-batches, so the headline is an even split (micro × accumulation × devices == effective
+  exactly) whenever one exists, even when an uneven one is expected to be faster. An *uneven* split
+  (full micro-batches plus a smaller last one) is exact too, since THE training step (probe/step.py)
+  divides every micro-step's summed token loss by the target tokens of the whole accumulated batch,
+  but only a loop that cuts the batch itself runs it: it is offered as an alternative, labelled
+  (`uneven_note`), and is the headline only when no even split is exact (the effective batch is not
+  a multiple of the devices).
 
 Throughput: one optimizer step costs the sum of its micro-steps' times (the devices run in
 parallel). With trustworthy measured step times we fit a per-example cost that does not rise with
@@ -32,6 +43,8 @@ ASSUMED_OVERHEAD_FRACTION = 0.1
 # accumulation expresses it), then the fewest micro-steps, then the smaller, more balanced micro-batch.
 NOISE_TOLERANCE = 0.05
 MAX_ALTERNATIVES = 8
+UNEVEN_NOTE = ("uneven: not every micro-batch is the same size; HF Trainer, Lightning, DeepSpeed and Accelerate "
+               "accumulate equal micro-batches, so only a training loop that cuts the batch itself runs it as written")
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,8 @@ class Split:
                 "num_devices": self.num_devices, "effective_batch": self.effective_batch, "exact": self.exact,
                 "last_micro_batch": self.last_micro_batch, "examples_per_device": base + (1 if extra else 0),
                 "devices_with_one_fewer": self.num_devices - extra if extra else 0,
-                "deviation_percent": self.deviation_percent, "equation": plan_equation(self)}
+                "deviation_percent": self.deviation_percent, "equation": plan_equation(self),
+                "uneven_note": None if self.even else UNEVEN_NOTE}
 
 
 def robust_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -216,26 +230,24 @@ def lr_guidance(reference_lr: float, reference_batch: int, effective_batch: int)
     )
 
 
-def _why(best: Split, best_even: Split | None, time: MicroStepTime) -> str:
+def _why(best: Split, fastest_uneven: Split | None, time: MicroStepTime, only_even: bool) -> str:
+    """Why the headline; `fastest_uneven` when an uneven split is expected clearly faster than it."""
     e, n = best.target_batch, best.num_devices
     if best.even:
-        return (f"{plan_equation(best)}: an even exact split within "
-                f"{NOISE_TOLERANCE:.0%} of the highest expected throughput with the fewest micro-steps, every "
-                "micro-batch the same size")
-    if e % n:
-        cause = f"{e} is not a multiple of {n} devices, so no even split is exact"
-    elif best_even is None:
-        cause = f"no even split of {e} fits the micro-batch limit"
-    else:
-        gain = best_even.step_time(time) / best.step_time(time)
-        divides = ("only micro-batch 1 divides it" if best_even.micro_batch == 1 else
-                   f"its best even split is {best_even.accumulation_steps} micro-steps of {best_even.micro_batch}")
-        cause = (f"{e // n} examples per device: {divides}; the uneven split is expected {gain:.2f}× as fast")
+        why = (f"{plan_equation(best)}: " + ("the only even exact split under the micro-batch limit" if only_even else
+               f"an even exact split within {NOISE_TOLERANCE:.0%} of the highest expected throughput of the even "
+               "splits, with the fewest micro-steps, every micro-batch the same size"))
+        if fastest_uneven is not None:
+            gain = best.step_time(time) / fastest_uneven.step_time(time)
+            why += (f"; the uneven {plan_equation(fastest_uneven)} is expected {gain:.2f}× as fast but most "
+                    "frameworks cannot run it (see the alternatives and the nearest even plans)")
+        return why
     layouts = {_layout(best.device_micro_batches(rank)) for rank in range(min(n, 2))} | \
         {_layout(best.device_micro_batches(n - 1))}
-    return (f"{cause}. Micro-batches of {' or '.join(sorted(layouts, reverse=True))} per device reach {e} exactly; "
+    return (f"{e} is not a multiple of {n} devices, so no even split is exact. Micro-batches of "
+            f"{' or '.join(sorted(layouts, reverse=True))} per device reach {e} exactly; "
             "the loss is summed per token and divided by the target tokens of the whole step, so the update "
-            "equals the full-batch mean")
+            "equals the full-batch mean; the nearest even plans below and above are given too")
 
 
 def _layout(sizes: list[int]) -> str:
@@ -254,8 +266,19 @@ def plan_for_probe(search: Search, effective_batch: int, num_devices: int,
     Timings count only where the search says they are trustworthy (a GPU, not a shared CPU host).
     """
     step_s = {t.micro_batch: t.step_s / micro_steps_per_trial for t in search.trials if t.fits and t.step_s}
-    return make_plan(effective_batch, search.safe_micro_batch or search.max_micro_batch, num_devices, step_s,
-                     timings_trusted=search.step_times_trusted, width=width)
+    return make_plan(effective_batch, plan_limit(search.max_micro_batch, search.safe_micro_batch), num_devices,
+                     step_s, timings_trusted=search.step_times_trusted, width=width)
+
+
+def plan_limit(max_micro_batch: int, safe_micro_batch: int | None) -> int:
+    """The largest micro-batch a probe's plan may use: the safe one, or 1 when only the headroom holds even that.
+
+    One rule for every plan a probe makes (module docstring): a step above the safe micro-batch eats the
+    headroom the user asked to keep, so the max is never planned; micro-batch 1 eats the least of it.
+    """
+    if not max_micro_batch:
+        return 0
+    return safe_micro_batch or 1
 
 
 def make_plan(
@@ -295,14 +318,16 @@ def make_plan(
     exact = [Split(b, num_devices, effective_batch, effective_batch) for b in range(1, top + 1)]
     evens = sorted((s for s in exact if s.even), key=rank)
     uneven = sorted((s for s in exact if not s.even), key=rank)
-    best_even = evens[0] if evens else None
-    fastest = max(throughput(s) for s in exact)
-    equals = [s for s in exact if throughput(s) * (1 + NOISE_TOLERANCE) >= fastest]
+    # the headline is a split the user's framework runs as written: an even one whenever one is exact
+    headline = evens or exact
+    fastest = max(throughput(s) for s in headline)
+    equals = [s for s in headline if throughput(s) * (1 + NOISE_TOLERANCE) >= fastest]
     best = min(equals, key=lambda s: (time.extrapolated(s.micro_batch), not s.even, s.accumulation_steps,
                                       s.micro_batch))
 
+    faster_uneven = uneven[0] if uneven and throughput(uneven[0]) > throughput(best) * (1 + NOISE_TOLERANCE) else None
     nearest_below = nearest_above = None
-    if not best.even:
+    if not best.even or faster_uneven:  # the even plans closest to the target, for a user who would rather not wait
         below, above = _nearest_even(effective_batch, top, num_devices, throughput)
         nearest_below, nearest_above = below, above
 
@@ -318,7 +343,7 @@ def make_plan(
 
     return Plan(best, PlanFacts(
         **best.facts(),
-        reason=_why(best, best_even, time),
+        reason=_why(best, faster_uneven, time, len(evens) == 1),
         throughput_model=time.source,
         alternatives=alternatives,
         nearest_below=described(nearest_below),
@@ -387,19 +412,25 @@ def format_plan(plan: PlanFacts) -> str:
         f"  why: {plan.reason}",
         f"  throughput model: {plan.throughput_model}",
     ]
+    if plan.uneven_note:
+        lines.append(f"  {plan.uneven_note}")
     for key, near in (("nearest below", plan.nearest_below), ("nearest above", plan.nearest_above)):
         if near:
             lines.append(f"  {key} (even): {near.equation} ({near.deviation_percent:+.2f}%)")
     if plan.alternatives:
         lines.append("  alternatives (by expected throughput):")
-        rows = [(alt.equation, str(alt.micro_batch), str(alt.accumulation_steps), str(alt.num_devices),
-                 str(alt.effective_batch), f"{alt.relative_throughput:.2f}×", f"{alt.deviation_percent:+.2f}%")
+        rows = [(alt.equation + (" *" if alt.uneven_note else ""), str(alt.micro_batch), str(alt.accumulation_steps),
+                 str(alt.num_devices), str(alt.effective_batch), f"{alt.relative_throughput:.2f}×",
+                 f"{alt.deviation_percent:+.2f}%")
                 for alt in plan.alternatives]
         header = ("split", "micro-batch", "accumulation", "devices", "effective", "throughput", "deviation")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("    " + "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                                              for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
+        uneven = next((alt.uneven_note for alt in plan.alternatives if alt.uneven_note), None)
+        if uneven:
+            lines.append(f"    * {uneven}")
     guidance = plan.lr_guidance
     if guidance:
         lines.append(f"  learning rate: linear-scaled {guidance.linear_scaled_lr:.3g}, sqrt-scaled "

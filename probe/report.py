@@ -143,6 +143,8 @@ class SplitFacts(Section):
     devices_with_one_fewer: int
     deviation_percent: float
     equation: str = Field(description="how the examples are cut, e.g. `96 = 3 × 32 (three micro-batches of 32)`")
+    uneven_note: str | None = Field(None, description="for an uneven split (a smaller last micro-batch, or devices "
+                                    "with one example fewer): which frameworks cannot run it as written")
 
 
 class Alternative(SplitFacts):
@@ -208,6 +210,8 @@ class Facts(Section):
     model: dict[str, Any] = Field(description="the model as built: parameters, layers, its config's facts")
     optimizer: dict[str, Any]
     quantization: dict[str, Any] | None
+    trainer: dict[str, Any] | None = Field(
+        None, description="whose step ran (trainer trl, liger): its loss head, its defaults and what fitprobe followed")
     versions: dict[str, str | None]
 
 
@@ -224,7 +228,7 @@ class Report(Facts):
     data: dict[str, Any] | None = Field(None, description="the user's row lengths, when the spec carried them")
     does_not_fit: DoesNotFit | None = Field(None, description="when micro-batch 1 did not fit: what would")
     headroom_shortfall: HeadroomShortfall | None = Field(
-        None, description="when only the max micro-batch fits, eating the headroom: what would keep it")
+        None, description="when even micro-batch 1 (which the plan then uses) eats the headroom: what would keep it")
     created_at: str
     plan: PlanFacts | None = None
     verification: Verification | None = Field(None, description="null when not run (an estimate, or --no-verify)")

@@ -40,6 +40,7 @@ Mode = Literal["measure", "estimate"]
 FineTuning = Literal["full", "lora"]
 Collation = Literal["padded", "packed", "flattened"]
 Sharding = Literal["none", "fsdp"]
+Trainer = Literal["hf", "trl"]
 # bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/quantization.py
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 
@@ -176,6 +177,18 @@ class ProbeSpec(BaseModel):
         "attention), packed (rows of seq_len tokens, no padding, no attention mask) or flattened (padding-free: "
         "a micro-batch's rows concatenated into one with position ids restarting per row, as HF's "
         "DataCollatorWithFlattening and TRL's padding_free make; Hugging Face models only)",
+    )
+    trainer: Trainer = Field(
+        "hf",
+        description="whose training step to run: hf (transformers Trainer: the model's own loss over the full "
+        "logits) or trl (TRL SFTTrainer, loss_type nll: its fused LM head scores the hidden states in tiles, "
+        "the [tokens, vocab] logits never exist; Hugging Face models only). SFTConfig defaults "
+        "gradient_checkpointing to True: fitprobe runs what gradient_checkpointing says and --format trl writes it",
+    )
+    liger: bool = Field(
+        False, description="use_liger_kernel (HF TrainingArguments / TRL SFTConfig): Liger's patches for the model's "
+        "family (RMSNorm, RoPE, SwiGLU and, with trainer hf, its fused linear cross-entropy); its Triton kernels "
+        "run on CUDA only, so estimate mode only (their buffers counted, the launches not run)",
     )
     data: DataLengths | None = Field(
         None, description="your dataset's row lengths: trials use the worst batch your collation builds from them "
@@ -357,6 +370,23 @@ class ProbeSpec(BaseModel):
             if tokens < self.num_devices * row:
                 raise ValueError(f"effective_batch_tokens ({tokens}) must be at least num_devices × seq_len "
                                  f"({self.num_devices * row}): every device trains one row per step")
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_runs_here(self) -> ProbeSpec:
+        hf_model = not (isinstance(self.model, str) and self.model.startswith(("builtin:", "factory:")))
+        if self.trainer == "trl" and not hf_model:
+            raise ValueError("trainer trl adds TRL's fused LM head to a transformers model: use a preset:, hf: or "
+                             "inline config, or trainer hf")
+        if self.liger and not hf_model:
+            raise ValueError("liger patches transformers models by family: use a preset:, hf: or inline config, "
+                             "or drop liger")
+        if self.liger and self.mode != "estimate":
+            raise ValueError("liger runs Triton kernels, which need a CUDA device this probe does not measure on: "
+                             "add --estimate (mode estimate, with --gpu or --capacity) to count Liger's buffers, or "
+                             "drop liger")
+        if self.liger and self.sharding == "fsdp":
+            raise ValueError("liger with sharding=fsdp is not modelled: use one device, or drop liger")
         return self
 
     @property

@@ -48,6 +48,8 @@ OPTIONS: dict[str, Option] = {
     "quantization": Option("--quantization"),
     "gradient_checkpointing": Option("--grad-checkpointing", switch=True),
     "collation": Option("--collation"),
+    "trainer": Option("--trainer"),
+    "liger": Option("--liger", switch=True),
     "mode": Option("--estimate", switch="estimate"),
     "extrapolate": Option("--no-extrapolate", switch=False),
     "device": Option("--device"),

@@ -195,6 +195,11 @@ def token_loss_sum(model: LoadedModel, module: torch.nn.Module, mb: MicroBatch, 
     cross-entropy saved what backward needs (its fp32 log-probabilities), and holding the logits
     as well would overstate the peak by one logits-sized buffer (batch × seq × vocab).
     """
+    if spec.trainer == "trl" or spec.liger:  # fused heads: no logits at all (probe/trainers.py)
+        from fitprobe.probe import trainers
+
+        with autocast_for(spec, mb.input_ids.device.type):
+            return trainers.token_loss_sum(module, spec, mb.input_ids, mb.labels, mb.attention_mask, mb.position_ids)
     with autocast_for(spec, mb.input_ids.device.type):
         logits = model.logits(module, mb.input_ids, mb.attention_mask, mb.position_ids)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mb.labels.view(-1),

@@ -3,8 +3,9 @@
 Every expected number is hand arithmetic on the plan:
 - 96 with max micro-batch 32 on 1 device: 32 × 3 × 1, even and exact.
 - 64 with max micro-batch 16 on 2 devices: 32 per device = 16 × 2, so 16 × 2 × 2.
-- 97 with max 32 on 1 device: 97 is prime; the plan is uneven (3 × 25 + 22). Even neighbours:
-  96 = 32 × 3 (-1.03%) and 98 = 14 × 7 (+1.03%): a tie, so the export goes below, to 32 × 3.
+- 97 with max 32 on 1 device: 97 is prime; the plan is the only even exact split, 1 × 97.
+- 65 with max 32 on 2 devices: 65 is not a multiple of 2, so uneven. Even neighbours:
+  64 = 32 × 1 × 2 (-1.54%) and 66 = 11 × 3 × 2 (+1.54%): a tie, so the export goes below, to 32 × 1 × 2.
 - 101 with max 32 on 3 devices: 101 is not a multiple of 3, so uneven. Even neighbours:
   99 = 11 × 3 × 3 (-1.98%) and 102 = 17 × 2 × 3 (+0.99%): the export goes above, to 17 × 2 × 3.
 """
@@ -26,7 +27,7 @@ from fitprobe.probe.plan import make_plan
 
 EVEN_1 = (make_plan(96, 32, 1), (32, 3, 1), 96)
 EVEN_2 = (make_plan(64, 16, 2), (16, 2, 2), 64)
-TIE_BELOW = (make_plan(97, 32, 1), (32, 3, 1), 96)
+TIE_BELOW = (make_plan(65, 32, 2), (32, 1, 2), 64)
 CLOSER_ABOVE = (make_plan(101, 32, 3), (17, 2, 3), 102)
 PLANS = {"even-1": EVEN_1, "even-2-devices": EVEN_2, "uneven-tie-below": TIE_BELOW, "uneven-above": CLOSER_ABOVE}
 PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
@@ -36,6 +37,7 @@ def micro_and_accumulation(fmt: str, config: dict) -> tuple[int, int]:
     """Where each framework keeps the two numbers; read the way its users read them."""
     return {
         "hf": lambda c: (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]),
+        "trl": lambda c: (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]),
         "accelerate": lambda c: (c["dataloader"]["batch_size"], c["accelerator"]["gradient_accumulation_steps"]),
         "deepspeed": lambda c: (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]),
         "lightning": lambda c: (c["data"]["batch_size"], c["trainer"]["accumulate_grad_batches"]),
@@ -49,7 +51,9 @@ def test_the_plans_under_test_are_what_the_hand_arithmetic_says():
         split = plan.split
         assert (split.micro_batch, split.accumulation_steps, split.num_devices) == (micro, steps, devices)
         assert plan.split.even
-    assert make_plan(97, 32).facts().as_json()["last_micro_batch"] == 22
+    prime = make_plan(97, 32).facts().as_json()
+    assert (prime["micro_batch"], prime["accumulation_steps"], prime["last_micro_batch"]) == (1, 97, None)
+    assert make_plan(65, 32, 2).facts().as_json()["last_micro_batch"] is not None
     assert make_plan(101, 32, 3).facts().as_json()["last_micro_batch"] is not None
 
 
@@ -80,7 +84,8 @@ def test_hf_yaml_loads_with_hf_argument_parser_unchanged(tmp_path):
     path = tmp_path / "args.yaml"
     path.write_text(render(config, as_yaml=True))
     (args,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(path), allow_extra_keys=False)
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.fp16) == (32, 3, True)
+    # 97 is prime: the plan is the even 1 × 97, exported as is, not silently another batch
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.fp16) == (1, 97, True)
     assert args.activation_checkpointing is False
     assert "effective_batch_asked: 97" in path.read_text()  # the provenance rides along as comments
 
@@ -184,13 +189,13 @@ def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
     assert export_plan(plan, {"precision": "fp32"}, "torchtune")["config"]["dtype"] == "fp32"
     with pytest.raises(ExportError, match="torchtune trains in fp32 or bf16 only"):
         export_plan(plan, {"precision": "fp16-mixed"}, "torchtune")
-    with pytest.raises(ExportError, match="format must be one of hf, accelerate"):
+    with pytest.raises(ExportError, match="format must be one of hf, trl, accelerate"):
         export_plan(plan, {}, "keras")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name,asked,given,deviation,side",
-                         [("uneven-tie-below", 97, 96, -1.03, "below"), ("uneven-above", 101, 102, 0.99, "above")])
+                         [("uneven-tie-below", 65, 64, -1.54, "below"), ("uneven-above", 101, 102, 0.99, "above")])
 def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, asked, given, deviation, side):
     plan, (micro, steps, _devices), _ = PLANS[name]
     assert plan.facts().as_json()["last_micro_batch"] is not None  # the recommendation itself is uneven
@@ -219,7 +224,7 @@ def test_fitprobe_plan_format_prints_the_config(capsys):
                  "--precision", "bf16-mixed"]) == 0
     printed = capsys.readouterr()
     config = json.loads(printed.out)
-    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (96, 32)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (97, 1)  # 97 is prime
     assert config["bf16"]["enabled"] and "fitprobe" not in json.dumps(config)
     assert "#   max_micro_batch: 32" in printed.err and "#   effective_batch_asked: 97" in printed.err
     assert main(["plan", "--effective-batch", "64", "--max-micro-batch", "16", "--devices", "2",

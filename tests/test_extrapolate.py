@@ -163,12 +163,13 @@ def test_extrapolated_phase_peaks_equal_the_full_depths_at_micro_batch_1_and_3(f
 
 
 # the "does not fit" answer's shrinking settings (probe/needs.py) that once ran the full depth: QLoRA alone
-# (llama), all together with bitsandbytes' 8-bit AdamW (qwen2: LoRA's small adapters keep 32-bit state), and
+# (llama), all together with bitsandbytes' paged 8-bit AdamW (qwen2, QLoRA's usual optimizer: LoRA's small
+# adapters keep 32-bit state; under fake tensors paged state is an ordinary tensor the cuts count), and
 # 8-bit AdamW on a full fine-tune (mistral: 8-bit state for the linears, 32-bit for the norms)
 SHRINKING_CASES = [
     ("llama", dict(precision="bf16-mixed", finetuning="lora", quantization="nf4", gradient_checkpointing=False)),
     ("qwen2", dict(precision="bf16-mixed", finetuning="lora", quantization="nf4", gradient_checkpointing=True,
-                   optimizer="adamw_bnb_8bit")),
+                   optimizer="paged_adamw_8bit")),
     ("mistral", dict(precision="fp32", finetuning="full", optimizer="adamw_bnb_8bit")),
 ]
 

@@ -15,7 +15,8 @@ from fitprobe.probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from fitprobe.probe.gradient_check import reference_gradient, relative_error
 from fitprobe.probe.job import run_job
 from fitprobe.probe.models import build_model
-from fitprobe.probe.plan import make_plan
+from fitprobe.probe.plan import Plan, Split, make_plan
+from fitprobe.probe.report import PlanFacts
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.step import IGNORE_INDEX, accumulate_gradients, split
 from fitprobe.probe.verify import run_verification
@@ -55,7 +56,7 @@ def _params(model) -> list[torch.nn.Parameter]:
 def test_uneven_accumulation_equals_the_full_batch_gradient(count: int, micro_batch: int, seed: int) -> None:
     spec, model, examples = _model_and_examples(count, seed)
     reference = reference_gradient(model, model.module, [examples], spec)
-    sizes = make_plan(count, micro_batch).device_micro_batches(0)
+    sizes = Split(micro_batch, 1, count, count).device_micro_batches(0)  # uneven when count % micro_batch
     accumulate_gradients(model, split(examples, sizes), spec)
     assert relative_error(_params(model), reference) < 1e-5
 
@@ -82,7 +83,9 @@ def test_naive_mean_per_micro_batch_is_visibly_wrong_on_padded_batches() -> None
 
 def test_verification_of_an_uneven_plan_passes_every_check() -> None:
     spec = _nano(capacity_bytes="64MiB", effective_batch=11)
-    plan = make_plan(11, 4)
+    # 11 = 2 × 4 + 3: the uneven alternative a loop that cuts batches itself runs (the headline is 11 × 1)
+    split = Split(4, 1, 11, 11)
+    plan = Plan(split, PlanFacts(**split.facts(), reason="uneven", throughput_model="none"))
     verification = run_verification(spec, plan, steps=3, fits_at_once=8).as_json()
     assert plan.facts().as_json()["last_micro_batch"] is not None
     assert verification["passed"], verification["checks"]

@@ -32,6 +32,9 @@ def probe_config(job_id: str, store: StoreDep,
         raise HTTPException(404, f"no probe with id {job_id!r}") from None
     if job["status"] != JobStatus.SUCCEEDED:
         raise HTTPException(409, f"probe {job_id} is {job['status']}: its config exists once it has succeeded")
+    not_fitting = (job["result"] or {}).get("does_not_fit")
+    if not_fitting:
+        raise HTTPException(409, f"probe {job_id} has no plan: {not_fitting['message']}")
     if not (job["result"] or {}).get("plan"):
         raise HTTPException(409, f"probe {job_id} has no plan: it ran without an effective_batch; submit it again "
                                  "with one (the same probe is answered from the cache)")

@@ -1,7 +1,8 @@
 """Pre-flight as one request: submit (or reuse the cache), wait for the verdict, answer PASS or FAIL.
 
 Made for `curl --fail-with-body` in a CI step: a plan verified by training answers 200 and one
-`PASS: …` line; a plan that cannot be met answers 409 and `FAIL: <reason>`, so curl fails the step
+`PASS: …` line (with `accept_estimate`, an estimate whose plan keeps the headroom: `PASS (estimated): …`);
+a plan that cannot be met answers 409 and `FAIL: <reason>`, so curl fails the step
 and prints why. Bad input stays 422 (JSON, as everywhere), and a verdict not reached within
 `timeout_s` is 504 (the probe keeps running). `Accept: application/json` gets the same verdict with
 the job behind it.
@@ -45,8 +46,8 @@ def _answer(request: Request, status_code: int, line: str, job: ProbeJob | None)
 @router.post("", summary="Pre-flight: probe, plan and verify, then answer PASS (200) or FAIL (409)",
              response_class=Response, responses={
                  200: {"model": PreflightVerdict, "content": _LINE,
-                       "description": "`PASS: …`: the plan was verified by training "
-                                      "(JSON with Accept: application/json)"},
+                       "description": "`PASS: …`: the plan was verified by training, or with accept_estimate "
+                                      "`PASS (estimated): …` (JSON with Accept: application/json)"},
                  409: {"model": PreflightVerdict, "content": _LINE,
                        "description": "`FAIL: <reason>`: the plan cannot be met (does not fit, verification failed, "
                                       "the probe failed)"},
@@ -75,5 +76,6 @@ async def preflight(body: PreflightRequest, request: Request, store: StoreDep, s
         shown = await to_thread.run_sync(public, job, store)
     finally:
         streams.leave(client)
-    passed, line = verdict(shown.model_dump(mode="json"))  # the torch-free client's own reading of the job
+    # the torch-free client's own reading of the job
+    passed, line = verdict(shown.model_dump(mode="json"), accept_estimate=body.accept_estimate)
     return _answer(request, 200 if passed else FAILED, line, shown)

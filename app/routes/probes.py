@@ -60,10 +60,12 @@ def _replan(cached: Report, request: ProbeRequest) -> Report:
 
     The verification trained the cached job's plan, so it stays only when the new plan is the same.
     Otherwise `verification` is null (not run, which is not "failed") with a `verification_note`
-    saying how to get one: the probe, the expensive part, still holds.
+    saying how to get one: the probe, the expensive part, still holds. A cached "does not fit" stays
+    that, with no plan, so a rerun of the same gate gets the same FAIL, not a complaint about its input.
     """
     result = cached.model_copy()
-    if request.effective_rows is None:
+    if request.effective_rows is None or result.does_not_fit:
+        # a probe where nothing fits answers every effective batch the same way: does not fit, no plan
         result.plan = result.verification = None
         return result
     plan = plan_facts(plan_for_probe(result.search, request.effective_rows, request.num_devices,

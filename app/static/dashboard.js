@@ -81,7 +81,8 @@ function renderList() {
   const shown = rows.filter((row) => (!model || modelLabel(row.model) === model) && (!device || row.device === device));
   document.getElementById("jobs").replaceChildren(...shown.map((row) => h("tr", { dataset: { id: row.id } },
     h("td", {}, h("a", { href: `#/probes/${row.id}` }, h("code", {}, row.id))),
-    h("td", { class: `status ${row.status}` }, row.status + (row.cached ? " (cached)" : "")),
+    h("td", { class: `status ${row.does_not_fit ? "does-not-fit" : row.status}` },
+      (row.does_not_fit ? "does not fit" : row.status) + (row.cached ? " (cached)" : "")),
     h("td", {}, row.phase ?? ""),
     h("td", {}, modelLabel(row.model)),
     h("td", {}, row.spec?.seq_len ?? "(unreadable)"),

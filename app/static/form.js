@@ -7,10 +7,10 @@ import { formatBytes } from "./format.js";
 
 const NUMBERS = ["seq_len", "effective_batch", "effective_batch_tokens", "num_devices", "headroom", "max_micro_batch",
   "micro_steps_per_trial", "optimizer_steps_per_trial", "seed", "lora.rank", "lora.alpha"];
-const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "mode", "sharding"];
-const CHECKS = ["gradient_checkpointing", "estimate_first", "extrapolate", "reuse"];
+const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "trainer", "mode", "sharding"];
+const CHECKS = ["gradient_checkpointing", "liger", "estimate_first", "extrapolate", "reuse"];
 // choices whose values the spec's schema lists (optimizer comes with its descriptions from /v1/models)
-const SCHEMA_CHOICES = ["precision", "finetuning", "quantization", "collation", "mode", "sharding"];
+const SCHEMA_CHOICES = ["precision", "finetuning", "quantization", "collation", "trainer", "mode", "sharding"];
 const field = (name) => document.getElementById(`f-${name}`);
 
 export function setUpForm(onSubmitted) {

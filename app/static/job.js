@@ -44,15 +44,25 @@ export async function showJob(root, id, isCurrent) {
   }
 }
 
+/** The status a person reads: a probe that succeeded in finding that nothing fits says so, in red. */
+function statusBadge(job) {
+  const cached = job.cached ? " (cached)" : "";
+  if (job.report?.does_not_fit) {
+    return h("span", { class: "status does-not-fit", id: "job-status",
+      title: "the probe ran to the end: even micro-batch 1 does not fit" }, `does not fit${cached}`);
+  }
+  return h("span", { class: `status ${job.status}`, id: "job-status" }, job.status + cached);
+}
+
 function render(root, job) {
   const search = job.report?.search;
   const spec = job.spec ?? {}; // null when the stored row could not be read: job.error says why
   const capacity = job.report?.device?.capacity_bytes ?? spec.capacity_bytes;
   const keep = root.querySelector(".exports"); // keeps the chosen format and fetched config across renders
+  const notFitting = job.report?.does_not_fit;
   root.replaceChildren(...[
     h("p", {}, h("a", { href: "#/" }, "← all probes")),
-    h("h2", {}, "Probe ", h("code", {}, job.id), " ",
-      h("span", { class: `status ${job.status}`, id: "job-status" }, job.status + (job.cached ? " (cached)" : ""))),
+    h("h2", {}, "Probe ", h("code", {}, job.id), " ", statusBadge(job)),
     h("p", { class: "meta" },
       `${modelLabel(spec.model)} · seq_len ${spec.seq_len} · ${spec.precision} · ${spec.optimizer}`,
       spec.finetuning === "lora" ? ` · LoRA r=${spec.lora?.rank}` : "",
@@ -64,13 +74,15 @@ function render(root, job) {
         "Cancel this probe"),
     job.error ? h("p", { class: "error", role: "alert" }, job.error) : null,
     h("p", { class: "poll-error", role: "status" }),
+    notFitting ? doesNotFitSection(notFitting, spec) : null,
+    job.report?.headroom_shortfall ? shortfallSection(job.report.headroom_shortfall) : null,
     curveSection(job, search, capacity),
     breakdownSection(job.trials.length ? job.trials : (search?.trials ?? []), job.report?.device?.breakdown_note),
     job.plan ? planSection(job.plan) : null,
     job.plan && spec.mode === "estimate" ? h("p", { class: "meta", id: "estimate-note" },
       h("strong", {}, "Not verified: "), `${ESTIMATED}. `, job.report?.device?.accuracy_note ?? "") : null,
     job.verification ? verificationSection(job.verification, job.plan) : null,
-    job.status === "succeeded" ? (keep ?? exportsSection(job)) : null,
+    job.status === "succeeded" && job.plan ? (keep ?? exportsSection(job)) : null,
   ].filter(Boolean));
 }
 
@@ -90,8 +102,9 @@ function curveSection(job, search, capacity) {
   const trials = job.trials.length ? job.trials : (search?.trials ?? []);
   // an estimate's trials ran on fake tensors: its "measured" basis is a count, not a device's answer
   const basis = job.spec?.mode === "estimate" ? ESTIMATED : search?.safe_micro_batch_basis;
-  const caption = search
-    ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${basis}); `
+  const caption = search?.max_micro_batch === 0
+    ? `even micro-batch 1 does not fit in ${formatBytes(capacity)} (${basis}); ${search.trial_count} trials in ${search.wall_s}s`
+    : search ? `max micro-batch ${search.max_micro_batch}, safe ${search.safe_micro_batch} (${basis}); `
       + `${search.trial_count} trials in ${search.wall_s}s${search.limit_reached ? `; the search stopped at its limit ${search.limit}` : ""}`
     : `${trials.length} trial(s) so far`;
   // a job re-run after a restart: the curve is the final run's, the interrupted runs' trials only counted
@@ -132,6 +145,38 @@ function oomNote(trial) {
     + formatBytes(trial.oom_request_bytes);
 }
 
+/** Nothing fits: what micro-batch 1 needs against the capacity, and each setting with whether it would fit. */
+function doesNotFitSection(notFitting, spec) {
+  const target = spec.effective_batch ?? spec.effective_batch_tokens;
+  return h("section", { class: "does-not-fit", id: "does-not-fit", "aria-labelledby": "dnf-heading" },
+    h("h3", { id: "dnf-heading" }, "Does not fit"),
+    h("p", { id: "dnf-needs" }, h("strong", {}, "Needs "),
+      notFitting.needs_bytes ? `${formatBytes(notFitting.needs_bytes)} at micro-batch 1 (estimated)` : "more (not estimated)",
+      `; capacity ${formatBytes(notFitting.capacity_bytes)}`,
+      notFitting.device_bytes_needed ? `; a device with at least ${formatBytes(notFitting.device_bytes_needed)} fits it `
+        + `with the headroom kept` : "",
+      target ? `. No plan for the effective batch of ${target}: not even one example fits.` : "."),
+    optionsTable(notFitting.options, "dnf-options", "what micro-batch 1 needs with each setting"),
+    h("p", { class: "meta" }, notFitting.message));
+}
+
+/** Micro-batch 1 fits only in the headroom: the plan runs it anyway, and these settings would give the headroom back. */
+function shortfallSection(shortfall) {
+  return h("section", { id: "headroom-shortfall", "aria-labelledby": "shortfall-heading" },
+    h("h3", { id: "shortfall-heading" }, "Headroom not kept"),
+    h("p", {}, shortfall.message),
+    optionsTable(shortfall.options, "shortfall-options", "what micro-batch 1 needs with each setting"));
+}
+
+function optionsTable(options, id, label) {
+  if (!options?.length) return null;
+  return table(["setting", "micro-batch 1 needs", "fits"],
+    options.map((option) => h("tr", { class: option.fits ? "" : "oom-row" },
+      h("td", {}, option.change), h("td", {}, formatBytes(option.needs_bytes)),
+      h("td", { class: option.fits ? "succeeded" : "failed" }, option.fits ? "✓ fits" : "✗ does not fit"))),
+    { id, "aria-label": label });
+}
+
 function planSection(plan) {
   const alternatives = [plan, ...(plan.alternatives ?? [])];
   return h("section", { "aria-labelledby": "plan-heading" },
@@ -142,14 +187,19 @@ function planSection(plan) {
       ` · accumulation ${plan.accumulation_steps} · ${plan.num_devices} device(s) · ${deviationText(plan)}`),
     h("p", {}, h("strong", {}, "Why: "), plan.reason),
     h("p", { class: "meta" }, "Throughput model: ", plan.throughput_model),
-    table(["", "split", "micro-batch", "accumulation", "devices", "effective", "deviation", "relative throughput"],
+    plan.uneven_note ? h("p", { class: "meta", id: "plan-uneven-note" }, plan.uneven_note) : null,
+    table(["", "split", "kind", "micro-batch", "accumulation", "devices", "effective", "deviation", "relative throughput"],
       alternatives.map((alt, i) => h("tr", { class: i === 0 ? "chosen" : "" },
         h("td", {}, i === 0 ? "chosen" : ""), h("td", {}, planText(alt)),
+        // an uneven split runs only in a loop that cuts batches itself: labelled, its reason on hover
+        h("td", alt.uneven_note ? { class: "uneven", title: alt.uneven_note } : {}, alt.uneven_note ? "uneven" : "even"),
         h("td", {}, alt.micro_batch + (alt.last_micro_batch ? ` (last ${alt.last_micro_batch})` : "")),
         h("td", {}, alt.accumulation_steps), h("td", {}, alt.num_devices), h("td", {}, alt.effective_batch),
         h("td", {}, `${alt.deviation_percent > 0 ? "+" : ""}${alt.deviation_percent.toFixed(2)}%`),
         h("td", {}, i === 0 ? "1.00×" : `${alt.relative_throughput.toFixed(2)}×`))),
       { class: "alternatives", "aria-label": "the chosen plan and its alternatives" }),
+    plan.alternatives?.some((alt) => alt.uneven_note) ? h("p", { class: "meta", id: "uneven-note" },
+      plan.alternatives.find((alt) => alt.uneven_note).uneven_note) : null,
     plan.lr_guidance ? h("p", {}, h("strong", {}, "Learning rate: "),
       `linear-scaled ${plan.lr_guidance.linear_scaled_lr.toPrecision(3)}, sqrt-scaled `
       + `${plan.lr_guidance.sqrt_scaled_lr.toPrecision(3)}; ${plan.lr_guidance.note}`) : null,

@@ -6,7 +6,7 @@ Nothing here imports torch or the service: the server has made and verified the 
 the equation a person reads with it.
 
 Exit codes, as every fitprobe command:
-  0  the plan is met and verified by training
+  0  the plan is met and verified by training (with --accept-estimate: or estimated within the headroom)
   1  it ran, but the request cannot be met (does not fit, verification failed, plan not verified)
   2  bad input: one line on stderr says what to change (with --json, also a JSON object on stdout)
   3  the service is unreachable, failing, busy, or did not answer in time
@@ -45,6 +45,10 @@ def add_options(preflight: argparse.ArgumentParser) -> None:
     preflight.add_argument("--require-exact", action="store_true",
                            help="fail unless the plan reaches the effective batch exactly (default: off, a nearest "
                            "plan within its stated deviation passes)")
+    preflight.add_argument("--accept-estimate", action="store_true",
+                           help="pass an estimate (with --estimate: nothing trains) when its plan keeps the headroom: "
+                           "micro-batch within the safe micro-batch; the line reads `PASS (estimated): …` "
+                           "(default: off, an estimate is never verified and fails)")
     preflight.add_argument("--fresh", action="store_true",
                            help="probe again instead of reusing a cached search, whose new plan is verified anyway "
                            "(default: off)")
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                            job or _not_submitted(str(exc)))
     if job.get("plan"):
         _progress(f"plan: {plan_words(job['plan'])}")
-    passed, line = verdict(job, args.require_exact)
+    passed, line = verdict(job, args.require_exact, args.accept_estimate)
     return _report(args, EXIT_OK if passed else EXIT_UNMET, line, job)
 
 

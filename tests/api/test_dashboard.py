@@ -17,7 +17,7 @@ from tests.api.chromium import CHROMIUM
 from tests.api.conftest import SLOW_JOB, start_server, wait_for
 
 # 12 MiB makes builtin:gpt-nano run out of memory below 37, so the probe has OOM trials, and 37 (prime)
-# has no fast even split: the plan is uneven (19 + 18)
+# has no fast even split: the plan is the even 37 × 1, the faster uneven split (19 + 18) a labelled alternative
 UNEVEN_JOB = {"model": "builtin:gpt-nano", "seq_len": "32", "effective_batch": "37", "capacity_bytes": "12MiB"}
 WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -64,7 +64,7 @@ new MutationObserver(() => {
 """
 
 
-def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, page, tmp_path):
+def test_submit_from_the_form_and_watch_the_curve_and_the_plan_with_its_uneven_alternative(server, page, tmp_path):
     page.add_init_script("window.renders = [];" + f"addEventListener('DOMContentLoaded', () => {{{RECORD_RENDERS}}});")
     page.goto(f"{server.url}/#/new")
     fill_form(page, UNEVEN_JOB, reuse=False)
@@ -99,18 +99,24 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
         assert dict(parts) == {name: n for name, n in trial["breakdown"].items() if n}
         assert sum(n for _, n in parts) == trial["peak_allocated_bytes"]
 
-    # the uneven plan written as full micro-batches plus the last, and the arithmetic holds
+    # 37 is prime: the only even exact split is 37 micro-batches of 1, the plan every framework runs
     plan = job["plan"]
-    assert plan["last_micro_batch"] is not None and plan["effective_batch"] == 37
-    text = page.locator("#plan-text").inner_text()
+    assert plan["last_micro_batch"] is None and plan["effective_batch"] == 37
+    expect(page.locator("#plan-text")).to_have_text("37 = 37 × 1 (37 micro-batches of 1)")
+    # the uneven split, labelled, written as full micro-batches plus the last, and the arithmetic holds
+    uneven_row = page.locator("table.alternatives tr", has=page.locator("td.uneven"))
+    expect(uneven_row).to_have_count(1)
+    uneven = next(alt for alt in plan["alternatives"] if alt["last_micro_batch"])
+    text = uneven_row.locator("td:nth-child(2)").inner_text()
     match = re.fullmatch(r"(\d+) = (\d+) × (\d+) \+ (\d+) "
                          r"\((\w+) micro-batch(?:es)? of (\d+), then one of (\d+)\)", text)
     assert match, text
     total, full, micro, last, word, micro_again, last_again = match.groups()
-    assert int(total) == int(full) * int(micro) + int(last) == plan["effective_batch"]
-    assert (int(micro), int(last), int(full) + 1) == (plan["micro_batch"], plan["last_micro_batch"],
-                                                      plan["accumulation_steps"])
+    assert int(total) == int(full) * int(micro) + int(last) == 37
+    assert (int(micro), int(last), int(full) + 1) == (uneven["micro_batch"], uneven["last_micro_batch"],
+                                                      uneven["accumulation_steps"])
     assert (word, micro_again, last_again) == (WORDS[int(full)], micro, last)
+    expect(page.locator("#uneven-note")).to_contain_text("HF Trainer")
     expect(page.get_by_text(plan["reason"])).to_be_visible()
     # every split on the page in the plan's own notation, the one the CLI and the exports print
     splits = page.locator("table.alternatives tr td:nth-child(2)").all_inner_texts()
@@ -122,6 +128,41 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_uneven_plan(server, pa
     page.select_option("#export-format", "deepspeed")
     expect(page.locator("#export-output")).to_contain_text('"train_batch_size"')
     assert page.locator("#report-link").get_attribute("download") == f"fitprobe-{job_id}.json"
+
+
+def mib(value: int) -> str:
+    """Bytes as the page writes them, by hand: MiB with one decimal."""
+    return f"{value / 2**20:.1f}MiB"
+
+
+def test_a_does_not_fit_probe_shows_the_verdict_what_it_needs_and_the_settings_that_fit(server, page, tmp_path):
+    # 1 MB is less than micro-batch 1 of gpt-nano needs: the probe succeeds in finding that nothing fits
+    with server.client() as client:
+        submitted = client.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 32,
+                                                    "capacity_bytes": 1000000, "effective_batch": 256})
+        job = wait_for(client, submitted.json()["id"], ("succeeded",))
+    not_fitting = job["report"]["does_not_fit"]
+    page.goto(f"{server.url}/#/probes/{job['id']}")
+    status = page.locator("#job-status")
+    expect(status).to_have_text(re.compile(r"^does not fit"))
+    assert status.evaluate("el => getComputedStyle(el).color") == "rgb(176, 0, 32)", "red, as a failure"
+    needs = page.locator("#dnf-needs")
+    expect(needs).to_contain_text(f"Needs {mib(not_fitting['needs_bytes'])} at micro-batch 1 (estimated); "
+                                  "capacity 976.6KiB")  # 1,000,000 / 1024
+    expect(needs).to_contain_text(f"at least {mib(not_fitting['device_bytes_needed'])}")
+    expect(needs).to_contain_text("No plan for the effective batch of 256")
+    rows = page.locator("#dnf-options tbody tr")
+    expect(rows).to_have_count(len(not_fitting["options"]))
+    for row, option in zip(rows.all(), not_fitting["options"], strict=True):
+        assert row.locator("td").nth(0).inner_text() == option["change"]
+        assert row.locator("td").nth(2).inner_text() == ("✓ fits" if option["fits"] else "✗ does not fit")
+    expect(page.locator("#curve-caption")).to_contain_text("even micro-batch 1 does not fit in 976.6KiB")
+    body = page.locator("main").inner_text()
+    assert "without an effective_batch" not in body and "max micro-batch 0" not in body, body
+    expect(page.locator(".exports")).to_have_count(0)
+    page.screenshot(path=tmp_path / "does-not-fit.png", full_page=True)
+    page.goto(f"{server.url}/#/")
+    expect(page.locator(f"tr[data-id='{job['id']}'] td.status")).to_have_text("does not fit")
 
 
 def test_an_oom_trial_without_a_peak_is_drawn_at_the_capacity(server, page):

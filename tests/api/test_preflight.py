@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +90,58 @@ def test_a_target_that_does_not_fit_exits_1_and_json_is_still_one_object(server)
     assert job["status"] == "succeeded" and job["report"]["does_not_fit"]["needs_bytes"] > 60_000_000
     assert "FAIL: does not fit: even micro-batch 1 does not fit" in run.stderr
 
+
+def test_rerunning_a_gate_that_does_not_fit_gives_the_same_fail_and_exit_1(server):
+    """A CI job reruns its gate: the second run is answered from the cached probe and must not turn into bad input."""
+    # 1 MB is less than micro-batch 1 of gpt-nano needs
+    args = ("--server", server.url, "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "1000000")
+    first = preflight(*args, "--effective-batch", "256")
+    again = preflight(*args, "--effective-batch", "256")
+    other = preflight(*args, "--effective-batch", "64", "--json")
+    assert first.returncode == again.returncode == other.returncode == 1, (again.stderr, other.stderr)
+    assert verdict(first).startswith("FAIL: does not fit: even micro-batch 1 does not fit"), first.stdout
+    assert verdict(again) == verdict(first)
+    # why, in the line: the capacity it was measured against and what the step needs
+    assert "measured on this service's CPU device: capacity 976.6KiB, the capacity asked; needs " in verdict(first)
+    job = json.loads(other.stdout)
+    assert job["cached"] and job["plan"] is None and job["report"]["does_not_fit"], job
+
+def test_an_estimate_passes_the_gate_only_when_accepted_and_the_line_says_estimated(server):
+    estimate = ("--server", server.url, *NANO, "--estimate", "--effective-batch", "8")
+    refused = preflight(*estimate)
+    assert refused.returncode == 1, refused.stderr
+    assert "estimated, not run on a device; to gate on an estimate, pass --accept-estimate" in verdict(refused)
+    accepted = preflight(*estimate, "--accept-estimate")
+    assert accepted.returncode == 0, accepted.stderr
+    line = verdict(accepted)
+    assert line.startswith("PASS (estimated): 8 = ") and "estimated, not run on a device" in line, line
+    job = json.loads(preflight(*estimate, "--accept-estimate", "--json").stdout)
+    plan, safe = job["plan"], job["report"]["search"]["safe_micro_batch"]
+    # the margin kept: the plan's micro-batch leaves the headroom free; and it is even: 8 = accumulation × micro
+    assert 1 <= plan["micro_batch"] <= safe and plan["micro_batch"] * plan["accumulation_steps"] == 8
+    assert f"micro-batch {plan['micro_batch']} within the safe {safe}, which keeps 10% of 16.0MiB free" in line
+
+
+def test_an_accepted_estimate_that_keeps_no_headroom_fails(server):
+    # 5 MB with 30 % kept free: gpt-nano at seq 32 runs micro-batch 1 at ~4.1 MB, above the 3.5 MB line
+    run = preflight("--server", server.url, "--model", "builtin:gpt-nano", "--seq-len", "32", "--capacity", "5000000",
+                    "--headroom", "0.3", "--estimate", "--effective-batch", "8", "--accept-estimate")
+    assert run.returncode == 1, run.stderr
+    line = verdict(run)
+    assert line.startswith("FAIL: estimated plan 8 = 8 × 1 ") and "does not keep the 30% headroom" in line, line
+
+
+@pytest.mark.slow
+def test_the_readmes_preflight_example_passes_on_the_default_service(server):
+    """The README's example, as written (only the server's address differs): a CPU-only service gates gpt2 for a GPU."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("fitprobe preflight --server localhost:8000"))
+    args = shlex.split(command)[2:]
+    args[args.index("--server") + 1] = server.url
+    run = preflight(*args)
+    assert run.returncode == 0, run.stderr
+    # by hand: 256 examples, an even split within the safe micro-batch the estimate found
+    assert verdict(run).startswith("PASS (estimated): 256 = "), run.stdout
 
 def test_the_spec_options_reach_the_job_the_service_ran(server):
     """--sharding, --collation, --estimate, --lora-* and --seed are ProbeSpec's fields: the stored job has them."""

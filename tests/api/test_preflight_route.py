@@ -36,6 +36,20 @@ def test_a_plan_that_cannot_be_met_answers_409_so_curl_fails_the_step_and_prints
     assert run.stdout.startswith("FAIL: does not fit: even micro-batch 1 does not fit"), run.stdout
 
 
+def test_a_cached_does_not_fit_answers_the_same_409_fail_line_again(server):
+    body = '{"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 1000000, "effective_batch": 256}'
+    first, again = curl(server.url, body), curl(server.url, body)
+    assert again.returncode == 22 and "409" in again.stderr, (again.stdout, again.stderr)
+    assert again.stdout == first.stdout and again.stdout.startswith("FAIL: does not fit: "), again.stdout
+
+def test_accept_estimate_answers_200_and_a_pass_estimated_line(server):
+    body = ('{"model": "builtin:gpt-nano", "seq_len": 32, "capacity_bytes": 16777216, "mode": "estimate", '
+            '"effective_batch": 8, "accept_estimate": %s}')
+    refused, accepted = curl(server.url, body % "false"), curl(server.url, body % "true")
+    assert refused.returncode == 22 and "409" in refused.stderr, refused.stdout
+    assert accepted.returncode == 0, (accepted.stdout, accepted.stderr)
+    assert accepted.stdout.startswith("PASS (estimated): 8 = "), accepted.stdout
+
 @pytest.mark.slow
 def test_a_cached_search_with_a_new_effective_batch_is_verified_then_passes(server):
     with server.client() as client:

@@ -13,4 +13,5 @@ def test_an_estimate_jobs_verdict_says_its_plan_was_estimated_not_run_on_a_devic
            "report": {"does_not_fit": None}}
     passed, line = verdict(job)
     assert not passed
-    assert line == "FAIL: plan not verified: 8 = 4 × 2 (four micro-batches of 2), estimated, not run on a device"
+    assert line == ("FAIL: plan not verified: 8 = 4 × 2 (four micro-batches of 2), estimated, not run on a device; "
+                    "to gate on an estimate, pass --accept-estimate (API: accept_estimate: true)")
