@@ -510,18 +510,26 @@ def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
 
 def frees_in_order(events: list[tuple]) -> list[tuple]:
     """The events with each run of frees sorted: storages freed together (a tuple of outputs dropped) go in an
-    order that varies from run to run, and frees alone change no moment and no peak."""
+    order that varies from run to run, and frees alone change no moment and no peak.
+
+    A run also takes the category changes between its frees (a gradient tagged in a hook while a tuple dies),
+    kept in their order ahead of the frees: a change never touches a storage freed before it, and the bytes
+    by category at the next moment are the same whichever of the two came first.
+    """
     ordered: list[tuple] = []
+    retags: list[tuple] = []
     run: list[tuple] = []
     for event in events:
         if event[0] in ("f", "o"):
             run.append(event)
             continue
-        if run:
-            ordered.extend(sorted(run))
-            run = []
+        if event[0] in ("t", "T", "k"):
+            retags.append(event)
+            continue
+        ordered.extend(retags + sorted(run))
+        retags, run = [], []
         ordered.append(event)
-    return ordered + sorted(run)
+    return ordered + retags + sorted(run)
 
 
 def learning_seq_lens(seq_lens: Sequence[int], context: int) -> tuple[int, int, int] | None:
