@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from fitprobe_client.phases import PhaseLines, trial_outcome
 from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
+from fitprobe.probe.breakdown import describe as describe_breakdown
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.model_bounds import ModelLimits
@@ -166,7 +167,11 @@ class Progress:
             self.say(f"trial micro_batch={event['micro_batch']} ...")
         elif kind == "trial":
             step = f", step {event['step_s']:.2f}s" if event.get("step_s") else ""
-            self.say(f"trial micro_batch={event['micro_batch']}: {trial_outcome(event)}{step}")
+            # the breakdown of the peak where the trial has one (probe/breakdown.py), else only the numbers it has
+            outcome = (f"fits, {describe_breakdown(event['peak_allocated_bytes'], event['breakdown'])}"
+                       if event.get("fits") and event.get("breakdown") and event.get("peak_allocated_bytes")
+                       else trial_outcome(event))
+            self.say(f"trial micro_batch={event['micro_batch']}: {outcome}{step}")
         elif kind == "verify_step":
             self.say(f"verification step {event['step']} of {event['steps']}")
 
@@ -203,6 +208,10 @@ def _trial_table(trials: list[TrialResult]) -> str:
                      f"allocating {format_bytes(t.oom_request_bytes)}" if t.oom_request_bytes is not None else ""]
             memory = " ".join(["OOM", ", ".join(word for word in known if word)]).strip().ljust(29)
         lines.append(f"{t.micro_batch:>11}  {'yes' if t.fits else 'no':>4}  {memory}  {step:>7}")
+    largest = max((t for t in trials if t.fits and t.breakdown), key=lambda t: t.micro_batch, default=None)
+    if largest is not None and largest.breakdown is not None and largest.peak_allocated_bytes is not None:
+        lines.append(f"at micro_batch {largest.micro_batch}: "
+                     f"{describe_breakdown(largest.peak_allocated_bytes, largest.breakdown)}")
     return "\n".join(lines)
 
 

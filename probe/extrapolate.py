@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fitprobe.probe.breakdown import as_dict
 from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialError
@@ -72,6 +73,7 @@ OPTIMIZER_MARKS = ("first_optimizer", "last_optimizer")
 
 Trial = Callable[[int], TrialResult]
 Moment = tuple[str, int]  # (phase, live bytes)
+IndexedMoment = tuple[str, int, int]  # (phase, live bytes, its index in the trace)
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,11 @@ class Trace:
     moments: list[Moment]
     marks: dict[str, list[int]] = field(default_factory=lambda: {mark: [] for mark in MARKS + OPTIMIZER_MARKS})
     log: AllocationLog | None = None  # every allocation behind the moments, when the cut was asked to log them
+    # the bytes by category at each moment (probe/breakdown.py), when the meter kept them
+    categories: list[tuple[int, ...]] | None = None
 
 
-def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
+def _kept_segments(trace: Trace, shallow: bool) -> list[list[IndexedMoment]] | str:
     """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut)."""
     counts = {len(trace.marks[mark]) for mark in MARKS}
     optimizer_marks = [trace.marks.get(mark, []) for mark in OPTIMIZER_MARKS]  # absent: one kernel per list
@@ -152,14 +156,16 @@ def _kept_segments(trace: Trace, shallow: bool) -> list[list[Moment]] | str:
         return "the optimizer's marks fell inside a forward or backward stretch, or out of order"
     if shallow and any(enters != leaves for enters, leaves in middles):
         return "the shallow cut ran layers between its first and last period"
+    # each moment with its index in the trace, where its categories are
+    indexed = [(phase, live_bytes, index) for index, (phase, live_bytes) in enumerate(trace.moments)]
     segments, start = [], 0
     for enters, leaves in middles:
-        segments.append(trace.moments[start:enters])
+        segments.append(indexed[start:enters])
         start = leaves
-    return segments + [trace.moments[start:]]
+    return segments + [indexed[start:]]
 
 
-def _optimizer_climbs_read_at_the_top(moments: list[Moment]) -> list[Moment]:
+def _optimizer_climbs_read_at_the_top(moments: list[IndexedMoment]) -> list[IndexedMoment]:
     """Optimizer moments that only allocate (state created parameter by parameter) kept at their top."""
     return [moment for moment, after in zip(moments, moments[1:] + [("", -1)], strict=False)
             if not (moment[0] == after[0] == "optimizer" and after[1] >= moment[1])]
@@ -167,24 +173,43 @@ def _optimizer_climbs_read_at_the_top(moments: list[Moment]) -> list[Moment]:
 
 def extrapolate_trace(shallow: Trace, deep: Trace, repeats: int) -> dict[str, int] | str:
     """Each phase's peak at full depth, moment by moment; or why the two traces do not pair up."""
+    extrapolated = _extrapolate(shallow, deep, repeats)
+    return extrapolated if isinstance(extrapolated, str) else extrapolated[0]
+
+
+def _extrapolate(shallow: Trace, deep: Trace, repeats: int) -> tuple[dict[str, int], list[int] | None] | str:
+    """extrapolate_trace's peaks, and the bytes by category at the latest moment at the overall peak (None when
+    the traces kept no categories).
+
+    A moment's categories add up to its live bytes in both cuts, and each is extrapolated by the same line, so
+    they add up to the extrapolated moment: the breakdown sums to the peak exactly, and it is the full depth's
+    where each category's bytes are a line in the periods, as the live bytes are.
+    """
     s_kept, d_kept = _kept_segments(shallow, True), _kept_segments(deep, False)
     if isinstance(s_kept, str):
         return f"shallow cut: {s_kept}"
     if isinstance(d_kept, str):
         return f"deep cut: {d_kept}"
     peaks: dict[str, int] = {}
+    peak_bytes, at_peak = -1, (0, 0)  # the overall peak and its moment's (shallow, deep) indices
     for s_segment, d_segment in zip(s_kept, d_kept, strict=False):
         s_moments, d_moments = (_optimizer_climbs_read_at_the_top(m) for m in (s_segment, d_segment))
         if len(s_moments) != len(d_moments):
-            phases = sorted({p for p, _ in s_segment} | {p for p, _ in d_segment})
+            phases = sorted({m[0] for m in s_segment} | {m[0] for m in d_segment})
             return (f"the cuts ran {len(s_moments)} and {len(d_moments)} allocating ops in the same stretch of the step "
                     f"(phases {', '.join(phases)}): the optimizer works parameter by parameter, or a layer's ops "
                     "depend on the depth")
-        for (s_phase, s_bytes), (d_phase, d_bytes) in zip(s_moments, d_moments, strict=False):
+        for (s_phase, s_bytes, s_index), (d_phase, d_bytes, d_index) in zip(s_moments, d_moments, strict=False):
             if s_phase != d_phase:
                 return f"the cuts' moments do not pair up (phase {s_phase} against {d_phase})"
-            peaks[s_phase] = max(peaks.get(s_phase, 0), s_bytes + repeats * (d_bytes - s_bytes))
-    return peaks
+            n_bytes = s_bytes + repeats * (d_bytes - s_bytes)
+            peaks[s_phase] = max(peaks.get(s_phase, 0), n_bytes)
+            if n_bytes >= peak_bytes:  # the latest moment at the peak, as the meter keeps it
+                peak_bytes, at_peak = n_bytes, (s_index, d_index)
+    if shallow.categories is None or deep.categories is None:
+        return peaks, None
+    s_categories, d_categories = shallow.categories[at_peak[0]], deep.categories[at_peak[1]]
+    return peaks, [s + repeats * (d - s) for s, d in zip(s_categories, d_categories, strict=True)]
 
 
 def _module_signature(module: nn.Module) -> tuple:
@@ -388,6 +413,7 @@ class TracedCut:
         if self.logging:  # what earlier trials left to the collector is freed before the log begins, not in it
             self.meter.release()
         self.trace = Trace(self.meter.record_trace(True))
+        self.trace.categories = self.meter.trace_categories()
         self.trace.log = self.meter.record_log(True) if self.logging else None
         try:
             result = runner(micro_batch)
@@ -438,16 +464,18 @@ def extrapolated_result(micro_batch: int, shallow_phase_peaks: dict[str, int], s
                         repeats: int, capacity_bytes: int) -> TrialResult | str:
     """The full depth's trial from its two cuts' traces (and the shallow cut's meter peaks, which its trace must
     hold), capped at the capacity; or why the traces do not pair up."""
-    phases = extrapolate_trace(shallow, deep, repeats)
-    if isinstance(phases, dict) and _trace_peaks(shallow) != shallow_phase_peaks:
-        phases = "the shallow cut's trace disagrees with its meter's phase peaks"
-    if isinstance(phases, str):
-        return phases
+    extrapolated = _extrapolate(shallow, deep, repeats)
+    if not isinstance(extrapolated, str) and _trace_peaks(shallow) != shallow_phase_peaks:
+        extrapolated = "the shallow cut's trace disagrees with its meter's phase peaks"
+    if isinstance(extrapolated, str):
+        return extrapolated
+    phases, categories = extrapolated
     peak_bytes = max(phases.values())
     if peak_bytes > capacity_bytes:
         return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
                            f"{format_bytes(peak_bytes)} is more than the capacity {format_bytes(capacity_bytes)}")
-    return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases)
+    return TrialResult(micro_batch, True, peak_bytes, peak_bytes, 0, None, phases,
+                       None if categories is None else as_dict(categories))
 
 
 def _updates_parameter_by_parameter(optimizer: torch.optim.Optimizer) -> bool:

@@ -25,6 +25,7 @@ from fitprobe.probe.data import data_facts, micro_batch_tokens, padded_width_rat
 from fitprobe.probe.estimate import EstimateMeter
 from fitprobe.probe.estimator import Estimator
 from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.breakdown import CUDA_NOT_BROKEN_DOWN
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.needs import does_not_fit, headroom_shortfall
 from fitprobe.probe.plan import Plan, plan_equation
@@ -52,7 +53,8 @@ def device_facts(meter: Meter) -> DeviceFacts:
     else:
         name, total = f"cpu ({platform.processor() or platform.machine()}, virtual capacity)", None
     return DeviceFacts(device=str(meter.device), name=name, total_bytes=total, capacity_bytes=meter.capacity_bytes,
-                       meter=meter.kind, allocator_config=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+                       meter=meter.kind, allocator_config=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                       breakdown_note=CUDA_NOT_BROKEN_DOWN if meter.device.type == "cuda" else None)
 
 
 def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import Literal, Protocol, overload
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS, as_dict
+
 DEFAULT_CPU_CAPACITY_BYTES = 1 << 30
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
 
@@ -83,20 +85,24 @@ class AllocationLog:
 
     Under fake tensors the step at another micro-batch or seq_len runs the same program with other
     sizes: probe/replay.py compares two logs' `events` and replays one with sizes it predicts. An
-    allocation is ("a",), numbered by its position in `sizes` (requested bytes, before rounding); its free
-    ("f", number); the free of a storage counted before the log began ("o", rounded bytes); a moment the
-    trace records ("m",); a phase change ("p", name); the trial's start, where peaks reset ("r",); a storage
-    resized in place ("z", number) (FSDP2: not replayed).
+    allocation is ("a",), numbered by its position in `sizes` (requested bytes, before rounding), with its
+    category (probe/breakdown.py) at the same position in `categories`; its free ("f", number); the free of a
+    storage counted before the log began ("o", rounded bytes, category); a moment the trace records ("m",); a
+    phase change ("p", name); the trial's start, where peaks reset and what is live becomes weights ("r",); a
+    storage resized in place ("z", number) (FSDP2: not replayed); a storage given another category ("t",
+    number, category), or one counted before the log ("T", rounded bytes, category, new category); the
+    forward's temporaries kept for the backward ("k",).
     """
 
     start_bytes: int
     start_phase: str
     events: list[tuple] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    categories: list[int] = field(default_factory=list)
     numbers: dict[int, int] = field(default_factory=dict)  # id(storage) -> its allocation's number, while live
 
 
-_ALLOCATED, _MOMENT, _RESET = ("a",), ("m",), ("r",)
+_ALLOCATED, _MOMENT, _RESET, _KEPT = ("a",), ("m",), ("r",), ("k",)
 
 
 @dataclass
@@ -107,11 +113,16 @@ class MemoryReading:
     peak_reserved_bytes: int
     alloc_retries: int = 0
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    breakdown: dict[str, int] | None = None  # the peak by category (probe/breakdown.py); None: not known
 
-    def plus(self, n_bytes: int) -> MemoryReading:
-        """The reading with `n_bytes` more live throughout (memory the meter cannot see, e.g. paged state)."""
+    def plus(self, n_bytes: int, category: str) -> MemoryReading:
+        """The reading with `n_bytes` of `category` more live throughout (memory the meter cannot see, e.g.
+        paged optimizer state)."""
+        breakdown = None if self.breakdown is None else {**self.breakdown,
+                                                         category: self.breakdown[category] + n_bytes}
         return MemoryReading(self.peak_allocated_bytes + n_bytes, self.peak_reserved_bytes + n_bytes,
-                             self.alloc_retries, {k: v + n_bytes for k, v in self.phase_peak_bytes.items()})
+                             self.alloc_retries, {k: v + n_bytes for k, v in self.phase_peak_bytes.items()},
+                             breakdown)
 
 
 class Meter(Protocol):
@@ -129,6 +140,10 @@ class Meter(Protocol):
     def allocated_bytes(self) -> int: ...
     def synchronize(self) -> None: ...
     def release(self) -> None: ...
+    # what the step tells the meter about its storages (probe/breakdown.py)
+    def tag(self, tensors: list[torch.Tensor], category: int) -> None: ...
+    def allocate_as(self, category: int) -> None: ...
+    def keep_for_backward(self) -> None: ...
 
 
 # Ops this mode can pass straight through. prim.device: the autograd engine asks fake tensors for their
@@ -181,6 +196,13 @@ class LiveBytesMode(TorchDispatchMode):
         self.trace: list[tuple[str, int]] | None = None
         self.log: AllocationLog | None = None  # every event behind the trace, when probe/replay.py asks
         self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
+        # the breakdown (probe/breakdown.py): each counted storage's category, the live bytes per category, the
+        # category new storages get, and the counts at the latest moment at the peak (with the trace, at each)
+        self._category: dict[int, int] = {}
+        self.categories = [0] * len(CATEGORIES)
+        self.context = TEMPORARIES
+        self.peak_categories = list(self.categories)
+        self.trace_categories: list[tuple[int, ...]] = []
         self._paused = 0
         self._patches: list[ExitStack] = []
 
@@ -221,19 +243,60 @@ class LiveBytesMode(TorchDispatchMode):
 
     def set_phase(self, name: str) -> None:
         self.phase = name
+        self.context = TEMPORARIES
         self.phase_peak_bytes[name] = max(self.phase_peak_bytes.get(name, 0), self.live_bytes)
-        if self.trace is not None:
-            self.trace.append((name, self.live_bytes))
         if self.log is not None:
             self.log.events.append(("p", name))
+        self._moment()
 
     def reset_peaks(self) -> None:
+        """A trial starts: peaks from here, and everything live now is the model's (weights)."""
         self.peak_bytes = self.live_bytes
         self.phase_peak_bytes = {self.phase: self.live_bytes}
+        self._category = dict.fromkeys(self._category, WEIGHTS)
+        self.categories = [0] * len(CATEGORIES)
+        self.categories[WEIGHTS] = self.live_bytes
         if self.trace is not None:
-            self.trace[:] = [(self.phase, self.live_bytes)]
+            self.trace.clear()
+            self.trace_categories.clear()
         if self.log is not None:
             self.log.events.append(_RESET)
+        self._moment()
+
+    def _moment(self) -> None:
+        """After an op that allocated, a phase change, a storage grown: the latest moment at the peak keeps its
+        categories, and the trace (when on) records the moment."""
+        if self.live_bytes >= self.peak_bytes:
+            self.peak_categories = self.categories.copy()
+        if self.trace is not None:
+            self.trace.append((self.phase, self.live_bytes))
+            self.trace_categories.append(tuple(self.categories))
+
+    def tag(self, tensors: Iterable[torch.Tensor], category: int) -> None:
+        """Give the counted storages behind `tensors` another category (a `.grad`, optimizer state, a batch)."""
+        for tensor in tensors:
+            local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's bytes are its shard's
+            key = id(local.untyped_storage())
+            old = self._category.get(key)
+            if old is None or old == category:
+                continue
+            n_bytes = self._counted[key]
+            self._category[key] = category
+            self.categories[old] -= n_bytes
+            self.categories[category] += n_bytes
+            if self.log is not None:
+                number = self.log.numbers.get(key)
+                self.log.events.append(("t", number, category) if number is not None else ("T", n_bytes, old, category))
+
+    def keep_for_backward(self) -> None:
+        """The forward reached the loss head: its temporaries still live are what the backward reads."""
+        for key, category in self._category.items():
+            if category == TEMPORARIES:
+                self._category[key] = ACTIVATIONS
+        self.categories[ACTIVATIONS] += self.categories[TEMPORARIES]
+        self.categories[TEMPORARIES] = 0
+        if self.log is not None:
+            self.log.events.append(_KEPT)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(_is_dtensor_type(kind) for kind in types):
@@ -250,10 +313,10 @@ class LiveBytesMode(TorchDispatchMode):
                 if id(storage) not in inputs:
                     allocated |= self._add(storage, raise_on_overflow=True)
         # one moment per op, after all its outputs: the largest of its own (an op only adds)
-        if allocated and self.trace is not None:
-            self.trace.append((self.phase, self.live_bytes))
+        if allocated:
             if self.log is not None:
                 self.log.events.append(_MOMENT)
+            self._moment()
         return out
 
     def _add(self, storage: torch.UntypedStorage, raise_on_overflow: bool) -> bool:
@@ -264,12 +327,14 @@ class LiveBytesMode(TorchDispatchMode):
         requested = storage.nbytes()
         n_bytes = round_allocation(requested)
         self._counted[key] = n_bytes
+        self._category[key] = self.context
         if self.log is not None:
             self.log.numbers[key] = len(self.log.sizes)
             self.log.sizes.append(requested)
+            self.log.categories.append(self.context)
             self.log.events.append(_ALLOCATED)
         weakref.finalize(storage, self._free, key)
-        self._grow(n_bytes, raise_on_overflow)
+        self._grow(n_bytes, raise_on_overflow, self.context)
         return True
 
     def _resized(self, storage: torch.UntypedStorage) -> None:
@@ -281,17 +346,20 @@ class LiveBytesMode(TorchDispatchMode):
         delta, self._counted[key] = n_bytes - self._counted[key], n_bytes
         if self.log is not None:
             self.log.events.append(("z", self.log.numbers.get(key)))
-        self._grow(delta, raise_on_overflow=delta > 0)
+        self._grow(delta, delta > 0, self._category[key])
         # a gathered parameter is a moment as an op's output is: FSDP2 gathers into it, then frees the
         # all-gather buffer, so the peak can sit between the two with no allocating op after it
-        if delta > 0 and self.trace is not None:
-            self.trace.append((self.phase, self.live_bytes))
+        if delta > 0:
             if self.log is not None:
                 self.log.events.append(_MOMENT)
+            self._moment()
 
-    def _grow(self, n_bytes: int, raise_on_overflow: bool) -> None:
+    def _grow(self, n_bytes: int, raise_on_overflow: bool, category: int) -> None:
         self.live_bytes += n_bytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.categories[category] += n_bytes
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.peak_categories = self.categories.copy()
         self.phase_peak_bytes[self.phase] = max(self.phase_peak_bytes.get(self.phase, 0), self.live_bytes)
         if raise_on_overflow and self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
             self.last_oom = OomFacts(self.live_bytes - n_bytes, n_bytes)
@@ -304,10 +372,12 @@ class LiveBytesMode(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         n_bytes = self._counted.pop(key, 0)
+        category = self._category.pop(key, TEMPORARIES)
         self.live_bytes -= n_bytes
+        self.categories[category] -= n_bytes
         if self.log is not None:
             number = self.log.numbers.pop(key, None)
-            self.log.events.append(("f", number) if number is not None else ("o", n_bytes))
+            self.log.events.append(("f", number) if number is not None else ("o", n_bytes, category))
 
 
 @contextmanager
@@ -359,7 +429,16 @@ class CpuMeter:
     def reading(self) -> MemoryReading:
         peak = self._mode.peak_bytes
         # no caching allocator on the CPU: what is reserved is what is allocated
-        return MemoryReading(peak, peak, 0, dict(self._mode.phase_peak_bytes))
+        return MemoryReading(peak, peak, 0, dict(self._mode.phase_peak_bytes), as_dict(self._mode.peak_categories))
+
+    def tag(self, tensors: list[torch.Tensor], category: int) -> None:
+        self._mode.tag(tensors, category)
+
+    def allocate_as(self, category: int) -> None:
+        self._mode.context = category
+
+    def keep_for_backward(self) -> None:
+        self._mode.keep_for_backward()
 
     def oom_facts(self, exc: BaseException) -> OomFacts:
         return self._mode.last_oom
@@ -372,7 +451,12 @@ class CpuMeter:
     def record_trace(self, on: bool) -> list[tuple[str, int]] | None:
         """From the next trial on, keep its (phase, live bytes) moments in the list returned (None: stop)."""
         self._mode.trace = [] if on else None
+        self._mode.trace_categories = []
         return self._mode.trace
+
+    def trace_categories(self) -> list[tuple[int, ...]]:
+        """The bytes by category at each moment of the trace being recorded (probe/breakdown.py's order)."""
+        return self._mode.trace_categories
 
     def record_log(self, on: bool) -> AllocationLog | None:
         """From now on, log every allocation, free and moment (probe/replay.py); None: stop."""
@@ -459,6 +543,16 @@ class CudaMeter:
     def release(self) -> None:
         gc.collect()
         torch.cuda.empty_cache()
+
+    # no per-allocation hook: the reading has no breakdown (probe/breakdown.py CUDA_NOT_BROKEN_DOWN)
+    def tag(self, tensors: list[torch.Tensor], category: int) -> None:
+        return None
+
+    def allocate_as(self, category: int) -> None:
+        return None
+
+    def keep_for_backward(self) -> None:
+        return None
 
 
 def make_meter(device: str, capacity_bytes: int | None) -> Meter:

@@ -39,6 +39,7 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS
 from fitprobe.probe.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
 from fitprobe.probe.meter import AllocationLog, round_allocation
 from fitprobe.probe.report import TrialResult
@@ -136,38 +137,63 @@ def laws_through(first: Sequence[int], last: Sequence[int], known: Collection[Si
     return laws, guessed
 
 
-def replay(log: AllocationLog, sizes: Sequence[int]) -> tuple[list[tuple[str, int]], dict[str, int]]:
-    """The trace's moments and the meter's phase peaks, had the log's allocations had `sizes`.
+def replay(log: AllocationLog, sizes: Sequence[int]
+           ) -> tuple[list[tuple[str, int]], dict[str, int], list[tuple[int, ...]]]:
+    """The trace's moments, the meter's phase peaks and the bytes by category at each moment, had the log's
+    allocations had `sizes`.
 
     Does what probe/meter.py LiveBytesMode does at each event, in the same order.
     """
     rounded = [round_allocation(n) for n in sizes]
+    category_of = list(log.categories)  # each allocation's category now, by number
     live, phase = log.start_bytes, log.start_phase
+    categories = [0] * len(CATEGORIES)  # before the trial's start nothing is classed: it all becomes weights there
     moments: list[tuple[str, int]] = []
+    at_moments: list[tuple[int, ...]] = []
     peaks: dict[str, int] = {}
     allocated = 0
     for event in log.events:
         kind = event[0]
         if kind == "a":
             live += rounded[allocated]
+            categories[category_of[allocated]] += rounded[allocated]
             allocated += 1
             if live > peaks.get(phase, 0):
                 peaks[phase] = live
         elif kind == "f":
             live -= rounded[event[1]]
+            categories[category_of[event[1]]] -= rounded[event[1]]
         elif kind == "m":
             moments.append((phase, live))
+            at_moments.append(tuple(categories))
         elif kind == "o":
             live -= event[1]
+            categories[event[2]] -= event[1]
         elif kind == "p":
             phase = event[1]
             peaks[phase] = max(peaks.get(phase, 0), live)
             moments.append((phase, live))
+            at_moments.append(tuple(categories))
+        elif kind == "t":
+            number, category = event[1], event[2]
+            categories[category_of[number]] -= rounded[number]
+            categories[category] += rounded[number]
+            category_of[number] = category
+        elif kind == "T":
+            categories[event[2]] -= event[1]
+            categories[event[3]] += event[1]
+        elif kind == "k":
+            category_of[:allocated] = [ACTIVATIONS if c == TEMPORARIES else c for c in category_of[:allocated]]
+            categories[ACTIVATIONS] += categories[TEMPORARIES]
+            categories[TEMPORARIES] = 0
         elif kind == "r":
-            peaks, moments = {phase: live}, [(phase, live)]
+            category_of[:allocated] = [WEIGHTS] * allocated
+            categories = [0] * len(CATEGORIES)
+            categories[WEIGHTS] = live
+            peaks, moments, at_moments = {phase: live}, [(phase, live)], [tuple(categories)]
         else:
             raise NotReplayable(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
-    return moments, peaks
+    return moments, peaks, at_moments
 
 
 @dataclass
@@ -365,8 +391,8 @@ class Replay:
             sizes = [law.at(micro_batch, seq_len) for law in laws]
             if any(size is None for size in sizes):
                 return None
-            moments, peaks = replay(log, sizes)  # type: ignore[arg-type]  # no None left
-            traces.append((Trace(moments, traced.marks), peaks))
+            moments, peaks, categories = replay(log, sizes)  # type: ignore[arg-type]  # no None left
+            traces.append((Trace(moments, traced.marks, categories=categories), peaks))
         (shallow, shallow_peaks), (deep, _) = traces
         result = extrapolated_result(micro_batch, shallow_peaks, shallow, deep, self.cuts.cuts.repeats,
                                      self.capacity_bytes)
@@ -420,6 +446,9 @@ def split_off_optimizer(log: AllocationLog, marks: dict[str, list[int]]) -> _Spl
         elif kind == "f":
             if event[1] in shared_of:
                 skeleton.append(("f", shared_of[event[1]]))
+        elif kind == "t":  # a shared storage classed again (a gradient); the optimizer's own (its state) are its own
+            if event[1] in shared_of:
+                skeleton.append(("t", shared_of[event[1]], event[2]))
         elif kind == "m":
             kept.append(kept[-1] + (phase != OPTIMIZER_PHASE))
             if phase != OPTIMIZER_PHASE:
@@ -431,7 +460,7 @@ def split_off_optimizer(log: AllocationLog, marks: dict[str, list[int]]) -> _Spl
         elif kind == "r":  # the trial's start: the moments (and the marks' count) begin again at this one
             kept = [0, 1]
             skeleton.append(event)
-        elif kind == "o":
+        elif kind in ("o", "T", "k"):
             skeleton.append(event)
         else:
             raise NotReplayable(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
@@ -481,18 +510,26 @@ def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
 
 def frees_in_order(events: list[tuple]) -> list[tuple]:
     """The events with each run of frees sorted: storages freed together (a tuple of outputs dropped) go in an
-    order that varies from run to run, and frees alone change no moment and no peak."""
+    order that varies from run to run, and frees alone change no moment and no peak.
+
+    A run also takes the category changes between its frees (a gradient tagged in a hook while a tuple dies),
+    kept in their order ahead of the frees: a change never touches a storage freed before it, and the bytes
+    by category at the next moment are the same whichever of the two came first.
+    """
     ordered: list[tuple] = []
+    retags: list[tuple] = []
     run: list[tuple] = []
     for event in events:
         if event[0] in ("f", "o"):
             run.append(event)
             continue
-        if run:
-            ordered.extend(sorted(run))
-            run = []
+        if event[0] in ("t", "T", "k"):
+            retags.append(event)
+            continue
+        ordered.extend(retags + sorted(run))
+        retags, run = [], []
         ordered.append(event)
-    return ordered + sorted(run)
+    return ordered + retags + sorted(run)
 
 
 def learning_seq_lens(seq_lens: Sequence[int], context: int) -> tuple[int, int, int] | None:

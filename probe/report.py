@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitprobe_client.phases import oom_words
+from fitprobe.probe import breakdown
 from fitprobe.probe.spec import format_bytes
 
 
@@ -34,6 +35,8 @@ class TrialResult:
     alloc_retries: int = 0
     step_s: float | None = None
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    # the peak by category (probe/breakdown.py), summing to peak_allocated_bytes; None where not known (CUDA, OOM)
+    breakdown: dict[str, int] | None = None
     error: str | None = None
     # an OOM trial has no peak (it stopped part-way): where it stopped instead
     oom_live_bytes: int | None = None
@@ -46,7 +49,9 @@ class TrialResult:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line for people: a peak when it fit, where it stopped when it did not."""
+        """One line for people: a peak (by category where known) when it fit, where it stopped when it did not."""
+        if self.fits and self.breakdown is not None and self.peak_allocated_bytes is not None:
+            return f"fits, {breakdown.describe(self.peak_allocated_bytes, self.breakdown)}"
         if self.fits:
             return f"fits, peak {format_bytes(self.peak_allocated_bytes)}"
         return "out of memory" + oom_words(self.oom_live_bytes, self.oom_request_bytes)
@@ -78,6 +83,8 @@ class DeviceFacts(Section):
     allocator_config: str | None = Field(None, description="PYTORCH_CUDA_ALLOC_CONF during the trials")
     accuracy_note: str | None = Field(None, description="for an estimate: what its count leaves out")
     kernels: dict[str, Any] | None = Field(None, description="for an estimate for a named card: the kernels assumed")
+    breakdown_note: str | None = Field(None, description="why the trials carry no breakdown of their peak "
+                                       "(a measured CUDA trial); null where they do")
 
 
 class Search(Section):

@@ -46,6 +46,8 @@ def combine(results: list[TrialResult]) -> TrialResult:
         alloc_retries=max(r.alloc_retries for r in results),
         step_s=max(step_times_s) if step_times_s and not failed else None,  # the slowest rank sets the pace
         phase_peak_bytes=phases, error=worst.error,
+        # the largest rank's peak is the trial's: its breakdown is the trial's
+        breakdown=None if failed else max(results, key=lambda r: r.peak_allocated_bytes or 0).breakdown,
     )
 
 

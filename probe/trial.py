@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from fitprobe.probe.breakdown import classified
 from fitprobe.probe.meter import Meter, is_oom
 from fitprobe.probe.models import LoadedModel
 from fitprobe.probe.optimizers import paged_state_bytes
@@ -65,12 +66,14 @@ class TrialRunner:
         self.watch_optimizer(optimizer)
         scaler = make_scaler(spec, meter.device.type)
         meter.start_trial()
-        step_times_s = run_steps(self.model, optimizer, batches, spec, scaler, meter, spec.optimizer_steps_per_trial)
+        with classified(meter, self.model.module, optimizer, batches):
+            step_times_s = run_steps(self.model, optimizer, batches, spec, scaler, meter,
+                                     spec.optimizer_steps_per_trial)
         reading = meter.reading()
         # paged optimizer state lives in CUDA unified memory, which the allocator's statistics never see
         unseen_bytes = paged_state_bytes(optimizer)
         if unseen_bytes:
-            reading = reading.plus(unseen_bytes)
+            reading = reading.plus(unseen_bytes, "optimizer_state")
             if reading.peak_allocated_bytes > meter.capacity_bytes:
                 return TrialResult(micro_batch, False, error=f"paged optimizer state ({format_bytes(unseen_bytes)}) "
                                    "takes the step past the capacity", oom_live_bytes=reading.peak_allocated_bytes)
@@ -78,4 +81,4 @@ class TrialRunner:
         steady_s = sorted(step_times_s[1:])[len(step_times_s[1:]) // 2]
         return TrialResult(micro_batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
                            reading.alloc_retries, steady_s if meter.measures_time else None,
-                           reading.phase_peak_bytes)
+                           reading.phase_peak_bytes, reading.breakdown)

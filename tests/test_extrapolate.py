@@ -143,11 +143,14 @@ def test_the_cases_cover_every_setting_in_four_families_and_both_values_of_each_
 
 
 def _assert_cuts_equal_the_full_depth(spec: ProbeSpec, depths: list[int]) -> None:
-    """Per-phase peaks of the extrapolated trial equal the full depth's at micro-batch 1 and 3, from those cuts."""
+    """Per-phase peaks of the extrapolated trial, and its peak's breakdown by category, equal the full depth's at
+    micro-batch 1 and 3, from those cuts."""
     _, facts, extrapolated = make_trial(spec)
     _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
     for micro_batch in (1, 3):
-        assert extrapolated(micro_batch).phase_peak_bytes == full(micro_batch).phase_peak_bytes, micro_batch
+        cut, whole = extrapolated(micro_batch), full(micro_batch)
+        assert cut.phase_peak_bytes == whole.phase_peak_bytes, micro_batch
+        assert cut.breakdown == whole.breakdown and whole.breakdown is not None, micro_batch
     assert facts["extrapolated_from_layers"] == depths
     assert facts["not_extrapolated_because"] is None
 
@@ -241,7 +244,9 @@ def test_an_fsdp_estimate_extrapolates_to_the_full_depths_phase_peaks():
     spec = _fsdp_spec("llama", 2, precision="fp32", finetuning="full")
     _, facts, extrapolated = make_trial(spec)
     _, _, full = make_trial(spec.model_copy(update={"extrapolate": False}))
-    assert extrapolated(2).phase_peak_bytes == full(2).phase_peak_bytes
+    cut, whole = extrapolated(2), full(2)
+    assert cut.phase_peak_bytes == whole.phase_peak_bytes
+    assert cut.breakdown == whole.breakdown and whole.breakdown is not None
     assert facts["extrapolated_from_layers"] == [2, 3] and facts["not_extrapolated_because"] is None
     assert facts["sharded_over_devices"] == 2
 

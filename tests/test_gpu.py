@@ -31,6 +31,14 @@ def test_after_a_real_oom_allocated_memory_is_back_to_baseline():
     assert meter.allocated_bytes() == baseline
 
 
+def test_a_measured_cuda_report_has_no_breakdown_and_says_why():
+    """The caching allocator's statistics do not say what each allocation is for: null, not a guess."""
+    report = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=64, device="cuda:0", capacity_bytes="64MiB",
+                                 max_micro_batch=4))
+    assert all(trial.breakdown is None for trial in report.search.trials)
+    assert report.device.breakdown_note and "--estimate" in report.device.breakdown_note
+
+
 @pytest.mark.parametrize("case", [
     dict(model="builtin:gpt-small", seq_len=512, capacity_bytes="2GiB", precision="fp32"),
     dict(model="builtin:gpt-base", seq_len=1024, capacity_bytes="4GiB", precision="bf16-mixed"),

@@ -93,6 +93,15 @@ def test_submit_from_the_form_and_watch_the_curve_and_the_plan_with_its_uneven_a
     search = job["report"]["search"]
     expect(page.locator("#memory-chart .max-line-label")).to_have_text(f"max {search['max_micro_batch']}")
     expect(page.locator("#memory-chart .capacity-label")).to_have_text("capacity 12.0MiB")
+    # every fitting trial's peak as a stacked bar whose parts are the report's categories, adding up to the peak
+    fitting = {t["micro_batch"]: t for t in job["trials"] if t["fits"]}
+    rows = page.locator("#breakdown .breakdown-row")
+    expect(rows).to_have_count(len(fitting))
+    for row in rows.all():
+        trial = fitting[int(row.get_attribute("data-micro-batch"))]
+        parts = row.locator(".segment").evaluate_all("els => els.map(e => [e.dataset.category, +e.dataset.bytes])")
+        assert dict(parts) == {name: n for name, n in trial["breakdown"].items() if n}
+        assert sum(n for _, n in parts) == trial["peak_allocated_bytes"]
 
     # 37 is prime: the only even exact split is 37 micro-batches of 1, the plan every framework runs
     plan = job["plan"]
@@ -177,6 +186,52 @@ def test_an_oom_trial_without_a_peak_is_drawn_at_the_capacity(server, page):
     assert drawn["points"] == 2
     assert abs(drawn["markerY"] - drawn["capacityY"]) < 0.01, drawn
     assert "out of memory, peak not recorded" in drawn["title"]
+
+
+MIB = 2**20
+# two trials' peaks by category: the second holds twice the first's peak, the growth all activations and loss head
+BREAKDOWN_TRIALS = [
+    {"micro_batch": 1, "fits": True, "peak_allocated_bytes": 8 * MIB,
+     "breakdown": {"weights": MIB, "gradients": MIB, "optimizer_state": 2 * MIB, "activations": 2 * MIB,
+                   "loss_head": 2 * MIB, "temporaries": 0}},
+    {"micro_batch": 3, "fits": True, "peak_allocated_bytes": 16 * MIB,
+     "breakdown": {"weights": MIB, "gradients": MIB, "optimizer_state": 2 * MIB, "activations": 6 * MIB,
+                   "loss_head": 6 * MIB, "temporaries": 0}},
+    {"micro_batch": 4, "fits": False, "peak_allocated_bytes": None, "breakdown": None},
+]
+
+
+def test_the_peaks_breakdown_is_a_stacked_bar_per_fitting_trial_on_one_scale(server, page, tmp_path):
+    page.goto(f"{server.url}/#/")
+    page.evaluate("""async (trials) => {
+        const { breakdownSection } = await import("/breakdown.js");
+        document.body.append(breakdownSection(trials, null));
+    }""", BREAKDOWN_TRIALS)
+    page.screenshot(path=tmp_path / "breakdown.png", full_page=True)
+    bars = page.locator("#breakdown .bar")
+    expect(bars).to_have_count(2)  # the trial that did not fit has no peak to break down
+    small, large = (bar.bounding_box() for bar in bars.all())
+    # the browser's layout, measured: half the peak is half the width, and each part its share of its bar
+    assert abs(small["width"] - large["width"] / 2) <= 1, (small, large)
+    for bar, trial in zip(bars.all(), BREAKDOWN_TRIALS, strict=False):
+        width = bar.bounding_box()["width"]
+        for segment in bar.locator(".segment").all():
+            share = trial["breakdown"][segment.get_attribute("data-category")] / trial["peak_allocated_bytes"]
+            assert abs(segment.bounding_box()["width"] - share * width) <= 1
+    expect(bars.first).to_have_attribute("aria-label", "micro-batch 1: peak 8.0MiB = weights 1.0MiB + gradients "
+                                         "1.0MiB + optimizer state 2.0MiB + activations 2.0MiB + loss head 2.0MiB")
+    expect(page.locator("#breakdown .legend")).to_contain_text("optimizer state")
+
+
+def test_a_report_without_breakdowns_says_why(server, page):
+    page.goto(f"{server.url}/#/")
+    page.evaluate("""async () => {
+        const { breakdownSection } = await import("/breakdown.js");
+        const trials = [{ micro_batch: 2, fits: true, peak_allocated_bytes: 1024, breakdown: null }];
+        document.body.append(breakdownSection(trials, "no breakdown on CUDA"));
+    }""")
+    expect(page.locator("#breakdown-note")).to_have_text("no breakdown on CUDA")
+    expect(page.locator("#breakdown .bar")).to_have_count(0)
 
 
 def test_a_422_shows_next_to_its_field(server, page, tmp_path):
