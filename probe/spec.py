@@ -380,10 +380,14 @@ class ProbeSpec(BaseModel):
 
     def device_processes(self, verify: bool = True) -> int:
         """How many device processes this job starts: one per device for a measured sharded trial or a
-        verification on several devices; none for an estimate (rank 0 of a fake group, in the job)."""
+        verification on several devices; none for an estimate (rank 0 of a fake group, in the job).
+
+        The one count every bound on processes reads (the door's cap, Ray's placement, the command line):
+        a verification runs for any target per step, in rows or in tokens (`effective_rows`).
+        """
         if self.mode != "measure":
             return 0
-        verified = verify and self.effective_batch is not None and self.num_devices > 1
+        verified = verify and self.effective_rows is not None and self.num_devices > 1
         return self.num_devices if self.sharding == "fsdp" or verified else 0
 
     def label(self) -> str:
