@@ -238,6 +238,16 @@ class Store:
                 self._raise_quota(conn.execute(sa.select(held, recent)).one(), limits, bool(row["cached"]))
         return job_id if inserted == 1 else None
 
+    def check_quota(self, client: str, limits: ClientLimits, cached: bool) -> None:
+        """Raise ClientQuota now if `client` is at its limits: a route calls this before any work a refused
+        request would waste (a cached answer's plan, remade for the new effective batch, costs CPU). The
+        insert checks again, atomically; this read only answers a client at its limit early."""
+        with self.engine.connect() as conn:
+            counts = conn.execute(sa.select(*self._client_counts(client, _now()))).one()
+        held, recent = counts
+        if (not cached and held >= limits.max_jobs) or recent >= limits.max_submits_per_minute:
+            self._raise_quota(counts, limits, cached)
+
     @staticmethod
     def _client_counts(client: str | None, now: datetime) -> tuple[Any, Any]:
         """The client's queued + running jobs, and the rows it stored in the last SUBMIT_WINDOW_S (subqueries)."""

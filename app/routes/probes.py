@@ -179,6 +179,8 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     spec = request.model_dump(mode="json")
     limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     cached = store.cached_result(key) if request.reuse else None
+    # a client at its limits hears so before its cached answer is re-planned (the plan costs CPU)
+    within_quota(store.check_quota, client, limits, cached is not None)
     if cached is not None and _covers(cached[1]["search"], request.micro_batch_limit):
         source_id, stored = cached
         try:

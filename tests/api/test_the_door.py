@@ -1,0 +1,63 @@
+"""The door (issue 33): what one request may cost the server before its quota or bounds answer it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fitprobe.app.routes import probes
+from fitprobe.probe.data import padded_width_ratio
+from fitprobe.probe.spec import ProbeSpec
+from tests.api.conftest import in_process
+
+# an estimate finishes in seconds; its search is what the cache keeps, whatever the effective batch
+ESTIMATE = {"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate", "capacity_bytes": 16 << 20,
+            "collation": "padded", "data": {"rows_by_length": {"8": 3, "20": 2, "32": 1}}}
+
+
+def _finished(client, job_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/v1/probes/{job_id}").json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    return job
+
+
+@pytest.mark.slow  # one estimate (~15 s on the shared 2-core machine)
+def test_a_client_at_its_submit_quota_is_answered_429_before_its_cached_answer_is_re_planned(tmp_path, monkeypatch):
+    replanned: list[int | None] = []
+    real = probes._replan
+    monkeypatch.setattr(probes, "_replan", lambda cached, request: replanned.append(request.effective_rows)
+                        or real(cached, request))
+    with in_process(tmp_path / "data", max_submits_per_client_per_minute="2") as client:
+        first = client.post("/v1/probes", json={**ESTIMATE, "effective_batch": 8})
+        assert first.status_code == 202, first.text
+        assert _finished(client, first.json()["id"])["status"] == "succeeded"
+        second = client.post("/v1/probes", json={**ESTIMATE, "effective_batch": 6})
+        assert second.status_code == 202 and second.json()["cached"], second.text
+        assert replanned == [6]
+        for path in ("/v1/probes", "/v1/preflight"):
+            refused = client.post(path, json={**ESTIMATE, "effective_batch": 4})
+            assert refused.status_code == 429, refused.text
+            assert "FITPROBE_MAX_SUBMITS_PER_CLIENT_PER_MINUTE=2" in refused.json()["detail"]
+        assert replanned == [6]  # neither refusal planned anything
+
+
+@pytest.mark.parametrize("seq_len", [40, 4096])
+def test_the_padded_width_of_a_batch_is_the_expected_longest_row_summed_over_every_width(seq_len):
+    # the definition by hand: E[max of b rows] = Σ_{x < width} (1 - F(x)^b), F(x) the share of rows ≤ x
+    rng = np.random.default_rng(0)
+    lengths = rng.choice(np.arange(1, seq_len + 200), size=min(seq_len, 300), replace=False)
+    rows = {str(int(length)): int(rng.integers(1, 50)) for length in lengths}
+    spec = ProbeSpec.model_validate({"model": "builtin:gpt-nano", "seq_len": seq_len, "collation": "padded",
+                                     "data": {"rows_by_length": rows}})
+    width = min(max(int(k) for k in rows), seq_len)
+    total = sum(rows.values())
+    at_most = [sum(n for k, n in rows.items() if min(int(k), width) <= x) / total for x in range(width)]
+    ratio = padded_width_ratio(spec)
+    assert ratio is not None
+    for b in (1, 2, 7, 300, 65_536):
+        expected = sum(1 - f ** b for f in at_most) / width
+        assert ratio(b) == pytest.approx(expected, rel=1e-12, abs=1e-15)
