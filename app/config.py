@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_param_tokens: int = Field(
         10**21, ge=1, description="largest parameters × tokens of one micro-batch (seq_len × the largest "
         "micro-batch the search may try)")
+    model_build_timeout_s: float = Field(
+        20.0, gt=0, description="a config (inline or hf:) is built on the meta device at submit to count its "
+        "parameters; one that takes longer (thousands of layers) is refused with 422")
     max_whatif_seq_lens: int = Field(8, ge=1, description="most seq_lens (columns) a what-if table may ask for")
     max_whatif_cells: int = Field(
         48, ge=1, description="most cells (settings × seq_lens) a what-if table may ask for; each cell is one "

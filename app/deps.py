@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors.base import Executor
+from fitprobe.app.sizer import Sizer
 from fitprobe.app.store import Store
 
 
@@ -26,6 +27,10 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_executor(request: Request) -> Executor:
     return request.app.state.executor
+
+
+async def get_sizer(request: Request) -> Sizer:
+    return request.app.state.sizer
 
 
 async def require_token(request: Request) -> None:
@@ -54,3 +59,4 @@ StoreDep = Annotated[Store, Depends(get_store)]
 ClientDep = Annotated[str, Depends(get_client)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ExecutorDep = Annotated[Executor, Depends(get_executor)]
+SizerDep = Annotated[Sizer, Depends(get_sizer)]

@@ -27,6 +27,7 @@ from fitprobe.app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from fitprobe.app.metrics import Metrics
 from fitprobe.app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
 from fitprobe.app.schemas import error_responses
+from fitprobe.app.sizer import Sizer
 from fitprobe.app.store import SWEEP_BATCH, Store, is_disk_full
 from fitprobe.probe.versions import fitprobe_version
 
@@ -86,11 +87,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = Metrics(store)
         executor = make_executor(store, settings, metrics)
         app.state.settings, app.state.store, app.state.executor, app.state.metrics = settings, store, executor, metrics
+        app.state.sizer = Sizer(settings.model_build_timeout_s)  # its process imports transformers now
         executor.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings))
         yield
         sweeper.cancel()
         executor.stop()
+        app.state.sizer.stop()
 
     app = FastAPI(
         title="fitprobe",

@@ -61,3 +61,45 @@ def test_the_padded_width_of_a_batch_is_the_expected_longest_row_summed_over_eve
     for b in (1, 2, 7, 300, 65_536):
         expected = sum(1 - f ** b for f in at_most) / width
         assert ratio(b) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+# each builds in seconds on meta, but far beyond 2×10¹² parameters; the config arithmetic read none of these
+# fields (or only the top level of a nested config), and all were queued
+HIDDEN_GIANTS = {
+    "bart decoder_ffn_dim": {"model_type": "bart", "decoder_ffn_dim": 10**9},
+    "mamba expand": {"model_type": "mamba", "expand": 10**6},
+    "opt word_embed_proj_dim": {"model_type": "opt", "word_embed_proj_dim": 10**9},
+    "gemma3 nested text_config": {"model_type": "gemma3", "text_config": {
+        "model_type": "gemma3_text", "num_hidden_layers": 64, "hidden_size": 65_536, "intermediate_size": 262_144,
+        "num_attention_heads": 64, "num_key_value_heads": 64, "head_dim": 1024}},
+}
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory):
+    with in_process(tmp_path_factory.mktemp("door") / "data", model_build_timeout_s="8") as client:
+        yield client
+
+
+@pytest.mark.slow  # the sizing process imports transformers (~8 s) and builds five models on meta
+def test_a_model_is_bounded_by_what_its_config_builds_whatever_its_fields_are_called(door):
+    for name, config in HIDDEN_GIANTS.items():
+        refused = door.post("/v1/probes", json={"model": config, "seq_len": 16, "mode": "estimate",
+                                                "capacity_bytes": 1 << 50})
+        assert refused.status_code == 422, (name, refused.text)
+        detail = refused.json()["detail"]
+        assert "about " in detail, (name, detail)
+        counted = int(detail.split("about ")[1].split(" parameters")[0].replace(",", ""))
+        assert counted > 2 * 10**12 and "FITPROBE_MAX_MODEL_PARAMS" in detail, (name, detail)
+    # thousands of layers: building them takes minutes, so the build is stopped at the service's limit
+    slow = door.post("/v1/probes", json={"model": {"model_type": "bart", "decoder_layers": 3000}, "seq_len": 16,
+                                         "mode": "estimate", "capacity_bytes": 1 << 50})
+    assert slow.status_code == 422, slow.text
+    assert "longer than 8 s" in slow.json()["detail"] and "FITPROBE_MODEL_BUILD_TIMEOUT_S" in slow.json()["detail"]
+    # and the sizer still answers after its process was killed: a small config of the same family is queued
+    small = door.post("/v1/probes", json={"model": {"model_type": "bart", "decoder_layers": 2, "d_model": 64,
+                                                    "decoder_ffn_dim": 128, "decoder_attention_heads": 4,
+                                                    "vocab_size": 1000}, "seq_len": 16, "mode": "estimate",
+                                          "capacity_bytes": 1 << 30, "reuse": False})
+    assert small.status_code == 202, small.text
+    door.delete(f"/v1/probes/{small.json()['id']}")
