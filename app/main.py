@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -72,6 +74,13 @@ def _with_docs_policy(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
+def _import_transformers() -> None:
+    try:
+        importlib.import_module("transformers")
+    except ImportError:  # the hf extra is optional: builtin models need none
+        pass
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -88,6 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = make_executor(store, settings, metrics)
         app.state.settings, app.state.store, app.state.executor, app.state.metrics = settings, store, executor, metrics
         app.state.sizer = Sizer(settings.model_build_timeout_s)  # its process imports transformers now
+        # and so does this one, beside serving: the first inline config read its 7 s import at the door
+        threading.Thread(target=_import_transformers, name="fitprobe-import", daemon=True).start()
         executor.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings))
         yield

@@ -80,8 +80,11 @@ def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: S
     """Queue the table: which settings fit on the card, at which seq_len and micro-batch (fake tensors, no device)."""
     request = pinned(request, settings)
     base = _refuse_at_the_door(request, settings, sizer)
-    # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity
-    spec = {"kind": WHATIF, **request.model_dump(mode="json"), "capacity_bytes": base.capacity_bytes}
+    # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity;
+    # the longest-sequence search stops at this service's largest seq_len, as a request's seq_lens do
+    longest = min(request.longest_up_to or settings.max_seq_len, settings.max_seq_len)
+    spec = {"kind": WHATIF, **request.model_dump(mode="json"), "capacity_bytes": base.capacity_bytes,
+            "longest_up_to": longest}
     limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     try:
         job = within_quota(store.create, spec, _fingerprint(spec), settings.max_queued_jobs, client=client,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -103,3 +104,44 @@ def test_a_model_is_bounded_by_what_its_config_builds_whatever_its_fields_are_ca
                                           "capacity_bytes": 1 << 30, "reuse": False})
     assert small.status_code == 202, small.text
     door.delete(f"/v1/probes/{small.json()['id']}")
+
+
+def test_a_body_declared_to_a_route_that_never_reads_it_ends_with_the_answer(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\nx".encode())
+        answer, closed = b"", False
+        while not closed:  # the server closes; a connection it kept would time out here (socket.timeout)
+            try:
+                chunk = sock.recv(65536)
+                answer += chunk
+                closed = not chunk
+                sock.sendall(b"x")  # the client dribbles the rest of its body
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("rows_by_length, says", [
+    ({"8": 1, "08": 5}, "plain decimal digits"),  # merged into {8: 6} before
+    ({"+8": 1}, "plain decimal digits"),
+    ({"8": "3"}, "JSON integer"),
+    ({"8": True}, "JSON integer"),
+])
+def test_data_lengths_are_plain_decimal_keys_with_integer_counts(door, rows_by_length, says):
+    refused = door.post("/v1/probes", json={"model": "builtin:gpt-nano", "seq_len": 16,
+                                            "data": {"rows_by_length": rows_by_length}})
+    assert refused.status_code == 422 and says in refused.text, refused.text
+
+
+def test_a_whatif_table_asks_no_seq_len_beyond_the_model_or_the_service(door):
+    table = {"model": "builtin:gpt-nano", "gpu": "a100-80gb", "finetuning": ["full"], "checkpointing": ["off"],
+             "optimizers": ["adamw_torch"]}
+    beyond_model = door.post("/v1/whatif", json={**table, "seq_lens": [64, 4096]})  # gpt-nano: 2048 positions
+    assert beyond_model.status_code == 422
+    assert "seq_len 4096 exceeds this model's context of 2048 tokens" in beyond_model.json()["detail"]
+    # the longest-sequence search stops at the service's largest seq_len, however long the model's context
+    accepted = door.post("/v1/whatif", json={**table, "seq_lens": [64], "longest_up_to": 131_072})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["spec"]["longest_up_to"] == 32_768
+    door.delete(f"/v1/whatif/{accepted.json()['id']}")
