@@ -282,7 +282,8 @@ class Store:
 
     # ---- transitions ----------------------------------------------------------------------
     def claim_next(self, device: str) -> dict[str, Any] | None:
-        """Oldest queued job, now running on `device` for this replica; None when the queue is empty.
+        """The next client's oldest queued job, now running on `device` for this replica; None when the queue is
+        empty. Clients take turns: the one served longest ago goes next.
 
         First, at most every half lease, jobs abandoned by a dead replica go back to the queue: a
         worker about to claim has free hands, so recovery needs no thread of its own.
@@ -294,9 +295,15 @@ class Store:
         if time.monotonic() >= self._next_sweep_s:
             self._next_sweep_s = time.monotonic() + self.lease_s / 2
             self.requeue_abandoned()
+        # round-robin over clients: the client whose last job started longest ago (or never) goes first, its
+        # oldest job first; FIFO let one client's 8 jobs run hours ahead of everyone else's
+        earlier = jobs.alias("earlier")
+        last_start = (sa.select(sa.func.max(earlier.c.started_at)).where(earlier.c.client == jobs.c.client)
+                      .correlate(jobs).scalar_subquery())
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED)
-                               .order_by(jobs.c.created_at).limit(1).with_for_update(skip_locked=True)).first()
+                               .order_by(sa.nullsfirst(last_start.asc()), jobs.c.created_at).limit(1)
+                               .with_for_update(skip_locked=True)).first()
             if row is None:
                 return None
             now = _now()

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from fitprobe.app import migrate
 from fitprobe.app.routes import probes
+from fitprobe.app.store import Store
 from fitprobe.probe.data import padded_width_ratio
 from fitprobe.probe.spec import ProbeSpec
 from tests.api.conftest import in_process
@@ -145,3 +147,15 @@ def test_a_whatif_table_asks_no_seq_len_beyond_the_model_or_the_service(door):
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["spec"]["longest_up_to"] == 32_768
     door.delete(f"/v1/whatif/{accepted.json()['id']}")
+
+
+def test_queued_jobs_are_claimed_one_client_at_a_time_not_first_in_first_out(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'fitprobe.db'}")
+    migrate.upgrade(store.engine)
+    queued = [(client, store.create({"seed": n}, f"fp{n}", 100, client=client)["id"])
+              for n, client in enumerate(["alice"] * 4 + ["bob", "carol", "bob"])]
+    order = []
+    while (job := store.claim_next("cpu")) is not None:
+        order.append(next(client for client, job_id in queued if job_id == job["id"]))
+        store.succeed(job["id"], {})
+    assert order == ["alice", "bob", "carol", "alice", "bob", "alice", "alice"]
