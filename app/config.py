@@ -79,11 +79,15 @@ class Settings(BaseSettings):
     max_submits_per_client_per_minute: int = Field(
         120, ge=1, description="stored submits (queued or answered from the cache) one client may make in any "
         "60 s; beyond, 429")
+    max_plans_per_client_per_minute: int = Field(
+        60, ge=1, description="synchronous plans (POST /v1/plans) one client may ask for in any 60 s; beyond, 429")
 
     # ---- keeping the disk bounded: the periodic sweep of finished jobs -------------------------
     retention_days: float = Field(30.0, gt=0, description="finished jobs older than this are deleted")
     max_stored_jobs: int = Field(10_000, ge=1, description="beyond this many stored jobs, the oldest finished "
                                                            "ones are deleted")
+    max_stored_bytes: int = Field(1 << 30, ge=1, description="beyond this many bytes of stored specs and results, "
+                                  "the oldest finished jobs are deleted (a row with a data profile is ~0.4 MB)")
     sweep_interval_s: float = Field(300.0, gt=0, description="how often the retention sweep runs")
     shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
     access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "

@@ -29,6 +29,7 @@ from fitprobe.app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from fitprobe.app.metrics import Metrics
 from fitprobe.app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
 from fitprobe.app.schemas import error_responses
+from fitprobe.app.rate import PerClientRate
 from fitprobe.app.sizer import Sizer
 from fitprobe.app.store import SWEEP_BATCH, Store, is_disk_full
 from fitprobe.probe.versions import fitprobe_version
@@ -60,7 +61,8 @@ async def sweep_forever(store: Store, settings: Settings) -> None:
     """The retention sweep (Store.sweep), every FITPROBE_SWEEP_INTERVAL_S; sooner while it has a backlog."""
     while True:
         try:
-            deleted = await to_thread.run_sync(store.sweep, settings.retention_days, settings.max_stored_jobs)
+            deleted = await to_thread.run_sync(store.sweep, settings.retention_days, settings.max_stored_jobs,
+                                               SWEEP_BATCH, settings.max_stored_bytes)
         except sa.exc.OperationalError as exc:
             deleted = 0
             log.warning("retention sweep: database error: %s", str(exc.orig or exc).splitlines()[0][:200])
@@ -115,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.state.plan_rate = PerClientRate(settings.max_plans_per_client_per_minute,
+                                        "FITPROBE_MAX_PLANS_PER_CLIENT_PER_MINUTE")
     app.state.event_streams = jobs.EventStreams(settings.max_event_streams,
                                                  settings.max_streams_per_client)  # `serve` closes it on SIGTERM
     auth = [Depends(require_token)]

@@ -402,22 +402,32 @@ class Store:
         return requeued, failed
 
     # ---- retention ------------------------------------------------------------------------
-    def sweep(self, retention_days: float, max_stored: int, batch: int = SWEEP_BATCH) -> int:
+    def sweep(self, retention_days: float, max_stored: int, batch: int = SWEEP_BATCH,
+              max_stored_bytes: int | None = None) -> int:
         """Delete finished jobs older than `retention_days`, and the oldest finished ones beyond `max_stored`
-        jobs in all, with their events; at most `batch` jobs per call. Queued and running jobs stay.
+        jobs or `max_stored_bytes` of specs and results in all, with their events; at most `batch` jobs per
+        call. Queued and running jobs stay.
 
-        Both rules pick the oldest finished jobs first, so the jobs to delete are a prefix of the finished
-        jobs ordered by finish time: the longer of the two prefixes, capped at `batch`. Replicas sweeping
-        at once delete the same rows, which is harmless.
+        Every rule picks the oldest finished jobs first, so the jobs to delete are a prefix of the finished
+        jobs ordered by finish time: the longest of the prefixes, capped at `batch`. Replicas sweeping
+        at once delete the same rows, which is harmless. Bytes count because rows differ by 1,000×: a cached
+        answer to a request with a 149 KB data profile stored 363 KB, so 10,000 rows were 3.6 GB.
         """
         cutoff = _now() - timedelta(days=retention_days)
         finished = jobs.c.status.in_(TERMINAL)
+        size = sa.func.coalesce(sa.func.length(jobs.c.spec), 0) + sa.func.coalesce(sa.func.length(jobs.c.result), 0)
         with self.engine.connect() as conn:
-            total = conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar_one()
-            oldest = conn.execute(sa.select(jobs.c.id, jobs.c.finished_at).where(finished)
+            total, total_bytes = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(size), 0))
+                                              .select_from(jobs)).one()
+            oldest = conn.execute(sa.select(jobs.c.id, jobs.c.finished_at, size.label("size")).where(finished)
                                   .order_by(jobs.c.finished_at, jobs.c.id).limit(batch)).all()
         expired = sum(1 for row in oldest if row.finished_at is not None and _aware(row.finished_at) < cutoff)
-        doomed = [row.id for row in oldest[:max(expired, total - max_stored, 0)]]
+        over_bytes = 0
+        excess_bytes = total_bytes - max_stored_bytes if max_stored_bytes is not None else 0
+        while excess_bytes > 0 and over_bytes < len(oldest):
+            excess_bytes -= oldest[over_bytes].size
+            over_bytes += 1
+        doomed = [row.id for row in oldest[:max(expired, total - max_stored, over_bytes, 0)]]
         if not doomed:
             return 0
         with self.engine.begin() as conn:

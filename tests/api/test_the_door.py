@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -159,3 +160,24 @@ def test_queued_jobs_are_claimed_one_client_at_a_time_not_first_in_first_out(tmp
         order.append(next(client for client, job_id in queued if job_id == job["id"]))
         store.succeed(job["id"], {})
     assert order == ["alice", "bob", "carol", "alice", "bob", "alice", "alice"]
+
+
+def test_the_sweep_bounds_the_stored_bytes_not_only_the_row_count(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'fitprobe.db'}")
+    migrate.upgrade(store.engine)
+    profile = {"data": {"rows_by_length": {str(n): 1 for n in range(1, 20_000)}}}  # ~230 KB as JSON
+    ids = [store.create_cached({**profile, "seed": n}, f"fp{n}", {"n": n})["id"] for n in range(6)]
+    row_bytes = len(json.dumps(store.get(ids[0])["spec"]))  # one profile per row, as stored
+    # room for three and a half rows: the three oldest go, newest kept
+    assert store.sweep(retention_days=30, max_stored=10_000, max_stored_bytes=int(3.5 * row_bytes)) == 3
+    assert [store.version(job_id) is not None for job_id in ids] == [False] * 3 + [True] * 3  # the oldest went
+
+
+def test_synchronous_plans_have_a_per_client_quota(tmp_path):
+    with in_process(tmp_path / "data", max_plans_per_client_per_minute="3") as client:
+        codes = [client.post("/v1/plans", json={"effective_batch": 64, "max_micro_batch": 8}).status_code
+                 for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        refused = client.post("/v1/plans", json={"effective_batch": 64, "max_micro_batch": 8})
+        assert "FITPROBE_MAX_PLANS_PER_CLIENT_PER_MINUTE=3" in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) > 0
