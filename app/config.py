@@ -72,7 +72,11 @@ class Settings(BaseSettings):
         "a verification, or a measured sharded trial); beyond it a request is a 422, estimate mode stays allowed")
     max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
 
-    # ---- sharing the service: per client (its bearer token, or its address without tokens) -------
+    # ---- sharing the service: per client (its bearer token; without tokens, its network) -------
+    client_header: str | None = Field(
+        None, description="without tokens, read the client's address from this header (e.g. X-Forwarded-For, its "
+        "last entry) instead of the connection's: only behind a proxy that sets it; addresses group by /24 "
+        "(IPv4), /64 (IPv6) and loopback as one client")
     max_jobs_per_client: int = Field(8, ge=1, description="queued + running jobs one client may hold; beyond, 429")
     max_streams_per_client: int = Field(
         16, ge=1, description="event streams and waiting pre-flights one client may hold open; beyond, 429")

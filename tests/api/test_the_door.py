@@ -6,6 +6,7 @@ import json
 import socket
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from fitprobe.app.routes import probes
 from fitprobe.app.store import Store
 from fitprobe.probe.data import padded_width_ratio
 from fitprobe.probe.spec import ProbeSpec
-from tests.api.conftest import in_process
+from tests.api.conftest import in_process, start_server
 
 # an estimate finishes in seconds; its search is what the cache keeps, whatever the effective batch
 ESTIMATE = {"model": "builtin:gpt-nano", "seq_len": 32, "mode": "estimate", "capacity_bytes": 16 << 20,
@@ -181,3 +182,15 @@ def test_synchronous_plans_have_a_per_client_quota(tmp_path):
         refused = client.post("/v1/plans", json={"effective_batch": 64, "max_micro_batch": 8})
         assert "FITPROBE_MAX_PLANS_PER_CLIENT_PER_MINUTE=3" in refused.json()["detail"]
         assert int(refused.headers["retry-after"]) > 0
+
+
+def test_one_machine_is_one_client_whichever_loopback_address_it_sends_from(tmp_path):
+    server = start_server(tmp_path / "data", max_plans_per_client_per_minute="2")
+    try:
+        codes = []
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            with httpx.Client(base_url=server.url, transport=httpx.HTTPTransport(local_address=source)) as client:
+                codes.append(client.post("/v1/plans", json={"effective_batch": 8, "max_micro_batch": 2}).status_code)
+        assert codes == [200, 200, 429]
+    finally:
+        server.stop()
