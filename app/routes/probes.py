@@ -170,12 +170,14 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     Every stored row counts against `client`: a queued job against its share of the queue
     (FITPROBE_MAX_JOBS_PER_CLIENT), and any row, cached answers too, against its submits per minute.
     """
+    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
+    # a client past its submits per minute hears so before any work (a Hub read, a model built on meta)
+    within_quota(store.check_quota, client, limits, True)
     request = pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
     _refuse_at_the_door(request, settings, executor, sizer, capacity)
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
-    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     cached = store.cached_result(key) if request.reuse else None
     # a client at its limits hears so before its cached answer is re-planned (the plan costs CPU)
     within_quota(store.check_quota, client, limits, cached is not None)

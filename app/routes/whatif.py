@@ -78,6 +78,8 @@ def public(job: dict[str, Any], store: Any) -> WhatIfJob:
 def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: SettingsDep, sizer: SizerDep,
            client: ClientDep) -> WhatIfJob:
     """Queue the table: which settings fit on the card, at which seq_len and micro-batch (fake tensors, no device)."""
+    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
+    within_quota(store.check_quota, client, limits, False)  # before any work: the model may be built on meta
     request = pinned(request, settings)
     base = _refuse_at_the_door(request, settings, sizer)
     # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity;
@@ -85,7 +87,6 @@ def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: S
     longest = min(request.longest_up_to or settings.max_seq_len, settings.max_seq_len)
     spec = {"kind": WHATIF, **request.model_dump(mode="json"), "capacity_bytes": base.capacity_bytes,
             "longest_up_to": longest}
-    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     try:
         job = within_quota(store.create, spec, _fingerprint(spec), settings.max_queued_jobs, client=client,
                            limits=limits, kind=WHATIF)
