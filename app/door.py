@@ -25,6 +25,7 @@ def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_byte
                 seq_lens: tuple[int, ...] = ()) -> None:
     """422 for a model this service will not build (too large by arithmetic or by its built count, or too slow
     to build), or a seq_len (the spec's, and each of `seq_lens`) beyond its context; 429 while the sizer is busy."""
+    sizer.ready()
     try:
         context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits)
         if built_from_a_config(spec):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -76,13 +74,6 @@ def _with_docs_policy(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
-def _import_transformers() -> None:
-    try:
-        importlib.import_module("transformers")
-    except ImportError:  # the hf extra is optional: builtin models need none
-        pass
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -98,9 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = Metrics(store)
         executor = make_executor(store, settings, metrics)
         app.state.settings, app.state.store, app.state.executor, app.state.metrics = settings, store, executor, metrics
-        app.state.sizer = Sizer(settings.model_build_timeout_s)  # its process imports transformers now
-        # and so does this one, beside serving: the first inline config read its 7 s import at the door
-        threading.Thread(target=_import_transformers, name="fitprobe-import", daemon=True).start()
+        app.state.sizer = Sizer(settings.model_build_timeout_s)  # it imports transformers now, here and in its process
         executor.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings))
         yield

@@ -8,6 +8,11 @@ the layer count (bart at 3,000 layers: minutes), so it happens in one long-lived
 transformers already imported, and a build that runs past FITPROBE_MODEL_BUILD_TIMEOUT_S kills that
 process (a new one starts for the next request) and refuses the request.
 
+The server process reads configs with transformers too (probe/models.py: `check_reference`), and its
+first import took 7 s at the door; so the sizer imports it here as well, beside serving, and the door
+waits for that import (`ready`) rather than importing it a second time half-way (a lazy module
+imported from two threads at once answered "cannot import name").
+
 One thread owns the process: it takes requests in arrival order and is the only thread that starts
 the process, so the process's parent-death signal (probe/lifetime.py: tied to the starting thread)
 fires only when the service itself goes. At most `max_waiting` requests wait for it; more are a 429.
@@ -15,6 +20,7 @@ fires only when the service itself goes. At most `max_waiting` requests wait for
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import socket
@@ -67,6 +73,20 @@ class Sizer:
         self._requests: queue.Queue[tuple[dict[str, Any], Future[tuple[int, int | None]]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._own, name="fitprobe-sizer", daemon=True)
         self._thread.start()
+        self._imported = threading.Event()
+        threading.Thread(target=self._import_here, name="fitprobe-import", daemon=True).start()
+
+    def _import_here(self) -> None:
+        try:
+            importlib.import_module("transformers")
+        except ImportError:  # the hf extra is optional: builtin models need none
+            pass
+        finally:
+            self._imported.set()
+
+    def ready(self) -> None:
+        """Wait for this process's import of transformers (seconds after start-up, at most)."""
+        self._imported.wait()
 
     def count(self, spec: dict[str, Any]) -> tuple[int, int | None]:
         """(parameters, context) of the spec's model; SpecError when it cannot be built in time."""
