@@ -11,6 +11,8 @@ A body must also arrive within `body_timeout_s` of the request's head: a client 
 bytes and then nothing (or one byte a second) would otherwise hold a connection and a request task
 for as long as it likes. Past the deadline the read stops with a 408 that closes the connection.
 The head's own deadline is the protocol's (app/http_protocol.py): until the head is in, no app runs.
+A route that answers without reading a declared body closes the connection with its answer, so the
+unread rest is never waited for.
 """
 
 from __future__ import annotations
@@ -86,9 +88,17 @@ class BodyLimit:
                     raise BodyTooLarge(self.max_body_bytes)
             return message
 
+        headers = dict(scope["headers"])
+        body_declared = (declared not in (None, b"0")) or b"transfer-encoding" in headers
+
         async def watched_send(message: Message) -> None:
             nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                response_started = True
+                if body_declared and not body_complete:
+                    # the route answered without reading the body: the server would go on reading it, a byte at
+                    # a time if the client dribbles it, before the connection could carry another request
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:

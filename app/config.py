@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_param_tokens: int = Field(
         10**21, ge=1, description="largest parameters × tokens of one micro-batch (seq_len × the largest "
         "micro-batch the search may try)")
+    model_build_timeout_s: float = Field(
+        20.0, gt=0, description="a config (inline or hf:) is built on the meta device at submit to count its "
+        "parameters; one that takes longer (thousands of layers) is refused with 422")
     max_whatif_seq_lens: int = Field(8, ge=1, description="most seq_lens (columns) a what-if table may ask for")
     max_whatif_cells: int = Field(
         48, ge=1, description="most cells (settings × seq_lens) a what-if table may ask for; each cell is one "
@@ -69,18 +72,26 @@ class Settings(BaseSettings):
         "a verification, or a measured sharded trial); beyond it a request is a 422, estimate mode stays allowed")
     max_event_streams: int = Field(100, ge=1, description="open event streams beyond this are refused with 429")
 
-    # ---- sharing the service: per client (its bearer token, or its address without tokens) -------
+    # ---- sharing the service: per client (its bearer token; without tokens, its network) -------
+    client_header: str | None = Field(
+        None, description="without tokens, read the client's address from this header (e.g. X-Forwarded-For, its "
+        "last entry) instead of the connection's: only behind a proxy that sets it; addresses group by /24 "
+        "(IPv4), /64 (IPv6) and loopback as one client")
     max_jobs_per_client: int = Field(8, ge=1, description="queued + running jobs one client may hold; beyond, 429")
     max_streams_per_client: int = Field(
         16, ge=1, description="event streams and waiting pre-flights one client may hold open; beyond, 429")
     max_submits_per_client_per_minute: int = Field(
         120, ge=1, description="stored submits (queued or answered from the cache) one client may make in any "
         "60 s; beyond, 429")
+    max_plans_per_client_per_minute: int = Field(
+        60, ge=1, description="synchronous plans (POST /v1/plans) one client may ask for in any 60 s; beyond, 429")
 
     # ---- keeping the disk bounded: the periodic sweep of finished jobs -------------------------
     retention_days: float = Field(30.0, gt=0, description="finished jobs older than this are deleted")
     max_stored_jobs: int = Field(10_000, ge=1, description="beyond this many stored jobs, the oldest finished "
                                                            "ones are deleted")
+    max_stored_bytes: int = Field(1 << 30, ge=1, description="beyond this many bytes of stored specs and results, "
+                                  "the oldest finished jobs are deleted (a row with a data profile is ~0.4 MB)")
     sweep_interval_s: float = Field(300.0, gt=0, description="how often the retention sweep runs")
     shutdown_grace_s: float = Field(5.0, ge=0, description="how long a stopping server waits for open requests")
     access_log: bool = Field(True, description="one log line per request; off, a 304 poll takes about a third "

@@ -27,6 +27,8 @@ from fitprobe.app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from fitprobe.app.metrics import Metrics
 from fitprobe.app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
 from fitprobe.app.schemas import error_responses
+from fitprobe.app.rate import PerClientRate
+from fitprobe.app.sizer import Sizer
 from fitprobe.app.store import SWEEP_BATCH, Store, is_disk_full
 from fitprobe.probe.versions import fitprobe_version
 
@@ -57,7 +59,8 @@ async def sweep_forever(store: Store, settings: Settings) -> None:
     """The retention sweep (Store.sweep), every FITPROBE_SWEEP_INTERVAL_S; sooner while it has a backlog."""
     while True:
         try:
-            deleted = await to_thread.run_sync(store.sweep, settings.retention_days, settings.max_stored_jobs)
+            deleted = await to_thread.run_sync(store.sweep, settings.retention_days, settings.max_stored_jobs,
+                                               SWEEP_BATCH, settings.max_stored_bytes)
         except sa.exc.OperationalError as exc:
             deleted = 0
             log.warning("retention sweep: database error: %s", str(exc.orig or exc).splitlines()[0][:200])
@@ -86,11 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = Metrics(store)
         executor = make_executor(store, settings, metrics)
         app.state.settings, app.state.store, app.state.executor, app.state.metrics = settings, store, executor, metrics
+        app.state.sizer = Sizer(settings.model_build_timeout_s)  # it imports transformers now, here and in its process
         executor.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings))
         yield
         sweeper.cancel()
         executor.stop()
+        app.state.sizer.stop()
 
     app = FastAPI(
         title="fitprobe",
@@ -101,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.state.plan_rate = PerClientRate(settings.max_plans_per_client_per_minute,
+                                        "FITPROBE_MAX_PLANS_PER_CLIENT_PER_MINUTE")
     app.state.event_streams = jobs.EventStreams(settings.max_event_streams,
                                                  settings.max_streams_per_client)  # `serve` closes it on SIGTERM
     auth = [Depends(require_token)]

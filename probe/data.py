@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, get_args
 
@@ -388,20 +389,39 @@ def data_words(data: dict[str, Any], seq_len: int, collation: str) -> list[str]:
 def padded_width_ratio(spec: ProbeSpec) -> Callable[[int], float] | None:
     """b ↦ the expected width of a padded batch of b random rows of the data over the trials' width (its
     longest row, cut at seq_len): the share of a worst-case micro-step's per-example work a real one does.
-    None unless the batches are padded and the data is known."""
+    None unless the batches are padded and the data is known.
+
+    A plan asks this for every micro-batch up to 65,536, several times each (the service plans cached probes
+    on the request thread), so each b is computed once, over the data's distinct lengths rather than every
+    width: F is a step function, flat between them. Terms whose F^b underflows to 0 are a prefix (F rises)
+    and add their widths whole, so a large b reads only the few lengths near the longest.
+    """
     if spec.data is None or spec.collation != "padded":
         return None
-    # rows cut at seq_len, so the histogram never outgrows seq_len (the service plans cached probes with this)
+    # rows cut at seq_len, so the histogram never outgrows seq_len
     width = min(max(spec.data.rows_by_length), spec.seq_len)
     if width < 1:  # rows of no tokens: nothing to pad
         return None
-    histogram = np.zeros(width + 1, dtype=np.int64)
+    counts: dict[int, int] = {}
     for length, rows in spec.data.rows_by_length.items():
-        histogram[min(length, width)] += rows
-    cdf = np.cumsum(histogram[:width]) / spec.data.rows  # F(x) for x < width
+        counts[min(length, width)] = counts.get(min(length, width), 0) + rows
+    starts = np.array(sorted(length for length in counts if length < width), dtype=np.int64)
+    # E[max of b] = Σ_{x < width} (1 - F(x)^b), F(x) the share of rows ≤ x: F is 0 below the shortest length
+    # and F(starts[k]) from starts[k] up to the next length (or width)
+    below = np.cumsum([counts[int(length)] for length in starts], dtype=np.int64) / spec.data.rows
+    spans = np.diff(np.append(starts, width)).astype(np.float64)
+    head = float(starts[0]) if len(starts) else float(width)  # the widths where F is 0: always 1 - 0^b
+    with np.errstate(divide="ignore"):
+        log_below = np.log(below)  # ascending; -inf where F is 0
+    whole = np.concatenate(([0.0], np.cumsum(spans)))
+    smallest_log = math.log(np.finfo(np.float64).tiny)
 
+    @cache
     def ratio(b: int) -> float:
-        return float(np.sum(1 - cdf ** max(b, 1))) / width  # E[max of b] = Σ_x (1 - F(x)^b)
+        b = max(b, 1)
+        vanished = int(np.searchsorted(log_below, smallest_log / b, side="right"))  # F^b below the smallest float
+        rest = float(np.dot(spans[vanished:], 1 - below[vanished:] ** b))
+        return (head + whole[vanished] + rest) / width
 
     return ratio
 

@@ -165,6 +165,12 @@ def check_model(model_type: str, fields: Mapping[str, Any], defaults: Mapping[st
     parameters = shape.parameters
     if lora_rank is not None:  # an adapter pair per projection: small next to the base, but counted
         parameters += shape.layers * 8 * lora_rank * (_first(merged, ("hidden_size", "n_embd", "d_model")) or 0)
+    check_counted(parameters, limits, seq_len, micro_batch_limit)
+    return ModelShape(parameters=parameters, layers=shape.layers)
+
+
+def check_counted(parameters: int, limits: ModelLimits, seq_len: int, micro_batch_limit: int | None) -> None:
+    """Refuse (SpecError) a parameter count, from the config or from the built module, beyond `limits`."""
     if parameters > limits.max_params:
         raise SpecError(f"model: about {parameters:,} parameters counted from the config, more than this "
                         f"service's limit of {limits.max_params:,} (FITPROBE_MAX_MODEL_PARAMS); pick a smaller "
@@ -175,4 +181,3 @@ def check_model(model_type: str, fields: Mapping[str, Any], defaults: Mapping[st
                         f"(seq_len {seq_len} × micro-batch up to {micro_batch:,}) is more than this service's "
                         f"limit of {limits.max_param_tokens:.0e} (FITPROBE_MAX_PARAM_TOKENS); set max_micro_batch "
                         "or effective_batch, lower seq_len, or pick a smaller model")
-    return ModelShape(parameters=parameters, layers=shape.layers)

@@ -307,6 +307,16 @@ def _lighter_weights(spec: ProbeSpec, parameters: int, capacity_bytes: int) -> s
     return text
 
 
+def _built_on_meta(constructor: Callable[[], nn.Module]) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            return constructor()
+    except SpecError:
+        raise
+    except Exception as exc:  # a config's values (zero heads, a string size) fail anywhere
+        raise SpecError(f"model: building it failed ({_one_line(exc)}); check the config's sizes") from exc
+
+
 def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: int | None
            ) -> tuple[Callable[[], nn.Module], LogitsFn, int, int | None]:
     """The model's constructor, built once on the meta device (no memory) to check it can be run.
@@ -315,14 +325,7 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
     before anything is allocated. Returns the constructor, its logits function, vocab and context.
     """
     constructor, logits_fn = _construct(spec, allowed_factories)
-    try:
-        with torch.device("meta"):
-            sized = constructor()
-    except SpecError:
-        raise
-    except Exception as exc:  # a config's values (zero heads, a string size) fail anywhere
-        raise SpecError(f"model: building it failed ({_one_line(exc)}); "
-                        "check the config's sizes") from exc
+    sized = _built_on_meta(constructor)
     vocab_size, context = _vocab_and_context(sized)
     parameters = parameter_bytes(sized) // 4  # meta modules are built in fp32
     weight_bytes = stored_weight_bytes(spec, parameters)
@@ -335,6 +338,24 @@ def _sized(spec: ProbeSpec, allowed_factories: Collection[str], capacity_bytes: 
         )
     check_seq_len(spec.seq_len, context)
     return constructor, logits_fn, vocab_size, context
+
+
+def counted_on_meta(spec: ProbeSpec) -> tuple[int, int | None]:
+    """(parameters, context) of the model exactly as the job builds it, built on the meta device.
+
+    Arithmetic on a config reads only the fields it knows (a bart `decoder_layers`, a mamba `expand` or a
+    nested `text_config` escape it); the built module has every parameter, whatever its config calls them.
+    Building costs time in the layer count, so the service runs this in a process it can kill
+    (app/sizer.py). Factories are not built here: the operator vouched for them.
+    """
+    module = _built_on_meta(_construct(spec, ())[0])
+    parameters = sum({id(p): p.numel() for p in module.parameters()}.values())  # tied tensors once
+    config = getattr(module, "config", None)
+    if isinstance(config, GPTConfig):
+        return parameters, config.block_size
+    # a multimodal model's context is its language model's
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return parameters, getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
 
 
 def check_seq_len(seq_len: int, context: int | None) -> None:
@@ -396,8 +417,9 @@ def _check_lora_targets(spec: ProbeSpec, model_type: str) -> None:
 
 
 def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
-                    capacity_bytes: int | None = None, limits: ModelLimits = ModelLimits()) -> None:
+                    capacity_bytes: int | None = None, limits: ModelLimits = ModelLimits()) -> int | None:
     """Raise SpecError now for a request that would only fail later, inside its job. Builds nothing.
+    Returns the model's context as its config states it (None: unknown, or a factory's).
 
     The door check of every entry point (HTTP submit, the CLI): names are checked against the
     builtins, presets and transformers' model types (with the nearest name as a suggestion), a
@@ -411,7 +433,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
                         "bitsandbytes' loaders quantize; drop quantization for builtin: and factory: models")
     if isinstance(spec.model, str) and spec.model.startswith("factory:"):
         _allowed_factory(spec.model, allowed_factories)  # imported and built only in the job
-        return
+        return None
     model_type, fields = _reference_fields(spec.model)
     defaults = {} if model_type == "builtin" else config_defaults(model_type)
     lora_rank = spec.lora.rank if spec.finetuning == "lora" else None
@@ -429,6 +451,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
         )
     check_seq_len(spec.seq_len, context)
     _check_lora_targets(spec, model_type)
+    return context
 
 
 def _build_plain(constructor: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device | str) -> nn.Module:

@@ -143,6 +143,22 @@ class DataLengths(BaseModel):
     )
     source: str | None = Field(None, max_length=256, description="where the lengths came from, for the report")
 
+    @field_validator("rows_by_length", mode="before")
+    @classmethod
+    def _plain_lengths_and_counts(cls, value: Any) -> Any:
+        """Keys in plain decimal and counts as JSON integers: "08" next to "8" would merge silently, and a
+        count of "3" or true is not a count (JSON object keys are strings; a Python caller's ints pass)."""
+        if not isinstance(value, dict):
+            return value
+        for length, rows in value.items():
+            if isinstance(length, bool) or not (isinstance(length, int) or re.fullmatch(r"0|[1-9][0-9]{0,7}", str(length))):
+                raise ValueError(f"each length must be written in plain decimal digits, as --data writes it "
+                                 f"(got {str(length)[:20]!r}): no sign, no leading zeros, no spaces")
+            if isinstance(rows, bool) or not isinstance(rows, int):
+                raise ValueError(f"each count must be a whole number of rows sent as a JSON integer "
+                                 f"(got {str(rows)[:20]!r} for length {length})")
+        return value
+
     @field_validator("rows_by_length")
     @classmethod
     def _counts_positive(cls, value: dict[int, int]) -> dict[int, int]:
@@ -432,10 +448,14 @@ class ProbeSpec(BaseModel):
 
     def device_processes(self, verify: bool = True) -> int:
         """How many device processes this job starts: one per device for a measured sharded trial or a
-        verification on several devices; none for an estimate (rank 0 of a fake group, in the job)."""
+        verification on several devices; none for an estimate (rank 0 of a fake group, in the job).
+
+        The one count every bound on processes reads (the door's cap, Ray's placement, the command line):
+        a verification runs for any target per step, in rows or in tokens (`effective_rows`).
+        """
         if self.mode != "measure":
             return 0
-        verified = verify and self.effective_batch is not None and self.num_devices > 1
+        verified = verify and self.effective_rows is not None and self.num_devices > 1
         return self.num_devices if self.sharding == "fsdp" or verified else 0
 
     def label(self) -> str:

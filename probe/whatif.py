@@ -291,25 +291,27 @@ def model_context(base: ProbeSpec, allowed_factories: Collection[str] = ()) -> i
 
 
 def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting] | None = None,
-               emit: Emit = ignore, allowed_factories: Collection[str] = ()) -> WhatIf:
+               emit: Emit = ignore, allowed_factories: Collection[str] = (), longest_up_to: int | None = None
+               ) -> WhatIf:
     """Every setting × seq_len cell, then each setting's longest sequence at micro-batch 1.
 
     `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each
-    row overrides finetuning, quantization, gradient_checkpointing and optimizer.
+    row overrides finetuning, quantization, gradient_checkpointing and optimizer. `longest_up_to` caps the
+    longest-sequence search below the model's context (a service's own largest seq_len).
     """
     with frozen_heap():  # each trial's collections walk only what trials made (probe/heap.py)
-        return _whatif(base, seq_lens, settings, emit, allowed_factories)
+        return _whatif(base, seq_lens, settings, emit, allowed_factories, longest_up_to)
 
 
 def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting] | None, emit: Emit,
-            allowed_factories: Collection[str]) -> WhatIf:
+            allowed_factories: Collection[str], longest_up_to: int | None) -> WhatIf:
     capacity_bytes = base.capacity_bytes
     if capacity_bytes is None:
         raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
     started_s = time.perf_counter()
     settings = list(settings) if settings is not None else settings_grid()
     base = base.model_copy(update={"mode": "estimate"})
-    context = model_context(base, allowed_factories)
+    context = min(model_context(base, allowed_factories), longest_up_to or MAX_SEQ_LEN)
     total, done = len(settings) * (len(seq_lens) + 1), 0
     # the sizes are learned from the shortest grid point too, where the longest-sequence bisection may go
     optimizers: dict[str, list[str]] = {}  # each build's optimizers, in the rows' order

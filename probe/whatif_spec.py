@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitprobe.probe.events import Emit, ignore
-from fitprobe.probe.spec import DEFAULT_PRECISION, Optimizer, ProbeSpec
+from fitprobe.probe.spec import DEFAULT_PRECISION, MAX_SEQ_LEN, Optimizer, ProbeSpec
 from fitprobe.probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, run_whatif, settings_grid
 
 CheckpointingWord = Literal["off", "on"]
@@ -41,6 +41,9 @@ class WhatIfSpec(BaseModel):
     checkpointing: list[CheckpointingWord] = Field(["on" if c else "off" for c in CHECKPOINTING], min_length=1,
                                                    description="rows: gradient checkpointing off, on")
     optimizers: list[Optimizer] = Field(list(OPTIMIZERS), min_length=1, description="rows: these optimizers")
+    longest_up_to: int | None = Field(
+        None, ge=1, le=MAX_SEQ_LEN, strict=True, description="each row's longest-sequence search stops here "
+        "(default: the model's context); the service caps it at its own largest seq_len (FITPROBE_MAX_SEQ_LEN)")
 
     @field_validator("seq_lens", "finetuning", "checkpointing", "optimizers")
     @classmethod
@@ -75,4 +78,5 @@ def run_whatif_job(spec: WhatIfSpec, emit: Emit = ignore, allowed_factories: Col
                    ) -> dict[str, Any]:
     """The service's what-if job: the table as a dict, one `whatif_cell` event per cell on the way."""
     emit({"type": "phase", "phase": "estimating"})
-    return run_whatif(spec.base(), spec.seq_lens, spec.settings(), emit, allowed_factories).to_dict()
+    return run_whatif(spec.base(), spec.seq_lens, spec.settings(), emit, allowed_factories,
+                      spec.longest_up_to).to_dict()

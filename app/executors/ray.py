@@ -39,6 +39,7 @@ from fitprobe.app.executors.base import DbRetry, Follower, Stopping, internal_er
 from fitprobe.app.store import Store
 from fitprobe_client.status import JobStatus
 from fitprobe.app.worker import Item, run_job_ray_task
+from fitprobe.probe.spec import ProbeSpec
 
 if TYPE_CHECKING:
     from fitprobe.app.metrics import Metrics
@@ -88,9 +89,10 @@ class RayJob:
 
 
 def devices_needed(spec: dict[str, Any]) -> int:
-    """One device, or num_devices when the job trains its plan on them (a verification)."""
-    verifies = spec.get("mode", "measure") == "measure" and spec.get("effective_batch") is not None
-    return int(spec.get("num_devices", 1)) if verifies else 1
+    """One device, or num_devices when the job runs a process on each (the spec's own count, which the door
+    bounded: a verification of a target in rows or in tokens, or a measured sharded trial)."""
+    fields = {key: value for key, value in spec.items() if key in ProbeSpec.model_fields}  # not search_from
+    return max(ProbeSpec.model_validate(fields).device_processes(), 1)
 
 
 def too_many(needs: int, most: int, resource: str) -> str:

@@ -22,7 +22,7 @@ from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, SizerDep, StoreDep
 from fitprobe.app.routes.jobs import EventStreams
 from fitprobe.app.routes.probes import public, submit_probe
 from fitprobe.app.schemas import PreflightRequest, PreflightVerdict, ProbeJob, error_responses
@@ -55,7 +55,7 @@ def _answer(request: Request, status_code: int, line: str, job: ProbeJob | None)
                        "description": "`FAIL: timed out …`: no verdict within timeout_s; the probe keeps running"},
                  **error_responses(400, 413, 422, 429, 507)})
 async def preflight(body: PreflightRequest, request: Request, store: StoreDep, settings: SettingsDep,
-                    executor: ExecutorDep, client: ClientDep) -> Response:
+                    executor: ExecutorDep, sizer: SizerDep, client: ClientDep) -> Response:
     """Submit the probe with the plan for `effective_batch` verified (a cached search is reused and only
     the new plan trained), wait up to `timeout_s`, and answer one verdict line."""
     streams: EventStreams = request.app.state.event_streams
@@ -63,7 +63,8 @@ async def preflight(body: PreflightRequest, request: Request, store: StoreDep, s
     if refused:
         raise HTTPException(429, f"{refused}; retry later", headers={"Retry-After": "10"})
     try:
-        job = await to_thread.run_sync(submit_probe, body.probe_request(), store, settings, executor, client)
+        job = await to_thread.run_sync(submit_probe, body.probe_request(), store, settings, executor, sizer,
+                                         client)
         deadline_s = time.monotonic() + body.timeout_s
         while job["status"] not in TERMINAL:
             if time.monotonic() > deadline_s:

@@ -11,14 +11,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from fitprobe.app.config import Settings
-from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, SizerDep, StoreDep
+from fitprobe.app.door import check_model
 from fitprobe.app.executors.base import Executor
+from fitprobe.app.sizer import Sizer
 from fitprobe.app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
 from fitprobe.app.schemas import CompactProbe, ProbeJob, ProbeList, ProbeRequest, error_responses
 from fitprobe.app.store import PROBE, ClientLimits, ClientQuota, QueueFull
 from fitprobe.app.watch import compact, etag_of
 from fitprobe_client.status import JobStatus
-from fitprobe.probe.models import check_reference
 from fitprobe.probe.hub import HubId, fetch_config, looks_like_path, parse_hub_id
 from fitprobe.probe.data import padded_width_ratio
 from fitprobe.probe.job import plan_facts
@@ -78,7 +79,7 @@ def _replan(cached: Report, request: ProbeRequest) -> Report:
     return result
 
 
-def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Executor,
+def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Executor, sizer: Sizer,
                         capacity_bytes: int | None) -> None:
     """422 now for a request that would only fail later in its job, or run on a device it did not ask for."""
     if request.seq_len > settings.max_seq_len:
@@ -105,10 +106,7 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Exe
         raise HTTPException(422, f"num_devices must be ≤ {most} here (got {request.num_devices}): {work} "
                                  f"runs one process per device, {where}; lower num_devices, or send "
                                  '"mode": "estimate", which measures one device of a simulated group')
-    try:
-        check_reference(request, settings.allowed_factories, capacity_bytes, settings.model_limits)
-    except SpecError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    check_model(request, settings, sizer, capacity_bytes)
 
 
 def pinned(request: RequestT, settings: Any) -> RequestT:
@@ -165,7 +163,7 @@ def public(job: dict[str, Any], store: Any) -> ProbeJob:
     return ProbeJob(**job)
 
 
-def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor,
+def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor, sizer: Sizer,
                  client: str) -> dict[str, Any]:
     """Queue a probe, or answer it from the newest finished probe with the same fingerprint.
 
@@ -178,13 +176,17 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     Every stored row counts against `client`: a queued job against its share of the queue
     (FITPROBE_MAX_JOBS_PER_CLIENT), and any row, cached answers too, against its submits per minute.
     """
+    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
+    # a client past its submits per minute hears so before any work (a Hub read, a model built on meta)
+    within_quota(store.check_quota, client, limits, True)
     request = pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
-    _refuse_at_the_door(request, settings, executor, capacity)
+    _refuse_at_the_door(request, settings, executor, sizer, capacity)
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
-    limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     cached = store.cached_result(key) if request.reuse else None
+    # a client at its limits hears so before its cached answer is re-planned (the plan costs CPU)
+    within_quota(store.check_quota, client, limits, cached is not None)
     if cached is not None and _covers(cached[1]["search"], request.micro_batch_limit):
         source_id, stored = cached
         try:
@@ -216,9 +218,9 @@ def within_quota(create: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
 @router.post("", status_code=202, response_model=ProbeJob, summary="Submit a probe (probe → plan → verify)",
              responses=error_responses(400, 413, 422, 429, 507))
 def submit(request: ProbeRequest, response: Response, store: StoreDep, settings: SettingsDep,
-           executor: ExecutorDep, client: ClientDep) -> ProbeJob:
+           executor: ExecutorDep, sizer: SizerDep, client: ClientDep) -> ProbeJob:
     """Queue a probe, or answer it from the cache (see `submit_probe`)."""
-    job = submit_probe(request, store, settings, executor, client)
+    job = submit_probe(request, store, settings, executor, sizer, client)
     response.headers["Location"] = f"/v1/probes/{job['id']}"
     return public(job, store)
 

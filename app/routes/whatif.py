@@ -18,19 +18,20 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from fitprobe.app.config import Settings
-from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, StoreDep
+from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, SizerDep, StoreDep
+from fitprobe.app.door import check_model
 from fitprobe.app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
 from fitprobe.app.routes.probes import pinned, within_quota
+from fitprobe.app.sizer import Sizer
 from fitprobe.app.schemas import WhatIfJob, WhatIfList, error_responses
 from fitprobe.app.store import STATUSES, WHATIF, ClientLimits, QueueFull
-from fitprobe.probe.models import check_reference
 from fitprobe.probe.spec import ProbeSpec, validation_message
 from fitprobe.probe.whatif_spec import WhatIfSpec
 
 router = APIRouter(prefix="/v1/whatif", tags=["whatif"])
 
 
-def _refuse_at_the_door(request: WhatIfSpec, settings: Settings) -> ProbeSpec:
+def _refuse_at_the_door(request: WhatIfSpec, settings: Settings, sizer: Sizer) -> ProbeSpec:
     """422 now for a table too large for this service, or one whose every cell would fail; else its base spec."""
     columns, cells = len(request.seq_lens), request.cell_count
     if columns > settings.max_whatif_seq_lens:
@@ -47,10 +48,10 @@ def _refuse_at_the_door(request: WhatIfSpec, settings: Settings) -> ProbeSpec:
                                  "seq_lens, or narrow finetuning, checkpointing or optimizers")
     try:
         base = request.base()
-        # what every row shares; a row that cannot apply (QLoRA on a builtin model) is a cell marked n/a
-        check_reference(base, settings.allowed_factories, base.capacity_bytes, settings.model_limits)
     except ValueError as exc:  # SpecError and pydantic's ValidationError both are
         raise HTTPException(422, validation_message(exc)) from exc
+    # what every row shares; a row that cannot apply (QLoRA on a builtin model) is a cell marked n/a
+    check_model(base, settings, sizer, base.capacity_bytes, seq_lens=tuple(request.seq_lens))
     return base
 
 
@@ -74,14 +75,18 @@ def public(job: dict[str, Any], store: Any) -> WhatIfJob:
 
 @router.post("", status_code=202, response_model=WhatIfJob, summary="Submit a what-if table (estimated)",
              responses=error_responses(400, 413, 422, 429, 507))
-def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: SettingsDep,
+def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: SettingsDep, sizer: SizerDep,
            client: ClientDep) -> WhatIfJob:
     """Queue the table: which settings fit on the card, at which seq_len and micro-batch (fake tensors, no device)."""
-    request = pinned(request, settings)
-    base = _refuse_at_the_door(request, settings)
-    # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity
-    spec = {"kind": WHATIF, **request.model_dump(mode="json"), "capacity_bytes": base.capacity_bytes}
     limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
+    within_quota(store.check_quota, client, limits, False)  # before any work: the model may be built on meta
+    request = pinned(request, settings)
+    base = _refuse_at_the_door(request, settings, sizer)
+    # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity;
+    # the longest-sequence search stops at this service's largest seq_len, as a request's seq_lens do
+    longest = min(request.longest_up_to or settings.max_seq_len, settings.max_seq_len)
+    spec = {"kind": WHATIF, **request.model_dump(mode="json"), "capacity_bytes": base.capacity_bytes,
+            "longest_up_to": longest}
     try:
         job = within_quota(store.create, spec, _fingerprint(spec), settings.max_queued_jobs, client=client,
                            limits=limits, kind=WHATIF)

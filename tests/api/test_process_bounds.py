@@ -31,6 +31,9 @@ def _gone(process: psutil.Process) -> bool:
 @pytest.mark.parametrize("body", [
     BOMB,
     {**BOMB, "sharding": "none", "effective_batch": 1024},  # a verification on 1024 devices
+    # the same verification with its target in tokens: packed rows of seq_len 8, one per device
+    {"model": "builtin:gpt-nano", "seq_len": 8, "collation": "packed", "effective_batch_tokens": 8 * 1024,
+     "num_devices": 1024},
 ])
 def test_a_request_for_a_process_per_device_beyond_the_cap_is_a_422_and_spawns_nothing(server, body):
     before = {p.pid for p in _descendants(server)}
@@ -40,9 +43,19 @@ def test_a_request_for_a_process_per_device_beyond_the_cap_is_a_422_and_spawns_n
         assert client.get("/v1/probes", params={"status": "queued"}).json()["total"] == 0
     assert response.status_code == 422
     detail = response.json()["detail"]
-    assert "num_devices must be ≤ 4 here (got 1024)" in detail
+    assert "num_devices must be ≤ 4 here (got 1024)" in detail, detail
     assert "FITPROBE_MAX_VERIFY_PROCESSES" in detail and "lower num_devices" in detail and "estimate" in detail
     assert {p.pid for p in _descendants(server)} <= before
+
+
+def test_a_token_target_on_more_devices_than_the_cap_is_refused_as_a_row_target_is(server):
+    # 16 gloo ranks were started for this before: the cap read only effective_batch
+    body = {"model": "builtin:gpt-nano", "seq_len": 8, "collation": "packed", "num_devices": 16}
+    with server.client() as client:
+        by_tokens = client.post("/v1/probes", json={**body, "effective_batch_tokens": 128})
+        by_rows = client.post("/v1/probes", json={**body, "effective_batch": 16})
+    assert (by_tokens.status_code, by_rows.status_code) == (422, 422)
+    assert by_tokens.json()["detail"] == by_rows.json()["detail"]
 
 
 def test_the_same_request_as_an_estimate_is_accepted(server):

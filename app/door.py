@@ -1,0 +1,41 @@
+"""The model checks every route that queues a job runs at the door: arithmetic first, then the built count.
+
+`check_reference` (probe/models.py) refuses names it does not know and sizes it can read, in microseconds;
+what passes and comes from a config (inline or hf:) is then built on the meta device in the sizing
+process (app/sizer.py) and its real parameter count and context bounded, whatever its fields are called.
+Builtin models and presets are fixed, counted exactly by the arithmetic; factories are the operator's.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+
+from fitprobe.app.config import Settings
+from fitprobe.app.sizer import Sizer, SizerBusy
+from fitprobe.probe.model_bounds import check_counted
+from fitprobe.probe.models import check_reference, check_seq_len
+from fitprobe.probe.spec import ProbeSpec, SpecError
+
+
+def built_from_a_config(spec: ProbeSpec) -> bool:
+    return isinstance(spec.model, dict) or spec.model.startswith("hf:")
+
+
+def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_bytes: int | None,
+                seq_lens: tuple[int, ...] = ()) -> None:
+    """422 for a model this service will not build (too large by arithmetic or by its built count, or too slow
+    to build), or a seq_len (the spec's, and each of `seq_lens`) beyond its context; 429 while the sizer is busy."""
+    sizer.ready()
+    try:
+        context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits)
+        if built_from_a_config(spec):
+            fields = {key: value for key, value in spec.model_dump(mode="json").items()
+                      if key in ProbeSpec.model_fields}
+            parameters, context = sizer.count(fields)  # the base model's: adapters were bounded by arithmetic
+            check_counted(parameters, settings.model_limits, spec.seq_len, spec.micro_batch_limit)
+        for seq_len in (spec.seq_len, *seq_lens):
+            check_seq_len(seq_len, context)
+    except SpecError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    except SizerBusy as exc:
+        raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "10"}) from exc

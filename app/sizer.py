@@ -1,0 +1,140 @@
+"""The model a request names, built on the meta device in a process the service can kill: its true size.
+
+Arithmetic on a config (probe/model_bounds.py) reads the fields it knows; a bart `decoder_layers`, a mamba
+`expand`, an opt `word_embed_proj_dim` or a nested `text_config` are built just the same, and were
+let through at 10⁹ or 10¹³ parameters. So the door also builds every inline or Hub config on the meta
+device (no memory) and counts what was built, whatever the fields are called. Building costs time in
+the layer count (bart at 3,000 layers: minutes), so it happens in one long-lived sizing process with
+transformers already imported, and a build that runs past FITPROBE_MODEL_BUILD_TIMEOUT_S kills that
+process (a new one starts for the next request) and refuses the request.
+
+The server process reads configs with transformers too (probe/models.py: `check_reference`), and its
+first import took 7 s at the door; so the sizer imports it here as well, beside serving, and the door
+waits for that import (`ready`) rather than importing it a second time half-way (a lazy module
+imported from two threads at once answered "cannot import name").
+
+One thread owns the process: it takes requests in arrival order and is the only thread that starts
+the process, so the process's parent-death signal (probe/lifetime.py: tied to the starting thread)
+fires only when the service itself goes. At most `max_waiting` requests wait for it; more are a 429.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import queue
+import socket
+import threading
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+from fitprobe.probe.lifetime import start_guarded
+from fitprobe.probe.spec import SpecError
+
+log = logging.getLogger("fitprobe.sizer")
+STOP = None  # put on the queue: the owner thread ends the process and returns
+STARTUP_S = 120.0  # importing torch and transformers: 7 s on the 2-core test host, more under load
+
+
+class SizerBusy(Exception):
+    """Too many requests wait for the sizing process: retry later."""
+
+
+def serve_sizes(fd: int) -> None:
+    """The sizing process: (parameters, context) or a refusal for each spec it is sent, until its parent
+    closes the connection. Imports transformers once, before the first request."""
+    import transformers  # noqa: F401 - the import is most of a first build's time
+
+    from fitprobe.probe.models import counted_on_meta
+    from fitprobe.probe.spec import ProbeSpec
+
+    connection = Connection(fd)
+    connection.send(("ready",))
+    while True:
+        try:
+            spec = connection.recv()
+        except EOFError:
+            return
+        try:
+            connection.send(("ok", *counted_on_meta(ProbeSpec.model_validate(spec))))
+        except SpecError as exc:
+            connection.send(("refused", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a config that breaks the builder is the request's problem
+            connection.send(("refused", f"model: building it failed ({type(exc).__name__}); check the config"))
+
+
+class Sizer:
+    """Counts a spec's model on the meta device in the sizing process, within `timeout_s` per build."""
+
+    def __init__(self, timeout_s: float, max_waiting: int = 8) -> None:
+        self.timeout_s = timeout_s
+        self.max_waiting = max_waiting
+        self._requests: queue.Queue[tuple[dict[str, Any], Future[tuple[int, int | None]]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._own, name="fitprobe-sizer", daemon=True)
+        self._thread.start()
+        self._imported = threading.Event()
+        threading.Thread(target=self._import_here, name="fitprobe-import", daemon=True).start()
+
+    def _import_here(self) -> None:
+        try:
+            importlib.import_module("transformers")
+        except ImportError:  # the hf extra is optional: builtin models need none
+            pass
+        finally:
+            self._imported.set()
+
+    def ready(self) -> None:
+        """Wait for this process's import of transformers (seconds after start-up, at most)."""
+        self._imported.wait()
+
+    def count(self, spec: dict[str, Any]) -> tuple[int, int | None]:
+        """(parameters, context) of the spec's model; SpecError when it cannot be built in time."""
+        if self._requests.qsize() >= self.max_waiting:
+            raise SizerBusy(f"{self.max_waiting} model configs already wait to be sized")
+        answer: Future[tuple[int, int | None]] = Future()
+        self._requests.put((spec, answer))
+        return answer.result()
+
+    def stop(self) -> None:
+        self._requests.put(STOP)
+        self._thread.join(timeout=10)
+
+    def _start(self) -> tuple[Any, Connection]:
+        """A sizing process that has imported transformers (waited for here, not inside a request's build time)."""
+        mine, theirs = socket.socketpair()
+        process = start_guarded(serve_sizes, (theirs.fileno(),), pass_fds=(theirs.fileno(),))
+        theirs.close()
+        connection = Connection(mine.detach())
+        if not connection.poll(STARTUP_S):
+            log.error("the model sizing process did not start within %g s", STARTUP_S)
+        else:
+            connection.recv()
+        return process, connection
+
+    def _own(self) -> None:
+        process, connection = self._start()  # at startup: the first request finds transformers imported
+        while (item := self._requests.get()) is not STOP:
+            spec, answer = item
+            if process.poll() is not None:  # killed after a timeout, or died: a fresh one
+                process, connection = self._start()
+            try:
+                connection.send(spec)
+                if not connection.poll(self.timeout_s):
+                    raise TimeoutError
+                status, *values = connection.recv()
+            except (TimeoutError, EOFError, OSError):
+                process.kill()
+                process.wait()
+                connection.close()
+                answer.set_exception(SpecError(
+                    f"model: building this config took longer than {self.timeout_s:g} s on the meta device "
+                    "(FITPROBE_MODEL_BUILD_TIMEOUT_S), which means far more layers or modules than a trainable "
+                    "model has; pick a smaller config (fewer layers)"))
+                continue
+            if status == "ok":
+                answer.set_result((values[0], values[1]))
+            else:
+                answer.set_exception(SpecError(values[0]))
+        process.kill()
+        process.wait()
