@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
 
 from fitprobe.app.http_hygiene import default_allowed_hosts
-from fitprobe.probe.model_bounds import ModelLimits
+from fitprobe.probe.models.bounds import ModelLimits
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

@@ -1,6 +1,6 @@
 """The model a request names, built on the meta device in a process the service can kill: its true size.
 
-Arithmetic on a config (probe/model_bounds.py) reads the fields it knows; a bart `decoder_layers`, a mamba
+Arithmetic on a config (probe/models/bounds.py) reads the fields it knows; a bart `decoder_layers`, a mamba
 `expand`, an opt `word_embed_proj_dim` or a nested `text_config` are built just the same, and were
 let through at 10⁹ or 10¹³ parameters. So the door also builds every inline or Hub config on the meta
 device (no memory) and counts what was built, whatever the fields are called. Building costs time in
@@ -8,7 +8,7 @@ the layer count (bart at 3,000 layers: minutes), so it happens in one long-lived
 transformers already imported, and a build that runs past FITPROBE_MODEL_BUILD_TIMEOUT_S kills that
 process (a new one starts for the next request) and refuses the request.
 
-The server process reads configs with transformers too (probe/models.py: `check_reference`), and its
+The server process reads configs with transformers too (probe/models/load.py: `check_reference`), and its
 first import took 7 s at the door; so the sizer imports it here as well, beside serving, and the door
 waits for that import (`ready`) rather than importing it a second time half-way (a lazy module
 imported from two threads at once answered "cannot import name").
@@ -46,7 +46,7 @@ def serve_sizes(fd: int) -> None:
     closes the connection. Imports transformers once, before the first request."""
     import transformers  # noqa: F401 - the import is most of a first build's time
 
-    from fitprobe.probe.models import counted_on_meta
+    from fitprobe.probe.models.load import counted_on_meta
     from fitprobe.probe.spec import ProbeSpec
 
     connection = Connection(fd)

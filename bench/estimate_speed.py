@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import torch
 
 from fitprobe.probe.job import make_trial
-from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec
 
 RUNS = 3

@@ -1,6 +1,6 @@
 """One function per batch-size finder, each answering "largest micro-batch" for the same spec.
 
-Every finder trains the same model (probe/models.py) on the same worst-case batches. fitprobe,
+Every finder trains the same model (probe/models/load.py) on the same worst-case batches. fitprobe,
 Accelerate and Lightning run fitprobe's training step (probe/step.py); batch-probe runs its own
 (one forward/backward and one AdamW step per trial), which is part of what is being compared.
 On the CPU the meter is fitprobe's virtual-capacity CpuMeter, whose torch.OutOfMemoryError the

@@ -11,7 +11,7 @@ Without --model, a small 8-layer Llama on 24 MiB (the one tests/test_whatif.py d
 
 Where the time goes: a deep decoder's table learns each build's allocation sizes from a few traced
 trials, one per optimizer where the build's optimizers learn together, and replays every other trial
-(probe/replay.py); before that, every cell was a search of about four traced trials and every
+(probe/estimate/replay.py); before that, every cell was a search of about four traced trials and every
 longest-sequence column a bisection of them. `--no-replay` times that
 way too, for the side-by-side ratio. Medians of `--repetitions` runs, interleaved, each in this process.
 """
@@ -50,7 +50,7 @@ def timed_s(work) -> float:
 
 
 def table_without_replay(base: ProbeSpec, seq_lens: list[int]) -> None:
-    """The table as it was made before probe/replay.py: every trial traced."""
+    """The table as it was made before probe/estimate/replay.py: every trial traced."""
     learn = whatif.Replay.learn
     whatif.Replay.learn = classmethod(lambda cls, *args: "timed without replay")  # type: ignore[method-assign]
     try:

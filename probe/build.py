@@ -3,7 +3,7 @@
 The meter is the spec's device (or fake tensors, estimating) with its capacity; the model is built
 under it, so its weights are counted like any other tensor; `trial(b)` runs THE training step at
 micro-batch b and says whether it fit and at what peak. The probe (probe/job.py), the estimate
-beside it (probe/estimator.py) and the what-if table (probe/whatif.py) all start here.
+beside it (probe/estimate/estimator.py) and the what-if table (probe/whatif.py) all start here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from fitprobe.probe.devices import cpu_capacity_limit_bytes
-from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.meter import Meter, make_meter
-from fitprobe.probe.models import LoadedModel, build_model, parameter_bytes
+from fitprobe.probe.models.load import LoadedModel, build_model, parameter_bytes
 from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.report import TrialResult
 

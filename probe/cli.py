@@ -28,7 +28,7 @@ from fitprobe.probe.export import FORMATS, export_plan, export_report, provenanc
 from fitprobe.probe.breakdown import describe as describe_breakdown
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
-from fitprobe.probe.model_bounds import ModelLimits
+from fitprobe.probe.models.bounds import ModelLimits
 from fitprobe.probe.spec_options import add_spec_options, spec_fields
 from fitprobe.probe.spec import (DEFAULT_PRECISION, ESTIMATED, DataLengths, Optimizer, Precision, ProbeSpec, SpecError,
                                  format_bytes)
@@ -60,7 +60,7 @@ def model_limits() -> ModelLimits:
 
 def checked_spec(args: argparse.Namespace) -> ProbeSpec:
     """The spec, its model's sizes checked by arithmetic before the job builds anything."""
-    from fitprobe.probe.models import check_reference
+    from fitprobe.probe.models.load import check_reference
 
     spec = spec_from_args(args)
     check_reference(spec, allowed_factories(), limits=model_limits())
@@ -218,7 +218,7 @@ def _trial_table(trials: list[TrialResult]) -> str:
 def cmd_probe(args: argparse.Namespace) -> int:
     from fitprobe.probe.job import run_job
     from fitprobe.probe.plan import format_plan
-    from fitprobe.probe.verify import format_verification
+    from fitprobe.probe.verify.checks import format_verification
 
     if args.format and not args.effective_batch:
         raise SpecError("--format exports a plan: give --effective-batch too")
@@ -337,7 +337,7 @@ def _words(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
-    from fitprobe.probe.models import check_reference
+    from fitprobe.probe.models.load import check_reference
     from fitprobe.probe.whatif import format_whatif, run_whatif, settings_grid
 
     if not args.gpu and not args.capacity:

@@ -1,6 +1,6 @@
 """spec → report: the unit of work an executor runs (CLI in-process, service in a subprocess).
 
-It builds the trial (probe/make_trial.py), searches, asks the estimate beside it (probe/estimator.py)
+It builds the trial (probe/make_trial.py), searches, asks the estimate beside it (probe/estimate/estimator.py)
 and, when nothing fits, what would (probe/needs.py); then plans and verifies.
 
 Every step on the way is announced through `emit(event)` so a caller can stream progress; the
@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
-from fitprobe.probe import optimizers, quantization, trainers
+from fitprobe.probe import optimizers, trainers
+
+from fitprobe.probe.models import quantization
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.data import data_facts, micro_batch_tokens, padded_width_ratio
-from fitprobe.probe.estimate import EstimateMeter
-from fitprobe.probe.estimator import Estimator
+from fitprobe.probe.estimate.fake import EstimateMeter
+from fitprobe.probe.estimate.estimator import Estimator
 from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.breakdown import CUDA_NOT_BROKEN_DOWN
 from fitprobe.probe.meter import Meter
@@ -177,7 +179,7 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     file's first rows, so the gradient noise scale is measured on the user's tokens.
     """
     from fitprobe.probe.plan import plan_for_probe
-    from fitprobe.probe.verify import run_verification
+    from fitprobe.probe.verify.checks import run_verification
 
     if verify and spec.mode == "measure" and spec.effective_rows is not None and spec.collation == "flattened":
         raise SpecError("verification with collation=flattened is not implemented yet: use --no-verify (the probe "

@@ -3,9 +3,9 @@
 The meter is the spec's device (or fake tensors, estimating) with its capacity; the model is built
 under it (probe/build.py), so its weights are counted like any other tensor; `trial(b)` runs THE
 training step at micro-batch b and says whether it fit and at what peak. An estimate of a decoder runs
-on two cuts of it (probe/extrapolate.py) and falls back to the full depth built here; a sharded spec
+on two cuts of it (probe/estimate/extrapolate.py) and falls back to the full depth built here; a sharded spec
 runs ranks (probe/sharded_trial.py). The probe (probe/job.py), the estimate beside it
-(probe/estimator.py) and the what-if table (probe/whatif.py) all start here.
+(probe/estimate/estimator.py) and the what-if table (probe/whatif.py) all start here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fitprobe.probe.build import Trial, attention_facts, model_facts, prepare
 from fitprobe.probe.heap import settle
 from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.meter import Meter, make_meter
-from fitprobe.probe.models import build_model
+from fitprobe.probe.models.load import build_model
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialRunner
@@ -48,11 +48,11 @@ def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit)
     Unsharded, one model is built here and every trial runs on it. With sharding=fsdp a trial is
     N spawned ranks (measure) or rank 0 of a fake group of N (estimate): see probe/sharded_trial.py.
     An estimate of a decoder runs on two shallow cuts of it and extrapolates each moment of the step
-    to its depth (probe/extrapolate.py); the facts say from which depths, or why the full depth ran.
+    to its depth (probe/estimate/extrapolate.py); the facts say from which depths, or why the full depth ran.
     """
     not_extrapolated: dict[str, Any] = {}
     if spec.mode == "estimate":
-        from fitprobe.probe.extrapolate import extrapolated_trial
+        from fitprobe.probe.estimate.extrapolate import extrapolated_trial
 
         made = extrapolated_trial(spec, allowed_factories, emit,
                                   partial(full_depth_trial, allowed_factories=allowed_factories))

@@ -6,7 +6,7 @@
 - `CpuMeter` counts the bytes of every live tensor storage (rounded as the CUDA allocator rounds)
   against a virtual capacity and raises the real `torch.OutOfMemoryError` past it. The search and
   recovery code CI runs is therefore the code a GPU runs.
-- `EstimateMeter` (probe/estimate.py) does the CPU meter's count under fake tensors.
+- `EstimateMeter` (probe/estimate/fake.py) does the CPU meter's count under fake tensors.
 
 Never read `torch.cuda.*` memory stats on a CPU build: they return 0 and every batch "fits".
 """
@@ -84,7 +84,7 @@ class AllocationLog:
     """A trial's allocations, frees and moments in program order, with the allocations' sizes kept apart.
 
     Under fake tensors the step at another micro-batch or seq_len runs the same program with other
-    sizes: probe/replay.py compares two logs' `events` and replays one with sizes it predicts. An
+    sizes: probe/estimate/replay.py compares two logs' `events` and replays one with sizes it predicts. An
     allocation is ("a",), numbered by its position in `sizes` (requested bytes, before rounding), with its
     category (probe/breakdown.py) at the same position in `categories`; its free ("f", number); the free of a
     storage counted before the log began ("o", rounded bytes, category); a moment the trace records ("m",); a
@@ -192,9 +192,9 @@ class LiveBytesMode(TorchDispatchMode):
         self.phase_peak_bytes: dict[str, int] = {}
         self.last_oom = OomFacts(None, None)
         # (phase, live bytes) after every op that allocated, and at every phase change: the moments a peak
-        # can sit at, in order (probe/extrapolate.py aligns two cuts' traces). None: not recorded, no cost.
+        # can sit at, in order (probe/estimate/extrapolate.py aligns two cuts' traces). None: not recorded, no cost.
         self.trace: list[tuple[str, int]] | None = None
-        self.log: AllocationLog | None = None  # every event behind the trace, when probe/replay.py asks
+        self.log: AllocationLog | None = None  # every event behind the trace, when probe/estimate/replay.py asks
         self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
         # the breakdown (probe/breakdown.py): each counted storage's category, the live bytes per category, the
         # category new storages get, and the counts at the latest moment at the peak (with the trace, at each)
@@ -459,7 +459,7 @@ class CpuMeter:
         return self._mode.trace_categories
 
     def record_log(self, on: bool) -> AllocationLog | None:
-        """From now on, log every allocation, free and moment (probe/replay.py); None: stop."""
+        """From now on, log every allocation, free and moment (probe/estimate/replay.py); None: stop."""
         mode = self._mode
         mode.log = AllocationLog(mode.live_bytes, mode.phase) if on else None
         return mode.log

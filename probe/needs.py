@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from fitprobe.probe.estimator import estimated_step_bytes
+from fitprobe.probe.estimate.estimator import estimated_step_bytes
 from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.optimizers import KINDS
 from fitprobe.probe.report import DoesNotFit, HeadroomShortfall, SizingOption

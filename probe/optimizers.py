@@ -19,7 +19,7 @@ decay 0.0 by default; here they stay one group in the model's order. Only torch'
 difference (it runs once per group, so its temporary is the larger group's, not all parameters'): one
 group over-counts `adamw_torch` on CUDA by the bytes of the biases and norms, never under. One group keeps
 per-parameter optimizers (bitsandbytes) updating in the model's order, which the estimate's
-extrapolation from shallow cuts relies on (probe/extrapolate.py).
+extrapolation from shallow cuts relies on (probe/estimate/extrapolate.py).
 
 bitsandbytes' paged optimizers keep large states in CUDA unified memory, outside torch's allocator; the
 driver may evict them to host memory under pressure. fitprobe counts them as device memory (the

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.meter import make_meter
-from fitprobe.probe.models import LoadedModel
-from fitprobe.probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
+from fitprobe.probe.models.load import LoadedModel
+from fitprobe.probe.verify.ranks import RankFailed, RankOutOfMemory, spawn_ranks
 from fitprobe.probe.sharding import build_sharded_model, process_group
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.report import TrialResult
@@ -94,7 +94,7 @@ class EstimatedShardedTrial:
     Like the measured ranks, every trial builds its group and model afresh: a trial that ran out of
     memory stopped FSDP midway (parameters gathered, hooks half-run), and the group must not outlive
     the trial (an unsharded step later in this process would take it for data parallelism). The cuts of
-    an extrapolated estimate (probe/extrapolate.py) pass their meter and see each fresh model (to mark
+    an extrapolated estimate (probe/estimate/extrapolate.py) pass their meter and see each fresh model (to mark
     its layers) and optimizer before the step runs.
     """
 

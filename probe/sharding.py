@@ -24,9 +24,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.meter import CpuMeter, Meter
-from fitprobe.probe.models import LoadedModel, build_model
+from fitprobe.probe.models.load import LoadedModel, build_model
 from fitprobe.probe.spec import ProbeSpec, SpecError
 
 PROCESS_GROUP_TIMEOUT_S = 120

@@ -44,7 +44,7 @@ FineTuning = Literal["full", "lora"]
 Collation = Literal["padded", "packed", "flattened"]
 Sharding = Literal["none", "fsdp"]
 Trainer = Literal["hf", "trl"]
-# bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/quantization.py
+# bitsandbytes 4-bit base weights under LoRA (QLoRA): probe/models/quantization.py
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15, "eb": 10**18,

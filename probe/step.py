@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fitprobe.probe import optimizers
 from fitprobe.probe.meter import Meter
-from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.spec import Collation, ProbeSpec
 
 IGNORE_INDEX = -100

@@ -15,7 +15,7 @@ import torch
 
 from fitprobe.probe.breakdown import classified
 from fitprobe.probe.meter import Meter, is_oom
-from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.optimizers import paged_state_bytes
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.spec import ProbeSpec, format_bytes
@@ -34,7 +34,7 @@ class TrialRunner:
         self.spec = spec
         self.meter = meter
         self.model = model
-        # sees each trial's optimizer before its first step (probe/extrapolate.py marks its parameters there)
+        # sees each trial's optimizer before its first step (probe/estimate/extrapolate.py marks its parameters there)
         self.watch_optimizer = watch_optimizer
         self._generator = torch.Generator().manual_seed(spec.seed)
 

@@ -14,13 +14,13 @@ Building the model is most of a single estimate's time, and the model a cell tra
 model, precision, finetuning and checkpointing, not on seq_len or optimizer: `Builds` keeps the
 last build and every cell, and every longest-sequence trial, whose spec differs from it only there
 runs on it. The build is what a single estimate runs: for a decoder extrapolation is proven on, its
-two shallow cuts (probe/extrapolate.py CutModels), else the full depth; each cell says which. Reusing
+two shallow cuts (probe/estimate/extrapolate.py CutModels), else the full depth; each cell says which. Reusing
 it is what a probe's own search already does between its trials (each trial creates its optimizer
 and batches and frees them, gradients set to None), so a cell still answers what a fresh
 `probe --estimate` of its setting answers; tests/test_whatif.py holds them equal.
 
 On the cuts, the trials themselves are shared too: one to five traced trials per (build, optimizer)
-teach probe/replay.py every allocation's size as a function of micro-batch and seq_len (one each where
+teach probe/estimate/replay.py every allocation's size as a function of micro-batch and seq_len (one each where
 the build's optimizers learn together, two where laws earlier rows learned explain the sizes), and every
 other trial of those rows (each cell's search, the longest-sequence bisection) is replayed from their logs.
 """
@@ -36,12 +36,12 @@ from fitprobe.probe.build import Trial, build_key, prepare
 from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.events import Emit, ignore
-from fitprobe.probe.extrapolate import CutModels, not_extrapolable_because
+from fitprobe.probe.estimate.extrapolate import CutModels, not_extrapolable_because
 from fitprobe.probe.meter import Meter
-from fitprobe.probe.models import LoadedModel, build_model, check_seq_len
+from fitprobe.probe.models.load import LoadedModel, build_model, check_seq_len
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import DEFAULT_PRECISION, ESTIMATED, MAX_SEQ_LEN, Optimizer, ProbeSpec, SpecError, format_bytes
-from fitprobe.probe.replay import Replay, SizeLaw
+from fitprobe.probe.estimate.replay import Replay, SizeLaw
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialRunner
 
@@ -139,7 +139,7 @@ class Builds:
     made for the last spec when `spec` differs from it only in BUILD_FREE (seq_len, optimizer).
 
     A build is what a single estimate would run: the two cuts of an extrapolable decoder
-    (probe/extrapolate.py CutModels), else the full depth. One build is kept, not one per key: the
+    (probe/estimate/extrapolate.py CutModels), else the full depth. One build is kept, not one per key: the
     grid's rows come ordered so that the rows sharing a build (the optimizers) are neighbours, and two
     models never live at once. An optimizer whose cut traces did not pair up (one that works parameter
     by parameter) runs its later cells of the build at full depth straight away, which is where a
@@ -149,7 +149,7 @@ class Builds:
     def __init__(self, allowed_factories: Collection[str] = (), seq_lens: Sequence[int] = (),
                  emit: Emit = ignore, optimizers: Mapping[str, Sequence[str]] | None = None) -> None:
         self.allowed_factories = allowed_factories
-        self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/replay.py)
+        self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/estimate/replay.py)
         # build key → the optimizers the table runs on that build: their trials are learned together
         self.optimizers = optimizers or {}
         self._replays: dict[str, Replay | str] = {}  # optimizer → its trials' replay, or why they are traced

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fitprobe.probe.cuda_attention import CARD_ARCH, CudaAttention, CudaKernelBuffers, select_backend
+from fitprobe.probe.estimate.cuda_attention import CARD_ARCH, CudaAttention, CudaKernelBuffers, select_backend
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.meter import LiveBytesMode
 from fitprobe.probe.job import run_trial

@@ -291,7 +291,7 @@ def test_a_qlora_export_gives_the_quantization_config_as_an_object_bitsandbytesc
                  "--quantization", "nf4", "--json"]) == 0
     provenance = json.loads(capsys.readouterr().out)["provenance"]
     loaded = BitsAndBytesConfig(**provenance["quantization_config"])
-    # what fitprobe loads (probe/quantization.py), as bitsandbytes' own object holds it
+    # what fitprobe loads (probe/models/quantization.py), as bitsandbytes' own object holds it
     assert (loaded.load_in_4bit, loaded.bnb_4bit_quant_type, loaded.bnb_4bit_use_double_quant,
             loaded.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
     assert any("BitsAndBytesConfig(**quantization_config)" in note for note in provenance["notes"])

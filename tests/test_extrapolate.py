@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from fitprobe.probe.extrapolate import (
+from fitprobe.probe.estimate.extrapolate import (
     FSDP_VERIFIED_MODEL_TYPES,
     VERIFIED_MODEL_TYPES,
     Cuts,

@@ -118,9 +118,9 @@ SDPA_CASES = [  # dtype, heads, kv_heads, head size, mask, causal, enable_gqa
 
 @pytest.mark.parametrize("dtype, heads, kv_heads, head, masked, causal, gqa", SDPA_CASES)
 def test_sdpa_backend_rules_match_torch_on_this_card(dtype, heads, kv_heads, head, masked, causal, gqa):
-    """probe/cuda_attention.py's rules against torch's own choice on this card (cuDNN attention off:
+    """probe/estimate/cuda_attention.py's rules against torch's own choice on this card (cuDNN attention off:
     the estimate assumes torch's default order flash, memory-efficient, math)."""
-    from fitprobe.probe.cuda_attention import select_backend
+    from fitprobe.probe.estimate.cuda_attention import select_backend
 
     names = {int(torch.nn.attention.SDPBackend.FLASH_ATTENTION): "flash",
              int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION): "efficient",
@@ -144,7 +144,7 @@ def test_one_attention_step_peak_equals_the_count_as_on_this_card(masked):
     against the same step counted under fake tensors as this card runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fitprobe.probe.cuda_attention import CudaAttention, CudaKernelBuffers
+    from fitprobe.probe.estimate.cuda_attention import CudaAttention, CudaKernelBuffers
     from fitprobe.probe.meter import LiveBytesMode
 
     arch = torch.cuda.get_device_capability()

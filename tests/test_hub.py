@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import scan_cache_dir
 
-from fitprobe.probe.hub import parse_hub_id, read_config
+from fitprobe.probe.models.hub import parse_hub_id, read_config
 from fitprobe.probe.job import run_trial
-from fitprobe.probe.models import build_model
+from fitprobe.probe.models.load import build_model
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from tests.api.conftest import free_port, start_server, wait_for
 

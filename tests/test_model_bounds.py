@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fitprobe.probe.model_bounds import ModelLimits, check_model, count_parameters
-from fitprobe.probe.models import MODULE_NAMES, check_reference, config_defaults
-from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.models.bounds import ModelLimits, check_model, count_parameters
+from fitprobe.probe.models.load import MODULE_NAMES, check_reference, config_defaults
+from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec, SpecError
 
 GPT2 = PRESETS["gpt2"][1]
@@ -79,7 +79,7 @@ def test_the_module_names_the_door_checks_lora_targets_against_are_those_of_the_
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS, GPT
+    from fitprobe.probe.models.builtin_gpt import BUILTIN_CONFIGS, GPT
 
     with torch.device("meta"):
         if model_type == "builtin":

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitprobe.probe.models import build_model, check_reference, parameter_bytes
-from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.models.load import build_model, check_reference, parameter_bytes
+from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
 
 
@@ -81,7 +81,7 @@ def test_check_reference_counts_the_weights_from_the_config_against_the_capacity
 def test_weights_past_the_capacity_are_refused_with_the_settings_that_would_make_room():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fitprobe.probe.presets import PRESETS
+    from fitprobe.probe.models.presets import PRESETS
 
     model_type, fields = PRESETS["llama-3.1-8b"]
     with torch.device("meta"):

@@ -7,8 +7,8 @@ import torch
 
 from fitprobe.probe.build import prepare
 from fitprobe.probe.job import run_trial
-from fitprobe.probe.models import build_model
-from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.models.load import build_model
+from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.trial import TrialRunner
 

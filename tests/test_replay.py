@@ -1,4 +1,4 @@
-"""A replayed trial is the traced trial: the what-if table's cells are found on replays (probe/replay.py).
+"""A replayed trial is the traced trial: the what-if table's cells are found on replays (probe/estimate/replay.py).
 
 Each size law is checked against sizes worked out by hand; each family's replayed trials against trials
 traced afresh at micro-batches and seq_lens the replay never traced, on families with grouped-query
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from fitprobe.probe.extrapolate import CutModels
+from fitprobe.probe.estimate.extrapolate import CutModels
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.meter import AllocationLog
-from fitprobe.probe.replay import (
+from fitprobe.probe.estimate.replay import (
     NotReplayable,
     Replay,
     SizeLaw,

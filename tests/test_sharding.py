@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from fitprobe.probe.cli import EXIT_BAD_INPUT, main
-from fitprobe.probe.estimate import EstimateMeter
+from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.job import run_job, run_probe
 from fitprobe.probe.meter import CpuMeter, Meter, round_allocation
-from fitprobe.probe.models import build_model
-from fitprobe.probe.ranks import spawn_ranks
+from fitprobe.probe.models.load import build_model
+from fitprobe.probe.verify.ranks import spawn_ranks
 from fitprobe.probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
 from fitprobe.probe.sharding import build_sharded_model, process_group, transformer_blocks
 from fitprobe.probe.spec import ProbeSpec

@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fitprobe.probe.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from fitprobe.probe.gradient_check import reference_gradient, relative_error
+from fitprobe.probe.verify.gradient_check import reference_gradient, relative_error
 from fitprobe.probe.job import run_job
-from fitprobe.probe.models import build_model
+from fitprobe.probe.models.load import build_model
 from fitprobe.probe.plan import Plan, Split, make_plan
 from fitprobe.probe.report import PlanFacts
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.step import IGNORE_INDEX, accumulate_gradients, split
-from fitprobe.probe.verify import run_verification
-from fitprobe.probe.verify_run import variable_length_batch
+from fitprobe.probe.verify.checks import run_verification
+from fitprobe.probe.verify.run import variable_length_batch
 
 SEQ_LEN = 16
 

@@ -135,7 +135,7 @@ def test_sizing_the_step_shows_progress_per_option_on_stderr():
     assert "gradient checkpointing" in sizing[1]
 
 
-# 8 identical layers: a probe's estimate runs cuts of 2 and 3 layers and extrapolates them (probe/extrapolate.py)
+# 8 identical layers: a probe's estimate runs cuts of 2 and 3 layers and extrapolates them (probe/estimate/extrapolate.py)
 DEEP_LLAMA = {**LLAMA, "num_hidden_layers": 8, "max_position_embeddings": 512}
 # fused AdamW's traces pair up; Adafactor works parameter by parameter, so its estimate falls back to full depth
 CUT_SETTINGS = [Setting("full", False, "adamw_torch_fused"), Setting("full", False, "adafactor")]

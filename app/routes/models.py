@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS
+from fitprobe.probe.models.builtin_gpt import BUILTIN_CONFIGS
 from fitprobe.probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
 from fitprobe.probe.optimizers import KINDS
-from fitprobe.probe.presets import PRESETS
+from fitprobe.probe.models.presets import PRESETS
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

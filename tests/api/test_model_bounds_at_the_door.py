@@ -1,5 +1,5 @@
 """Models too big to build are refused at the door of a real server, quickly, without it growing or
-stalling: the submit check is arithmetic on the config (probe/model_bounds.py), nothing is built. The
+stalling: the submit check is arithmetic on the config (probe/models/bounds.py), nothing is built. The
 server's own growth and stalls need a real uvicorn; what a route answers is checked in process."""
 
 from __future__ import annotations

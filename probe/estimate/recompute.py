@@ -2,7 +2,7 @@
 
 torch's non-reentrant checkpoint recomputes a block inside the backward, where the torch function
 modes active at the forward are not: an estimate for a named card, whose SDPA calls run as that card's
-CUDA kernels (probe/cuda_attention.py, a TorchFunctionMode), would recompute them as the host's kernels,
+CUDA kernels (probe/estimate/cuda_attention.py, a TorchFunctionMode), would recompute them as the host's kernels,
 save a different set of tensors, and torch stops the backward ("a different number of tensors was saved
 during the original forward and recomputation"). `context_fn` re-enters the forward's modes for the
 recomputation; where none is active (every measured run) it changes nothing.

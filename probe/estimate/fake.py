@@ -26,7 +26,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fitprobe.probe import cuda_attention, quantization
+from fitprobe.probe.estimate import cuda_attention
+
+from fitprobe.probe.models import quantization
 from fitprobe.probe.meter import CpuMeter, LiveBytesMode
 from fitprobe.probe.spec import SpecError
 
@@ -84,7 +86,7 @@ class EstimateMeter(CpuMeter):
         super().__init__(capacity_bytes)
         self.device = fake_device()
         self.gpu = gpu
-        # a named card: attention counted as its CUDA kernels run it (probe/cuda_attention.py)
+        # a named card: attention counted as its CUDA kernels run it (probe/estimate/cuda_attention.py)
         arch = cuda_attention.arch_of(gpu)
         self.attention = cuda_attention.CudaAttention(arch) if arch else None
         # real tensors met inside (e.g. a torch.Generator's state) are converted, not refused

@@ -2,7 +2,7 @@
 
 References: `builtin:<name>` (plain torch), `preset:<name>` (shipped architecture configs, random
 weights), `hf:` with a config.json, its directory or a Hub id (`org/name[@revision]`, config.json
-only: see probe/hub.py) or an inline config dict, and `factory:pkg.mod:fn`, which is
+only: see probe/models/hub.py) or an inline config dict, and `factory:pkg.mod:fn`, which is
 imported only when the operator allow-listed it: a request must never make us run code it names.
 """
 
@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitprobe.probe.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
-from fitprobe.probe.hub import read_config
-from fitprobe.probe.model_bounds import ModelLimits, check_model
+from fitprobe.probe.models.builtin_gpt import BUILTIN_CONFIGS, GPT, GPTConfig
+from fitprobe.probe.models.hub import read_config
+from fitprobe.probe.models.bounds import ModelLimits, check_model
 from fitprobe.probe.model_call import hf_logits
-from fitprobe.probe import quantization
-from fitprobe.probe.presets import PRESETS
-from fitprobe.probe.quantization import QUANTIZED_BYTES_PER_PARAMETER
+from fitprobe.probe.models import quantization
+from fitprobe.probe.models.presets import PRESETS
+from fitprobe.probe.models.quantization import QUANTIZED_BYTES_PER_PARAMETER
 from fitprobe.probe.spec import ALL_LINEAR, ProbeSpec, SpecError, format_bytes
-from fitprobe.probe.recompute import CHECKPOINT_KWARGS
+from fitprobe.probe.estimate.recompute import CHECKPOINT_KWARGS
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
 MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are this few
@@ -424,7 +424,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     The door check of every entry point (HTTP submit, the CLI): names are checked against the
     builtins, presets and transformers' model types (with the nearest name as a suggestion), a
     factory against the allow-list, and the config's sizes against `limits` by arithmetic
-    (probe/model_bounds.py) before transformers reads it. The weights, counted from the config, are
+    (probe/models/bounds.py) before transformers reads it. The weights, counted from the config, are
     checked against the capacity; the job counts them exactly on the meta device in its own process.
     """
     hugging_face = not (isinstance(spec.model, str) and spec.model.startswith(("factory:", "builtin:")))
@@ -468,7 +468,7 @@ def _build_plain(constructor: Callable[[], nn.Module], dtype: torch.dtype, devic
 
 
 def _build_quantized(constructor: Callable[[], nn.Module], spec: ProbeSpec, device: torch.device | str) -> nn.Module:
-    """QLoRA's base (probe/quantization.py): 4-bit linears made on meta, then one layer at a time on `device`.
+    """QLoRA's base (probe/models/quantization.py): 4-bit linears made on meta, then one layer at a time on `device`.
 
     On the meta device (estimate mode) the weights stay meta here; the estimate meter quantizes them under
     fake tensors when it materializes the model.

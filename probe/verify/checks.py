@@ -1,10 +1,10 @@
 """The verification: train a few optimizer steps with the plan, for real, and check it holds up.
 
-The run itself (probe/verify_run.py) trains the plan on every device and records what it measured;
+The run itself (probe/verify/run.py) trains the plan on every device and records what it measured;
 this module turns that record into the checks a person reads: no OOM, peak memory within capacity
 minus headroom, finite loss, loss goes down, accumulated gradient == gradient of the same examples
-cut differently (relative error, probe/gradient_check.py), and the examples per optimizer step
-across devices == the effective batch. The gradient noise scale comes from probe/noise.py.
+cut differently (relative error, probe/verify/gradient_check.py), and the examples per optimizer step
+across devices == the effective batch. The gradient noise scale comes from probe/verify/noise.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from fitprobe.probe.noise import noise_scale
+from fitprobe.probe.verify.noise import noise_scale
 from fitprobe.probe.plan import Plan
 from fitprobe.probe.report import Check, Verification
 from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
-from fitprobe.probe.verify_run import RankResult, run_rank, run_spawned
+from fitprobe.probe.verify.run import RankResult, run_rank, run_spawned
 
 # Relative error allowed between the accumulated and the reference gradient. fp32 must agree to
 # rounding; 16-bit matmuls round differently for different batch shapes.

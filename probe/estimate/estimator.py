@@ -43,7 +43,7 @@ def estimated_step_bytes(spec: ProbeSpec, micro_batch: int, allowed_factories: C
 
     The whole model's step on one device (fp16-mixed estimated as bf16-mixed, whose memory is the
     same: fake tensors cannot run fp16 loss scaling). A deep decoder's step is extrapolated from two
-    cuts where a probe's estimate would be (probe/extrapolate.py): exact, and the "does not fit" answer
+    cuts where a probe's estimate would be (probe/estimate/extrapolate.py): exact, and the "does not fit" answer
     asks this once per shrinking setting, so the full depth each time cost several estimates.
     """
     precision = "bf16-mixed" if spec.precision == "fp16-mixed" else spec.precision

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.step import MicroBatch, token_loss_sum, trainable_parameters
 

@@ -5,7 +5,7 @@ At another micro-batch b or seq_len s a decoder runs the same program with other
 allocation's size is a product of its dims: b^β·q(s), q a polynomial of degree at most 2 in s (an
 activation b·s·h, the attention mask b·s², a label row padded by one b·(s+1)): its *law*. A replayed
 trial is one pass over the two cuts' logs in Python instead of a step under fake tensors, and it is the
-trial: the same moments, marks and extrapolation (probe/extrapolate.py extrapolated_result), so the
+trial: the same moments, marks and extrapolation (probe/estimate/extrapolate.py extrapolated_result), so the
 probe's own search on it finds what `probe --estimate` finds (tests/test_whatif.py holds the table's
 cells equal to single estimates, tests/test_replay.py replayed trials equal to traced ones).
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS
-from fitprobe.probe.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
+from fitprobe.probe.estimate.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
 from fitprobe.probe.meter import AllocationLog, round_allocation
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.spec import MAX_SEQ_LEN, ProbeSpec

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fitprobe.probe.spec import ProbeSpec, SpecError
-from fitprobe.probe.recompute import CHECKPOINT_KWARGS
+from fitprobe.probe.estimate.recompute import CHECKPOINT_KWARGS
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@ the step and the accumulated gradient before the update (the noise scale's two n
 gradient on the first step, and each step's peak, time and loss. Data is synthetic with
 variable-length (padded) sequences, so a wrong loss normalisation shows, and it is the same batch
 every step, so a model that learns must lower its loss. With num_devices > 1 every device is a
-process in a real `torch.distributed` group (gloo on CPU, nccl on CUDA, started by probe/ranks.py)
+process in a real `torch.distributed` group (gloo on CPU, nccl on CUDA, started by probe/verify/ranks.py)
 and the model is wrapped in DistributedDataParallel; each rank returns its `RankResult`.
 """
 
@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from fitprobe.probe.gradient_check import dropout_off, joined, reference_gradient, reference_sizes, relative_error
+from fitprobe.probe.verify.gradient_check import dropout_off, joined, reference_gradient, reference_sizes, relative_error
 from fitprobe.probe.meter import Meter, is_oom, make_meter
-from fitprobe.probe.models import LoadedModel, build_model
-from fitprobe.probe.noise import micro_batch_squared_norm, noise_terms, squared_norm
+from fitprobe.probe.models.load import LoadedModel, build_model
+from fitprobe.probe.verify.noise import micro_batch_squared_norm, noise_terms, squared_norm
 from fitprobe.probe.plan import Plan
-from fitprobe.probe.ranks import RankFailed, RankOutOfMemory, spawn_ranks
+from fitprobe.probe.verify.ranks import RankFailed, RankOutOfMemory, spawn_ranks
 from fitprobe.probe.spec import Collation, ProbeSpec, SpecError
 from fitprobe.probe.step import (
     MicroBatch, StepHooks, make_optimizer, make_scaler, run_steps, split, synthetic_batch, trainable_parameters,

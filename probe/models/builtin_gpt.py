@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from fitprobe.probe.recompute import CHECKPOINT_KWARGS
+from fitprobe.probe.estimate.recompute import CHECKPOINT_KWARGS
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fitprobe.probe.models import LoadedModel
+from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.step import MicroBatch, global_target_tokens, token_loss_sum, trainable_parameters
 

@@ -52,9 +52,9 @@ from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialError
 
 if TYPE_CHECKING:
-    from fitprobe.probe.cuda_attention import CudaAttention
+    from fitprobe.probe.estimate.cuda_attention import CudaAttention
     from fitprobe.probe.meter import AllocationLog
-    from fitprobe.probe.models import LoadedModel
+    from fitprobe.probe.models.load import LoadedModel
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing; llama,
 # qwen2 and mistral also with QLoRA (nf4) and 8-bit AdamW
@@ -254,7 +254,7 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
     their state as ordinary tensors on the fake device (its CPU branch), which the cuts count like any
     other state, and on a card the paged state holds the same bytes.
     """
-    from fitprobe.probe.models import _reference_fields
+    from fitprobe.probe.models.load import _reference_fields
 
     if not spec.extrapolate:
         return "extrapolate is off (--no-extrapolate)"
@@ -276,7 +276,7 @@ def not_extrapolable_because(spec: ProbeSpec) -> str | None:
 def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
               ) -> tuple[Cuts, list[ProbeSpec]] | str:
     """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
-    from fitprobe.probe.models import _hf_config, _reference_fields, build_model
+    from fitprobe.probe.models.load import _hf_config, _reference_fields, build_model
 
     reason = not_extrapolable_because(spec)
     if reason is not None:
@@ -322,8 +322,8 @@ class TracedCut:
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
                  attention: CudaAttention | None = None) -> None:
         from fitprobe.probe.build import prepare
-        from fitprobe.probe.estimate import EstimateMeter
-        from fitprobe.probe.models import build_model
+        from fitprobe.probe.estimate.fake import EstimateMeter
+        from fitprobe.probe.models.load import build_model
 
         if spec.mode != "estimate" or spec.capacity_bytes is None:
             raise SpecError(f"a cut is traced under fake tensors: its spec must be in estimate mode (got {spec.mode})")
@@ -332,7 +332,7 @@ class TracedCut:
         self.meter.attention = attention
         self.cuts, self.depth, self.allowed_factories = cuts, depth, allowed_factories
         self.trace = Trace([])
-        self.logging = False  # whether trials keep their allocation log (probe/replay.py learns sizes from it)
+        self.logging = False  # whether trials keep their allocation log (probe/estimate/replay.py learns sizes from it)
         self.marked_layers: dict[str, nn.Module] = {}
         self.model: LoadedModel | None = None
         if spec.sharding == "fsdp":
@@ -442,7 +442,7 @@ class ExtrapolatedTrial:
         self.cut_trials: tuple[CutTrial, CutTrial] | None = (shallow, deep)
         self.make_full_depth = full_depth
         self.full: Trial | None = None
-        self.last_traces: tuple[Trace, Trace] | None = None  # the cuts' traces of the latest trial (probe/replay.py)
+        self.last_traces: tuple[Trace, Trace] | None = None  # the cuts' traces of the latest trial (probe/estimate/replay.py)
 
     def __call__(self, micro_batch: int) -> TrialResult:
         if self.cut_trials is None:
@@ -505,7 +505,7 @@ class CutModels:
     def __init__(self, spec: ProbeSpec, cuts: Cuts, specs: list[ProbeSpec], facts: dict[str, Any],
                  allowed_factories: Collection[str], emit: Callable[[dict], None]) -> None:
         from fitprobe.probe.build import build_key
-        from fitprobe.probe.estimate import EstimateMeter
+        from fitprobe.probe.estimate.fake import EstimateMeter
 
         self.key, self.cuts, self.facts = build_key(spec), cuts, facts
         self.allowed_factories = allowed_factories
@@ -524,7 +524,7 @@ class CutModels:
               emit: Callable[[dict], None] = lambda _event: None) -> CutModels | str:
         """The cuts of the spec's model, built; or why the full depth must run. Raises SpecError as a build does."""
         from fitprobe.probe.build import attention_facts, model_facts
-        from fitprobe.probe.models import build_model
+        from fitprobe.probe.models.load import build_model
 
         if spec.mode != "estimate":
             raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
@@ -547,7 +547,7 @@ class CutModels:
         makes that fallback (probe/make_trial.py builds it afresh; the what-if table keeps one).
         """
         from fitprobe.probe.build import build_key
-        from fitprobe.probe.models import check_seq_len
+        from fitprobe.probe.models.load import check_seq_len
 
         if build_key(spec) != self.key:
             raise ValueError("CutModels.trial: the spec differs from the cuts' build in more than seq_len and "

@@ -1,0 +1,12 @@
+"""The estimate: THE training step under fake tensors, counting bytes and allocating nothing.
+
+- `fake`: `EstimateMeter`, the CPU meter's count on fake tensors (rounded as the CUDA allocator rounds).
+- `cuda_attention`: attention as a named card's CUDA kernels run it, on any host.
+- `recompute`: gradient checkpointing's recomputation under the modes its forward ran under.
+- `extrapolate`: a deep decoder from two shallow cuts of its repeating layers, to the byte.
+- `replay`: trials replayed from the size laws of a few traced ones (the what-if table's speed).
+- `estimator`: the estimate asked beside a real probe (the first micro-batch to try) and when nothing fits.
+
+Each shortcut (`extrapolate`, `replay`) says why it does not apply and the caller runs the plain path.
+The face imports nothing, so importing one part costs only that part.
+"""
