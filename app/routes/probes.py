@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from fitprobe.app.config import Settings
 from fitprobe.app.deps import ClientDep, ExecutorDep, SettingsDep, SizerDep, StoreDep
@@ -25,7 +25,8 @@ from fitprobe.probe.data import padded_width_ratio
 from fitprobe.probe.job import plan_facts
 from fitprobe.probe.plan import plan_for_probe
 from fitprobe.probe.report import Report
-from fitprobe.probe.spec import SpecError, format_bytes
+from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.whatif_spec import WhatIfSpec
 from fitprobe.probe.versions import distribution_version
 
 STATUSES = tuple(JobStatus)
@@ -33,7 +34,8 @@ STATUSES = tuple(JobStatus)
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 # gpu: capacity_bytes carries the card's memory, so a card and its byte count share one cached answer
 NOT_IN_FINGERPRINT = {"effective_batch", "effective_batch_tokens", "num_devices", "reuse", "verify_cached", "device", "gpu"}
-RequestT = TypeVar("RequestT", bound=BaseModel)  # a request with a `model` field (a probe, a what-if table)
+# a request with a `model` field: a probe (or a pre-flight, a ProbeSpec too) or a what-if table
+RequestT = TypeVar("RequestT", bound="ProbeSpec | WhatIfSpec")
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
 
 
@@ -126,7 +128,8 @@ def pinned(request: RequestT, settings: Any) -> RequestT:
         _, commit = fetch_config(hub_id, local_files_only=settings.hub_access == "offline")
     except SpecError as exc:
         raise HTTPException(422, f"model: {exc}") from exc
-    return request.model_copy(update={"model": f"hf:{HubId(hub_id.repo_id, commit or hub_id.revision)}"})
+    # model_copy keeps the request's own class; mypy cannot see that through the union bound
+    return cast(RequestT, request.model_copy(update={"model": f"hf:{HubId(hub_id.repo_id, commit or hub_id.revision)}"}))
 
 
 def public(job: dict[str, Any], store: Any) -> ProbeJob:
