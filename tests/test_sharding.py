@@ -149,8 +149,7 @@ def test_search_under_sharding_finds_the_true_max_measured_on_gloo_ranks():
     spec = llama(2, mode="estimate")
     found = run_probe(spec).as_json()["search"]["max_micro_batch"]
     assert found > MICRO_BATCH
-    estimate = EstimatedShardedTrial(spec)
-    assert estimate(found).fits and not estimate(found + 1).fits
+    # the ranks are the reference: the estimate's own boundary at `found` is the search's (tests/test_search.py)
     ranks = MeasuredShardedTrial(llama(2))
     at_max, above = ranks(found), ranks(found + 1)
     assert at_max.fits, "the estimated max must fit on the real ranks"
