@@ -6,7 +6,7 @@
 Every tool run and every truth check happens in a fresh process, so one tool's cached allocator
 state or leaked tensors cannot help or hurt another. The true maximum is found by trials in fresh
 processes around the answers (B fits, B+1 does not); every answer is then trained for 50 optimizer
-steps (and fitprobe's safe micro-batch too) to see whether it really runs.
+steps (`--check-steps`) (and fitprobe's safe micro-batch too) to see whether it really runs.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def true_maximum(case: dict[str, Any], device: str, start: int) -> int:
     return b
 
 
-def run_case(case: dict[str, Any], device: str, tools: list[str], repetitions: int) -> dict[str, Any]:
+def run_case(case: dict[str, Any], device: str, tools: list[str], repetitions: int,
+             check_steps: int = CHECK_STEPS) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
     for _ in range(repetitions):
         for tool in tools:  # interleaved, so drift on a shared machine hits every tool alike
@@ -98,7 +99,7 @@ def run_case(case: dict[str, Any], device: str, tools: list[str], repetitions: i
     def trains(micro_batch: int) -> bool:
         """Tools that agree share one check: the same micro-batch in a fresh process is the same question."""
         if micro_batch not in checked:
-            checked[micro_batch] = fits(case, device, micro_batch, CHECK_STEPS)
+            checked[micro_batch] = fits(case, device, micro_batch, check_steps)
         return checked[micro_batch]
 
     summary = {}
@@ -114,12 +115,12 @@ def run_case(case: dict[str, Any], device: str, tools: list[str], repetitions: i
             "trials_median": statistics.median(r["trials"] for r in ok),
             "wall_s_median": statistics.median(r["wall_s"] for r in ok),
             "wall_s_all": [r["wall_s"] for r in ok],
-            f"trains_{CHECK_STEPS}_steps": trains(answer),
+            f"trains_{check_steps}_steps": trains(answer),
         }
     safe = runs["fitprobe"][0].get("safe")
     if safe:
         summary["fitprobe"]["safe_answer"] = safe
-        summary["fitprobe"][f"safe_trains_{CHECK_STEPS}_steps"] = trains(safe)
+        summary["fitprobe"][f"safe_trains_{check_steps}_steps"] = trains(safe)
     return {"case": case, "true_max_micro_batch": truth, "tools": summary, "raw": runs}
 
 
@@ -143,8 +144,9 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
+    steps = results.get("check_steps", CHECK_STEPS)
     lines = ["| case | true max | tool | answer | distance | trials (median) | wall s (median) | "
-             f"{CHECK_STEPS} steps ok |", "|---|---|---|---|---|---|---|---|"]
+             f"{steps} steps ok |", "|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
         for tool, row in case["tools"].items():
             if "error" in row:
@@ -153,7 +155,7 @@ def table(results: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {case['case']['name']} | {case['true_max_micro_batch']} | {tool} | {row['answer']} | "
                          f"{row['distance_to_true_max']:+d} | {row['trials_median']} | {row['wall_s_median']:.2f} | "
-                         f"{'yes' if row[f'trains_{CHECK_STEPS}_steps'] else 'no'} |")
+                         f"{'yes' if row[f'trains_{steps}_steps'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -165,6 +167,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only the cases whose name contains this text")
     parser.add_argument("--tools", default="fitprobe,accelerate,lightning,batch-probe", help="comma-separated")
     parser.add_argument("--out", type=Path, required=False)
+    parser.add_argument("--check-steps", type=int, default=CHECK_STEPS,
+                        help="optimizer steps each answer is trained for (the smoke test's 3 hold the same peak: "
+                             "the optimizer state exists from the first step on)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -179,8 +184,8 @@ def main() -> None:
     if not cases:
         parser.error(f"--only {args.only!r} matches no case")
     tools = args.tools.split(",")
-    results = {"environment": environment(device),
-               "cases": [run_case(case, device, tools, args.repetitions) for case in cases]}
+    results = {"environment": environment(device), "check_steps": args.check_steps,
+               "cases": [run_case(case, device, tools, args.repetitions, args.check_steps) for case in cases]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

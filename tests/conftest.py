@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +41,28 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+# The pyramid, one marker per layer (`python -m pytest -m unit` ...): the library's parts, the estimate engine (fake
+# tensors, cuts, replay, what-if), the service's routes in process (TestClient), and the wire (a real uvicorn or
+# other processes talking HTTP). A test's layer follows from where it lives and what it starts, so a new test
+# needs no marker of its own.
+ESTIMATE_MODULES = {"test_estimate", "test_extrapolate", "test_replay", "test_whatif", "test_cuda_attention",
+                    "test_presets", "test_sharding", "test_qlora"}
+
+
+def layer(item: pytest.Item) -> str:
+    """unit, estimate, api or wire: the pyramid's layer of one collected test."""
+    path = Path(str(item.fspath))
+    if path.parent.name == "api":
+        function = getattr(item, "function", None)
+        starts_a_server = function is not None and "start_server(" in inspect.getsource(function)
+        return "wire" if "server" in getattr(item, "fixturenames", ()) or starts_a_server else "api"
+    return "estimate" if path.stem in ESTIMATE_MODULES else "unit"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect (not skip) `gpu` tests on CPU-only machines: they have nothing to measure there."""
+    """Mark each test with its layer; deselect (not skip) `gpu` tests on CPU-only machines: nothing to measure there."""
+    for item in items:
+        item.add_marker(layer(item))
     if torch.cuda.is_available():
         return
     keep = [item for item in items if "gpu" not in item.keywords]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -60,10 +61,19 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def venv(wheel: Path, tmp_path_factory) -> Path:
-    """A fresh venv that sees this machine's torch, fastapi... (no internet) and the wheel, nothing of the checkout."""
+    """A fresh venv that sees the running interpreter's torch, fastapi... (no internet) and the wheel, nothing of
+    the checkout.
+
+    Not `venv --system-site-packages`: made from inside a virtualenv, that sees the *base* interpreter's packages,
+    not the virtualenv's the suite runs in. A .pth line in the fresh venv adds the running interpreter's site
+    directories instead (after the venv's own, .pth files processed, as --system-site-packages would).
+    """
     venv = tmp_path_factory.mktemp("venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True, env=_outside_the_repo()).stdout.strip()
+    Path(purelib, "running-interpreter.pth").write_text(
+        "".join(f"import site; site.addsitedir({directory!r})\n" for directory in site.getsitepackages()))
     # --ignore-installed: this machine may have fitprobe installed (editable, elsewhere); the venv gets its own
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                               "--no-deps", "--no-index", "--ignore-installed", str(wheel)],

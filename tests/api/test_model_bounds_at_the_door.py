@@ -83,11 +83,16 @@ def test_lora_targets_naming_no_module_are_422_at_the_door(client: TestClient):
     assert "lora.targets: ['q_proj'] are not modules of this model (gpt2)" in response.json()["detail"]
 
 
-def test_the_largest_plan_request_answers_within_two_seconds(client: TestClient):
-    started = time.monotonic()
+def test_the_largest_plan_request_answers_with_the_fewest_micro_steps(client: TestClient):
+    """Every split from 1 to 65,536 is a candidate here; how long that takes is bench/plan_speed.py's goal.
+
+    By hand: 1,048,575 = 7 × 149,796 + 3, so three devices take 149,797 examples. Micro-batches of at most
+    65,536 need ceil(149,797 / 65,536) = 3 micro-steps, and the smallest micro-batch that still needs only
+    three is ceil(149,797 / 3) = 49,933 (two of 49,933, then 49,931 on those three devices).
+    """
     response = client.post("/v1/plans", json={"effective_batch": 1_048_575, "max_micro_batch": 65_536,
                                               "num_devices": 7})
-    elapsed = time.monotonic() - started
     assert response.status_code == 200, response.text
-    assert response.json()["plan"]["effective_batch"] == 1_048_575
-    assert elapsed < 2, f"{elapsed:.1f}s"
+    plan = response.json()["plan"]
+    assert (plan["effective_batch"], plan["exact"], plan["num_devices"]) == (1_048_575, True, 7)
+    assert (plan["micro_batch"], plan["accumulation_steps"], plan["examples_per_device"]) == (49_933, 3, 149_797)
