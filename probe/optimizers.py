@@ -29,8 +29,10 @@ worst case: nothing evicted), and says so in the report.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
+from fitprobe.probe.bnb import import_bitsandbytes
 from fitprobe.probe.spec import ProbeSpec, SpecError
 
 if TYPE_CHECKING:  # torch only where an optimizer is built: exports and the CLI's help name them without it
@@ -108,13 +110,8 @@ def report_facts(spec: ProbeSpec) -> dict[str, str | None]:
             "runs_on": device_type, "note": note}
 
 
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise SpecError("8-bit and paged optimizers need bitsandbytes: pip install 'fitprobe[hf]' "
-                        "(or pick optimizer adamw_torch_fused)") from exc
-    return bitsandbytes
+def _bitsandbytes() -> ModuleType:
+    return import_bitsandbytes("8-bit and paged optimizers (or pick optimizer adamw_torch_fused)")
 
 
 def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceType) -> torch.optim.Optimizer:

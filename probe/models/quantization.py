@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fitprobe.probe.bnb import import_bitsandbytes
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.estimate.recompute import CHECKPOINT_KWARGS
 
@@ -52,14 +53,6 @@ def bnb_config_kwargs(spec: ProbeSpec) -> dict[str, Any]:
             "bnb_4bit_compute_dtype": dtype}
 
 
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise SpecError("quantization needs bitsandbytes: pip install 'fitprobe[hf]'") from exc
-    return bitsandbytes
-
-
 def replace_linears(module: nn.Module, spec: ProbeSpec) -> nn.Module:
     """Swap the linears for bitsandbytes' 4-bit ones, on the meta device, exactly as from_pretrained does."""
     import torch
@@ -69,7 +62,7 @@ def replace_linears(module: nn.Module, spec: ProbeSpec) -> nn.Module:
 
     from transformers import PreTrainedModel
 
-    _bitsandbytes()
+    import_bitsandbytes("quantization")
     if not isinstance(module, PreTrainedModel):
         raise SpecError("quantization works on Hugging Face models (preset:, hf: or an inline config), which "
                         "bitsandbytes' loaders quantize; drop quantization for builtin: and factory: models")
@@ -90,7 +83,7 @@ def replace_linears(module: nn.Module, spec: ProbeSpec) -> nn.Module:
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
-    bnb = _bitsandbytes()
+    bnb = import_bitsandbytes("quantization")
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
@@ -103,7 +96,7 @@ def quantized_weight(layer: nn.Module, device: torch.device | str, fake: bool) -
     """
     import torch
 
-    bnb = _bitsandbytes()
+    bnb = import_bitsandbytes("quantization")
     # bitsandbytes ships no types: its layers' attributes (out_features, compute_dtype, the weight's quant
     # settings) are not the Tensor | Module that nn.Module's __getattr__ promises
     layer_: Any = layer
@@ -135,7 +128,7 @@ def warm_up() -> None:
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes():
-        _bitsandbytes().functional.quantize_blockwise(torch.zeros(256))
+        import_bitsandbytes("quantization").functional.quantize_blockwise(torch.zeros(256))
 
 
 def prepare_for_training(module: nn.Module, spec: ProbeSpec) -> nn.Module:
