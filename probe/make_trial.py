@@ -53,12 +53,13 @@ def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit)
     not_extrapolated: dict[str, Any] = {}
     if spec.mode == "estimate":
         from fitprobe.probe.estimate.extrapolate import extrapolated_trial
+        from fitprobe.probe.estimate.fallback import Fallback
 
-        made = extrapolated_trial(spec, allowed_factories, emit,
-                                  partial(full_depth_trial, allowed_factories=allowed_factories))
-        if not isinstance(made, str):
-            return made
-        not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": made}
+        try:
+            return extrapolated_trial(spec, allowed_factories, emit,
+                                      partial(full_depth_trial, allowed_factories=allowed_factories))
+        except Fallback as refused:  # the plain path below: the full depth, with the reason in the facts
+            not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": refused.reason}
     if spec.sharding == "fsdp":
         meter, facts, sharded = _sharded_trial(spec, allowed_factories)
         return meter, {**facts, **not_extrapolated}, sharded
