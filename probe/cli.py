@@ -26,6 +26,7 @@ from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from fitprobe_client.phases import PhaseLines, trial_outcome
 from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from fitprobe.probe.breakdown import describe as describe_breakdown
+from fitprobe.probe.events import Event
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.models.bounds import ModelLimits
@@ -155,7 +156,7 @@ class Progress:
         if not self.quiet:
             print(f"[fitprobe {time.monotonic() - self.started_s:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         kind = event["type"]
         if kind == "phase":
             words = self.phase_lines(event)
@@ -176,7 +177,7 @@ class Progress:
             self.say(f"verification step {event['step']} of {event['steps']}")
 
 
-    def _cell_words(self, event: dict[str, Any]) -> str:
+    def _cell_words(self, event: Event) -> str:
         note = event.get("note")
         if note:
             first = note not in self.notes
@@ -185,7 +186,7 @@ class Progress:
         return _cell_words(event)
 
 
-def _cell_words(event: dict[str, Any]) -> str:
+def _cell_words(event: Event) -> str:
     if event["seq_len"] == "longest":
         return f"longest seq_len at micro-batch 1: {event['longest_seq_len']}"
     peak = f", peak {format_bytes(event['peak_bytes'])}" if event["peak_bytes"] else ""
