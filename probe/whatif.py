@@ -35,7 +35,7 @@ from typing import Any, Literal
 from fitprobe.probe.build import Trial, build_key, prepare
 from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.make_trial import make_trial
-from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.events import Emit, ignore, whatif_cell
 from fitprobe.probe.estimate.extrapolate import CutModels, check_extrapolable
 from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.meter import Meter
@@ -343,15 +343,15 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
             cell = estimate_cell(_cell_spec(base, setting, seq_len), allowed_factories, builds)
             row.cells.append(cell)
             done += 1
-            emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": seq_len,
-                  "max_micro_batch": cell.max_micro_batch, "peak_bytes": cell.peak_bytes, "note": cell.note})
+            emit(whatif_cell(done, total, row.label, seq_len=seq_len, max_micro_batch=cell.max_micro_batch,
+                             peak_bytes=cell.peak_bytes, note=cell.note))
         if any(cell.note for cell in row.cells) and all(cell.max_micro_batch is None for cell in row.cells):
             row.longest = Longest(None, note=row.cells[0].note)
         else:
             row.longest = longest_at_one(base, setting, context, row.cells, allowed_factories, builds)
         done += 1
-        emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": "longest",
-              "longest_seq_len": row.longest.seq_len, "note": row.longest.note})
+        emit(whatif_cell(done, total, row.label, seq_len="longest", longest_seq_len=row.longest.seq_len,
+                         note=row.longest.note))
         rows.append(row)
     model = base.model if isinstance(base.model, str) else "hf:inline"
     return WhatIf(model, capacity_bytes, base.precision, list(seq_lens), context, rows,

@@ -48,6 +48,7 @@ from torch import nn
 
 from fitprobe.probe.breakdown import as_dict
 from fitprobe.probe.estimate.fallback import Fallback
+from fitprobe.probe.events import Emit, Phase, ignore, progress
 from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialError
@@ -498,7 +499,7 @@ class CutModels:
     """
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, specs: list[ProbeSpec], facts: dict[str, Any],
-                 allowed_factories: Collection[str], emit: Callable[[dict], None]) -> None:
+                 allowed_factories: Collection[str], emit: Emit) -> None:
         from fitprobe.probe.build import build_key
         from fitprobe.probe.estimate.fake import EstimateMeter
 
@@ -510,13 +511,12 @@ class CutModels:
         self.cut_specs = specs
         self.traced = []
         for done, (depth, cut_spec) in enumerate(zip(cuts.depths, specs, strict=True), start=1):
-            emit({"type": "phase", "phase": "building_cut", "done": done, "total": len(specs),
-                  "option": f"{depth} of {cuts.full_layers} layers"})
+            emit(progress(Phase.BUILDING_CUT, done, len(specs), f"{depth} of {cuts.full_layers} layers"))
             self.traced.append(TracedCut(cut_spec, cuts, depth, allowed_factories, self.meter.attention))
 
     @classmethod
     def build(cls, spec: ProbeSpec, allowed_factories: Collection[str] = (),
-              emit: Callable[[dict], None] = lambda _event: None) -> CutModels:
+              emit: Emit = ignore) -> CutModels:
         """The cuts of the spec's model, built; raises Fallback where the full depth must run, SpecError as a build
         does."""
         from fitprobe.probe.build import attention_facts, model_facts
@@ -553,7 +553,7 @@ class CutModels:
         return self.meter, facts, ExtrapolatedTrial(spec, self.cuts, shallow, deep, facts, full_depth)
 
 
-def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None],
+def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit,
                        full_depth: FullDepth) -> tuple[Any, dict[str, Any], Trial]:
     """(meter, the full model's facts, trial) for an estimate from two cuts; raises Fallback where the full depth
     must run. `full_depth(spec, why)` is the trial it falls back to when the cuts' traces do not pair up."""

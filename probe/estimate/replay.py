@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS
 from fitprobe.probe.estimate.fallback import Fallback
+from fitprobe.probe.events import Emit, Phase, progress
 from fitprobe.probe.estimate.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
 from fitprobe.probe.meter import AllocationLog, round_allocation
 from fitprobe.probe.report import TrialResult
@@ -50,7 +51,6 @@ from fitprobe.probe.trial import TrialError
 Trial = Callable[[int], TrialResult]
 _TOO_FEW_SEQ_LENS = "fewer than three seq_lens fit the model's context to learn the sizes from"
 Point = tuple[int, int]  # (micro-batch, seq_len)
-Emit = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -376,8 +376,7 @@ class Replay:
     def _trace(self, micro_batch: int, seq_len: int, done: int, total: int) -> _Traced:
         if (micro_batch, seq_len) in self.traced:
             return self.traced[(micro_batch, seq_len)]
-        self.emit({"type": "phase", "phase": "tracing_sizes", "done": done, "total": total,
-                   "option": f"micro-batch {micro_batch} at seq_len {seq_len}"})
+        self.emit(progress(Phase.TRACING_SIZES, done, total, f"micro-batch {micro_batch} at seq_len {seq_len}"))
         trial = self._extrapolated(seq_len)
         for cut in self.cuts.traced:
             cut.logging = True
