@@ -37,6 +37,9 @@ from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.versions import distribution_version
+from fitprobe.probe.verify.checks import run_verification
+from fitprobe.probe.plan import plan_for_probe
+from fitprobe.probe.data import expected_padding_fraction, profile_of, read_rows
 
 
 def versions() -> dict[str, str | None]:
@@ -150,8 +153,6 @@ def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
     """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len)."""
     planned = plan.facts()
     if spec.data is not None and spec.collation == "padded":
-        from fitprobe.probe.data import expected_padding_fraction, profile_of
-
         profile = profile_of(spec.data)
         planned.padding_fraction = round(expected_padding_fraction(
             profile, "padded", min(plan.split.micro_batch, profile.rows), spec.seq_len), 4)
@@ -179,8 +180,6 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     `data_path` (the command line's `--data`; never a request's) makes the verification train on the
     file's first rows, so the gradient noise scale is measured on the user's tokens.
     """
-    from fitprobe.probe.plan import plan_for_probe
-    from fitprobe.probe.verify.checks import run_verification
 
     if verify and spec.mode == "measure" and spec.effective_rows is not None and spec.collation == "flattened":
         raise SpecError("verification with collation=flattened is not implemented yet: use --no-verify (the probe "
@@ -207,8 +206,6 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
                       accumulation_steps=plan.split.accumulation_steps))
     if verify and spec.mode == "measure":  # an estimate has no device to train on
         emit(events.phase(Phase.VERIFYING))
-        from fitprobe.probe.data import read_rows
-
         data_rows = read_rows(data_path, plan.split.effective_batch) if data_path else None
         report.verification = run_verification(spec, plan, verify_steps, allowed_factories, search.max_micro_batch,
                                                emit, data_rows)

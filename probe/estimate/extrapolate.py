@@ -47,11 +47,15 @@ import torch
 from torch import nn
 
 from fitprobe.probe.breakdown import as_dict
+from fitprobe.probe.build import attention_facts, build_key, model_facts, prepare
+from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.events import Emit, Phase, ignore, progress
-from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.models.load import build_model, check_seq_len, hf_config, reference_fields
 from fitprobe.probe.report import TrialResult
-from fitprobe.probe.trial import TrialError
+from fitprobe.probe.sharded_trial import EstimatedShardedTrial
+from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.trial import TrialError, TrialRunner
 
 if TYPE_CHECKING:
     from fitprobe.probe.estimate.cuda_attention import CudaAttention
@@ -256,7 +260,6 @@ def check_extrapolable(spec: ProbeSpec) -> None:
     their state as ordinary tensors on the fake device (its CPU branch), which the cuts count like any
     other state, and on a card the paged state holds the same bytes.
     """
-    from fitprobe.probe.models.load import _reference_fields
 
     if not spec.extrapolate:
         raise Fallback("extrapolate is off (--no-extrapolate)")
@@ -265,7 +268,7 @@ def check_extrapolable(spec: ProbeSpec) -> None:
         raise Fallback(f"{spec.mode} mode runs the real model{ranks}: extrapolation is for estimates under fake tensors")
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
         raise Fallback("only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut")
-    model_type, _ = _reference_fields(spec.model)
+    model_type, _ = reference_fields(spec.model)
     if model_type not in VERIFIED_MODEL_TYPES:
         raise Fallback(f"model_type {model_type}: its extrapolated estimate was not compared with the full depth "
                        f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
@@ -277,11 +280,10 @@ def check_extrapolable(spec: ProbeSpec) -> None:
 def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
               ) -> tuple[Cuts, list[ProbeSpec]]:
     """The cuts and their specs; raises Fallback where the full depth must run. `full` is the model built on meta."""
-    from fitprobe.probe.models.load import _hf_config, _reference_fields, build_model
 
     check_extrapolable(spec)
-    model_type, fields = _reference_fields(spec.model)
-    config = _hf_config(model_type, dict(fields))
+    model_type, fields = reference_fields(spec.model)
+    config = hf_config(model_type, dict(fields))
     n_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(n_layers, int) or (found := _layer_stack(full, n_layers)) is None:
         raise Fallback(f"no stack of num_hidden_layers={n_layers} layers found in the model")
@@ -320,10 +322,6 @@ class TracedCut:
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
                  attention: CudaAttention | None = None) -> None:
-        from fitprobe.probe.build import prepare
-        from fitprobe.probe.estimate.fake import EstimateMeter
-        from fitprobe.probe.models.load import build_model
-
         if spec.mode != "estimate" or spec.capacity_bytes is None:
             raise SpecError(f"a cut is traced under fake tensors: its spec must be in estimate mode (got {spec.mode})")
         self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
@@ -390,12 +388,8 @@ class TracedCut:
         per_parameter.update_step = marked_update_step  # its `step` calls the instance's attribute
 
     def bind(self, spec: ProbeSpec) -> CutTrial:
-        from fitprobe.probe.trial import TrialRunner
-
         runner: Trial
         if spec.sharding == "fsdp":
-            from fitprobe.probe.sharded_trial import EstimatedShardedTrial
-
             runner = EstimatedShardedTrial(spec, self.allowed_factories, self.meter, self._mark, self._watch_optimizer)
         else:
             assert self.model is not None, "an unsharded cut is built once, in __init__"
@@ -500,9 +494,6 @@ class CutModels:
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, specs: list[ProbeSpec], facts: dict[str, Any],
                  allowed_factories: Collection[str], emit: Emit) -> None:
-        from fitprobe.probe.build import build_key
-        from fitprobe.probe.estimate.fake import EstimateMeter
-
         self.key, self.cuts, self.facts = build_key(spec), cuts, facts
         self.allowed_factories = allowed_factories
         if spec.capacity_bytes is None:
@@ -519,8 +510,6 @@ class CutModels:
               emit: Emit = ignore) -> CutModels:
         """The cuts of the spec's model, built; raises Fallback where the full depth must run, SpecError as a build
         does."""
-        from fitprobe.probe.build import attention_facts, model_facts
-        from fitprobe.probe.models.load import build_model
 
         if spec.mode != "estimate":
             raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
@@ -539,8 +528,6 @@ class CutModels:
         The facts are this trial's own (a fallback to the full depth rewrites them); `full_depth(spec, why)`
         makes that fallback (probe/make_trial.py builds it afresh; the what-if table keeps one).
         """
-        from fitprobe.probe.build import build_key
-        from fitprobe.probe.models.load import check_seq_len
 
         if build_key(spec) != self.key:
             raise ValueError("CutModels.trial: the spec differs from the cuts' build in more than seq_len and "
