@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -73,8 +72,9 @@ def _settings_text() -> str:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     from fitprobe.probe.devices import list_devices
+    from fitprobe.probe.settings import operator_settings
 
-    capacity = int(os.environ.get("FITPROBE_CPU_CAPACITY_BYTES", 1 << 30))
+    capacity = operator_settings().cpu_capacity_bytes
     print(json.dumps({"devices": list_devices(capacity)}, indent=2))
     return EXIT_OK
 

@@ -6,16 +6,19 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 from typing import Annotated
 
 from fitprobe.app.http_hygiene import default_allowed_hosts
-from fitprobe.probe.models.bounds import ModelLimits
+from fitprobe.probe.settings import OperatorSettings, comma_separated
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-class Settings(BaseSettings):
+class Settings(OperatorSettings):
+    """The operator's settings the command line shares (allowed factories, model limits, CPU capacity:
+    probe/settings.py), and the service's own."""
+
     model_config = SettingsConfigDict(env_prefix="FITPROBE_")
 
     data_dir: Path = Field(Path("./fitprobe-data"), description="where the SQLite database lives")
@@ -36,14 +39,10 @@ class Settings(BaseSettings):
                                     "arrive are answered 408 and the connection closed")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body that takes longer to arrive (from the "
                                   "end of its headers) is answered 408 and the connection closed")
-    allowed_factories: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated pkg.module:function model factories requests may name"
-    )
     hub_access: Literal["offline", "online"] = Field(
         "offline", description="model: hf:org/name; offline: configs already in this server's Hugging Face cache "
         "(HF_HUB_CACHE) only; online: the server may fetch config.json from the Hub (HF_TOKEN for gated models)",
     )
-    cpu_capacity_bytes: int = Field(1 << 30, description="virtual capacity of the CPU device (bytes)")
     max_queued_jobs: int = Field(32, ge=1, description="queued jobs beyond this are refused with 429")
     job_timeout_s: float = Field(3600.0, gt=0, description="a job running longer is killed and failed")
     scratch_dir: str | None = Field(
@@ -51,13 +50,6 @@ class Settings(BaseSettings):
         "files, compiler caches), removed when the job ends however it ends; default: the system's temp directory")
     max_seq_len: int = Field(32_768, ge=1, description="largest seq_len a request may ask for")
     max_effective_batch: int = Field(65_536, ge=1, description="largest effective_batch a request may ask for")
-    max_model_params: int = Field(
-        2 * 10**12, ge=1, description="largest parameter count a model's config may add up to (counted from the "
-        "config at submit, nothing is built)")
-    max_model_layers: int = Field(1024, ge=1, description="largest layer count a model's config may name")
-    max_param_tokens: int = Field(
-        10**21, ge=1, description="largest parameters × tokens of one micro-batch (seq_len × the largest "
-        "micro-batch the search may try)")
     model_build_timeout_s: float = Field(
         20.0, gt=0, description="a config (inline or hf:) is built on the meta device at submit to count its "
         "parameters; one that takes longer (thousands of layers) is refused with 422")
@@ -113,17 +105,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a running job's worker renews its lease every third of this; a job whose "
         "lease runs out (its replica died) is re-queued by another replica")
 
-    @field_validator("api_tokens", "allowed_factories", "allowed_hosts", mode="before")
+    @field_validator("api_tokens", "allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @property
-    def model_limits(self) -> ModelLimits:
-        return ModelLimits(max_params=self.max_model_params, max_layers=self.max_model_layers,
-                           max_param_tokens=self.max_param_tokens)
+        return comma_separated(value)
 
     @property
     def resolved_allowed_hosts(self) -> list[str]:

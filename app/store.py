@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
 from fitprobe_client.status import TERMINAL, UNFINISHED, JobStatus
+from fitprobe.probe.events import Phase
 
 STATUSES = tuple(JobStatus)
 PROBE, WHATIF = "probe", "whatif"  # job kinds; the job body reads its kind from the spec (app/worker.py)
@@ -198,7 +199,7 @@ class Store:
         database's write lock before the statement reads; PostgreSQL reads a snapshot, so there the
         submits also queue behind one transaction-scoped advisory lock.
         """
-        row = {"kind": kind, "status": JobStatus.QUEUED, "phase": "queued", "attempts": 0, "cached": False}
+        row = {"kind": kind, "status": JobStatus.QUEUED, "phase": Phase.QUEUED.value, "attempts": 0, "cached": False}
         queued = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED).scalar_subquery()
         job_id = self._insert(row, spec, fingerprint, client, limits, queued < max_queued)
         if job_id is None:
@@ -209,7 +210,7 @@ class Store:
                       client: str | None = None, limits: ClientLimits | None = None) -> dict[str, Any]:
         """Store a job answered from the cache: it costs no device, but a row, so it counts against the client."""
         now = _now()
-        row = {"status": JobStatus.SUCCEEDED, "phase": "done", "attempts": 0, "cached": True,
+        row = {"status": JobStatus.SUCCEEDED, "phase": Phase.DONE.value, "attempts": 0, "cached": True,
                "result": json.dumps(result), "started_at": now, "finished_at": now}
         job_id = self._insert(row, spec, fingerprint, client, limits, sa.true())
         assert job_id is not None  # nothing but the client's limits refuses a cached row

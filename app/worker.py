@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from fitprobe.probe.events import Event
+
 Item = tuple[str, Any]  # ("event", event) | ("result", report) | ("error", message) | ("placed", where)
 
 
@@ -44,7 +46,7 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
     spec = dict(spec)
     search_from = spec.pop("search_from", None)  # a verification-only job: the routes put the cached search here
 
-    def emit(event: dict[str, Any]) -> None:
+    def emit(event: Event) -> None:
         put(("event", event))
 
     try:

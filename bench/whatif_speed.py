@@ -27,12 +27,14 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 from fitprobe.probe import whatif
+from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.job import run_probe
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.whatif import run_whatif, settings_grid
@@ -49,10 +51,14 @@ def timed_s(work) -> float:
     return time.perf_counter() - started_s
 
 
+def _refuse(cls: type, *args: object) -> NoReturn:
+    raise Fallback("timed without replay")
+
+
 def table_without_replay(base: ProbeSpec, seq_lens: list[int]) -> None:
     """The table as it was made before probe/estimate/replay.py: every trial traced."""
     learn = whatif.Replay.learn
-    whatif.Replay.learn = classmethod(lambda cls, *args: "timed without replay")  # type: ignore[method-assign]
+    whatif.Replay.learn = classmethod(_refuse)  # type: ignore[method-assign]
     try:
         run_whatif(base, seq_lens, settings_grid())
     finally:

@@ -5,6 +5,10 @@ Exit codes, the same for every command:
   1  it ran, but the request cannot be met (does not fit, verification failed, plan not verified)
   2  bad input: one line on stderr says what to change (with --json, also a JSON object on stdout)
   3  the service is unreachable or did not answer in time (preflight)
+
+The commands import what runs them (the job, the plan, the data reader, the model loader) inside their
+own functions: `fitprobe --help`, `plan` and the service's `preflight` never import torch or transformers
+(the help and the arithmetic answer without loading a deep-learning stack).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
 from fitprobe_client.phases import PhaseLines, trial_outcome
 from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from fitprobe.probe.breakdown import describe as describe_breakdown
+from fitprobe.probe.events import Event
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.models.bounds import ModelLimits
 from fitprobe.probe.spec_options import add_spec_options, spec_fields
 from fitprobe.probe.spec import (DEFAULT_PRECISION, ESTIMATED, DataLengths, Optimizer, Precision, ProbeSpec, SpecError,
                                  format_bytes)
+from fitprobe.probe.settings import operator_settings
 from fitprobe.probe.versions import fitprobe_version
 
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
@@ -40,22 +46,13 @@ PRECISIONS = list(get_args(Precision))
 
 
 def allowed_factories() -> frozenset[str]:
-    """Factories the operator allow-listed; the same variable the service reads."""
-    raw = os.environ.get("FITPROBE_ALLOWED_FACTORIES", "")
-    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+    """Factories the operator allow-listed: the service's setting (probe/settings.py)."""
+    return frozenset(operator_settings().allowed_factories)
 
 
 def model_limits() -> ModelLimits:
-    """The model-size limits the operator set; the same variables the service reads."""
-    env = os.environ.get
-    defaults = ModelLimits()
-    try:
-        return ModelLimits(max_params=int(env("FITPROBE_MAX_MODEL_PARAMS", defaults.max_params)),
-                           max_layers=int(env("FITPROBE_MAX_MODEL_LAYERS", defaults.max_layers)),
-                           max_param_tokens=int(env("FITPROBE_MAX_PARAM_TOKENS", defaults.max_param_tokens)))
-    except ValueError as exc:
-        raise SpecError(f"FITPROBE_MAX_MODEL_PARAMS, FITPROBE_MAX_MODEL_LAYERS and FITPROBE_MAX_PARAM_TOKENS "
-                        f"must be whole numbers ({exc})") from None
+    """The model-size limits the operator set: the service's settings (probe/settings.py)."""
+    return operator_settings().model_limits
 
 
 def checked_spec(args: argparse.Namespace) -> ProbeSpec:
@@ -155,7 +152,7 @@ class Progress:
         if not self.quiet:
             print(f"[fitprobe {time.monotonic() - self.started_s:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         kind = event["type"]
         if kind == "phase":
             words = self.phase_lines(event)
@@ -176,7 +173,7 @@ class Progress:
             self.say(f"verification step {event['step']} of {event['steps']}")
 
 
-    def _cell_words(self, event: dict[str, Any]) -> str:
+    def _cell_words(self, event: Event) -> str:
         note = event.get("note")
         if note:
             first = note not in self.notes
@@ -185,7 +182,7 @@ class Progress:
         return _cell_words(event)
 
 
-def _cell_words(event: dict[str, Any]) -> str:
+def _cell_words(event: Event) -> str:
     if event["seq_len"] == "longest":
         return f"longest seq_len at micro-batch 1: {event['longest_seq_len']}"
     peak = f", peak {format_bytes(event['peak_bytes'])}" if event["peak_bytes"] else ""

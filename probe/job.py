@@ -26,7 +26,8 @@ from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.data import data_facts, micro_batch_tokens, padded_width_ratio
 from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.estimate.estimator import Estimator
-from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe import events
+from fitprobe.probe.events import Emit, Phase, ignore
 from fitprobe.probe.breakdown import CUDA_NOT_BROKEN_DOWN
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.needs import does_not_fit, headroom_shortfall
@@ -36,6 +37,9 @@ from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.versions import distribution_version
+from fitprobe.probe.verify.checks import run_verification
+from fitprobe.probe.plan import plan_for_probe
+from fitprobe.probe.data import expected_padding_fraction, profile_of, read_rows
 
 
 def versions() -> dict[str, str | None]:
@@ -82,18 +86,18 @@ def run_probe(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collectio
 
 def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> Report:
     started_s = time.perf_counter()
-    emit({"type": "phase", "phase": "building_model"})
+    emit(events.phase(Phase.BUILDING_MODEL))
     meter, facts, run = make_trial(spec, allowed_factories, emit)
     estimate = None
     if spec.estimate_first and spec.mode == "measure":
-        emit({"type": "phase", "phase": "estimating"})
+        emit(events.phase(Phase.ESTIMATING))
         estimate = Estimator(spec, meter.capacity_bytes, allowed_factories)
-    emit({"type": "phase", "phase": "probing"})
+    emit(events.phase(Phase.PROBING))
 
     def trial(micro_batch: int) -> TrialResult:
-        emit({"type": "trial_started", "micro_batch": micro_batch})
+        emit(events.trial_started(micro_batch))
         result = run(micro_batch)
-        emit({"type": "trial", **result.to_dict()})
+        emit(events.trial(result.to_dict()))
         return result
 
     hint = estimate.max_micro_batch(spec) if estimate else None
@@ -106,12 +110,12 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
                 measured.estimate_error = round(measured.estimated_peak_bytes / measured.peak_allocated_bytes - 1, 4)
     not_fitting = None
     if search.max_micro_batch == 0:
-        emit({"type": "phase", "phase": "sizing_the_step"})
+        emit(events.phase(Phase.SIZING_THE_STEP))
         not_fitting = does_not_fit(spec, meter.capacity_bytes, allowed_factories, emit)
     shortfall = None
     if search.max_micro_batch and not search.safe_micro_batch:
         # the plan runs at micro-batch 1 then (plan.plan_limit): say what it costs, and what would avoid it
-        emit({"type": "phase", "phase": "sizing_the_step"})
+        emit(events.phase(Phase.SIZING_THE_STEP))
         peak = min((t for t in trials if t.fits), key=lambda t: t.micro_batch)
         shortfall = headroom_shortfall(spec, peak.micro_batch,
                                        peak.peak_reserved_bytes or peak.peak_allocated_bytes or 0,
@@ -140,8 +144,8 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
         headroom_shortfall=shortfall,
         created_at=datetime.now(timezone.utc).isoformat(),
     )
-    emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,
-          "safe_micro_batch": search.safe_micro_batch})
+    emit(events.phase(Phase.PROBED, max_micro_batch=search.max_micro_batch,
+                      safe_micro_batch=search.safe_micro_batch))
     return report
 
 
@@ -149,8 +153,6 @@ def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
     """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len)."""
     planned = plan.facts()
     if spec.data is not None and spec.collation == "padded":
-        from fitprobe.probe.data import expected_padding_fraction, profile_of
-
         profile = profile_of(spec.data)
         planned.padding_fraction = round(expected_padding_fraction(
             profile, "padded", min(plan.split.micro_batch, profile.rows), spec.seq_len), 4)
@@ -178,8 +180,6 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     `data_path` (the command line's `--data`; never a request's) makes the verification train on the
     file's first rows, so the gradient noise scale is measured on the user's tokens.
     """
-    from fitprobe.probe.plan import plan_for_probe
-    from fitprobe.probe.verify.checks import run_verification
 
     if verify and spec.mode == "measure" and spec.effective_rows is not None and spec.collation == "flattened":
         raise SpecError("verification with collation=flattened is not implemented yet: use --no-verify (the probe "
@@ -191,25 +191,23 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
         report = run_probe(spec, emit, allowed_factories)
     else:
         probe_id, cached = search_from
-        emit({"type": "phase", "phase": "search_cached", "probe_id": probe_id})
+        emit(events.phase(Phase.SEARCH_CACHED, probe_id=probe_id))
         report = cached.model_copy(update={"spec": spec.model_dump(mode="json"), "search_cached_from": probe_id,
                                            "verification_note": None})
     report.plan = report.verification = None
     rows = spec.effective_rows
     if rows is None or report.does_not_fit:
         return report
-    emit({"type": "phase", "phase": "planning"})
+    emit(events.phase(Phase.PLANNING))
     search = report.search
     plan = plan_for_probe(search, rows, spec.num_devices, spec.micro_steps_per_trial, padded_width_ratio(spec))
     report.plan = plan_facts(plan, spec)
-    emit({"type": "phase", "phase": "planned", "micro_batch": plan.split.micro_batch,
-          "accumulation_steps": plan.split.accumulation_steps})
+    emit(events.phase(Phase.PLANNED, micro_batch=plan.split.micro_batch,
+                      accumulation_steps=plan.split.accumulation_steps))
     if verify and spec.mode == "measure":  # an estimate has no device to train on
-        emit({"type": "phase", "phase": "verifying"})
-        from fitprobe.probe.data import read_rows
-
+        emit(events.phase(Phase.VERIFYING))
         data_rows = read_rows(data_path, plan.split.effective_batch) if data_path else None
         report.verification = run_verification(spec, plan, verify_steps, allowed_factories, search.max_micro_batch,
                                                emit, data_rows)
-        emit({"type": "phase", "phase": "verified", "passed": report.verification.passed})
+        emit(events.phase(Phase.VERIFIED, passed=report.verification.passed))
     return report

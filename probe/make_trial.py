@@ -24,6 +24,9 @@ from fitprobe.probe.models.load import build_model
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.trial import TrialRunner
+from fitprobe.probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
+from fitprobe.probe.estimate.fallback import Fallback
+from fitprobe.probe.estimate.extrapolate import extrapolated_trial
 
 
 def full_depth_trial(spec: ProbeSpec, _because: str, allowed_factories: Collection[str]) -> Trial:
@@ -52,13 +55,11 @@ def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit)
     """
     not_extrapolated: dict[str, Any] = {}
     if spec.mode == "estimate":
-        from fitprobe.probe.estimate.extrapolate import extrapolated_trial
-
-        made = extrapolated_trial(spec, allowed_factories, emit,
-                                  partial(full_depth_trial, allowed_factories=allowed_factories))
-        if not isinstance(made, str):
-            return made
-        not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": made}
+        try:
+            return extrapolated_trial(spec, allowed_factories, emit,
+                                      partial(full_depth_trial, allowed_factories=allowed_factories))
+        except Fallback as refused:  # the plain path below: the full depth, with the reason in the facts
+            not_extrapolated = {"extrapolated_from_layers": None, "not_extrapolated_because": refused.reason}
     if spec.sharding == "fsdp":
         meter, facts, sharded = _sharded_trial(spec, allowed_factories)
         return meter, {**facts, **not_extrapolated}, sharded
@@ -73,8 +74,6 @@ def _make_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit)
 
 
 def _sharded_trial(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Meter, dict[str, Any], Trial]:
-    from fitprobe.probe.sharded_trial import EstimatedShardedTrial, MeasuredShardedTrial
-
     meter: Meter
     trial: Trial
     if spec.mode == "estimate":

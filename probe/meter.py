@@ -26,8 +26,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS, as_dict
+from fitprobe.probe.settings import DEFAULT_CPU_CAPACITY_BYTES
 
-DEFAULT_CPU_CAPACITY_BYTES = 1 << 30
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
 
 # Messages PyTorch, cuBLAS and cuDNN use when they could not get memory. Anything else from CUDA

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from typing import Any
 
 from fitprobe.probe.estimate.estimator import estimated_step_bytes
-from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.events import Emit, Phase, ignore, progress
 from fitprobe.probe.optimizers import KINDS
 from fitprobe.probe.report import DoesNotFit, HeadroomShortfall, SizingOption
 from fitprobe.probe.spec import ProbeSpec, format_bytes
@@ -48,7 +48,7 @@ def _options(spec: ProbeSpec, limit_bytes: int, allowed_factories: Collection[st
     options = []
     changes = _shrinking_changes(spec)
     for done, (label, update) in enumerate(changes, 1):
-        emit({"type": "phase", "phase": "sizing_the_step", "option": label, "done": done, "total": len(changes)})
+        emit(progress(Phase.SIZING_THE_STEP, done, len(changes), label))
         changed = estimated_step_bytes(spec.model_copy(update=update), 1, allowed_factories)
         if changed is not None:
             options.append(SizingOption(change=label, settings=update, needs_bytes=changed,

@@ -25,6 +25,8 @@ from fitprobe.probe import optimizers
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.spec import Collation, ProbeSpec
+from fitprobe.probe.data import longest_rows
+from fitprobe.probe import trainers
 
 IGNORE_INDEX = -100
 PhaseCallback = Callable[[str], None]
@@ -127,8 +129,6 @@ def worst_case_batch(vocab_size: int, batch_size: int, spec: ProbeSpec, device: 
     forces the explicit 4-D mask and, under grouped-query attention, key/value heads repeated to
     the query heads. That path costs more, and a padded batch of real data almost always takes it.
     """
-    from fitprobe.probe.data import longest_rows
-
     rows = None
     if spec.data is not None and spec.collation != "packed":
         rows = list(longest_rows(spec.data, batch_size, spec.seq_len))
@@ -203,8 +203,6 @@ def token_loss_sum(model: LoadedModel, module: torch.nn.Module, mb: MicroBatch, 
     as well would overstate the peak by one logits-sized buffer (batch × seq × vocab).
     """
     if spec.trainer == "trl" or spec.liger:  # fused heads: no logits at all (probe/trainers.py)
-        from fitprobe.probe import trainers
-
         with autocast_for(spec, mb.input_ids.device.type):
             return trainers.token_loss_sum(module, spec, mb.input_ids, mb.labels, mb.attention_mask, mb.position_ids)
     with autocast_for(spec, mb.input_ids.device.type):

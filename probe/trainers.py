@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.versions import distribution_version
+from fitprobe.probe.liger import apply_liger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -53,8 +54,6 @@ def adapt(module: nn.Module, spec: ProbeSpec) -> None:
     sets: SFTTrainer turns Liger's fused linear cross-entropy off, since it would replace the fused head.
     """
     if spec.liger:
-        from fitprobe.probe.liger import apply_liger
-
         apply_liger(module, fused_linear_cross_entropy=spec.trainer == "hf")
     if spec.trainer == "trl":
         from trl.trainer.utils import add_fused_lm_head

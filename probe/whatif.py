@@ -35,8 +35,9 @@ from typing import Any, Literal
 from fitprobe.probe.build import Trial, build_key, prepare
 from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.make_trial import make_trial
-from fitprobe.probe.events import Emit, ignore
-from fitprobe.probe.estimate.extrapolate import CutModels, not_extrapolable_because
+from fitprobe.probe.events import Emit, ignore, whatif_cell
+from fitprobe.probe.estimate.extrapolate import CutModels, check_extrapolable
+from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.models.load import LoadedModel, build_model, check_seq_len
 from fitprobe.probe.search import find_micro_batch
@@ -152,10 +153,10 @@ class Builds:
         self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/estimate/replay.py)
         # build key → the optimizers the table runs on that build: their trials are learned together
         self.optimizers = optimizers or {}
-        self._replays: dict[str, Replay | str] = {}  # optimizer → its trials' replay, or why they are traced
+        self._replays: dict[str, Replay | Fallback] = {}  # optimizer → its trials' replay, or why they are traced
         self._known_laws: set[SizeLaw] = set()  # every allocation size law learned by this table's rows so far
         self._key: str | None = None
-        self._cuts: CutModels | str | None = None  # str: why this build's model cannot be cut
+        self._cuts: CutModels | Fallback | None = None  # Fallback: why this build's model cannot be cut
         self._full: tuple[Meter, LoadedModel] | None = None
         self._full_depth_because: dict[str, str] = {}  # optimizer → why its traces did not pair up
         self.count = 0  # builds made (a pair of cuts is one): what the reuse saves is visible
@@ -167,32 +168,48 @@ class Builds:
         if key != self._key:  # the old model goes before the new one is built
             self._key, self._cuts, self._full, self._full_depth_because = key, None, None, {}
             self._replays = {}
-        because = not_extrapolable_because(spec) or self._full_depth_because.get(spec.optimizer)
-        if because is None:
-            if self._cuts is None:
-                self._full = None
-                self._cuts = CutModels.build(spec, self.allowed_factories)  # raises SpecError as a build does
-                self.count += isinstance(self._cuts, CutModels)
-                settle()  # the old build is collected, the new one frozen (probe/heap.py)
-            if isinstance(self._cuts, CutModels):
-                meter, facts, traced = self._cuts.trial(spec, self._after_cuts_failed)
-                replay = self._replay(self._cuts, spec)
-                return meter, facts, replay.trial(spec.seq_len, traced) if isinstance(replay, Replay) else traced
-            because = self._cuts
-        meter, trial = self._full_depth(spec)
-        return meter, {"extrapolated_from_layers": None, "not_extrapolated_because": because}, trial
+        try:
+            return self._on_cuts(spec)
+        except Fallback as refused:  # the plain path: the full depth, with the reason in the facts
+            meter, trial = self._full_depth(spec)
+            return meter, {"extrapolated_from_layers": None, "not_extrapolated_because": refused.reason}, trial
 
-    def _replay(self, cuts: CutModels, spec: ProbeSpec) -> Replay | str:
-        """The replay of this build's trials with `spec`'s optimizer, learned at its first cell."""
+    def _on_cuts(self, spec: ProbeSpec) -> tuple[Meter, dict[str, Any], Trial]:
+        """trial_for's shortcut: the build's cuts (replayed where learned); raises Fallback where the cuts do not
+        apply to `spec` (the spec, this build's model, or this optimizer's traces before)."""
+        check_extrapolable(spec)
+        if spec.optimizer in self._full_depth_because:
+            raise Fallback(self._full_depth_because[spec.optimizer])
+        if self._cuts is None:
+            self._full = None
+            try:
+                self._cuts = CutModels.build(spec, self.allowed_factories)  # raises SpecError as a build does
+                self.count += 1
+            except Fallback as refused:
+                self._cuts = refused  # the build's later cells are not cut either
+            settle()  # the old build is collected, the new one frozen (probe/heap.py)
+        if isinstance(self._cuts, Fallback):
+            raise Fallback(self._cuts.reason)
+        meter, facts, traced = self._cuts.trial(spec, self._after_cuts_failed)
+        replay = self._replay(self._cuts, spec)
+        return meter, facts, replay.trial(spec.seq_len, traced) if isinstance(replay, Replay) else traced
+
+    def _replay(self, cuts: CutModels, spec: ProbeSpec) -> Replay | Fallback:
+        """The replay of this build's trials with `spec`'s optimizer, learned at its first cell; or the Fallback
+        that says why its trials are traced (kept, so it is not learned again)."""
         if not self.seq_lens:
-            return "no seq_lens to learn the sizes at"
+            return Fallback("no seq_lens to learn the sizes at")
         if spec.optimizer not in self._replays:
             together = [o for o in self.optimizers.get(cuts.key, ()) if o not in self._replays]
             if spec.optimizer in together and len(together) > 1:
                 specs = [spec.model_copy(update={"optimizer": optimizer}) for optimizer in together]
                 self._replays.update(Replay.learn_together(cuts, specs, self.seq_lens, self.emit, self._known_laws))
             else:
-                self._replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit, self._known_laws)
+                try:
+                    self._replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit,
+                                                                 self._known_laws)
+                except Fallback as refused:
+                    self._replays[spec.optimizer] = refused
             for replay in self._replays.values():
                 if isinstance(replay, Replay) and replay.laws is not None:
                     self._known_laws.update(law for cut_laws in replay.laws for law in cut_laws)
@@ -326,15 +343,15 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
             cell = estimate_cell(_cell_spec(base, setting, seq_len), allowed_factories, builds)
             row.cells.append(cell)
             done += 1
-            emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": seq_len,
-                  "max_micro_batch": cell.max_micro_batch, "peak_bytes": cell.peak_bytes, "note": cell.note})
+            emit(whatif_cell(done, total, row.label, seq_len=seq_len, max_micro_batch=cell.max_micro_batch,
+                             peak_bytes=cell.peak_bytes, note=cell.note))
         if any(cell.note for cell in row.cells) and all(cell.max_micro_batch is None for cell in row.cells):
             row.longest = Longest(None, note=row.cells[0].note)
         else:
             row.longest = longest_at_one(base, setting, context, row.cells, allowed_factories, builds)
         done += 1
-        emit({"type": "whatif_cell", "done": done, "total": total, "setting": row.label, "seq_len": "longest",
-              "longest_seq_len": row.longest.seq_len, "note": row.longest.note})
+        emit(whatif_cell(done, total, row.label, seq_len="longest", longest_seq_len=row.longest.seq_len,
+                         note=row.longest.note))
         rows.append(row)
     model = base.model if isinstance(base.model, str) else "hf:inline"
     return WhatIf(model, capacity_bytes, base.precision, list(seq_lens), context, rows,

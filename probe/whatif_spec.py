@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.events import Emit, Phase, ignore, phase
 from fitprobe.probe.spec import DEFAULT_PRECISION, MAX_SEQ_LEN, Optimizer, ProbeSpec
 from fitprobe.probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, run_whatif, settings_grid
 
@@ -77,6 +77,6 @@ class WhatIfSpec(BaseModel):
 def run_whatif_job(spec: WhatIfSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()
                    ) -> dict[str, Any]:
     """The service's what-if job: the table as a dict, one `whatif_cell` event per cell on the way."""
-    emit({"type": "phase", "phase": "estimating"})
+    emit(phase(Phase.ESTIMATING))
     return run_whatif(spec.base(), spec.seq_lens, spec.settings(), emit, allowed_factories,
                       spec.longest_up_to).to_dict()

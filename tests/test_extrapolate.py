@@ -14,10 +14,11 @@ from fitprobe.probe.estimate.extrapolate import (
     VERIFIED_MODEL_TYPES,
     Cuts,
     Trace,
+    check_extrapolable,
     extrapolate_trace,
     find_pattern,
-    not_extrapolable_because,
 )
+from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.job import make_trial, run_probe
 from fitprobe.probe.spec import ProbeSpec
 
@@ -113,7 +114,8 @@ def test_a_per_parameter_optimizers_middle_period_is_dropped_between_its_marks()
     # paired: 12/13, 11/12 (each +1 a period), then the last period's 14/16 (+2 a period): 14 + 3 x 2
     assert extrapolate_trace(shallow, deep, 3) == {"fb": 13, "optimizer": 20}
     deep.marks.update(last_optimizer=[])
-    assert "marks" in extrapolate_trace(shallow, deep, 3)
+    with pytest.raises(Fallback, match="deep cut: the marks"):
+        extrapolate_trace(shallow, deep, 3)
 
 
 def test_traces_that_do_not_pair_up_are_refused_with_the_reason():
@@ -121,9 +123,11 @@ def test_traces_that_do_not_pair_up_are_refused_with_the_reason():
     shallow = _trace([("fb", 10), ("optimizer", 20), ("optimizer", 12)], 1, 1, 1, 1)
     deep = _trace([("fb", 10), ("optimizer", 20), ("optimizer", 12), ("optimizer", 20), ("optimizer", 12)],
                   1, 1, 1, 1)
-    assert "parameter by parameter" in extrapolate_trace(shallow, deep, 2)
+    with pytest.raises(Fallback, match="parameter by parameter"):
+        extrapolate_trace(shallow, deep, 2)
     unmarked = Trace([("fb", 10)])
-    assert "marks" in extrapolate_trace(unmarked, deep, 2)
+    with pytest.raises(Fallback, match="shallow cut: the marks"):
+        extrapolate_trace(unmarked, deep, 2)
 
 
 def _spec(family: str, **settings) -> ProbeSpec:
@@ -283,7 +287,9 @@ def test_every_family_extrapolated_under_fsdp_is_compared_here():
 
 def test_measured_fsdp_and_unverified_families_run_at_full_depth_and_say_why():
     measured = _fsdp_spec("llama", 2).model_copy(update={"mode": "measure"})
-    assert "real model on 2 real ranks" in not_extrapolable_because(measured)
-    assert not_extrapolable_because(measured.model_copy(update={"mode": "estimate"})) is None
-    assert "not compared with the full depth under FSDP" in not_extrapolable_because(_fsdp_spec("gemma2", 2))
-    assert not_extrapolable_because(_spec("gemma2")) is None
+    with pytest.raises(Fallback, match="real model on 2 real ranks"):
+        check_extrapolable(measured)
+    check_extrapolable(measured.model_copy(update={"mode": "estimate"}))
+    with pytest.raises(Fallback, match="not compared with the full depth under FSDP"):
+        check_extrapolable(_fsdp_spec("gemma2", 2))
+    check_extrapolable(_spec("gemma2"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 from fitprobe.probe.estimate.extrapolate import CutModels
+from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.meter import AllocationLog
 from fitprobe.probe.estimate.replay import (
-    NotReplayable,
     Replay,
     SizeLaw,
     fit_sizes,
@@ -60,7 +60,7 @@ def test_a_monomial_is_read_off_two_points_and_an_ambiguous_size_is_not():
 def test_a_size_that_is_not_a_power_of_the_micro_batch_is_refused():
     a, m, z = SEQS
     sizes = {(1, a): [8 * (1 + 1)], (2, a): [8 * (2 + 1)], (1, m): [16], (1, z): [16]}  # cu_seqlens: b + 1 rows
-    with pytest.raises(NotReplayable, match="not a power of the micro-batch"):
+    with pytest.raises(Fallback, match="not a power of the micro-batch"):
         fit_sizes(sizes, SEQS)
 
 

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from fitprobe.app.config import Settings
 from fitprobe.app.store import Conflict, Store
 from fitprobe.app.worker import Item
+from fitprobe.probe.events import Phase, phase
 
 if TYPE_CHECKING:
     from fitprobe.app.metrics import Metrics
@@ -168,7 +169,7 @@ class Follower:
             if kind == "placed":
                 job.placement = payload
                 self.db(self.store.set_worker_pid, job.job_id, payload["pid"])
-                self.db(self.store.add_event, job.job_id, {"type": "phase", "phase": "placed", **payload})
+                self.db(self.store.add_event, job.job_id, phase(Phase.PLACED, **payload))
             elif kind == "event":
                 self.db(self.store.add_event, job.job_id, payload)
                 if payload.get("type") == "trial_started":

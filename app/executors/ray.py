@@ -39,6 +39,7 @@ from fitprobe.app.executors.base import DbRetry, Follower, Stopping, internal_er
 from fitprobe.app.store import Store
 from fitprobe_client.status import JobStatus
 from fitprobe.app.worker import Item, run_job_ray_task
+from fitprobe.probe.events import Phase, phase
 from fitprobe.probe.spec import ProbeSpec
 
 if TYPE_CHECKING:
@@ -291,8 +292,8 @@ class RayExecutor:
         followed = RayJob(job_id, needs, ref, self.resource, self.node_devices)
         with self.jobs_lock:
             self.jobs[job_id] = followed
-        self._db(self.store.add_event, job_id, {"type": "phase", "phase": "scheduling", "devices": needs,
-                                                "resource": self.resource})
+        self._db(self.store.add_event, job_id, phase(Phase.SCHEDULING, devices=needs,
+                                                                   resource=self.resource))
         followed.thread = threading.Thread(target=self._follow, args=(followed,), name=f"fitprobe-ray-{job_id}",
                                              daemon=True)
         followed.thread.start()

@@ -6,6 +6,7 @@ only when it says something new: the setting being sized, with how many are left
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fitprobe_client.units import format_bytes
@@ -26,7 +27,7 @@ PHASE_WORDS = {
 }
 
 
-def phase_words(event: dict[str, Any]) -> str:
+def phase_words(event: Mapping[str, Any]) -> str:
     """'sizing the step 2/6: LoRA (--lora)': the phase, and the option it is on when it has one."""
     phase = str(event.get("phase"))
     words = PHASE_WORDS.get(phase, phase.replace("_", " "))
@@ -42,7 +43,7 @@ class PhaseLines:
     def __init__(self) -> None:
         self._last: str | None = None
 
-    def __call__(self, event: dict[str, Any]) -> str | None:
+    def __call__(self, event: Mapping[str, Any]) -> str | None:
         words = phase_words(event)
         if words == self._last:
             return None
@@ -50,7 +51,7 @@ class PhaseLines:
         return words
 
 
-def trial_outcome(event: dict[str, Any]) -> str:
+def trial_outcome(event: Mapping[str, Any]) -> str:
     """'fits, peak 12.0MiB' or 'out of memory at 15.2MiB while allocating 2.0MiB': only the numbers the
     trial has (an estimate's refusal may know neither where it stopped nor what it asked for)."""
     if event.get("fits"):

@@ -7,6 +7,7 @@
 - `replay`: trials replayed from the size laws of a few traced ones (the what-if table's speed).
 - `estimator`: the estimate asked beside a real probe (the first micro-batch to try) and when nothing fits.
 
-Each shortcut (`extrapolate`, `replay`) says why it does not apply and the caller runs the plain path.
+- `fallback`: `Fallback`, the one exception by which a shortcut (`extrapolate`, `replay`) says why it does
+  not apply; the caller that chose the shortcut catches it and runs the plain path.
 The face imports nothing, so importing one part costs only that part.
 """

@@ -31,9 +31,9 @@ blocks it gathers and prefetches, the gradients it reduce-scatters) pair up as t
 Measured FSDP runs real ranks at full depth.
 
 Anything that does not pair up (lengths, phases, missing marks: per-parameter optimizers whose loop
-cannot be marked, such as single-tensor AdamW or Adafactor) falls back to the full depth, and the
-report says why. Families whose extrapolated estimate was compared with the full depth to the byte
-(tests/test_extrapolate.py) are extrapolated; any other model runs at full depth.
+cannot be marked, such as single-tensor AdamW or Adafactor) raises `Fallback` (probe/estimate/fallback.py):
+the caller runs the full depth, and the report says why. Families whose extrapolated estimate was compared
+with the full depth to the byte (tests/test_extrapolate.py) are extrapolated; any other model runs at full depth.
 """
 
 from __future__ import annotations
@@ -47,9 +47,15 @@ import torch
 from torch import nn
 
 from fitprobe.probe.breakdown import as_dict
-from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.build import attention_facts, build_key, model_facts, prepare
+from fitprobe.probe.estimate.fake import EstimateMeter
+from fitprobe.probe.estimate.fallback import Fallback
+from fitprobe.probe.events import Emit, Phase, ignore, progress
+from fitprobe.probe.models.load import build_model, check_seq_len, hf_config, reference_fields
 from fitprobe.probe.report import TrialResult
-from fitprobe.probe.trial import TrialError
+from fitprobe.probe.sharded_trial import EstimatedShardedTrial
+from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes
+from fitprobe.probe.trial import TrialError, TrialRunner
 
 if TYPE_CHECKING:
     from fitprobe.probe.estimate.cuda_attention import CudaAttention
@@ -136,26 +142,31 @@ class Trace:
     categories: list[tuple[int, ...]] | None = None
 
 
-def _kept_segments(trace: Trace, shallow: bool) -> list[list[IndexedMoment]] | str:
-    """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut)."""
+def _kept_segments(trace: Trace, shallow: bool) -> list[list[IndexedMoment]]:
+    """The trace cut at its marks, without the stretches a middle period runs in (empty in the shallow cut).
+
+    Raises Fallback, naming the cut, where its marks do not cut it into the stretches that pair up.
+    """
+    cut = "shallow cut" if shallow else "deep cut"
     counts = {len(trace.marks[mark]) for mark in MARKS}
     optimizer_marks = [trace.marks.get(mark, []) for mark in OPTIMIZER_MARKS]  # absent: one kernel per list
     optimizer_counts = {len(indices) for indices in optimizer_marks}
     if len(counts) != 1 or not counts.pop() or len(optimizer_counts) != 1:
-        return f"the marks on the period's layers fired {dict((k, len(v)) for k, v in trace.marks.items())} times"
+        raise Fallback(f"{cut}: the marks on the period's layers fired "
+                       f"{dict((k, len(v)) for k, v in trace.marks.items())} times")
     steps = list(zip(*(trace.marks[mark] for mark in MARKS), strict=False))
     bounds = [index for step in steps for index in step]
     if bounds != sorted(bounds):
-        return "the marks on the period's layers fired out of order"
+        raise Fallback(f"{cut}: the marks on the period's layers fired out of order")
     middles = [(first_fwd, last_fwd) for first_fwd, last_fwd, _, _ in steps]
     middles += [(last_bwd, first_bwd) for _, _, last_bwd, first_bwd in steps]
     middles += list(zip(*optimizer_marks, strict=False))
     middles.sort()
     bounds = [index for middle in middles for index in middle]
     if bounds != sorted(bounds):
-        return "the optimizer's marks fell inside a forward or backward stretch, or out of order"
+        raise Fallback(f"{cut}: the optimizer's marks fell inside a forward or backward stretch, or out of order")
     if shallow and any(enters != leaves for enters, leaves in middles):
-        return "the shallow cut ran layers between its first and last period"
+        raise Fallback(f"{cut}: the shallow cut ran layers between its first and last period")
     # each moment with its index in the trace, where its categories are
     indexed = [(phase, live_bytes, index) for index, (phase, live_bytes) in enumerate(trace.moments)]
     segments, start = [], 0
@@ -171,13 +182,12 @@ def _optimizer_climbs_read_at_the_top(moments: list[IndexedMoment]) -> list[Inde
             if not (moment[0] == after[0] == "optimizer" and after[1] >= moment[1])]
 
 
-def extrapolate_trace(shallow: Trace, deep: Trace, repeats: int) -> dict[str, int] | str:
-    """Each phase's peak at full depth, moment by moment; or why the two traces do not pair up."""
-    extrapolated = _extrapolate(shallow, deep, repeats)
-    return extrapolated if isinstance(extrapolated, str) else extrapolated[0]
+def extrapolate_trace(shallow: Trace, deep: Trace, repeats: int) -> dict[str, int]:
+    """Each phase's peak at full depth, moment by moment; raises Fallback where the two traces do not pair up."""
+    return _extrapolate(shallow, deep, repeats)[0]
 
 
-def _extrapolate(shallow: Trace, deep: Trace, repeats: int) -> tuple[dict[str, int], list[int] | None] | str:
+def _extrapolate(shallow: Trace, deep: Trace, repeats: int) -> tuple[dict[str, int], list[int] | None]:
     """extrapolate_trace's peaks, and the bytes by category at the latest moment at the overall peak (None when
     the traces kept no categories).
 
@@ -186,22 +196,18 @@ def _extrapolate(shallow: Trace, deep: Trace, repeats: int) -> tuple[dict[str, i
     where each category's bytes are a line in the periods, as the live bytes are.
     """
     s_kept, d_kept = _kept_segments(shallow, True), _kept_segments(deep, False)
-    if isinstance(s_kept, str):
-        return f"shallow cut: {s_kept}"
-    if isinstance(d_kept, str):
-        return f"deep cut: {d_kept}"
     peaks: dict[str, int] = {}
     peak_bytes, at_peak = -1, (0, 0)  # the overall peak and its moment's (shallow, deep) indices
     for s_segment, d_segment in zip(s_kept, d_kept, strict=False):
         s_moments, d_moments = (_optimizer_climbs_read_at_the_top(m) for m in (s_segment, d_segment))
         if len(s_moments) != len(d_moments):
             phases = sorted({m[0] for m in s_segment} | {m[0] for m in d_segment})
-            return (f"the cuts ran {len(s_moments)} and {len(d_moments)} allocating ops in the same stretch of the step "
+            raise Fallback(f"the cuts ran {len(s_moments)} and {len(d_moments)} allocating ops in the same stretch of the step "
                     f"(phases {', '.join(phases)}): the optimizer works parameter by parameter, or a layer's ops "
                     "depend on the depth")
         for (s_phase, s_bytes, s_index), (d_phase, d_bytes, d_index) in zip(s_moments, d_moments, strict=False):
             if s_phase != d_phase:
-                return f"the cuts' moments do not pair up (phase {s_phase} against {d_phase})"
+                raise Fallback(f"the cuts' moments do not pair up (phase {s_phase} against {d_phase})")
             n_bytes = s_bytes + repeats * (d_bytes - s_bytes)
             peaks[s_phase] = max(peaks.get(s_phase, 0), n_bytes)
             if n_bytes >= peak_bytes:  # the latest moment at the peak, as the meter keeps it
@@ -246,52 +252,47 @@ def _cut_spec(spec: ProbeSpec, model_type: str, fields: dict[str, Any], config: 
                                    "gpu": spec.gpu, "extrapolate": False})
 
 
-def not_extrapolable_because(spec: ProbeSpec) -> str | None:
-    """Why the spec itself rules the cuts out (before any model is built), or None.
+def check_extrapolable(spec: ProbeSpec) -> None:
+    """Raises Fallback where the spec itself rules the cuts out (before any model is built).
 
     A build is reused across optimizers (probe/whatif.py), so this is asked again for every spec the
     build serves. Paged optimizers are not among the reasons: under fake tensors bitsandbytes makes
     their state as ordinary tensors on the fake device (its CPU branch), which the cuts count like any
     other state, and on a card the paged state holds the same bytes.
     """
-    from fitprobe.probe.models.load import _reference_fields
 
     if not spec.extrapolate:
-        return "extrapolate is off (--no-extrapolate)"
+        raise Fallback("extrapolate is off (--no-extrapolate)")
     if spec.mode != "estimate":
         ranks = f" on {spec.num_devices} real ranks" if spec.sharding == "fsdp" else ""
-        return f"{spec.mode} mode runs the real model{ranks}: extrapolation is for estimates under fake tensors"
+        raise Fallback(f"{spec.mode} mode runs the real model{ranks}: extrapolation is for estimates under fake tensors")
     if isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")):
-        return "only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut"
-    model_type, _ = _reference_fields(spec.model)
+        raise Fallback("only Hugging Face decoders (preset:, hf:, inline configs) have a layer count to cut")
+    model_type, _ = reference_fields(spec.model)
     if model_type not in VERIFIED_MODEL_TYPES:
-        return (f"model_type {model_type}: its extrapolated estimate was not compared with the full depth "
-                f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
+        raise Fallback(f"model_type {model_type}: its extrapolated estimate was not compared with the full depth "
+                       f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
     if spec.sharding == "fsdp" and model_type not in FSDP_VERIFIED_MODEL_TYPES:
-        return (f"model_type {model_type} with sharding=fsdp: its extrapolated estimate was not compared with the "
-                f"full depth under FSDP (verified: {', '.join(sorted(FSDP_VERIFIED_MODEL_TYPES))})")
-    return None
+        raise Fallback(f"model_type {model_type} with sharding=fsdp: its extrapolated estimate was not compared with the "
+                       f"full depth under FSDP (verified: {', '.join(sorted(FSDP_VERIFIED_MODEL_TYPES))})")
 
 
 def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[str] = ()
-              ) -> tuple[Cuts, list[ProbeSpec]] | str:
-    """The cuts and their specs, or why the full depth must run. `full` is the model built on meta."""
-    from fitprobe.probe.models.load import _hf_config, _reference_fields, build_model
+              ) -> tuple[Cuts, list[ProbeSpec]]:
+    """The cuts and their specs; raises Fallback where the full depth must run. `full` is the model built on meta."""
 
-    reason = not_extrapolable_because(spec)
-    if reason is not None:
-        return reason
-    model_type, fields = _reference_fields(spec.model)
-    config = _hf_config(model_type, dict(fields))
+    check_extrapolable(spec)
+    model_type, fields = reference_fields(spec.model)
+    config = hf_config(model_type, dict(fields))
     n_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(n_layers, int) or (found := _layer_stack(full, n_layers)) is None:
-        return f"no stack of num_hidden_layers={n_layers} layers found in the model"
+        raise Fallback(f"no stack of num_hidden_layers={n_layers} layers found in the model")
     stack_name, stack = found
     layers = [_signature(layer) for layer in stack]
     pattern = find_pattern(layers)
     if pattern is None:
-        return (f"{n_layers} layers: no repeating pattern of layers leaves two cuts (its period twice and three "
-                "times) shallower than the model, so they would cost as much as the full depth")
+        raise Fallback(f"{n_layers} layers: no repeating pattern of layers leaves two cuts (its period twice and three "
+                       "times) shallower than the model, so they would cost as much as the full depth")
     prefix, period = pattern
     cuts = Cuts(n_layers, prefix, period, (n_layers - prefix) % period)
     specs = [_cut_spec(spec, model_type, fields, config, depth) for depth in cuts.depths]
@@ -301,7 +302,7 @@ def plan_cuts(spec: ProbeSpec, full: nn.Module, allowed_factories: Collection[st
         cut_stack = _layer_stack(cut, depth)
         if (cut_stack is None or [_signature(layer) for layer in cut_stack[1]] != layers[:depth]
                 or _signature(cut, skip=cut_stack[0]) != around):
-            return f"the model cut to {depth} layers is not the full model's first {depth} layers"
+            raise Fallback(f"the model cut to {depth} layers is not the full model's first {depth} layers")
     return cuts, specs
 
 
@@ -321,10 +322,6 @@ class TracedCut:
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, depth: int, allowed_factories: Collection[str],
                  attention: CudaAttention | None = None) -> None:
-        from fitprobe.probe.build import prepare
-        from fitprobe.probe.estimate.fake import EstimateMeter
-        from fitprobe.probe.models.load import build_model
-
         if spec.mode != "estimate" or spec.capacity_bytes is None:
             raise SpecError(f"a cut is traced under fake tensors: its spec must be in estimate mode (got {spec.mode})")
         self.meter = EstimateMeter(spec.capacity_bytes, gpu=spec.gpu)
@@ -391,12 +388,8 @@ class TracedCut:
         per_parameter.update_step = marked_update_step  # its `step` calls the instance's attribute
 
     def bind(self, spec: ProbeSpec) -> CutTrial:
-        from fitprobe.probe.trial import TrialRunner
-
         runner: Trial
         if spec.sharding == "fsdp":
-            from fitprobe.probe.sharded_trial import EstimatedShardedTrial
-
             runner = EstimatedShardedTrial(spec, self.allowed_factories, self.meter, self._mark, self._watch_optimizer)
         else:
             assert self.model is not None, "an unsharded cut is built once, in __init__"
@@ -450,26 +443,23 @@ class ExtrapolatedTrial:
             return self.full(micro_batch)
         (shallow, s_trace), (_, d_trace) = (cut(micro_batch) for cut in self.cut_trials)
         self.last_traces = (s_trace, d_trace)
-        result = extrapolated_result(micro_batch, shallow.phase_peak_bytes, s_trace, d_trace, self.cuts.repeats,
-                                     self.capacity_bytes)
-        if isinstance(result, str):
+        try:
+            return extrapolated_result(micro_batch, shallow.phase_peak_bytes, s_trace, d_trace, self.cuts.repeats,
+                                       self.capacity_bytes)
+        except Fallback as refused:
             self.cut_trials = None  # the cuts may go before the full depth is built
-            self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=result)
-            self.full = self.make_full_depth(self.spec, result)
+            self.facts.update(extrapolated_from_layers=None, not_extrapolated_because=refused.reason)
+            self.full = self.make_full_depth(self.spec, refused.reason)
             return self.full(micro_batch)
-        return result
 
 
 def extrapolated_result(micro_batch: int, shallow_phase_peaks: dict[str, int], shallow: Trace, deep: Trace,
-                        repeats: int, capacity_bytes: int) -> TrialResult | str:
+                        repeats: int, capacity_bytes: int) -> TrialResult:
     """The full depth's trial from its two cuts' traces (and the shallow cut's meter peaks, which its trace must
-    hold), capped at the capacity; or why the traces do not pair up."""
-    extrapolated = _extrapolate(shallow, deep, repeats)
-    if not isinstance(extrapolated, str) and _trace_peaks(shallow) != shallow_phase_peaks:
-        extrapolated = "the shallow cut's trace disagrees with its meter's phase peaks"
-    if isinstance(extrapolated, str):
-        return extrapolated
-    phases, categories = extrapolated
+    hold), capped at the capacity; raises Fallback where the traces do not pair up."""
+    phases, categories = _extrapolate(shallow, deep, repeats)
+    if _trace_peaks(shallow) != shallow_phase_peaks:
+        raise Fallback("the shallow cut's trace disagrees with its meter's phase peaks")
     peak_bytes = max(phases.values())
     if peak_bytes > capacity_bytes:
         return TrialResult(micro_batch, False, error=f"out of memory: the step's extrapolated peak "
@@ -503,10 +493,7 @@ class CutModels:
     """
 
     def __init__(self, spec: ProbeSpec, cuts: Cuts, specs: list[ProbeSpec], facts: dict[str, Any],
-                 allowed_factories: Collection[str], emit: Callable[[dict], None]) -> None:
-        from fitprobe.probe.build import build_key
-        from fitprobe.probe.estimate.fake import EstimateMeter
-
+                 allowed_factories: Collection[str], emit: Emit) -> None:
         self.key, self.cuts, self.facts = build_key(spec), cuts, facts
         self.allowed_factories = allowed_factories
         if spec.capacity_bytes is None:
@@ -515,24 +502,19 @@ class CutModels:
         self.cut_specs = specs
         self.traced = []
         for done, (depth, cut_spec) in enumerate(zip(cuts.depths, specs, strict=True), start=1):
-            emit({"type": "phase", "phase": "building_cut", "done": done, "total": len(specs),
-                  "option": f"{depth} of {cuts.full_layers} layers"})
+            emit(progress(Phase.BUILDING_CUT, done, len(specs), f"{depth} of {cuts.full_layers} layers"))
             self.traced.append(TracedCut(cut_spec, cuts, depth, allowed_factories, self.meter.attention))
 
     @classmethod
     def build(cls, spec: ProbeSpec, allowed_factories: Collection[str] = (),
-              emit: Callable[[dict], None] = lambda _event: None) -> CutModels | str:
-        """The cuts of the spec's model, built; or why the full depth must run. Raises SpecError as a build does."""
-        from fitprobe.probe.build import attention_facts, model_facts
-        from fitprobe.probe.models.load import build_model
+              emit: Emit = ignore) -> CutModels:
+        """The cuts of the spec's model, built; raises Fallback where the full depth must run, SpecError as a build
+        does."""
 
         if spec.mode != "estimate":
             raise SpecError("extrapolation is for estimate mode: a measured trial runs the real model")
         full = build_model(spec, "meta", allowed_factories, spec.capacity_bytes)  # refuses weights past the capacity
-        planned = plan_cuts(spec, full.module, allowed_factories)
-        if isinstance(planned, str):
-            return planned
-        cuts, specs = planned
+        cuts, specs = plan_cuts(spec, full.module, allowed_factories)
         facts = {**model_facts(full), "attention": attention_facts(full, spec),
                  "extrapolated_from_layers": list(cuts.depths), "not_extrapolated_because": None}
         if spec.sharding == "fsdp":
@@ -546,8 +528,6 @@ class CutModels:
         The facts are this trial's own (a fallback to the full depth rewrites them); `full_depth(spec, why)`
         makes that fallback (probe/make_trial.py builds it afresh; the what-if table keeps one).
         """
-        from fitprobe.probe.build import build_key
-        from fitprobe.probe.models.load import check_seq_len
 
         if build_key(spec) != self.key:
             raise ValueError("CutModels.trial: the spec differs from the cuts' build in more than seq_len and "
@@ -560,9 +540,8 @@ class CutModels:
         return self.meter, facts, ExtrapolatedTrial(spec, self.cuts, shallow, deep, facts, full_depth)
 
 
-def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Callable[[dict], None],
-                       full_depth: FullDepth) -> tuple[Any, dict[str, Any], Trial] | str:
-    """(meter, the full model's facts, trial) for an estimate from two cuts, or why the full depth must run;
-    `full_depth(spec, why)` is the trial it falls back to when the cuts' traces do not pair up."""
-    made = CutModels.build(spec, allowed_factories, emit)
-    return made if isinstance(made, str) else made.trial(spec, full_depth)
+def extrapolated_trial(spec: ProbeSpec, allowed_factories: Collection[str], emit: Emit,
+                       full_depth: FullDepth) -> tuple[Any, dict[str, Any], Trial]:
+    """(meter, the full model's facts, trial) for an estimate from two cuts; raises Fallback where the full depth
+    must run. `full_depth(spec, why)` is the trial it falls back to when the cuts' traces do not pair up."""
+    return CutModels.build(spec, allowed_factories, emit).trial(spec, full_depth)

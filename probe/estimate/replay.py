@@ -40,6 +40,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS
+from fitprobe.probe.estimate.fallback import Fallback
+from fitprobe.probe.events import Emit, Phase, progress
 from fitprobe.probe.estimate.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
 from fitprobe.probe.meter import AllocationLog, round_allocation
 from fitprobe.probe.report import TrialResult
@@ -47,12 +49,8 @@ from fitprobe.probe.spec import MAX_SEQ_LEN, ProbeSpec
 from fitprobe.probe.trial import TrialError
 
 Trial = Callable[[int], TrialResult]
+_TOO_FEW_SEQ_LENS = "fewer than three seq_lens fit the model's context to learn the sizes from"
 Point = tuple[int, int]  # (micro-batch, seq_len)
-Emit = Callable[[dict], None]
-
-
-class NotReplayable(Exception):
-    """Why a cut's trials must be traced one by one."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class SizeLaw:
 
 
 def fit_sizes(by_point: dict[Point, Sequence[int]], seqs: tuple[int, int, int]) -> list[SizeLaw]:
-    """Each allocation's law from its sizes at (1, a), (2, a), (1, m), (1, z); raises NotReplayable."""
+    """Each allocation's law from its sizes at (1, a), (2, a), (1, m), (1, z); raises Fallback."""
     a, m, z = seqs
     laws = []
     # Lagrange's quadratic through (a, y_a), (m, y_m), (z, y_z), over one common integer denominator
@@ -94,8 +92,8 @@ def fit_sizes(by_point: dict[Point, Sequence[int]], seqs: tuple[int, int, int]) 
         elif two == 4 * one:
             beta = 2
         else:
-            raise NotReplayable(f"an allocation of {one} bytes at micro-batch 1 has {two} at 2: not a power of the "
-                                "micro-batch")
+            raise Fallback(f"an allocation of {one} bytes at micro-batch 1 has {two} at 2: not a power of the "
+                           "micro-batch")
         a2 = a1 = a0 = 0
         for y, (weight, pair_sum, pair_product) in zip((one, at_m, at_z), basis, strict=True):
             a2 += y * weight
@@ -119,7 +117,7 @@ def monomials_through(one: int, three: int, a: int, z: int) -> set[SizeLaw]:
 def laws_through(first: Sequence[int], last: Sequence[int], known: Collection[SizeLaw], a: int, z: int
                  ) -> tuple[list[SizeLaw], bool]:
     """Each allocation's law from its sizes at (1, a) and (3, z): the one known law that gives both, a constant,
-    or a plain product c·b^β·s^σ (then `guessed` is True: a third point must check it); raises NotReplayable."""
+    or a plain product c·b^β·s^σ (then `guessed` is True: a third point must check it); raises Fallback."""
     by_first: dict[int | None, set[SizeLaw]] = {}
     for law in known:
         by_first.setdefault(law.at(1, a), set()).add(law)
@@ -131,8 +129,8 @@ def laws_through(first: Sequence[int], last: Sequence[int], known: Collection[Si
         if not fitting:  # a tensor no other row allocates (QLoRA's float32 activations): b^β·c·s^σ?
             fitting, guessed = monomials_through(one, three, a, z), True
         if len(fitting) != 1:
-            raise NotReplayable(f"{len(fitting)} sizes explain an allocation of {one} bytes at "
-                                f"(1, {a}) and {three} at (3, {z})")
+            raise Fallback(f"{len(fitting)} sizes explain an allocation of {one} bytes at "
+                           f"(1, {a}) and {three} at (3, {z})")
         laws.append(fitting.pop())
     return laws, guessed
 
@@ -192,7 +190,7 @@ def replay(log: AllocationLog, sizes: Sequence[int]
             categories[WEIGHTS] = live
             peaks, moments, at_moments = {phase: live}, [(phase, live)], [tuple(categories)]
         else:
-            raise NotReplayable(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
+            raise Fallback(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
     return moments, peaks, at_moments
 
 
@@ -219,35 +217,40 @@ class Replay:
 
     @classmethod
     def learn(cls, cuts: CutModels, spec: ProbeSpec, seq_lens: Sequence[int], emit: Emit,
-              known: Collection[SizeLaw] = ()) -> Replay | str:
-        """A replay of `spec`'s trials on `cuts`; or why its trials are traced.
+              known: Collection[SizeLaw] = ()) -> Replay:
+        """A replay of `spec`'s trials on `cuts`; raises Fallback where its trials must be traced.
 
         Two traced trials where the `known` laws (other rows' of the same table) explain every size, three
         where the rest are plain products c·b^β·s^σ (`_learn_from_known`), else five (`_learn`).
         """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
-            return "fewer than three seq_lens fit the model's context to learn the sizes from"
+            raise Fallback(_TOO_FEW_SEQ_LENS)
         return cls(cuts, spec, seqs, emit)._learn_alone(known)
 
-    def _learn_alone(self, known: Collection[SizeLaw]) -> Replay | str:
-        """`learn` on this replay, whose traced trials (if any) are reused; laws an attempt together left are not."""
+    def _learn_alone(self, known: Collection[SizeLaw]) -> Replay:
+        """`learn` on this replay, whose traced trials (if any) are reused; laws an attempt together left are not.
+
+        Learning from two or three trials is itself a shortcut of learning from five: its Fallback is caught
+        here, and five are traced. A cut that does not run is a Fallback too (its trials are traced).
+        """
         self.base, self.laws = (1, self.seqs[0]), None
         try:
             try:
                 self._learn_from_known(known)
                 return self
-            except NotReplayable:
+            except Fallback:
                 self.laws = None  # its traced trials are kept: learning from five reuses them
             self._learn()
-        except (NotReplayable, TrialError) as exc:
-            return str(exc)
+        except TrialError as exc:
+            raise Fallback(str(exc)) from exc
         return self
 
     @classmethod
     def learn_together(cls, cuts: CutModels, specs: Sequence[ProbeSpec], seq_lens: Sequence[int], emit: Emit,
-                       known: Collection[SizeLaw] = ()) -> dict[str, Replay | str]:
-        """Replays of one build's trials with each of `specs`' optimizers (by optimizer), from one traced trial each.
+                       known: Collection[SizeLaw] = ()) -> dict[str, Replay | Fallback]:
+        """Replays of one build's trials with each of `specs`' optimizers (by optimizer), from one traced trial each;
+        an optimizer whose trials must be traced has the Fallback that says why instead.
 
         The optimizers share the build's forward and backward, which allocate the same tensors whatever
         updates the weights afterwards; what an optimizer itself allocates, in the step's optimizer phase,
@@ -261,8 +264,7 @@ class Replay:
         """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
-            return {spec.optimizer: "fewer than three seq_lens fit the model's context to learn the sizes from"
-                    for spec in specs}
+            return {spec.optimizer: Fallback(_TOO_FEW_SEQ_LENS) for spec in specs}
         made = [cls(cuts, spec, seqs, emit) for spec in specs]
         if len(made) > 1:
             try:
@@ -272,11 +274,17 @@ class Replay:
                     return {first.spec.optimizer: first, **cls.learn_together(cuts, specs[1:], seq_lens, emit, known)}
                 _learn_shared(made, known)
                 return {replay.spec.optimizer: replay for replay in made}
-            except NotReplayable:
-                pass
+            except Fallback:
+                pass  # each learns alone
             except TrialError as exc:
-                return {spec.optimizer: str(exc) for spec in specs}
-        return {replay.spec.optimizer: replay._learn_alone(known) for replay in made}
+                return {spec.optimizer: Fallback(str(exc)) for spec in specs}
+        learned: dict[str, Replay | Fallback] = {}
+        for replay in made:
+            try:
+                learned[replay.spec.optimizer] = replay._learn_alone(known)
+            except Fallback as refused:
+                learned[replay.spec.optimizer] = refused
+        return learned
 
     def _learn(self) -> None:
         a, m, z = self.seqs
@@ -294,7 +302,7 @@ class Replay:
         self.laws = (laws[0], laws[1])
         for point in points[:4]:  # the logs replay to the traces they came from
             if self._replayed(*point) != self.traced[point].result:
-                raise NotReplayable("replaying a traced trial's own log does not give its result")
+                raise Fallback("replaying a traced trial's own log does not give its result")
         self._validate(3, z, 5, len(points))
 
     def _learn_from_known(self, known: Collection[SizeLaw]) -> None:
@@ -320,7 +328,7 @@ class Replay:
         self.laws = (laws[0], laws[1])
         for point in [(1, a), (3, z)]:
             if self._replayed(*point) != self.traced[point].result:
-                raise NotReplayable("replaying a traced trial's own log does not give its result")
+                raise Fallback("replaying a traced trial's own log does not give its result")
         if guessed:  # a law read off two points is checked at a third
             self._validate(2, self.seqs[1], 3, 3)
 
@@ -332,10 +340,10 @@ class Replay:
             for log in logs:
                 log.events = frees_in_order(log.events)
             if any(log.events != logs[0].events or log.start_bytes != logs[0].start_bytes for log in logs[1:]):
-                raise NotReplayable("the step's allocations change with the micro-batch or seq_len")
+                raise Fallback("the step's allocations change with the micro-batch or seq_len")
         if any(self.traced[point].shallow.marks != first.shallow.marks
                or self.traced[point].deep.marks != first.deep.marks for point in points[1:]):
-            raise NotReplayable("the marks on the period's layers move with the micro-batch or seq_len")
+            raise Fallback("the marks on the period's layers move with the micro-batch or seq_len")
 
     def _validate(self, micro_batch: int, seq_len: int, done: int, total: int) -> None:
         """Trace (micro_batch, seq_len): the same events as at (1, a), every size as the laws predict, the same result."""
@@ -345,31 +353,30 @@ class Replay:
         for log, base_log, laws in zip(self._logs((micro_batch, seq_len)), self._logs(self.base), self.laws,
                                        strict=True):
             if frees_in_order(log.events) != frees_in_order(base_log.events):
-                raise NotReplayable(f"the step's allocations at micro-batch {micro_batch}, seq_len {seq_len} are "
-                                    f"not those at {self.base[0]}, {self.base[1]}")
+                raise Fallback(f"the step's allocations at micro-batch {micro_batch}, seq_len {seq_len} are "
+                               f"not those at {self.base[0]}, {self.base[1]}")
             if [law.at(micro_batch, seq_len) for law in laws] != log.sizes:
-                raise NotReplayable(f"the sizes learned do not predict those at micro-batch {micro_batch}, "
-                                    f"seq_len {seq_len}")
+                raise Fallback(f"the sizes learned do not predict those at micro-batch {micro_batch}, "
+                               f"seq_len {seq_len}")
         if traced.result != predicted:
-            raise NotReplayable(f"the replay does not predict the trial at micro-batch {micro_batch}, seq_len {seq_len}")
+            raise Fallback(f"the replay does not predict the trial at micro-batch {micro_batch}, seq_len {seq_len}")
 
     def _logs(self, point: Point) -> tuple[AllocationLog, AllocationLog]:
         traced = self.traced[point]
         if traced.shallow.log is None or traced.deep.log is None:
-            raise NotReplayable("the cuts kept no allocation log")
+            raise Fallback("the cuts kept no allocation log")
         return traced.shallow.log, traced.deep.log
 
     def _extrapolated(self, seq_len: int) -> ExtrapolatedTrial:
         def refuse(_spec: ProbeSpec, why: str):
-            raise NotReplayable(why)
+            raise Fallback(why)
 
         return self.cuts.trial(self.spec.model_copy(update={"seq_len": seq_len}), refuse)[2]
 
     def _trace(self, micro_batch: int, seq_len: int, done: int, total: int) -> _Traced:
         if (micro_batch, seq_len) in self.traced:
             return self.traced[(micro_batch, seq_len)]
-        self.emit({"type": "phase", "phase": "tracing_sizes", "done": done, "total": total,
-                   "option": f"micro-batch {micro_batch} at seq_len {seq_len}"})
+        self.emit(progress(Phase.TRACING_SIZES, done, total, f"micro-batch {micro_batch} at seq_len {seq_len}"))
         trial = self._extrapolated(seq_len)
         for cut in self.cuts.traced:
             cut.logging = True
@@ -394,9 +401,11 @@ class Replay:
             moments, peaks, categories = replay(log, sizes)  # type: ignore[arg-type]  # no None left
             traces.append((Trace(moments, traced.marks, categories=categories), peaks))
         (shallow, shallow_peaks), (deep, _) = traces
-        result = extrapolated_result(micro_batch, shallow_peaks, shallow, deep, self.cuts.cuts.repeats,
-                                     self.capacity_bytes)
-        return None if isinstance(result, str) else result
+        try:
+            return extrapolated_result(micro_batch, shallow_peaks, shallow, deep, self.cuts.cuts.repeats,
+                                       self.capacity_bytes)
+        except Fallback:
+            return None  # traced, where the cuts' trial falls back as it sees fit
 
     def trial(self, seq_len: int, traced: Trial) -> Trial:
         """The trial at `seq_len`: replayed, else `traced` (the cuts' own trial at that seq_len)."""
@@ -463,16 +472,16 @@ def split_off_optimizer(log: AllocationLog, marks: dict[str, list[int]]) -> _Spl
         elif kind in ("o", "T", "k"):
             skeleton.append(event)
         else:
-            raise NotReplayable(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
+            raise Fallback(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
     if any(i >= len(kept) for name, indices in marks.items() for i in indices):
-        raise NotReplayable("a mark lies past the trial's moments")
+        raise Fallback("a mark lies past the trial's moments")
     shared_marks = {name: [kept[i] for i in indices] for name, indices in marks.items()
                     if not name.endswith("_optimizer")}
     return _Split(list(shared_of), frees_in_order(skeleton), shared_marks)
 
 
 def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
-    """Replay.learn_together's laws for `made` (one replay per optimizer of a build); raises NotReplayable."""
+    """Replay.learn_together's laws for `made` (one replay per optimizer of a build); raises Fallback."""
     first = made[0]
     a, m, z = first.seqs
     points: list[Point] = [(1, a), (3, z), *([(1, a)] * (len(made) - 2))]
@@ -487,10 +496,10 @@ def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
     for cut in (0, 1):
         anchor = splits[0][cut]
         if any(row[cut].skeleton != anchor.skeleton or row[cut].marks != anchor.marks for row in splits[1:]):
-            raise NotReplayable("the optimizers' trials differ outside the optimizer's own allocations")
+            raise Fallback("the optimizers' trials differ outside the optimizer's own allocations")
         sizes = [[cut_logs[cut].sizes[n] for n in row[cut].shared] for cut_logs, row in zip(logs, splits, strict=True)]
         if any(other != sizes[0] for other in sizes[2:]):  # a third optimizer's trial is at (1, a) too
-            raise NotReplayable("the optimizers' shared allocations differ in size at the same point")
+            raise Fallback("the optimizers' shared allocations differ in size at the same point")
         laws, cut_guessed = laws_through(sizes[0], sizes[1], known, a, z)
         cut_laws.append(laws)
         guessed = guessed or cut_guessed
@@ -503,7 +512,7 @@ def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
             per_cut.append(laws)
         replay.laws, replay.base = (per_cut[0], per_cut[1]), point
         if replay._replayed(*point) != replay.traced[point].result:
-            raise NotReplayable("replaying a traced trial's own log does not give its result")
+            raise Fallback("replaying a traced trial's own log does not give its result")
     if guessed:  # a law read off two points is checked at a third
         first._validate(2, m, len(made) + 1, len(made) + 1)
 

@@ -28,6 +28,7 @@ from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.models.quantization import QUANTIZED_BYTES_PER_PARAMETER
 from fitprobe.probe.spec import ALL_LINEAR, ProbeSpec, SpecError, format_bytes
 from fitprobe.probe.estimate.recompute import CHECKPOINT_KWARGS
+from fitprobe.probe.trainers import adapt
 
 MAX_INLINE_CONFIG_BYTES = 64 * 1024
 MAX_LISTED_NAMES = 12  # an unknown name lists the valid ones only when they are this few
@@ -112,7 +113,13 @@ def _check_model_type(model_type: str) -> None:
         raise _unknown("model_type", model_type, CONFIG_MAPPING.keys())
 
 
-def _hf_config(model_type: str, fields: dict[str, Any]) -> Any:
+def hf_config(model_type: str, fields: dict[str, Any]) -> Any:
+    """The transformers config of `model_type` with `fields`, as `from_config` builds from it; refusals are SpecErrors
+    that name the fix (a missing transformers, an unknown model_type, fields the config rejects).
+
+    Public because the estimate's cuts (probe/estimate/extrapolate.py) read the layer count and layer types
+    off the very config the full model is built from.
+    """
     try:
         from transformers import AutoConfig
     except ImportError as exc:  # the hf extra is optional
@@ -141,7 +148,7 @@ def _hf_fields(ref: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _read_hf_reference(ref: str | dict[str, Any]) -> Any:
-    return _hf_config(*_hf_fields(ref))
+    return hf_config(*_hf_fields(ref))
 
 
 def _allowed_factory(ref: str, allowed_factories: Collection[str]) -> str:
@@ -176,7 +183,7 @@ def _construct(spec: ProbeSpec, allowed_factories: Collection[str]) -> tuple[Cal
         if name not in PRESETS:
             raise _unknown("preset", name, PRESETS)
         model_type, fields = PRESETS[name]
-        return _hf_constructor(_hf_config(model_type, dict(fields))), hf_logits
+        return _hf_constructor(hf_config(model_type, dict(fields))), hf_logits
     if kind == "factory":
         return _resolve_factory(ref, allowed_factories), _plain_logits
     raise _not_understood(ref)
@@ -375,8 +382,12 @@ def config_defaults(model_type: str) -> dict[str, Any]:
         return {}
 
 
-def _reference_fields(ref: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(model_type, config fields) of a builtin, preset or hf reference; unknown names refused here."""
+def reference_fields(ref: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model_type, config fields) of a builtin, preset or hf reference; unknown names refused here.
+
+    Public because the estimate asks it before building anything: whether the family was verified for
+    extrapolation, and the fields the cut models are specified with (probe/estimate/extrapolate.py).
+    """
     if isinstance(ref, dict) or ref.startswith("hf:"):
         model_type, fields = _hf_fields(ref)
         _check_model_type(model_type)
@@ -434,13 +445,13 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     if isinstance(spec.model, str) and spec.model.startswith("factory:"):
         _allowed_factory(spec.model, allowed_factories)  # imported and built only in the job
         return None
-    model_type, fields = _reference_fields(spec.model)
+    model_type, fields = reference_fields(spec.model)
     defaults = {} if model_type == "builtin" else config_defaults(model_type)
     lora_rank = spec.lora.rank if spec.finetuning == "lora" else None
     shape = check_model(model_type, fields, defaults, limits, spec.seq_len, spec.micro_batch_limit, lora_rank)
     context = fields.get("n_positions")
     if model_type != "builtin":
-        config = _hf_config(model_type, fields)  # bounded now: every size it reads is checked
+        config = hf_config(model_type, fields)  # bounded now: every size it reads is checked
         context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     weight_bytes = stored_weight_bytes(spec, shape.parameters)
     if capacity_bytes is not None and weight_bytes >= capacity_bytes:
@@ -528,7 +539,5 @@ def build_model(
         module = _apply_lora(module, spec)
     module.train()
     if spec.trainer != "hf" or spec.liger:  # the trainer's own patches (probe/trainers.py)
-        from fitprobe.probe.trainers import adapt
-
         adapt(module, spec)
     return LoadedModel(module=module, vocab_size=vocab_size, max_seq_len=context, logits=logits_fn)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Collection
 
+from fitprobe.probe.events import Emit, verify_step
 from fitprobe.probe.verify.noise import noise_scale
 from fitprobe.probe.plan import Plan
 from fitprobe.probe.report import Check, Verification
@@ -30,7 +30,7 @@ DEFAULT_VERIFY_STEPS = 2
 
 
 def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_STEPS, allowed_factories: Collection[str] = (),
-                     fits_at_once: int | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
+                     fits_at_once: int | None = None, emit: Emit | None = None,
                      rows: list[list[int]] | None = None) -> Verification:
     """Train `steps` optimizer steps with the plan and report every check.
 
@@ -48,7 +48,7 @@ def run_verification(spec: ProbeSpec, plan: Plan, steps: int = DEFAULT_VERIFY_ST
     else:
         def on_step(step: int) -> None:
             if emit:
-                emit({"type": "verify_step", "step": step, "steps": steps})
+                emit(verify_step(step, steps))
 
         result = run_rank(spec, plan, steps, 0, 1, allowed_factories, fits_at_once, on_step, rows)
     batches = (f"the data's first {min(len(rows), plan.split.effective_batch)} rows" if rows else

@@ -124,6 +124,8 @@ def _failure(rank: int, code: int, error_file: Path) -> str:
 
 def _rank_process(rank: int, entry: RankEntry, world_size: int, device: str, port: int, run_dir: str,
                   args: tuple[Any, ...]) -> None:
+    # torch and the process group only here, in the rank: the rank is guarded (probe/lifetime.py) before it
+    # imports torch, and the parent that spawns it does not need them
     import torch
 
     from fitprobe.probe.sharding import process_group
