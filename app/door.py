@@ -27,8 +27,10 @@ def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_byte
     to build), or a seq_len (the spec's, and each of `seq_lens`) beyond its context; 429 while the sizer is busy."""
     sizer.ready()
     try:
-        context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits)
-        if built_from_a_config(spec):
+        sized = built_from_a_config(spec)  # its config is read in the sizing process, which a timeout kills
+        context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits,
+                                  read_config=not sized)
+        if sized:
             fields = {key: value for key, value in spec.model_dump(mode="json").items()
                       if key in ProbeSpec.model_fields}
             parameters, context = sizer.count(fields)  # the base model's: adapters were bounded by arithmetic

@@ -16,6 +16,10 @@ imported from two threads at once answered "cannot import name").
 One thread owns the process: it takes requests in arrival order and is the only thread that starts
 the process, so the process's parent-death signal (probe/lifetime.py: tied to the starting thread)
 fires only when the service itself goes. At most `max_waiting` requests wait for it; more are a 429.
+
+The server process itself never runs a config's constructor for a config sized here (app/door.py): the
+constructors run loops over fields no size limit names, and here a timeout ends them and a memory cap
+(MEMORY_BYTES) stops their allocations.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import importlib
 import logging
 import queue
+import resource
 import socket
 import threading
 from concurrent.futures import Future
@@ -37,6 +42,24 @@ STOP = None  # put on the queue: the owner thread ends the process and returns
 STARTUP_S = 120.0  # importing torch and transformers: 7 s on the 2-core test host, more under load
 
 
+MEMORY_BYTES = 4 << 30  # beyond its imports: a meta build holds modules, no weights (a 1,024-layer model: ~0.3 GB)
+
+
+def _bound_memory(extra_bytes: int) -> None:
+    """Cap this process's data (heap and private mappings) at what it holds now plus `extra_bytes`.
+
+    A config's constructor can allocate in its own loops (step3p7's `num_nextn_predict_layers` makes a list of
+    that many names): 10⁹ is 8 GB in two seconds, well inside the build timeout. Past the cap an allocation
+    raises MemoryError, which answers that request's build as failed; the process keeps serving."""
+    try:
+        with open("/proc/self/status") as status:
+            data_kib = next(int(line.split()[1]) for line in status if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: the build timeout still bounds the time
+        return
+    limit = data_kib * 1024 + extra_bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 class SizerBusy(Exception):
     """Too many requests wait for the sizing process: retry later."""
 
@@ -48,6 +71,8 @@ def serve_sizes(fd: int) -> None:
 
     from fitprobe.probe.models.load import counted_on_meta
     from fitprobe.probe.spec import ProbeSpec
+
+    _bound_memory(MEMORY_BYTES)
 
     connection = Connection(fd)
     connection.send(("ready",))
