@@ -22,16 +22,19 @@ def built_from_a_config(spec: ProbeSpec) -> bool:
 
 
 def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_bytes: int | None,
-                seq_lens: tuple[int, ...] = ()) -> None:
+                seq_lens: tuple[int, ...] = (), client: str = "") -> None:
     """422 for a model this service will not build (too large by arithmetic or by its built count, or too slow
-    to build), or a seq_len (the spec's, and each of `seq_lens`) beyond its context; 429 while the sizer is busy."""
+    to build), or a seq_len (the spec's, and each of `seq_lens`) beyond its context; 429 while the sizer is busy,
+    or holds as many of `client`'s configs as it takes from one client."""
     sizer.ready()
     try:
-        context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits)
-        if built_from_a_config(spec):
+        sized = built_from_a_config(spec)  # its config is read in the sizing process, which a timeout kills
+        context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits,
+                                  read_config=not sized)
+        if sized:
             fields = {key: value for key, value in spec.model_dump(mode="json").items()
                       if key in ProbeSpec.model_fields}
-            parameters, context = sizer.count(fields)  # the base model's: adapters were bounded by arithmetic
+            parameters, context = sizer.count(fields, client)  # the base model's: adapters were bounded by arithmetic
             check_counted(parameters, settings.model_limits, spec.seq_len, spec.micro_batch_limit)
         for seq_len in (spec.seq_len, *seq_lens):
             check_seq_len(seq_len, context)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitprobe.probe.report import PlanFacts, Report, Verification
 from fitprobe.probe.whatif import WhatIf
@@ -44,6 +44,15 @@ class PreflightRequest(ProbeSpec):
         "(micro-batch within the safe micro-batch): 200 `PASS (estimated): …`; false: an estimate is 409 "
         "`FAIL: plan not verified`",
     )
+
+    @model_validator(mode="after")
+    def _has_a_batch_to_plan(self) -> PreflightRequest:
+        """A verdict is about a plan, and a plan needs the batch to reach: without one the probe ran to its
+        end and every answer was 409 `FAIL: the probe made no plan`, so say it now instead."""
+        if self.effective_batch is None and self.effective_batch_tokens is None:
+            raise ValueError("pre-flight checks the plan for a batch: give effective_batch (examples per "
+                             "optimizer step) or effective_batch_tokens")
+        return self
 
     def probe_request(self) -> ProbeRequest:
         """The probe to submit: what was sent (unset fields stay unset), verifying a cached plan."""

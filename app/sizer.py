@@ -15,7 +15,13 @@ imported from two threads at once answered "cannot import name").
 
 One thread owns the process: it takes requests in arrival order and is the only thread that starts
 the process, so the process's parent-death signal (probe/lifetime.py: tied to the starting thread)
-fires only when the service itself goes. At most `max_waiting` requests wait for it; more are a 429.
+fires only when the service itself goes. At most `max_waiting` requests wait for it, and at most
+`max_per_client` of one client's (a build can take the whole timeout: nine slow configs from one client held
+the process for four minutes, and every other client's config was a 429); more are a 429.
+
+The server process itself never runs a config's constructor for a config sized here (app/door.py): the
+constructors run loops over fields no size limit names, and here a timeout ends them and a memory cap
+(MEMORY_BYTES) stops their allocations.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import queue
+import resource
 import socket
 import threading
 from concurrent.futures import Future
@@ -37,6 +44,24 @@ STOP = None  # put on the queue: the owner thread ends the process and returns
 STARTUP_S = 120.0  # importing torch and transformers: 7 s on the 2-core test host, more under load
 
 
+MEMORY_BYTES = 4 << 30  # beyond its imports: a meta build holds modules, no weights (a 1,024-layer model: ~0.3 GB)
+
+
+def _bound_memory(extra_bytes: int) -> None:
+    """Cap this process's data (heap and private mappings) at what it holds now plus `extra_bytes`.
+
+    A config's constructor can allocate in its own loops (step3p7's `num_nextn_predict_layers` makes a list of
+    that many names): 10⁹ is 8 GB in two seconds, well inside the build timeout. Past the cap an allocation
+    raises MemoryError, which answers that request's build as failed; the process keeps serving."""
+    try:
+        with open("/proc/self/status") as status:
+            data_kib = next(int(line.split()[1]) for line in status if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: the build timeout still bounds the time
+        return
+    limit = data_kib * 1024 + extra_bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 class SizerBusy(Exception):
     """Too many requests wait for the sizing process: retry later."""
 
@@ -48,6 +73,8 @@ def serve_sizes(fd: int) -> None:
 
     from fitprobe.probe.models.load import counted_on_meta
     from fitprobe.probe.spec import ProbeSpec
+
+    _bound_memory(MEMORY_BYTES)
 
     connection = Connection(fd)
     connection.send(("ready",))
@@ -67,9 +94,11 @@ def serve_sizes(fd: int) -> None:
 class Sizer:
     """Counts a spec's model on the meta device in the sizing process, within `timeout_s` per build."""
 
-    def __init__(self, timeout_s: float, max_waiting: int = 8) -> None:
+    def __init__(self, timeout_s: float, max_waiting: int = 8, max_per_client: int = 2) -> None:
         self.timeout_s = timeout_s
-        self.max_waiting = max_waiting
+        self.max_waiting, self.max_per_client = max_waiting, max_per_client
+        self._by_client: dict[str, int] = {}  # a client's configs waiting or being built
+        self._lock = threading.Lock()
         self._requests: queue.Queue[tuple[dict[str, Any], Future[tuple[int, int | None]]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._own, name="fitprobe-sizer", daemon=True)
         self._thread.start()
@@ -88,13 +117,24 @@ class Sizer:
         """Wait for this process's import of transformers (seconds after start-up, at most)."""
         self._imported.wait()
 
-    def count(self, spec: dict[str, Any]) -> tuple[int, int | None]:
+    def count(self, spec: dict[str, Any], client: str = "") -> tuple[int, int | None]:
         """(parameters, context) of the spec's model; SpecError when it cannot be built in time."""
-        if self._requests.qsize() >= self.max_waiting:
-            raise SizerBusy(f"{self.max_waiting} model configs already wait to be sized")
-        answer: Future[tuple[int, int | None]] = Future()
-        self._requests.put((spec, answer))
-        return answer.result()
+        with self._lock:
+            if self._requests.qsize() >= self.max_waiting:
+                raise SizerBusy(f"{self.max_waiting} model configs already wait to be sized")
+            if self._by_client.get(client, 0) >= self.max_per_client:
+                raise SizerBusy(f"this client already has {self.max_per_client} model configs waiting to be sized, "
+                                "its limit; wait for their answers")
+            self._by_client[client] = self._by_client.get(client, 0) + 1
+        try:
+            answer: Future[tuple[int, int | None]] = Future()
+            self._requests.put((spec, answer))
+            return answer.result()
+        finally:
+            with self._lock:
+                left = self._by_client.pop(client) - 1
+                if left:
+                    self._by_client[client] = left
 
     def stop(self) -> None:
         self._requests.put(STOP)

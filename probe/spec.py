@@ -366,7 +366,8 @@ class ProbeSpec(BaseModel):
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> ProbeSpec:
         if self.quantization != "none" and self.finetuning != "lora":
-            raise ValueError(f"quantization {self.quantization} freezes the base weights in 4 bits, which only "
+            bits = 8 if self.quantization == "int8" else 4
+            raise ValueError(f"quantization {self.quantization} freezes the base weights in {bits} bits, which only "
                              "adapters can train: set finetuning lora (--lora) too, or drop quantization")
         if self.quantization != "none" and self.sharding == "fsdp":
             raise ValueError("quantization with sharding=fsdp (FSDP-QLoRA) is not modelled; use one device, or drop "

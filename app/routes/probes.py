@@ -82,7 +82,7 @@ def _replan(cached: Report, request: ProbeRequest) -> Report:
 
 
 def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Executor, sizer: Sizer,
-                        capacity_bytes: int | None) -> None:
+                        capacity_bytes: int | None, client: str) -> None:
     """422 now for a request that would only fail later in its job, or run on a device it did not ask for."""
     if request.seq_len > settings.max_seq_len:
         raise HTTPException(422, f"seq_len must be ≤ {settings.max_seq_len} on this service (got {request.seq_len})")
@@ -108,7 +108,7 @@ def _refuse_at_the_door(request: ProbeRequest, settings: Settings, executor: Exe
         raise HTTPException(422, f"num_devices must be ≤ {most} here (got {request.num_devices}): {work} "
                                  f"runs one process per device, {where}; lower num_devices, or send "
                                  '"mode": "estimate", which measures one device of a simulated group')
-    check_model(request, settings, sizer, capacity_bytes)
+    check_model(request, settings, sizer, capacity_bytes, client=client)
 
 
 def pinned(request: RequestT, settings: Any) -> RequestT:
@@ -184,7 +184,7 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
     within_quota(store.check_quota, client, limits, True)
     request = pinned(request, settings)
     capacity = request.capacity_bytes or (settings.cpu_capacity_bytes if executor.device_kind == "cpu" else None)
-    _refuse_at_the_door(request, settings, executor, sizer, capacity)
+    _refuse_at_the_door(request, settings, executor, sizer, capacity, client)
     key = fingerprint(request, executor.device_name, capacity)
     spec = request.model_dump(mode="json")
     cached = store.cached_result(key) if request.reuse else None

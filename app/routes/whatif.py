@@ -31,7 +31,7 @@ from fitprobe.probe.whatif_spec import WhatIfSpec
 router = APIRouter(prefix="/v1/whatif", tags=["whatif"])
 
 
-def _refuse_at_the_door(request: WhatIfSpec, settings: Settings, sizer: Sizer) -> ProbeSpec:
+def _refuse_at_the_door(request: WhatIfSpec, settings: Settings, sizer: Sizer, client: str) -> ProbeSpec:
     """422 now for a table too large for this service, or one whose every cell would fail; else its base spec."""
     columns, cells = len(request.seq_lens), request.cell_count
     if columns > settings.max_whatif_seq_lens:
@@ -51,7 +51,7 @@ def _refuse_at_the_door(request: WhatIfSpec, settings: Settings, sizer: Sizer) -
     except ValueError as exc:  # SpecError and pydantic's ValidationError both are
         raise HTTPException(422, validation_message(exc)) from exc
     # what every row shares; a row that cannot apply (QLoRA on a builtin model) is a cell marked n/a
-    check_model(base, settings, sizer, base.capacity_bytes, seq_lens=tuple(request.seq_lens))
+    check_model(base, settings, sizer, base.capacity_bytes, seq_lens=tuple(request.seq_lens), client=client)
     return base
 
 
@@ -81,7 +81,7 @@ def submit(request: WhatIfSpec, response: Response, store: StoreDep, settings: S
     limits = ClientLimits(settings.max_jobs_per_client, settings.max_submits_per_client_per_minute)
     within_quota(store.check_quota, client, limits, False)  # before any work: the model may be built on meta
     request = pinned(request, settings)
-    base = _refuse_at_the_door(request, settings, sizer)
+    base = _refuse_at_the_door(request, settings, sizer, client)
     # the card's memory is stored with its name: the job needs no card table, and a worker adds no capacity;
     # the longest-sequence search stops at this service's largest seq_len, as a request's seq_lens do
     longest = min(request.longest_up_to or settings.max_seq_len, settings.max_seq_len)

@@ -19,7 +19,8 @@ Default limits, each far above any published model and far below what hangs the 
   their weights alone are 2-4 TB, which estimate mode can still plan over 1024 devices.
 - 1,024 layers (Llama 3.1 405B has 126), hidden and head sizes ≤ 65,536 (405B: 16,384),
   intermediate sizes ≤ 262,144 (405B: 53,248), ≤ 1,024 attention heads (405B: 128), a vocabulary
-  ≤ 1,048,576 (Gemma: 256,000), ≤ 1,024 experts (DeepSeek-V3: 256), a context ≤ 2²⁴ positions.
+  ≤ 1,048,576 (Gemma: 256,000), ≤ 1,024 experts (DeepSeek-V3: 256), a context ≤ 2²⁴ positions,
+  ≤ 10,000 labels (`num_labels`: the config's constructor makes a name for each).
 - parameters × tokens of the largest micro-batch the search may try ≤ 10²¹: one micro-step is
   ~6 × that many FLOPs, over an hour on a 1 PFLOP/s device, so the job timeout would end it anyway.
 """
@@ -30,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fitprobe.probe.spec import MAX_MICRO_BATCH, SpecError
+from fitprobe.probe.spec import MAX_JSON_ITEMS, MAX_MICRO_BATCH, SpecError
 
 MAX_POSITIONS = 2**24
 
@@ -43,6 +44,9 @@ HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads", "num_key_value_head
 VOCAB_FIELDS = ("vocab_size",)
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+# transformers makes an id2label entry per label in the config's constructor, in the server process too:
+# num_labels 10⁷ took 26 s and 3 GB there (a classifier head, which a causal LM never builds anyway)
+LABEL_FIELDS = ("num_labels",)
 
 # Families whose positions are a learned table and whose MLP is up → act → down (no gate).
 GPT2_STYLE = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt", "builtin"}
@@ -61,6 +65,7 @@ class ModelLimits:
     max_vocab: int = 1_048_576
     max_experts: int = 1024
     max_positions: int = MAX_POSITIONS
+    max_labels: int = MAX_JSON_ITEMS  # as many as an inline config may hold values (id2label's entries)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ def _limits_by_field(limits: ModelLimits) -> Iterator[tuple[str, int, str]]:
                                    (INTERMEDIATE_FIELDS, limits.max_intermediate, ""),
                                    (HEAD_FIELDS, limits.max_heads, ""), (VOCAB_FIELDS, limits.max_vocab, ""),
                                    (EXPERT_FIELDS, limits.max_experts, ""),
-                                   (POSITION_FIELDS, limits.max_positions, "")):
+                                   (POSITION_FIELDS, limits.max_positions, ""),
+                                   (LABEL_FIELDS, limits.max_labels, "")):
         for field in fields:
             yield field, limit, setting
 

@@ -428,7 +428,8 @@ def _check_lora_targets(spec: ProbeSpec, model_type: str) -> None:
 
 
 def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
-                    capacity_bytes: int | None = None, limits: ModelLimits = ModelLimits()) -> int | None:
+                    capacity_bytes: int | None = None, limits: ModelLimits = ModelLimits(),
+                    read_config: bool = True) -> int | None:
     """Raise SpecError now for a request that would only fail later, inside its job. Builds nothing.
     Returns the model's context as its config states it (None: unknown, or a factory's).
 
@@ -437,6 +438,10 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     factory against the allow-list, and the config's sizes against `limits` by arithmetic
     (probe/models/bounds.py) before transformers reads it. The weights, counted from the config, are
     checked against the capacity; the job counts them exactly on the meta device in its own process.
+
+    `read_config=False` leaves the config's constructor to a process the caller can kill (the service's
+    sizer, app/sizer.py): a constructor runs loops no size limit names (cohere2_moe's
+    `first_k_dense_replace`, mellum's `num_mtp_layers`), seconds to minutes per request in the server.
     """
     hugging_face = not (isinstance(spec.model, str) and spec.model.startswith(("factory:", "builtin:")))
     if spec.quantization != "none" and not hugging_face:
@@ -450,7 +455,9 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     lora_rank = spec.lora.rank if spec.finetuning == "lora" else None
     shape = check_model(model_type, fields, defaults, limits, spec.seq_len, spec.micro_batch_limit, lora_rank)
     context = fields.get("n_positions")
-    if model_type != "builtin":
+    if model_type != "builtin" and not read_config:
+        _check_model_type(model_type)
+    elif model_type != "builtin":
         config = hf_config(model_type, fields)  # bounded now: every size it reads is checked
         context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     weight_bytes = stored_weight_bytes(spec, shape.parameters)
