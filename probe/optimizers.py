@@ -114,6 +114,22 @@ def _bitsandbytes() -> ModuleType:
     return import_bitsandbytes("8-bit and paged optimizers (or pick optimizer adamw_torch_fused)")
 
 
+def import_optimizer(name: str) -> None:
+    """Import the framework `name`'s optimizer lives in, before a trial's tensors exist (probe/trial.py).
+
+    An import inside a trial keeps that trial's tensors alive wherever the import leaves a reference to the
+    frames running it: bitsandbytes logs an exception when it imports (transformers' Adafactor imports it
+    through peft), and a process that keeps log records (pytest's capture, a MemoryHandler) keeps the
+    exception's traceback, its frames and their locals, the trial's batches among them. Every later trial
+    on that model then counts them, and an estimate extrapolated from two cuts counts them twice.
+    """
+    library = KINDS[name].library if name in KINDS else None
+    if library == "transformers":
+        import transformers.optimization  # noqa: F401
+    elif library == "bitsandbytes":
+        _bitsandbytes()
+
+
 def make_optimizer(name: str, module: nn.Module, lr: float, device_type: DeviceType) -> torch.optim.Optimizer:
     """Build the optimizer `name` names for `module`'s trained parameters, as HF Trainer builds it, for a
     device of `device_type`.

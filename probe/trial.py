@@ -16,7 +16,7 @@ import torch
 from fitprobe.probe.breakdown import classified
 from fitprobe.probe.meter import Meter, is_oom
 from fitprobe.probe.models.load import LoadedModel
-from fitprobe.probe.optimizers import paged_state_bytes
+from fitprobe.probe.optimizers import import_optimizer, paged_state_bytes
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.spec import ProbeSpec, format_bytes
 from fitprobe.probe.step import make_optimizer, make_scaler, run_steps, worst_case_batch
@@ -37,6 +37,7 @@ class TrialRunner:
         # sees each trial's optimizer before its first step (probe/estimate/extrapolate.py marks its parameters there)
         self.watch_optimizer = watch_optimizer
         self._generator = torch.Generator().manual_seed(spec.seed)
+        import_optimizer(spec.optimizer)  # here, not in a trial: an import can keep the frames running it alive
 
     def __call__(self, micro_batch: int) -> TrialResult:
         self.meter.release()

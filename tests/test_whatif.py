@@ -161,3 +161,39 @@ def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answ
         assert fits_at_one(cell_spec(base, row.setting, row.longest.seq_len)), row.label
     assert ("1 of 2 cells extrapolated from cuts of 2 and 3 layers, as a probe's estimate of them is; "
             "1 ran the full depth") in format_whatif(whatif)
+
+
+# A process that keeps its log records (pytest's capture, a logging.handlers.MemoryHandler) keeps what a record's
+# arguments reference: bitsandbytes logs an exception on import, whose traceback's frames reach every frame that
+# was running then. The cells must not depend on it, so the table runs in a fresh process that keeps every record.
+KEEPS_LOG_RECORDS = """
+import json, logging, sys
+from fitprobe.probe.make_trial import make_trial
+from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.whatif import run_whatif
+from tests.test_whatif import CUT_SETTINGS, LLAMA, cell_spec
+
+kept = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        kept.append(record)
+logging.getLogger().addHandler(Keep())
+model = {**LLAMA, "num_hidden_layers": 4, "max_position_embeddings": 512}
+base = ProbeSpec(model=model, seq_len=128, mode="estimate", capacity_bytes=48 << 20, precision="bf16-mixed")
+cell = run_whatif(base, [128], CUT_SETTINGS, longest_up_to=256).rows[0].cells[0]
+_, _, full_depth = make_trial(cell_spec(base, CUT_SETTINGS[0], 128).model_copy(update={"extrapolate": False}))
+json.dump({"cell": [cell.max_micro_batch, cell.peak_bytes, cell.extrapolated_from_layers],
+           "full_depth": full_depth(cell.max_micro_batch).peak_allocated_bytes}, sys.stdout)
+"""
+
+
+@pytest.mark.slow  # a table of two rows on 4 layers and a full-depth trial, in a fresh process
+def test_a_cell_extrapolated_from_cuts_is_the_full_depths_peak_when_the_process_keeps_its_log_records():
+    # 4 layers: the fewest the pattern finder cuts (to 2 and 3), where a byte left on the shallow cut counts twice
+    run = subprocess.run([sys.executable, "-c", KEEPS_LOG_RECORDS], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    max_micro_batch, peak_bytes, cut_depths = answer["cell"]
+    assert cut_depths == [2, 3] and max_micro_batch >= 1
+    assert peak_bytes == answer["full_depth"]
