@@ -142,6 +142,11 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
     )
     emit({"type": "phase", "phase": "probed", "max_micro_batch": search.max_micro_batch,
           "safe_micro_batch": search.safe_micro_batch})
+    if spec.eval:
+        from fitprobe.probe.evaluate import search_evaluation
+
+        emit({"type": "phase", "phase": "evaluation"})
+        report.evaluation = search_evaluation(spec, allowed_factories)
     return report
 
 

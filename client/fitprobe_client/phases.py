@@ -23,6 +23,7 @@ PHASE_WORDS = {
     "search_cached": "reusing a cached search: only the plan is trained",
     "planning": "planning the split of the effective batch",
     "verifying": "verifying the plan by training it",
+    "evaluation": "searching for the largest eval batch beside the resident training state",
 }
 
 
