@@ -180,3 +180,18 @@ def _evaluation(spec: ProbeSpec, search: SearchResult, kept: SearchResult | None
         compute_metrics=spec.eval_compute_metrics, eval_steps=in_set if spec.eval_rows else None,
         kept_steps=_section(kept) if kept is not None else None, eval_steps_fit=steps_fit,
         eval_accumulation_steps=accumulation)
+
+
+def evaluation_words(evaluation: Evaluation) -> str:
+    """The section for people: the eval batch, and with compute_metrics how long its kept logits fit."""
+    search = evaluation.batch
+    lines = [f"eval batch: max {search.max}, safe {search.safe} ({search.trial_count} trials) beside "
+             f"{evaluation.resident}: per_device_eval_batch_size={evaluation.per_device_eval_batch_size}"]
+    if evaluation.compute_metrics and evaluation.eval_steps_fit is not None:
+        of = f" of the eval set's {evaluation.eval_steps}" if evaluation.eval_steps else ""
+        plural = "" if evaluation.eval_steps_fit == 1 else "s"
+        bound = (f"export eval_accumulation_steps={evaluation.eval_accumulation_steps}"
+                 if evaluation.eval_accumulation_steps else "the whole eval set's logits fit")
+        lines.append(f"  compute_metrics keeps every step's logits on the device: {evaluation.eval_steps_fit} step{plural}"
+                     f"{of} fit; {bound}")
+    return "\n".join(lines)

@@ -96,3 +96,20 @@ def test_eval_settings_without_eval_are_refused_with_the_fix():
         ProbeSpec(eval_compute_metrics=True)
     with pytest.raises(ValidationError, match="less than or equal to 16777216"):
         ProbeSpec(eval=True, eval_rows=1 << 30)
+
+
+@pytest.mark.slow  # ~10 s on the shared host: two estimated probes with their evaluation searches
+def test_the_hf_export_carries_the_eval_batch_and_the_accumulation_that_bounds_its_logits(capsys):
+    """What a user pastes into TrainingArguments: the eval batch the report found, and eval_accumulation_steps."""
+    import json
+
+    from fitprobe.probe.cli import main
+
+    argv = ["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--estimate", "--capacity", "8MiB",
+            "--eval", "--eval-compute-metrics", "--effective-batch", "16", "--format", "hf", "--quiet"]
+    assert main(argv) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert main([*argv[:-3], "--json"]) == 0
+    evaluation = json.loads(capsys.readouterr().out)["evaluation"]
+    assert config["per_device_eval_batch_size"] == evaluation["per_device_eval_batch_size"] > 0
+    assert config["eval_accumulation_steps"] == evaluation["eval_accumulation_steps"] >= 1
