@@ -147,6 +147,11 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
 
         emit({"type": "phase", "phase": "evaluation"})
         report.evaluation = search_evaluation(spec, allowed_factories)
+    if spec.generate:
+        from fitprobe.probe.generate import search_generation
+
+        emit({"type": "phase", "phase": "generation"})
+        report.generation = search_generation(spec, allowed_factories)
     return report
 
 

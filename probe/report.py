@@ -226,6 +226,21 @@ class Evaluation(Section):
         None, description="to export: moves the kept logits to the host in time (null: the whole set fits)")
 
 
+class Generation(Section):
+    """`model.generate` (greedy) of prompts of seq_len tokens: the batch, and the KV cache it grows."""
+
+    batch: EvalSearch = Field(description="the generate batch searched at max_new_tokens")
+    prompt_tokens: int
+    max_new_tokens: int
+    cache_implementation: str
+    cache_tokens: int = Field(description="tokens the cache holds at the end: prompt + max_new_tokens - 1")
+    cache_bytes_per_sequence: int = Field(description="the cache's bytes per sequence, read from a real generate")
+    cache_bytes_per_sequence_arithmetic: int = Field(
+        description="2 × layers × kv_heads × head_dim × cache_tokens × dtype bytes")
+    longest_new_tokens_at_batch_1: int = Field(description="the longest generation that fits at batch 1")
+    longest_limit_reached: bool = Field(description="longer than the door's max_new_tokens was not tried")
+
+
 class Facts(Section):
     """What every report starts with: the spec and what ran it."""
 
@@ -261,3 +276,4 @@ class Report(Facts):
     search_cached_from: str | None = Field(None, description="the probe whose search this answer reuses")
     placement: dict[str, Any] | None = Field(None, description="where a Ray executor ran the job")
     evaluation: Evaluation | None = Field(None, description="with eval: the evaluation batch (probe/evaluate.py)")
+    generation: Generation | None = Field(None, description="with generate: the generation batch (probe/generate.py)")
