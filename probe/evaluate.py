@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import traceback
 from collections.abc import Callable, Collection
 
 import torch
@@ -37,7 +36,7 @@ from fitprobe.probe.search import SearchResult, find_micro_batch
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.step import IGNORE_INDEX, MicroBatch, autocast_for, make_optimizer, worst_case_batch
 from fitprobe.probe.trainers import unshifted_labels
-from fitprobe.probe.trial import TrialError
+from fitprobe.probe.trial import TrialError, oom_result
 
 # the most kept steps searched (each trial at k steps runs k forwards): moving logits to the host every
 # 256 steps costs nothing measurable, and it bounds a measured search's forwards
@@ -92,15 +91,10 @@ class EvalRunner:
         try:
             with self.meter.tracking():
                 return self._run(batch, steps)
-        except Exception as exc:  # classified right below, re-raised if not OOM
+        except Exception as exc:  # an OOM is an answer; anything else is re-raised
             if not is_oom(exc):
                 raise TrialError(f"evaluation trial at batch {batch} failed: {exc}") from exc
-            facts = self.meter.oom_facts(exc)
-            message = str(exc).splitlines()[0][:300]
-            traceback.clear_frames(exc.__traceback__)  # its frames hold logits
-            del exc
-            return TrialResult(batch, False, error=message, oom_live_bytes=facts.live_bytes,
-                               oom_request_bytes=facts.request_bytes)
+            return oom_result(self.meter, exc, batch)
         finally:
             self.model.module.train()
             self.meter.release()

@@ -16,7 +16,6 @@ the generation runs alone (weights only), not beside training state.
 from __future__ import annotations
 
 import dataclasses
-import traceback
 from collections.abc import Collection
 from typing import Any
 
@@ -30,7 +29,7 @@ from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec
-from fitprobe.probe.trial import TrialError
+from fitprobe.probe.trial import TrialError, oom_result
 
 
 def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
@@ -57,15 +56,10 @@ class GenerateRunner:
         try:
             with self.meter.tracking():
                 return self._run(batch, new_tokens or self.spec.max_new_tokens)
-        except Exception as exc:  # classified right below, re-raised if not OOM
+        except Exception as exc:  # an OOM is an answer; anything else is re-raised
             if not is_oom(exc):
                 raise TrialError(f"generation trial at batch {batch} failed: {exc}") from exc
-            facts = self.meter.oom_facts(exc)
-            message = str(exc).splitlines()[0][:300]
-            traceback.clear_frames(exc.__traceback__)  # its frames hold the cache
-            del exc
-            return TrialResult(batch, False, error=message, oom_live_bytes=facts.live_bytes,
-                               oom_request_bytes=facts.request_bytes)
+            return oom_result(self.meter, exc, batch)
         finally:
             self.model.module.train()
             self.meter.release()
