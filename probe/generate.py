@@ -28,19 +28,27 @@ from fitprobe.probe.meter import Meter, is_oom
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
 from fitprobe.probe.search import find_micro_batch
-from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec
+from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, format_bytes
 from fitprobe.probe.trial import TrialError, oom_result
 
 
 def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
-    """2 (keys, values) × layers × kv_heads × head_dim × tokens × dtype bytes: the cache's arithmetic."""
+    """2 (keys, values) × layers × kv_heads × head_dim × tokens × dtype bytes: the cache's arithmetic.
+
+    A sliding-window layer's cache (transformers' DynamicSlidingWindowLayer) keeps only its last
+    sliding_window - 1 tokens, so its layers count min(tokens, sliding_window - 1): Mistral's whole cache.
+    """
     config: Any = module.config
     text: Any = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     dtype_bytes = next(module.parameters()).element_size()
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes
+    window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None) or \
+        ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers
+    kept = sum(min(tokens, window - 1) if kind == "sliding_attention" and window else tokens for kind in kinds)
+    return 2 * kv_heads * head_dim * kept * dtype_bytes
 
 
 class GenerateRunner:
@@ -97,8 +105,11 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         runner(1)
         cache_bytes = runner.last_cache_bytes or 0
         tokens = spec.seq_len + spec.max_new_tokens - 1
+        # no longer than the door allows, nor past the model's position table
+        context = model.max_seq_len - spec.seq_len if model.max_seq_len else MAX_NEW_TOKENS
+        limit = max(min(MAX_NEW_TOKENS, context), 1)
         longest = find_micro_batch(lambda n: dataclasses.replace(runner(1, n), micro_batch=n), capacity,
-                                   spec.headroom, MAX_NEW_TOKENS)
+                                   spec.headroom, limit)
     return Generation(
         batch=EvalSearch(max=search.max_micro_batch, safe=search.safe_micro_batch,
                          trial_count=len(search.trials), trials=search.trials),
@@ -106,4 +117,16 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         cache_tokens=tokens, cache_bytes_per_sequence=cache_bytes,
         cache_bytes_per_sequence_arithmetic=kv_cache_bytes_per_sequence(model.module, tokens),
         longest_new_tokens_at_batch_1=longest.max_micro_batch,
-        longest_limit_reached=longest.max_micro_batch >= MAX_NEW_TOKENS)
+        longest_limit_reached=longest.max_micro_batch >= limit)
+
+
+def generation_words(generation: Generation) -> str:
+    """The section for people: the batch, the cache per sequence (beside its arithmetic), the longest at batch 1."""
+    search = generation.batch
+    longest = f"{generation.longest_new_tokens_at_batch_1}{' (the limit)' if generation.longest_limit_reached else ''}"
+    return (f"generate batch: max {search.max}, safe {search.safe} ({search.trial_count} trials) for "
+            f"{generation.prompt_tokens}-token prompts + {generation.max_new_tokens} new tokens "
+            f"({generation.cache_implementation} cache)\n"
+            f"  KV cache per sequence: {format_bytes(generation.cache_bytes_per_sequence)} at "
+            f"{generation.cache_tokens} tokens (arithmetic: {format_bytes(generation.cache_bytes_per_sequence_arithmetic)});"
+            f" longest generation at batch 1: {longest} new tokens")

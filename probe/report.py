@@ -238,7 +238,8 @@ class Generation(Section):
     cache_bytes_per_sequence_arithmetic: int = Field(
         description="2 × layers × kv_heads × head_dim × cache_tokens × dtype bytes")
     longest_new_tokens_at_batch_1: int = Field(description="the longest generation that fits at batch 1")
-    longest_limit_reached: bool = Field(description="longer than the door's max_new_tokens was not tried")
+    longest_limit_reached: bool = Field(
+        description="longer was not tried: past the door's max_new_tokens or the model's context")
 
 
 class Facts(Section):

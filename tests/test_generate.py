@@ -64,10 +64,23 @@ def test_the_generation_batch_is_the_true_max_and_its_cache_is_the_arithmetic():
     top = generation.batch.max
     assert top > 1
     assert generate_peak_bytes(MISTRAL, top, 64) <= capacity < generate_peak_bytes(MISTRAL, top + 1, 64)
-    # 2 × layers × kv_heads × head_dim × tokens × 4 bytes, by hand: Mistral's 2 layers, 1 kv head of 16
-    assert generation.cache_bytes_per_sequence == 2 * 2 * 1 * 16 * (PROMPT + 64 - 1) * 4
+    # 2 × layers × kv_heads × head_dim × tokens × 4 bytes, by hand: Mistral's 2 layers, 1 kv head of 16; its
+    # sliding window (16) keeps the last 15 of the 79 tokens, so the cache stops growing at the window
+    assert generation.cache_tokens == PROMPT + 64 - 1
+    assert generation.cache_bytes_per_sequence == 2 * 2 * 1 * 16 * (16 - 1) * 4
     assert generation.cache_bytes_per_sequence_arithmetic == generation.cache_bytes_per_sequence
     assert generation.longest_new_tokens_at_batch_1 > 64
+
+
+def test_the_cache_arithmetic_of_a_full_attention_model_counts_every_token():
+    """Qwen2 (grouped-query: 2 kv heads of 16, 2 layers), fp32, no window: the issue's formula as written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fitprobe.probe.generate import kv_cache_bytes_per_sequence
+
+    fields = dict(QWEN2)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    assert kv_cache_bytes_per_sequence(model, 100) == 2 * 2 * 2 * 16 * 100 * 4
 
 
 def test_generation_settings_are_bounded_at_the_door_with_the_fix():
