@@ -38,6 +38,9 @@ def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_byte
             check_counted(parameters, settings.model_limits, spec.seq_len, spec.micro_batch_limit)
         for seq_len in (spec.seq_len, *seq_lens):
             check_seq_len(seq_len, context)
+        if spec.generate and context is not None and spec.seq_len + spec.max_new_tokens > context:
+            raise SpecError(f"seq_len + max_new_tokens ({spec.seq_len} + {spec.max_new_tokens}) exceeds this model's "
+                            f"context of {context} tokens; lower max_new_tokens or seq_len")
     except SpecError as exc:
         raise HTTPException(422, str(exc)) from exc
     except SizerBusy as exc:

@@ -263,6 +263,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
                   f"{'  (keeps the headroom)' if option.fits else ''}")
     if report.plan:
         print(format_plan(report.plan))
+    if report.evaluation:
+        from fitprobe.probe.evaluate import evaluation_words
+
+        print(evaluation_words(report.evaluation))
+    if report.generation:
+        from fitprobe.probe.generate import generation_words
+
+        print(generation_words(report.generation))
     if verification:
         print(format_verification(verification))
     elif estimated and report.plan:

@@ -52,6 +52,8 @@ class Phase(_Name):
     PROBING = "probing"  # the search for the largest micro-batch; `trial` events follow
     SIZING_THE_STEP = "sizing_the_step"  # does not fit: what micro-batch 1 needs under each saving setting
     PROBED = "probed"  # the search's answer: `max_micro_batch`, `safe_micro_batch`
+    EVALUATION = "evaluation"  # --eval: the largest eval batch beside the resident training state
+    GENERATION = "generation"  # --generate: the largest model.generate batch with its KV cache
     SEARCH_CACHED = "search_cached"  # a cached search (`probe_id`) answers; only the plan is trained
     PLANNING = "planning"
     PLANNED = "planned"  # the plan's `micro_batch` and `accumulation_steps`

@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from fitprobe.probe.optimizers import implementation
-from fitprobe.probe.report import PlanFacts, Report, SplitFacts
+from fitprobe.probe.report import Evaluation, PlanFacts, Report, SplitFacts
 from fitprobe.probe.spec import ALL_LINEAR, DEFAULT_PRECISION, LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "trl", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
@@ -427,9 +427,27 @@ def export_report(report: Report, fmt: str) -> dict[str, Any]:
     if spec.get("finetuning") == "lora" and adapted and not (spec.get("lora") or {}).get("targets"):
         # the model's default targets, as the probe resolved them: the config names what was measured
         spec = {**spec, "lora": {**spec["lora"], "targets": adapted}}
-    return export_plan(report.plan, spec, fmt, max_micro_batch=report.search.max_micro_batch,
-                       safe_micro_batch=report.search.safe_micro_batch,
-                       verified=None if report.verification is None else report.verification.passed)
+    exported = export_plan(report.plan, spec, fmt, max_micro_batch=report.search.max_micro_batch,
+                           safe_micro_batch=report.search.safe_micro_batch,
+                           verified=None if report.verification is None else report.verification.passed)
+    if report.evaluation is not None:
+        _add_evaluation(exported, report.evaluation)
+    return exported
+
+
+def _add_evaluation(exported: dict[str, Any], evaluation: Evaluation) -> None:
+    """The eval batch (and the accumulation that bounds the kept logits) where the format has the fields:
+    TrainingArguments and SFTConfig; elsewhere the provenance names them for the user's evaluation loop."""
+    fields: dict[str, Any] = {"per_device_eval_batch_size": evaluation.per_device_eval_batch_size}
+    if evaluation.eval_accumulation_steps is not None:
+        fields["eval_accumulation_steps"] = evaluation.eval_accumulation_steps
+    if exported["format"] in ("hf", "trl"):
+        exported["config"].update(fields)
+    else:
+        exported["provenance"].setdefault("notes", []).append(
+            "evaluation as fitprobe measured it: " + ", ".join(f"{key} {value}" for key, value in fields.items()))
+    exported["provenance"]["evaluation"] = {"max_eval_batch": evaluation.batch.max, **fields,
+                                            "eval_steps_fit": evaluation.eval_steps_fit}
 
 
 # The part of a format's config that is the framework's file; the rest becomes comments in YAML.

@@ -146,6 +146,16 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
     )
     emit(events.phase(Phase.PROBED, max_micro_batch=search.max_micro_batch,
                       safe_micro_batch=search.safe_micro_batch))
+    if spec.eval:
+        from fitprobe.probe.evaluate import search_evaluation
+
+        emit(events.phase(Phase.EVALUATION))
+        report.evaluation = search_evaluation(spec, allowed_factories)
+    if spec.generate:
+        from fitprobe.probe.generate import search_generation
+
+        emit(events.phase(Phase.GENERATION))
+        report.generation = search_generation(spec, allowed_factories)
     return report
 
 

@@ -202,6 +202,46 @@ class Verification(Section):
     wall_s: float
 
 
+class EvalSearch(Section):
+    """One search of the evaluation (its batch, or its kept steps at that batch), with every trial."""
+
+    max: int = Field(description="the largest that fits")
+    safe: int = Field(description="the largest that leaves the headroom free")
+    trial_count: int
+    trials: list[TrialResult] = Field(description="each trial; in kept_steps its micro_batch is the step count")
+
+
+class Evaluation(Section):
+    """`Trainer.evaluate()` beside what training keeps resident: the eval batch and the logits it keeps."""
+
+    batch: EvalSearch = Field(description="per_device_eval_batch_size searched at one eval step")
+    per_device_eval_batch_size: int = Field(description="the batch to export: the safe one (the max if none)")
+    resident: str = Field(description="what stays on the device while evaluating")
+    compute_metrics: bool
+    eval_steps: int | None = Field(None, description="steps one evaluation takes (eval_rows over the batch)")
+    kept_steps: EvalSearch | None = Field(
+        None, description="with compute_metrics: the eval steps whose logits, kept on the device, still fit")
+    eval_steps_fit: int | None = Field(None, description="steps before the kept logits pass the capacity")
+    eval_accumulation_steps: int | None = Field(
+        None, description="to export: moves the kept logits to the host in time (null: the whole set fits)")
+
+
+class Generation(Section):
+    """`model.generate` (greedy) of prompts of seq_len tokens: the batch, and the KV cache it grows."""
+
+    batch: EvalSearch = Field(description="the generate batch searched at max_new_tokens")
+    prompt_tokens: int
+    max_new_tokens: int
+    cache_implementation: str
+    cache_tokens: int = Field(description="tokens the cache holds at the end: prompt + max_new_tokens - 1")
+    cache_bytes_per_sequence: int = Field(description="the cache's bytes per sequence, read from a real generate")
+    cache_bytes_per_sequence_arithmetic: int = Field(
+        description="2 × layers × kv_heads × head_dim × cache_tokens × dtype bytes")
+    longest_new_tokens_at_batch_1: int = Field(description="the longest generation that fits at batch 1")
+    longest_limit_reached: bool = Field(
+        description="longer was not tried: past the door's max_new_tokens or the model's context")
+
+
 class Facts(Section):
     """What every report starts with: the spec and what ran it."""
 
@@ -236,3 +276,5 @@ class Report(Facts):
                                           "to get one")
     search_cached_from: str | None = Field(None, description="the probe whose search this answer reuses")
     placement: dict[str, Any] | None = Field(None, description="where a Ray executor ran the job")
+    evaluation: Evaluation | None = Field(None, description="with eval: the evaluation batch (probe/evaluate.py)")
+    generation: Generation | None = Field(None, description="with generate: the generation batch (probe/generate.py)")

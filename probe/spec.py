@@ -29,6 +29,8 @@ MAX_JSON_ITEMS = 10_000  # values in one field (an HF config has a few hundred)
 MAX_EFFECTIVE_BATCH_TOKENS = 1 << 34  # 16 Gi tokens per optimizer step: far above any published run
 MAX_LENGTH_BINS = MAX_SEQ_LEN + 1  # distinct row lengths in a data profile (longer rows are cut to seq_len)
 MAX_DATA_ROWS = 1 << 40  # rows per length bin
+MAX_NEW_TOKENS = 1024  # a generation trial decodes every token: this bounds its forwards
+MAX_EVAL_ROWS = 1 << 24  # rows of an eval set: far above a held-out split, bounds the steps it implies
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 # what LLM fine-tuning runs (HF `bf16=True`, Lightning "bf16-mixed"): every entry point takes it from here, and
@@ -282,6 +284,30 @@ class ProbeSpec(BaseModel):
         "resharded after forward, i.e. ZeRO-3) and the answer is per device. Tensor/pipeline parallelism, "
         "hybrid sharding and CPU offload are not modelled",
     )
+    eval: bool = Field(
+        False, description="also answer per_device_eval_batch_size: Trainer.evaluate()'s step (forward under no_grad, "
+        "labels given) beside the weights and optimizer state training keeps resident",
+    )
+    eval_alone: bool = Field(
+        False, description="with eval: an evaluation-only job, nothing of training resident but the weights",
+    )
+    eval_compute_metrics: bool = Field(
+        False, description="with eval: compute_metrics is set, so the trainer keeps every eval step's logits on the "
+        "device; the report says how many steps fit and the eval_accumulation_steps that bounds them",
+    )
+    eval_rows: int | None = Field(
+        None, ge=1, le=MAX_EVAL_ROWS, strict=True,
+        description="with eval: rows in the eval set (the eval batch never exceeds it; steps = rows / batch)",
+    )
+    generate: bool = Field(
+        False, description="also answer the largest batch for model.generate (greedy, prompts of seq_len tokens, "
+        "max_new_tokens each) and its KV cache; measure mode, Hugging Face models",
+    )
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS, strict=True,
+                                description="with generate: tokens each sequence generates")
+    cache_implementation: Literal["dynamic", "static"] = Field(
+        "dynamic", description="with generate: the KV cache generate uses (dynamic grows; static is allocated whole)",
+    )
     micro_steps_per_trial: int = Field(2, ge=2, le=8, strict=True, description="micro-steps per optimizer step")
     optimizer_steps_per_trial: int = Field(2, ge=2, le=8, strict=True, description="optimizer steps per trial")
     seed: int = Field(0, ge=0, lt=MAX_SEED, strict=True,
@@ -409,6 +435,29 @@ class ProbeSpec(BaseModel):
             if tokens < self.num_devices * row:
                 raise ValueError(f"effective_batch_tokens ({tokens}) must be at least num_devices × seq_len "
                                  f"({self.num_devices * row}): every device trains one row per step")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_options_need_eval(self) -> ProbeSpec:
+        given = [name for name in ("eval_alone", "eval_compute_metrics", "eval_rows") if getattr(self, name)]
+        if given and not self.eval:
+            raise ValueError(f"{', '.join(given)} describe the evaluation: add eval (--eval), or drop them")
+        if self.eval and self.sharding == "fsdp":
+            raise ValueError("eval with sharding=fsdp is not modelled yet: leave out eval, or sharding")
+        return self
+
+    @model_validator(mode="after")
+    def _generate_runs_here(self) -> ProbeSpec:
+        if not self.generate:
+            return self
+        if isinstance(self.model, str) and self.model.startswith(("builtin:", "factory:")):
+            raise ValueError("generate runs transformers' model.generate: use a preset:, hf: or inline config")
+        if self.mode == "estimate":
+            raise ValueError("generate is measured only (generate reads values fake tensors do not have): "
+                             "leave out --estimate, or generate")
+        if self.seq_len + self.max_new_tokens > MAX_SEQ_LEN:
+            raise ValueError(f"seq_len + max_new_tokens must be ≤ {MAX_SEQ_LEN} "
+                             f"(got {self.seq_len} + {self.max_new_tokens})")
         return self
 
     @model_validator(mode="after")

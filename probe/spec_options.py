@@ -66,6 +66,13 @@ OPTIONS: dict[str, Option] = {
     "max_micro_batch": Option("--max-micro-batch", search=True),
     "effective_batch": Option("--effective-batch", search=True),
     "effective_batch_tokens": Option("--effective-batch-tokens", search=True),
+    "eval": Option("--eval", switch=True, search=True),
+    "eval_alone": Option("--eval-alone", switch=True, search=True),
+    "eval_compute_metrics": Option("--eval-compute-metrics", switch=True, search=True),
+    "eval_rows": Option("--eval-rows", search=True),
+    "generate": Option("--generate", switch=True, search=True),
+    "max_new_tokens": Option("--max-new-tokens", search=True),
+    "cache_implementation": Option("--cache-implementation", search=True),
 }
 LORA_OPTIONS: dict[str, Option] = {
     "rank": Option("--lora-rank"), "alpha": Option("--lora-alpha"), "targets": Option("--lora-targets"),

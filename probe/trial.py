@@ -26,6 +26,16 @@ class TrialError(RuntimeError):
     """A trial failed for a reason other than memory: shrinking the batch would not help."""
 
 
+def oom_result(meter: Meter, exc: BaseException, micro_batch: int) -> TrialResult:
+    """An OOM as a trial that did not fit, with where it stopped. The traceback's frames hold the step's
+    tensors: cleared here, before the cleanup is measured."""
+    facts = meter.oom_facts(exc)
+    message = str(exc).splitlines()[0][:300]
+    traceback.clear_frames(exc.__traceback__)
+    return TrialResult(micro_batch, False, error=message, oom_live_bytes=facts.live_bytes,
+                       oom_request_bytes=facts.request_bytes)
+
+
 class TrialRunner:
     """Callable `runner(b) -> TrialResult` over one model that stays built between trials."""
 
@@ -43,16 +53,10 @@ class TrialRunner:
         self.meter.release()
         try:
             return self._run(micro_batch)
-        except Exception as exc:  # classified right below, re-raised if not OOM
+        except Exception as exc:  # an OOM is an answer; anything else is re-raised
             if not is_oom(exc):
                 raise TrialError(f"trial at micro-batch {micro_batch} failed: {exc}") from exc
-            facts = self.meter.oom_facts(exc)
-            message = str(exc).splitlines()[0][:300]
-            # the traceback's frames hold activations; drop them before measuring the cleanup
-            traceback.clear_frames(exc.__traceback__)
-            del exc
-            return TrialResult(micro_batch, False, error=message, oom_live_bytes=facts.live_bytes,
-                               oom_request_bytes=facts.request_bytes)
+            return oom_result(self.meter, exc, micro_batch)
         finally:
             self.model.module.zero_grad(set_to_none=True)
             self.meter.release()

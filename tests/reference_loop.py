@@ -161,21 +161,27 @@ def user_loop_peak_bytes(fields: dict[str, Any], settings: LoopSettings, seed: i
     return counter.peak
 
 
-def allocator_peak_bytes(run) -> int:
+def allocator_peak_bytes(run, window: str | None = None) -> int:
     """Peak of the CPU allocator's own account while `run()` runs: every allocation and free, kernel
     buffers included, no Python-side lifetimes (torch.profiler's memory events), each rounded up to
-    the CUDA allocator's 512-byte blocks as a GPU would hold it."""
+    the CUDA allocator's 512-byte blocks as a GPU would hold it. `window`: the peak only while the
+    `record_function` of that name ran (what was live before it still counts)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    everything = prof.profiler.kineto_results.events()
+    events = sorted((e for e in everything if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    start_ns, end_ns = 0, float("inf")
+    if window is not None:
+        marked = next(e for e in everything if e.name() == window)
+        start_ns, end_ns = marked.start_ns(), marked.start_ns() + marked.duration_ns()
     live = peak = 0
     for event in events:
         size = -(-abs(event.nbytes()) // BLOCK_BYTES) * BLOCK_BYTES
         live += size if event.nbytes() > 0 else -size
-        peak = max(peak, live)
+        if start_ns <= event.start_ns() <= end_ns:
+            peak = max(peak, live)
     return peak
 
 

@@ -48,3 +48,43 @@ def trainer_peak_bytes(fields: dict[str, Any], *, optim: str = "adamw_torch_fuse
             Trainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
 
     return allocator_peak_bytes(run)
+
+
+EVAL_WINDOW = "reference_trainer.evaluate"
+
+
+def trainer_eval_peak_bytes(fields: dict[str, Any], *, eval_batch: int, seq_len: int, eval_rows: int,
+                            compute_metrics: bool, train_first: bool = True, optim: str = "adamw_torch_fused",
+                            seed: int = 0) -> int:
+    """Peak bytes while `Trainer.evaluate()` runs (the allocator's account over its window, everything resident
+    before it included), fp32 on the CPU. `train_first`: one optimizer step of one row first, so the weights and
+    the optimizer state are what training leaves resident; else an evaluation-only job (weights only)."""
+    from torch.profiler import record_function
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    generator = torch.Generator().manual_seed(seed)
+
+    def rows(count: int) -> list[dict[str, list[int]]]:
+        ids = [torch.randint(0, config.vocab_size, (seq_len,), generator=generator).tolist() for _ in range(count)]
+        return [{"input_ids": row, "labels": row} for row in ids]
+
+    train_rows, eval_set = rows(1), rows(eval_rows)
+
+    def run() -> None:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        with tempfile.TemporaryDirectory() as output_dir:
+            args = TrainingArguments(output_dir=output_dir, optim=optim, per_device_train_batch_size=1,
+                                     per_device_eval_batch_size=eval_batch, max_steps=1, learning_rate=1e-4,
+                                     use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+                                     eval_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
+            trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_set,
+                              data_collator=default_data_collator,
+                              compute_metrics=(lambda _prediction: {}) if compute_metrics else None)
+            if train_first:
+                trainer.train()
+            with record_function(EVAL_WINDOW):
+                trainer.evaluate()
+
+    return allocator_peak_bytes(run, window=EVAL_WINDOW)

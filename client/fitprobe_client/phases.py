@@ -24,6 +24,8 @@ PHASE_WORDS = {
     "search_cached": "reusing a cached search: only the plan is trained",
     "planning": "planning the split of the effective batch",
     "verifying": "verifying the plan by training it",
+    "generation": "searching for the largest model.generate batch with its KV cache",
+    "evaluation": "searching for the largest eval batch beside the resident training state",
 }
 
 

@@ -194,3 +194,16 @@ def test_one_machine_is_one_client_whichever_loopback_address_it_sends_from(tmp_
         assert codes == [200, 200, 429]
     finally:
         server.stop()
+
+
+def test_a_generation_asks_no_tokens_beyond_the_model_or_the_door(door):
+    """The prompt and the new tokens together must fit the model's positions; max_new_tokens has its own bound."""
+    model = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 512}
+    beyond = door.post("/v1/probes", json={"model": model, "seq_len": 256, "generate": True, "max_new_tokens": 512})
+    assert beyond.status_code == 422
+    assert "seq_len + max_new_tokens (256 + 512) exceeds this model's context of 512" in beyond.json()["detail"]
+    too_many = door.post("/v1/probes", json={"model": model, "seq_len": 16, "generate": True,
+                                             "max_new_tokens": 100_000})
+    assert too_many.status_code == 422 and "max_new_tokens" in too_many.text
