@@ -26,7 +26,6 @@ def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_byte
     """422 for a model this service will not build (too large by arithmetic or by its built count, or too slow
     to build), or a seq_len (the spec's, and each of `seq_lens`) beyond its context; 429 while the sizer is busy,
     or holds as many of `client`'s configs as it takes from one client."""
-    sizer.ready()
     try:
         sized = built_from_a_config(spec)  # its config is read in the sizing process, which a timeout kills
         context = check_reference(spec, settings.allowed_factories, capacity_bytes, settings.model_limits,

@@ -91,6 +91,19 @@ def serve_sizes(fd: int) -> None:
             connection.send(("refused", f"model: building it failed ({type(exc).__name__}); check the config"))
 
 
+def _import_transformers() -> None:
+    """Import transformers now, at start-up, in the thread that starts the service (about a second).
+
+    A first request would otherwise pay the import at the door. Not in a background thread: an import there
+    races every other import in the process, and importlib's deadlock avoidance then hands one thread a
+    partially initialised module ("cannot import name CONFIG_MAPPING", "... TrainingArguments").
+    """
+    try:
+        importlib.import_module("transformers")
+    except ImportError:  # the hf extra is optional: builtin models need none
+        pass
+
+
 class Sizer:
     """Counts a spec's model on the meta device in the sizing process, within `timeout_s` per build."""
 
@@ -102,20 +115,7 @@ class Sizer:
         self._requests: queue.Queue[tuple[dict[str, Any], Future[tuple[int, int | None]]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._own, name="fitprobe-sizer", daemon=True)
         self._thread.start()
-        self._imported = threading.Event()
-        threading.Thread(target=self._import_here, name="fitprobe-import", daemon=True).start()
-
-    def _import_here(self) -> None:
-        try:
-            importlib.import_module("transformers")
-        except ImportError:  # the hf extra is optional: builtin models need none
-            pass
-        finally:
-            self._imported.set()
-
-    def ready(self) -> None:
-        """Wait for this process's import of transformers (seconds after start-up, at most)."""
-        self._imported.wait()
+        _import_transformers()
 
     def count(self, spec: dict[str, Any], client: str = "") -> tuple[int, int | None]:
         """(parameters, context) of the spec's model; SpecError when it cannot be built in time."""
