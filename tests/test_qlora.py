@@ -107,7 +107,9 @@ def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["optim"] == "paged_adamw_8bit"  # the object TrainingArguments unpacks
     # how to load and prepare the base rides along as provenance (comments on stderr), not in that object
-    assert 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"' in out.stderr
+    # the base's settings as an object BitsAndBytesConfig(**quantization_config) takes
+    assert "#   quantization_config:\n#     load_in_4bit: true\n#     bnb_4bit_quant_type: nf4\n" in out.stderr
+    assert "BitsAndBytesConfig(**quantization_config)" in out.stderr
     assert "prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)" in out.stderr
 
 
