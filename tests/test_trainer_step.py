@@ -54,7 +54,9 @@ def test_8bit_optimizers_keep_embedding_state_in_32_bits_as_hf_trainer_does(opti
 def _trial_and_estimate(fields: dict, micro_batch: int, **spec) -> tuple[int, int]:
     peaks = []
     for mode in ("measure", "estimate"):
-        trial = run_trial(ProbeSpec(model=fields, capacity_bytes=1 << 32, mode=mode, **spec), micro_batch).as_json()
+        # fp32, as the reference Trainer runs on the CPU (fitprobe's default precision is bf16-mixed)
+        trial = run_trial(ProbeSpec(model=fields, capacity_bytes=1 << 32, mode=mode, **{"precision": "fp32", **spec}),
+                          micro_batch).as_json()
         assert trial["trial"]["fits"]
         peaks.append(trial["trial"]["peak_allocated_bytes"])
     return peaks[0], peaks[1]
