@@ -15,7 +15,8 @@ token embeddings are the largest trained matrix of most models, and an 8-bit bui
 6 bytes per embedding parameter under the Trainer (15-18 % of a small model's peak).
 
 The Trainer puts the parameters in two groups (decayed weights, then biases and norms), both with weight
-decay 0.0 by default; here they stay one group in the model's order. Only torch's foreach loop sees the
+decay 0.0 by default; Adafactor gets them here too (its per-parameter temporaries make the order part of the
+peak), the others stay one group in the model's order. Only torch's foreach loop sees the
 difference (it runs once per group, so its temporary is the larger group's, not all parameters'): one
 group over-counts `adamw_torch` on CUDA by the bytes of the biases and norms, never under. One group keeps
 per-parameter optimizers (bitsandbytes) updating in the model's order, which the estimate's
