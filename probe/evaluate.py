@@ -29,33 +29,18 @@ from torch import nn
 
 from fitprobe.probe.build import prepare
 from fitprobe.probe.heap import frozen_heap, settle
-from fitprobe.probe.meter import Meter, is_oom
+from fitprobe.probe.meter import Meter
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Evaluation, TrialResult
+from fitprobe.probe.resident import ResidentRunner, resident_facts, resident_words
 from fitprobe.probe.search import SearchResult, find_micro_batch
 from fitprobe.probe.spec import ProbeSpec
-from fitprobe.probe.step import IGNORE_INDEX, MicroBatch, autocast_for, make_optimizer, worst_case_batch
+from fitprobe.probe.step import IGNORE_INDEX, MicroBatch, autocast_for, worst_case_batch
 from fitprobe.probe.trainers import unshifted_labels
-from fitprobe.probe.trial import TrialError, oom_result
 
 # the most kept steps searched (each trial at k steps runs k forwards): moving logits to the host every
 # 256 steps costs nothing measurable, and it bounds a measured search's forwards
 MAX_KEPT_STEPS = 256
-
-
-def make_resident_training_state(model: LoadedModel, spec: ProbeSpec) -> torch.optim.Optimizer:
-    """The optimizer with its state, as training leaves it between steps: one update, then no gradients.
-
-    Zero gradients make the same state tensors a real backward would (their sizes depend on the
-    parameters only), without a forward: the state is what stays, not how it was made.
-    """
-    optimizer = make_optimizer(spec, model.module)
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return optimizer
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
@@ -77,37 +62,22 @@ def eval_forward(model: LoadedModel, mb: MicroBatch, spec: ProbeSpec) -> tuple[t
         return loss, logits
 
 
-class EvalRunner:
+class EvalRunner(ResidentRunner):
     """`runner(b, steps) -> TrialResult`: `steps` evaluation steps at batch b beside the resident state."""
 
+    what = "evaluation"
+
     def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel) -> None:
-        self.spec, self.meter, self.model = spec, meter, model
-        self._generator = torch.Generator().manual_seed(spec.seed)
-        with meter.tracking():
-            self.optimizer = None if spec.eval_alone else make_resident_training_state(model, spec)
+        super().__init__(spec, meter, model, alone=spec.eval_alone)
 
-    def __call__(self, batch: int, steps: int = 1) -> TrialResult:
-        self.meter.release()
-        try:
-            with self.meter.tracking():
-                return self._run(batch, steps)
-        except Exception as exc:  # an OOM is an answer; anything else is re-raised
-            if not is_oom(exc):
-                raise TrialError(f"evaluation trial at batch {batch} failed: {exc}") from exc
-            return oom_result(self.meter, exc, batch)
-        finally:
-            self.model.module.train()
-            self.meter.release()
-
-    def _run(self, batch: int, steps: int) -> TrialResult:
+    def _run(self, batch: int, steps: int | None) -> TrialResult:
         from transformers.trainer_pt_utils import EvalLoopContainer
 
-        spec, meter, module = self.spec, self.meter, self.model.module
-        module.eval()
+        spec, meter = self.spec, self.meter
         meter.start_trial()
         # what evaluation_loop keeps: losses always; logits and labels only when compute_metrics is set
         losses, preds, labels = (EvalLoopContainer(True, padding_index=-100) for _ in range(3))
-        for _ in range(steps):
+        for _ in range(steps or 1):
             meter.phase("eval_forward")
             mb = worst_case_batch(self.model.vocab_size, batch, spec, meter.device, self._generator)
             loss, logits = eval_forward(self.model, mb, spec)
@@ -117,10 +87,9 @@ class EvalRunner:
                 preds.add(logits)
                 labels.add(unshifted_labels(mb.labels))
             del mb, loss, logits
-        reading = meter.reading()
+        result = self._result(batch)
         del losses, preds, labels
-        return TrialResult(batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
-                           reading.alloc_retries, None, reading.phase_peak_bytes, reading.breakdown)
+        return result
 
 
 def eval_steps_in_set(spec: ProbeSpec, batch: int) -> int | None:
@@ -144,7 +113,7 @@ def search_evaluation(spec: ProbeSpec, allowed_factories: Collection[str] = (),
         if spec.eval_compute_metrics and batch:
             limit = min(eval_steps_in_set(spec, batch) or MAX_KEPT_STEPS, MAX_KEPT_STEPS)
             kept = find_micro_batch(_steps_at(runner, batch), capacity, spec.headroom, limit)
-    return _evaluation(spec, search, kept, batch)
+    return _evaluation(spec, runner, search, kept, batch)
 
 
 def _steps_at(runner: EvalRunner, batch: int) -> Callable[[int], TrialResult]:
@@ -158,7 +127,8 @@ def _section(result: SearchResult) -> EvalSearch:
                       trials=result.trials)
 
 
-def _evaluation(spec: ProbeSpec, search: SearchResult, kept: SearchResult | None, batch: int) -> Evaluation:
+def _evaluation(spec: ProbeSpec, runner: EvalRunner, search: SearchResult, kept: SearchResult | None,
+                batch: int) -> Evaluation:
     """The section: the batch, and with compute_metrics the steps that fit and the accumulation that bounds them."""
     steps_fit = accumulation = None
     in_set = eval_steps_in_set(spec, batch) if batch else None
@@ -167,10 +137,9 @@ def _evaluation(spec: ProbeSpec, search: SearchResult, kept: SearchResult | None
         safe_steps = kept.safe_micro_batch
         # the whole eval set's logits fit: nothing to move to the host
         accumulation = None if in_set is not None and safe_steps >= in_set else max(safe_steps, 1)
-    resident = "weights only (evaluation-only job)" if spec.eval_alone else \
-        "weights and optimizer state, no gradients (as the trainer leaves them between steps)"
     return Evaluation(
-        batch=_section(search), per_device_eval_batch_size=batch, resident=resident,
+        batch=_section(search), per_device_eval_batch_size=batch,
+        **resident_facts(runner, "evaluation-only job" if spec.eval_alone else None),
         compute_metrics=spec.eval_compute_metrics, eval_steps=in_set if spec.eval_rows else None,
         kept_steps=_section(kept) if kept is not None else None, eval_steps_fit=steps_fit,
         eval_accumulation_steps=accumulation)
@@ -180,7 +149,7 @@ def evaluation_words(evaluation: Evaluation) -> str:
     """The section for people: the eval batch, and with compute_metrics how long its kept logits fit."""
     search = evaluation.batch
     lines = [f"eval batch: max {search.max}, safe {search.safe} ({search.trial_count} trials) beside "
-             f"{evaluation.resident}: per_device_eval_batch_size={evaluation.per_device_eval_batch_size}"]
+             f"{resident_words(evaluation)}: per_device_eval_batch_size={evaluation.per_device_eval_batch_size}"]
     if evaluation.compute_metrics and evaluation.eval_steps_fit is not None:
         of = f" of the eval set's {evaluation.eval_steps}" if evaluation.eval_steps else ""
         plural = "" if evaluation.eval_steps_fit == 1 else "s"

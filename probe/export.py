@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from fitprobe.probe.optimizers import implementation
-from fitprobe.probe.report import Evaluation, PlanFacts, Report, SplitFacts
+from fitprobe.probe.report import Evaluation, Generation, PlanFacts, Report, SplitFacts
 from fitprobe.probe.spec import ALL_LINEAR, DEFAULT_PRECISION, LEGACY_OPTIMIZER_NAMES, SpecError
 
 ExportFormat = Literal["hf", "trl", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
@@ -432,6 +432,8 @@ def export_report(report: Report, fmt: str) -> dict[str, Any]:
                            verified=None if report.verification is None else report.verification.passed)
     if report.evaluation is not None:
         _add_evaluation(exported, report.evaluation)
+    if report.generation is not None:
+        _add_generation(exported, report.generation)
     return exported
 
 
@@ -448,6 +450,25 @@ def _add_evaluation(exported: dict[str, Any], evaluation: Evaluation) -> None:
             "evaluation as fitprobe measured it: " + ", ".join(f"{key} {value}" for key, value in fields.items()))
     exported["provenance"]["evaluation"] = {"max_eval_batch": evaluation.batch.max, **fields,
                                             "eval_steps_fit": evaluation.eval_steps_fit}
+
+
+def _add_generation(exported: dict[str, Any], generation: Generation) -> None:
+    """The generation batch and the kwargs it was searched with, in the provenance of every format.
+
+    No training config has a field for them (SFTConfig and TrainingArguments generate nothing; GRPOConfig's
+    `generation_batch_size` and `max_completion_length` belong to a different trainer), so they are what to
+    pass to `model.generate` (or a GenerationConfig) in batches of `batch_size`, named once for every format.
+    """
+    batch = generation.batch.safe or generation.batch.max
+    kwargs = {"max_new_tokens": generation.max_new_tokens, "do_sample": False,
+              "cache_implementation": generation.cache_implementation}
+    exported["provenance"]["generation"] = {"batch_size": batch, "max_batch": generation.batch.max,
+                                            "generation_kwargs": kwargs,
+                                            "longest_new_tokens_at_batch_1": generation.longest_new_tokens_at_batch_1}
+    exported["provenance"].setdefault("notes", []).append(
+        f"generation as fitprobe measured it: model.generate(**generation_kwargs) on batches of {batch} "
+        f"prompts of {generation.prompt_tokens} tokens, generation_kwargs " +
+        ", ".join(f"{key}={value!r}" for key, value in kwargs.items()))
 
 
 # The part of a format's config that is the framework's file; the rest becomes comments in YAML.

@@ -1,6 +1,9 @@
 """The generation batch: the largest batch `model.generate` runs, greedy, with its KV cache grown to the end.
 
-`generate` prefills the prompt (seq_len tokens) into the cache, then decodes one token at a time, the cache
+It runs beside what training keeps resident (probe/resident.py: weights and optimizer state, as during an
+evaluation with generation or an RL rollout), or beside the weights alone (`generate_alone`, an
+inference-only job). `generate` prefills the prompt (seq_len tokens) into the cache, then decodes one token at a
+time, the cache
 growing to prompt + max_new_tokens - 1 tokens (the last token is never fed back). Its peak is the larger
 of the prefill (activations over the whole prompt) and the last decode step (the whole cache, the
 DynamicCache's concatenation copying one layer's keys or values at a time). The trial runs
@@ -8,15 +11,18 @@ transformers' own `generate` for all max_new_tokens steps, in the model's precis
 the cache implementation the user picks (dynamic, the default, or static, allocated whole up front):
 exact by construction, and bounded at the door (MAX_NEW_TOKENS) because each trial decodes every token.
 
-Known limitations: measured only. Under fake tensors `generate` reads values (its stop check asks
-whether every sequence finished), so `--estimate` refuses `generate` rather than answer a guess; and
-the generation runs alone (weights only), not beside training state.
+Estimated the same way: under fake tensors `generate` runs as is, its few reads of values answered from
+what fitprobe knows of its own prompts (probe/estimate/generate_reads.py), so the estimate equals the
+measured trial to the byte. Known limitations: an estimate decodes every token too, so a long generation
+of a large model takes as many fake forwards as tokens (bounded at the door by MAX_NEW_TOKENS); greedy
+decoding only (`do_sample` adds a [batch, vocab] fp32 probabilities buffer per step; beams are not modelled).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -24,12 +30,14 @@ from torch import nn
 
 from fitprobe.probe.build import prepare
 from fitprobe.probe.heap import frozen_heap, settle
-from fitprobe.probe.meter import Meter, is_oom
+from fitprobe.probe.estimate.fake import EstimateMeter
+from fitprobe.probe.estimate.generate_reads import GenerateReads
+from fitprobe.probe.meter import Meter
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
+from fitprobe.probe.resident import ResidentRunner, resident_facts, resident_words
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, format_bytes
-from fitprobe.probe.trial import TrialError, oom_result
 
 
 def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
@@ -51,47 +59,35 @@ def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
     return 2 * kv_heads * head_dim * kept * dtype_bytes
 
 
-class GenerateRunner:
+class GenerateRunner(ResidentRunner):
     """`runner(b, new_tokens) -> TrialResult`: one greedy `generate` of b prompts of seq_len tokens."""
 
+    what = "generation"
+
     def __init__(self, spec: ProbeSpec, meter: Meter, model: LoadedModel) -> None:
-        self.spec, self.meter, self.model = spec, meter, model
-        self._generator = torch.Generator().manual_seed(spec.seed)
+        super().__init__(spec, meter, model, alone=spec.generate_alone)
         self.last_cache_bytes: int | None = None
 
-    def __call__(self, batch: int, new_tokens: int | None = None) -> TrialResult:
-        self.meter.release()
-        try:
-            with self.meter.tracking():
-                return self._run(batch, new_tokens or self.spec.max_new_tokens)
-        except Exception as exc:  # an OOM is an answer; anything else is re-raised
-            if not is_oom(exc):
-                raise TrialError(f"generation trial at batch {batch} failed: {exc}") from exc
-            return oom_result(self.meter, exc, batch)
-        finally:
-            self.model.module.train()
-            self.meter.release()
-
-    def _run(self, batch: int, new_tokens: int) -> TrialResult:
+    def _run(self, batch: int, new_tokens: int | None) -> TrialResult:
         spec, meter, module = self.spec, self.meter, self.model.module
-        module.eval()
+        new_tokens = new_tokens or spec.max_new_tokens
         prompt = torch.randint(0, self.model.vocab_size, (batch, spec.seq_len), generator=self._generator)
         meter.start_trial()
         input_ids = prompt.to(meter.device)
-        with torch.no_grad():
+        # under fake tensors generate's few reads of values are answered (probe/estimate/generate_reads.py)
+        reads = GenerateReads(spec.seq_len + new_tokens) if isinstance(meter, EstimateMeter) else nullcontext()
+        with torch.no_grad(), reads:
             # every token generated (no EOS stop), greedy, returning the cache so its bytes can be read
             generate: Any = module.generate
             out = generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=0, cache_implementation=spec.cache_implementation,
-                                  return_dict_in_generate=True)
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0, cache_implementation=spec.cache_implementation,
+                           return_dict_in_generate=True)
         cache: Any = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         self.last_cache_bytes = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)
                                     if t is not None) // batch
         del out, cache, input_ids
-        reading = meter.reading()
-        return TrialResult(batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
-                           reading.alloc_retries, None, reading.phase_peak_bytes, reading.breakdown)
+        return self._result(batch)
 
 
 def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> Generation:
@@ -111,6 +107,7 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         longest = find_micro_batch(lambda n: dataclasses.replace(runner(1, n), micro_batch=n), capacity,
                                    spec.headroom, limit)
     return Generation(
+        **resident_facts(runner, "inference-only job" if spec.generate_alone else None),
         batch=EvalSearch(max=search.max_micro_batch, safe=search.safe_micro_batch,
                          trial_count=len(search.trials), trials=search.trials),
         prompt_tokens=spec.seq_len, max_new_tokens=spec.max_new_tokens, cache_implementation=spec.cache_implementation,
@@ -126,7 +123,7 @@ def generation_words(generation: Generation) -> str:
     longest = f"{generation.longest_new_tokens_at_batch_1}{' (the limit)' if generation.longest_limit_reached else ''}"
     return (f"generate batch: max {search.max}, safe {search.safe} ({search.trial_count} trials) for "
             f"{generation.prompt_tokens}-token prompts + {generation.max_new_tokens} new tokens "
-            f"({generation.cache_implementation} cache)\n"
+            f"({generation.cache_implementation} cache) beside {resident_words(generation)}\n"
             f"  KV cache per sequence: {format_bytes(generation.cache_bytes_per_sequence)} at "
             f"{generation.cache_tokens} tokens (arithmetic: {format_bytes(generation.cache_bytes_per_sequence_arithmetic)});"
             f" longest generation at batch 1: {longest} new tokens")

@@ -211,12 +211,20 @@ class EvalSearch(Section):
     trials: list[TrialResult] = Field(description="each trial; in kept_steps its micro_batch is the step count")
 
 
-class Evaluation(Section):
+class Resident(Section):
+    """What a no-grad search ran beside (probe/resident.py), and the capacity that state left it."""
+
+    resident: str = Field(description="what stays on the device while it runs")
+    resident_bytes: int = Field(description="the resident state's bytes, counted before the first trial")
+    capacity_bytes: int | None = Field(description="the device's capacity (null: a CUDA device without a cap)")
+    capacity_left_bytes: int | None = Field(description="capacity − resident_bytes: what the batch may use")
+
+
+class Evaluation(Resident):
     """`Trainer.evaluate()` beside what training keeps resident: the eval batch and the logits it keeps."""
 
     batch: EvalSearch = Field(description="per_device_eval_batch_size searched at one eval step")
     per_device_eval_batch_size: int = Field(description="the batch to export: the safe one (the max if none)")
-    resident: str = Field(description="what stays on the device while evaluating")
     compute_metrics: bool
     eval_steps: int | None = Field(None, description="steps one evaluation takes (eval_rows over the batch)")
     kept_steps: EvalSearch | None = Field(
@@ -226,15 +234,16 @@ class Evaluation(Section):
         None, description="to export: moves the kept logits to the host in time (null: the whole set fits)")
 
 
-class Generation(Section):
-    """`model.generate` (greedy) of prompts of seq_len tokens: the batch, and the KV cache it grows."""
+class Generation(Resident):
+    """`model.generate` (greedy) of prompts of seq_len tokens beside the resident state: the batch, and the KV
+    cache it grows."""
 
     batch: EvalSearch = Field(description="the generate batch searched at max_new_tokens")
     prompt_tokens: int
     max_new_tokens: int
     cache_implementation: str
     cache_tokens: int = Field(description="tokens the cache holds at the end: prompt + max_new_tokens - 1")
-    cache_bytes_per_sequence: int = Field(description="the cache's bytes per sequence, read from a real generate")
+    cache_bytes_per_sequence: int = Field(description="the cache's bytes per sequence, read from the generate trial")
     cache_bytes_per_sequence_arithmetic: int = Field(
         description="2 × layers × kv_heads × head_dim × cache_tokens × dtype bytes")
     longest_new_tokens_at_batch_1: int = Field(description="the longest generation that fits at batch 1")

@@ -299,9 +299,23 @@ class ProbeSpec(BaseModel):
         None, ge=1, le=MAX_EVAL_ROWS, strict=True,
         description="with eval: rows in the eval set (the eval batch never exceeds it; steps = rows / batch)",
     )
+    eval_batch_size: int | None = Field(
+        None, ge=1, le=MAX_EVAL_ROWS, strict=True,
+        description="with eval: the per_device_eval_batch_size your config uses; pre-flight fails unless it fits "
+        "(measured: at most the max; estimated: at most the safe batch)",
+    )
     generate: bool = Field(
         False, description="also answer the largest batch for model.generate (greedy, prompts of seq_len tokens, "
-        "max_new_tokens each) and its KV cache; measure mode, Hugging Face models",
+        "max_new_tokens each) and its KV cache, beside the weights and optimizer state training keeps resident; "
+        "Hugging Face models",
+    )
+    generate_alone: bool = Field(
+        False, description="with generate: an inference-only job, nothing of training resident but the weights",
+    )
+    generate_batch_size: int | None = Field(
+        None, ge=1, le=MAX_EVAL_ROWS, strict=True,
+        description="with generate: the batch your generation runs; pre-flight fails unless it fits (measured: at "
+        "most the max; estimated: at most the safe batch)",
     )
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS, strict=True,
                                 description="with generate: tokens each sequence generates")
@@ -439,7 +453,8 @@ class ProbeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _eval_options_need_eval(self) -> ProbeSpec:
-        given = [name for name in ("eval_alone", "eval_compute_metrics", "eval_rows") if getattr(self, name)]
+        given = [name for name in ("eval_alone", "eval_compute_metrics", "eval_rows", "eval_batch_size")
+                 if getattr(self, name)]
         if given and not self.eval:
             raise ValueError(f"{', '.join(given)} describe the evaluation: add eval (--eval), or drop them")
         if self.eval and self.sharding == "fsdp":
@@ -449,12 +464,15 @@ class ProbeSpec(BaseModel):
     @model_validator(mode="after")
     def _generate_runs_here(self) -> ProbeSpec:
         if not self.generate:
+            given = [name for name in ("generate_alone", "generate_batch_size") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} describe the generation: add generate (--generate), or drop "
+                                 "them")
             return self
         if isinstance(self.model, str) and self.model.startswith(("builtin:", "factory:")):
             raise ValueError("generate runs transformers' model.generate: use a preset:, hf: or inline config")
-        if self.mode == "estimate":
-            raise ValueError("generate is measured only (generate reads values fake tensors do not have): "
-                             "leave out --estimate, or generate")
+        if self.sharding == "fsdp":
+            raise ValueError("generate with sharding=fsdp is not modelled yet: leave out generate, or sharding")
         if self.seq_len + self.max_new_tokens > MAX_SEQ_LEN:
             raise ValueError(f"seq_len + max_new_tokens must be ≤ {MAX_SEQ_LEN} "
                              f"(got {self.seq_len} + {self.max_new_tokens})")

@@ -70,7 +70,10 @@ OPTIONS: dict[str, Option] = {
     "eval_alone": Option("--eval-alone", switch=True, search=True),
     "eval_compute_metrics": Option("--eval-compute-metrics", switch=True, search=True),
     "eval_rows": Option("--eval-rows", search=True),
+    "eval_batch_size": Option("--eval-batch-size", search=True),
     "generate": Option("--generate", switch=True, search=True),
+    "generate_alone": Option("--generate-alone", switch=True, search=True),
+    "generate_batch_size": Option("--generate-batch-size", search=True),
     "max_new_tokens": Option("--max-new-tokens", search=True),
     "cache_implementation": Option("--cache-implementation", search=True),
 }

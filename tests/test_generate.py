@@ -1,6 +1,7 @@
 """The generation batch (probe/generate.py) against real `model.generate(max_new_tokens=…)` runs counted by the
-CPU allocator's own account over the generate call (tests/reference_loop.py), and its KV cache against the
-arithmetic. Held-out families: Qwen2 (grouped-query attention, tied embeddings) and Mistral (sliding window).
+CPU allocator's own account over the generate call (tests/reference_loop.py), alone and after a training step
+as a user writes it; its KV cache and resident state against the arithmetic; its estimate against the
+measured trial. Held-out families: Qwen2 (grouped-query attention, tied embeddings) and Mistral (sliding window).
 """
 
 from __future__ import annotations
@@ -23,16 +24,32 @@ PROMPT = 16
 WINDOW = "test_generate.generate"
 
 
-def generate_peak_bytes(fields: dict[str, Any], batch: int, new_tokens: int, cache: str = "dynamic") -> int:
-    """Peak bytes while a user's `model.generate` runs (greedy, every token generated), the weights resident."""
+def _model(fields: dict[str, Any]) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(fields)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields),
+                                            attn_implementation="sdpa")
+
+
+def generate_peak_bytes(fields: dict[str, Any], batch: int, new_tokens: int, cache: str = "dynamic",
+                        train_first: bool = False) -> int:
+    """Peak bytes while a user's `model.generate` runs (greedy, every token generated), the weights resident and,
+    with `train_first`, the optimizer state of a training step as users write it (HF's default fused AdamW,
+    then `zero_grad(set_to_none=True)`): generation inside a training run."""
 
     def run() -> None:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-        ids = torch.randint(0, config.vocab_size, (batch, PROMPT))
+        model = _model(fields)
+        vocab = model.config.vocab_size
+        if train_first:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ids = torch.randint(0, vocab, (1, PROMPT))
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del ids
+        model.eval()
+        ids = torch.randint(0, vocab, (batch, PROMPT))
         with torch.no_grad(), record_function(WINDOW):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, cache_implementation=cache)
@@ -40,53 +57,136 @@ def generate_peak_bytes(fields: dict[str, Any], batch: int, new_tokens: int, cac
     return allocator_peak_bytes(run, window=WINDOW)
 
 
-def _spec(fields: dict, new_tokens: int, capacity_bytes: int = 1 << 30, cache: str = "dynamic") -> ProbeSpec:
+def _spec(fields: dict, new_tokens: int, capacity_bytes: int = 1 << 30, cache: str = "dynamic",
+          mode: str = "measure", alone: bool = True) -> ProbeSpec:
     return ProbeSpec(model=fields, seq_len=PROMPT, precision="fp32", capacity_bytes=capacity_bytes, generate=True,
-                     max_new_tokens=new_tokens, cache_implementation=cache)
+                     max_new_tokens=new_tokens, cache_implementation=cache, mode=mode, generate_alone=alone)
 
 
-@pytest.mark.slow  # ~10 s each on the shared 2-core host: a real generate under the profiler and a trial
-@pytest.mark.parametrize("fields,cache", [(QWEN2, "dynamic"), (MISTRAL, "dynamic"), (QWEN2, "static")],
-                         ids=["qwen2-dynamic", "mistral-dynamic", "qwen2-static"])
-def test_generation_peak_is_what_model_generate_holds(fields, cache):
-    """Long enough that the last decode step, with the whole cache, holds the peak, not the prefill."""
-    spec = _spec(fields, 96, cache=cache)
-    meter, model = prepare(spec)
-    result = GenerateRunner(spec, meter, model)(4)
-    assert result.fits
-    assert result.peak_allocated_bytes == pytest.approx(generate_peak_bytes(fields, 4, 96, cache), rel=TOLERANCE)
+def _trial_peaks(spec: ProbeSpec, batch: int) -> tuple[int, int]:
+    """The generation trial's peak measured on the CPU and estimated under fake tensors."""
+    peaks = []
+    for mode in ("measure", "estimate"):
+        moded = spec.model_copy(update={"mode": mode})
+        meter, model = prepare(moded)
+        result = GenerateRunner(moded, meter, model)(batch)
+        assert result.fits and result.peak_allocated_bytes
+        peaks.append(result.peak_allocated_bytes)
+    return peaks[0], peaks[1]
 
 
-@pytest.mark.slow  # ~30 s on the shared 2-core host: two searches and two real generates
+@pytest.mark.slow  # ~10 s each on the shared 2-core host: a real generate under the profiler, a trial, an estimate
+@pytest.mark.parametrize("fields,cache,alone", [(QWEN2, "dynamic", True), (MISTRAL, "dynamic", False),
+                                                (QWEN2, "static", False)],
+                         ids=["qwen2-dynamic-inference-only", "mistral-dynamic-beside-training",
+                              "qwen2-static-beside-training"])
+def test_generation_peak_is_what_model_generate_holds_and_the_estimate_equals_it(fields, cache, alone):
+    """Long enough that the last decode step, with the whole cache, holds the peak, not the prefill; beside
+    training, the optimizer state a training step leaves stays resident through the generation."""
+    measured, estimated = _trial_peaks(_spec(fields, 96, cache=cache, alone=alone), 4)
+    assert measured == pytest.approx(generate_peak_bytes(fields, 4, 96, cache, train_first=not alone),
+                                     rel=TOLERANCE)
+    assert estimated == measured
+
+
+def _blocks(n_bytes: int) -> int:
+    return -(-n_bytes // 512) * 512
+
+
+@pytest.mark.slow  # ~15 s on the shared 2-core host: a probe with its generation and evaluation, estimated
+def test_beside_training_generation_and_evaluation_fit_where_training_fits_and_the_capacity_left_says_why():
+    """Training fits at micro-batch ≥ 1, so the no-grad steps beside its resident state fit too: that state is
+    less than a training step holds. The resident bytes are the weights and fused AdamW's state by hand: each
+    tensor in the CUDA allocator's 512-byte blocks, two fp32 moments per parameter and a step scalar each."""
+    from fitprobe.probe.job import run_probe
+
+    capacity = 6 << 20
+    fields = dict(QWEN2, max_position_embeddings=64)  # a short context bounds the longest-generation search
+    spec = ProbeSpec(model=fields, seq_len=PROMPT, precision="fp32", capacity_bytes=capacity, mode="estimate",
+                     generate=True, max_new_tokens=32, eval=True)
+    report = run_probe(spec)
+    assert report.search.max_micro_batch >= 1
+    model = _model(fields)
+    weights = sum(_blocks(t.nbytes) for t in (*model.parameters(), *model.buffers()))
+    state = sum(2 * _blocks(p.nbytes) + 512 for p in model.parameters())
+    for section in (report.generation, report.evaluation):
+        assert section is not None
+        assert section.batch.max >= 1
+        assert section.resident_bytes == weights + state
+        assert section.capacity_left_bytes == capacity - weights - state
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core host: two searches, their estimates and two real generates
 def test_the_generation_batch_is_the_true_max_and_its_cache_is_the_arithmetic():
     capacity = 3 << 20
-    generation = search_generation(_spec(MISTRAL, 64, capacity))
+    fields = dict(MISTRAL, max_position_embeddings=56)  # a short context bounds the longest-generation search
+    generation = search_generation(_spec(fields, 24, capacity))
+    assert search_generation(_spec(fields, 24, capacity, mode="estimate")) == generation
     top = generation.batch.max
     assert top > 1
-    assert generate_peak_bytes(MISTRAL, top, 64) <= capacity < generate_peak_bytes(MISTRAL, top + 1, 64)
+    assert generate_peak_bytes(fields, top, 24) <= capacity < generate_peak_bytes(fields, top + 1, 24)
     # 2 × layers × kv_heads × head_dim × tokens × 4 bytes, by hand: Mistral's 2 layers, 1 kv head of 16; its
-    # sliding window (16) keeps the last 15 of the 79 tokens, so the cache stops growing at the window
-    assert generation.cache_tokens == PROMPT + 64 - 1
+    # sliding window (16) keeps the last 15 of the 39 tokens, so the cache stops growing at the window
+    assert generation.cache_tokens == PROMPT + 24 - 1
     assert generation.cache_bytes_per_sequence == 2 * 2 * 1 * 16 * (16 - 1) * 4
     assert generation.cache_bytes_per_sequence_arithmetic == generation.cache_bytes_per_sequence
-    assert generation.longest_new_tokens_at_batch_1 > 64
+    assert generation.longest_new_tokens_at_batch_1 == 56 - PROMPT  # to the context's end (the window caps the cache)
+    assert generation.longest_limit_reached
 
 
 def test_the_cache_arithmetic_of_a_full_attention_model_counts_every_token():
     """Qwen2 (grouped-query: 2 kv heads of 16, 2 layers), fp32, no window: the issue's formula as written."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from fitprobe.probe.generate import kv_cache_bytes_per_sequence
 
-    fields = dict(QWEN2)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    assert kv_cache_bytes_per_sequence(model, 100) == 2 * 2 * 2 * 16 * 100 * 4
+    assert kv_cache_bytes_per_sequence(_model(QWEN2), 100) == 2 * 2 * 2 * 16 * 100 * 4
 
 
 def test_generation_settings_are_bounded_at_the_door_with_the_fix():
     with pytest.raises(ValidationError, match="less than or equal to 1024"):
         ProbeSpec(model=QWEN2, generate=True, max_new_tokens=1 << 20)
-    with pytest.raises(ValidationError, match="leave out --estimate"):
-        ProbeSpec(model=QWEN2, generate=True, mode="estimate", capacity_bytes=1 << 30)
+    with pytest.raises(ValidationError, match=r"add generate \(--generate\)"):
+        ProbeSpec(model=QWEN2, generate_alone=True)
     with pytest.raises(ValidationError, match="use a preset:, hf: or inline config"):
         ProbeSpec(model="builtin:gpt-nano", generate=True)
+
+
+@pytest.mark.slow  # ~15 s on the shared 2-core host: an estimated probe with its generation search
+def test_every_export_names_the_generation_batch_and_kwargs_that_model_generate_takes():
+    from fitprobe.probe.export import export_report
+    from fitprobe.probe.job import run_job
+
+    fields = dict(QWEN2, max_position_embeddings=32)
+    report = run_job(ProbeSpec(model=fields, seq_len=PROMPT, precision="fp32", mode="estimate",
+                               capacity_bytes=6 << 20, generate=True, max_new_tokens=8, effective_batch=8))
+    assert report.generation is not None
+    for fmt in ("hf", "trl", "axolotl", "torchtune"):
+        generation = export_report(report, fmt)["provenance"]["generation"]
+        assert generation["batch_size"] == report.generation.batch.safe >= 1
+        assert generation["max_batch"] == report.generation.batch.max
+        assert generation["generation_kwargs"] == {"max_new_tokens": 8, "do_sample": False,
+                                                   "cache_implementation": "dynamic"}
+    # what a user does with it: model.generate on batches of batch_size prompts, the kwargs as exported
+    ids = torch.randint(0, fields["vocab_size"], (generation["batch_size"], PROMPT))
+    out = _model(fields).eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
+                                         **generation["generation_kwargs"])
+    assert out.shape[0] == generation["batch_size"] and out.shape[1] <= PROMPT + 8
+
+
+@pytest.mark.slow  # ~10 s on the shared 2-core host: a QLoRA model built twice, a trial each
+def test_a_qlora_models_generation_runs_on_its_4bit_base_and_the_estimate_equals_the_trial():
+    """QLoRA's generation (e.g. a GRPO rollout): the frozen base in bitsandbytes nf4, beside the adapters' paged
+    8-bit state; counted the same measured and on fake tensors. The cache is fp32: peft's
+    prepare_model_for_kbit_training keeps the unquantized weights (the embedding) in fp32, so the hidden states
+    and the keys and values computed from them are fp32 too."""
+    spec = ProbeSpec(model=dict(QWEN2, hidden_size=128, intermediate_size=256), seq_len=PROMPT,
+                     precision="bf16-mixed", capacity_bytes=1 << 30, generate=True, max_new_tokens=12,
+                     finetuning="lora", quantization="nf4", optimizer="paged_adamw_8bit")
+    runs = []
+    for mode in ("measure", "estimate"):
+        moded = spec.model_copy(update={"mode": mode})
+        meter, model = prepare(moded)
+        runner = GenerateRunner(moded, meter, model)
+        runs.append((runner(3).peak_allocated_bytes, runner.resident_bytes, runner.last_cache_bytes))
+    assert runs[0] == runs[1]
+    # 2 (keys, values) × 2 layers × 2 kv heads × head_dim 32 × (16 + 12 - 1) tokens × 4 bytes (fp32)
+    assert runs[0][2] == 2 * 2 * 2 * 32 * (PROMPT + 12 - 1) * 4

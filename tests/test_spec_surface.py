@@ -27,10 +27,6 @@ PROPERTIES = SCHEMA["properties"]
 NOT_IN_THE_FORM = {
     "device": "the service runs a job on the device its worker owns",
     "data": "a dataset file is read on the user's machine (the command line); the API takes its row lengths",
-    **{name: "the evaluation batch is not on the page yet (issue 36)"
-       for name in ("eval", "eval_alone", "eval_compute_metrics", "eval_rows")},
-    **{name: "the generation batch is not on the page yet (issue 36)"
-       for name in ("generate", "max_new_tokens", "cache_implementation")},
 }
 
 

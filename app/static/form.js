@@ -6,11 +6,15 @@ import { h } from "./dom.js";
 import { formatBytes } from "./format.js";
 
 const NUMBERS = ["seq_len", "effective_batch", "effective_batch_tokens", "num_devices", "headroom", "max_micro_batch",
-  "micro_steps_per_trial", "optimizer_steps_per_trial", "seed", "lora.rank", "lora.alpha"];
-const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "trainer", "mode", "sharding"];
-const CHECKS = ["gradient_checkpointing", "liger", "estimate_first", "extrapolate", "reuse"];
+  "micro_steps_per_trial", "optimizer_steps_per_trial", "seed", "lora.rank", "lora.alpha", "eval_rows", "eval_batch_size",
+  "max_new_tokens", "generate_batch_size"];
+const CHOICES = ["precision", "optimizer", "finetuning", "quantization", "collation", "trainer", "mode", "sharding",
+  "cache_implementation"];
+const CHECKS = ["gradient_checkpointing", "liger", "estimate_first", "extrapolate", "reuse", "eval", "eval_alone",
+  "eval_compute_metrics", "generate", "generate_alone"];
 // choices whose values the spec's schema lists (optimizer comes with its descriptions from /v1/models)
-const SCHEMA_CHOICES = ["precision", "finetuning", "quantization", "collation", "trainer", "mode", "sharding"];
+const SCHEMA_CHOICES = ["precision", "finetuning", "quantization", "collation", "trainer", "mode", "sharding",
+  "cache_implementation"];
 const field = (name) => document.getElementById(`f-${name}`);
 
 export function setUpForm(onSubmitted) {

@@ -3,6 +3,7 @@
 // nothing changed the server answers an empty 304, so an open tab costs one indexed read a second.
 // (EventSource cannot send the bearer token, which is why this is polling and not the SSE stream.)
 import { request } from "./api.js";
+import { noGradSections } from "./batches.js";
 import { breakdownSection } from "./breakdown.js";
 import { lossChart, memoryChart } from "./chart.js";
 import { h, table } from "./dom.js";
@@ -82,6 +83,7 @@ function render(root, job) {
     job.report?.headroom_shortfall ? shortfallSection(job.report.headroom_shortfall) : null,
     curveSection(job, search, capacity),
     breakdownSection(job.trials.length ? job.trials : (search?.trials ?? []), job.report?.device?.breakdown_note),
+    ...noGradSections(job.report),
     job.plan ? planSection(job.plan) : null,
     job.plan && spec.mode === "estimate" ? h("p", { class: "meta", id: "estimate-note" },
       h("strong", {}, "Not verified: "), `${ESTIMATED}. `, job.report?.device?.accuracy_note ?? "") : null,

@@ -9,6 +9,10 @@ nothing, so it passes only when the caller says so (`--accept-estimate`, `accept
 then only with a margin: the plan's micro-batch must be within the safe micro-batch, the one whose
 estimated peak leaves the asked headroom free, since an estimate may be off by what the headroom is
 for. Its line says so: `PASS (estimated): …`.
+
+A job that also asked for the evaluation or generation batch (`eval`, `generate`) passes only when that
+fits too: at least one batch, or the `eval_batch_size` / `generate_batch_size` the caller's config runs,
+beside the training state (within the safe batch for an estimate, the max for a measured job).
 """
 
 from __future__ import annotations
@@ -60,7 +64,32 @@ def verdict(job: dict[str, Any], require_exact: bool = False, accept_estimate: b
     cached = f"search cached from probe {source}; " if source else ""
     peak = (f"; peak {format_bytes(verification.get('peak_reserved_bytes'))} of "
             f"{format_bytes(verification.get('capacity_bytes'))}")
-    return True, f"PASS: {split} ({cached}verified{peak})"
+    return _with_no_grad_batches(job, f"PASS: {split} ({cached}verified{peak})", estimated=False)
+
+
+# the report's section, the spec field naming the caller's batch, and the words for it
+_NO_GRAD_BATCHES = (("evaluation", "eval_batch_size", "evaluation", "--eval-batch-size"),
+                    ("generation", "generate_batch_size", "generation", "--generate-batch-size"))
+
+
+def _with_no_grad_batches(job: dict[str, Any], line: str, estimated: bool) -> tuple[bool, str]:
+    """The PASS line, unless the evaluation or generation the job asked for does not fit its batch."""
+    report, spec = job.get("report") or {}, job.get("spec") or {}
+    fitting = []
+    for section_name, field, words, flag in _NO_GRAD_BATCHES:
+        section = report.get(section_name)
+        if not section:
+            continue
+        batch = section["batch"]
+        asked = spec.get(field) or 1
+        limit, which = (batch["safe"], "safe") if estimated else (batch["max"], "max")
+        left = section.get("capacity_left_bytes")
+        beside = f"beside {section.get('resident')}" + (f", {format_bytes(left)} left" if left is not None else "")
+        if limit < asked:
+            return False, (f"FAIL: {words} does not fit: batch {asked} asked, {which} {limit} ({beside}); "
+                           f"lower {flag}" + (" or the training state's size" if "optimizer" in beside else ""))
+        fitting.append(f"{words} batch {asked} fits ({which} {limit})")
+    return True, line + "".join(f"; {words}" for words in fitting)
 
 
 def _on_a_cpu_service(job: dict[str, Any], not_fitting: dict[str, Any]) -> str:
@@ -92,5 +121,6 @@ def _estimated(job: dict[str, Any], plan: dict[str, Any], split: str, require_ex
                        f"({ESTIMATED}): {shortfall}")
     if require_exact and not plan["exact"]:
         return False, f"FAIL: plan is not exact ({plan.get('deviation_percent')}% off): {split}"
-    return True, (f"PASS (estimated): {split} ({ESTIMATED}; micro-batch {plan['micro_batch']} within the safe "
-                  f"{safe}, which keeps {headroom:.0%} of {capacity} free)")
+    return _with_no_grad_batches(job, (f"PASS (estimated): {split} ({ESTIMATED}; micro-batch {plan['micro_batch']} "
+                                       f"within the safe {safe}, which keeps {headroom:.0%} of {capacity} free)"),
+                                 estimated=True)

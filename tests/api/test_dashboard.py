@@ -462,3 +462,37 @@ def test_the_forms_choices_are_the_specs_own(server, page):
     assert "flattened" in page.locator("#f-collation option").all_text_contents()
     expect(page.locator("#collation-help")).to_contain_text("DataCollatorWithFlattening")
     expect(page.locator("#f-collation")).to_have_value("padded")  # the spec's default stays selected
+
+
+@pytest.mark.slow  # ~15 s on the shared host: an estimated probe with its evaluation and generation searches
+def test_the_evaluation_and_generation_batches_show_beside_the_state_that_bounds_them(server, page, tmp_path):
+    """A real report's sections, rendered: each batch, what stays resident and the capacity it leaves (the
+    why), the eval accumulation, and the KV cache beside its arithmetic."""
+    from fitprobe.probe.job import run_probe
+    from fitprobe.probe.spec import ProbeSpec, format_bytes
+    from tests.test_evaluate import QWEN2
+
+    spec = ProbeSpec(model=dict(QWEN2, max_position_embeddings=32), seq_len=16, precision="fp32", mode="estimate",
+                     capacity_bytes=6 << 20, eval=True, eval_compute_metrics=True, eval_rows=64, generate=True,
+                     max_new_tokens=8)
+    report = run_probe(spec).model_dump(mode="json")
+    page.goto(f"{server.url}/#/")
+    page.evaluate("""async (report) => {
+        const { noGradSections } = await import("/batches.js");
+        document.body.append(...noGradSections(report));
+    }""", report)
+    page.screenshot(path=tmp_path / "batches.png", full_page=True)
+    evaluation, generation = report["evaluation"], report["generation"]
+    expect(page.locator("#eval-batch")).to_contain_text(
+        f"per_device_eval_batch_size={evaluation['per_device_eval_batch_size']}: max {evaluation['batch']['max']}, "
+        f"safe {evaluation['batch']['safe']}")
+    for section, where in ((evaluation, "#eval-resident"), (generation, "#generate-resident")):
+        expect(page.locator(where)).to_have_text(
+            f"beside {section['resident']} ({format_bytes(section['resident_bytes'])} resident, "
+            f"{format_bytes(section['capacity_left_bytes'])} of {format_bytes(6 << 20)} left)")
+        assert "optimizer state" in section["resident"]
+    expect(page.locator("#eval-kept")).to_contain_text(f"{evaluation['eval_steps_fit']} step(s)")
+    expect(page.locator("#generate-cache")).to_contain_text(
+        f"KV cache per sequence: {format_bytes(generation['cache_bytes_per_sequence'])} at "
+        f"{generation['cache_tokens']} tokens (arithmetic: {format_bytes(generation['cache_bytes_per_sequence_arithmetic'])})")
+    expect(page.locator("#generation table tbody tr")).to_have_count(len(generation["batch"]["trials"]))
