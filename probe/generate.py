@@ -13,9 +13,13 @@ exact by construction, and bounded at the door (MAX_NEW_TOKENS) because each tri
 
 Estimated the same way: under fake tensors `generate` runs as is, its few reads of values answered from
 what fitprobe knows of its own prompts (probe/estimate/generate_reads.py), so the estimate equals the
-measured trial to the byte. Known limitations: an estimate decodes every token too, so a long generation
-of a large model takes as many fake forwards as tokens (bounded at the door by MAX_NEW_TOKENS); greedy
-decoding only (`do_sample` adds a [batch, vocab] fp32 probabilities buffer per step; beams are not modelled).
+measured trial to the byte. The trial marks two phases, the prefill and the decode steps, each a line in the
+batch and in the tokens, so the search predicts where each reaches the capacity and confirms.
+
+Known limitations: an estimate decodes every token too, one fake forward per token (no depth
+extrapolation yet), so layers × new tokens is bounded (ESTIMATE_LAYER_TOKENS) and so is the longest
+generation an estimate tries; greedy decoding only (`do_sample` adds a [batch, vocab] fp32 probabilities
+buffer per step; beams are not modelled).
 """
 
 from __future__ import annotations
@@ -37,7 +41,26 @@ from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
 from fitprobe.probe.resident import ResidentRunner, resident_facts, resident_words
 from fitprobe.probe.search import find_micro_batch
-from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, format_bytes
+from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, SpecError, format_bytes
+
+
+# An estimate decodes every token on fake tensors at ~35 ms per layer and token on a 2-core host (Llama-3.1-8B,
+# 32 layers: ~1.1 s a token on a shared host), so its decode work per trial is bounded: layers × new tokens
+# ≤ this (8B: 128 tokens, the default max_new_tokens).
+ESTIMATE_LAYER_TOKENS = 4096
+
+
+def _layers(module: nn.Module) -> int:
+    config: Any = module.config
+    text: Any = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
+def estimated_token_limit(spec: ProbeSpec, module: nn.Module) -> int | None:
+    """The most new tokens an estimated trial decodes (None: measured, where a token costs the device's time)."""
+    if spec.mode != "estimate":
+        return None
+    return max(ESTIMATE_LAYER_TOKENS // _layers(module), 1)
 
 
 def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
@@ -76,13 +99,28 @@ class GenerateRunner(ResidentRunner):
         input_ids = prompt.to(meter.device)
         # under fake tensors generate's few reads of values are answered (probe/estimate/generate_reads.py)
         reads = GenerateReads(spec.seq_len + new_tokens) if isinstance(meter, EstimateMeter) else nullcontext()
-        with torch.no_grad(), reads:
-            # every token generated (no EOS stop), greedy, returning the cache so its bytes can be read
-            generate: Any = module.generate
-            out = generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0, cache_implementation=spec.cache_implementation,
-                           return_dict_in_generate=True)
+        # two phases, each a line in the batch (or the tokens) the search fits: the prefill, then the decode steps
+        meter.phase("generate_prefill")
+        forwards = 0
+
+        def count_forward(*_: Any) -> None:
+            nonlocal forwards
+            forwards += 1
+            if forwards == 2:
+                meter.phase("generate_decode")
+
+        base: Any = module.get_base_model() if hasattr(module, "get_base_model") else module
+        hook = base.register_forward_pre_hook(count_forward)
+        try:
+            with torch.no_grad(), reads:
+                # every token generated (no EOS stop), greedy, returning the cache so its bytes can be read
+                generate: Any = module.generate
+                out = generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0, cache_implementation=spec.cache_implementation,
+                               return_dict_in_generate=True)
+        finally:
+            hook.remove()
         cache: Any = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         self.last_cache_bytes = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)
                                     if t is not None) // batch
@@ -94,6 +132,12 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
     """The largest generate batch at max_new_tokens, the cache per sequence, and the longest generation at batch 1."""
     with frozen_heap():
         meter, model = prepare(spec, allowed_factories)
+        token_limit = estimated_token_limit(spec, model.module)
+        if token_limit is not None and spec.max_new_tokens > token_limit:
+            raise SpecError(
+                f"an estimated generation decodes every token on fake tensors, {_layers(model.module)} layers each: "
+                f"max_new_tokens {spec.max_new_tokens} is past the {token_limit} this model's estimate runs (layers × "
+                f"tokens ≤ {ESTIMATE_LAYER_TOKENS}); lower max_new_tokens, or measure the generation on the device")
         runner = GenerateRunner(spec, meter, model)
         settle()
         capacity = meter.capacity_bytes
@@ -101,9 +145,9 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         runner(1)
         cache_bytes = runner.last_cache_bytes or 0
         tokens = spec.seq_len + spec.max_new_tokens - 1
-        # no longer than the door allows, nor past the model's position table
+        # no longer than the door allows, nor past the model's position table, nor an estimate's decode bound
         context = model.max_seq_len - spec.seq_len if model.max_seq_len else MAX_NEW_TOKENS
-        limit = max(min(MAX_NEW_TOKENS, context), 1)
+        limit = max(min(MAX_NEW_TOKENS, context, token_limit or MAX_NEW_TOKENS), 1)
         longest = find_micro_batch(lambda n: dataclasses.replace(runner(1, n), micro_batch=n), capacity,
                                    spec.headroom, limit)
     return Generation(

@@ -190,3 +190,13 @@ def test_a_qlora_models_generation_runs_on_its_4bit_base_and_the_estimate_equals
     assert runs[0] == runs[1]
     # 2 (keys, values) × 2 layers × 2 kv heads × head_dim 32 × (16 + 12 - 1) tokens × 4 bytes (fp32)
     assert runs[0][2] == 2 * 2 * 2 * 32 * (PROMPT + 12 - 1) * 4
+
+
+def test_an_estimated_generation_past_its_decode_bound_is_refused_before_any_trial():
+    """One fake forward per token: 8 layers × 1024 new tokens is past the 4096 layer-tokens an estimate runs, so
+    the search names the 512 this model's estimate decodes and the fix, without decoding anything."""
+    from fitprobe.probe.errors import SpecError
+
+    spec = _spec(dict(QWEN2, num_hidden_layers=8, max_position_embeddings=2048), 1024, mode="estimate")
+    with pytest.raises(SpecError, match="max_new_tokens 1024 is past the 512 .* lower max_new_tokens"):
+        search_generation(spec)
