@@ -9,6 +9,7 @@ predict the b where the first of them reaches capacity. Real trials then confirm
 never leaves the bracket's far half, so a bad prediction costs O(log) trials, not a walk.
 
 Lightning's binsearch spends 13-19 trials for maxima of 100-1000; this typically spends 4.
+(For people, with the trial and the meter it searches over: docs/how-a-probe-works.md.)
 """
 
 from __future__ import annotations

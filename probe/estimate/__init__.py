@@ -6,8 +6,8 @@
 - `extrapolate`: a deep decoder from two shallow cuts of its repeating layers, to the byte.
 - `replay`: trials replayed from the size laws of a few traced ones (the what-if table's speed).
 - `estimator`: the estimate asked beside a real probe (the first micro-batch to try) and when nothing fits.
-
+- `generate_reads`: the values `model.generate` reads, answered for fitprobe's own prompts (generation estimated).
 - `fallback`: `Fallback`, the one exception by which a shortcut (`extrapolate`, `replay`) says why it does
   not apply; the caller that chose the shortcut catches it and runs the plain path.
-The face imports nothing, so importing one part costs only that part.
+The face imports nothing, so importing one part costs only that part. For people: docs/estimate-internals.md.
 """
