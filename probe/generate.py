@@ -1,5 +1,7 @@
 """The generation batch: the largest batch `model.generate` runs, greedy, with its KV cache grown to the end.
 
+Prompts are seq_len tokens, or with the user's data (`--data`) as long as its longest row, cut at seq_len.
+
 It runs beside what training keeps resident (probe/resident.py: weights and optimizer state, as during an
 evaluation with generation or an RL rollout), or beside the weights alone (`generate_alone`, an
 inference-only job). `generate` prefills the prompt (seq_len tokens) into the cache, then decodes one token at a
@@ -63,6 +65,14 @@ def estimated_token_limit(spec: ProbeSpec, module: nn.Module) -> int | None:
     return max(ESTIMATE_LAYER_TOKENS // _layers(module), 1)
 
 
+def prompt_tokens(spec: ProbeSpec) -> int:
+    """The prompts' length: seq_len, or with the user's data its longest row cut at seq_len (a batch of prompts
+    is padded to its longest, so the worst batch is that many tokens wide)."""
+    if spec.data is None:
+        return spec.seq_len
+    return max(min(spec.seq_len, max(spec.data.rows_by_length)), 1)
+
+
 def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
     """2 (keys, values) × layers × kv_heads × head_dim × tokens × dtype bytes: the cache's arithmetic.
 
@@ -94,11 +104,11 @@ class GenerateRunner(ResidentRunner):
     def _run(self, batch: int, new_tokens: int | None) -> TrialResult:
         spec, meter, module = self.spec, self.meter, self.model.module
         new_tokens = new_tokens or spec.max_new_tokens
-        prompt = torch.randint(0, self.model.vocab_size, (batch, spec.seq_len), generator=self._generator)
+        prompt = torch.randint(0, self.model.vocab_size, (batch, prompt_tokens(spec)), generator=self._generator)
         meter.start_trial()
         input_ids = prompt.to(meter.device)
         # under fake tensors generate's few reads of values are answered (probe/estimate/generate_reads.py)
-        reads = GenerateReads(spec.seq_len + new_tokens) if isinstance(meter, EstimateMeter) else nullcontext()
+        reads = GenerateReads(prompt_tokens(spec) + new_tokens) if isinstance(meter, EstimateMeter) else nullcontext()
         # two phases, each a line in the batch (or the tokens) the search fits: the prefill, then the decode steps
         meter.phase("generate_prefill")
         forwards = 0
@@ -144,9 +154,10 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         search = find_micro_batch(runner, capacity, spec.headroom)
         runner(1)
         cache_bytes = runner.last_cache_bytes or 0
-        tokens = spec.seq_len + spec.max_new_tokens - 1
+        prompt = prompt_tokens(spec)
+        tokens = prompt + spec.max_new_tokens - 1
         # no longer than the door allows, nor past the model's position table, nor an estimate's decode bound
-        context = model.max_seq_len - spec.seq_len if model.max_seq_len else MAX_NEW_TOKENS
+        context = model.max_seq_len - prompt if model.max_seq_len else MAX_NEW_TOKENS
         limit = max(min(MAX_NEW_TOKENS, context, token_limit or MAX_NEW_TOKENS), 1)
         longest = find_micro_batch(lambda n: dataclasses.replace(runner(1, n), micro_batch=n), capacity,
                                    spec.headroom, limit)
@@ -154,7 +165,7 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         **resident_facts(runner, "inference-only job" if spec.generate_alone else None),
         batch=EvalSearch(max=search.max_micro_batch, safe=search.safe_micro_batch,
                          trial_count=len(search.trials), trials=search.trials),
-        prompt_tokens=spec.seq_len, max_new_tokens=spec.max_new_tokens, cache_implementation=spec.cache_implementation,
+        prompt_tokens=prompt, max_new_tokens=spec.max_new_tokens, cache_implementation=spec.cache_implementation,
         cache_tokens=tokens, cache_bytes_per_sequence=cache_bytes,
         cache_bytes_per_sequence_arithmetic=kv_cache_bytes_per_sequence(model.module, tokens),
         longest_new_tokens_at_batch_1=longest.max_micro_batch,

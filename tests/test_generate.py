@@ -200,3 +200,16 @@ def test_an_estimated_generation_past_its_decode_bound_is_refused_before_any_tri
     spec = _spec(dict(QWEN2, num_hidden_layers=8, max_position_embeddings=2048), 1024, mode="estimate")
     with pytest.raises(SpecError, match="max_new_tokens 1024 is past the 512 .* lower max_new_tokens"):
         search_generation(spec)
+
+
+def test_with_the_users_data_the_prompts_are_its_longest_row():
+    """Rows of 6 and 10 tokens under seq_len 16: a batch of prompts is padded to its longest, 10 tokens, so the
+    cache ends at 10 + 8 - 1 tokens: 2 × 2 layers × 2 kv heads × 16 × 17 × 4 bytes, by hand."""
+    from fitprobe.probe.spec import DataLengths
+
+    spec = _spec(QWEN2, 8, mode="estimate").model_copy(
+        update={"data": DataLengths(rows_by_length={6: 3, 10: 2})})
+    meter, model = prepare(spec)
+    runner = GenerateRunner(spec, meter, model)
+    assert runner(2).fits
+    assert runner.last_cache_bytes == 2 * 2 * 2 * 16 * (10 + 8 - 1) * 4
