@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,6 +15,29 @@ import pytest
 
 def fitprobe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fitprobe.app.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def fitprobe_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """The same command through `main(argv)` in this process, for answers that parsing, validation or one trial
+    give: a process start (torch's import) would be most of the test. What `main` quiets for the rest of a
+    process (loggers, a variable) is put back, so the test leaves nothing behind."""
+    from fitprobe.app.cli import main
+
+    loggers = {name: logging.getLogger(name).level
+               for name in ("transformers", "peft", "torch.distributed", "bitsandbytes")}
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    finally:
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+        if verbosity is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["fitprobe", *args], code, out, err)
 
 
 def test_probe_json_report_has_the_answer_trials_and_context():
@@ -64,8 +88,10 @@ def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
     (["--sharding", "fsdp", "--devices", "1024"], "--devices must be ≤ 16 with --device cpu (got 1024)"),
     (["--devices", "64", "--effective-batch", "64"], "lower --devices, or add --estimate"),
 ])
-def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix):
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu", *args)
+def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(capsys, args, fix):
+    command = ("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--device", "cpu", *args)
+    # one case as a real process (the exit code and stderr a shell sees); the others are main(argv)'s answers
+    run = fitprobe(*command) if fix == "capacity must look like 600MiB" else fitprobe_in_process(capsys, *command)
     assert run.returncode == 2
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("fitprobe") and fix in last_line, run.stderr
@@ -79,10 +105,11 @@ def test_bad_input_ends_with_one_line_saying_what_to_change_and_exit_2(args, fix
     ("not json", "could not be read as JSON"),
     ("[1, 2]", "must hold a JSON object"),
 ])
-def test_a_config_file_that_is_not_a_json_object_is_one_line_and_exit_2(tmp_path, content, fix):
+def test_a_config_file_that_is_not_a_json_object_is_one_line_and_exit_2(capsys, tmp_path, content, fix):
     config = tmp_path / "config.json"
     config.write_text(content)
-    run = fitprobe("probe", "--model", f"hf:{config}", "--seq-len", "32", "--precision", "fp32", "--device", "cpu")
+    run = fitprobe_in_process(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "32", "--precision", "fp32",
+                              "--device", "cpu")
     assert run.returncode == 2 and fix in run.stderr.strip().splitlines()[-1] and "Traceback" not in run.stderr
 
 @pytest.mark.parametrize("args,fix", [
@@ -135,24 +162,26 @@ def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs():
     assert json.loads(run.stdout)["exit_code"] == 2, "with --json, stdout still holds one JSON object"
 
 
-def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fit():
-    run = fitprobe("probe", "--model", "builtin:gpt-small", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
-                   "--capacity", "64MiB", "--effective-batch", "8", "--json")
+def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fit(capsys):
+    # gpt-tiny at seq-len 64: its full fine-tune needs ~13 MiB at micro-batch 1 (weights, gradients, AdamW states), LoRA
+    # ~5 MiB; each option is an estimate of the whole step, so the smaller model answers them in a fraction of the time
+    run = fitprobe("probe", "--model", "builtin:gpt-tiny", "--seq-len", "64", "--precision", "fp32", "--device", "cpu",
+                   "--capacity", "8MiB", "--effective-batch", "8", "--json")
     assert run.returncode == 1, run.stderr
     report = json.loads(run.stdout)
     assert report["search"]["max_micro_batch"] == 0 and report["plan"] is None
     failed = report["search"]["trials"][-1]
     assert not failed["fits"] and failed["peak_allocated_bytes"] is None
-    assert 0 < failed["oom_live_bytes"] <= 64 * 2**20 < failed["oom_live_bytes"] + failed["oom_request_bytes"]
+    assert 0 < failed["oom_live_bytes"] <= 8 * 2**20 < failed["oom_live_bytes"] + failed["oom_request_bytes"]
     needs = report["does_not_fit"]
     # what micro-batch 1 needs, checked by a real trial with room to spare (the CPU meter, not the estimate)
-    roomy = fitprobe("trial", "--model", "builtin:gpt-small", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
-                     "--capacity", "1GiB", "--micro-batch", "1", "--json")
+    roomy = fitprobe_in_process(capsys, "trial", "--model", "builtin:gpt-tiny", "--seq-len", "64", "--precision", "fp32",
+                                "--device", "cpu", "--capacity", "1GiB", "--micro-batch", "1", "--json")
     measured = json.loads(roomy.stdout)["trial"]["peak_allocated_bytes"]
     assert needs["needs_bytes"] == pytest.approx(measured, rel=0.01)
-    assert needs["device_bytes_needed"] >= needs["needs_bytes"] > 64 * 2**20
+    assert needs["device_bytes_needed"] >= needs["needs_bytes"] > 8 * 2**20
     lora = next(o for o in needs["options"] if o["settings"] == {"finetuning": "lora"})
-    assert lora["fits"] and lora["needs_bytes"] <= 64 * 2**20
+    assert lora["fits"] and lora["needs_bytes"] <= 8 * 2**20
     assert "needs" in needs["message"] and "LoRA" in needs["message"]
     assert "(--sharding fsdp --devices N)" in needs["message"], "the hint names the flags that shard"
 
