@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fitprobe_client.exit_codes import EXIT_OK, EXIT_UNMET
-from fitprobe.probe.recommend import Candidate, Recommendation
 from fitprobe.probe.spec import ESTIMATED, ProbeSpec, SpecError, format_bytes
+
+if TYPE_CHECKING:  # the search imports torch: `fitprobe --help` and `plan` must not (probe/cli.py)
+    from fitprobe.probe.recommend import Candidate, Recommendation
 
 
 def add_recommend_command(commands: Any, formatter: type[argparse.HelpFormatter],
