@@ -39,15 +39,17 @@ def step_flops(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> int 
     """FLOPs of one micro-step at micro-batch 1 of the full model (extrapolated from the cuts where the
     estimate cuts it), or why they could not be counted."""
     from fitprobe.probe.estimate.extrapolate import plan_cuts
+    from fitprobe.probe.estimate.fallback import Fallback
     from fitprobe.probe.models.load import build_model
 
     try:
         full = build_model(spec, "meta", allowed_factories)
-        planned = plan_cuts(spec, full.module, allowed_factories)
-        del full
-        if isinstance(planned, str):
+        try:
+            cuts, (shallow_spec, deep_spec) = plan_cuts(spec, full.module, allowed_factories)
+        except Fallback:  # no cuts for this model: count the full depth
             return counted_flops(spec, allowed_factories)
-        cuts, (shallow_spec, deep_spec) = planned
+        finally:
+            del full
         shallow, deep = (counted_flops(s, allowed_factories) for s in (shallow_spec, deep_spec))
         return shallow + cuts.repeats * (deep - shallow)
     except SpecError as exc:
