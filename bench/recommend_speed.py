@@ -61,9 +61,19 @@ def main() -> None:
         "first_fitting_single_estimate": ({"max": first_single.max_micro_batch, "safe": first_single.safe_micro_batch}
                                           if first_single else None),
     }
+    # issue 35's must-show, checked here because the 8B case is too slow for the test suite
+    result["checks"] = {
+        "first_keeps_the_headroom": bool(first and first.safe_micro_batch),
+        "first_keeps_the_method": bool(first and "finetuning" not in first.settings
+                                       and "quantization" not in first.settings),
+        "first_equals_its_own_estimate": bool(first_single and (first.max_micro_batch, first.safe_micro_batch)
+                                              == (first_single.max_micro_batch, first_single.safe_micro_batch)),
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if not all(result["checks"].values()):
+        sys.exit(f"failed: {[name for name, ok in result['checks'].items() if not ok]}")
 
 
 if __name__ == "__main__":

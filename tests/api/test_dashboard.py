@@ -161,6 +161,12 @@ def test_a_does_not_fit_probe_shows_the_verdict_what_it_needs_and_the_settings_t
         assert row.locator("td").nth(0).inner_text() == option["change"]
         assert row.locator("td").nth(2).inner_text() == ("✓ fits" if option["fits"] else "✗ does not fit")
     expect(page.locator("#curve-caption")).to_contain_text("even micro-batch 1 does not fit in 976.6KiB")
+    cheapest = not_fitting["cheapest_fitting"]  # fitprobe recommend's first candidate, when a combination fits
+    if cheapest is None:
+        expect(page.locator("#dnf-cheapest")).to_have_count(0)
+    else:
+        expect(page.locator("#dnf-cheapest")).to_contain_text(f"Cheapest change that fits: {cheapest['change']} at "
+                                                              f"micro-batch {cheapest['safe_micro_batch'] or 1}")
     body = page.locator("main").inner_text()
     assert "without an effective_batch" not in body and "max micro-batch 0" not in body, body
     expect(page.locator(".exports")).to_have_count(0)
