@@ -119,7 +119,7 @@ class GenerateRunner(ResidentRunner):
             if forwards == 2:
                 meter.phase("generate_decode")
 
-        base: Any = module.get_base_model() if hasattr(module, "get_base_model") else module
+        base: Any = getattr(module, "get_base_model", lambda: module)()
         hook = base.register_forward_pre_hook(count_forward)
         try:
             with torch.no_grad(), reads:

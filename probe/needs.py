@@ -14,6 +14,7 @@ from collections.abc import Collection
 from typing import Any
 
 from fitprobe.probe.estimate.estimator import estimated_step_bytes
+from fitprobe.probe import events
 from fitprobe.probe.events import Emit, Phase, ignore, progress
 from fitprobe.probe.optimizers import KINDS
 from fitprobe.probe.report import CheapestFitting, DoesNotFit, HeadroomShortfall, SizingOption
@@ -85,7 +86,7 @@ def _cheapest_fitting(spec: ProbeSpec, capacity_bytes: int, allowed_factories: C
     """probe/recommend.py's first candidate: combinations of settings, not one knob at a time."""
     from fitprobe.probe.recommend import cheapest_fitting
 
-    emit({"type": "phase", "phase": "recommending"})
+    emit(events.phase(Phase.RECOMMENDING))
     found = cheapest_fitting(spec.model_copy(update={"capacity_bytes": capacity_bytes}), allowed_factories, emit)
     if found is None or not found.max_micro_batch:
         return None

@@ -29,7 +29,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from fitprobe.probe.build import build_key
+from fitprobe.probe import events
 from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.spec import ProbeSpec, SpecError
@@ -177,8 +180,8 @@ def recommend(spec: ProbeSpec, allow_method_change: bool = False, allowed_factor
         builds = _builds(base, candidates, allowed_factories, emit)
         for done, candidate in enumerate(candidates, start=1):
             _answer(candidate, base, builds, allowed_factories)
-            emit({"type": "recommend_candidate", "done": done, "total": len(candidates), "candidate": candidate.label,
-                  "max_micro_batch": candidate.max_micro_batch, "note": candidate.note})
+            emit(events.recommend_candidate(done, len(candidates), candidate.label, candidate.max_micro_batch,
+                                            candidate.note))
     candidates.sort(key=Candidate.rank_key)
     model = spec.model if isinstance(spec.model, str) else "hf:inline"
     assert base.capacity_bytes is not None
@@ -200,9 +203,8 @@ def cheapest_fitting(spec: ProbeSpec, allowed_factories: Collection[str] = (), e
             answered = list(group)
             for candidate in answered:
                 _answer(candidate, base, builds, allowed_factories)
-                emit({"type": "recommend_candidate", "done": candidates.index(candidate) + 1,
-                      "total": len(candidates), "candidate": candidate.label,
-                      "max_micro_batch": candidate.max_micro_batch, "note": candidate.note})
+                emit(events.recommend_candidate(candidates.index(candidate) + 1, len(candidates), candidate.label,
+                                                candidate.max_micro_batch, candidate.note))
             fitting = sorted((c for c in answered if c.fits), key=Candidate.rank_key)
             if fitting and fitting[0].fits_in_headroom:
                 return fitting[0]
@@ -282,3 +284,23 @@ def _plan(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | None) -
     plan = make_plan(spec.effective_rows, plan_limit(max_micro_batch, safe_micro_batch), spec.num_devices,
                      width=padded_width_ratio(spec))
     return plan_facts(plan, spec).model_dump(mode="json")
+
+
+class RecommendSpec(ProbeSpec):
+    """A recommendation request (POST /v1/recommendations): the probe request whose method is kept, estimated."""
+
+    allow_method_change: bool = Field(
+        False, description="also try LoRA, then QLoRA, when the request is full fine-tuning")
+
+    def candidate_count(self) -> int:
+        """How many candidates `recommend` estimates: the door bounds the job's work by it, before any is built."""
+        return len(candidate_settings(self, self.allow_method_change))
+
+    def probe_spec(self) -> ProbeSpec:
+        return ProbeSpec(**self.model_dump(exclude={"allow_method_change"}))
+
+
+def run_recommend_job(spec: RecommendSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()
+                      ) -> dict[str, Any]:
+    """The service's recommendation job: `recommend` as `fitprobe recommend --json` prints it."""
+    return recommend(spec.probe_spec(), spec.allow_method_change, allowed_factories, emit).to_dict()

@@ -198,7 +198,7 @@ def test_an_estimated_generation_past_its_decode_bound_is_refused_before_any_tri
     from fitprobe.probe.errors import SpecError
 
     spec = _spec(dict(QWEN2, num_hidden_layers=8, max_position_embeddings=2048), 1024, mode="estimate")
-    with pytest.raises(SpecError, match="max_new_tokens 1024 is past the 512 .* lower max_new_tokens"):
+    with pytest.raises(SpecError, match=r"max_new_tokens 1024 is past the 512 .* lower max_new_tokens"):
         search_generation(spec)
 
 
