@@ -57,6 +57,9 @@ class Settings(OperatorSettings):
     max_whatif_cells: int = Field(
         48, ge=1, description="most cells (settings × seq_lens) a what-if table may ask for; each cell is one "
         "estimated probe, and each row adds its longest-sequence search")
+    max_recommend_candidates: int = Field(
+        96, ge=1, description="most candidates a recommendation may estimate (the product of the settings its "
+        "request leaves room for: 96 is every saver for full fine-tuning on several devices)")
     max_body_bytes: int = Field(256 * 1024, description="largest request body")
     poll_interval_s: float = Field(0.2, gt=0, description="how often workers look for queued jobs")
     max_verify_processes: int = Field(

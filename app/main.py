@@ -25,7 +25,8 @@ from fitprobe.app.deps import require_token
 from fitprobe.app.executors import make_executor
 from fitprobe.app.http_hygiene import HostCheck, SecurityHeaders, docs_policy
 from fitprobe.app.metrics import Metrics
-from fitprobe.app.routes import devices, exports, health, jobs, limits, models, plans, preflight, probes, whatif
+from fitprobe.app.routes import (devices, exports, health, jobs, limits, models, plans, preflight, probes,
+                                  recommendations, whatif)
 from fitprobe.app.schemas import error_responses
 from fitprobe.app.rate import PerClientRate
 from fitprobe.app.sizer import Sizer
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=auth, responses=auth_errors)
     app.include_router(limits.router, dependencies=auth, responses=auth_errors)
     app.include_router(whatif.router, dependencies=auth, responses=auth_errors)
+    app.include_router(recommendations.router, dependencies=auth, responses=auth_errors)
     app.include_router(health.router)
     # the last added runs first: every answer, a refused Host's too, carries the security headers
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fitprobe.probe.recommend import Candidate
 from fitprobe.probe.report import PlanFacts, Report, Verification
 from fitprobe.probe.whatif import WhatIf
 from fitprobe.probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
@@ -185,6 +186,44 @@ class WhatIfJob(BaseModel):
 
 class WhatIfList(BaseModel):
     items: list[WhatIfJob]
+    total: int
+    limit: int
+    offset: int
+
+
+class Recommended(BaseModel):
+    """A recommendation as `fitprobe recommend --json` prints it (probe/recommend.py), ranked cheapest fitting first."""
+
+    model: str
+    seq_len: int
+    capacity_bytes: int
+    candidates: list[Candidate] = Field(..., description="ranked: keeps the headroom, fits, keeps the method, "
+                                        "fewest numerics changes, least extra compute, larger micro-batch")
+    not_modelled: str = Field(..., description="what the ranking leaves out")
+    wall_s: float
+    first_fitting: int | None = Field(None, description="the index in candidates of the first that fits (null: none)")
+
+
+class RecommendJob(BaseModel):
+    """A recommendation job (POST /v1/recommendations) as GET /v1/recommendations/{id} shows it."""
+
+    id: str
+    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
+    phase: str | None = None
+    spec: dict[str, Any] | None = Field(None, description="the request, capacity_bytes resolved from gpu")
+    device: str | None = Field(None, description="the worker that ran it (estimates use none of its memory)")
+    attempts: int = 0
+    error: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: WhatIfProgress | None = Field(None, description="from the latest recommend_candidate event: "
+                                            "candidates estimated of all")
+    recommendation: Recommended | None = Field(None, description="once succeeded")
+
+
+class RecommendList(BaseModel):
+    items: list[RecommendJob]
     total: int
     limit: int
     offset: int

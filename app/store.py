@@ -36,7 +36,8 @@ from fitprobe_client.status import TERMINAL, UNFINISHED, JobStatus
 from fitprobe.probe.events import Phase
 
 STATUSES = tuple(JobStatus)
-PROBE, WHATIF = "probe", "whatif"  # job kinds; the job body reads its kind from the spec (app/worker.py)
+# job kinds; the job body reads its kind from the spec (app/worker.py)
+PROBE, WHATIF, RECOMMEND = "probe", "whatif", "recommend"
 
 MAX_ATTEMPTS = 2  # a job interrupted by a service crash is re-queued once, then failed
 # a `\uD800`..`\uDFFF` escape: the JSON may decode to a lone surrogate, which no response can encode
@@ -51,7 +52,7 @@ metadata = sa.MetaData()
 jobs = sa.Table(
     "jobs", metadata,
     sa.Column("id", sa.String(32), primary_key=True),
-    # what the job runs (PROBE or WHATIF): routes read and list their own kind only
+    # what the job runs (PROBE, WHATIF or RECOMMEND): routes read and list their own kind only
     sa.Column("kind", sa.String(16), nullable=False, server_default=PROBE, index=True),
     sa.Column("status", sa.String(16), nullable=False, index=True),
     sa.Column("phase", sa.String(32)),

@@ -2,7 +2,8 @@
 
 `execute` is the job itself, the same for every executor: it hands `("event", e)` items and then
 one `("result", report)` or `("error", message)` to a `put` callable. A spec with `"kind": "whatif"`
-is a what-if table (probe/whatif_spec.py) instead of a probe; the executors need not know. Around it:
+is a what-if table (probe/whatif_spec.py) instead of a probe, one with `"kind": "recommend"` a
+recommendation (probe/recommend.py); the executors need not know. Around it:
 
 - `run_job_process`, the local executor's job process (a fresh interpreter, no inherited CUDA
   state, started through probe/lifetime.py so it dies with the service), so a crash, an OOM-killer
@@ -50,11 +51,18 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
         put(("event", event))
 
     try:
-        if spec.pop("kind", "probe") == "whatif":  # app/store.py's WHATIF: the route stored the kind in the spec
+        kind = spec.pop("kind", "probe")  # app/store.py's kinds: the route stored the kind in the spec
+        if kind == "whatif":
             from fitprobe.probe.whatif_spec import WhatIfSpec, run_whatif_job
 
             spec.pop("device", None)  # an estimate: it runs under fake tensors whichever worker claimed it
             put(("result", run_whatif_job(WhatIfSpec(**spec), emit, allowed_factories)))
+            return
+        if kind == "recommend":
+            from fitprobe.probe.recommend import RecommendSpec, run_recommend_job
+
+            spec.pop("device", None)  # estimates, as a what-if table's
+            put(("result", run_recommend_job(RecommendSpec(**spec), emit, allowed_factories)))
             return
         cached = None if search_from is None else (search_from["probe_id"], Report.model_validate(search_from["report"]))
         # the report crosses into the service as its JSON: what the store keeps and the API answers

@@ -171,6 +171,10 @@ class Progress:
             self.say(f"trial micro_batch={event['micro_batch']}: {outcome}{step}")
         elif kind == "verify_step":
             self.say(f"verification step {event['step']} of {event['steps']}")
+        elif kind == "recommend_candidate":
+            fits = (f"max micro-batch {event['max_micro_batch']}" if event["max_micro_batch"] is not None
+                    else f"n/a: {event['note']}")
+            self.say(f"candidate {event['done']}/{event['total']}: {event['candidate']}, {fits}")
 
 
     def _cell_words(self, event: Event) -> str:
@@ -447,6 +451,9 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     whatif.add_argument("--json", action="store_true", help="print the table as one JSON object")
     whatif.add_argument("--quiet", action="store_true", help="no progress on stderr")
     whatif.set_defaults(run=cmd_whatif)
+    from fitprobe.probe.recommend_cli import add_recommend_command
+
+    add_recommend_command(commands, _Formatter, _add_export_options)
     if more_commands is not None:
         more_commands(commands)
     return parser

@@ -37,6 +37,7 @@ class EventType(_Name):
     TRIAL = "trial"  # a trial's result: fits, peaks, breakdown, error
     VERIFY_STEP = "verify_step"  # the verification finished optimizer step `step` of `steps`
     WHATIF_CELL = "whatif_cell"  # the what-if table answered cell `done` of `total`
+    RECOMMEND_CANDIDATE = "recommend_candidate"  # a recommendation answered candidate `done` of `total`
 
 
 class Phase(_Name):
@@ -51,6 +52,7 @@ class Phase(_Name):
     ESTIMATING = "estimating"
     PROBING = "probing"  # the search for the largest micro-batch; `trial` events follow
     SIZING_THE_STEP = "sizing_the_step"  # does not fit: what micro-batch 1 needs under each saving setting
+    RECOMMENDING = "recommending"  # does not fit: the cheapest combination of settings that fits (probe/recommend.py)
     PROBED = "probed"  # the search's answer: `max_micro_batch`, `safe_micro_batch`
     EVALUATION = "evaluation"  # --eval: the largest eval batch beside the resident training state
     GENERATION = "generation"  # --generate: the largest model.generate batch with its KV cache
@@ -121,3 +123,10 @@ def verify_step(step: int, steps: int) -> VerifyStepEvent:
 def whatif_cell(done: int, total: int, setting: str, **answer: Any) -> dict[str, Any]:
     """One what-if cell answered: its `seq_len` and micro-batches, or the row's longest seq_len."""
     return {"type": EventType.WHATIF_CELL.value, "done": done, "total": total, "setting": setting, **answer}
+
+
+def recommend_candidate(done: int, total: int, candidate: str, max_micro_batch: int | None,
+                        note: str | None) -> dict[str, Any]:
+    """A recommendation (probe/recommend.py) answered candidate `done` of `total`: its settings and max."""
+    return {"type": EventType.RECOMMEND_CANDIDATE.value, "done": done, "total": total, "candidate": candidate,
+            "max_micro_batch": max_micro_batch, "note": note}

@@ -14,9 +14,10 @@ from collections.abc import Collection
 from typing import Any
 
 from fitprobe.probe.estimate.estimator import estimated_step_bytes
+from fitprobe.probe import events
 from fitprobe.probe.events import Emit, Phase, ignore, progress
 from fitprobe.probe.optimizers import KINDS
-from fitprobe.probe.report import DoesNotFit, HeadroomShortfall, SizingOption
+from fitprobe.probe.report import CheapestFitting, DoesNotFit, HeadroomShortfall, SizingOption
 from fitprobe.probe.spec import ProbeSpec, format_bytes
 
 SHARDING_HINT = "or shard weights, gradients and optimizer state over several devices (--sharding fsdp --devices N)"
@@ -71,8 +72,27 @@ def does_not_fit(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collec
     if card_bytes:
         parts.append(f"or on a device with at least {format_bytes(card_bytes)} ({spec.headroom:.0%} headroom kept)")
     parts.append(SHARDING_HINT)
+    cheapest = _cheapest_fitting(spec, capacity_bytes, allowed_factories, emit)
+    if cheapest is not None:
+        parts.append(f"the cheapest change that fits, your method kept: {cheapest.change}, at micro-batch "
+                     f"{cheapest.safe_micro_batch or 1} (max {cheapest.max_micro_batch}, estimated, the first of "
+                     "fitprobe recommend)")
     return DoesNotFit(needs_bytes=needs, capacity_bytes=capacity_bytes, device_bytes_needed=card_bytes,
-                      options=options, message="; ".join(parts))
+                      options=options, cheapest_fitting=cheapest, message="; ".join(parts))
+
+
+def _cheapest_fitting(spec: ProbeSpec, capacity_bytes: int, allowed_factories: Collection[str], emit: Emit
+                      ) -> CheapestFitting | None:
+    """probe/recommend.py's first candidate: combinations of settings, not one knob at a time."""
+    from fitprobe.probe.recommend import cheapest_fitting
+
+    emit(events.phase(Phase.RECOMMENDING))
+    found = cheapest_fitting(spec.model_copy(update={"capacity_bytes": capacity_bytes}), allowed_factories, emit)
+    if found is None or not found.max_micro_batch:
+        return None
+    return CheapestFitting(change=found.label, settings=found.settings, max_micro_batch=found.max_micro_batch,
+                           safe_micro_batch=found.safe_micro_batch, extra_compute=found.extra_compute,
+                           numerics=found.numerics)
 
 
 def headroom_shortfall(spec: ProbeSpec, micro_batch: int, peak_bytes: int, capacity_bytes: int,

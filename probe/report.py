@@ -110,11 +110,24 @@ class SizingOption(Section):
     fits: bool
 
 
+class CheapestFitting(Section):
+    """The first candidate `fitprobe recommend` ranks (probe/recommend.py): the method kept, estimated."""
+
+    change: str = Field(description="the settings, as the command line writes them")
+    settings: dict[str, Any] = Field(description="the spec fields it changes")
+    max_micro_batch: int
+    safe_micro_batch: int | None
+    extra_compute: float | None = Field(description="its step's FLOPs over the request's, less one")
+    numerics: list[str] = Field(description="what it changes in the numbers the step computes")
+
+
 class DoesNotFit(Section):
     needs_bytes: int | None = Field(description="micro-batch 1's estimated peak as asked")
     capacity_bytes: int
     device_bytes_needed: int | None = Field(description="the smallest device that fits it with the headroom kept")
     options: list[SizingOption]
+    cheapest_fitting: CheapestFitting | None = Field(
+        None, description="the cheapest combination of settings that fits, the method kept (fitprobe recommend)")
     message: str
 
 

@@ -184,6 +184,17 @@ def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fi
     assert lora["fits"] and lora["needs_bytes"] <= 8 * 2**20
     assert "needs" in needs["message"] and "LoRA" in needs["message"]
     assert "(--sharding fsdp --devices N)" in needs["message"], "the hint names the flags that shard"
+    # the answer ends with the cheapest combination that keeps full fine-tuning, and a real trial of it fits
+    cheapest = needs["cheapest_fitting"]
+    assert cheapest is not None and "finetuning" not in cheapest["settings"]
+    assert needs["message"].split("; ")[-1].startswith(f"the cheapest change that fits, your method kept: "
+                                                       f"{cheapest['change']}, at micro-batch")
+    flags = {"gradient_checkpointing": lambda v: ["--grad-checkpointing"] if v else [],
+             "optimizer": lambda v: ["--optimizer", v], "precision": lambda v: ["--precision", v]}
+    changed = [flag for name, value in cheapest["settings"].items() for flag in flags[name](value)]
+    measured_run = fitprobe("trial", "--model", "builtin:gpt-small", "--seq-len", "256", "--precision", "fp32",
+                            "--device", "cpu", "--capacity", "64MiB", "--micro-batch", "1", *changed, "--json")
+    assert json.loads(measured_run.stdout)["trial"]["fits"], measured_run.stderr
 
 
 def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from fitprobe.app.executors.base import Executor
 from fitprobe.app.schemas import error_responses
-from fitprobe.app.store import PROBE, WHATIF, Conflict
+from fitprobe.app.store import PROBE, RECOMMEND, WHATIF, Conflict
 from fitprobe_client.status import TERMINAL
 
 SSE_HEARTBEAT_S = 10.0
@@ -30,8 +30,8 @@ SSE_POLL_S = 0.25
 STREAMS_RETRY_AFTER_S = 10
 MAX_EVENT_ID = 2**63 - 1  # the largest id the store's integer column holds
 # per kind: what its 404 calls it, and where a client refused a stream polls it instead
-_NOUN = {PROBE: "probe", WHATIF: "what-if job"}
-_PREFIX = {PROBE: "/v1/probes", WHATIF: "/v1/whatif"}
+_NOUN = {PROBE: "probe", WHATIF: "what-if job", RECOMMEND: "recommendation"}
+_PREFIX = {PROBE: "/v1/probes", WHATIF: "/v1/whatif", RECOMMEND: "/v1/recommendations"}
 
 LastEventId = Annotated[str | None, Header(
     description="resume after this event id (the `id:` of the last event received)")]

@@ -6,12 +6,14 @@ import { h } from "./dom.js";
 import { setUpForm } from "./form.js";
 import { formatBytes, modelLabel, planText, timeText } from "./format.js";
 import { showJob } from "./job.js";
+import { showRecommendation } from "./recommend.js";
 import { setUpWhatIf } from "./whatif.js";
 
 const LIST_POLL_MS = 2000;
 // job statuses: UNFINISHED of client/fitprobe_client/status.py, the values the API sends
 const ACTIVE = ["queued", "running"];
-const views = { list: "list-view", new: "new-view", job: "job-view", whatif: "whatif-view" };
+const views = { list: "list-view", new: "new-view", job: "job-view", whatif: "whatif-view",
+  recommend: "recommend-view" };
 let route = 0; // bumped on every navigation, so loops of the page we left stop
 
 function show(view) {
@@ -23,9 +25,13 @@ function navigate() {
   const isCurrent = () => route === current;
   document.getElementById("error").textContent = "";
   const match = /^#\/probes\/([\w-]+)$/.exec(location.hash);
+  const recommendation = /^#\/recommendations\/([\w-]+)$/.exec(location.hash);
   if (match) {
     show("job");
     showJob(document.getElementById("job-view"), match[1], isCurrent);
+  } else if (recommendation) {
+    show("recommend");
+    showRecommendation(document.getElementById("recommend-view"), recommendation[1], isCurrent);
   } else if (location.hash === "#/whatif") {
     show("whatif");
     setUpWhatIf(document.getElementById("whatif-view"));
@@ -135,6 +141,7 @@ async function refreshDevices() {
 
 for (const id of ["filter-model", "filter-device"]) document.getElementById(id).addEventListener("change", renderList);
 document.getElementById("filter-status").addEventListener("change", refreshList);
-setUpForm((job) => { location.hash = `#/probes/${job.id}`; });
+setUpForm((job) => { location.hash = `#/probes/${job.id}`; },
+  (job) => { location.hash = `#/recommendations/${job.id}`; });
 window.addEventListener("hashchange", navigate);
 navigate();

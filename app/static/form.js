@@ -17,7 +17,7 @@ const SCHEMA_CHOICES = ["precision", "finetuning", "quantization", "collation", 
   "cache_implementation"];
 const field = (name) => document.getElementById(`f-${name}`);
 
-export function setUpForm(onSubmitted) {
+export function setUpForm(onSubmitted, onRecommended) {
   const form = document.getElementById("submit-form");
   loadChoices();
   loadSchemaChoices();
@@ -34,27 +34,34 @@ export function setUpForm(onSubmitted) {
     const file = event.target.files[0];
     if (file) field("hf_config").value = await file.text();
   });
-  form.addEventListener("submit", async (event) => {
+  form.addEventListener("submit", (event) => {
     event.preventDefault();
-    clearErrors();
-    let spec;
-    try {
-      spec = readSpec();
-    } catch (err) {
-      showError("hf_config", err.message);
-      return;
-    }
-    const button = document.getElementById("submit-button");
-    button.disabled = true;
-    try {
-      const job = await request("/v1/probes", { method: "POST", body: spec });
-      onSubmitted(job);
-    } catch (err) {
-      showApiErrors(err);
-    } finally {
-      button.disabled = false;
-    }
+    submitTo("/v1/probes", "submit-button", (spec) => spec, onSubmitted);
   });
+  // the same request, every saving setting estimated on the card (probe/recommend.py); a recommendation always
+  // estimates and has no cached search to reuse
+  document.getElementById("recommend-button").addEventListener("click", () => submitTo(
+    "/v1/recommendations", "recommend-button", ({ reuse, ...spec }) => spec, onRecommended));
+}
+
+async function submitTo(path, buttonId, shape, onDone) {
+  clearErrors();
+  let spec;
+  try {
+    spec = shape(readSpec());
+  } catch (err) {
+    showError("hf_config", err.message);
+    return;
+  }
+  const button = document.getElementById(buttonId);
+  button.disabled = true;
+  try {
+    onDone(await request(path, { method: "POST", body: spec }));
+  } catch (err) {
+    showApiErrors(err);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function loadChoices() {

@@ -174,8 +174,18 @@ function doesNotFitSection(notFitting, spec) {
       notFitting.device_bytes_needed ? `; a device with at least ${formatBytes(notFitting.device_bytes_needed)} fits it `
         + `with the headroom kept` : "",
       target ? `. No plan for the effective batch of ${target}: not even one example fits.` : "."),
+    notFitting.cheapest_fitting ? cheapestLine(notFitting.cheapest_fitting) : null,
     optionsTable(notFitting.options, "dnf-options", "what micro-batch 1 needs with each setting"),
     h("p", { class: "meta" }, notFitting.message));
+}
+
+/** The first candidate of `fitprobe recommend`: settings combined, the method kept, with what it costs. */
+function cheapestLine(cheapest) {
+  const extra = cheapest.extra_compute ? `, ${(100 * cheapest.extra_compute).toFixed(1)}% more compute` : "";
+  const numerics = cheapest.numerics?.length ? `; changes the numerics: ${cheapest.numerics.join("; ")}` : "";
+  return h("p", { id: "dnf-cheapest" }, h("strong", {}, "Cheapest change that fits: "),
+    `${cheapest.change} at micro-batch ${cheapest.safe_micro_batch || 1} (max ${cheapest.max_micro_batch}, estimated`
+    + `${extra})${numerics}`);
 }
 
 /** Micro-batch 1 fits only in the headroom: the plan runs it anyway, and these settings would give the headroom back. */

@@ -161,6 +161,12 @@ def test_a_does_not_fit_probe_shows_the_verdict_what_it_needs_and_the_settings_t
         assert row.locator("td").nth(0).inner_text() == option["change"]
         assert row.locator("td").nth(2).inner_text() == ("✓ fits" if option["fits"] else "✗ does not fit")
     expect(page.locator("#curve-caption")).to_contain_text("even micro-batch 1 does not fit in 976.6KiB")
+    cheapest = not_fitting["cheapest_fitting"]  # fitprobe recommend's first candidate, when a combination fits
+    if cheapest is None:
+        expect(page.locator("#dnf-cheapest")).to_have_count(0)
+    else:
+        expect(page.locator("#dnf-cheapest")).to_contain_text(f"Cheapest change that fits: {cheapest['change']} at "
+                                                              f"micro-batch {cheapest['safe_micro_batch'] or 1}")
     body = page.locator("main").inner_text()
     assert "without an effective_batch" not in body and "max micro-batch 0" not in body, body
     expect(page.locator(".exports")).to_have_count(0)
@@ -496,3 +502,26 @@ def test_the_evaluation_and_generation_batches_show_beside_the_state_that_bounds
         f"KV cache per sequence: {format_bytes(generation['cache_bytes_per_sequence'])} at "
         f"{generation['cache_tokens']} tokens (arithmetic: {format_bytes(generation['cache_bytes_per_sequence_arithmetic'])})")
     expect(page.locator("#generation table tbody tr")).to_have_count(len(generation["batch"]["trials"]))
+
+
+@pytest.mark.slow  # a recommendation of two candidates on gpt-nano: ~20 s on the shared host
+def test_recommend_from_the_form_shows_the_candidates_ranked_with_the_one_to_run(server, page, tmp_path):
+    page.goto(f"{server.url}/#/new")
+    fill_form(page, {"model": "builtin:gpt-nano", "seq_len": "64", "capacity_bytes": "12MiB", "precision": "bf16",
+                     "optimizer": "adafactor"})
+    page.click("#recommend-button")
+    page.wait_for_url(re.compile(r"#/recommendations/\w+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#recommend-status")).to_have_text(re.compile(r"^succeeded"), timeout=180_000)
+    page.screenshot(path=tmp_path / "recommendation.png", full_page=True)
+    with server.client() as client:
+        answer = client.get(f"/v1/recommendations/{job_id}").json()["recommendation"]
+    rows = page.locator("#recommend-table tbody tr")
+    expect(rows).to_have_count(len(answer["candidates"]))
+    for row, candidate in zip(rows.all(), answer["candidates"], strict=True):
+        assert row.locator("td").nth(1).inner_text() == candidate["label"]
+        assert row.locator("td").nth(2).inner_text() == str(candidate["max_micro_batch"])
+    first = answer["candidates"][answer["first_fitting"]]
+    expect(page.locator("#recommend-first")).to_have_text(
+        f"Run: {first['label']}, micro-batch {first['safe_micro_batch']} (max {first['max_micro_batch']})")
+    expect(rows.nth(answer["first_fitting"])).to_have_class("chosen")
