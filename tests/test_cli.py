@@ -192,8 +192,9 @@ def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fi
     flags = {"gradient_checkpointing": lambda v: ["--grad-checkpointing"] if v else [],
              "optimizer": lambda v: ["--optimizer", v], "precision": lambda v: ["--precision", v]}
     changed = [flag for name, value in cheapest["settings"].items() for flag in flags[name](value)]
-    measured_run = fitprobe("trial", "--model", "builtin:gpt-small", "--seq-len", "256", "--precision", "fp32",
-                            "--device", "cpu", "--capacity", "64MiB", "--micro-batch", "1", *changed, "--json")
+    measured_run = fitprobe_in_process(capsys, "trial", "--model", "builtin:gpt-tiny", "--seq-len", "64", "--precision",
+                                       "fp32", "--device", "cpu", "--capacity", "8MiB", "--micro-batch", "1", *changed,
+                                       "--json")
     assert json.loads(measured_run.stdout)["trial"]["fits"], measured_run.stderr
 
 
