@@ -136,18 +136,27 @@ OTHER_SETTINGS = [
 ]
 
 
-@pytest.mark.slow  # seven or eight learning trials and two fresh ones, about a minute
-@pytest.mark.parametrize("changes,traced_points", OTHER_SETTINGS, ids=["8bit-ckpt", "qlora-8bit-ckpt"])
-def test_another_setting_takes_the_laws_learned_for_the_first_from_two_or_three_traced_trials(changes, traced_points):
-    config, _ = FAMILIES["llama"]
-    spec = ProbeSpec(model=config, seq_len=SEQS[0], mode="estimate", capacity_bytes=1 << 30, precision="bf16-mixed",
-                     finetuning="lora", gradient_checkpointing=False, optimizer="adamw_torch_fused")
-    other = spec.model_copy(update=changes)
+FIRST = ProbeSpec(model=FAMILIES["llama"][0], seq_len=SEQS[0], mode="estimate", capacity_bytes=1 << 30,
+                  precision="bf16-mixed", finetuning="lora", gradient_checkpointing=False, optimizer="adamw_torch_fused")
+
+
+@pytest.fixture(scope="module")
+def first_laws() -> frozenset[SizeLaw]:
+    """The laws the first setting's row learns (five traced trials), learned once for both other settings; frozen,
+    so neither test can change what the other reads."""
     with frozen_heap():
-        first = Replay.learn(CutModels.build(spec), spec, list(SEQS), lambda _event: None)
+        first = Replay.learn(CutModels.build(FIRST), FIRST, list(SEQS), lambda _event: None)
         assert isinstance(first, Replay) and first.laws is not None, first
-        known = {law for cut_laws in first.laws for law in cut_laws}
-        del first
+        return frozenset(law for cut_laws in first.laws for law in cut_laws)
+
+
+@pytest.mark.slow  # two or three learning trials and two fresh ones, ~50-60 s, after the first row's five (~50 s, shared)
+@pytest.mark.parametrize("changes,traced_points", OTHER_SETTINGS, ids=["8bit-ckpt", "qlora-8bit-ckpt"])
+def test_another_setting_takes_the_laws_learned_for_the_first_from_two_or_three_traced_trials(
+        changes, traced_points, first_laws):
+    other = FIRST.model_copy(update=changes)
+    known = first_laws
+    with frozen_heap():
         cuts = CutModels.build(other)
         replay = Replay.learn(cuts, other, list(SEQS), lambda _event: None, known)
         assert isinstance(replay, Replay), replay

@@ -135,17 +135,19 @@ def test_sizing_the_step_shows_progress_per_option_on_stderr():
     assert "gradient checkpointing" in sizing[1]
 
 
-# 8 identical layers: a probe's estimate runs cuts of 2 and 3 layers and extrapolates them (probe/estimate/extrapolate.py)
-DEEP_LLAMA = {**LLAMA, "num_hidden_layers": 8, "max_position_embeddings": 512}
+# 4 identical layers, the fewest the pattern finder cuts: a probe's estimate runs cuts of 2 and 3 layers and
+# extrapolates them (probe/estimate/extrapolate.py)
+DEEP_LLAMA = {**LLAMA, "num_hidden_layers": 4, "max_position_embeddings": 512}
 # fused AdamW's traces pair up; Adafactor works parameter by parameter, so its estimate falls back to full depth
 CUT_SETTINGS = [Setting("full", False, "adamw_torch_fused"), Setting("full", False, "adafactor")]
 
 
 @pytest.mark.slow
 def test_a_deep_decoders_cells_run_the_cuts_a_probe_runs_and_answer_what_it_answers():
-    # 1.7 M parameters: 27 MiB of fp32 weights, gradients and AdamW state, so 64 MiB leaves room for a few samples
-    base = ProbeSpec(model=DEEP_LLAMA, seq_len=128, mode="estimate", capacity_bytes=64 << 20, precision="bf16-mixed")
-    whatif = run_whatif(base, [128], CUT_SETTINGS)
+    # 1.1 M parameters: 17 MiB of fp32 weights, gradients and AdamW state, so 48 MiB leaves room for a few samples;
+    # the longest sequence is searched up to 256, as a service capping its seq_len would
+    base = ProbeSpec(model=DEEP_LLAMA, seq_len=128, mode="estimate", capacity_bytes=48 << 20, precision="bf16-mixed")
+    whatif = run_whatif(base, [128], CUT_SETTINGS, longest_up_to=256)
     fused, adafactor = whatif.rows
     assert [cell.extrapolated_from_layers for cell in fused.cells] == [[2, 3]]
     assert [cell.extrapolated_from_layers for cell in adafactor.cells] == [None]
@@ -171,15 +173,14 @@ import json, logging, sys
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.whatif import run_whatif
-from tests.test_whatif import CUT_SETTINGS, LLAMA, cell_spec
+from tests.test_whatif import CUT_SETTINGS, DEEP_LLAMA, cell_spec
 
 kept = []
 class Keep(logging.Handler):
     def emit(self, record):
         kept.append(record)
 logging.getLogger().addHandler(Keep())
-model = {**LLAMA, "num_hidden_layers": 4, "max_position_embeddings": 512}
-base = ProbeSpec(model=model, seq_len=128, mode="estimate", capacity_bytes=48 << 20, precision="bf16-mixed")
+base = ProbeSpec(model=DEEP_LLAMA, seq_len=128, mode="estimate", capacity_bytes=48 << 20, precision="bf16-mixed")
 cell = run_whatif(base, [128], CUT_SETTINGS, longest_up_to=256).rows[0].cells[0]
 _, _, full_depth = make_trial(cell_spec(base, CUT_SETTINGS[0], 128).model_copy(update={"extrapolate": False}))
 json.dump({"cell": [cell.max_micro_batch, cell.peak_bytes, cell.extrapolated_from_layers],
@@ -187,7 +188,7 @@ json.dump({"cell": [cell.max_micro_batch, cell.peak_bytes, cell.extrapolated_fro
 """
 
 
-@pytest.mark.slow  # a table of two rows on 4 layers and a full-depth trial, in a fresh process
+@pytest.mark.slow  # a table of two rows on 4 layers and a full-depth trial, in a fresh process, ~40 s
 def test_a_cell_extrapolated_from_cuts_is_the_full_depths_peak_when_the_process_keeps_its_log_records():
     # 4 layers: the fewest the pattern finder cuts (to 2 and 3), where a byte left on the shallow cut counts twice
     run = subprocess.run([sys.executable, "-c", KEEPS_LOG_RECORDS], capture_output=True, text=True, timeout=600,
