@@ -75,16 +75,23 @@ def _trial_peaks(spec: ProbeSpec, batch: int) -> tuple[int, int]:
     return peaks[0], peaks[1]
 
 
-@pytest.mark.slow  # ~10 s each on the shared 2-core host: a real generate under the profiler, a trial, an estimate
-@pytest.mark.parametrize("fields,cache,alone", [(QWEN2, "dynamic", True), (MISTRAL, "dynamic", False),
-                                                (QWEN2, "static", False)],
+# Each decode step costs every generate (the user's, the trial, the estimate's fake one) the same: each case
+# decodes only as far as its claim needs.
+# - Qwen2, dynamic cache: long enough that the last decode step, with the whole cache, holds the peak, not the
+#   prefill (the user's generate at batch 4 peaks at the prefill up to 48 new tokens, at the last step by 96).
+# - Mistral, dynamic cache: the prompt already fills its 16-token window, so every step from the first holds
+#   a cache cut to the window (DynamicSlidingWindowLayer): 24 tokens decode well past it.
+# - Qwen2, static cache: allocated whole up front, for prompt + max_new_tokens, at any length.
+@pytest.mark.slow  # 4-9 s each on the shared 2-core host: a real generate under the profiler, a trial, an estimate
+@pytest.mark.parametrize("fields,cache,alone,new_tokens", [(QWEN2, "dynamic", True, 96),
+                                                           (MISTRAL, "dynamic", False, 24),
+                                                           (QWEN2, "static", False, 24)],
                          ids=["qwen2-dynamic-inference-only", "mistral-dynamic-beside-training",
                               "qwen2-static-beside-training"])
-def test_generation_peak_is_what_model_generate_holds_and_the_estimate_equals_it(fields, cache, alone):
-    """Long enough that the last decode step, with the whole cache, holds the peak, not the prefill; beside
-    training, the optimizer state a training step leaves stays resident through the generation."""
-    measured, estimated = _trial_peaks(_spec(fields, 96, cache=cache, alone=alone), 4)
-    assert measured == pytest.approx(generate_peak_bytes(fields, 4, 96, cache, train_first=not alone),
+def test_generation_peak_is_what_model_generate_holds_and_the_estimate_equals_it(fields, cache, alone, new_tokens):
+    """Beside training, the optimizer state a training step leaves stays resident through the generation."""
+    measured, estimated = _trial_peaks(_spec(fields, new_tokens, cache=cache, alone=alone), 4)
+    assert measured == pytest.approx(generate_peak_bytes(fields, 4, new_tokens, cache, train_first=not alone),
                                      rel=TOLERANCE)
     assert estimated == measured
 
@@ -93,7 +100,7 @@ def _blocks(n_bytes: int) -> int:
     return -(-n_bytes // 512) * 512
 
 
-@pytest.mark.slow  # ~15 s on the shared 2-core host: a probe with its generation and evaluation, estimated
+@pytest.mark.slow  # ~10 s on the shared 2-core host: a probe with its generation and evaluation, estimated
 def test_beside_training_generation_and_evaluation_fit_where_training_fits_and_the_capacity_left_says_why():
     """Training fits at micro-batch ≥ 1, so the no-grad steps beside its resident state fit too: that state is
     less than a training step holds. The resident bytes are the weights and fused AdamW's state by hand: each
@@ -101,9 +108,11 @@ def test_beside_training_generation_and_evaluation_fit_where_training_fits_and_t
     from fitprobe.probe.job import run_probe
 
     capacity = 6 << 20
-    fields = dict(QWEN2, max_position_embeddings=64)  # a short context bounds the longest-generation search
+    # a short context bounds the longest-generation search: what is checked here is the resident state, which
+    # no generation length changes
+    fields = dict(QWEN2, max_position_embeddings=32)
     spec = ProbeSpec(model=fields, seq_len=PROMPT, precision="fp32", capacity_bytes=capacity, mode="estimate",
-                     generate=True, max_new_tokens=32, eval=True)
+                     generate=True, max_new_tokens=8, eval=True)
     report = run_probe(spec)
     assert report.search.max_micro_batch >= 1
     model = _model(fields)
@@ -116,21 +125,22 @@ def test_beside_training_generation_and_evaluation_fit_where_training_fits_and_t
         assert section.capacity_left_bytes == capacity - weights - state
 
 
-@pytest.mark.slow  # ~40 s on the shared 2-core host: two searches, their estimates and two real generates
+@pytest.mark.slow  # ~12 s on the shared 2-core host: two searches, their estimates and two real generates
 def test_the_generation_batch_is_the_true_max_and_its_cache_is_the_arithmetic():
     capacity = 3 << 20
-    fields = dict(MISTRAL, max_position_embeddings=56)  # a short context bounds the longest-generation search
-    generation = search_generation(_spec(fields, 24, capacity))
-    assert search_generation(_spec(fields, 24, capacity, mode="estimate")) == generation
+    # a short context bounds the longest-generation search; both it and the 12 new tokens pass the window (16)
+    fields = dict(MISTRAL, max_position_embeddings=40)
+    generation = search_generation(_spec(fields, 12, capacity))
+    assert search_generation(_spec(fields, 12, capacity, mode="estimate")) == generation
     top = generation.batch.max
     assert top > 1
-    assert generate_peak_bytes(fields, top, 24) <= capacity < generate_peak_bytes(fields, top + 1, 24)
+    assert generate_peak_bytes(fields, top, 12) <= capacity < generate_peak_bytes(fields, top + 1, 12)
     # 2 × layers × kv_heads × head_dim × tokens × 4 bytes, by hand: Mistral's 2 layers, 1 kv head of 16; its
-    # sliding window (16) keeps the last 15 of the 39 tokens, so the cache stops growing at the window
-    assert generation.cache_tokens == PROMPT + 24 - 1
+    # sliding window (16) keeps the last 15 of the 27 tokens, so the cache stops growing at the window
+    assert generation.cache_tokens == PROMPT + 12 - 1
     assert generation.cache_bytes_per_sequence == 2 * 2 * 1 * 16 * (16 - 1) * 4
     assert generation.cache_bytes_per_sequence_arithmetic == generation.cache_bytes_per_sequence
-    assert generation.longest_new_tokens_at_batch_1 == 56 - PROMPT  # to the context's end (the window caps the cache)
+    assert generation.longest_new_tokens_at_batch_1 == 40 - PROMPT  # to the context's end (the window caps the cache)
     assert generation.longest_limit_reached
 
 
@@ -150,7 +160,7 @@ def test_generation_settings_are_bounded_at_the_door_with_the_fix():
         ProbeSpec(model="builtin:gpt-nano", generate=True)
 
 
-@pytest.mark.slow  # ~15 s on the shared 2-core host: an estimated probe with its generation search
+@pytest.mark.slow  # ~6 s on the shared 2-core host: an estimated probe with its generation search
 def test_every_export_names_the_generation_batch_and_kwargs_that_model_generate_takes():
     from fitprobe.probe.export import export_report
     from fitprobe.probe.job import run_job
@@ -172,7 +182,7 @@ def test_every_export_names_the_generation_batch_and_kwargs_that_model_generate_
     assert out.shape[0] == generation["batch_size"] and out.shape[1] <= PROMPT + 8
 
 
-@pytest.mark.slow  # ~10 s on the shared 2-core host: a QLoRA model built twice, a trial each
+@pytest.mark.slow  # ~4 s on the shared 2-core host: a QLoRA model built twice, a trial each
 def test_a_qlora_models_generation_runs_on_its_4bit_base_and_the_estimate_equals_the_trial():
     """QLoRA's generation (e.g. a GRPO rollout): the frozen base in bitsandbytes nf4, beside the adapters' paged
     8-bit state; counted the same measured and on fake tensors. The cache is fp32: peft's

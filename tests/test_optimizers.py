@@ -9,14 +9,13 @@ events). The two model families (Qwen3, OLMo-2) were never used while writing fi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import get_args
 
 import pytest
 import torch
 
 from fitprobe.probe import optimizers
+from fitprobe.probe.cli import main
 from fitprobe.probe.job import run_trial
 from fitprobe.probe.spec import Optimizer, ProbeSpec
 from tests.reference_loop import (LiveBytes, LoopSettings, allocator_peak_bytes, hf_trainer_optimizer,
@@ -135,10 +134,11 @@ def test_old_optimizer_name_adamw_still_means_plain_torch_adamw():
     assert ProbeSpec().optimizer == "adamw_torch_fused"
 
 
-def test_cli_hf_export_names_the_optimizer():
-    out = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", "builtin:gpt-nano", "--seq-len", "32",
-                          "--precision", "fp32",
-                          "--capacity", "200MiB", "--effective-batch", "8", "--no-verify", "--optimizer",
-                          "adamw_bnb_8bit", "--format", "hf", "--quiet"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["optim"] == "adamw_bnb_8bit"
+def test_cli_hf_export_names_the_optimizer(capsys):
+    # the command line's own entry point, in this process (tests/test_cli.py runs it as a subprocess)
+    code = main(["probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                 "--capacity", "200MiB", "--effective-batch", "8", "--no-verify", "--optimizer",
+                 "adamw_bnb_8bit", "--format", "hf", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out)["optim"] == "adamw_bnb_8bit"

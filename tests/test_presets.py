@@ -24,7 +24,8 @@ PUBLISHED_NON_EMBEDDING_BILLIONS = {"qwen3-0.6b": 0.44, "qwen3-8b": 6.95, "qwen3
 # Larger members of a family estimated below (llama, phi3, mistral, qwen3): estimating them too would add
 # minutes of fake ops on the 2-core machine and exercise no other code.
 ONLY_LARGER = {"llama-3.3-70b", "phi-4", "mistral-small-3", "qwen3-8b"}
-TINY = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+# One layer: the experts' grouped matmuls and the dense twin's MLP each run once, as in every layer after it
+TINY = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # Qwen3's default head_dim is 128
 TINY_MOE = {
     "mixtral": {**TINY, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
@@ -48,15 +49,16 @@ def test_preset_has_the_published_parameter_count(name):
 
 # Each preset's own config, all of its fields, with fewer layers: a fake op costs the same whatever its
 # shape, so the step's time goes with the layer count (gemma-2-9b: 57 s at 42 layers, 3 s at 2). The layers
-# kept hold every kind of layer the full model has (Gemma-2 alternates sliding and global attention; Gemma-3
-# has five sliding ones per global one). The full size is test_preset_has_the_published_parameter_count's,
-# and test_estimate.py's 7B estimate carries the weights of a full-size model.
-LAYERS_OF_EVERY_KIND = {"gemma3_text": 6}
+# kept hold every kind of layer the full model has: one where every layer is alike, two for Gemma-2 (it
+# alternates sliding and global attention), six for Gemma-3 (five sliding ones per global one). The full size
+# is test_preset_has_the_published_parameter_count's, and test_estimate.py's 7B estimate carries the weights
+# of a full-size model.
+LAYERS_OF_EVERY_KIND = {"gemma2": 2, "gemma3_text": 6}
 
 
 def with_fewer_layers(name: str) -> dict:
     model_type, fields = PRESETS[name]
-    return {**fields, "model_type": model_type, "num_hidden_layers": LAYERS_OF_EVERY_KIND.get(model_type, 2)}
+    return {**fields, "model_type": model_type, "num_hidden_layers": LAYERS_OF_EVERY_KIND.get(model_type, 1)}
 
 
 def transformers_parameter_count(config: dict) -> int:
@@ -69,7 +71,7 @@ def transformers_parameter_count(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied table once
 
 
-@pytest.mark.slow  # 4-11 s each on the shared 2-core machine
+@pytest.mark.slow  # 1-3 s each on the shared 2-core machine
 @pytest.mark.parametrize("name", [name for name in PUBLISHED_BILLIONS if name not in ONLY_LARGER])
 def test_preset_estimates_a_lora_step_at_micro_batch_one(name):
     config = with_fewer_layers(name)
@@ -90,7 +92,7 @@ def peak_bytes(spec: ProbeSpec, micro_batch: int) -> int:
     return result.peak_allocated_bytes
 
 
-@pytest.mark.slow  # 13-20 s each: four trials, two of them real
+@pytest.mark.slow  # 4-7 s each on the shared 2-core machine: four trials, two of them real
 @pytest.mark.parametrize("model_type,dense_twin", [("mixtral", "llama"), ("qwen2_moe", "qwen2"),
                                                    ("qwen3_moe", "qwen3")])
 @pytest.mark.parametrize("finetuning,precision", [("full", "fp32"), ("lora", "bf16-mixed")])

@@ -10,11 +10,10 @@ OLMo-2 were never used while writing fitprobe.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from fitprobe.probe.cli import main
 from fitprobe.probe.job import run_trial
 from fitprobe.probe.spec import ProbeSpec
 from tests.reference_loop import (LiveBytes, LoopSettings, allocator_peak_bytes, run_qlora_loop,
@@ -97,20 +96,21 @@ def test_report_says_how_the_base_was_loaded_and_prepared():
     assert quantization["prepare_model_for_kbit_training"] == {"use_gradient_checkpointing": False}
 
 
-def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path):
+def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(FAMILIES["olmo2"]))
-    out = subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", "probe", "--model", f"hf:{config}", "--seq-len", "64",
-                          "--capacity", "300MiB", "--precision", "bf16-mixed", "--quantization", "nf4", "--lora",
-                          "--optimizer", "paged_adamw_8bit", "--effective-batch", "8", "--no-verify",
-                          "--format", "hf", "--quiet"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["optim"] == "paged_adamw_8bit"  # the object TrainingArguments unpacks
+    # the command line's own entry point, in this process (tests/test_cli.py runs it as a subprocess)
+    code = main(["probe", "--model", f"hf:{config}", "--seq-len", "64", "--capacity", "300MiB",
+                 "--precision", "bf16-mixed", "--quantization", "nf4", "--lora", "--optimizer", "paged_adamw_8bit",
+                 "--effective-batch", "8", "--no-verify", "--format", "hf", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out)["optim"] == "paged_adamw_8bit"  # the object TrainingArguments unpacks
     # how to load and prepare the base rides along as provenance (comments on stderr), not in that object
     # the base's settings as an object BitsAndBytesConfig(**quantization_config) takes
-    assert "#   quantization_config:\n#     load_in_4bit: true\n#     bnb_4bit_quant_type: nf4\n" in out.stderr
-    assert "BitsAndBytesConfig(**quantization_config)" in out.stderr
-    assert "prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)" in out.stderr
+    assert "#   quantization_config:\n#     load_in_4bit: true\n#     bnb_4bit_quant_type: nf4\n" in out.err
+    assert "BitsAndBytesConfig(**quantization_config)" in out.err
+    assert "prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)" in out.err
 
 
 def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():

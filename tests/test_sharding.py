@@ -31,8 +31,11 @@ from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.step import accumulate_gradients, make_optimizer, worst_case_batch
 from fitprobe.probe.trial import TrialRunner
 
+# Two blocks and the root (embeddings, final norm, head): three FSDP groups, each gathered, resharded and its
+# gradients reduce-scattered in turn, as in a deep model; each block more costs every gloo rank and every fake
+# trial the same again
 LLAMA = {"model_type": "llama", "vocab_size": 2000, "hidden_size": 128, "intermediate_size": 256,
-         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 SEQ_LEN = 128
 CAPACITY = "100MiB"
 MICRO_BATCH = 4
@@ -123,7 +126,7 @@ def test_model_states_per_device_fall_as_one_over_n():
 
     What is not divided: the rotary buffers (two 16-float tensors, 512 bytes each once rounded to the
     allocator's blocks) stay whole on every device; each shard is its own storage rounded up to 512
-    bytes (39 parameters), the gradients one storage per shard group; no padding, as every first
+    bytes (21 parameters), the gradients one storage per shard group; no padding, as every first
     dimension (2000, 256, 128, 64) divides by 1, 2 and 4.
     """
     shapes = parameter_shapes()
@@ -159,7 +162,9 @@ def test_search_under_sharding_finds_the_true_max_measured_on_gloo_ranks():
 def test_fsdp_beats_ddp_where_model_states_dominate():
     """Full fine-tuning, 4 devices, a capacity that the unsharded weights + AdamW state nearly fill."""
     capacity = "28MiB"
-    plain = ProbeSpec(precision="fp32", model=dict(LLAMA), seq_len=SEQ_LEN, capacity_bytes=capacity, num_devices=4, mode="estimate")
+    four_blocks = dict(LLAMA, num_hidden_layers=4)  # 16.8 MiB of weights + AdamW state, unsharded
+    plain = ProbeSpec(precision="fp32", model=four_blocks, seq_len=SEQ_LEN, capacity_bytes=capacity, num_devices=4,
+                      mode="estimate")
     ddp = run_probe(plain).as_json()["search"]["max_micro_batch"]
     fsdp = run_probe(plain.model_copy(update={"sharding": "fsdp"})).as_json()["search"]["max_micro_batch"]
     assert ddp == 1
@@ -174,7 +179,7 @@ def test_blocks_are_found_through_every_wrapper():
     gpt = build_model(ProbeSpec(precision="fp32", model="builtin:gpt-nano"), "meta").module
     assert transformer_blocks(gpt) == list(gpt.blocks)
     lora = build_model(spec.model_copy(update={"finetuning": "lora"}), "meta").module
-    assert [type(b).__name__ for b in transformer_blocks(lora)] == ["LlamaDecoderLayer"] * 4
+    assert [type(b).__name__ for b in transformer_blocks(lora)] == ["LlamaDecoderLayer"] * LLAMA["num_hidden_layers"]
     assert transformer_blocks(nn.Sequential(nn.Linear(2, 2))) == []
 
 
