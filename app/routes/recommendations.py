@@ -38,9 +38,7 @@ def _refuse_at_the_door(request: RecommendSpec, settings: Settings, sizer: Sizer
         spec = RecommendSpec(**{**request.model_dump(mode="json", exclude_unset=True), "mode": "estimate"})
     except (ValueError, ValidationError) as exc:
         raise HTTPException(422, validation_message(exc)) from exc
-    if spec.capacity_bytes is None:
-        raise HTTPException(422, "a recommendation plans for a card: give gpu (a card's name, GET /v1/models) "
-                                 "or capacity_bytes")
+    assert spec.capacity_bytes is not None, "ProbeSpec refuses estimate mode without a capacity"
     count = spec.candidate_count()
     if count > settings.max_recommend_candidates:
         raise HTTPException(422, f"this request has {count} candidates, more than this service's "
