@@ -166,8 +166,9 @@ class WhatIfProgress(BaseModel):
     total: int = Field(..., description="cells in all: settings × (seq_lens + 1)")
 
 
-class WhatIfJob(BaseModel):
-    """A what-if job (POST /v1/whatif) as GET /v1/whatif/{id} shows it."""
+class EstimateJob(BaseModel):
+    """What every estimate job (a what-if table, a recommendation) shows of itself; each kind adds its
+    progress, from its own event, and its answer."""
 
     id: str
     status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
@@ -179,6 +180,11 @@ class WhatIfJob(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+
+
+class WhatIfJob(EstimateJob):
+    """A what-if job (POST /v1/whatif) as GET /v1/whatif/{id} shows it."""
+
     progress: WhatIfProgress | None = Field(None, description="from the latest whatif_cell event")
     table: WhatIf | None = Field(None, description="the table once succeeded, as `fitprobe whatif --json` prints it: "
                                  "rows of settings, a cell per seq_len, the longest seq_len")
@@ -204,19 +210,9 @@ class Recommended(BaseModel):
     first_fitting: int | None = Field(None, description="the index in candidates of the first that fits (null: none)")
 
 
-class RecommendJob(BaseModel):
+class RecommendJob(EstimateJob):
     """A recommendation job (POST /v1/recommendations) as GET /v1/recommendations/{id} shows it."""
 
-    id: str
-    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
-    phase: str | None = None
-    spec: dict[str, Any] | None = Field(None, description="the request, capacity_bytes resolved from gpu")
-    device: str | None = Field(None, description="the worker that ran it (estimates use none of its memory)")
-    attempts: int = 0
-    error: str | None = None
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
     progress: WhatIfProgress | None = Field(None, description="from the latest recommend_candidate event: "
                                             "candidates estimated of all")
     recommendation: Recommended | None = Field(None, description="once succeeded")
