@@ -2,7 +2,10 @@
 
 A probe answers one setting. Someone choosing how to fine-tune asks the question the other way
 round: of the settings that change a step's memory (full / LoRA / QLoRA, gradient checkpointing,
-a 32- or 8-bit optimizer), which fit, at which sequence lengths, with which micro-batch? Each cell
+a 32- or 8-bit optimizer, paged or not, mixed-precision or pure bf16 weights), which fit, at which
+sequence lengths, with which micro-batch? Pure bf16 sits beside bf16-mixed by default because it is
+how full fine-tuning of a large model fits one card (bf16 weights, an 8-bit optimizer, checkpointing:
+torchtune's way), where fp32 master weights alone would not. Each cell
 of the table is exactly the estimate a probe with that spec would give (the same trials, the same
 search, under fake tensors), so a cell can be checked by running that probe.
 
@@ -49,6 +52,11 @@ from fitprobe.probe.trial import TrialRunner
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
 
 
+FineTuningWord = Literal["full", "lora", "qlora"]  # a row's finetuning: QLoRA is LoRA over an nf4 base
+# fp16-mixed is not a row: its memory is bf16-mixed's (fp32 master weights under autocast)
+WhatIfPrecision = Literal["fp32", "bf16-mixed", "bf16"]
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row: the settings that change memory, as the spec names them."""
@@ -56,33 +64,43 @@ class Setting:
     finetuning: str  # "full", "lora" or "qlora"
     gradient_checkpointing: bool
     optimizer: str
+    precision: str = DEFAULT_PRECISION
 
     @property
     def label(self) -> str:
         checkpointing = "ckpt" if self.gradient_checkpointing else "no ckpt"
-        return f"{self.finetuning} · {checkpointing} · {self.optimizer}"
+        return f"{self.finetuning} · {checkpointing} · {self.precision} · {self.optimizer}"
 
     def update(self) -> dict[str, Any]:
         lora = self.finetuning in ("lora", "qlora")
         return {"finetuning": "lora" if lora else "full",
                 "quantization": "nf4" if self.finetuning == "qlora" else "none",
-                "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer}
+                "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
+                "precision": self.precision}
 
-
-FineTuningWord = Literal["full", "lora", "qlora"]  # a row's finetuning: QLoRA is LoRA over an nf4 base
 
 FINETUNINGS: tuple[FineTuningWord, ...] = ("full", "lora", "qlora")
 CHECKPOINTING = (False, True)
-OPTIMIZERS: tuple[Optimizer, ...] = ("adamw_torch_fused", "adamw_bnb_8bit")
+OPTIMIZERS: tuple[Optimizer, ...] = ("adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit")
+
+
+def default_precisions(precision: str = DEFAULT_PRECISION) -> list[str]:
+    """The rows' precisions when none are named: the base's, and pure bf16 beside bf16-mixed."""
+    return [precision, "bf16"] if precision == "bf16-mixed" else [precision]
 
 
 def settings_grid(finetunings: Sequence[str] = FINETUNINGS, checkpointing: Sequence[bool] = CHECKPOINTING,
-                  optimizers: Sequence[str] = OPTIMIZERS) -> list[Setting]:
-    """Every combination of the three axes: the table's rows."""
+                  optimizers: Sequence[str] = OPTIMIZERS, precisions: Sequence[str] | None = None) -> list[Setting]:
+    """Every combination of the four axes: the table's rows (precisions: default_precisions() when None).
+
+    The optimizer varies fastest: the rows that share a build (all but the optimizer) are neighbours,
+    so `Builds` keeps one build for them and their optimizers learn their trials together.
+    """
     unknown = [f for f in finetunings if f not in FINETUNINGS]
     if unknown:
         raise SpecError(f"finetuning must be among {', '.join(FINETUNINGS)} (got {', '.join(unknown)})")
-    return [Setting(f, c, o) for f in finetunings for c in checkpointing for o in optimizers]
+    return [Setting(f, c, o, p) for f in finetunings for c in checkpointing
+            for p in (default_precisions() if precisions is None else precisions) for o in optimizers]
 
 
 @dataclass
@@ -121,7 +139,7 @@ class Row:
 class WhatIf:
     model: str
     capacity_bytes: int
-    precision: str
+    precision: str  # the base's (the request's `precision`); each row's own is its setting's
     seq_lens: list[int]
     context: int
     rows: list[Row]
@@ -312,8 +330,9 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
                ) -> WhatIf:
     """Every setting × seq_len cell, then each setting's longest sequence at micro-batch 1.
 
-    `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each
-    row overrides finetuning, quantization, gradient_checkpointing and optimizer. `longest_up_to` caps the
+    `base` holds what stays fixed (model, capacity, collation, LoRA rank, headroom); each row overrides
+    finetuning, quantization, gradient_checkpointing, optimizer and precision (without `settings`, the
+    default grid at the base's precisions: default_precisions). `longest_up_to` caps the
     longest-sequence search below the model's context (a service's own largest seq_len).
     """
     with frozen_heap():  # each trial's collections walk only what trials made (probe/heap.py)
@@ -326,7 +345,9 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
     if capacity_bytes is None:
         raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
     started_s = time.perf_counter()
-    settings = list(settings) if settings is not None else settings_grid()
+    if settings is None:
+        settings = settings_grid(precisions=default_precisions(base.precision))
+    settings = list(settings)
     base = base.model_copy(update={"mode": "estimate"})
     context = min(model_context(base, allowed_factories), longest_up_to or MAX_SEQ_LEN)
     total, done = len(settings) * (len(seq_lens) + 1), 0

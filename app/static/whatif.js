@@ -45,7 +45,8 @@ function jobForm(out) {
     ...field("whatif-seq-lens", "seq_lens", "1024,2048"),
     ...field("whatif-finetuning", "finetuning", "full,lora,qlora"),
     ...field("whatif-checkpointing", "checkpointing", "off,on"),
-    ...field("whatif-optimizers", "optimizers", "adamw_torch_fused,adamw_bnb_8bit"),
+    ...field("whatif-optimizers", "optimizers", "adamw_torch_fused,adamw_bnb_8bit,paged_adamw_8bit"),
+    ...field("whatif-precisions", "precisions", "bf16-mixed,bf16"),
     h("button", { type: "submit" }, "Estimate the table"));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -53,6 +54,7 @@ function jobForm(out) {
     const body = { model: value("whatif-model"), seq_lens: words(value("whatif-seq-lens")).map(Number),
       finetuning: words(value("whatif-finetuning")), checkpointing: words(value("whatif-checkpointing")),
       optimizers: words(value("whatif-optimizers")) };
+    if (value("whatif-precisions")) body.precisions = words(value("whatif-precisions"));
     if (value("whatif-gpu")) body.gpu = value("whatif-gpu");
     if (value("whatif-capacity")) body.capacity_bytes = value("whatif-capacity");
     try {
