@@ -190,8 +190,10 @@ class Progress:
 def _cell_words(event: Event) -> str:
     if event["seq_len"] == "longest":
         return f"longest seq_len at micro-batch 1: {event['longest_seq_len']}"
-    peak = f", peak {format_bytes(event['peak_bytes'])}" if event["peak_bytes"] else ""
-    return f"seq_len {event['seq_len']}: max micro-batch {event['max_micro_batch']}{peak}"
+    if not event["max_micro_batch"]:
+        return f"seq_len {event['seq_len']}: does not fit"
+    return (f"seq_len {event['seq_len']}: max micro-batch {event['max_micro_batch']}, safe "
+            f"{event['safe_micro_batch']}, peak {format_bytes(event['peak_bytes'])} at the max")
 
 
 def _per_device(spec: dict[str, Any]) -> str:

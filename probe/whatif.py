@@ -365,7 +365,7 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
             row.cells.append(cell)
             done += 1
             emit(whatif_cell(done, total, row.label, seq_len=seq_len, max_micro_batch=cell.max_micro_batch,
-                             peak_bytes=cell.peak_bytes, note=cell.note))
+                             safe_micro_batch=cell.safe_micro_batch, peak_bytes=cell.peak_bytes, note=cell.note))
         if any(cell.note for cell in row.cells) and all(cell.max_micro_batch is None for cell in row.cells):
             row.longest = Longest(None, note=row.cells[0].note)
         else:
@@ -380,12 +380,15 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
 
 
 def format_whatif(table: WhatIf) -> str:
-    """The table as text: a row per setting, per seq_len its max micro-batch and peak, then the longest."""
-    head = [f"{'seq_len ' + str(s):>22}" for s in table.seq_lens]
-    precision = f"{table.precision} (the default precision)" if table.precision == DEFAULT_PRECISION else table.precision
-    lines = [(f"{table.model} {precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
-              "each cell: max micro-batch (peak)"),
-             f"{'setting':<36}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
+    """The table as text: a row per setting, per seq_len its max and safe micro-batch and the max's peak, then
+    the longest."""
+    head = [f"{'seq_len ' + str(s):>26}" for s in table.seq_lens]
+    precisions = list(dict.fromkeys(row.setting.precision for row in table.rows)) or [table.precision]
+    precision = ", ".join(f"{p} (the default precision)" if p == DEFAULT_PRECISION else p for p in precisions)
+    width = max([36, *(len(row.label) + 2 for row in table.rows)])
+    lines = [(f"{table.model} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}), precision {precision}; "
+              "each cell: max micro-batch · safe micro-batch, which leaves the headroom free (peak at the max)"),
+             f"{'setting':<{width}}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
     every_cell = [cell for row in table.rows for cell in row.cells]
     # a reason not to apply is often long and shared by a whole row or column: numbered, said once below
     numbers: dict[str, int] = {}
@@ -400,14 +403,14 @@ def format_whatif(table: WhatIf) -> str:
             elif cell.max_micro_batch == 0:
                 text = "does not fit"
             else:
-                text = f"{cell.max_micro_batch} ({format_bytes(cell.peak_bytes)})"
-            cells.append(f"{text:>22}")
+                text = f"{cell.max_micro_batch} · safe {cell.safe_micro_batch} ({format_bytes(cell.peak_bytes)})"
+            cells.append(f"{text:>26}")
         longest = row.longest
         if longest is None or longest.seq_len is None:
             last = f"n/a [{numbers[longest.note]}]" if longest is not None and longest.note else "n/a"
         else:
             last = str(longest.seq_len) if longest.seq_len else f"< {SEQ_GRID}"
-        lines.append(f"{row.label:<36}" + "".join(cells) + f"  {last:>20}")
+        lines.append(f"{row.label:<{width}}" + "".join(cells) + f"  {last:>20}")
     cut = [cell for cell in every_cell if cell.extrapolated_from_layers]
     if cut:
         depths = " and ".join(str(d) for d in cut[0].extrapolated_from_layers or [])

@@ -77,11 +77,13 @@ def test_longest_sequence_fits_at_micro_batch_one_and_the_next_grid_point_does_n
 
 
 @pytest.mark.slow
-def test_one_progress_event_per_cell(table):
-    _, _, events = table
+def test_one_progress_event_per_cell_with_its_max_and_safe_micro_batch(table):
+    _, whatif, events = table
     total = len(SETTINGS) * (len(SEQ_LENS) + 1)
     assert [e["done"] for e in events] == list(range(1, total + 1))
     assert {e["type"] for e in events} == {"whatif_cell"} and {e["total"] for e in events} == {total}
+    cells = [(e["max_micro_batch"], e["safe_micro_batch"]) for e in events if e["seq_len"] != "longest"]
+    assert cells == [(c.max_micro_batch, c.safe_micro_batch) for row in whatif.rows for c in row.cells]
 
 
 def test_the_default_rows_add_pure_bf16_and_the_paged_optimizer_with_each_builds_optimizers_neighbours():
@@ -155,6 +157,17 @@ def test_each_precision_row_answers_what_a_single_estimate_at_that_precision_ans
     assert all(b.max_micro_batch > m.max_micro_batch for m, b in zip(mixed.cells, pure.cells, strict=True))
 
 
+@pytest.mark.slow  # reads the table above
+def test_the_text_table_shows_each_cells_safe_micro_batch_apart_from_its_max(precision_table):
+    search = single_estimate("bf16", 32)
+    assert 0 < search["safe_micro_batch"] < search["max_micro_batch"]  # the headroom costs examples here
+    text = format_whatif(precision_table)
+    assert "each cell: max micro-batch · safe micro-batch" in text.splitlines()[0]
+    assert "precision bf16-mixed (the default precision), bf16" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if line.startswith("full · ckpt · bf16 · paged_adamw_8bit"))
+    assert f" {search['max_micro_batch']} · safe {search['safe_micro_batch']} (" in row, row
+
+
 def fitprobe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", *args], capture_output=True, check=False, text=True,
                           timeout=300)
@@ -171,7 +184,7 @@ def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     lines = run.stdout.splitlines()
     assert "seq_len 32" in lines[1] and "seq_len 64" in lines[1] and "longest seq at mb 1" in lines[1]
     full = next(line for line in lines if line.startswith("full · no ckpt · bf16 · adamw_torch_fused"))
-    assert re.search(r"\d+ \([\d.]+MiB\)\s+\d+ \([\d.]+MiB\)\s+\d+$", full), full
+    assert re.search(r"\d+ · safe \d+ \([\d.]+MiB\)\s+\d+ · safe \d+ \([\d.]+MiB\)\s+\d+$", full), full
     qlora = next(line for line in lines if line.startswith("qlora"))
     assert qlora.count("n/a [1]") == 3, qlora
     # the reason is said once, below the table and in the progress, and the cells refer to it by number
@@ -180,14 +193,15 @@ def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     # one progress line per cell, with the elapsed time: 2 rows × (2 seq_lens + the longest)
     progress = [line for line in run.stderr.splitlines() if "what-if" in line]
     assert len(progress) == 6 and re.match(r"\[fitprobe +[\d.]+s\] what-if 1/6: full · no ckpt · bf16 · "
-                                           r"adamw_torch_fused, seq_len 32: max micro-batch \d+", progress[0])
+                                           r"adamw_torch_fused, seq_len 32: max micro-batch \d+, safe \d+", progress[0])
 
     as_json = fitprobe(*WHATIF, "--json", "--quiet")
     table = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and not as_json.stderr.strip()
     assert table["seq_lens"] == [32, 64] and len(table["rows"]) == 2
     full_row = table["rows"][0]
-    assert [c["max_micro_batch"] for c in full_row["cells"]] == [int(x) for x in re.findall(r"(\d+) \(", full)]
+    assert [[c["max_micro_batch"], c["safe_micro_batch"]] for c in full_row["cells"]] == [
+        [int(m), int(s)] for m, s in re.findall(r"(\d+) · safe (\d+) \(", full)]
     assert table["rows"][1]["cells"][0]["max_micro_batch"] is None
 
 

@@ -425,10 +425,12 @@ def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, pag
     first = grid.locator("tbody tr").first
     expect(first.locator("th")).to_have_text("full · no ckpt · bf16-mixed · adamw_bnb_8bit")
     expect(grid.locator("tbody tr").nth(1).locator("th")).to_have_text("full · no ckpt · bf16 · adamw_bnb_8bit")
+    expect(page.locator("#whatif-map figcaption")).to_contain_text("bf16-mixed, bf16")
     expect(first.locator("td.heat-cell").first).to_have_text("does not fit")
     expect(grid.locator("td.heat-cell.na")).to_have_count(4 * len(seq_lens))
-    # the largest micro-batch gets the darkest shade, the cell that does not fit the "no" shade
-    expect(grid.locator("td.heat-5")).to_have_text(["7 (8.0GiB)"])
+    # the largest micro-batch gets the darkest shade, the cell that does not fit the "no" shade; the safe
+    # micro-batch is shown apart from the max
+    expect(grid.locator("td.heat-5")).to_have_text(["7 · safe 6 (8.0GiB)"])
     page.fill("#whatif-json", "{not json")
     expect(page.locator("#whatif-map .error")).to_contain_text("not a what-if table")
 
@@ -446,7 +448,7 @@ def test_whatif_page_submits_a_table_follows_the_job_and_draws_it_from_the_api(s
     job_id = page.input_value("#whatif-job-id")
     table = server.client().get(f"/v1/whatif/{job_id}").json()["table"]
     cell = table["rows"][0]["cells"][0]
-    expect(grid.locator("td.heat-cell")).to_have_text([f"{cell['max_micro_batch']} ("
+    expect(grid.locator("td.heat-cell")).to_have_text([f"{cell['max_micro_batch']} · safe {cell['safe_micro_batch']} ("
                                                        f"{cell['peak_bytes'] / 2**20:.1f}MiB)"])
     # a job loaded by id draws the same table; one that does not exist says so
     page.goto(f"{server.url}/#/whatif")
