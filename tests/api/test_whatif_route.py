@@ -16,6 +16,7 @@ from fitprobe.app.config import Settings
 from fitprobe.app.main import create_app
 from fitprobe.probe.job import run_probe
 from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.whatif_spec import WhatIfSpec
 
 SMALL = {"model": "builtin:gpt-nano", "capacity_bytes": "12MiB", "seq_lens": [32, 64], "finetuning": ["full"],
          "checkpointing": ["off"], "optimizers": ["adamw_torch_fused"], "precisions": ["bf16-mixed"]}
@@ -117,6 +118,12 @@ def test_an_oversized_table_is_refused_at_the_door_with_what_to_change(client):
     repeated = client.post("/v1/whatif", json={**SMALL, "seq_lens": [32, 32]})
     assert repeated.status_code == 422 and "repeated: 32" in repeated.text
     assert client.get("/v1/whatif").json()["total"] == before  # nothing refused was stored
+
+
+def test_the_default_rows_at_four_seq_lens_pass_a_default_services_door(tmp_path):
+    # 3 finetunings × 2 checkpointing × 2 precisions (bf16 beside bf16-mixed) × 3 optimizers = 36 rows
+    request = WhatIfSpec(model="preset:llama-3.1-8b", gpu="h100-80gb", seq_lens=[512, 1024, 2048, 4096])
+    assert request.cell_count == 36 * 4 <= Settings(data_dir=tmp_path).max_whatif_cells
 
 
 def test_cancel_stops_a_running_table_and_frees_the_worker(client):
