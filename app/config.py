@@ -55,8 +55,8 @@ class Settings(OperatorSettings):
         "parameters; one that takes longer (thousands of layers) is refused with 422")
     max_whatif_seq_lens: int = Field(8, ge=1, description="most seq_lens (columns) a what-if table may ask for")
     max_whatif_cells: int = Field(
-        48, ge=1, description="most cells (settings × seq_lens) a what-if table may ask for; each cell is one "
-        "estimated probe, and each row adds its longest-sequence search")
+        144, ge=1, description="most cells (settings × seq_lens) a what-if table may ask for; each cell is one "
+        "estimated probe, and each row adds its longest-sequence search (144: the default 36 rows at 4 seq_lens)")
     max_recommend_candidates: int = Field(
         96, ge=1, description="most candidates a recommendation may estimate (the product of the settings its "
         "request leaves room for: 96 is every saver for full fine-tuning on several devices)")

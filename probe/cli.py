@@ -43,6 +43,7 @@ from fitprobe.probe.versions import fitprobe_version
 # each CPU rank is a process with its own torch (hundreds of MiB): --devices 1024 would exhaust the host
 MAX_CPU_PROCESSES = 16
 PRECISIONS = list(get_args(Precision))
+WHATIF_PRECISIONS = [p for p in PRECISIONS if p != "fp16-mixed"]  # fp16-mixed's memory is bf16-mixed's
 
 
 def allowed_factories() -> frozenset[str]:
@@ -189,8 +190,10 @@ class Progress:
 def _cell_words(event: Event) -> str:
     if event["seq_len"] == "longest":
         return f"longest seq_len at micro-batch 1: {event['longest_seq_len']}"
-    peak = f", peak {format_bytes(event['peak_bytes'])}" if event["peak_bytes"] else ""
-    return f"seq_len {event['seq_len']}: max micro-batch {event['max_micro_batch']}{peak}"
+    if not event["max_micro_batch"]:
+        return f"seq_len {event['seq_len']}: does not fit"
+    return (f"seq_len {event['seq_len']}: max micro-batch {event['max_micro_batch']}, safe "
+            f"{event['safe_micro_batch']}, peak {format_bytes(event['peak_bytes'])} at the max")
 
 
 def _per_device(spec: dict[str, Any]) -> str:
@@ -347,7 +350,7 @@ def _words(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
 
 def cmd_whatif(args: argparse.Namespace) -> int:
     from fitprobe.probe.models.load import check_reference
-    from fitprobe.probe.whatif import format_whatif, run_whatif, settings_grid
+    from fitprobe.probe.whatif import default_precisions, format_whatif, run_whatif, settings_grid
 
     if not args.gpu and not args.capacity:
         raise SpecError("whatif plans for a card: give --gpu CARD or --capacity (e.g. 24GiB)")
@@ -359,8 +362,10 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     checkpointing = [{"off": False, "on": True}[v]
                      for v in _words(args.checkpointing, "--checkpointing", ("off", "on"))]
     optimizers = _words(args.optimizers, "--optimizers", get_args(Optimizer))
+    precisions = (_words(args.precisions, "--precisions", tuple(WHATIF_PRECISIONS)) if args.precisions
+                  else default_precisions(args.precision))
     settings = settings_grid(_words(args.finetuning, "--finetuning", ("full", "lora", "qlora")), checkpointing,
-                             optimizers)
+                             optimizers, precisions)
     table = run_whatif(base, args.seq_len, settings, progress_of(args), allowed_factories())
     fits = any(cell.max_micro_batch for row in table.rows for cell in row.cells)
     print(json.dumps(table.to_dict(), indent=2) if args.json else format_whatif(table))
@@ -429,16 +434,18 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
                       "(axolotl sequence_len, torchtune max_seq_len, the hf note's max_length)")
     _add_export_options(plan)
     plan.set_defaults(run=cmd_plan)
-    whatif = commands.add_parser("whatif", help="which settings (full/LoRA/QLoRA, checkpointing, 8-bit optimizer) "
-                                 "fit on a card, at which seq_len and micro-batch (estimated)",
+    whatif = commands.add_parser("whatif", help="which settings (full/LoRA/QLoRA, checkpointing, 8-bit or paged "
+                                 "optimizer, bf16-mixed or pure bf16) fit on a card, at which seq_len and max and "
+                                 "safe micro-batch (estimated)",
                                  formatter_class=_Formatter)
     whatif.add_argument("--model", required=True, help="as for probe: builtin:, preset:, hf:, factory:")
     whatif.add_argument("--seq-len", type=seq_lens, required=True, help="comma-separated, e.g. 1024,2048,4096")
     whatif.add_argument("--gpu", choices=sorted(GPU_TOTAL_MIB), metavar="CARD",
                         help="plan for this card's capacity; one of " + ", ".join(GPU_TOTAL_MIB))
     whatif.add_argument("--capacity", help="or the memory the step may use, e.g. 24GiB")
-    whatif.add_argument("--precision", default=DEFAULT_PRECISION, choices=[p for p in PRECISIONS if p != "fp16-mixed"],
-                        help="training precision (fp16-mixed: estimate bf16-mixed, whose memory is the same)")
+    whatif.add_argument("--precision", default=DEFAULT_PRECISION, choices=WHATIF_PRECISIONS,
+                        help="training precision (fp16-mixed: estimate bf16-mixed, whose memory is the same); "
+                        "without --precisions, the rows take it, and bf16 beside bf16-mixed")
     whatif.add_argument("--collation", default="padded", choices=["padded", "packed"],
                         help="padded: batches hold padding (an attention mask); packed: no padding, no mask")
     whatif.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank of the LoRA and QLoRA rows")
@@ -447,7 +454,10 @@ def build_parser(more_commands: Callable[[Any], None] | None = None) -> argparse
     whatif.add_argument("--finetuning", default="full,lora,qlora",
                         help="rows: full, lora, qlora (LoRA over an nf4 base)")
     whatif.add_argument("--checkpointing", default="off,on", help="rows: gradient checkpointing off, on")
-    whatif.add_argument("--optimizers", default="adamw_torch_fused,adamw_bnb_8bit", help="rows: these optimizers")
+    whatif.add_argument("--optimizers", default="adamw_torch_fused,adamw_bnb_8bit,paged_adamw_8bit",
+                        help="rows: these optimizers")
+    whatif.add_argument("--precisions", help="rows: these precisions, comma-separated, of "
+                        f"{', '.join(WHATIF_PRECISIONS)} (default: --precision, and bf16 beside bf16-mixed)")
     whatif.add_argument("--json", action="store_true", help="print the table as one JSON object")
     whatif.add_argument("--quiet", action="store_true", help="no progress on stderr")
     whatif.set_defaults(run=cmd_whatif)

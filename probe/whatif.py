@@ -2,7 +2,10 @@
 
 A probe answers one setting. Someone choosing how to fine-tune asks the question the other way
 round: of the settings that change a step's memory (full / LoRA / QLoRA, gradient checkpointing,
-a 32- or 8-bit optimizer), which fit, at which sequence lengths, with which micro-batch? Each cell
+a 32- or 8-bit optimizer, paged or not, mixed-precision or pure bf16 weights), which fit, at which
+sequence lengths, with which micro-batch? Pure bf16 sits beside bf16-mixed by default because it is
+how full fine-tuning of a large model fits one card (bf16 weights, an 8-bit optimizer, checkpointing:
+torchtune's way), where fp32 master weights alone would not. Each cell
 of the table is exactly the estimate a probe with that spec would give (the same trials, the same
 search, under fake tensors), so a cell can be checked by running that probe.
 
@@ -49,6 +52,11 @@ from fitprobe.probe.trial import TrialRunner
 SEQ_GRID = 256  # the longest-sequence answer is a multiple of this (or the model's context)
 
 
+FineTuningWord = Literal["full", "lora", "qlora"]  # a row's finetuning: QLoRA is LoRA over an nf4 base
+# fp16-mixed is not a row: its memory is bf16-mixed's (fp32 master weights under autocast)
+WhatIfPrecision = Literal["fp32", "bf16-mixed", "bf16"]
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row: the settings that change memory, as the spec names them."""
@@ -56,33 +64,43 @@ class Setting:
     finetuning: str  # "full", "lora" or "qlora"
     gradient_checkpointing: bool
     optimizer: str
+    precision: str = DEFAULT_PRECISION
 
     @property
     def label(self) -> str:
         checkpointing = "ckpt" if self.gradient_checkpointing else "no ckpt"
-        return f"{self.finetuning} · {checkpointing} · {self.optimizer}"
+        return f"{self.finetuning} · {checkpointing} · {self.precision} · {self.optimizer}"
 
     def update(self) -> dict[str, Any]:
         lora = self.finetuning in ("lora", "qlora")
         return {"finetuning": "lora" if lora else "full",
                 "quantization": "nf4" if self.finetuning == "qlora" else "none",
-                "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer}
+                "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
+                "precision": self.precision}
 
-
-FineTuningWord = Literal["full", "lora", "qlora"]  # a row's finetuning: QLoRA is LoRA over an nf4 base
 
 FINETUNINGS: tuple[FineTuningWord, ...] = ("full", "lora", "qlora")
 CHECKPOINTING = (False, True)
-OPTIMIZERS: tuple[Optimizer, ...] = ("adamw_torch_fused", "adamw_bnb_8bit")
+OPTIMIZERS: tuple[Optimizer, ...] = ("adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit")
+
+
+def default_precisions(precision: str = DEFAULT_PRECISION) -> list[str]:
+    """The rows' precisions when none are named: the base's, and pure bf16 beside bf16-mixed."""
+    return [precision, "bf16"] if precision == "bf16-mixed" else [precision]
 
 
 def settings_grid(finetunings: Sequence[str] = FINETUNINGS, checkpointing: Sequence[bool] = CHECKPOINTING,
-                  optimizers: Sequence[str] = OPTIMIZERS) -> list[Setting]:
-    """Every combination of the three axes: the table's rows."""
+                  optimizers: Sequence[str] = OPTIMIZERS, precisions: Sequence[str] | None = None) -> list[Setting]:
+    """Every combination of the four axes: the table's rows (precisions: default_precisions() when None).
+
+    The optimizer varies fastest: the rows that share a build (all but the optimizer) are neighbours,
+    so `Builds` keeps one build for them and their optimizers learn their trials together.
+    """
     unknown = [f for f in finetunings if f not in FINETUNINGS]
     if unknown:
         raise SpecError(f"finetuning must be among {', '.join(FINETUNINGS)} (got {', '.join(unknown)})")
-    return [Setting(f, c, o) for f in finetunings for c in checkpointing for o in optimizers]
+    return [Setting(f, c, o, p) for f in finetunings for c in checkpointing
+            for p in (default_precisions() if precisions is None else precisions) for o in optimizers]
 
 
 @dataclass
@@ -121,7 +139,7 @@ class Row:
 class WhatIf:
     model: str
     capacity_bytes: int
-    precision: str
+    precision: str  # the base's (the request's `precision`); each row's own is its setting's
     seq_lens: list[int]
     context: int
     rows: list[Row]
@@ -312,8 +330,9 @@ def run_whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Sett
                ) -> WhatIf:
     """Every setting × seq_len cell, then each setting's longest sequence at micro-batch 1.
 
-    `base` holds what stays fixed (model, capacity, precision, collation, LoRA rank, headroom); each
-    row overrides finetuning, quantization, gradient_checkpointing and optimizer. `longest_up_to` caps the
+    `base` holds what stays fixed (model, capacity, collation, LoRA rank, headroom); each row overrides
+    finetuning, quantization, gradient_checkpointing, optimizer and precision (without `settings`, the
+    default grid at the base's precisions: default_precisions). `longest_up_to` caps the
     longest-sequence search below the model's context (a service's own largest seq_len).
     """
     with frozen_heap():  # each trial's collections walk only what trials made (probe/heap.py)
@@ -326,7 +345,9 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
     if capacity_bytes is None:
         raise SpecError("the what-if table needs a capacity: give gpu (a card's name) or capacity_bytes")
     started_s = time.perf_counter()
-    settings = list(settings) if settings is not None else settings_grid()
+    if settings is None:
+        settings = settings_grid(precisions=default_precisions(base.precision))
+    settings = list(settings)
     base = base.model_copy(update={"mode": "estimate"})
     context = min(model_context(base, allowed_factories), longest_up_to or MAX_SEQ_LEN)
     total, done = len(settings) * (len(seq_lens) + 1), 0
@@ -344,7 +365,7 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
             row.cells.append(cell)
             done += 1
             emit(whatif_cell(done, total, row.label, seq_len=seq_len, max_micro_batch=cell.max_micro_batch,
-                             peak_bytes=cell.peak_bytes, note=cell.note))
+                             safe_micro_batch=cell.safe_micro_batch, peak_bytes=cell.peak_bytes, note=cell.note))
         if any(cell.note for cell in row.cells) and all(cell.max_micro_batch is None for cell in row.cells):
             row.longest = Longest(None, note=row.cells[0].note)
         else:
@@ -359,12 +380,15 @@ def _whatif(base: ProbeSpec, seq_lens: Sequence[int], settings: Sequence[Setting
 
 
 def format_whatif(table: WhatIf) -> str:
-    """The table as text: a row per setting, per seq_len its max micro-batch and peak, then the longest."""
-    head = [f"{'seq_len ' + str(s):>22}" for s in table.seq_lens]
-    precision = f"{table.precision} (the default precision)" if table.precision == DEFAULT_PRECISION else table.precision
-    lines = [(f"{table.model} {precision} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}); "
-              "each cell: max micro-batch (peak)"),
-             f"{'setting':<36}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
+    """The table as text: a row per setting, per seq_len its max and safe micro-batch and the max's peak, then
+    the longest."""
+    head = [f"{'seq_len ' + str(s):>26}" for s in table.seq_lens]
+    precisions = list(dict.fromkeys(row.setting.precision for row in table.rows)) or [table.precision]
+    precision = ", ".join(f"{p} (the default precision)" if p == DEFAULT_PRECISION else p for p in precisions)
+    width = max([36, *(len(row.label) + 2 for row in table.rows)])
+    lines = [(f"{table.model} on {format_bytes(table.capacity_bytes)} ({ESTIMATED}), precision {precision}; "
+              "each cell: max micro-batch · safe micro-batch, which leaves the headroom free (peak at the max)"),
+             f"{'setting':<{width}}" + "".join(head) + f"  {'longest seq at mb 1':>20}"]
     every_cell = [cell for row in table.rows for cell in row.cells]
     # a reason not to apply is often long and shared by a whole row or column: numbered, said once below
     numbers: dict[str, int] = {}
@@ -379,14 +403,14 @@ def format_whatif(table: WhatIf) -> str:
             elif cell.max_micro_batch == 0:
                 text = "does not fit"
             else:
-                text = f"{cell.max_micro_batch} ({format_bytes(cell.peak_bytes)})"
-            cells.append(f"{text:>22}")
+                text = f"{cell.max_micro_batch} · safe {cell.safe_micro_batch} ({format_bytes(cell.peak_bytes)})"
+            cells.append(f"{text:>26}")
         longest = row.longest
         if longest is None or longest.seq_len is None:
             last = f"n/a [{numbers[longest.note]}]" if longest is not None and longest.note else "n/a"
         else:
             last = str(longest.seq_len) if longest.seq_len else f"< {SEQ_GRID}"
-        lines.append(f"{row.label:<36}" + "".join(cells) + f"  {last:>20}")
+        lines.append(f"{row.label:<{width}}" + "".join(cells) + f"  {last:>20}")
     cut = [cell for cell in every_cell if cell.extrapolated_from_layers]
     if cut:
         depths = " and ".join(str(d) for d in cut[0].extrapolated_from_layers or [])

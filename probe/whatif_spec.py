@@ -1,8 +1,10 @@
 """A what-if request as the command line and the service take it, and the job that answers it.
 
 `fitprobe whatif` and `POST /v1/whatif` describe the same table: the fixed part (model, card or
-capacity, precision, collation, LoRA rank, headroom), the seq_lens, and the three settings axes in
-the command line's words. One model holds it so that both build the same base spec and rows.
+capacity, collation, LoRA rank, headroom), the seq_lens, and the four settings axes in the command
+line's words (finetuning, checkpointing, optimizers, precisions). One model holds it so that both build
+the same base spec and rows. `precision` alone, as a request named it before the precisions axis, still
+works: it is the base's precision, and the rows' precisions default to it (and bf16 beside bf16-mixed).
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitprobe.probe.events import Emit, Phase, ignore, phase
 from fitprobe.probe.spec import DEFAULT_PRECISION, MAX_SEQ_LEN, Optimizer, ProbeSpec
-from fitprobe.probe.whatif import CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, run_whatif, settings_grid
+from fitprobe.probe.whatif import (CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, WhatIfPrecision,
+                                   default_precisions, run_whatif, settings_grid)
 
 CheckpointingWord = Literal["off", "on"]
 
 
 class WhatIfSpec(BaseModel):
-    """The table: rows are finetuning × checkpointing × optimizers, columns the seq_lens (all estimated)."""
+    """The table: rows are finetuning × checkpointing × precisions × optimizers, columns the seq_lens (all
+    estimated)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -30,8 +34,9 @@ class WhatIfSpec(BaseModel):
                             "cards and `fitprobe whatif --gpu` name them)")
     capacity_bytes: int | str | None = Field(None, description="or the memory a step may use, bytes or e.g. "
                                              "'24GiB'")
-    precision: Literal["fp32", "bf16-mixed", "bf16"] = Field(
-        DEFAULT_PRECISION, description="training precision (for fp16-mixed ask bf16-mixed: the memory is the same)")
+    precision: WhatIfPrecision = Field(
+        DEFAULT_PRECISION, description="training precision (for fp16-mixed ask bf16-mixed: the memory is the same); "
+        "without `precisions`, the rows' precisions are this one, and pure bf16 beside bf16-mixed")
     collation: Literal["padded", "packed"] = Field(
         "padded", description="padded: batches hold padding (an attention mask); packed: no padding, no mask")
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank of the LoRA and QLoRA rows")
@@ -41,13 +46,18 @@ class WhatIfSpec(BaseModel):
     checkpointing: list[CheckpointingWord] = Field(["on" if c else "off" for c in CHECKPOINTING], min_length=1,
                                                    description="rows: gradient checkpointing off, on")
     optimizers: list[Optimizer] = Field(list(OPTIMIZERS), min_length=1, description="rows: these optimizers")
+    precisions: list[WhatIfPrecision] | None = Field(
+        None, min_length=1, description="rows: these precisions (default: `precision`, and bf16 beside bf16-mixed: "
+        "pure bf16 weights, how full fine-tuning of a large model fits one card)")
     longest_up_to: int | None = Field(
         None, ge=1, le=MAX_SEQ_LEN, strict=True, description="each row's longest-sequence search stops here "
         "(default: the model's context); the service caps it at its own largest seq_len (FITPROBE_MAX_SEQ_LEN)")
 
-    @field_validator("seq_lens", "finetuning", "checkpointing", "optimizers")
+    @field_validator("seq_lens", "finetuning", "checkpointing", "optimizers", "precisions")
     @classmethod
-    def _once_each(cls, values: list[Any]) -> list[Any]:
+    def _once_each(cls, values: list[Any] | None) -> list[Any] | None:
+        if values is None:
+            return values
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise ValueError(f"name each value once (repeated: {', '.join(repeated)})")
@@ -65,13 +75,18 @@ class WhatIfSpec(BaseModel):
                          precision=self.precision, collation=self.collation,
                          lora={"rank": self.lora_rank}, headroom=self.headroom)
 
+    def row_precisions(self) -> list[str]:
+        return list(self.precisions) if self.precisions is not None else default_precisions(self.precision)
+
     def settings(self) -> list[Setting]:
-        return settings_grid(self.finetuning, [word == "on" for word in self.checkpointing], self.optimizers)
+        return settings_grid(self.finetuning, [word == "on" for word in self.checkpointing], self.optimizers,
+                             self.row_precisions())
 
     @property
     def cell_count(self) -> int:
         """settings × seq_lens: what the request costs (each row adds its longest-sequence search)."""
-        return len(self.finetuning) * len(self.checkpointing) * len(self.optimizers) * len(self.seq_lens)
+        return (len(self.finetuning) * len(self.checkpointing) * len(self.optimizers) * len(self.row_precisions())
+                * len(self.seq_lens))
 
 
 def run_whatif_job(spec: WhatIfSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()

@@ -3,6 +3,7 @@ column is the longest grid point that fits at micro-batch 1 (the next one does n
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.job import run_probe
 from fitprobe.probe.spec import ProbeSpec
-from fitprobe.probe.whatif import SEQ_GRID, Setting, WhatIf, format_whatif, run_whatif
+from fitprobe.probe.whatif import SEQ_GRID, Setting, WhatIf, format_whatif, run_whatif, settings_grid
+from fitprobe.probe.whatif_spec import WhatIfSpec
 from tests.once_per_run import once_per_run
 
 # 2 layers, hidden 128, vocab 2000: a step of a few MiB, so 24 MiB makes the cells differ by setting
@@ -75,11 +77,37 @@ def test_longest_sequence_fits_at_micro_batch_one_and_the_next_grid_point_does_n
 
 
 @pytest.mark.slow
-def test_one_progress_event_per_cell(table):
-    _, _, events = table
+def test_one_progress_event_per_cell_with_its_max_and_safe_micro_batch(table):
+    _, whatif, events = table
     total = len(SETTINGS) * (len(SEQ_LENS) + 1)
     assert [e["done"] for e in events] == list(range(1, total + 1))
     assert {e["type"] for e in events} == {"whatif_cell"} and {e["total"] for e in events} == {total}
+    cells = [(e["max_micro_batch"], e["safe_micro_batch"]) for e in events if e["seq_len"] != "longest"]
+    assert cells == [(c.max_micro_batch, c.safe_micro_batch) for row in whatif.rows for c in row.cells]
+
+
+def test_the_default_rows_add_pure_bf16_and_the_paged_optimizer_with_each_builds_optimizers_neighbours():
+    rows = settings_grid()
+    assert len(rows) == 3 * 2 * 3 * 2
+    assert {s.precision for s in rows} == {"bf16-mixed", "bf16"} and "paged_adamw_8bit" in {s.optimizer for s in rows}
+    assert "full · ckpt · bf16 · adamw_bnb_8bit" in [s.label for s in rows]  # how an 8B model fits an 80 GB card
+    # the rows of one build (all but the optimizer the same) come together: Builds keeps one build at a time
+    builds = [(s.finetuning, s.gradient_checkpointing, s.precision) for s in rows]
+    assert [b for i, b in enumerate(builds) if i == 0 or builds[i - 1] != b] == list(dict.fromkeys(builds))
+
+
+def test_a_request_naming_precision_only_still_works_and_the_cell_count_multiplies_in_precisions():
+    request = dict(model="builtin:gpt-nano", capacity_bytes="12MiB", seq_lens=[32, 64], finetuning=["full"],
+                   checkpointing=["on"], optimizers=["adamw_torch_fused"])
+    fp32 = WhatIfSpec(**request, precision="fp32")
+    assert [s.precision for s in fp32.settings()] == ["fp32"] and fp32.cell_count == 2
+    assert fp32.base().precision == "fp32"
+    mixed = WhatIfSpec(**request)  # the default precision brings pure bf16 beside it
+    assert [s.precision for s in mixed.settings()] == ["bf16-mixed", "bf16"] and mixed.cell_count == 4
+    three = WhatIfSpec(**request, precisions=["fp32", "bf16-mixed", "bf16"])
+    assert len(three.settings()) == 3 and three.cell_count == 6
+    with pytest.raises(ValueError, match="repeated: bf16"):
+        WhatIfSpec(**request, precisions=["bf16", "bf16"])
 
 
 def test_qlora_on_a_builtin_model_is_not_applicable_rather_than_a_crash():
@@ -90,13 +118,63 @@ def test_qlora_on_a_builtin_model_is_not_applicable_rather_than_a_crash():
     assert row.longest.seq_len is None and row.longest.note.startswith("not applicable")
 
 
+# full fine-tuning with checkpointing and the paged 8-bit optimizer, in fp32 master weights and in pure bf16: on 12 MiB
+# the two precisions' cells differ, and the safe micro-batch sits below the max
+PRECISION_ROWS = settings_grid(["full"], [True], ["paged_adamw_8bit"], ["bf16-mixed", "bf16"])
+
+
+def _build_precision_table() -> WhatIf:
+    base = ProbeSpec(model="builtin:gpt-nano", seq_len=32, mode="estimate", capacity_bytes=12 << 20)
+    return run_whatif(base, [32, 64], PRECISION_ROWS, longest_up_to=256)
+
+
+@pytest.fixture(scope="module")
+def precision_table(tmp_path_factory):
+    return once_per_run(tmp_path_factory, "whatif-precisions", _build_precision_table)
+
+
+@functools.cache
+def single_estimate(precision: str, seq_len: int) -> dict:
+    """What `fitprobe probe --estimate` answers for a precision row's setting, its spec written out in full."""
+    spec = ProbeSpec(model="builtin:gpt-nano", seq_len=seq_len, mode="estimate", capacity_bytes=12 << 20,
+                     precision=precision, finetuning="full", gradient_checkpointing=True, optimizer="paged_adamw_8bit")
+    return run_probe(spec).as_json()["search"]
+
+
+@pytest.mark.slow  # a table of 2 rows × 2 seq_lens and 4 single estimates: about 10 s on a 2-core host
+def test_each_precision_row_answers_what_a_single_estimate_at_that_precision_answers(precision_table):
+    assert [row.label for row in precision_table.rows] == ["full · ckpt · bf16-mixed · paged_adamw_8bit",
+                                                           "full · ckpt · bf16 · paged_adamw_8bit"]
+    for row in precision_table.rows:
+        for cell in row.cells:
+            search = single_estimate(row.setting.precision, cell.seq_len)
+            peak = next(t["peak_allocated_bytes"] for t in search["trials"]
+                        if t["fits"] and t["micro_batch"] == search["max_micro_batch"])
+            assert (cell.max_micro_batch, cell.safe_micro_batch, cell.peak_bytes) == \
+                (search["max_micro_batch"], search["safe_micro_batch"], peak), (row.label, cell.seq_len)
+    mixed, pure = precision_table.rows
+    # pure bf16 weights (no fp32 master copy) leave room for more examples
+    assert all(b.max_micro_batch > m.max_micro_batch for m, b in zip(mixed.cells, pure.cells, strict=True))
+
+
+@pytest.mark.slow  # reads the table above
+def test_the_text_table_shows_each_cells_safe_micro_batch_apart_from_its_max(precision_table):
+    search = single_estimate("bf16", 32)
+    assert 0 < search["safe_micro_batch"] < search["max_micro_batch"]  # the headroom costs examples here
+    text = format_whatif(precision_table)
+    assert "each cell: max micro-batch · safe micro-batch" in text.splitlines()[0]
+    assert "precision bf16-mixed (the default precision), bf16" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if line.startswith("full · ckpt · bf16 · paged_adamw_8bit"))
+    assert f" {search['max_micro_batch']} · safe {search['safe_micro_batch']} (" in row, row
+
+
 def fitprobe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fitprobe.probe.cli", *args], capture_output=True, check=False, text=True,
                           timeout=300)
 
 
 WHATIF = ["whatif", "--model", "builtin:gpt-nano", "--capacity", "12MiB", "--seq-len", "32,64",
-          "--finetuning", "full,qlora", "--checkpointing", "off", "--optimizers", "adamw_torch_fused"]
+          "--finetuning", "full,qlora", "--checkpointing", "off", "--optimizers", "adamw_torch_fused", "--precisions", "bf16"]
 
 
 @pytest.mark.slow
@@ -105,8 +183,8 @@ def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert "seq_len 32" in lines[1] and "seq_len 64" in lines[1] and "longest seq at mb 1" in lines[1]
-    full = next(line for line in lines if line.startswith("full · no ckpt · adamw_torch_fused"))
-    assert re.search(r"\d+ \([\d.]+MiB\)\s+\d+ \([\d.]+MiB\)\s+\d+$", full), full
+    full = next(line for line in lines if line.startswith("full · no ckpt · bf16 · adamw_torch_fused"))
+    assert re.search(r"\d+ · safe \d+ \([\d.]+MiB\)\s+\d+ · safe \d+ \([\d.]+MiB\)\s+\d+$", full), full
     qlora = next(line for line in lines if line.startswith("qlora"))
     assert qlora.count("n/a [1]") == 3, qlora
     # the reason is said once, below the table and in the progress, and the cells refer to it by number
@@ -114,14 +192,16 @@ def test_cli_prints_the_table_with_progress_per_cell_and_as_json():
     assert len([line for line in run.stderr.splitlines() if "n/a [1]: " in line]) == 1
     # one progress line per cell, with the elapsed time: 2 rows × (2 seq_lens + the longest)
     progress = [line for line in run.stderr.splitlines() if "what-if" in line]
-    assert len(progress) == 6 and re.match(r"\[fitprobe +[\d.]+s\] what-if 1/6: full", progress[0])
+    assert len(progress) == 6 and re.match(r"\[fitprobe +[\d.]+s\] what-if 1/6: full · no ckpt · bf16 · "
+                                           r"adamw_torch_fused, seq_len 32: max micro-batch \d+, safe \d+", progress[0])
 
     as_json = fitprobe(*WHATIF, "--json", "--quiet")
     table = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and not as_json.stderr.strip()
     assert table["seq_lens"] == [32, 64] and len(table["rows"]) == 2
     full_row = table["rows"][0]
-    assert [c["max_micro_batch"] for c in full_row["cells"]] == [int(x) for x in re.findall(r"(\d+) \(", full)]
+    assert [[c["max_micro_batch"], c["safe_micro_batch"]] for c in full_row["cells"]] == [
+        [int(m), int(s)] for m, s in re.findall(r"(\d+) · safe (\d+) \(", full)]
     assert table["rows"][1]["cells"][0]["max_micro_batch"] is None
 
 

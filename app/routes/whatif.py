@@ -38,7 +38,7 @@ def _refuse_at_the_door(request: WhatIfSpec, settings: Settings, sizer: Sizer, c
         rows = cells // columns
         raise HTTPException(422, f"the table has {rows} settings × {columns} seq_lens = {cells} cells, more than "
                                  f"this service's {settings.max_whatif_cells} (FITPROBE_MAX_WHATIF_CELLS); drop "
-                                 "seq_lens, or narrow finetuning, checkpointing or optimizers")
+                                 "seq_lens, or narrow finetuning, checkpointing, optimizers or precisions")
     try:
         base = request.base()
     except ValueError as exc:  # SpecError and pydantic's ValidationError both are

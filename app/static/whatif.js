@@ -1,6 +1,7 @@
 // The what-if page (#/whatif): a what-if table drawn as a heat map. Rows are settings, columns seq_lens;
 // a cell's shade is its max micro-batch against the table's largest, so "what must change to fit" reads
-// as where the colour starts. The table comes from a job the page submits (POST /v1/whatif) or loads by
+// as where the colour starts; its text names the safe micro-batch (the one that leaves the headroom free)
+// apart from the max. The table comes from a job the page submits (POST /v1/whatif) or loads by
 // id, polled until done (it is minutes of estimates, so the service runs it as a job), or from
 // `fitprobe whatif --json` output pasted or loaded from a file.
 import { request } from "./api.js";
@@ -45,7 +46,8 @@ function jobForm(out) {
     ...field("whatif-seq-lens", "seq_lens", "1024,2048"),
     ...field("whatif-finetuning", "finetuning", "full,lora,qlora"),
     ...field("whatif-checkpointing", "checkpointing", "off,on"),
-    ...field("whatif-optimizers", "optimizers", "adamw_torch_fused,adamw_bnb_8bit"),
+    ...field("whatif-optimizers", "optimizers", "adamw_torch_fused,adamw_bnb_8bit,paged_adamw_8bit"),
+    ...field("whatif-precisions", "precisions", "bf16-mixed,bf16"),
     h("button", { type: "submit" }, "Estimate the table"));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -53,6 +55,7 @@ function jobForm(out) {
     const body = { model: value("whatif-model"), seq_lens: words(value("whatif-seq-lens")).map(Number),
       finetuning: words(value("whatif-finetuning")), checkpointing: words(value("whatif-checkpointing")),
       optimizers: words(value("whatif-optimizers")) };
+    if (value("whatif-precisions")) body.precisions = words(value("whatif-precisions"));
     if (value("whatif-gpu")) body.gpu = value("whatif-gpu");
     if (value("whatif-capacity")) body.capacity_bytes = value("whatif-capacity");
     try {
@@ -105,15 +108,21 @@ export function setUpWhatIf(root) {
     h("label", { for: "whatif-file" }, "or load a file"), file, out);
 }
 
+/** A fitting cell's text: its max micro-batch, the safe one apart, and the max's peak. */
+const cellText = (cell) => (cell.max_micro_batch
+  ? `${cell.max_micro_batch} · safe ${cell.safe_micro_batch ?? 0} (${formatBytes(cell.peak_bytes)})` : "does not fit");
+
 /** The heat map of a what-if table (probe/whatif.py WhatIf.to_dict()). */
 export function heatMap(table) {
   if (!Array.isArray(table.rows) || !Array.isArray(table.seq_lens)) throw new Error("it has no rows and seq_lens");
   const largest = Math.max(1, ...table.rows.flatMap((row) => row.cells.map((c) => c.max_micro_batch ?? 0)));
   const shade = (b) => (b ? Math.max(1, Math.round((b / largest) * SHADES)) : 0);
+  // a table from before the precisions axis has no precision in its rows' settings: its one precision is the table's
+  const precisions = [...new Set(table.rows.map((row) => row.setting?.precision ?? table.precision))];
   return h("figure", {},
-    h("figcaption", { class: "meta" }, `${table.model} · ${table.precision} · capacity `
-      + `${formatBytes(table.capacity_bytes)} · estimated, not run on a device · each cell: max micro-batch `
-      + `(peak) · model context ${table.context} tokens`),
+    h("figcaption", { class: "meta" }, `${table.model} · ${precisions.join(", ") || table.precision} · capacity `
+      + `${formatBytes(table.capacity_bytes)} · estimated, not run on a device · each cell: max micro-batch · `
+      + `safe micro-batch, which leaves the headroom free (peak at the max) · model context ${table.context} tokens`),
     h("table", { class: "heat-map", "aria-label": "what-if heat map" },
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "setting"),
         table.seq_lens.map((s) => h("th", { scope: "col" }, `seq_len ${s}`)),
@@ -122,8 +131,8 @@ export function heatMap(table) {
         h("th", { scope: "row" }, row.label),
         row.cells.map((cell) => cell.max_micro_batch === null
           ? h("td", { class: "heat-cell na", title: cell.note ?? "" }, "n/a")
-          : h("td", { class: `heat-cell heat-${shade(cell.max_micro_batch)}`, dataset: { microBatch: cell.max_micro_batch } },
-            cell.max_micro_batch ? `${cell.max_micro_batch} (${formatBytes(cell.peak_bytes)})` : "does not fit")),
+          : h("td", { class: `heat-cell heat-${shade(cell.max_micro_batch)}`,
+            dataset: { microBatch: cell.max_micro_batch, safeMicroBatch: cell.safe_micro_batch ?? 0 } }, cellText(cell))),
         h("td", { class: "longest", title: row.longest?.note ?? "" },
           row.longest?.seq_len === null || !row.longest ? "n/a"
             : row.longest.seq_len ? String(row.longest.seq_len) : "none on the grid"))))));

@@ -402,12 +402,14 @@ def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, pag
 
     seq_lens = [1024, 2048, 4096]
     rows = []
-    for i, setting in enumerate(settings_grid()):
+    # 12 rows: the default finetuning, checkpointing and precisions, one optimizer
+    for i, setting in enumerate(settings_grid(optimizers=["adamw_bnb_8bit"])):
         if setting.finetuning == "qlora":
             note = "not applicable: quantization works on Hugging Face models"
             rows.append(Row(setting, setting.label, [Cell(s, note=note) for s in seq_lens], Longest(None, note=note)))
             continue
-        cells = [Cell(s, max(0, i - k * 3), 0, (i + 1) << 30 if i - k * 3 > 0 else None)
+        # the safe micro-batch one below the max: the headroom costs an example
+        cells = [Cell(s, max(0, i - k * 3), max(0, i - k * 3 - 1), (i + 1) << 30 if i - k * 3 > 0 else None)
                  for k, s in enumerate(seq_lens)]
         longest = Longest(1024 * (i // 3 + 1), 1024 * (i // 3 + 1) + 256, 1 << 30, 3)
         rows.append(Row(setting, setting.label, cells, longest))
@@ -421,11 +423,14 @@ def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, pag
     assert grid.locator("tbody tr").count() == 12
     assert grid.locator("td.heat-cell").count() == 12 * len(seq_lens)
     first = grid.locator("tbody tr").first
-    expect(first.locator("th")).to_have_text("full · no ckpt · adamw_torch_fused")
+    expect(first.locator("th")).to_have_text("full · no ckpt · bf16-mixed · adamw_bnb_8bit")
+    expect(grid.locator("tbody tr").nth(1).locator("th")).to_have_text("full · no ckpt · bf16 · adamw_bnb_8bit")
+    expect(page.locator("#whatif-map figcaption")).to_contain_text("bf16-mixed, bf16")
     expect(first.locator("td.heat-cell").first).to_have_text("does not fit")
     expect(grid.locator("td.heat-cell.na")).to_have_count(4 * len(seq_lens))
-    # the largest micro-batch gets the darkest shade, the cell that does not fit the "no" shade
-    expect(grid.locator("td.heat-5")).to_have_text(["7 (8.0GiB)"])
+    # the largest micro-batch gets the darkest shade, the cell that does not fit the "no" shade; the safe
+    # micro-batch is shown apart from the max
+    expect(grid.locator("td.heat-5")).to_have_text(["7 · safe 6 (8.0GiB)"])
     page.fill("#whatif-json", "{not json")
     expect(page.locator("#whatif-map .error")).to_contain_text("not a what-if table")
 
@@ -434,7 +439,7 @@ def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, pag
 def test_whatif_page_submits_a_table_follows_the_job_and_draws_it_from_the_api(server, page):
     page.goto(f"{server.url}/#/whatif")
     for field, value in {"model": "builtin:gpt-nano", "capacity": "12MiB", "seq-lens": "32", "finetuning": "full",
-                         "checkpointing": "off", "optimizers": "adamw_torch_fused"}.items():
+                         "checkpointing": "off", "optimizers": "adamw_torch_fused", "precisions": "bf16-mixed"}.items():
         page.fill(f"#whatif-{field}", value)
     page.click("text=Estimate the table")
     expect(page.locator("#whatif-status")).to_contain_text("succeeded · 2/2 cells", timeout=300_000)
@@ -443,7 +448,7 @@ def test_whatif_page_submits_a_table_follows_the_job_and_draws_it_from_the_api(s
     job_id = page.input_value("#whatif-job-id")
     table = server.client().get(f"/v1/whatif/{job_id}").json()["table"]
     cell = table["rows"][0]["cells"][0]
-    expect(grid.locator("td.heat-cell")).to_have_text([f"{cell['max_micro_batch']} ("
+    expect(grid.locator("td.heat-cell")).to_have_text([f"{cell['max_micro_batch']} · safe {cell['safe_micro_batch']} ("
                                                        f"{cell['peak_bytes'] / 2**20:.1f}MiB)"])
     # a job loaded by id draws the same table; one that does not exist says so
     page.goto(f"{server.url}/#/whatif")

@@ -16,13 +16,16 @@ from fitprobe.app.config import Settings
 from fitprobe.app.main import create_app
 from fitprobe.probe.job import run_probe
 from fitprobe.probe.spec import ProbeSpec
+from fitprobe.probe.whatif_spec import WhatIfSpec
 
 SMALL = {"model": "builtin:gpt-nano", "capacity_bytes": "12MiB", "seq_lens": [32, 64], "finetuning": ["full"],
-         "checkpointing": ["off"], "optimizers": ["adamw_torch_fused"]}
-# the default grid (12 settings) on a Llama: minutes of estimates, still running when the test cancels it
+         "checkpointing": ["off"], "optimizers": ["adamw_torch_fused"], "precisions": ["bf16-mixed"]}
+# 12 settings (the default finetuning and checkpointing, two optimizers, one precision) on a Llama: minutes of
+# estimates, still running when the test cancels it
 LLAMA = dict(model_type="llama", vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-LONG = {"model": LLAMA, "capacity_bytes": 24 << 20, "seq_lens": [128, 256, 512]}
+LONG = {"model": LLAMA, "capacity_bytes": 24 << 20, "seq_lens": [128, 256, 512],
+        "optimizers": ["adamw_torch_fused", "adamw_bnb_8bit"], "precisions": ["bf16-mixed"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_a_table_runs_as_a_job_with_one_event_per_cell_and_cells_equal_single_pr
     assert job["progress"] == {"done": 3, "total": 3}
     table = job["table"]
     assert table["seq_lens"] == [32, 64] and [row["label"] for row in table["rows"]] == [
-        "full · no ckpt · adamw_torch_fused"]
+        "full · no ckpt · bf16-mixed · adamw_torch_fused"]
     for cell in table["rows"][0]["cells"]:
         single = run_probe(ProbeSpec(model="builtin:gpt-nano", seq_len=cell["seq_len"], mode="estimate",
                                      capacity_bytes=12 << 20, precision="bf16-mixed")).as_json()["search"]
@@ -88,12 +91,20 @@ def test_a_table_runs_as_a_job_with_one_event_per_cell_and_cells_equal_single_pr
 
 def test_an_oversized_table_is_refused_at_the_door_with_what_to_change(client):
     before = client.get("/v1/whatif").json()["total"]
-    # the default grid is 3 × 2 × 2 = 12 settings: 4 seq_lens make 48 cells, over this service's 40
+    # 3 × 2 × 2 × 1 = 12 settings: 4 seq_lens make 48 cells, over this service's 40
     too_many_cells = client.post("/v1/whatif", json={**LONG, "seq_lens": [128, 256, 512, 1024]})
     assert too_many_cells.status_code == 422
     detail = too_many_cells.json()["detail"]
     assert "12 settings × 4 seq_lens = 48 cells" in detail and "FITPROBE_MAX_WHATIF_CELLS" in detail
-    assert "drop seq_lens, or narrow finetuning, checkpointing or optimizers" in detail
+    assert "drop seq_lens, or narrow finetuning, checkpointing, optimizers or precisions" in detail
+    # LONG's 36 cells pass; a second precision alone makes them 72
+    two_precisions = client.post("/v1/whatif", json={**LONG, "precisions": ["bf16-mixed", "bf16"]})
+    assert two_precisions.status_code == 422
+    assert "24 settings × 3 seq_lens = 72 cells" in two_precisions.json()["detail"]
+    assert "precisions" in two_precisions.json()["detail"]
+    # as does leaving the precisions to their default, bf16 beside bf16-mixed
+    default_precisions = client.post("/v1/whatif", json={key: value for key, value in LONG.items() if key != "precisions"})
+    assert default_precisions.status_code == 422 and "72 cells" in default_precisions.json()["detail"]
 
     too_many_columns = client.post("/v1/whatif", json={**SMALL, "seq_lens": [16, 32, 48, 64, 80]})
     assert too_many_columns.status_code == 422 and "seq_lens: at most 4" in too_many_columns.json()["detail"]
@@ -107,6 +118,12 @@ def test_an_oversized_table_is_refused_at_the_door_with_what_to_change(client):
     repeated = client.post("/v1/whatif", json={**SMALL, "seq_lens": [32, 32]})
     assert repeated.status_code == 422 and "repeated: 32" in repeated.text
     assert client.get("/v1/whatif").json()["total"] == before  # nothing refused was stored
+
+
+def test_the_default_rows_at_four_seq_lens_pass_a_default_services_door(tmp_path):
+    # 3 finetunings × 2 checkpointing × 2 precisions (bf16 beside bf16-mixed) × 3 optimizers = 36 rows
+    request = WhatIfSpec(model="preset:llama-3.1-8b", gpu="h100-80gb", seq_lens=[512, 1024, 2048, 4096])
+    assert request.cell_count == 36 * 4 <= Settings(data_dir=tmp_path).max_whatif_cells
 
 
 def test_cancel_stops_a_running_table_and_frees_the_worker(client):
