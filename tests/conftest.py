@@ -41,6 +41,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+@pytest.fixture(autouse=True)
+def _imports_stay_frozen() -> Iterator[None]:
+    """Freeze the imports again after a test that thawed them.
+
+    A probe or estimate brackets its trials in `frozen_heap()` (probe/heap.py), whose outermost exit
+    unfreezes everything, the imports frozen above included: every later trial in that worker would walk
+    them again at each release. After the test its own objects are gone, so one collection and a freeze
+    put the worker back where `pytest_collection_finish` left it.
+    """
+    yield
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
+
+
 # The pyramid, one marker per layer (`python -m pytest -m unit` ...): the library's parts, the estimate engine (fake
 # tensors, cuts, replay, what-if), the service's routes in process (TestClient), and the wire (a real uvicorn or
 # other processes talking HTTP). A test's layer follows from where it lives and what it starts, so a new test
