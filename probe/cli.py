@@ -27,7 +27,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET
-from fitprobe_client.phases import PhaseLines, trial_outcome
+from fitprobe_client.phases import PhaseLines, batch_trial_words, trial_outcome
 from fitprobe.probe.export import FORMATS, export_plan, export_report, provenance_text, render
 from fitprobe.probe.breakdown import describe as describe_breakdown
 from fitprobe.probe.events import Event
@@ -170,6 +170,8 @@ class Progress:
                        if event.get("fits") and event.get("breakdown") and event.get("peak_allocated_bytes")
                        else trial_outcome(event))
             self.say(f"trial micro_batch={event['micro_batch']}: {outcome}{step}")
+        elif kind == "batch_trial":
+            self.say(batch_trial_words(event))
         elif kind == "verify_step":
             self.say(f"verification step {event['step']} of {event['steps']}")
         elif kind == "recommend_candidate":

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitprobe.probe.build import prepare
+from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Evaluation, TrialResult
-from fitprobe.probe.resident import ResidentRunner, resident_facts, resident_words
+from fitprobe.probe.resident import ResidentRunner, announced, resident_facts, resident_words
 from fitprobe.probe.search import SearchResult, find_micro_batch
 from fitprobe.probe.spec import ProbeSpec
 from fitprobe.probe.step import IGNORE_INDEX, MicroBatch, autocast_for, worst_case_batch
@@ -98,7 +99,7 @@ def eval_steps_in_set(spec: ProbeSpec, batch: int) -> int | None:
 
 
 def search_evaluation(spec: ProbeSpec, allowed_factories: Collection[str] = (),
-                      runner: EvalRunner | None = None) -> Evaluation:
+                      runner: EvalRunner | None = None, emit: Emit = ignore) -> Evaluation:
     """The eval batch (max and safe) at one step, then, with compute_metrics, the steps whose kept logits fit."""
     with frozen_heap():
         if runner is None:
@@ -107,12 +108,13 @@ def search_evaluation(spec: ProbeSpec, allowed_factories: Collection[str] = (),
             settle()
         capacity = runner.meter.capacity_bytes
         limit = spec.eval_rows or None
-        search = find_micro_batch(runner, capacity, spec.headroom, limit)
+        search = find_micro_batch(announced(runner, "evaluation", emit), capacity, spec.headroom, limit)
         kept = None
         batch = search.safe_micro_batch or search.max_micro_batch
         if spec.eval_compute_metrics and batch:
             limit = min(eval_steps_in_set(spec, batch) or MAX_KEPT_STEPS, MAX_KEPT_STEPS)
-            kept = find_micro_batch(_steps_at(runner, batch), capacity, spec.headroom, limit)
+            kept = find_micro_batch(announced(_steps_at(runner, batch), "evaluation_steps", emit), capacity,
+                                    spec.headroom, limit)
     return _evaluation(spec, runner, search, kept, batch)
 
 

@@ -38,6 +38,7 @@ class EventType(_Name):
     VERIFY_STEP = "verify_step"  # the verification finished optimizer step `step` of `steps`
     WHATIF_CELL = "whatif_cell"  # the what-if table answered cell `done` of `total`
     RECOMMEND_CANDIDATE = "recommend_candidate"  # a recommendation answered candidate `done` of `total`
+    BATCH_TRIAL = "batch_trial"  # a trial of the evaluation or generation search (`search`: which one)
 
 
 class Phase(_Name):
@@ -123,6 +124,18 @@ def verify_step(step: int, steps: int) -> VerifyStepEvent:
 def whatif_cell(done: int, total: int, setting: str, **answer: Any) -> dict[str, Any]:
     """One what-if cell answered: its `seq_len` and micro-batches, or the row's longest seq_len."""
     return {"type": EventType.WHATIF_CELL.value, "done": done, "total": total, "setting": setting, **answer}
+
+
+BatchSearch = Literal["evaluation", "evaluation_steps", "generation", "generation_length"]
+
+
+def batch_trial(search: BatchSearch, size: int, fits: bool, peak_allocated_bytes: int | None,
+                error: str | None) -> dict[str, Any]:
+    """One trial of a search after the training one: its `size` is what that search grows (the eval or generate
+    batch; the eval steps whose logits are kept; the new tokens at batch 1). An estimated generation trial can
+    take minutes, so each is announced as it ends, as a training trial is; the report holds them all."""
+    return {"type": EventType.BATCH_TRIAL.value, "search": search, "size": size, "fits": fits,
+            "peak_allocated_bytes": peak_allocated_bytes, "error": error}
 
 
 def recommend_candidate(done: int, total: int, candidate: str, max_micro_batch: int | None,

@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from fitprobe.probe.build import prepare
+from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.estimate.generate_reads import GenerateReads
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
-from fitprobe.probe.resident import ResidentRunner, resident_facts, resident_words
+from fitprobe.probe.resident import ResidentRunner, announced, resident_facts, resident_words
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, SpecError, format_bytes
 
@@ -138,7 +139,7 @@ class GenerateRunner(ResidentRunner):
         return self._result(batch)
 
 
-def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) -> Generation:
+def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = (), emit: Emit = ignore) -> Generation:
     """The largest generate batch at max_new_tokens, the cache per sequence, and the longest generation at batch 1."""
     with frozen_heap():
         meter, model = prepare(spec, allowed_factories)
@@ -151,7 +152,7 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         runner = GenerateRunner(spec, meter, model)
         settle()
         capacity = meter.capacity_bytes
-        search = find_micro_batch(runner, capacity, spec.headroom)
+        search = find_micro_batch(announced(runner, "generation", emit), capacity, spec.headroom)
         runner(1)
         cache_bytes = runner.last_cache_bytes or 0
         prompt = prompt_tokens(spec)
@@ -159,8 +160,8 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = ()) 
         # no longer than the door allows, nor past the model's position table, nor an estimate's decode bound
         context = model.max_seq_len - prompt if model.max_seq_len else MAX_NEW_TOKENS
         limit = max(min(MAX_NEW_TOKENS, context, token_limit or MAX_NEW_TOKENS), 1)
-        longest = find_micro_batch(lambda n: dataclasses.replace(runner(1, n), micro_batch=n), capacity,
-                                   spec.headroom, limit)
+        at_batch_1 = announced(lambda n: dataclasses.replace(runner(1, n), micro_batch=n), "generation_length", emit)
+        longest = find_micro_batch(at_batch_1, capacity, spec.headroom, limit)
     return Generation(
         **resident_facts(runner, "inference-only job" if spec.generate_alone else None),
         batch=EvalSearch(max=search.max_micro_batch, safe=search.safe_micro_batch,

@@ -150,12 +150,12 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
         from fitprobe.probe.evaluate import search_evaluation
 
         emit(events.phase(Phase.EVALUATION))
-        report.evaluation = search_evaluation(spec, allowed_factories)
+        report.evaluation = search_evaluation(spec, allowed_factories, emit=emit)
     if spec.generate:
         from fitprobe.probe.generate import search_generation
 
         emit(events.phase(Phase.GENERATION))
-        report.generation = search_generation(spec, allowed_factories)
+        report.generation = search_generation(spec, allowed_factories, emit)
     return report
 
 

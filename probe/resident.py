@@ -10,10 +10,12 @@ and runs one no-grad trial per call with the OOM path every search relies on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fitprobe.probe.events import BatchSearch, Emit, batch_trial
 from fitprobe.probe.meter import Meter, is_oom
 from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import Resident, TrialResult
@@ -88,6 +90,17 @@ class ResidentRunner:
         reading = self.meter.reading()
         return TrialResult(batch, True, reading.peak_allocated_bytes, reading.peak_reserved_bytes,
                            reading.alloc_retries, None, reading.phase_peak_bytes, reading.breakdown)
+
+
+def announced(trial: Callable[[int], TrialResult], search: BatchSearch, emit: Emit) -> Callable[[int], TrialResult]:
+    """`trial` that emits a `batch_trial` event as each trial ends: the search's progress on the wire."""
+
+    def run(size: int) -> TrialResult:
+        result = trial(size)
+        emit(batch_trial(search, size, result.fits, result.peak_allocated_bytes, result.error))
+        return result
+
+    return run
 
 
 def resident_facts(runner: ResidentRunner, job: str | None = None) -> dict[str, Any]:

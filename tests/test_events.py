@@ -8,10 +8,11 @@ becomes to what it was with plain strings.
 from __future__ import annotations
 
 import json
+import typing
 
 from fitprobe.probe import events
 from fitprobe.probe.events import EventType, Phase
-from fitprobe_client.phases import PHASE_WORDS, phase_words
+from fitprobe_client.phases import BATCH_SEARCH_WORDS, PHASE_WORDS, batch_trial_words, phase_words
 
 
 def test_every_phase_the_client_words_is_one_the_library_emits():
@@ -37,3 +38,12 @@ def test_an_event_holds_plain_strings_so_any_serializer_writes_the_names_value()
     for event in (events.phase(Phase.PLACED, device="cpu"), events.progress(Phase.BUILDING_CUT, 1, 2, "2 of 8 layers"),
                   events.trial_started(1), events.verify_step(1, 3), events.whatif_cell(1, 2, "LoRA", seq_len=64)):
         assert all(type(value) is not EventType and type(value) is not Phase for value in event.values()), event
+
+
+def test_an_evaluation_or_generation_trial_reads_as_its_search_and_size_on_the_command_line():
+    fits = json.loads(json.dumps(events.batch_trial("generation", 8, True, 3 << 30, None)))
+    assert batch_trial_words(fits) == "generate batch 8: fits, peak 3.0GiB"
+    refused = events.batch_trial("generation_length", 512, False, None, "the estimate stops at 4096 layer-tokens")
+    assert batch_trial_words(refused) == ("generate batch 1, new tokens 512: does not fit (the estimate stops at "
+                                          "4096 layer-tokens)")
+    assert set(BATCH_SEARCH_WORDS) == set(typing.get_args(events.BatchSearch))

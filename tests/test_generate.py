@@ -104,7 +104,8 @@ def _blocks(n_bytes: int) -> int:
 def test_beside_training_generation_and_evaluation_fit_where_training_fits_and_the_capacity_left_says_why():
     """Training fits at micro-batch ≥ 1, so the no-grad steps beside its resident state fit too: that state is
     less than a training step holds. The resident bytes are the weights and fused AdamW's state by hand: each
-    tensor in the CUDA allocator's 512-byte blocks, two fp32 moments per parameter and a step scalar each."""
+    tensor in the CUDA allocator's 512-byte blocks, two fp32 moments per parameter and a step scalar each.
+    Each of their trials is announced as it ends (a `batch_trial` event), as the report lists it."""
     from fitprobe.probe.job import run_probe
 
     capacity = 6 << 20
@@ -113,8 +114,19 @@ def test_beside_training_generation_and_evaluation_fit_where_training_fits_and_t
     fields = dict(QWEN2, max_position_embeddings=32)
     spec = ProbeSpec(model=fields, seq_len=PROMPT, precision="fp32", capacity_bytes=capacity, mode="estimate",
                      generate=True, max_new_tokens=8, eval=True)
-    report = run_probe(spec)
+    seen: list[dict] = []
+    report = run_probe(spec, seen.append)
     assert report.search.max_micro_batch >= 1
+    announced = [e for e in seen if e["type"] == "batch_trial"]
+    for search, section in (("evaluation", report.evaluation), ("generation", report.generation)):
+        assert section is not None
+        assert [(e["size"], e["fits"], e["peak_allocated_bytes"]) for e in announced if e["search"] == search] == [
+            (t.micro_batch, t.fits, t.peak_allocated_bytes) for t in section.batch.trials], search
+    assert any(e["search"] == "generation_length" for e in announced), "the longest-generation search is silent"
+    phases = [e.get("phase") for e in seen]
+    # each search's trials come after its phase is announced, and the generation's after the evaluation's
+    assert phases.index("evaluation") < seen.index(announced[0]) and phases.index("generation") > max(
+        i for i, e in enumerate(seen) if e.get("search") == "evaluation")
     model = _model(fields)
     weights = sum(_blocks(t.nbytes) for t in (*model.parameters(), *model.buffers()))
     state = sum(2 * _blocks(p.nbytes) + 512 for p in model.parameters())

@@ -62,6 +62,21 @@ def trial_outcome(event: Mapping[str, Any]) -> str:
     return "out of memory" + oom_words(event.get("oom_live_bytes"), event.get("oom_request_bytes"))
 
 
+# a batch_trial event's search: what its size counts
+BATCH_SEARCH_WORDS = {"evaluation": "eval batch", "evaluation_steps": "eval steps with kept logits",
+                      "generation": "generate batch", "generation_length": "generate batch 1, new tokens"}
+
+
+def batch_trial_words(event: Mapping[str, Any]) -> str:
+    """'generate batch 8: fits, peak 61.0GiB': one trial of the evaluation or generation search."""
+    search = str(event.get("search"))
+    if event.get("fits"):
+        outcome = f"fits, peak {format_bytes(event.get('peak_allocated_bytes'))}"
+    else:
+        outcome = "does not fit" + (f" ({event['error']})" if event.get("error") else "")
+    return f"{BATCH_SEARCH_WORDS.get(search, search)} {event.get('size')}: {outcome}"
+
+
 def oom_words(live_bytes: int | None, request_bytes: int | None) -> str:
     """' at 15.2MiB while allocating 2.0MiB', or the part of it that is known, or nothing."""
     words = f" at {format_bytes(live_bytes)}" if live_bytes is not None else ""

@@ -23,7 +23,7 @@ from typing import Any
 
 from fitprobe_client.client import (BadRequest, ConfigFileError, FitprobeClient, ServerError, TimedOut,
                                     Unreachable)
-from fitprobe_client.phases import PhaseLines, trial_outcome
+from fitprobe_client.phases import PhaseLines, batch_trial_words, trial_outcome
 from fitprobe_client.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNMET, EXIT_UNREACHABLE
 from fitprobe_client.spec_table import add_spec_options, default_of, missing, spec_body
 from fitprobe_client.status import TERMINAL
@@ -147,6 +147,8 @@ def _event_printer() -> Callable[[dict[str, Any]], None]:
             _progress(f"trial micro_batch={event['micro_batch']} ...")
         elif event["type"] == "trial":
             _progress(f"trial micro_batch={event['micro_batch']}: {trial_outcome(event)}")
+        elif event["type"] == "batch_trial":
+            _progress(batch_trial_words(event))
     return print_event
 
 
