@@ -8,13 +8,25 @@ Builtin models and presets are fixed, counted exactly by the arithmetic; factori
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fastapi import HTTPException
 
 from fitprobe.app.config import Settings
 from fitprobe.app.sizer import Sizer, SizerBusy
 from fitprobe.probe.models.bounds import check_counted
-from fitprobe.probe.models.load import check_reference, check_seq_len
+from fitprobe.probe.models.load import check_reference, check_seq_len, is_hugging_face, stored_weight_bytes
 from fitprobe.probe.spec import ProbeSpec, SpecError
+
+
+def lightest_weights(specs: Iterable[ProbeSpec]) -> ProbeSpec:
+    """Of the settings a job estimates (a what-if table's rows, a recommendation's candidates), the one whose
+    weights take the fewest bytes: the door checks the model against the card with it, so a job is refused
+    only when no row can hold even its weights (full fine-tuning's fp32 weights may not fit where QLoRA's do)."""
+    specs = list(specs)
+    # a quantized row of a builtin or factory model is a cell marked n/a, not a reason to refuse the others
+    applicable = [spec for spec in specs if spec.quantization == "none" or is_hugging_face(spec.model)] or specs
+    return min(applicable, key=lambda spec: stored_weight_bytes(spec, 1 << 20))
 
 
 def built_from_a_config(spec: ProbeSpec) -> bool:

@@ -36,6 +36,7 @@ from fitprobe.probe import events
 from fitprobe.probe.events import Emit, ignore
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.spec import ProbeSpec, SpecError
+from fitprobe.probe.models.load import is_hugging_face
 
 if TYPE_CHECKING:
     from fitprobe.probe.whatif import Builds
@@ -116,10 +117,6 @@ class Recommendation:
                 if self.first_fitting else None}
 
 
-def _hugging_face(spec: ProbeSpec) -> bool:
-    return not (isinstance(spec.model, str) and spec.model.startswith(("builtin:", "factory:")))
-
-
 def _lighter(ladder: Sequence[str], current: str) -> list[str]:
     """`current`, then every rung below it; a value off the ladder keeps itself only where nothing is lighter."""
     if current in ladder:
@@ -137,13 +134,13 @@ def candidate_settings(spec: ProbeSpec, allow_method_change: bool = False) -> li
     axes: dict[str, list[Any]] = {
         "gradient_checkpointing": [spec.gradient_checkpointing] + ([] if spec.gradient_checkpointing else [True]),
         "precision": _lighter(PRECISION_LADDER, spec.precision),
-        "trainer": [spec.trainer] + (["trl"] if spec.trainer == "hf" and _hugging_face(spec) else []),
+        "trainer": [spec.trainer] + (["trl"] if spec.trainer == "hf" and is_hugging_face(spec.model) else []),
         "sharding": [spec.sharding] + (["fsdp"] if spec.num_devices > 1 and spec.sharding == "none" else []),
     }
     if spec.finetuning == "lora" and spec.quantization != "none":  # QLoRA: precision is the compute dtype
         axes["precision"] = [spec.precision]
     methods: list[dict[str, Any]] = [{}]
-    if allow_method_change and _hugging_face(spec):
+    if allow_method_change and is_hugging_face(spec.model):
         if spec.finetuning == "full":
             methods.append({"finetuning": "lora"})
         if spec.quantization == "none":

@@ -15,13 +15,13 @@ from fastapi import HTTPException
 from pydantic import ValidationError
 
 from fitprobe.app.config import Settings
-from fitprobe.app.door import check_model
+from fitprobe.app.door import check_model, lightest_weights
 from fitprobe.app.routes.estimate_jobs import Summaries, estimate_job_router
 from fitprobe.app.schemas import RecommendJob, RecommendList
 from fitprobe.app.sizer import Sizer
 from fitprobe.app.store import RECOMMEND
 from fitprobe.probe.events import EventType
-from fitprobe.probe.recommend import RecommendSpec
+from fitprobe.probe.recommend import RecommendSpec, candidate_settings
 from fitprobe.probe.spec import validation_message
 
 
@@ -39,7 +39,9 @@ def _refuse_at_the_door(request: RecommendSpec, settings: Settings, sizer: Sizer
                                  "allow_method_change, or lower num_devices")
     if spec.seq_len > settings.max_seq_len:
         raise HTTPException(422, f"seq_len must be ≤ {settings.max_seq_len} on this service (got {spec.seq_len})")
-    check_model(spec.probe_spec(), settings, sizer, spec.capacity_bytes, client=client)
+    asked = spec.probe_spec()
+    candidates = (asked.model_copy(update=update) for update in candidate_settings(asked, spec.allow_method_change))
+    check_model(lightest_weights(candidates), settings, sizer, spec.capacity_bytes, client=client)
     return spec
 
 

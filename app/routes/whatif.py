@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from fitprobe.app.config import Settings
-from fitprobe.app.door import check_model
+from fitprobe.app.door import check_model, lightest_weights
 from fitprobe.app.routes.estimate_jobs import Summaries, estimate_job_router
 from fitprobe.app.schemas import WhatIfJob, WhatIfList
 from fitprobe.app.sizer import Sizer
@@ -43,8 +43,11 @@ def _refuse_at_the_door(request: WhatIfSpec, settings: Settings, sizer: Sizer, c
         base = request.base()
     except ValueError as exc:  # SpecError and pydantic's ValidationError both are
         raise HTTPException(422, validation_message(exc)) from exc
-    # what every row shares; a row that cannot apply (QLoRA on a builtin model) is a cell marked n/a
-    check_model(base, settings, sizer, base.capacity_bytes, seq_lens=tuple(request.seq_lens), client=client)
+    # what every row shares, with the lightest row's weights; a row that cannot apply (QLoRA on a builtin model, weights
+    # past the card) is a cell marked n/a
+    row_specs = (base.model_copy(update=setting.update()) for setting in request.settings())
+    check_model(lightest_weights(row_specs), settings, sizer, base.capacity_bytes, seq_lens=tuple(request.seq_lens),
+                client=client)
     return base
 
 

@@ -287,6 +287,12 @@ def weight_dtype(spec: ProbeSpec) -> torch.dtype:
     return torch.float32
 
 
+def is_hugging_face(model: str | dict[str, Any]) -> bool:
+    """A transformers model (preset:, hf:, an inline config), not fitprobe's builtin: or an operator's factory:
+    model: only these take bitsandbytes' quantization, TRL's trainer and Liger's kernels."""
+    return not (isinstance(model, str) and model.startswith(("builtin:", "factory:")))
+
+
 def stored_weight_bytes(spec: ProbeSpec, parameters: int) -> int:
     """Bytes the weights take at least, as the spec stores them: a quantized model's every weight at 4 bits
     (a lower bound: only linears are quantized), so a model that fits is never refused for its weights."""
@@ -443,8 +449,7 @@ def check_reference(spec: ProbeSpec, allowed_factories: Collection[str] = (),
     sizer, app/sizer.py): a constructor runs loops no size limit names (cohere2_moe's
     `first_k_dense_replace`, mellum's `num_mtp_layers`), seconds to minutes per request in the server.
     """
-    hugging_face = not (isinstance(spec.model, str) and spec.model.startswith(("factory:", "builtin:")))
-    if spec.quantization != "none" and not hugging_face:
+    if spec.quantization != "none" and not is_hugging_face(spec.model):
         raise SpecError("quantization works on Hugging Face models (preset:, hf: or an inline config), which "
                         "bitsandbytes' loaders quantize; drop quantization for builtin: and factory: models")
     if isinstance(spec.model, str) and spec.model.startswith("factory:"):

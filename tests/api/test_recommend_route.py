@@ -82,3 +82,23 @@ def test_the_door_refuses_what_it_will_not_estimate_with_the_fix(client, body, w
     refused = client.post("/v1/recommendations", json=body)
     assert refused.status_code == 422, refused.text
     assert words in refused.json()["detail"]
+
+
+def test_a_full_fine_tune_whose_fp32_weights_exceed_the_card_is_let_in_for_its_pure_bf16_candidates(client):
+    from tests.api.test_whatif_route import LLAMA, _parameters
+
+    # a card between the model's bf16 weights and its fp32 master weights: pure bf16 keeps full fine-tuning and
+    # holds its weights, so the recommendation is worth running; below the bf16 weights only a method change
+    # (QLoRA's 4-bit base) would, and only when the request allows it
+    parameters = _parameters(LLAMA)
+    body = {"model": LLAMA, "seq_len": 32, "capacity_bytes": 3 * parameters, "gradient_checkpointing": True,
+            "trainer": "trl", "optimizer": "adafactor"}
+    submitted = client.post("/v1/recommendations", json=body)
+    assert submitted.status_code == 202, submitted.text
+    assert client.delete(f"/v1/recommendations/{submitted.json()['id']}").json()["status"] == "cancelled"
+    below_bf16 = {**body, "capacity_bytes": parameters}
+    refused = client.post("/v1/recommendations", json=below_bf16)
+    assert refused.status_code == 422 and "weights alone" in refused.json()["detail"]
+    allowed = client.post("/v1/recommendations", json={**below_bf16, "allow_method_change": True})
+    assert allowed.status_code == 202, allowed.text
+    assert client.delete(f"/v1/recommendations/{allowed.json()['id']}").json()["status"] == "cancelled"

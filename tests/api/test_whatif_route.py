@@ -140,3 +140,29 @@ def test_cancel_stops_a_running_table_and_frees_the_worker(client):
     assert client.app.state.executor.busy_devices() == 0
     assert client.get(f"/v1/whatif/{job_id}").json()["status"] == "cancelled"
     assert client.get("/v1/whatif/no-such-job").status_code == 404
+
+
+def _parameters(config: dict) -> int:
+    """The model's parameter count as transformers builds it (on meta: no memory), tied tensors once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def test_a_table_whose_full_fine_tuning_weights_exceed_the_card_is_let_in_for_its_lighter_rows(client):
+    # a card between the model's 16-bit weights (LoRA's frozen base) and its fp32 weights (full fine-tuning at
+    # bf16-mixed keeps fp32 master weights): the LoRA row fits its weights, so the table is worth running
+    parameters = _parameters(LLAMA)
+    capacity = 3 * parameters
+    body = {**SMALL, "model": LLAMA, "capacity_bytes": capacity, "seq_lens": [32], "finetuning": ["full", "lora"]}
+    submitted = client.post("/v1/whatif", json=body)
+    assert submitted.status_code == 202, submitted.text
+    assert client.delete(f"/v1/whatif/{submitted.json()['id']}").json()["status"] == "cancelled"
+    # with no row but full fine-tuning, no row's weights fit: refused, with what would
+    full_only = client.post("/v1/whatif", json={**body, "finetuning": ["full"]})
+    assert full_only.status_code == 422
+    assert "weights alone" in full_only.json()["detail"] and "--lora" in full_only.json()["detail"]
