@@ -14,6 +14,7 @@ from fastapi import HTTPException
 
 from fitprobe.app.config import Settings
 from fitprobe.app.sizer import Sizer, SizerBusy
+from fitprobe.probe.generate import check_decode_bound, configured_layers
 from fitprobe.probe.models.bounds import check_counted
 from fitprobe.probe.models.load import check_reference, check_seq_len, is_hugging_face, stored_weight_bytes
 from fitprobe.probe.spec import ProbeSpec, SpecError
@@ -52,6 +53,8 @@ def check_model(spec: ProbeSpec, settings: Settings, sizer: Sizer, capacity_byte
         if spec.generate and context is not None and spec.seq_len + spec.max_new_tokens > context:
             raise SpecError(f"seq_len + max_new_tokens ({spec.seq_len} + {spec.max_new_tokens}) exceeds this model's "
                             f"context of {context} tokens; lower max_new_tokens or seq_len")
+        if spec.generate and (layers := configured_layers(spec)) is not None:
+            check_decode_bound(spec, layers)  # an estimated generation's decode work, bounded before the job runs
     except SpecError as exc:
         raise HTTPException(422, str(exc)) from exc
     except SizerBusy as exc:

@@ -40,7 +40,7 @@ from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.estimate.generate_reads import GenerateReads
 from fitprobe.probe.meter import Meter
-from fitprobe.probe.models.load import LoadedModel
+from fitprobe.probe.models.load import LoadedModel, reference_fields
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
 from fitprobe.probe.resident import ResidentRunner, announced, resident_facts, resident_words
 from fitprobe.probe.search import find_micro_batch
@@ -64,6 +64,30 @@ def estimated_token_limit(spec: ProbeSpec, module: nn.Module) -> int | None:
     if spec.mode != "estimate":
         return None
     return max(ESTIMATE_LAYER_TOKENS // _layers(module), 1)
+
+
+def check_decode_bound(spec: ProbeSpec, layers: int) -> None:
+    """Refuse an estimated generation whose new tokens are past what `layers` layers let an estimate decode."""
+    limit = max(ESTIMATE_LAYER_TOKENS // layers, 1)
+    if spec.generate and spec.mode == "estimate" and spec.max_new_tokens > limit:
+        raise SpecError(
+            f"an estimated generation decodes every token on fake tensors, {layers} layers each: max_new_tokens "
+            f"{spec.max_new_tokens} is past the {limit} this model's estimate runs (layers × tokens ≤ "
+            f"{ESTIMATE_LAYER_TOKENS}); lower max_new_tokens, or measure the generation on the device")
+
+
+def configured_layers(spec: ProbeSpec) -> int | None:
+    """The layer count the model's config names (presets, builtins, inline and hf: configs), before anything is
+    built: what the door bounds an estimated generation by. None where the config names none it knows (the
+    job's own check, on the built model, still holds)."""
+    try:
+        _, fields = reference_fields(spec.model)
+    except SpecError:
+        return None
+    nested = fields.get("text_config")
+    text = nested if isinstance(nested, dict) else fields
+    layers = text.get("num_hidden_layers", text.get("n_layer"))
+    return layers if isinstance(layers, int) and layers > 0 else None
 
 
 def prompt_tokens(spec: ProbeSpec) -> int:
@@ -143,12 +167,8 @@ def search_generation(spec: ProbeSpec, allowed_factories: Collection[str] = (), 
     """The largest generate batch at max_new_tokens, the cache per sequence, and the longest generation at batch 1."""
     with frozen_heap():
         meter, model = prepare(spec, allowed_factories)
+        check_decode_bound(spec, _layers(model.module))
         token_limit = estimated_token_limit(spec, model.module)
-        if token_limit is not None and spec.max_new_tokens > token_limit:
-            raise SpecError(
-                f"an estimated generation decodes every token on fake tensors, {_layers(model.module)} layers each: "
-                f"max_new_tokens {spec.max_new_tokens} is past the {token_limit} this model's estimate runs (layers × "
-                f"tokens ≤ {ESTIMATE_LAYER_TOKENS}); lower max_new_tokens, or measure the generation on the device")
         runner = GenerateRunner(spec, meter, model)
         settle()
         capacity = meter.capacity_bytes

@@ -210,3 +210,22 @@ def test_a_generation_asks_no_tokens_beyond_the_model_or_the_door(door):
     too_many = door.post("/v1/probes", json={"model": model, "seq_len": 16, "generate": True,
                                              "max_new_tokens": 100_000})
     assert too_many.status_code == 422 and "max_new_tokens" in too_many.text
+
+
+def test_an_estimated_generation_past_its_decode_bound_is_refused_at_the_door_before_any_trial(door):
+    """An estimate decodes each new token through every layer on fake tensors: layers × new tokens ≤ 4096. Llama-3.1-8B
+    has 32 layers (its config), so 128 new tokens pass and 256 do not, before the training search spends minutes."""
+    before = door.get("/v1/probes").json()["total"]
+    asked = {"model": "preset:llama-3.1-8b", "seq_len": 512, "mode": "estimate", "gpu": "h100-80gb", "generate": True}
+    refused = door.post("/v1/probes", json={**asked, "max_new_tokens": 256})
+    assert refused.status_code == 422
+    assert "32 layers each: max_new_tokens 256 is past the 128" in refused.json()["detail"]
+    assert "lower max_new_tokens" in refused.json()["detail"]
+    # an inline config is bounded by its own layer count (8 × 1024 > 4096) as the job would bound it
+    model = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 2048}
+    inline = door.post("/v1/probes", json={"model": model, "seq_len": 16, "mode": "estimate",
+                                           "capacity_bytes": 1 << 30, "generate": True, "max_new_tokens": 1024})
+    assert inline.status_code == 422 and "past the 512" in inline.json()["detail"]
+    assert door.get("/v1/probes").json()["total"] == before  # nothing refused was queued
