@@ -153,6 +153,30 @@ def _cell_spec(base: ProbeSpec, setting: Setting, seq_len: int) -> ProbeSpec:
     return base.model_copy(update={**setting.update(), "seq_len": seq_len, "mode": "estimate"})
 
 
+@dataclass
+class FullDepth:
+    """A build at the model's full depth: a model the estimate cannot cut, or an optimizer whose cut traces did
+    not pair up."""
+
+    meter: Meter
+    model: LoadedModel
+
+
+@dataclass
+class _KeyBuild:
+    """What one build key has made: the model alive now, and what the key's optimizers learned on its cuts.
+
+    `model` is the state: None (nothing built yet, or the cuts dropped for a full depth), the key's CutModels,
+    or its FullDepth. Two models never live at once, so going to one drops the other.
+    """
+
+    key: str
+    model: CutModels | FullDepth | None = None
+    cuts_refused: Fallback | None = None  # why this key's model cannot be cut: every cell runs the full depth
+    replays: dict[str, Replay | Fallback] = field(default_factory=dict)  # optimizer → its replay, or why traced
+    full_depth_because: dict[str, str] = field(default_factory=dict)  # optimizer → why its cut traces did not pair
+
+
 class Builds:
     """`trial_for(spec)`: (meter, facts, trial) as `make_trial(spec)` gives them for an estimate, on the build
     made for the last spec when `spec` differs from it only in BUILD_FREE (seq_len, optimizer).
@@ -171,80 +195,79 @@ class Builds:
         self.seq_lens, self.emit = seq_lens, emit  # with seq_lens, a cut build's trials are replayed (probe/estimate/replay.py)
         # build key → the optimizers the table runs on that build: their trials are learned together
         self.optimizers = optimizers or {}
-        self._replays: dict[str, Replay | Fallback] = {}  # optimizer → its trials' replay, or why they are traced
         self._known_laws: set[SizeLaw] = set()  # every allocation size law learned by this table's rows so far
-        self._key: str | None = None
-        self._cuts: CutModels | Fallback | None = None  # Fallback: why this build's model cannot be cut
-        self._full: tuple[Meter, LoadedModel] | None = None
-        self._full_depth_because: dict[str, str] = {}  # optimizer → why its traces did not pair up
+        self._built: _KeyBuild | None = None  # the last spec's build key, and what it made
         self.count = 0  # builds made (a pair of cuts is one): what the reuse saves is visible
 
     def trial_for(self, spec: ProbeSpec) -> tuple[Meter, dict[str, Any], Trial]:
         if spec.sharding == "fsdp":  # a sharded trial builds its own model in each rank
             return make_trial(spec, self.allowed_factories)
         key = build_key(spec)
-        if key != self._key:  # the old model goes before the new one is built
-            self._key, self._cuts, self._full, self._full_depth_because = key, None, None, {}
-            self._replays = {}
+        if self._built is None or self._built.key != key:  # the old model goes before the new one is built
+            self._built = _KeyBuild(key)
+        built = self._built
         try:
-            return self._on_cuts(spec)
+            return self._on_cuts(spec, built)
         except Fallback as refused:  # the plain path: the full depth, with the reason in the facts
-            meter, trial = self._full_depth(spec)
+            meter, trial = self._full_depth(spec, built)
             return meter, {"extrapolated_from_layers": None, "not_extrapolated_because": refused.reason}, trial
 
-    def _on_cuts(self, spec: ProbeSpec) -> tuple[Meter, dict[str, Any], Trial]:
+    def _on_cuts(self, spec: ProbeSpec, built: _KeyBuild) -> tuple[Meter, dict[str, Any], Trial]:
         """trial_for's shortcut: the build's cuts (replayed where learned); raises Fallback where the cuts do not
         apply to `spec` (the spec, this build's model, or this optimizer's traces before)."""
         check_extrapolable(spec)
-        if spec.optimizer in self._full_depth_because:
-            raise Fallback(self._full_depth_because[spec.optimizer])
-        if self._cuts is None:
-            self._full = None
+        if spec.optimizer in built.full_depth_because:
+            raise Fallback(built.full_depth_because[spec.optimizer])
+        if built.cuts_refused is not None:
+            raise Fallback(built.cuts_refused.reason)
+        if not isinstance(built.model, CutModels):
+            built.model = None
             try:
-                self._cuts = CutModels.build(spec, self.allowed_factories)  # raises SpecError as a build does
+                built.model = CutModels.build(spec, self.allowed_factories)  # raises SpecError as a build does
                 self.count += 1
             except Fallback as refused:
-                self._cuts = refused  # the build's later cells are not cut either
+                built.cuts_refused = refused  # the build's later cells are not cut either
             settle()  # the old build is collected, the new one frozen (probe/heap.py)
-        if isinstance(self._cuts, Fallback):
-            raise Fallback(self._cuts.reason)
-        meter, facts, traced = self._cuts.trial(spec, self._after_cuts_failed)
-        replay = self._replay(self._cuts, spec)
+            if built.cuts_refused is not None:
+                raise Fallback(built.cuts_refused.reason)
+        cuts = built.model
+        assert isinstance(cuts, CutModels)
+        meter, facts, traced = cuts.trial(spec, lambda failed, because: self._after_cuts_failed(failed, because, built))
+        replay = self._replay(cuts, spec, built)
         return meter, facts, replay.trial(spec.seq_len, traced) if isinstance(replay, Replay) else traced
 
-    def _replay(self, cuts: CutModels, spec: ProbeSpec) -> Replay | Fallback:
+    def _replay(self, cuts: CutModels, spec: ProbeSpec, built: _KeyBuild) -> Replay | Fallback:
         """The replay of this build's trials with `spec`'s optimizer, learned at its first cell; or the Fallback
         that says why its trials are traced (kept, so it is not learned again)."""
         if not self.seq_lens:
             return Fallback("no seq_lens to learn the sizes at")
-        if spec.optimizer not in self._replays:
-            together = [o for o in self.optimizers.get(cuts.key, ()) if o not in self._replays]
+        replays = built.replays
+        if spec.optimizer not in replays:
+            together = [o for o in self.optimizers.get(cuts.key, ()) if o not in replays]
             if spec.optimizer in together and len(together) > 1:
                 specs = [spec.model_copy(update={"optimizer": optimizer}) for optimizer in together]
-                self._replays.update(Replay.learn_together(cuts, specs, self.seq_lens, self.emit, self._known_laws))
+                replays.update(Replay.learn_together(cuts, specs, self.seq_lens, self.emit, self._known_laws))
             else:
                 try:
-                    self._replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit,
-                                                                 self._known_laws)
+                    replays[spec.optimizer] = Replay.learn(cuts, spec, self.seq_lens, self.emit, self._known_laws)
                 except Fallback as refused:
-                    self._replays[spec.optimizer] = refused
-            for replay in self._replays.values():
+                    replays[spec.optimizer] = refused
+            for replay in replays.values():
                 if isinstance(replay, Replay) and replay.laws is not None:
                     self._known_laws.update(law for cut_laws in replay.laws for law in cut_laws)
-        return self._replays[spec.optimizer]
+        return replays[spec.optimizer]
 
-    def _after_cuts_failed(self, spec: ProbeSpec, because: str) -> Trial:
-        self._full_depth_because[spec.optimizer] = because
-        return self._full_depth(spec)[1]
+    def _after_cuts_failed(self, spec: ProbeSpec, because: str, built: _KeyBuild) -> Trial:
+        built.full_depth_because[spec.optimizer] = because
+        return self._full_depth(spec, built)[1]
 
-    def _full_depth(self, spec: ProbeSpec) -> tuple[Meter, Trial]:
-        if self._full is None:
-            if isinstance(self._cuts, CutModels):
-                self._cuts = None  # the cuts go before the full depth is built
-            self._full = prepare(spec, self.allowed_factories)  # raises SpecError for what cannot be built
+    def _full_depth(self, spec: ProbeSpec, built: _KeyBuild) -> tuple[Meter, Trial]:
+        if not isinstance(built.model, FullDepth):
+            built.model = None  # the cuts go before the full depth is built
+            built.model = FullDepth(*prepare(spec, self.allowed_factories))  # raises SpecError as a build does
             self.count += 1
             settle()
-        meter, model = self._full
+        meter, model = built.model.meter, built.model.model
         check_seq_len(spec.seq_len, model.max_seq_len)  # the check a fresh build makes
         runner = TrialRunner(spec, meter, model)  # its own batches' generator, seeded as a probe's is
 
