@@ -25,6 +25,19 @@ from typing import Literal, Protocol, overload
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fitprobe.probe.allocation_log import (
+    Allocate,
+    AllocationLog,
+    Free,
+    FreeEarlier,
+    Keep,
+    Moment,
+    PhaseChange,
+    Reclass,
+    ReclassEarlier,
+    Resize,
+    TrialStart,
+)
 from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS, as_dict
 from fitprobe.probe.settings import DEFAULT_CPU_CAPACITY_BYTES
 
@@ -77,32 +90,6 @@ def requested_bytes(message: str) -> int | None:
     """The failed request's size from CUDA's OOM message ("Tried to allocate 2.00 GiB")."""
     match = _CUDA_REQUEST.search(message)
     return int(float(match.group(1)) * _BINARY_UNITS[match.group(2)]) if match else None
-
-
-@dataclass
-class AllocationLog:
-    """A trial's allocations, frees and moments in program order, with the allocations' sizes kept apart.
-
-    Under fake tensors the step at another micro-batch or seq_len runs the same program with other
-    sizes: probe/estimate/replay.py compares two logs' `events` and replays one with sizes it predicts. An
-    allocation is ("a",), numbered by its position in `sizes` (requested bytes, before rounding), with its
-    category (probe/breakdown.py) at the same position in `categories`; its free ("f", number); the free of a
-    storage counted before the log began ("o", rounded bytes, category); a moment the trace records ("m",); a
-    phase change ("p", name); the trial's start, where peaks reset and what is live becomes weights ("r",); a
-    storage resized in place ("z", number) (FSDP2: not replayed); a storage given another category ("t",
-    number, category), or one counted before the log ("T", rounded bytes, category, new category); the
-    forward's temporaries kept for the backward ("k",).
-    """
-
-    start_bytes: int
-    start_phase: str
-    events: list[tuple] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-    categories: list[int] = field(default_factory=list)
-    numbers: dict[int, int] = field(default_factory=dict)  # id(storage) -> its allocation's number, while live
-
-
-_ALLOCATED, _MOMENT, _RESET, _KEPT = ("a",), ("m",), ("r",), ("k",)
 
 
 @dataclass
@@ -194,7 +181,7 @@ class LiveBytesMode(TorchDispatchMode):
         # (phase, live bytes) after every op that allocated, and at every phase change: the moments a peak
         # can sit at, in order (probe/estimate/extrapolate.py aligns two cuts' traces). None: not recorded, no cost.
         self.trace: list[tuple[str, int]] | None = None
-        self.log: AllocationLog | None = None  # every event behind the trace, when probe/estimate/replay.py asks
+        self.log: AllocationLog | None = None  # every event behind the trace (probe/allocation_log.py), when replay.py asks
         self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it now
         # the breakdown (probe/breakdown.py): each counted storage's category, the live bytes per category, the
         # category new storages get, and the counts at the latest moment at the peak (with the trace, at each)
@@ -246,7 +233,7 @@ class LiveBytesMode(TorchDispatchMode):
         self.context = TEMPORARIES
         self.phase_peak_bytes[name] = max(self.phase_peak_bytes.get(name, 0), self.live_bytes)
         if self.log is not None:
-            self.log.events.append(("p", name))
+            self.log.events.append(PhaseChange(name))
         self._moment()
 
     def reset_peaks(self) -> None:
@@ -260,7 +247,7 @@ class LiveBytesMode(TorchDispatchMode):
             self.trace.clear()
             self.trace_categories.clear()
         if self.log is not None:
-            self.log.events.append(_RESET)
+            self.log.events.append(TrialStart())
         self._moment()
 
     def _moment(self) -> None:
@@ -286,7 +273,8 @@ class LiveBytesMode(TorchDispatchMode):
             self.categories[category] += n_bytes
             if self.log is not None:
                 number = self.log.numbers.get(key)
-                self.log.events.append(("t", number, category) if number is not None else ("T", n_bytes, old, category))
+                self.log.events.append(Reclass(number, category) if number is not None
+                                       else ReclassEarlier(n_bytes, old, category))
 
     def keep_for_backward(self) -> None:
         """The forward reached the loss head: its temporaries still live are what the backward reads."""
@@ -296,7 +284,7 @@ class LiveBytesMode(TorchDispatchMode):
         self.categories[ACTIVATIONS] += self.categories[TEMPORARIES]
         self.categories[TEMPORARIES] = 0
         if self.log is not None:
-            self.log.events.append(_KEPT)
+            self.log.events.append(Keep())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(_is_dtensor_type(kind) for kind in types):
@@ -315,7 +303,7 @@ class LiveBytesMode(TorchDispatchMode):
         # one moment per op, after all its outputs: the largest of its own (an op only adds)
         if allocated:
             if self.log is not None:
-                self.log.events.append(_MOMENT)
+                self.log.events.append(Moment())
             self._moment()
         return out
 
@@ -329,10 +317,10 @@ class LiveBytesMode(TorchDispatchMode):
         self._counted[key] = n_bytes
         self._category[key] = self.context
         if self.log is not None:
-            self.log.numbers[key] = len(self.log.sizes)
+            self.log.numbers[key] = number = len(self.log.sizes)
             self.log.sizes.append(requested)
             self.log.categories.append(self.context)
-            self.log.events.append(_ALLOCATED)
+            self.log.events.append(Allocate(number))
         weakref.finalize(storage, self._free, key)
         self._grow(n_bytes, raise_on_overflow, self.context)
         return True
@@ -345,13 +333,13 @@ class LiveBytesMode(TorchDispatchMode):
         n_bytes = round_allocation(storage.nbytes())
         delta, self._counted[key] = n_bytes - self._counted[key], n_bytes
         if self.log is not None:
-            self.log.events.append(("z", self.log.numbers.get(key)))
+            self.log.events.append(Resize(self.log.numbers.get(key)))
         self._grow(delta, delta > 0, self._category[key])
         # a gathered parameter is a moment as an op's output is: FSDP2 gathers into it, then frees the
         # all-gather buffer, so the peak can sit between the two with no allocating op after it
         if delta > 0:
             if self.log is not None:
-                self.log.events.append(_MOMENT)
+                self.log.events.append(Moment())
             self._moment()
 
     def _grow(self, n_bytes: int, raise_on_overflow: bool, category: int) -> None:
@@ -377,7 +365,7 @@ class LiveBytesMode(TorchDispatchMode):
         self.categories[category] -= n_bytes
         if self.log is not None:
             number = self.log.numbers.pop(key, None)
-            self.log.events.append(("f", number) if number is not None else ("o", n_bytes, category))
+            self.log.events.append(Free(number) if number is not None else FreeEarlier(n_bytes, category))
 
 
 @contextmanager
@@ -459,7 +447,7 @@ class CpuMeter:
         return self._mode.trace_categories
 
     def record_log(self, on: bool) -> AllocationLog | None:
-        """From now on, log every allocation, free and moment (probe/estimate/replay.py); None: stop."""
+        """From now on, log every allocation, free and moment (probe/allocation_log.py, for estimate/replay.py); None: stop."""
         mode = self._mode
         mode.log = AllocationLog(mode.live_bytes, mode.phase) if on else None
         return mode.log

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+from fitprobe.probe.allocation_log import Allocate, AllocationLog, Free, Moment, PhaseChange, TrialStart
 from fitprobe.probe.estimate.extrapolate import CutModels
 from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.heap import frozen_heap
-from fitprobe.probe.meter import AllocationLog
 from fitprobe.probe.estimate.replay import (
     Replay,
     SizeLaw,
@@ -175,17 +175,20 @@ def test_the_shared_part_of_a_log_leaves_out_what_the_optimizer_allocates_and_co
     # a batch (0), the trial's start; a forward allocation (1) and a gradient (2); the update makes state (3) and a
     # temporary (4), frees the temporary and the gradient; the next forward allocates (5)
     log = AllocationLog(100, "idle", [
-        ("a",), ("m",), ("r",), ("p", "forward_backward"), ("a",), ("m",), ("a",), ("m",), ("f", 1),
-        ("p", "optimizer"), ("a",), ("m",), ("a",), ("m",), ("f", 4), ("f", 2),
-        ("p", "forward_backward"), ("a",), ("m",), ("p", "idle"), ("f", 5), ("f", 3), ("f", 0)],
+        Allocate(0), Moment(), TrialStart(), PhaseChange("forward_backward"), Allocate(1), Moment(), Allocate(2),
+        Moment(), Free(1),
+        PhaseChange("optimizer"), Allocate(3), Moment(), Allocate(4), Moment(), Free(4), Free(2),
+        PhaseChange("forward_backward"), Allocate(5), Moment(), PhaseChange("idle"), Free(5), Free(3), Free(0)],
         sizes=[8, 16, 32, 64, 4, 16])
     # moments since the start: 0 reset, 1 phase, 2 and 3 allocations, 4 phase, 5 and 6 the optimizer's, 7 phase, 8
     marks = {"first_forward": [2, 8], "first_optimizer": [6]}
     split = split_off_optimizer(log, marks)
     assert split.shared == [0, 1, 2, 5]
     assert split.skeleton == [
-        ("a",), ("m",), ("r",), ("p", "forward_backward"), ("a",), ("m",), ("a",), ("m",), ("f", 1),
-        ("p", "optimizer"), ("f", 2), ("p", "forward_backward"), ("a",), ("m",), ("p", "idle"), ("f", 0), ("f", 3)]
+        Allocate(0), Moment(), TrialStart(), PhaseChange("forward_backward"), Allocate(1), Moment(), Allocate(2),
+        Moment(), Free(1),
+        PhaseChange("optimizer"), Free(2), PhaseChange("forward_backward"), Allocate(3), Moment(), PhaseChange("idle"),
+        Free(0), Free(3)]
     # the second mark has the optimizer's two moments before it; the optimizer's own mark is its own
     assert split.marks == {"first_forward": [2, 6]}
 

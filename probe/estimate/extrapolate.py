@@ -59,7 +59,7 @@ from fitprobe.probe.trial import TrialError, TrialRunner
 
 if TYPE_CHECKING:
     from fitprobe.probe.estimate.cuda_attention import CudaAttention
-    from fitprobe.probe.meter import AllocationLog
+    from fitprobe.probe.allocation_log import AllocationLog
     from fitprobe.probe.models.load import LoadedModel
 
 # compared with the full depth to the byte, per phase, with LoRA, mixed precision and checkpointing; llama,

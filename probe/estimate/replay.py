@@ -1,6 +1,7 @@
 """Answer a cut model's trial at any micro-batch and seq_len from one to five traced ones: the what-if table's trials.
 
-Under fake tensors a trial is a program of allocations, frees and moments (probe/meter.py AllocationLog).
+Under fake tensors a trial is a program of allocations, frees and moments (probe/allocation_log.py: the
+events' table, and the one walk by which `replay`, `split_off_optimizer` and `frees_in_order` read a log).
 At another micro-batch b or seq_len s a decoder runs the same program with other sizes, and each
 allocation's size is a product of its dims: b^β·q(s), q a polynomial of degree at most 2 in s (an
 activation b·s·h, the attention mask b·s², a label row padded by one b·(s+1)): its *law*. A replayed
@@ -39,17 +40,34 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from fitprobe.probe.allocation_log import (
+    Allocate,
+    AllocationLog,
+    Free,
+    FreeEarlier,
+    Keep,
+    LogEvent,
+    Moment,
+    PhaseChange,
+    Reclass,
+    ReclassEarlier,
+    Resize,
+    TrialStart,
+    frees_in_order,
+    walk,
+)
 from fitprobe.probe.breakdown import ACTIVATIONS, CATEGORIES, TEMPORARIES, WEIGHTS
 from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.events import Emit, Phase, progress
 from fitprobe.probe.estimate.extrapolate import CutModels, ExtrapolatedTrial, Trace, extrapolated_result
-from fitprobe.probe.meter import AllocationLog, round_allocation
+from fitprobe.probe.meter import round_allocation
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.spec import MAX_SEQ_LEN, ProbeSpec
 from fitprobe.probe.trial import TrialError
 
 Trial = Callable[[int], TrialResult]
 _TOO_FEW_SEQ_LENS = "fewer than three seq_lens fit the model's context to learn the sizes from"
+_RESIZED = "the log holds a storage resized in place (FSDP2): not replayed"
 Point = tuple[int, int]  # (micro-batch, seq_len)
 
 
@@ -142,56 +160,78 @@ def replay(log: AllocationLog, sizes: Sequence[int]
 
     Does what probe/meter.py LiveBytesMode does at each event, in the same order.
     """
-    rounded = [round_allocation(n) for n in sizes]
-    category_of = list(log.categories)  # each allocation's category now, by number
-    live, phase = log.start_bytes, log.start_phase
-    categories = [0] * len(CATEGORIES)  # before the trial's start nothing is classed: it all becomes weights there
-    moments: list[tuple[str, int]] = []
-    at_moments: list[tuple[int, ...]] = []
-    peaks: dict[str, int] = {}
-    allocated = 0
-    for event in log.events:
-        kind = event[0]
-        if kind == "a":
-            live += rounded[allocated]
-            categories[category_of[allocated]] += rounded[allocated]
-            allocated += 1
-            if live > peaks.get(phase, 0):
-                peaks[phase] = live
-        elif kind == "f":
-            live -= rounded[event[1]]
-            categories[category_of[event[1]]] -= rounded[event[1]]
-        elif kind == "m":
-            moments.append((phase, live))
-            at_moments.append(tuple(categories))
-        elif kind == "o":
-            live -= event[1]
-            categories[event[2]] -= event[1]
-        elif kind == "p":
-            phase = event[1]
-            peaks[phase] = max(peaks.get(phase, 0), live)
-            moments.append((phase, live))
-            at_moments.append(tuple(categories))
-        elif kind == "t":
-            number, category = event[1], event[2]
-            categories[category_of[number]] -= rounded[number]
-            categories[category] += rounded[number]
-            category_of[number] = category
-        elif kind == "T":
-            categories[event[2]] -= event[1]
-            categories[event[3]] += event[1]
-        elif kind == "k":
-            category_of[:allocated] = [ACTIVATIONS if c == TEMPORARIES else c for c in category_of[:allocated]]
-            categories[ACTIVATIONS] += categories[TEMPORARIES]
-            categories[TEMPORARIES] = 0
-        elif kind == "r":
-            category_of[:allocated] = [WEIGHTS] * allocated
-            categories = [0] * len(CATEGORIES)
-            categories[WEIGHTS] = live
-            peaks, moments, at_moments = {phase: live}, [(phase, live)], [tuple(categories)]
-        else:
-            raise Fallback(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
-    return moments, peaks, at_moments
+    replaying = _Replaying(log, sizes)
+    walk(log.events, replaying)
+    return replaying.moments, replaying.peaks, replaying.at_moments
+
+
+class _Replaying:
+    """`replay`'s reader: the meter's live bytes, phase peaks and bytes by category, with the sizes given."""
+
+    def __init__(self, log: AllocationLog, sizes: Sequence[int]) -> None:
+        self.rounded = [round_allocation(n) for n in sizes]
+        self.category_of = list(log.categories)  # each allocation's category now, by number
+        self.allocated = 0  # how many allocations the walk has passed
+        self.live, self.phase = log.start_bytes, log.start_phase
+        # before the trial's start nothing is classed: it all becomes weights there
+        self.categories = [0] * len(CATEGORIES)
+        self.peaks: dict[str, int] = {}
+        self.moments: list[tuple[str, int]] = []
+        self.at_moments: list[tuple[int, ...]] = []
+
+    def allocate(self, event: Allocate) -> None:
+        n_bytes = self.rounded[event.number]
+        self.live += n_bytes
+        self.categories[self.category_of[event.number]] += n_bytes
+        self.allocated = event.number + 1
+        if self.live > self.peaks.get(self.phase, 0):
+            self.peaks[self.phase] = self.live
+
+    def free(self, event: Free) -> None:
+        n_bytes = self.rounded[event.number]
+        self.live -= n_bytes
+        self.categories[self.category_of[event.number]] -= n_bytes
+
+    def free_earlier(self, event: FreeEarlier) -> None:
+        self.live -= event.n_bytes
+        self.categories[event.category] -= event.n_bytes
+
+    def moment(self, event: Moment) -> None:
+        self.moments.append((self.phase, self.live))
+        self.at_moments.append(tuple(self.categories))
+
+    def phase_change(self, event: PhaseChange) -> None:
+        self.phase = event.name
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.live)
+        self.moments.append((self.phase, self.live))
+        self.at_moments.append(tuple(self.categories))
+
+    def trial_start(self, event: TrialStart) -> None:
+        self.category_of[:self.allocated] = [WEIGHTS] * self.allocated
+        self.categories = [0] * len(CATEGORIES)
+        self.categories[WEIGHTS] = self.live
+        self.peaks = {self.phase: self.live}
+        self.moments = [(self.phase, self.live)]
+        self.at_moments = [tuple(self.categories)]
+
+    def resize(self, event: Resize) -> None:
+        raise Fallback(_RESIZED)
+
+    def reclass(self, event: Reclass) -> None:
+        n_bytes = self.rounded[event.number]
+        self.categories[self.category_of[event.number]] -= n_bytes
+        self.categories[event.category] += n_bytes
+        self.category_of[event.number] = event.category
+
+    def reclass_earlier(self, event: ReclassEarlier) -> None:
+        self.categories[event.old] -= event.n_bytes
+        self.categories[event.new] += event.n_bytes
+
+    def keep(self, event: Keep) -> None:
+        kept = self.category_of[:self.allocated]
+        self.category_of[:self.allocated] = [ACTIVATIONS if c == TEMPORARIES else c for c in kept]
+        self.categories[ACTIVATIONS] += self.categories[TEMPORARIES]
+        self.categories[TEMPORARIES] = 0
 
 
 @dataclass
@@ -337,9 +377,9 @@ class Replay:
         first = self.traced[points[0]]
         for cut in (0, 1):
             logs = [self._logs(point)[cut] for point in points]
-            for log in logs:
-                log.events = frees_in_order(log.events)
-            if any(log.events != logs[0].events or log.start_bytes != logs[0].start_bytes for log in logs[1:]):
+            programs = [frees_in_order(log.events) for log in logs]  # the logs themselves stay as traced
+            if any(program != programs[0] or log.start_bytes != logs[0].start_bytes
+                   for program, log in zip(programs[1:], logs[1:], strict=True)):
                 raise Fallback("the step's allocations change with the micro-batch or seq_len")
         if any(self.traced[point].shallow.marks != first.shallow.marks
                or self.traced[point].deep.marks != first.deep.marks for point in points[1:]):
@@ -434,50 +474,68 @@ class _Split:
     """A traced cut's log seen apart from its optimizer's own allocations: what optimizers of one build share."""
 
     shared: list[int]  # the allocations made outside the optimizer phase, by number, in order
-    skeleton: list[tuple]  # the events without the optimizer's own, shared allocations numbered in `shared`
+    skeleton: list[LogEvent]  # the events without the optimizer's own, shared allocations numbered in `shared`
     marks: dict[str, list[int]]  # the marks on the period's forward and backward, counted in the kept moments
 
 
 def split_off_optimizer(log: AllocationLog, marks: dict[str, list[int]]) -> _Split:
     """The log's shared part: its allocations outside the optimizer phase, their frees, the moments there, and
     the marks on the forward and backward (a per-parameter optimizer's own marks are its own)."""
-    phase, number = log.start_phase, 0
-    shared_of: dict[int, int] = {}
-    skeleton: list[tuple] = []
-    kept = [0]  # kept[i]: moments among the first i since the trial's start that are not the optimizer's own
-    for event in log.events:
-        kind = event[0]
-        if kind == "a":
-            if phase != OPTIMIZER_PHASE:
-                shared_of[number] = len(shared_of)
-                skeleton.append(event)
-            number += 1
-        elif kind == "f":
-            if event[1] in shared_of:
-                skeleton.append(("f", shared_of[event[1]]))
-        elif kind == "t":  # a shared storage classed again (a gradient); the optimizer's own (its state) are its own
-            if event[1] in shared_of:
-                skeleton.append(("t", shared_of[event[1]], event[2]))
-        elif kind == "m":
-            kept.append(kept[-1] + (phase != OPTIMIZER_PHASE))
-            if phase != OPTIMIZER_PHASE:
-                skeleton.append(event)
-        elif kind == "p":  # a phase change is a moment of both trials
-            phase = event[1]
-            kept.append(kept[-1] + 1)
-            skeleton.append(event)
-        elif kind == "r":  # the trial's start: the moments (and the marks' count) begin again at this one
-            kept = [0, 1]
-            skeleton.append(event)
-        elif kind in ("o", "T", "k"):
-            skeleton.append(event)
-        else:
-            raise Fallback(f"the log holds a {kind!r} event (a storage resized in place): not replayed")
+    splitting = _Splitting(log.start_phase)
+    walk(log.events, splitting)
+    kept = splitting.kept
     if any(i >= len(kept) for name, indices in marks.items() for i in indices):
         raise Fallback("a mark lies past the trial's moments")
     shared_marks = {name: [kept[i] for i in indices] for name, indices in marks.items()
                     if not name.endswith("_optimizer")}
-    return _Split(list(shared_of), frees_in_order(skeleton), shared_marks)
+    return _Split(list(splitting.shared_of), frees_in_order(splitting.skeleton), shared_marks)
+
+
+class _Splitting:
+    """`split_off_optimizer`'s reader: what the skeleton keeps of each event, and which moments count."""
+
+    def __init__(self, start_phase: str) -> None:
+        self.phase = start_phase
+        self.shared_of: dict[int, int] = {}  # an allocation outside the optimizer phase -> its number in the skeleton
+        self.skeleton: list[LogEvent] = []
+        self.kept = [0]  # kept[i]: moments among the first i since the trial's start that are not the optimizer's own
+
+    def allocate(self, event: Allocate) -> None:
+        if self.phase != OPTIMIZER_PHASE:
+            self.shared_of[event.number] = len(self.shared_of)
+            self.skeleton.append(Allocate(self.shared_of[event.number]))
+
+    def free(self, event: Free) -> None:
+        if event.number in self.shared_of:
+            self.skeleton.append(Free(self.shared_of[event.number]))
+
+    def reclass(self, event: Reclass) -> None:
+        # a shared storage classed again (a gradient); the optimizer's own (its state) are its own
+        if event.number in self.shared_of:
+            self.skeleton.append(Reclass(self.shared_of[event.number], event.category))
+
+    def moment(self, event: Moment) -> None:
+        self.kept.append(self.kept[-1] + (self.phase != OPTIMIZER_PHASE))
+        if self.phase != OPTIMIZER_PHASE:
+            self.skeleton.append(event)
+
+    def phase_change(self, event: PhaseChange) -> None:  # a phase change is a moment of both trials
+        self.phase = event.name
+        self.kept.append(self.kept[-1] + 1)
+        self.skeleton.append(event)
+
+    def trial_start(self, event: TrialStart) -> None:
+        # the trial's start: the moments (and the marks' count) begin again at this one
+        self.kept = [0, 1]
+        self.skeleton.append(event)
+
+    def resize(self, event: Resize) -> None:
+        raise Fallback(_RESIZED)
+
+    def _as_is(self, event: FreeEarlier | ReclassEarlier | Keep) -> None:
+        self.skeleton.append(event)
+
+    free_earlier = reclass_earlier = keep = _as_is
 
 
 def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
@@ -515,30 +573,6 @@ def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
             raise Fallback("replaying a traced trial's own log does not give its result")
     if guessed:  # a law read off two points is checked at a third
         first._validate(2, m, len(made) + 1, len(made) + 1)
-
-
-def frees_in_order(events: list[tuple]) -> list[tuple]:
-    """The events with each run of frees sorted: storages freed together (a tuple of outputs dropped) go in an
-    order that varies from run to run, and frees alone change no moment and no peak.
-
-    A run also takes the category changes between its frees (a gradient tagged in a hook while a tuple dies),
-    kept in their order ahead of the frees: a change never touches a storage freed before it, and the bytes
-    by category at the next moment are the same whichever of the two came first.
-    """
-    ordered: list[tuple] = []
-    retags: list[tuple] = []
-    run: list[tuple] = []
-    for event in events:
-        if event[0] in ("f", "o"):
-            run.append(event)
-            continue
-        if event[0] in ("t", "T", "k"):
-            retags.append(event)
-            continue
-        ordered.extend(retags + sorted(run))
-        retags, run = [], []
-        ordered.append(event)
-    return ordered + retags + sorted(run)
 
 
 def learning_seq_lens(seq_lens: Sequence[int], context: int) -> tuple[int, int, int] | None:
