@@ -1,7 +1,8 @@
 """`fitprobe recommend`: the settings to run on a card, cheapest fitting first (probe/recommend.py).
 
 Takes every option `probe` takes (the request whose method is kept) and always estimates; the first
-candidate exports like a probe's plan (`--format`, with `--effective-batch`).
+candidate exports like a probe's plan (`--format`, with `--effective-batch`), or any other by its rank
+(`--candidate`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def add_recommend_command(commands: Any, formatter: type[argparse.HelpFormatter]
     add_model_options(parser, search=True)
     parser.add_argument("--allow-method-change", action="store_true",
                         help="also try LoRA, then QLoRA, when you asked for full fine-tuning")
+    parser.add_argument("--candidate", type=int, metavar="RANK",
+                        help="with --format: export this candidate (its rank in the table) instead of the first that fits")
     add_export_options(parser)
     parser.set_defaults(run=cmd_recommend)
 
@@ -38,6 +41,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     if args.format and not args.effective_batch:
         raise SpecError("--format exports the first candidate's plan: give --effective-batch too")
+    if args.candidate is not None and not args.format:
+        raise SpecError("--candidate picks the candidate --format exports: give --format too")
     args.mode = "estimate"  # a recommendation weighs many settings: each is estimated, none trained
     spec = checked_spec(args)
     if spec.capacity_bytes is None:
@@ -45,8 +50,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     found = recommend(spec, args.allow_method_change, allowed_factories(), progress_of(args))
     first = found.first_fitting
     code = EXIT_OK if first else EXIT_UNMET
-    if args.format and first is not None:
-        print_export(export_candidate(spec, first, args.format), args)
+    chosen = first if args.candidate is None else _ranked(found, args.candidate)
+    if args.format and chosen is not None:
+        print_export(export_candidate(spec, chosen, args.format), args)
         return code
     print(json.dumps(found.to_dict(), indent=2) if args.json else format_recommendation(found))
     return code
@@ -64,6 +70,16 @@ def export_candidate(spec: ProbeSpec, candidate: Candidate, fmt: str) -> dict[st
                          max_micro_batch=candidate.max_micro_batch, safe_micro_batch=candidate.safe_micro_batch)
     export["provenance"].setdefault("notes", []).insert(0, f"fitprobe recommend ({ESTIMATED}): {candidate.label}")
     return export
+
+
+def _ranked(found: Recommendation, rank: int) -> Candidate:
+    """The candidate at `rank` (1 = the table's first row), refused with the fix when it has nothing to export."""
+    if not 1 <= rank <= len(found.candidates):
+        raise SpecError(f"--candidate must be a rank from 1 to {len(found.candidates)} (got {rank})")
+    candidate = found.candidates[rank - 1]
+    if not candidate.max_micro_batch:
+        raise SpecError(f"candidate {rank} ({candidate.label}) does not fit on this card: pick one whose max is ≥ 1")
+    return candidate
 
 
 def _cost_words(candidate: Candidate) -> str:

@@ -83,7 +83,7 @@ RECOMMEND = ["recommend", "--model", "builtin:gpt-nano", "--capacity", "12MiB", 
              "--precision", "bf16", "--optimizer", "adafactor", "--effective-batch", "8", "--quiet"]
 
 
-def test_json_lists_each_candidates_settings_max_safe_plan_and_cost_and_format_exports_the_first(capsys):
+def test_json_lists_each_candidates_settings_max_safe_plan_and_cost_and_format_exports_any_of_them(capsys):
     from fitprobe.probe.cli import main
 
     assert main([*RECOMMEND, "--json"]) == 0
@@ -97,6 +97,16 @@ def test_json_lists_each_candidates_settings_max_safe_plan_and_cost_and_format_e
     config = json.loads(capsys.readouterr().out)
     assert config["per_device_train_batch_size"] == first["plan"]["micro_batch"]
     assert config["gradient_checkpointing"] == first["settings"].get("gradient_checkpointing", False)
+    # any other candidate exports by its rank, with the settings it changed
+    other_rank = next(rank for rank, c in enumerate(answer["candidates"], 1)
+                      if rank - 1 != answer["first_fitting"] and c["max_micro_batch"])
+    other = answer["candidates"][other_rank - 1]
+    assert main([*RECOMMEND, "--format", "hf", "--candidate", str(other_rank)]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["per_device_train_batch_size"] == other["plan"]["micro_batch"]
+    assert config["gradient_checkpointing"] == other["settings"].get("gradient_checkpointing", False)
+    assert main([*RECOMMEND, "--format", "hf", "--candidate", str(len(answer["candidates"]) + 1)]) == 2
+    assert f"--candidate must be a rank from 1 to {len(answer['candidates'])}" in capsys.readouterr().err
 
 
 # The case, an 8B full fine-tune on one H100 (the first candidate keeps full fine-tuning and equals its
