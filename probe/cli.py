@@ -35,8 +35,8 @@ from fitprobe.probe.report import TrialResult
 from fitprobe.probe.gpus import GPU_TOTAL_MIB
 from fitprobe.probe.models.bounds import ModelLimits
 from fitprobe.probe.spec_options import add_spec_options, spec_fields
-from fitprobe.probe.spec import (DEFAULT_PRECISION, ESTIMATED, DataLengths, Optimizer, Precision, ProbeSpec, SpecError,
-                                 format_bytes)
+from fitprobe.probe.spec import (DEFAULT_PRECISION, ESTIMATED, DataLengths, LoraSpec, Optimizer, Precision, ProbeSpec,
+                                 SpecError, format_bytes)
 from fitprobe.probe.settings import operator_settings
 from fitprobe.probe.versions import fitprobe_version
 
@@ -198,9 +198,9 @@ def _cell_words(event: Event) -> str:
             f"{event['safe_micro_batch']}, peak {format_bytes(event['peak_bytes'])} at the max")
 
 
-def _per_device(spec: dict[str, Any]) -> str:
+def _per_device(spec: ProbeSpec) -> str:
     """A sharded answer is one device's: the text says so wherever it gives a micro-batch or a capacity."""
-    return f" per device × {spec['num_devices']} devices" if spec["sharding"] == "fsdp" else ""
+    return f" per device × {spec.num_devices} devices" if spec.sharding == "fsdp" else ""
 
 
 def _trial_table(trials: list[TrialResult]) -> str:
@@ -246,12 +246,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return code
     search, device = report.search, report.device
     each = _per_device(report.spec)
-    print(f"{report.spec['model']} seq_len={args.seq_len} {precision_words(report.spec['precision'])} on {device.name}, "
+    print(f"{report.spec.model} seq_len={args.seq_len} {precision_words(report.spec.precision)} on {device.name}, "
           f"capacity {format_bytes(device.capacity_bytes)}{each}, headroom {args.headroom:.0%}")
     if report.data:
         from fitprobe.probe.data import data_words
 
-        print("\n".join(data_words(report.data, args.seq_len, report.spec["collation"])))
+        print("\n".join(data_words(report.data, args.seq_len, report.spec.collation)))
     print(_trial_table(search.trials))
     if not_fitting:
         print(f"does not fit: {not_fitting.message}")
@@ -260,7 +260,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                   f"{'  (fits)' if option.fits else ''}")
         return code
     limit = " (the limit you set: larger was not tried)" if search.limit_reached else ""
-    estimated = f"{ESTIMATED}; " if report.spec["mode"] == "estimate" else ""
+    estimated = f"{ESTIMATED}; " if report.spec.mode == "estimate" else ""
     print(f"max micro-batch:  {search.max_micro_batch}{each}{limit}")
     print(f"safe micro-batch: {search.safe_micro_batch}{each}  ({estimated}{search.trial_count} trials, "
           f"{search.wall_s:.1f}s)")
@@ -309,7 +309,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
         print(_trial_table([trial]))
         print(f"micro-batch {trial.micro_batch}{_per_device(report.spec)} "
               f"{'fits' if trial.fits else 'does not fit'} in {format_bytes(report.device.capacity_bytes)}, "
-              f"{precision_words(report.spec['precision'])}")
+              f"{precision_words(report.spec.precision)}")
     return EXIT_OK if trial.fits else EXIT_UNMET
 
 
@@ -322,10 +322,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.quantization != "none" and not args.lora:
             raise SpecError(f"--quantization {args.quantization} is QLoRA: add --lora")
         targets = [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()] or None
-        spec = {"precision": args.precision or DEFAULT_PRECISION, "gradient_checkpointing": args.grad_checkpointing,
-                "finetuning": "lora" if args.lora or targets else "full", "lora": {"targets": targets},
-                "quantization": args.quantization, "seq_len": args.seq_len}
-        export = export_plan(plan, spec, args.format, max_micro_batch=args.max_micro_batch)
+        measured = {"precision": args.precision, "seq_len": args.seq_len}  # None: the spec's default
+        spec = ProbeSpec(gradient_checkpointing=args.grad_checkpointing,
+                         finetuning="lora" if args.lora or targets else "full", lora=LoraSpec(targets=targets),
+                         quantization=args.quantization,
+                         **{name: value for name, value in measured.items() if value is not None})
+        export = export_plan(plan, spec, args.format, seq_len_known=args.seq_len is not None,
+                             max_micro_batch=args.max_micro_batch)
         if args.precision is None:
             export["provenance"].setdefault("notes", []).insert(0, (
                 f"precision {DEFAULT_PRECISION} is the default (no --precision given): if the max micro-batch was "

@@ -31,7 +31,8 @@ import yaml
 
 from fitprobe.probe.optimizers import implementation
 from fitprobe.probe.report import Evaluation, Generation, PlanFacts, Report, SplitFacts
-from fitprobe.probe.spec import ALL_LINEAR, DEFAULT_PRECISION, LEGACY_OPTIMIZER_NAMES, SpecError
+from fitprobe.probe.spec import (ALL_LINEAR, Collation, LoraSpec, Optimizer, Precision, ProbeSpec, Quantization, SpecError,
+                                 Trainer)
 
 ExportFormat = Literal["hf", "trl", "accelerate", "deepspeed", "lightning", "axolotl", "torchtune"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -48,15 +49,15 @@ class Run:
     micro_batch: int
     accumulation_steps: int
     num_devices: int
-    precision: str
+    precision: Precision
     gradient_checkpointing: bool
-    lora: dict[str, Any] | None
-    optimizer: str = "adamw_torch_fused"
-    quantization: str = "none"
-    collation: str = "padded"
-    seq_len: int | None = None
-    liger: bool = False
-    trainer: str = "hf"
+    lora: LoraSpec | None  # None: full fine-tuning
+    optimizer: Optimizer
+    quantization: Quantization
+    collation: Collation
+    seq_len: int | None  # None: `fitprobe plan` without --seq-len, which knows no row length to write
+    liger: bool
+    trainer: Trainer
 
     @property
     def effective_batch(self) -> int:
@@ -103,12 +104,12 @@ def _checkpointing_note(run: Run) -> list[str]:
 def _lora_note(run: Run) -> list[str]:
     if not run.lora:
         return []
-    targets = run.lora.get("targets")
+    targets = run.lora.targets
     if not targets:  # `fitprobe plan --lora` has no model whose modules it could name
-        return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora['rank']}, lora_alpha={run.lora['alpha']}, "
+        return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora.rank}, lora_alpha={run.lora.alpha}, "
                 'target_modules=...) naming the modules fitprobe adapted: by default the attention projections, '
                 '["q_proj", "k_proj", "v_proj", "o_proj"] in Llama, Mistral, Qwen2 and Gemma, ["c_attn"] in GPT-2']
-    return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora['rank']}, lora_alpha={run.lora['alpha']}, "
+    return [f"LoRA: wrap the model with peft LoraConfig(r={run.lora.rank}, lora_alpha={run.lora.alpha}, "
             f"target_modules={json.dumps(_peft_targets(targets))}) as fitprobe measured"]
 
 
@@ -294,8 +295,8 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
     elif run.seq_len:  # padded: axolotl cuts (or drops) rows longer than sequence_len, as fitprobe's batches end there
         config["sequence_len"] = run.seq_len
     if run.lora:
-        config.update(adapter="qlora" if run.quantization != "none" else "lora", lora_r=run.lora["rank"],
-                      lora_alpha=run.lora["alpha"])
+        config.update(adapter="qlora" if run.quantization != "none" else "lora", lora_r=run.lora.rank,
+                      lora_alpha=run.lora.alpha)
         if run.quantization == "int8":
             config.update(adapter="lora", load_in_8bit=True)
         elif run.quantization != "none":
@@ -303,10 +304,10 @@ def _axolotl(run: Run) -> tuple[dict[str, Any], list[str]]:
             if run.quantization != "nf4":
                 notes.append(f"QLoRA with {run.quantization}: axolotl loads nf4; set bnb_4bit_quant_type "
                              f"{run.quantization} in its bnb_config_kwargs")
-        if run.lora.get("targets") == [ALL_LINEAR]:
+        if run.lora.targets == [ALL_LINEAR]:
             config["lora_target_linear"] = True  # axolotl's switch for every linear layer
-        elif run.lora.get("targets"):
-            config["lora_target_modules"] = run.lora["targets"]
+        elif run.lora.targets:
+            config["lora_target_modules"] = run.lora.targets
         else:  # axolotl refuses a LoRA without them, and fitprobe cannot guess a model's
             raise ExportError("axolotl needs lora_target_modules: name the modules you adapt (fitprobe plan "
                               "--lora-targets q_proj,k_proj,v_proj,o_proj or all-linear), or export a probe's plan, "
@@ -357,7 +358,7 @@ def _torchtune(run: Run) -> tuple[dict[str, Any], list[str]]:
                      "with its own kernels (torchao), whose memory is close to but not what fitprobe measured")
     if run.lora:
         notes.append(f"LoRA: use a LoRA recipe (lora_finetune_single_device / lora_finetune_distributed) with "
-                     f"model.lora_rank={run.lora['rank']} model.lora_alpha={run.lora['alpha']}")
+                     f"model.lora_rank={run.lora.rank} model.lora_alpha={run.lora.alpha}")
     return config, notes
 
 
@@ -367,28 +368,24 @@ EXPORTERS: dict[str, Callable[[Run], tuple[dict[str, Any], list[str]]]] = {
 }
 
 
-def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_batch: int | None = None,
-                safe_micro_batch: int | None = None, verified: bool | None = None) -> dict[str, Any]:
+def export_plan(plan: PlanFacts, spec: ProbeSpec, fmt: str, *, seq_len_known: bool = True,
+                max_micro_batch: int | None = None, safe_micro_batch: int | None = None,
+                verified: bool | None = None) -> dict[str, Any]:
     """`plan` (Plan.facts()) as `{"format", "config", "provenance"}`: `fmt`'s config and where it came from.
 
-    `spec` holds the measured settings (precision, gradient_checkpointing, finetuning, lora; missing
-    ones take the spec's defaults); the probe's max/safe micro-batch and verification verdict go
-    into the provenance when known.
+    `spec` holds the measured settings (precision, gradient_checkpointing, finetuning, lora, ...);
+    `seq_len_known=False` (`fitprobe plan` without --seq-len) writes no row length. The probe's
+    max/safe micro-batch and verification verdict go into the provenance when known.
     """
     if fmt not in EXPORTERS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     split, why_different = framework_split(plan)
-    lora = spec.get("lora") or {}
-    optimizer = spec.get("optimizer") or "adamw_torch_fused"
     run = Run(micro_batch=split.micro_batch, accumulation_steps=split.accumulation_steps,
-              num_devices=split.num_devices, precision=spec.get("precision", DEFAULT_PRECISION),
-              gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
-              lora={"rank": lora.get("rank", 8), "alpha": lora.get("alpha", 16), "targets": lora.get("targets")}
-              if spec.get("finetuning") == "lora" else None,
-              optimizer=LEGACY_OPTIMIZER_NAMES.get(optimizer, optimizer),
-              quantization=spec.get("quantization") or "none", collation=spec.get("collation") or "padded",
-              seq_len=spec.get("seq_len"), liger=bool(spec.get("liger", False)),
-              trainer=spec.get("trainer") or "hf")
+              num_devices=split.num_devices, precision=spec.precision,
+              gradient_checkpointing=spec.gradient_checkpointing,
+              lora=spec.lora if spec.finetuning == "lora" else None, optimizer=spec.optimizer,
+              quantization=spec.quantization, collation=spec.collation,
+              seq_len=spec.seq_len if seq_len_known else None, liger=spec.liger, trainer=spec.trainer)
     config, notes = EXPORTERS[fmt](run)
     if fmt in ("accelerate", "deepspeed", "lightning"):
         notes = notes + _collation_note(run, "your data loader")
@@ -404,9 +401,9 @@ def export_plan(plan: PlanFacts, spec: dict[str, Any], fmt: str, *, max_micro_ba
     quantization = quantization_config(run)
     if quantization:
         provenance["quantization_config"] = quantization
-    if spec.get("effective_batch_tokens") and run.seq_len:  # a token budget, planned in rows of seq_len
+    if spec.effective_batch_tokens and run.seq_len:  # a token budget, planned in rows of seq_len
         provenance["effective_batch_tokens"] = run.effective_batch * run.seq_len
-        provenance["effective_batch_tokens_asked"] = spec["effective_batch_tokens"]
+        provenance["effective_batch_tokens_asked"] = spec.effective_batch_tokens
         provenance["tokens_per_micro_batch"] = run.micro_batch * run.seq_len
     known = {"max_micro_batch": max_micro_batch, "safe_micro_batch": safe_micro_batch, "verified": verified}
     provenance.update({key: value for key, value in known.items() if value is not None})
@@ -424,9 +421,9 @@ def export_report(report: Report, fmt: str) -> dict[str, Any]:
                           "run it again with one (--effective-batch / effective_batch)")
     spec = report.spec
     adapted = report.model.get("lora_targets")
-    if spec.get("finetuning") == "lora" and adapted and not (spec.get("lora") or {}).get("targets"):
+    if spec.finetuning == "lora" and adapted and not spec.lora.targets:
         # the model's default targets, as the probe resolved them: the config names what was measured
-        spec = {**spec, "lora": {**spec["lora"], "targets": adapted}}
+        spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"targets": adapted})})
     exported = export_plan(report.plan, spec, fmt, max_micro_batch=report.search.max_micro_batch,
                            safe_micro_batch=report.search.safe_micro_batch,
                            verified=None if report.verification is None else report.verification.passed)

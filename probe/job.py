@@ -65,7 +65,7 @@ def device_facts(meter: Meter) -> DeviceFacts:
 
 def _facts(spec: ProbeSpec, meter: Meter, model: dict[str, Any]) -> dict[str, Any]:
     """What every report starts with (report.Facts): the spec and what ran it."""
-    return {"spec": spec.model_dump(mode="json"), "device": device_facts(meter), "model": model,
+    return {"spec": spec, "device": device_facts(meter), "model": model,
             "optimizer": optimizers.report_facts(spec), "quantization": quantization.report_facts(spec),
             "trainer": trainers.report_facts(spec), "versions": versions()}
 
@@ -202,7 +202,7 @@ def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[
     else:
         probe_id, cached = search_from
         emit(events.phase(Phase.SEARCH_CACHED, probe_id=probe_id))
-        report = cached.model_copy(update={"spec": spec.model_dump(mode="json"), "search_cached_from": probe_id,
+        report = cached.model_copy(update={"spec": spec, "search_cached_from": probe_id,
                                            "verification_note": None})
     report.plan = report.verification = None
     rows = spec.effective_rows

@@ -65,8 +65,7 @@ def export_candidate(spec: ProbeSpec, candidate: Candidate, fmt: str) -> dict[st
 
     if candidate.plan is None:
         raise SpecError("the candidate has no plan: give --effective-batch")
-    settings = spec.model_copy(update=candidate.settings).model_dump(mode="json")
-    export = export_plan(PlanFacts.model_validate(candidate.plan), settings, fmt,
+    export = export_plan(PlanFacts.model_validate(candidate.plan), spec.model_copy(update=candidate.settings), fmt,
                          max_micro_batch=candidate.max_micro_batch, safe_micro_batch=candidate.safe_micro_batch)
     export["provenance"].setdefault("notes", []).insert(0, f"fitprobe recommend ({ESTIMATED}): {candidate.label}")
     return export

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fitprobe_client.phases import oom_words
 from fitprobe.probe import breakdown
-from fitprobe.probe.spec import format_bytes
+from fitprobe.probe.spec import ProbeSpec, format_bytes
 
 
 @dataclass
@@ -265,9 +265,12 @@ class Generation(Resident):
 
 
 class Facts(Section):
-    """What every report starts with: the spec and what ran it."""
+    """What every report starts with: the spec and what ran it.
 
-    spec: dict[str, Any] = Field(description="the spec, as ProbeSpec writes it")
+    The spec is the request model itself, so readers take its defaults from probe/spec.py, and a stored
+    report whose spec this version no longer accepts fails validation as any report of another shape does."""
+
+    spec: ProbeSpec = Field(description="the request, every field with its value (defaults written out)")
     device: DeviceFacts
     model: dict[str, Any] = Field(description="the model as built: parameters, layers, its config's facts")
     optimizer: dict[str, Any]

@@ -24,6 +24,8 @@ import yaml
 from fitprobe.probe.cli import main
 from fitprobe.probe.export import FORMATS, ExportError, export_plan, render
 from fitprobe.probe.plan import make_plan
+from fitprobe.probe.report import PlanFacts
+from fitprobe.probe.spec import ProbeSpec
 
 EVEN_1 = (make_plan(96, 32, 1), (32, 3, 1), 96)
 EVEN_2 = (make_plan(64, 16, 2), (16, 2, 2), 64)
@@ -31,6 +33,12 @@ TIE_BELOW = (make_plan(65, 32, 2), (32, 1, 2), 64)
 CLOSER_ABOVE = (make_plan(101, 32, 3), (17, 2, 3), 102)
 PLANS = {"even-1": EVEN_1, "even-2-devices": EVEN_2, "uneven-tie-below": TIE_BELOW, "uneven-above": CLOSER_ABOVE}
 PRECISIONS = ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+
+
+def export(plan: PlanFacts, settings: dict, fmt: str, **provenance) -> dict:
+    """The settings a test names, as `fitprobe plan --format` passes them: a ProbeSpec, its row length known only
+    when given."""
+    return export_plan(plan, ProbeSpec(**settings), fmt, seq_len_known="seq_len" in settings, **provenance)
 
 
 def micro_and_accumulation(fmt: str, config: dict) -> tuple[int, int]:
@@ -63,7 +71,7 @@ def test_hf_training_arguments_accept_the_fields_and_multiply_to_the_effective_b
     from transformers import TrainingArguments
 
     plan, (micro, steps, devices), effective = PLANS[name]
-    exported = export_plan(plan.facts(), {"precision": precision, "gradient_checkpointing": True}, "hf")
+    exported = export(plan.facts(), {"precision": precision, "gradient_checkpointing": True}, "hf")
     config = exported["config"]
     # use_cpu: bf16 on a CPU-only machine raises without it; the config itself is unpacked unchanged
     with warnings.catch_warnings():
@@ -80,7 +88,7 @@ def test_hf_training_arguments_accept_the_fields_and_multiply_to_the_effective_b
 def test_hf_yaml_loads_with_hf_argument_parser_unchanged(tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
 
-    config = export_plan(make_plan(97, 32).facts(), {"precision": "fp16-mixed"}, "hf")
+    config = export(make_plan(97, 32).facts(), {"precision": "fp16-mixed"}, "hf")
     path = tmp_path / "args.yaml"
     path.write_text(render(config, as_yaml=True))
     (args,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(path), allow_extra_keys=False)
@@ -98,7 +106,7 @@ def test_lightning_trainer_constructs_with_the_exported_arguments(name, precisio
     import lightning
 
     plan, (_micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.facts(), {"precision": precision}, "lightning")["config"]
+    config = export(plan.facts(), {"precision": precision}, "lightning")["config"]
     assert config["trainer"] == {"accumulate_grad_batches": steps, "devices": devices, "precision": lightning_precision}
     trainer = lightning.Trainer(**config["trainer"], accelerator="cpu", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
@@ -117,7 +125,7 @@ def test_accelerate_accelerator_and_config_file_take_the_export(name, precision,
     from accelerate.state import AcceleratorState
 
     plan, (_micro, steps, devices), effective = PLANS[name]
-    exported = export_plan(plan.facts(), {"precision": precision}, "accelerate")
+    exported = export(plan.facts(), {"precision": precision}, "accelerate")
     config = exported["config"]
     try:
         accelerator = Accelerator(**config["accelerator"], cpu=True)
@@ -152,7 +160,7 @@ def _deepspeed_config(config: dict, world_size: int):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_deepspeed_config_passes_deepspeeds_batch_assertion(name, precision):
     plan, (micro, steps, devices), effective = PLANS[name]
-    config = export_plan(plan.facts(), {"precision": precision}, "deepspeed")["config"]
+    config = export(plan.facts(), {"precision": precision}, "deepspeed")["config"]
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"]) == (micro, steps, effective)
     pytest.importorskip("deepspeed")
@@ -172,11 +180,11 @@ def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
     plan, (micro, steps, devices), effective = PLANS[name]
     spec = {"precision": "bf16-mixed", "gradient_checkpointing": True, "finetuning": "lora",
             "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}, "optimizer": "paged_adamw_8bit"}
-    axolotl = yaml.safe_load(render(export_plan(plan.facts(), spec, "axolotl"), as_yaml=True))
+    axolotl = yaml.safe_load(render(export(plan.facts(), spec, "axolotl"), as_yaml=True))
     assert axolotl == {"micro_batch_size": micro, "gradient_accumulation_steps": steps, "bf16": True, "fp16": False,
                        "gradient_checkpointing": True, "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
                        "lora_target_modules": ["q_proj", "v_proj"], "optimizer": "paged_adamw_8bit"}
-    torchtune = yaml.safe_load(render(export_plan(plan.facts(), spec, "torchtune"), as_yaml=True))
+    torchtune = yaml.safe_load(render(export(plan.facts(), spec, "torchtune"), as_yaml=True))
     assert torchtune == {"batch_size": micro, "gradient_accumulation_steps": steps,
                          "enable_activation_checkpointing": True, "dtype": "bf16",
                          "optimizer": {"_component_": "bitsandbytes.optim.PagedAdamW8bit"}}
@@ -185,12 +193,12 @@ def test_axolotl_and_torchtune_yaml_carry_the_split_and_settings(name):
 
 def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
     plan = make_plan(96, 32).facts()
-    assert export_plan(plan, {"precision": "bf16"}, "axolotl")["config"]["bfloat16"] is True
-    assert export_plan(plan, {"precision": "fp32"}, "torchtune")["config"]["dtype"] == "fp32"
+    assert export(plan, {"precision": "bf16"}, "axolotl")["config"]["bfloat16"] is True
+    assert export(plan, {"precision": "fp32"}, "torchtune")["config"]["dtype"] == "fp32"
     with pytest.raises(ExportError, match="torchtune trains in fp32 or bf16 only"):
-        export_plan(plan, {"precision": "fp16-mixed"}, "torchtune")
+        export(plan, {"precision": "fp16-mixed"}, "torchtune")
     with pytest.raises(ExportError, match="format must be one of hf, trl, accelerate"):
-        export_plan(plan, {}, "keras")
+        export(plan, {}, "keras")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -199,7 +207,7 @@ def test_pure_bf16_is_axolotls_no_amp_mode_and_torchtune_refuses_fp16():
 def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, asked, given, deviation, side):
     plan, (micro, steps, _devices), _ = PLANS[name]
     assert plan.facts().as_json()["last_micro_batch"] is not None  # the recommendation itself is uneven
-    exported = export_plan(plan.facts(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
+    exported = export(plan.facts(), {"precision": "bf16-mixed"}, fmt, max_micro_batch=34, safe_micro_batch=32)
     assert micro_and_accumulation(fmt, exported["config"]) == (micro, steps)
     provenance = exported["provenance"]
     assert (provenance["effective_batch_asked"], provenance["effective_batch"]) == (asked, given)
@@ -211,7 +219,7 @@ def test_an_uneven_plan_exports_its_nearest_even_plan_and_says_so(fmt, name, ask
 
 
 def test_an_even_plan_is_exported_as_is_with_its_provenance():
-    exported = export_plan(make_plan(96, 32).facts(), {}, "hf")
+    exported = export(make_plan(96, 32).facts(), {}, "hf")
     provenance = exported["provenance"]
     assert provenance["effective_batch"] == provenance["effective_batch_asked"] == 96
     assert provenance["deviation_percent"] == 0 and "why_not_the_plan" not in provenance
@@ -322,7 +330,7 @@ def test_hf_export_always_says_whether_to_checkpoint_so_trls_default_cannot_turn
     """SFTConfig defaults gradient checkpointing to True: a config that left it out trained another step."""
     from trl import SFTConfig
 
-    config = export_plan(make_plan(96, 32).facts(), {"gradient_checkpointing": checkpointing}, "hf")["config"]
+    config = export(make_plan(96, 32).facts(), {"gradient_checkpointing": checkpointing}, "hf")["config"]
     assert config["gradient_checkpointing"] is checkpointing
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # transformers 5 warns on gradient_checkpointing alone
@@ -332,7 +340,7 @@ def test_hf_export_always_says_whether_to_checkpoint_so_trls_default_cannot_turn
 
 def test_all_linear_lora_exports_peft_and_axolotl_spellings():
     spec = {"finetuning": "lora", "lora": {"rank": 8, "alpha": 16, "targets": ["all-linear"]}}
-    notes = export_plan(make_plan(96, 32).facts(), spec, "hf")["provenance"]["notes"]
+    notes = export(make_plan(96, 32).facts(), spec, "hf")["provenance"]["notes"]
     assert any('target_modules="all-linear")' in note for note in notes), notes
-    axolotl = export_plan(make_plan(96, 32).facts(), spec, "axolotl")["config"]
+    axolotl = export(make_plan(96, 32).facts(), spec, "axolotl")["config"]
     assert axolotl["lora_target_linear"] is True and "lora_target_modules" not in axolotl

@@ -94,7 +94,7 @@ def test_trl_trial_equals_sft_trainer_with_padding_free_batches(tmp_path):
     write_jsonl(data, MICRO_BATCH * ACCUMULATION * STEPS, SEQ_LEN)
     spec = trl_spec()
     plan = make_plan(MICRO_BATCH * ACCUMULATION, MICRO_BATCH)
-    config = export_plan(plan.facts(), spec.model_dump(), "trl")["config"]
+    config = export_plan(plan.facts(), spec, "trl")["config"]
     assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (MICRO_BATCH,
                                                                                                ACCUMULATION)
     expected = sft_trainer_peak_bytes(data, tmp_path / "out", config)
@@ -115,7 +115,7 @@ def test_trl_trial_equals_sft_trainer_on_this_card(tmp_path):
     data = tmp_path / "train.jsonl"
     write_jsonl(data, MICRO_BATCH * ACCUMULATION * STEPS, SEQ_LEN)
     spec = trl_spec(device="cuda:0")
-    config = export_plan(make_plan(MICRO_BATCH * ACCUMULATION, MICRO_BATCH).facts(), spec.model_dump(), "trl")["config"]
+    config = export_plan(make_plan(MICRO_BATCH * ACCUMULATION, MICRO_BATCH).facts(), spec, "trl")["config"]
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     run_sft_trainer(data, tmp_path / "out", config, use_cpu=False)
@@ -133,7 +133,8 @@ def test_trl_export_builds_an_sft_config_that_trains_the_measured_step(tmp_path,
     from fitprobe.probe.export import export_plan
     from fitprobe.probe.plan import make_plan
 
-    spec = {"precision": "fp32", "collation": collation, "seq_len": 512, "liger": True, "trainer": "trl"}
+    spec = ProbeSpec(model=FIELDS, precision="fp32", collation=collation, seq_len=512, liger=True, trainer="trl",
+                     mode="estimate", capacity_bytes=1 << 32)
     exported = export_plan(make_plan(32, 8).facts(), spec, "trl")
     config = exported["config"]
     assert not any("--trainer trl" in note for note in exported["provenance"].get("notes", []))
@@ -231,5 +232,5 @@ def test_a_trl_export_of_a_plan_measured_with_the_hf_step_says_to_probe_the_trl_
     from fitprobe.probe.export import export_plan
     from fitprobe.probe.plan import make_plan
 
-    exported = export_plan(make_plan(32, 8).facts(), {"seq_len": 512}, "trl")
+    exported = export_plan(make_plan(32, 8).facts(), ProbeSpec(seq_len=512), "trl")
     assert any("probe with --trainer trl" in note for note in exported["provenance"]["notes"])

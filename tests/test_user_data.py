@@ -177,15 +177,15 @@ def test_the_exports_carry_packing_and_padding_free_settings():
     from fitprobe.probe.plan import make_plan
 
     plan = make_plan(48, 16).facts()
-    packed = {"collation": "packed", "seq_len": 2048, "effective_batch_tokens": 48 * 2048}
+    packed = ProbeSpec(collation="packed", seq_len=2048, effective_batch_tokens=48 * 2048)
     hf = export_plan(plan, packed, "hf")
     assert hf["config"]["packing"] is True and hf["config"]["max_length"] == 2048
     assert hf["provenance"]["effective_batch_tokens"] == 48 * 2048
     assert export_plan(plan, packed, "axolotl")["config"]["sample_packing"] is True
     assert export_plan(plan, packed, "torchtune")["config"]["dataset"] == {"packed": True}
-    flat = export_plan(plan, {"collation": "flattened", "seq_len": 2048}, "hf")["config"]
+    flat = export_plan(plan, ProbeSpec(model="preset:gpt2", collation="flattened", seq_len=2048), "hf")["config"]
     assert flat["padding_free"] is True
-    assert "packing" not in export_plan(plan, {"collation": "padded", "seq_len": 2048}, "hf")["config"]
+    assert "packing" not in export_plan(plan, ProbeSpec(collation="padded", seq_len=2048), "hf")["config"]
 
 
 def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking():

@@ -7,6 +7,8 @@ forbids others), every documented required key is there, with the documented typ
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 
 from tests.api.conftest import FAST_JOB, wait_for
@@ -61,6 +63,53 @@ def test_a_report_stored_in_an_older_shape_is_shown_with_an_error_not_a_500(clie
     # its export cannot be read either: a 409 that says what to do
     exported = client.get(f"/v1/probes/{job['id']}/config", params={"format": "hf"})
     assert exported.status_code == 409 and "reuse=false" in exported.json()["detail"]
+
+
+# spec fields later versions added: a report an older fitprobe stored has none of them
+NEWER_SPEC_FIELDS = ("trainer", "liger", "generate", "generate_alone", "generate_batch_size", "max_new_tokens",
+                     "cache_implementation", "eval_batch_size")
+
+
+def test_a_report_whose_stored_spec_lacks_newer_fields_loads_with_their_defaults(client):
+    store = client.app.state.store
+    probed = wait_for(client, client.post("/v1/probes", json=FAST_JOB).json()["id"], ("succeeded",))
+    stored = store.get(probed["id"])["result"]
+    older = {**stored, "spec": {key: value for key, value in stored["spec"].items() if key not in NEWER_SPEC_FIELDS}}
+    job = store.create_cached(dict(FAST_JOB), "older-spec-fingerprint", older)
+
+    body = client.get(f"/v1/probes/{job['id']}").json()
+    assert body["error"] is None and body["plan"] == stored["plan"]
+    assert body["report"]["spec"] == stored["spec"], "the missing fields read as the spec's defaults"
+    assert (body["report"]["spec"]["trainer"], body["report"]["spec"]["max_new_tokens"]) == ("hf", 128)
+    exported = client.get(f"/v1/probes/{job['id']}/config", params={"format": "trl"})
+    assert exported.status_code == 200, exported.text
+    assert exported.json()["config"]["per_device_train_batch_size"] == stored["plan"]["micro_batch"]
+
+
+def test_a_report_whose_stored_spec_no_longer_validates_asks_for_a_new_probe_not_a_500(client):
+    import sqlalchemy as sa
+
+    from fitprobe.app.store import jobs
+
+    store = client.app.state.store
+    request = {**FAST_JOB, "seed": 11}  # a probe of its own: its stored row is the cache the next submit reads
+    probed = wait_for(client, client.post("/v1/probes", json=request).json()["id"], ("succeeded",))
+    stored = store.get(probed["id"])["result"]
+    # an optimizer this version no longer offers: the rest of the report is of this version's shape
+    gone = {**stored, "spec": {**stored["spec"], "optimizer": "adamw_apex_fused"}}
+    with store.engine.begin() as connection:
+        connection.execute(sa.update(jobs).where(jobs.c.id == probed["id"]).values(result=json.dumps(gone)))
+
+    response = client.get(f"/v1/probes/{probed['id']}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["report"] is None and body["plan"] is None and "reuse=false" in body["error"]
+    exported = client.get(f"/v1/probes/{probed['id']}/config", params={"format": "hf"})
+    assert exported.status_code == 409 and "reuse=false" in exported.json()["detail"]
+    # the same request again is not answered from the unreadable row: it is probed afresh
+    again = client.post("/v1/probes", json=request)
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] != probed["id"] and not again.json()["cached"]
 
 
 def test_a_what_if_table_stored_in_an_older_shape_is_shown_with_an_error_not_a_500(client):
