@@ -53,6 +53,7 @@ class Phase(_Name):
     ESTIMATING = "estimating"
     PROBING = "probing"  # the search for the largest micro-batch; `trial` events follow
     SIZING_THE_STEP = "sizing_the_step"  # does not fit: what micro-batch 1 needs under each saving setting
+    COUNTING_FLOPS = "counting_flops"  # a recommendation counting each build's step FLOPs (probe/estimate/flops.py)
     RECOMMENDING = "recommending"  # does not fit: the cheapest combination of settings that fits (probe/recommend.py)
     PROBED = "probed"  # the search's answer: `max_micro_batch`, `safe_micro_batch`
     EVALUATION = "evaluation"  # --eval: the largest eval batch beside the resident training state

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from fitprobe.probe.build import build_key
 from fitprobe.probe import events
-from fitprobe.probe.events import Emit, ignore
+from fitprobe.probe.events import Emit, Phase, ignore
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.models.load import is_hugging_face
@@ -173,7 +173,7 @@ def recommend(spec: ProbeSpec, allow_method_change: bool = False, allowed_factor
     """Every candidate estimated and costed, ranked cheapest fitting first."""
     started_s = time.perf_counter()
     with frozen_heap():  # each trial's collections walk only what trials made (probe/heap.py)
-        base, candidates = _costed(spec, allow_method_change, allowed_factories)
+        base, candidates = _costed(spec, allow_method_change, allowed_factories, emit)
         builds = _builds(base, candidates, allowed_factories, emit)
         for done, candidate in enumerate(candidates, start=1):
             _answer(candidate, base, builds, allowed_factories)
@@ -193,7 +193,7 @@ def cheapest_fitting(spec: ProbeSpec, allowed_factories: Collection[str] = (), e
 
     A failed probe's answer (probe/needs.py): the method is kept, as the user asked it."""
     with frozen_heap():
-        base, candidates = _costed(spec, False, allowed_factories)
+        base, candidates = _costed(spec, False, allowed_factories, emit)
         builds = _builds(base, candidates, allowed_factories, emit)
         eating_headroom: Candidate | None = None
         for _, group in itertools.groupby(sorted(candidates, key=_cost), key=_cost):
@@ -213,7 +213,7 @@ def _cost(candidate: Candidate) -> tuple:
     return candidate.rank_key()[2:5]
 
 
-def _costed(spec: ProbeSpec, allow_method_change: bool, allowed_factories: Collection[str]
+def _costed(spec: ProbeSpec, allow_method_change: bool, allowed_factories: Collection[str], emit: Emit = ignore
             ) -> tuple[ProbeSpec, list[Candidate]]:
     """The request as an estimate, and its candidates with their FLOPs and numerics counted, none estimated."""
     from fitprobe.probe.estimate.flops import step_flops
@@ -223,12 +223,15 @@ def _costed(spec: ProbeSpec, allow_method_change: bool, allowed_factories: Colle
     base = spec.model_copy(update={"mode": "estimate"})
     candidates = []
     flops: dict[str, int | str] = {}  # FLOPs depend on the operations a step runs, not on the optimizer's state
-    for update in candidate_settings(base, allow_method_change):
+    updates = candidate_settings(base, allow_method_change)
+    to_count = len({_flops_key(base.model_copy(update=update)) for update in updates})
+    for update in updates:
         candidate = Candidate(label(update), update, numerics=numerics_of(update),
                               method_changed="finetuning" in update or "quantization" in update)
         candidate_spec = base.model_copy(update=update)
         key = _flops_key(candidate_spec)
         if key not in flops:
+            emit(events.progress(Phase.COUNTING_FLOPS, len(flops) + 1, to_count, candidate.label))
             flops[key] = step_flops(candidate_spec, allowed_factories)
         counted = flops[key]
         candidate.step_flops = counted if isinstance(counted, int) else None

@@ -57,11 +57,23 @@ def found():
     # pure bf16 and Adafactor as asked leave one axis: checkpointing (and TRL's fused head)
     spec = ProbeSpec(model=QWEN2, seq_len=SEQ_LEN, mode="estimate", capacity_bytes=6 << 20, collation="packed",
                      precision="bf16", optimizer="adafactor", effective_batch=16)
-    return spec, recommend(spec)
+    seen: list[dict] = []
+    return spec, recommend(spec, emit=seen.append), seen
+
+
+def test_progress_counts_each_builds_flops_then_answers_each_candidate(found):
+    _, answer, seen = found
+    # checkpointing off/on × the plain and TRL's fused head run four different steps: four FLOP counts, each
+    # announced before it runs, then one event per candidate
+    counting = [e for e in seen if e["type"] == "phase" and e["phase"] == "counting_flops"]
+    assert [(e["done"], e["total"]) for e in counting] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    answered = [e for e in seen if e["type"] == "recommend_candidate"]
+    assert [e["done"] for e in answered] == list(range(1, len(answer.candidates) + 1))
+    assert seen.index(counting[-1]) < seen.index(answered[0])
 
 
 def test_checkpointings_extra_compute_is_the_recomputed_forward_counted_by_hand(found):
-    _, answer = found
+    _, answer, _ = found
     by_settings = {json.dumps(c.settings, sort_keys=True): c for c in answer.candidates}
     asked, checkpointed = by_settings["{}"], by_settings['{"gradient_checkpointing": true}']
     assert checkpointed.step_flops - asked.step_flops == _by_hand_recompute_flops()
@@ -69,7 +81,7 @@ def test_checkpointings_extra_compute_is_the_recomputed_forward_counted_by_hand(
 
 
 def test_every_candidate_answers_what_its_own_probe_estimate_answers(found):
-    spec, answer = found
+    spec, answer, _ = found
     assert len(answer.candidates) == 4  # checkpointing off/on × trainer hf/trl
     for candidate in answer.candidates:
         single = run_probe(spec.model_copy(update=candidate.settings)).search

@@ -21,6 +21,7 @@ PHASE_WORDS = {
     "probing": "searching for the largest micro-batch that fits",
     "estimating": "estimating under fake tensors (no memory used)",
     "sizing_the_step": "sizing the step: what micro-batch 1 needs under each setting that saves memory",
+    "counting_flops": "counting each setting's step FLOPs on the traced step (what it costs in compute)",
     "recommending": "nothing fits as asked: estimating combinations of settings, cheapest first, until one fits",
     "search_cached": "reusing a cached search: only the plan is trained",
     "planning": "planning the split of the effective batch",
