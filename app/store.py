@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -48,6 +48,32 @@ SWEEP_BATCH = 500  # jobs one retention sweep deletes at most: a sweep never hol
 SQLITE_FULL = 13  # sqlite3's result code for "database or disk is full"
 POSTGRES_DISK_FULL = "53100"  # SQLSTATE disk_full (psycopg.errors.DiskFull)
 LATEST_EVENT_CANDIDATES = 8  # rows latest_event decodes at most: a match that is not the event is rare
+
+class JobRow(TypedDict):
+    """A job as the store hands it out: the `jobs` row, its JSON columns decoded, its times ISO 8601 strings.
+
+    Routes, executors and the worker read it (app/routes/, app/executors/); only the store writes it.
+    """
+
+    id: str
+    kind: str
+    status: str  # a JobStatus value
+    phase: str | None  # a Phase value: where the job last said it was
+    spec: Any  # the request as stored (a dict with its `kind`), or None where the stored text is unreadable
+    fingerprint: str | None
+    device: str | None
+    attempts: int
+    worker_pid: int | None
+    owner: str | None
+    lease_until: str | None
+    cached: bool
+    client: str | None
+    result: Any  # the answer (a report, a table, a recommendation) once succeeded
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
 
 metadata = sa.MetaData()
 jobs = sa.Table(
@@ -192,7 +218,7 @@ class Store:
 
     # ---- creation -------------------------------------------------------------------------
     def create(self, spec: dict[str, Any], fingerprint: str, max_queued: int, client: str | None = None,
-               limits: ClientLimits | None = None, kind: str = PROBE) -> dict[str, Any]:
+               limits: ClientLimits | None = None, kind: str = PROBE) -> JobRow:
         """Queue a job unless `max_queued` jobs already wait, or `client` is at its `limits`: the counts
         and the insert are one statement.
 
@@ -209,7 +235,7 @@ class Store:
         return self.get(job_id)
 
     def create_cached(self, spec: dict[str, Any], fingerprint: str, result: dict[str, Any],
-                      client: str | None = None, limits: ClientLimits | None = None) -> dict[str, Any]:
+                      client: str | None = None, limits: ClientLimits | None = None) -> JobRow:
         """Store a job answered from the cache: it costs no device, but a row, so it counts against the client."""
         now = _now()
         row = {"status": JobStatus.SUCCEEDED, "phase": Phase.DONE.value, "attempts": 0, "cached": True,
@@ -284,7 +310,7 @@ class Store:
         return (row.id, result) if result is not None else None  # an unreadable result is a cache miss
 
     # ---- transitions ----------------------------------------------------------------------
-    def claim_next(self, device: str) -> dict[str, Any] | None:
+    def claim_next(self, device: str) -> JobRow | None:
         """The next client's oldest queued job, now running on `device` for this replica; None when the queue is
         empty. Clients take turns: the one served longest ago goes next.
 
@@ -352,7 +378,7 @@ class Store:
                 status=JobStatus.QUEUED, phase="requeued", attempts=jobs.c.attempts - 1, worker_pid=None, owner=None,
                 lease_until=None)).rowcount == 1
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> JobRow:
         job = self.get(job_id)
         if job["status"] in TERMINAL:
             raise Conflict(f"job {job_id} is already {job['status']}; only queued or running jobs can be cancelled")
@@ -481,7 +507,7 @@ class Store:
         return None
 
     # ---- reads ----------------------------------------------------------------------------
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> JobRow:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
         if row is None:
@@ -503,7 +529,7 @@ class Store:
         return tuple(row) if row else None
 
     def list(self, status: str | None, limit: int, offset: int, kind: str = PROBE
-             ) -> tuple[list[dict[str, Any]], int]:
+             ) -> tuple[builtins.list[JobRow], int]:
         query = sa.select(jobs).where(jobs.c.kind == kind)
         count = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.kind == kind)
         if status:
@@ -527,7 +553,7 @@ class Store:
                 if data.get("type") in ("trial", "trial_started")]
 
     @staticmethod
-    def _as_dict(row: Any) -> dict[str, Any]:
+    def _as_dict(row: Any) -> JobRow:
         job = dict(row._mapping)
         job["spec"], spec_problem = _read_json(job["spec"])
         job["result"], result_problem = _read_json(job["result"])
@@ -535,4 +561,4 @@ class Store:
             job["error"] = f"this job's stored record is unreadable ({spec_problem or result_problem})"
         for key in ("created_at", "started_at", "finished_at", "lease_until"):
             job[key] = job[key].isoformat() if job[key] else None
-        return job
+        return cast(JobRow, job)  # the `jobs` table's columns, each decoded as JobRow says

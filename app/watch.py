@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from fitprobe.app.store import JobRow
+
 
 def etag_of(version: tuple[Any, ...]) -> str:
     """A strong ETag from `Store.version`: it changes whenever the probe's public JSON does."""
     return '"' + hashlib.blake2b(repr(version).encode(), digest_size=8).hexdigest() + '"'
 
 
-def compact(job: dict[str, Any]) -> dict[str, Any]:
+def compact(job: JobRow) -> dict[str, Any]:
     """A list row: what a table shows, without trials and report (a few hundred bytes, not ~10 KB)."""
     result = job["result"] or {}
     search, plan, verification = result.get("search") or {}, result.get("plan"), result.get("verification")

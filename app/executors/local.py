@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
-from fitprobe.app.store import Store
+from fitprobe.app.store import JobRow, Store
 from fitprobe_client.status import JobStatus
 from fitprobe.app.worker import Item, run_job_process
 from fitprobe.probe.devices import list_devices
@@ -125,7 +125,7 @@ class DeviceWorker(threading.Thread):
             return True
         return False
 
-    def _run(self, job: dict[str, Any]) -> None:
+    def _run(self, job: JobRow) -> None:
         # the job's TMPDIR, and its ranks': a cancel or a kill -9 skips every cleanup inside the job, so the
         # worker removes what the job left when it ends, however it ends
         scratch = tempfile.mkdtemp(prefix=f"fitprobe-job-{job['id']}-", dir=self.settings.scratch_dir)
@@ -134,7 +134,7 @@ class DeviceWorker(threading.Thread):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _run_in(self, job: dict[str, Any], scratch: str) -> None:
+    def _run_in(self, job: JobRow, scratch: str) -> None:
         job_id = job["id"]
         read_fd, write_fd = os.pipe()
         try:

@@ -36,7 +36,7 @@ import ray.exceptions
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors.base import DbRetry, Follower, Stopping, internal_error, spec_for_device
-from fitprobe.app.store import Store
+from fitprobe.app.store import JobRow, Store
 from fitprobe_client.status import JobStatus
 from fitprobe.app.worker import Item, run_job_ray_task
 from fitprobe.probe.events import Phase, phase
@@ -272,7 +272,7 @@ class RayExecutor:
             self._db(self.store.fail, job["id"], internal_error(exc))
         return True
 
-    def _submit(self, job: dict[str, Any]) -> None:
+    def _submit(self, job: JobRow) -> None:
         job_id = job["id"]
         spec = spec_for_device(job["spec"], self.devices[0], self.settings)
         needs = devices_needed(spec)

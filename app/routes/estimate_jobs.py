@@ -25,7 +25,7 @@ from fitprobe.app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, 
 from fitprobe.app.routes.probes import RequestT, pinned, within_quota
 from fitprobe.app.schemas import EstimateJob, error_responses
 from fitprobe.app.sizer import Sizer
-from fitprobe.app.store import STATUSES, ClientLimits, QueueFull
+from fitprobe.app.store import STATUSES, ClientLimits, JobRow, QueueFull, Store
 from fitprobe.probe.events import EventType
 
 # the job row's columns the API shows as they are; the spec, the progress and the answer it reshapes
@@ -61,11 +61,12 @@ def estimate_job_router(*, kind: str, prefix: str, noun: str, spec_model: type[R
     tag = prefix.rsplit("/", 1)[-1]
     router = APIRouter(prefix=prefix, tags=[tag])
 
-    def public(job: dict[str, Any], store: Any) -> EstimateJob:
+    def public(job: JobRow, store: Store) -> EstimateJob:
         """A job as the API shows it: its progress from the latest `progress` event, its answer once done."""
         latest = store.latest_event(job["id"], progress)
         spec = {key: value for key, value in (job["spec"] or {}).items() if key != "kind"}
-        shown = {**{key: job[key] for key in SHOWN_COLUMNS}, "spec": spec,
+        row: dict[str, Any] = dict(job)
+        shown = {**{key: row[key] for key in SHOWN_COLUMNS}, "spec": spec,
                  "progress": {"done": latest["done"], "total": latest["total"]} if latest is not None else None}
         try:
             return job_model(**shown, **{answer: job["result"]})

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from fitprobe.app.executors.base import Executor
 from fitprobe.app.schemas import error_responses
-from fitprobe.app.store import PROBE, RECOMMEND, WHATIF, Conflict
+from fitprobe.app.store import PROBE, RECOMMEND, WHATIF, Conflict, JobRow, Store
 from fitprobe_client.status import TERMINAL
 
 SSE_HEARTBEAT_S = 10.0
@@ -92,7 +92,7 @@ class _CountedStream(StreamingResponse):
             self.streams.leave(self.client)
 
 
-def job_or_404(store: Any, job_id: str, kind: str = PROBE) -> dict[str, Any]:
+def job_or_404(store: Store, job_id: str, kind: str = PROBE) -> JobRow:
     """The job, if it is one of `kind`: each kind's routes answer for their own jobs only."""
     try:
         job = store.get(job_id)
@@ -103,7 +103,7 @@ def job_or_404(store: Any, job_id: str, kind: str = PROBE) -> dict[str, Any]:
     return job
 
 
-def cancel_job(store: Any, executor: Executor, job_id: str, kind: str) -> dict[str, Any]:
+def cancel_job(store: Store, executor: Executor, job_id: str, kind: str) -> JobRow:
     """Cancel a queued or running job of `kind` and kill its process; 409 when it had already finished.
 
     The store owns the transition (a finished job refuses it, and keeps its result); only then is the

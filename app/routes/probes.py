@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar, cast
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -17,7 +18,7 @@ from fitprobe.app.executors.base import Executor
 from fitprobe.app.sizer import Sizer
 from fitprobe.app.routes.jobs import EVENTS_RESPONSES, LastEventId, cancel_job, job_events, job_or_404
 from fitprobe.app.schemas import CompactProbe, ProbeJob, ProbeList, ProbeRequest, error_responses
-from fitprobe.app.store import PROBE, ClientLimits, ClientQuota, QueueFull
+from fitprobe.app.store import PROBE, ClientLimits, ClientQuota, JobRow, QueueFull, Store
 from fitprobe.app.watch import compact, etag_of
 from fitprobe_client.status import JobStatus
 from fitprobe.probe.models.hub import HubId, fetch_config, looks_like_path, parse_hub_id
@@ -36,6 +37,7 @@ router = APIRouter(prefix="/v1/probes", tags=["probes"])
 NOT_IN_FINGERPRINT = {"effective_batch", "effective_batch_tokens", "num_devices", "reuse", "verify_cached", "device", "gpu"}
 # a request with a `model` field: a probe (or a pre-flight, a ProbeSpec too) or a what-if table
 RequestT = TypeVar("RequestT", bound="ProbeSpec | WhatIfSpec")
+T = TypeVar("T")  # what a store call within_quota wraps returns
 VERIFICATION_NOT_RUN = "not run for this plan; submit with reuse=false to verify"
 
 
@@ -132,42 +134,42 @@ def pinned(request: RequestT, settings: Any) -> RequestT:
     return cast(RequestT, request.model_copy(update={"model": f"hf:{HubId(hub_id.repo_id, commit or hub_id.revision)}"}))
 
 
-def public(job: dict[str, Any], store: Any) -> ProbeJob:
+def public(job: JobRow, store: Store) -> ProbeJob:
     """A job as the API shows it. `trials` are the final attempt's: a job re-run after a restart shows its
     earlier runs' trials apart, in `earlier_attempts`, not mixed into the curve its report describes."""
-    job = dict(job)
+    shown: dict[str, Any] = dict(job)  # the row, reshaped into what ProbeJob shows
     spec = job["spec"] or {}
     if "search_from" in spec:  # the cached report travels to the job in its spec: shown as the probe's id
-        job["spec"] = {key: value for key, value in spec.items() if key != "search_from"}
-    job.pop("client", None)  # a hash of a token is still nobody else's business
+        shown["spec"] = {key: value for key, value in spec.items() if key != "search_from"}
+    shown.pop("client", None)  # a hash of a token is still nobody else's business
     final = max(job["attempts"], 1)
     events = store.trial_events(job["id"])
     trials = [event for event in events if event["type"] == "trial"]
     started = events[-1] if events and events[-1]["type"] == "trial_started" else None
     running = job["status"] == "running" and started is not None and started.get("attempt", 1) == final
-    job["trying_micro_batch"] = started.get("micro_batch") if running and started else None
+    shown["trying_micro_batch"] = started.get("micro_batch") if running and started else None
     # events stored before attempts were stamped belong to the first run
-    job["trials"] = [trial for trial in trials if trial.get("attempt", 1) == final]
-    job["earlier_attempts"] = [{"attempt": attempt, "trials": [t for t in trials if t.get("attempt", 1) == attempt]}
+    shown["trials"] = [trial for trial in trials if trial.get("attempt", 1) == final]
+    shown["earlier_attempts"] = [{"attempt": attempt, "trials": [t for t in trials if t.get("attempt", 1) == attempt]}
                                for attempt in range(1, final)]
-    result = job.pop("result")
+    result = shown.pop("result")
     report = None
     if result is not None:
         try:
             report = Report.model_validate(result)
         except ValidationError as exc:  # a record an older fitprobe stored, in a shape this one does not read
-            job["error"] = (f"this job's stored report does not match this version's ({exc.error_count()} fields "
+            shown["error"] = (f"this job's stored report does not match this version's ({exc.error_count()} fields "
                             "differ); submit the probe again with reuse=false")
-    job["search_cached_from"] = (spec.get("search_from") or {}).get("probe_id") or (
+    shown["search_cached_from"] = (spec.get("search_from") or {}).get("probe_id") or (
         report.search_cached_from if report else None)
-    job["report"] = report
+    shown["report"] = report
     if report is not None:
-        job.update(plan=report.plan, verification=report.verification, verification_note=report.verification_note)
-    return ProbeJob(**job)
+        shown.update(plan=report.plan, verification=report.verification, verification_note=report.verification_note)
+    return ProbeJob(**shown)
 
 
 def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor: Executor, sizer: Sizer,
-                 client: str) -> dict[str, Any]:
+                 client: str) -> JobRow:
     """Queue a probe, or answer it from the newest finished probe with the same fingerprint.
 
     A cached probe answers only when its search did not stop below what this request needs
@@ -210,7 +212,7 @@ def submit_probe(request: ProbeRequest, store: Any, settings: Settings, executor
         raise HTTPException(429, f"{exc}; retry later", headers={"Retry-After": "30"}) from exc
 
 
-def within_quota(create: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def within_quota(create: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`create(...)`, a client at its limits answered 429 with when to retry."""
     try:
         return create(*args, **kwargs)
