@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -50,7 +51,7 @@ def main() -> None:
     first_single = run_probe(spec.model_copy(update=first.settings)).search if first else None
     result = {
         "date": datetime.now(timezone.utc).isoformat(), "torch": torch.__version__,
-        "host": f"{platform.machine()} {platform.processor()}, CPU only, shared by other jobs",
+        "host": f"{platform.machine()} {platform.processor()}, {os.cpu_count()} cores, CPU only",
         "model": args.model, "gpu": args.gpu, "seq_len": args.seq_len,
         "single_estimate_s": round(single_s, 2), "recommend_s": round(recommend_s, 2),
         "ratio": round(recommend_s / single_s, 2), "goal_ratio": 4,
