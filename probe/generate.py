@@ -103,18 +103,25 @@ def kv_cache_bytes_per_sequence(module: nn.Module, tokens: int) -> int:
 
     A sliding-window layer's cache (transformers' DynamicSlidingWindowLayer) keeps only its last
     sliding_window - 1 tokens, so its layers count min(tokens, sliding_window - 1): Mistral's whole cache.
+    Multi-head latent attention (DeepSeek-V2/V3, GLM-4-MoE-Lite, LongCat: a config with `kv_lora_rank`)
+    caches no per-head keys and values: transformers stores the compressed latent (kv_lora_rank) and the
+    one rotary key shared by all heads (qk_rope_head_dim) per token, and expands them at each step, so a
+    layer holds kv_lora_rank + qk_rope_head_dim elements per token: DeepSeek-V3 caches 512 + 64 = 576
+    where its 128 heads' keys (192) and values (128) in full would be 40,960.
     """
     config: Any = module.config
     text: Any = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    latent_rank = getattr(text, "kv_lora_rank", None)
+    per_token = latent_rank + text.qk_rope_head_dim if latent_rank else 2 * kv_heads * head_dim
     dtype_bytes = next(module.parameters()).element_size()
     window = getattr(text, "sliding_window", None)
     kinds = getattr(text, "layer_types", None) or \
         ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers
     kept = sum(min(tokens, window - 1) if kind == "sliding_attention" and window else tokens for kind in kinds)
-    return 2 * kv_heads * head_dim * kept * dtype_bytes
+    return per_token * kept * dtype_bytes
 
 
 class GenerateRunner(ResidentRunner):

@@ -1,7 +1,8 @@
 """The generation batch (probe/generate.py) against real `model.generate(max_new_tokens=…)` runs counted by the
 CPU allocator's own account over the generate call (tests/reference_loop.py), alone and after a training step
 as a user writes it; its KV cache and resident state against the arithmetic; its estimate against the
-measured trial. Held-out families: Qwen2 (grouped-query attention, tied embeddings) and Mistral (sliding window).
+measured trial. Held-out families: Qwen2 (grouped-query attention, tied embeddings), Mistral (sliding window) and
+DeepSeek-V3 (multi-head latent attention, a dense layer then routed and shared experts).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from tests.reference_loop import allocator_peak_bytes
 from tests.test_evaluate import MISTRAL, QWEN2
 
 TOLERANCE = 0.005  # the issue's bar
+# multi-head latent attention (the cache holds a 16-wide latent and an 8-wide rotary key per token, not 4 heads'
+# keys and values) and a mixture of experts: the first layer dense, the second 4 routed experts (2 a token) and
+# a shared one
+DEEPSEEK_V3 = dict(model_type="deepseek_v3", vocab_size=1000, hidden_size=64, intermediate_size=128,
+                   moe_intermediate_size=32, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4,
+                   num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, num_attention_heads=4,
+                   num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                   v_head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
 PROMPT = 16
 WINDOW = "test_generate.generate"
 
@@ -85,9 +94,10 @@ def _trial_peaks(spec: ProbeSpec, batch: int) -> tuple[int, int]:
 @pytest.mark.slow  # 4-9 s each on the shared 2-core host: a real generate under the profiler, a trial, an estimate
 @pytest.mark.parametrize("fields,cache,alone,new_tokens", [(QWEN2, "dynamic", True, 96),
                                                            (MISTRAL, "dynamic", False, 24),
-                                                           (QWEN2, "static", False, 24)],
+                                                           (QWEN2, "static", False, 24),
+                                                           (DEEPSEEK_V3, "dynamic", False, 24)],
                          ids=["qwen2-dynamic-inference-only", "mistral-dynamic-beside-training",
-                              "qwen2-static-beside-training"])
+                              "qwen2-static-beside-training", "deepseek_v3-dynamic-beside-training"])
 def test_generation_peak_is_what_model_generate_holds_and_the_estimate_equals_it(fields, cache, alone, new_tokens):
     """Beside training, the optimizer state a training step leaves stays resident through the generation."""
     measured, estimated = _trial_peaks(_spec(fields, new_tokens, cache=cache, alone=alone), 4)
@@ -161,6 +171,19 @@ def test_the_cache_arithmetic_of_a_full_attention_model_counts_every_token():
     from fitprobe.probe.generate import kv_cache_bytes_per_sequence
 
     assert kv_cache_bytes_per_sequence(_model(QWEN2), 100) == 2 * 2 * 2 * 16 * 100 * 4
+
+
+def test_a_latent_attention_cache_is_its_latent_and_rotary_key_per_token_as_the_trial_reads_it():
+    """DeepSeek-V3's layers cache kv_lora_rank + qk_rope_head_dim = 16 + 8 values a token, not 2 × 4 heads × 16:
+    the arithmetic by hand, and the cache a generate trial returns, read tensor by tensor."""
+    from fitprobe.probe.generate import kv_cache_bytes_per_sequence
+
+    by_hand = 2 * (16 + 8) * (PROMPT + 4 - 1) * 4  # 2 layers, fp32; the last token generated is never cached
+    assert kv_cache_bytes_per_sequence(_model(DEEPSEEK_V3), PROMPT + 4 - 1) == by_hand
+    spec = _spec(DEEPSEEK_V3, 4, mode="estimate")
+    meter, model = prepare(spec)
+    runner = GenerateRunner(spec, meter, model)
+    assert runner(2).fits and runner.last_cache_bytes == by_hand
 
 
 def test_generation_settings_are_bounded_at_the_door_with_the_fix():
