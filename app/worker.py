@@ -5,11 +5,11 @@ one `("result", report)` or `("error", message)` to a `put` callable. A spec wit
 is a what-if table (probe/whatif_spec.py) instead of a probe, one with `"kind": "recommend"` a
 recommendation (probe/recommend.py); the executors need not know. Around it:
 
-- `run_job_process`, the local executor's job process (a fresh interpreter, no inherited CUDA
-  state, started through probe/lifetime.py so it dies with the service), so a crash, an OOM-killer
-  or a CUDA fault takes down this process only, and killing it is how a job is cancelled. The
-  process leads its own process group: a verification or a sharded trial on several devices spawns
-  one process per device, and the executor kills the whole group, so a cancel leaves none of them behind.
+- the local executor's job process (app/executors/forked.py: forked from a process that has imported
+  torch already, bound to die with the service), so a crash, an OOM-killer or a CUDA fault takes down
+  that process only, and killing it is how a job is cancelled. The process leads its own process group:
+  a verification or a sharded trial on several devices spawns one process per device, and the executor
+  kills the whole group, so a cancel leaves none of them behind.
 - `run_job_ray_task`, the Ray executor's task body: Ray already gives each job a worker process of
   its own and kills it on cancel, so it only streams the same items back, with where it ran.
 """
@@ -21,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
 from typing import Any
 
 from fitprobe.probe.events import Event
@@ -71,14 +70,6 @@ def execute(spec: dict[str, Any], allowed_factories: list[str], put: Callable[[I
         put(("error", validation_message(exc)))
     except Exception as exc:  # noqa: BLE001 - reported as the job's failure, the process then exits
         put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def run_job_process(spec: dict[str, Any], allowed_factories: list[str], outbox_fd: int, hub_offline: bool = False
-                    ) -> None:
-    """The job process's body (started by probe/lifetime.py, already bound to die with the service):
-    the items go to the worker through the pipe `outbox_fd`, closed when the outcome is in it."""
-    with Connection(outbox_fd, readable=False) as outbox:
-        execute(spec, allowed_factories, outbox.send, hub_offline)
 
 
 def run_job_ray_task(spec: dict[str, Any], allowed_factories: list[str], hub_offline: bool = False

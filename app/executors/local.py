@@ -1,52 +1,57 @@
 """Local executor: one worker thread per device, one job at a time per device, each in its own process.
 
 Probes on a shared GPU would measure each other, so a device runs one job at a time. The job runs
-in a spawned process that the worker watches: app/executors/base.py's follow loop copies its events
+in a process of its own that the worker watches: app/executors/base.py's follow loop copies its events
 into the store as they arrive, and when the process ends its outcome (or the signal that killed it)
 decides the job's status.
 
-The job process starts through probe/lifetime.py, which binds it to die with the service (the
-kernel kills it when its worker thread goes) before it imports anything heavy; its items come back
-through a pipe. It leads a process group (its own session), which is what a cancel or a timeout
-kills: the device processes it spawns are in it.
+The job process is forked from a fork server that has imported torch and fitprobe's library already
+(app/executors/forked.py: why, and how it still dies with the service); its items come back through a
+pipe. It leads a process group (its own session), which is what a cancel or a timeout kills: the
+device processes it spawns are in it.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
+from fitprobe.app.executors.forked import LOST_WITH_FORK_SERVER, start_fork_server, start_job
 from fitprobe.app.store import JobRow, Store
 from fitprobe_client.status import JobStatus
-from fitprobe.app.worker import Item, run_job_process
+from fitprobe.app.worker import Item
 from fitprobe.probe.devices import list_devices
-from fitprobe.probe.lifetime import start_guarded
 
 if TYPE_CHECKING:
     from fitprobe.app.metrics import Metrics
 
 DRAIN_TIMEOUT_S = 0.5
+STOP_TIMEOUT_S = 30.0
 WAIT_S = 0.2
 log = logging.getLogger("fitprobe.executor")
 
 
-def kill_process_tree(process: subprocess.Popen) -> None:
+def kill_process_tree(process: BaseProcess) -> None:
     """SIGKILL the job process and every process it started (they share its process group)."""
+    if process.pid is None:
+        return
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # the group is gone already: its leader was reaped, and its ranks died with it
-    process.kill()
+    if process.is_alive():
+        process.kill()
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -54,19 +59,21 @@ def exit_reason(exitcode: int | None) -> str:
         name = signal.Signals(-exitcode).name
         hint = " (the OOM-killer or `kill -9`?)" if name == "SIGKILL" else ""
         return f"job process died from {name}{hint}"
+    if exitcode == LOST_WITH_FORK_SERVER:
+        return "job process died with the fork server it was started from (the OOM-killer or `kill -9`?)"
     return f"job process exited with code {exitcode} before reporting a result"
 
 
 class JobProcess:
     """A job running in a local process, its items arriving through a pipe (a RunningJob of base.py)."""
 
-    def __init__(self, job_id: str, process: subprocess.Popen, outbox: Connection) -> None:
+    def __init__(self, job_id: str, process: BaseProcess, outbox: Connection) -> None:
         self.job_id, self.process, self.outbox = job_id, process, outbox
         self.started_s = time.monotonic()
         self.placement: dict[str, Any] | None = None
 
     def receive(self) -> Item | None:
-        alive = self.process.poll() is None
+        alive = self.process.is_alive()
         try:
             if self.outbox.poll(WAIT_S if alive else DRAIN_TIMEOUT_S):
                 return self.outbox.recv()
@@ -120,7 +127,7 @@ class DeviceWorker(threading.Thread):
 
     def kill(self, job_id: str) -> bool:
         current = self.current
-        if current and current.job_id == job_id and current.process.poll() is None:
+        if current and current.job_id == job_id and current.process.is_alive():
             current.kill()
             return True
         return False
@@ -136,15 +143,17 @@ class DeviceWorker(threading.Thread):
 
     def _run_in(self, job: JobRow, scratch: str) -> None:
         job_id = job["id"]
-        read_fd, write_fd = os.pipe()
+        outbox, job_end = multiprocessing.Pipe(duplex=False)
         try:
-            process = start_guarded(run_job_process, (
-                spec_for_device(job["spec"], self.device, self.settings), list(self.settings.allowed_factories),
-                write_fd, self.settings.hub_access == "offline"), pass_fds=(write_fd,), start_new_session=True,
-                env={**os.environ, "TMPDIR": scratch})
+            process = start_job(spec_for_device(job["spec"], self.device, self.settings),
+                                list(self.settings.allowed_factories), job_end, self.settings.hub_access == "offline",
+                                scratch)
+        except BaseException:
+            outbox.close()
+            raise
         finally:
-            os.close(write_fd)  # the job holds the only write end: its exit is the pipe's end
-        running = JobProcess(job_id, process, Connection(read_fd, writable=False))
+            job_end.close()  # the job holds the only write end: its exit is the pipe's end
+        running = JobProcess(job_id, process, outbox)
         self.current = running
         try:
             self._db(self.store.set_worker_pid, job_id, process.pid)
@@ -153,14 +162,15 @@ class DeviceWorker(threading.Thread):
             running.kill()
             raise
         finally:
-            process.wait()
+            process.join()
             running.outbox.close()
             if self.metrics:
                 self.metrics.job_duration_s.observe(time.monotonic() - running.started_s)
             self.current = None
         # no outcome, the service running on: a cancel killed the process, or it died (the signal says how)
         if outcome is None and not self.stopping.is_set() and self._db(self.store.get, job_id)["status"] != JobStatus.CANCELLED:
-            outcome = "error", exit_reason(process.returncode)
+            outcome = "error", exit_reason(process.exitcode)
+        process.close()
         self._follower.record(job_id, outcome)
 
 
@@ -177,13 +187,16 @@ class LocalExecutor:
         self.devices = [worker.device for worker in self.workers]
 
     def start(self) -> None:
+        start_fork_server()
         for worker in self.workers:
             worker.start()
 
     def stop(self) -> None:
         self.stopping.set()
         for worker in self.workers:
-            worker.join(timeout=5)
+            # a worker kills its job and hands it back (app/store.py release); one that was starting it may first
+            # wait for the fork server's imports (seconds on a loaded host)
+            worker.join(timeout=STOP_TIMEOUT_S)
 
     def kill(self, job_id: str) -> bool:
         return any(worker.kill(job_id) for worker in self.workers)

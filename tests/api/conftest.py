@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
@@ -83,6 +84,14 @@ def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Se
         time.sleep(0.2)
     server.stop()
     raise AssertionError("server did not become ready in 60s")
+
+
+def gone(process: psutil.Process) -> bool:
+    """Dead: no such process, or a zombie waiting for whoever reaps it."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout_s: float = 180,

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.api.conftest import FAST_JOB, SLOW_JOB, in_process, start_server, wait_for
+from tests.api.conftest import FAST_JOB, SLOW_JOB, gone, in_process, start_server, wait_for
 
 
 def test_submit_poll_and_stream_a_probe_to_success(server):
@@ -78,6 +78,27 @@ def test_a_killed_job_process_fails_its_job_with_the_reason_and_the_service_goes
         assert client.get("/healthz").status_code == 200
         next_job = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()
         assert wait_for(client, next_job["id"], ("succeeded",))["status"] == "succeeded"
+
+
+def test_a_killed_fork_server_fails_its_running_job_and_the_next_job_gets_a_new_one(server):
+    """Jobs are forked from a fork server with torch imported (app/executors/forked.py). The OOM-killer may pick
+    it (it is large): its running job dies with it, with the reason, and the next job starts from a new one."""
+    import psutil
+
+    with server.client() as client:
+        slow = client.post("/v1/probes", json=SLOW_JOB).json()
+        running = wait_for(client, slow["id"], ("running",), predicate=lambda j: j["worker_pid"])
+        job_process = psutil.Process(running["worker_pid"])
+        fork_server = job_process.parent()
+        assert fork_server is not None and fork_server.parent().pid == server.process.pid, \
+            "the job is forked by a child of the service, not started by the service itself"
+        fork_server.kill()
+        failed = wait_for(client, slow["id"], ("failed",))
+        assert "died with the fork server" in failed["error"]
+        assert gone(job_process), "the job outlived its fork server"
+        next_job = client.post("/v1/probes", json={**FAST_JOB, "reuse": False}).json()
+        done = wait_for(client, next_job["id"], ("succeeded", "failed"))
+        assert done["status"] == "succeeded", done["error"]
 
 
 @pytest.mark.parametrize("body,field", [

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from tests.api.conftest import Server, start_server, wait_for
+from tests.api.conftest import Server, gone, start_server, wait_for
 
 BOMB = {"model": "builtin:gpt-nano", "seq_len": 64, "precision": "fp32", "capacity_bytes": "100MiB", "sharding": "fsdp",
         "num_devices": 1024}
@@ -19,13 +19,6 @@ TWO_RANKS = {**BOMB, "num_devices": 2, "reuse": False}
 
 def _descendants(server: Server) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children(recursive=True)
-
-
-def _gone(process: psutil.Process) -> bool:
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE  # dead, waiting for whoever reaps it
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.mark.parametrize("body", [
@@ -80,9 +73,9 @@ def test_kill_9_of_the_server_leaves_no_job_or_rank_process_behind(tmp_path):
         assert job_process in descendants and len(job_process.children()) >= 2, "no rank was running"
         server.kill()
         deadline = time.monotonic() + 5
-        while not all(_gone(p) for p in descendants) and time.monotonic() < deadline:
+        while not all(gone(p) for p in descendants) and time.monotonic() < deadline:
             time.sleep(0.1)
-        alive = [f"{p.pid} {p.cmdline()}" for p in descendants if not _gone(p)]
+        alive = [f"{p.pid} {p.cmdline()}" for p in descendants if not gone(p)]
         assert not alive, f"processes outlived the server: {alive}"
     finally:
         server.stop()

@@ -1,0 +1,73 @@
+"""Job processes forked from a process that has already imported what every job imports.
+
+A job process started as a fresh interpreter (probe/lifetime.py) spent its first seconds importing
+torch, fitprobe's library and transformers' model code: on the 2-core host about 2.5 s of CPU before a
+small job's first event, three times what a gpt-nano probe with its verification then costs (0.7 s). So
+the local executor starts each job through multiprocessing's fork server: one process that imports
+app/executors/job_preload.py once, at the first job, and forks every job from there.
+
+What the fresh interpreter guaranteed, a forked job keeps:
+- it dies with the service. The fork server is killed when the service's thread that started it ends
+  (job_preload.py), which any death of the service does (`kill -9` too), and each job asks for SIGKILL
+  when the fork server goes (`die_with_parent`) before it runs anything. A job forked just as the server
+  went finds another parent and exits at once (EXIT_ORPHANED).
+- no inherited device state: the fork server only imports (job_preload.py says why).
+- its own session, the process group a cancel or a timeout kills whole, ranks included.
+- its own TMPDIR, which the worker removes when the job ends, however it ends.
+Its exit status reaches the service through the fork server: `exitcode` is negative for a signal, as
+`subprocess`'s `returncode` was.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import tempfile
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from fitprobe.probe.lifetime import EXIT_ORPHANED, die_with_parent
+
+_PRELOAD = "fitprobe.app.executors.job_preload"
+# the exit code multiprocessing gives a job whose fork server went away before reporting the job's own (the job
+# then died too: it dies with the fork server)
+LOST_WITH_FORK_SERVER = 255
+_context = multiprocessing.get_context("forkserver")
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, at the service's start-up, so that its imports are done before the first job.
+
+    Otherwise the first job's worker waits for them inside `start_job`, seconds in which a SIGTERM finds it
+    unable to hand its job back. Idempotent: a fork server that runs already is kept (one per service process)."""
+    _context.set_forkserver_preload([_PRELOAD])
+    multiprocessing.forkserver.ensure_running()
+
+
+def start_job(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,
+              scratch: str) -> BaseProcess:
+    """The job `app/worker.py execute` runs, in a process forked from the fork server; its items go to `outbox`."""
+    _context.set_forkserver_preload([_PRELOAD])  # read when the fork server starts: the first job's start
+    # daemon: a service that exits while a job runs ends it (multiprocessing joins other children at exit)
+    process = _context.Process(target=_run_forked, args=(spec, allowed_factories, outbox, hub_offline, scratch),
+                               name="fitprobe-job", daemon=True)
+    process.start()
+    return process
+
+
+def _run_forked(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,
+                scratch: str) -> None:
+    die_with_parent()
+    from fitprobe.app.executors import job_preload  # imported already: the fork server preloaded it
+
+    if os.getppid() != job_preload.FORK_SERVER_PID:  # the server went before the line above: no signal will come
+        os._exit(EXIT_ORPHANED)
+    os.setsid()
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = None  # the fork server may have read TMPDIR already: read it again
+    from fitprobe.app.worker import execute
+
+    with outbox:
+        execute(spec, allowed_factories, outbox.send, hub_offline)
