@@ -135,7 +135,7 @@ class DeviceWorker(threading.Thread):
     def _run(self, job: JobRow) -> None:
         # the job's TMPDIR, and its ranks': a cancel or a kill -9 skips every cleanup inside the job, so the
         # worker removes what the job left when it ends, however it ends
-        scratch = tempfile.mkdtemp(prefix=f"fitprobe-job-{job['id']}-", dir=self.settings.scratch_dir)
+        scratch = tempfile.mkdtemp(prefix=scratch_prefix(job["id"]), dir=self.settings.scratch_dir)
         try:
             self._run_in(job, scratch)
         finally:
@@ -174,11 +174,43 @@ class DeviceWorker(threading.Thread):
         self._follower.record(job_id, outcome)
 
 
+SCRATCH_PREFIX = "fitprobe-job-"
+
+
+def scratch_prefix(job_id: str) -> str:
+    return f"{SCRATCH_PREFIX}{job_id}-"
+
+
+def sweep_stale_scratch(store: Store, scratch_dir: str | None) -> list[str]:
+    """Remove the job directories a killed service left (its worker's cleanup never ran): those of jobs that no
+    process runs now. A compiler cache in a job's TMPDIR can be gigabytes, and every `kill -9` left one.
+
+    Called at start-up, after the store re-queued the jobs of replicas that died on this host: a job still
+    running belongs to a live replica (which may share the directory), and its directory is kept. A directory
+    listed here whose job is claimed meanwhile is an old one: the new run makes a directory of its own."""
+    root = scratch_dir or tempfile.gettempdir()
+    try:
+        names = [name for name in os.listdir(root) if name.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        job_id = name[len(SCRATCH_PREFIX):].split("-", 1)[0]  # ids are hex; mkdtemp's suffix follows a "-"
+        try:
+            running = store.get(job_id)["status"] == JobStatus.RUNNING
+        except KeyError:  # a job this database never had: another service's, with its own sweep
+            continue
+        if not running:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 class LocalExecutor:
     """One worker per device NVML lists (the CPU device when it lists none)."""
 
     def __init__(self, store: Store, settings: Settings, metrics: Metrics | None = None) -> None:
-        self.settings = settings
+        self.settings, self.store = settings, store
         devices = list_devices(settings.cpu_capacity_bytes)
         self.device_kind = devices[0]["kind"]
         self.device_name = devices[0]["name"]
@@ -187,6 +219,9 @@ class LocalExecutor:
         self.devices = [worker.device for worker in self.workers]
 
     def start(self) -> None:
+        removed = sweep_stale_scratch(self.store, self.settings.scratch_dir)
+        if removed:
+            log.warning("removed %d job directories that a killed service left: %s", len(removed), ", ".join(removed))
         start_fork_server()
         for worker in self.workers:
             worker.start()

@@ -159,19 +159,29 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
 
 
 def test_a_killed_server_keeps_its_jobs_and_finishes_them_after_restart(tmp_path):
-    server = start_server(tmp_path / "data")
+    """And the job's temporary directory, which the killed server could not remove, goes at the restart; what is
+    not a job directory of this service's database stays."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "a-users-file").write_text("kept")
+    (scratch / "fitprobe-job-0123456789abcdef-x1").mkdir()  # another database's job: not this service's to remove
+    server = start_server(tmp_path / "data", scratch_dir=str(scratch))
     port = server.url.rsplit(":", 1)[1]
     with server.client() as client:
         job = client.post("/v1/probes", json={**FAST_JOB, "model": "builtin:gpt-small", "seq_len": 128,
                                               "capacity_bytes": 400 << 20, "reuse": False}).json()
         wait_for(client, job["id"], ("running",))
     server.kill()
-    restarted = start_server(tmp_path / "data", port=int(port))
+    left = [p.name for p in scratch.iterdir() if p.name.startswith(f"fitprobe-job-{job['id']}-")]
+    assert left, "the killed server's job had no directory of its own"
+    restarted = start_server(tmp_path / "data", port=int(port), scratch_dir=str(scratch))
     try:
         with restarted.client() as client:
             assert client.get(f"/v1/probes/{job['id']}").status_code == 200
             done = wait_for(client, job["id"], ("succeeded", "failed"), timeout_s=300)
             assert done["status"] == "succeeded", done["error"]
+        assert not any((scratch / name).exists() for name in left), "the killed run's directory is still there"
+        assert sorted(p.name for p in scratch.iterdir()) == ["a-users-file", "fitprobe-job-0123456789abcdef-x1"]
     finally:
         restarted.stop()
 
