@@ -6,7 +6,9 @@ let through at 10⁹ or 10¹³ parameters. So the door also builds every inline 
 device (no memory) and counts what was built, whatever the fields are called. Building costs time in
 the layer count (bart at 3,000 layers: minutes), so it happens in one long-lived sizing process with
 transformers already imported, and a build that runs past FITPROBE_MODEL_BUILD_TIMEOUT_S kills that
-process (a new one starts for the next request) and refuses the request.
+process (a new one starts for the next request) and refuses the request. The sizing process is forked
+from the fork server the jobs are forked from (app/executors/forked.py), which imported torch and
+transformers once for both: a new one starts in a fraction of a second, and dies with the service.
 
 The server process reads configs with transformers too (probe/models/load.py: `check_reference`), and its
 first import took 7 s at the door; so the sizer imports it here as well, beside serving, and the door
@@ -14,8 +16,7 @@ waits for that import (`ready`) rather than importing it a second time half-way 
 imported from two threads at once answered "cannot import name").
 
 One thread owns the process: it takes requests in arrival order and is the only thread that starts
-the process, so the process's parent-death signal (probe/lifetime.py: tied to the starting thread)
-fires only when the service itself goes. At most `max_waiting` requests wait for it, and at most
+the process. At most `max_waiting` requests wait for it, and at most
 `max_per_client` of one client's (a build can take the whole timeout: nine slow configs from one client held
 the process for four minutes, and every other client's config was a 429); more are a 429.
 
@@ -28,15 +29,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
 import queue
 import resource
-import socket
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from fitprobe.probe.lifetime import start_guarded
+from fitprobe.app.executors.forked import start_forked
 from fitprobe.probe.spec import SpecError
 
 log = logging.getLogger("fitprobe.sizer")
@@ -66,9 +67,9 @@ class SizerBusy(Exception):
     """Too many requests wait for the sizing process: retry later."""
 
 
-def serve_sizes(fd: int) -> None:
+def serve_sizes(connection: Connection) -> None:
     """The sizing process: (parameters, context) or a refusal for each spec it is sent, until its parent
-    closes the connection. Imports transformers once, before the first request."""
+    closes the connection. Imports transformers (the fork server has), before the first request."""
     import transformers  # noqa: F401 - the import is most of a first build's time
 
     from fitprobe.probe.models.load import counted_on_meta
@@ -76,7 +77,6 @@ def serve_sizes(fd: int) -> None:
 
     _bound_memory(MEMORY_BYTES)
 
-    connection = Connection(fd)
     connection.send(("ready",))
     while True:
         try:
@@ -142,10 +142,9 @@ class Sizer:
 
     def _start(self) -> tuple[Any, Connection]:
         """A sizing process that has imported transformers (waited for here, not inside a request's build time)."""
-        mine, theirs = socket.socketpair()
-        process = start_guarded(serve_sizes, (theirs.fileno(),), pass_fds=(theirs.fileno(),))
+        connection, theirs = multiprocessing.Pipe()
+        process = start_forked(serve_sizes, theirs)
         theirs.close()
-        connection = Connection(mine.detach())
         if not connection.poll(STARTUP_S):
             log.error("the model sizing process did not start within %g s", STARTUP_S)
         else:
@@ -156,7 +155,7 @@ class Sizer:
         process, connection = self._start()  # at startup: the first request finds transformers imported
         while (item := self._requests.get()) is not STOP:
             spec, answer = item
-            if process.poll() is not None:  # killed after a timeout, or died: a fresh one
+            if not process.is_alive():  # killed after a timeout, or died: a fresh one
                 process, connection = self._start()
             try:
                 connection.send(spec)
@@ -165,7 +164,7 @@ class Sizer:
                 status, *values = connection.recv()
             except (TimeoutError, EOFError, OSError):
                 process.kill()
-                process.wait()
+                process.join()
                 connection.close()
                 answer.set_exception(SpecError(
                     f"model: building this config took longer than {self.timeout_s:g} s on the meta device "
@@ -177,4 +176,4 @@ class Sizer:
             else:
                 answer.set_exception(SpecError(values[0]))
         process.kill()
-        process.wait()
+        process.join()

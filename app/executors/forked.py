@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import tempfile
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -46,24 +47,34 @@ def start_fork_server() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def start_job(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,
-              scratch: str) -> BaseProcess:
-    """The job `app/worker.py execute` runs, in a process forked from the fork server; its items go to `outbox`."""
-    _context.set_forkserver_preload([_PRELOAD])  # read when the fork server starts: the first job's start
+def start_forked(target: Callable[..., None], *args: Any) -> BaseProcess:
+    """`target(*args)` in a process forked from the fork server, bound to die with it before the target runs.
+
+    `target` must be importable by name and `args` picklable (a multiprocessing Connection travels as its fd)."""
+    start_fork_server()  # a no-op when it runs; else (it died) a new one
     # daemon: a service that exits while a job runs ends it (multiprocessing joins other children at exit)
-    process = _context.Process(target=_run_forked, args=(spec, allowed_factories, outbox, hub_offline, scratch),
-                               name="fitprobe-job", daemon=True)
+    process = _context.Process(target=_guarded, args=(target, *args), name=f"fitprobe-{target.__name__}", daemon=True)
     process.start()
     return process
 
 
-def _run_forked(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,
-                scratch: str) -> None:
+def start_job(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,
+              scratch: str) -> BaseProcess:
+    """The job `app/worker.py execute` runs, in a forked process of its own session; its items go to `outbox`."""
+    return start_forked(_run_job, spec, allowed_factories, outbox, hub_offline, scratch)
+
+
+def _guarded(target: Callable[..., None], *args: Any) -> None:
     die_with_parent()
     from fitprobe.app.executors import job_preload  # imported already: the fork server preloaded it
 
     if os.getppid() != job_preload.FORK_SERVER_PID:  # the server went before the line above: no signal will come
         os._exit(EXIT_ORPHANED)
+    target(*args)
+
+
+def _run_job(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,
+             scratch: str) -> None:
     os.setsid()
     os.environ["TMPDIR"] = scratch
     tempfile.tempdir = None  # the fork server may have read TMPDIR already: read it again
