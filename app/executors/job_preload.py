@@ -1,4 +1,4 @@
-"""What the fork server imports once, so that no job process imports it again (app/executors/forked.py).
+"""What the fork server imports once, so that no job (or model sizer) imports it again (app/executors/forked.py).
 
 Imported by the fork server only, and first of all it binds that process to die with the service's thread
 that started it. multiprocessing ends a fork server when every holder of its pipe's write end is gone, but
@@ -21,8 +21,10 @@ die_with_parent()
 
 import torch  # noqa: E402, F401 - the import is the point
 
+import fitprobe.app.sizer  # noqa: E402 - the model sizer forks from here too
 import fitprobe.app.worker  # noqa: E402
 import fitprobe.probe.job  # noqa: E402
+import fitprobe.probe.models.load  # noqa: E402
 import fitprobe.probe.recommend  # noqa: E402
 import fitprobe.probe.whatif_spec  # noqa: E402, F401
 
