@@ -35,6 +35,7 @@ _PRELOAD = "fitprobe.app.executors.job_preload"
 # the exit code multiprocessing gives a job whose fork server went away before reporting the job's own (the job
 # then died too: it dies with the fork server)
 LOST_WITH_FORK_SERVER = 255
+READY_TIMEOUT_S = 120.0  # the fork server's imports: seconds on the 2-core test host, more under load
 _context = multiprocessing.get_context("forkserver")
 
 
@@ -56,6 +57,22 @@ def start_forked(target: Callable[..., None], *args: Any) -> BaseProcess:
     process = _context.Process(target=_guarded, args=(target, *args), name=f"fitprobe-{target.__name__}", daemon=True)
     process.start()
     return process
+
+
+def wait_until_ready() -> None:
+    """Return once the fork server forks: its imports done (the first call waits seconds, later ones a fork).
+
+    A worker calls this before it claims a job, not inside the start of one: a worker blocked in `start_job`
+    while the fork server imports renews no lease, and another replica takes the job and runs it again."""
+    process = start_forked(_ready)
+    process.join(READY_TIMEOUT_S)
+    if process.exitcode != 0:
+        process.kill()
+        raise RuntimeError(f"the fork server did not fork within {READY_TIMEOUT_S:g} s (exit code {process.exitcode})")
+
+
+def _ready() -> None:
+    """Nothing: a process forked to learn that the fork server forks."""
 
 
 def start_job(spec: dict[str, Any], allowed_factories: list[str], outbox: Connection, hub_offline: bool,

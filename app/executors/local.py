@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
-from fitprobe.app.executors.forked import LOST_WITH_FORK_SERVER, start_fork_server, start_job
+from fitprobe.app.executors.forked import LOST_WITH_FORK_SERVER, start_fork_server, start_job, wait_until_ready
 from fitprobe.app.store import JobRow, Store
 from fitprobe_client.status import JobStatus
 from fitprobe.app.worker import Item
@@ -102,6 +102,7 @@ class DeviceWorker(threading.Thread):
         self.current: JobProcess | None = None
         self._db = DbRetry(f"worker {device}", stopping)
         self._follower = Follower(store, self._db, settings, stopping, metrics)
+        self._fork_server_ready = False  # waited for before a claim: see app/executors/forked.py wait_until_ready
 
     @property
     def db_error(self) -> str | None:
@@ -111,6 +112,14 @@ class DeviceWorker(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
+                if not self._fork_server_ready:
+                    try:
+                        wait_until_ready()
+                    except Exception:
+                        log.exception("worker %s: the fork server does not fork; trying again", self.device)
+                        self.stopping.wait(self.settings.poll_interval_s)
+                        continue
+                    self._fork_server_ready = True
                 job = self._db(self.store.claim_next, self.device)
                 if job is None:
                     self.stopping.wait(self.settings.poll_interval_s)
@@ -170,6 +179,7 @@ class DeviceWorker(threading.Thread):
         # no outcome, the service running on: a cancel killed the process, or it died (the signal says how)
         if outcome is None and not self.stopping.is_set() and self._db(self.store.get, job_id)["status"] != JobStatus.CANCELLED:
             outcome = "error", exit_reason(process.exitcode)
+        self._fork_server_ready = process.exitcode != LOST_WITH_FORK_SERVER  # else a new one starts: wait for it
         process.close()
         self._follower.record(job_id, outcome)
 
