@@ -10,21 +10,29 @@ trial: the same moments, marks and extrapolation (probe/estimate/extrapolate.py 
 probe's own search on it finds what `probe --estimate` finds (tests/test_whatif.py holds the table's
 cells equal to single estimates, tests/test_replay.py replayed trials equal to traced ones).
 
-Learning a row's laws (a, m, z: the table's shortest, a middle and its longest seq_len, or multiples):
-- two traced trials, at (1, a) and (3, z), when for every allocation exactly one law the table's earlier
-  rows learned gives both sizes (another optimizer, checkpointing or a 4-bit base allocates activations of
-  the same shapes), or it is constant (optimizer state, a dequantized weight);
-- a third at (2, m) when some sizes were read off those two points as a plain product c·b^β·s^σ (the
-  first row; QLoRA's float32 activations): every size there must come out to the byte as predicted;
-- else five: (1, a), (2, a), (1, m), (1, z) fix each β and q exactly, and (3, z) must come out as predicted.
+Learning is one plan, tried in order until a step explains every allocation's size (a, m, z: the table's
+shortest, a middle and its longest seq_len, or multiples). A step that cannot refuses with a `Fallback`;
+the next step reuses the trials it traced, and after the last the trials are traced one by one.
 
-Rows that differ only in the optimizer share a build and learn together (`Replay.learn_together`): one
-traced trial each. Their forward and backward allocate the same tensors in the same order whatever updates
-the weights, so the first optimizer's trial at (1, a) and the second's at (3, z) are the two points of
-every allocation outside the optimizer phase (the rules above, a third point when guessed); what the step
-allocates in its optimizer phase (state, its temporaries) is parameter-shaped, a constant read off the
-optimizer's own trial. A third optimizer's trial at (1, a) takes the same laws. Where the optimizers' trials
-differ outside that phase, each learns alone, reusing the trials made.
+    step        traced trials                   each allocation's law (solver)          checked by
+    together    one per optimizer of a build:   outside the optimizer phase, as "from   each trial replays to itself;
+                (1, a), (3, z), then (1, a)     known"; the optimizer's own: constants  a guess at (2, m)
+    from known  (1, a), (3, z)                  the one law of earlier rows through     both replay to themselves;
+                                                both points, or a constant              a guess at (2, m)
+                                                (`laws_through`), else a guessed
+                                                c·b^β·s^σ (`monomials_through`)
+    from five   (1, a), (2, a), (1, m), (1, z)  β from b = 1, 2 and a quadratic in s    the four replay to
+                                                through a, m, z (`fit_sizes`)           themselves; (3, z) traced
+
+"Together" is for rows that differ only in the optimizer (`Replay.learn_together`): their forward and
+backward allocate the same tensors in the same order whatever updates the weights, so the first
+optimizer's trial at (1, a) and the second's at (3, z) are the two points of every allocation outside
+the optimizer phase; what an optimizer allocates in its phase (state, its temporaries) is
+parameter-shaped, a constant read off the optimizer's own trial. Where the optimizers' trials differ
+outside that phase, each learns alone ("from known", then "from five"), reusing the trials made. "From
+known" serves another setting of a model whose laws a row learned: another optimizer, checkpointing or a
+4-bit base allocates activations of the same shapes; QLoRA's float32 activations are its guessed
+products.
 
 Not replayed, and traced trial by trial as before, with the reason: a program that changes with b or s
 (logs that differ: the flattened collation's per-row tensors), a cut that falls back to the full depth, a
@@ -260,8 +268,8 @@ class Replay:
               known: Collection[SizeLaw] = ()) -> Replay:
         """A replay of `spec`'s trials on `cuts`; raises Fallback where its trials must be traced.
 
-        Two traced trials where the `known` laws (other rows' of the same table) explain every size, three
-        where the rest are plain products c·b^β·s^σ (`_learn_from_known`), else five (`_learn`).
+        The plan's steps "from known" and "from five" (the module's table): two traced trials where the `known`
+        laws (other rows' of the same table) explain every size, three where the rest are plain products, else five.
         """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
@@ -271,17 +279,21 @@ class Replay:
     def _learn_alone(self, known: Collection[SizeLaw]) -> Replay:
         """`learn` on this replay, whose traced trials (if any) are reused; laws an attempt together left are not.
 
-        Learning from two or three trials is itself a shortcut of learning from five: its Fallback is caught
-        here, and five are traced. A cut that does not run is a Fallback too (its trials are traced).
+        The plan's steps after "together", in order: each step's Fallback is caught here and the next runs; the
+        last one's goes to the caller. A cut that does not run is a Fallback too (its trials are traced).
         """
-        self.base, self.laws = (1, self.seqs[0]), None
+        self.base = (1, self.seqs[0])
+        *shortcuts, last = (self._learn_from_known, self._learn_from_five)
         try:
-            try:
-                self._learn_from_known(known)
-                return self
-            except Fallback:
-                self.laws = None  # its traced trials are kept: learning from five reuses them
-            self._learn()
+            for step in shortcuts:
+                self.laws = None
+                try:
+                    step(known)
+                    return self
+                except Fallback:
+                    pass  # its traced trials are kept: the next step reuses them
+            self.laws = None
+            last(known)
         except TrialError as exc:
             raise Fallback(str(exc)) from exc
         return self
@@ -289,18 +301,11 @@ class Replay:
     @classmethod
     def learn_together(cls, cuts: CutModels, specs: Sequence[ProbeSpec], seq_lens: Sequence[int], emit: Emit,
                        known: Collection[SizeLaw] = ()) -> dict[str, Replay | Fallback]:
-        """Replays of one build's trials with each of `specs`' optimizers (by optimizer), from one traced trial each;
-        an optimizer whose trials must be traced has the Fallback that says why instead.
-
-        The optimizers share the build's forward and backward, which allocate the same tensors whatever
-        updates the weights afterwards; what an optimizer itself allocates, in the step's optimizer phase,
-        is parameter-shaped (state, its temporaries, the gradients it frees), the same at any micro-batch
-        and seq_len. So the first optimizer's trial at (1, a) and the second's at (3, z) give every shared
-        allocation its two points (`laws_through`, a third at (2, m) for a guessed product), each optimizer's
-        own allocations are constants, and a third optimizer needs its trial at (1, a) only. Whatever does not
-        line up (the shared allocations, their frees, the marks on the period's layers) and each optimizer
-        learns alone, reusing the trials made. When the first does not fit at (1, a), it fits nowhere larger
-        and the others learn without it.
+        """Replays of one build's trials with each of `specs`' optimizers (by optimizer), from one traced trial each
+        (the plan's step "together", the module's table); an optimizer whose trials must be traced has the
+        Fallback that says why instead. Where the optimizers' trials do not line up, each learns alone, reusing
+        the trials made. When the first does not fit at (1, a), it fits nowhere larger and the others learn
+        without it.
         """
         seqs = learning_seq_lens(seq_lens, cuts.traced[0].max_seq_len or MAX_SEQ_LEN)
         if seqs is None:
@@ -312,7 +317,7 @@ class Replay:
                 if not first._trace(1, seqs[0], 1, len(made)).result.fits:  # nothing larger fits: no laws to learn
                     first.fits_nowhere_from = seqs[0]
                     return {first.spec.optimizer: first, **cls.learn_together(cuts, specs[1:], seq_lens, emit, known)}
-                _learn_shared(made, known)
+                cls._learn_together(made, known)
                 return {replay.spec.optimizer: replay for replay in made}
             except Fallback:
                 pass  # each learns alone
@@ -326,7 +331,45 @@ class Replay:
                 learned[replay.spec.optimizer] = refused
         return learned
 
-    def _learn(self) -> None:
+    @staticmethod
+    def _learn_together(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
+        """The plan's first step for `made`, one replay per optimizer of a build (the module's table); raises Fallback."""
+        first = made[0]
+        a, m, z = first.seqs
+        points: list[Point] = [(1, a), (3, z), *([(1, a)] * (len(made) - 2))]
+        traced = [replay._trace(*point, done, len(made))
+                  for done, (replay, point) in enumerate(zip(made, points, strict=True), 1)]
+        logs = [replay._logs(point) for replay, point in zip(made, points, strict=True)]
+        splits = [[split_off_optimizer(log, trace.marks) for log, trace in zip(cut_logs, (one.shallow, one.deep),
+                                                                                 strict=True)]
+                  for cut_logs, one in zip(logs, traced, strict=True)]
+        cut_laws: list[list[SizeLaw]] = []
+        guessed = False
+        for cut in (0, 1):
+            anchor = splits[0][cut]
+            if any(row[cut].skeleton != anchor.skeleton or row[cut].marks != anchor.marks for row in splits[1:]):
+                raise Fallback("the optimizers' trials differ outside the optimizer's own allocations")
+            sizes = [[cut_logs[cut].sizes[n] for n in row[cut].shared] for cut_logs, row in zip(logs, splits, strict=True)]
+            if any(other != sizes[0] for other in sizes[2:]):  # a third optimizer's trial is at (1, a) too
+                raise Fallback("the optimizers' shared allocations differ in size at the same point")
+            laws, cut_guessed = laws_through(sizes[0], sizes[1], known, a, z)
+            cut_laws.append(laws)
+            guessed = guessed or cut_guessed
+        for replay, point, cut_logs, row in zip(made, points, logs, splits, strict=True):
+            per_cut = []
+            for cut in (0, 1):
+                laws = [SizeLaw(0, 0, 0, size, 1) for size in cut_logs[cut].sizes]  # the optimizer's own: constants
+                for index, number in enumerate(row[cut].shared):
+                    laws[number] = cut_laws[cut][index]
+                per_cut.append(laws)
+            replay.laws, replay.base = (per_cut[0], per_cut[1]), point
+            if replay._replayed(*point) != replay.traced[point].result:
+                raise Fallback("replaying a traced trial's own log does not give its result")
+        if guessed:  # a law read off two points is checked at a third
+            first._validate(2, m, len(made) + 1, len(made) + 1)
+
+    def _learn_from_five(self, known: Collection[SizeLaw] = ()) -> None:
+        """The plan's last step: each allocation's law from four traced trials, a fifth to check (`fit_sizes`)."""
         a, m, z = self.seqs
         points: list[Point] = [(1, a), (2, a), (1, m), (1, z), (3, z)]
         first = self._trace(1, a, 1, len(points))
@@ -536,43 +579,6 @@ class _Splitting:
         self.skeleton.append(event)
 
     free_earlier = reclass_earlier = keep = _as_is
-
-
-def _learn_shared(made: Sequence[Replay], known: Collection[SizeLaw]) -> None:
-    """Replay.learn_together's laws for `made` (one replay per optimizer of a build); raises Fallback."""
-    first = made[0]
-    a, m, z = first.seqs
-    points: list[Point] = [(1, a), (3, z), *([(1, a)] * (len(made) - 2))]
-    traced = [replay._trace(*point, done, len(made))
-              for done, (replay, point) in enumerate(zip(made, points, strict=True), 1)]
-    logs = [replay._logs(point) for replay, point in zip(made, points, strict=True)]
-    splits = [[split_off_optimizer(log, trace.marks) for log, trace in zip(cut_logs, (one.shallow, one.deep),
-                                                                             strict=True)]
-              for cut_logs, one in zip(logs, traced, strict=True)]
-    cut_laws: list[list[SizeLaw]] = []
-    guessed = False
-    for cut in (0, 1):
-        anchor = splits[0][cut]
-        if any(row[cut].skeleton != anchor.skeleton or row[cut].marks != anchor.marks for row in splits[1:]):
-            raise Fallback("the optimizers' trials differ outside the optimizer's own allocations")
-        sizes = [[cut_logs[cut].sizes[n] for n in row[cut].shared] for cut_logs, row in zip(logs, splits, strict=True)]
-        if any(other != sizes[0] for other in sizes[2:]):  # a third optimizer's trial is at (1, a) too
-            raise Fallback("the optimizers' shared allocations differ in size at the same point")
-        laws, cut_guessed = laws_through(sizes[0], sizes[1], known, a, z)
-        cut_laws.append(laws)
-        guessed = guessed or cut_guessed
-    for replay, point, cut_logs, row in zip(made, points, logs, splits, strict=True):
-        per_cut = []
-        for cut in (0, 1):
-            laws = [SizeLaw(0, 0, 0, size, 1) for size in cut_logs[cut].sizes]  # the optimizer's own: constants
-            for index, number in enumerate(row[cut].shared):
-                laws[number] = cut_laws[cut][index]
-            per_cut.append(laws)
-        replay.laws, replay.base = (per_cut[0], per_cut[1]), point
-        if replay._replayed(*point) != replay.traced[point].result:
-            raise Fallback("replaying a traced trial's own log does not give its result")
-    if guessed:  # a law read off two points is checked at a third
-        first._validate(2, m, len(made) + 1, len(made) + 1)
 
 
 def learning_seq_lens(seq_lens: Sequence[int], context: int) -> tuple[int, int, int] | None:
