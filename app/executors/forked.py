@@ -8,9 +8,10 @@ app/executors/job_preload.py once, at the first job, and forks every job from th
 
 What the fresh interpreter guaranteed, a forked job keeps:
 - it dies with the service. The fork server is killed when the service's thread that started it ends
-  (job_preload.py), which any death of the service does (`kill -9` too), and each job asks for SIGKILL
-  when the fork server goes (`die_with_parent`) before it runs anything. A job forked just as the server
-  went finds another parent and exits at once (EXIT_ORPHANED).
+  (job_preload.py): a thread of its own that lives as long as the service, so any death of the service
+  ends it (`kill -9` too), and nothing else does. Each job asks for SIGKILL when the fork server goes
+  (`die_with_parent`) before it runs anything. A job forked just as the server went finds another parent
+  and exits at once (EXIT_ORPHANED).
 - no inherited device state: the fork server only imports (job_preload.py says why).
 - its own session, the process group a cancel or a timeout kills whole, ranks included.
 - its own TMPDIR, which the worker removes when the job ends, however it ends.
@@ -20,10 +21,13 @@ Its exit status reaches the service through the fork server: `exitcode` is negat
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import queue
 import tempfile
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -35,17 +39,48 @@ _PRELOAD = "fitprobe.app.executors.job_preload"
 # the exit code multiprocessing gives a job whose fork server went away before reporting the job's own (the job
 # then died too: it dies with the fork server)
 LOST_WITH_FORK_SERVER = 255
+# multiprocessing runs the service's main module again in each forked process, as `__mp_main__` (`fitprobe
+# serve`, `python -m fitprobe.app.cli` and uvicorn's command are guarded already): a script of a user's own that
+# starts the service must be too
+MAIN_GUARD_HINT = ("a script that starts the service must do so under `if __name__ == \"__main__\":`, since "
+                   "job processes import the main module again; or run `fitprobe serve`")
 READY_TIMEOUT_S = 120.0  # the fork server's imports: seconds on the 2-core test host, more under load
 _context = multiprocessing.get_context("forkserver")
+log = logging.getLogger("fitprobe.executor")
 
 
 def start_fork_server() -> None:
     """Start the fork server now, at the service's start-up, so that its imports are done before the first job.
 
-    Otherwise the first job's worker waits for them inside `start_job`, seconds in which a SIGTERM finds it
-    unable to hand its job back. Idempotent: a fork server that runs already is kept (one per service process)."""
+    Idempotent: a fork server that runs already is kept (one per service process). It is started from one
+    thread that lives as long as this process (`_owner`): the fork server dies when the thread that started
+    it ends (job_preload.py), and a worker's or a request's thread ends before the service does (an app's
+    lifespan thread under a test client: every app after it would pay the imports again)."""
+    global _owner
+    with _owner_lock:
+        if _owner is None:
+            _owner = threading.Thread(target=_own_fork_server, name="fitprobe-fork-server", daemon=True)
+            _owner.start()
+    done = threading.Event()
+    _requests.put(done)
+    done.wait()
+
+
+_owner: threading.Thread | None = None
+_owner_lock = threading.Lock()
+_requests: queue.SimpleQueue[threading.Event] = queue.SimpleQueue()
+
+
+def _own_fork_server() -> None:
     _context.set_forkserver_preload([_PRELOAD])
-    multiprocessing.forkserver.ensure_running()
+    while True:
+        done = _requests.get()
+        try:
+            multiprocessing.forkserver.ensure_running()  # a no-op while it runs; else (it died) a new one
+        except Exception:  # the caller's fork then fails and says so; this thread must go on
+            log.exception("the fork server did not start")
+        finally:
+            done.set()
 
 
 def start_forked(target: Callable[..., None], *args: Any) -> BaseProcess:

@@ -1,9 +1,10 @@
 """What the fork server imports once, so that no job (or model sizer) imports it again (app/executors/forked.py).
 
-Imported by the fork server only, and first of all it binds that process to die with the service's thread
-that started it. multiprocessing ends a fork server when every holder of its pipe's write end is gone, but
-every job forked from it holds one, and each job lives while the fork server does: killed with `kill -9`,
-the service would leave both running.
+Imported by the fork server only, and first of all it binds that process to die with the service's
+thread that started it (app/executors/forked.py: one that lives as long as the service).
+multiprocessing ends a fork server when every holder of its pipe's write end is gone, but every job
+forked from it holds one, and each job lives while the fork server does: killed with `kill -9`, the
+service would leave both running.
 
 Imports only: the fork server must not run a torch op (an OpenMP or intra-op thread pool started before
 `fork` is unusable in the child) nor touch CUDA (a CUDA context does not survive a fork). peft is left

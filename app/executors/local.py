@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors.base import ENDED, DbRetry, Follower, Stopping, internal_error, spec_for_device
-from fitprobe.app.executors.forked import LOST_WITH_FORK_SERVER, start_fork_server, start_job, wait_until_ready
+from fitprobe.app.executors.forked import (
+    LOST_WITH_FORK_SERVER,
+    MAIN_GUARD_HINT,
+    start_fork_server,
+    start_job,
+    wait_until_ready,
+)
 from fitprobe.app.store import JobRow, Store
 from fitprobe_client.status import JobStatus
 from fitprobe.app.worker import Item
@@ -103,6 +109,7 @@ class DeviceWorker(threading.Thread):
         self._db = DbRetry(f"worker {device}", stopping)
         self._follower = Follower(store, self._db, settings, stopping, metrics)
         self._fork_server_ready = False  # waited for before a claim: see app/executors/forked.py wait_until_ready
+        self.fork_error: str | None = None  # why the fork server does not fork, while it does not (/readyz says it)
 
     @property
     def db_error(self) -> str | None:
@@ -115,11 +122,13 @@ class DeviceWorker(threading.Thread):
                 if not self._fork_server_ready:
                     try:
                         wait_until_ready()
-                    except Exception:
-                        log.exception("worker %s: the fork server does not fork; trying again", self.device)
-                        self.stopping.wait(self.settings.poll_interval_s)
+                    except Exception as exc:
+                        self.fork_error = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+                        log.exception("worker %s: the fork server does not fork (%s); trying again; %s", self.device,
+                                      self.fork_error, MAIN_GUARD_HINT)
+                        self.stopping.wait(max(self.settings.poll_interval_s, 5.0))
                         continue
-                    self._fork_server_ready = True
+                    self._fork_server_ready, self.fork_error = True, None
                 job = self._db(self.store.claim_next, self.device)
                 if job is None:
                     self.stopping.wait(self.settings.poll_interval_s)
@@ -260,4 +269,6 @@ class LocalExecutor:
         if not alive:
             return ["no device worker is running"]
         # a worker retrying the database can record nothing: the store is shared, so this replica is not ready
-        return [f"worker {w.device}: database error: {w.db_error} (retrying)" for w in alive if w.db_error]
+        return ([f"worker {w.device}: database error: {w.db_error} (retrying)" for w in alive if w.db_error]
+                + [f"worker {w.device}: job processes cannot start: {w.fork_error} ({MAIN_GUARD_HINT})"
+                   for w in alive if w.fork_error])
