@@ -4,7 +4,10 @@ A job process, and the device processes it spawns, hold memory on the device. If
 killed (even with `kill -9`, which runs no cleanup) they must not run on, holding a GPU that the
 restarted service then hands to the next job.
 
-So they all start here, as `python -m fitprobe.probe.lifetime PARENT_PID`, not through multiprocessing: a
+The service's job processes and its model sizer fork from a preloaded fork server instead
+(app/executors/forked.py), which keeps this guard and pays the caveat below once, at start-up. The
+processes a job starts (the ranks of a verification or a sharded trial) start here, as
+`python -m fitprobe.probe.lifetime PARENT_PID`, not through multiprocessing: a
 spawned multiprocessing child first re-imports the parent's main module (`fitprobe.probe.cli`, hence torch)
 and then unpickles its target (torch's `mp.spawn` wrapper, torch again), seconds in which a dead
 parent leaves it running. This module imports nothing heavy: the guard is its first work, and only

@@ -3,8 +3,9 @@
 A job process started as a fresh interpreter (probe/lifetime.py) spent its first seconds importing
 torch, fitprobe's library and transformers' model code: on the 2-core host about 2.5 s of CPU before a
 small job's first event, three times what a gpt-nano probe with its verification then costs (0.7 s). So
-the local executor starts each job through multiprocessing's fork server: one process that imports
-app/executors/job_preload.py once, at the first job, and forks every job from there.
+the local executor starts each job (and the model sizer, app/sizer.py) through multiprocessing's fork
+server: one process that imports app/executors/job_preload.py once, at the service's start-up, and forks
+every job from there.
 
 What the fresh interpreter guaranteed, a forked job keeps:
 - it dies with the service. The fork server is killed when the service's thread that started it ends
