@@ -102,9 +102,11 @@ def wait_until_ready() -> None:
     while the fork server imports renews no lease, and another replica takes the job and runs it again."""
     process = start_forked(_ready)
     process.join(READY_TIMEOUT_S)
-    if process.exitcode != 0:
+    if process.exitcode is None:
         process.kill()
-        raise RuntimeError(f"the fork server did not fork within {READY_TIMEOUT_S:g} s (exit code {process.exitcode})")
+        raise RuntimeError(f"the fork server did not fork within {READY_TIMEOUT_S:g} s")
+    if process.exitcode != 0:
+        raise RuntimeError(f"the fork server's process exited with code {process.exitcode} before it forked")
 
 
 def _ready() -> None:

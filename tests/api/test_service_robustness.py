@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ import sqlalchemy as sa
 
 from fitprobe.app.config import Settings
 from fitprobe.app.executors import base, local
-from tests.api.conftest import FAST_JOB, SLOW_JOB, Server, start_server, wait_for
+from tests.api.conftest import FAST_JOB, SLOW_JOB, Server, free_port, start_server, wait_for
 
 
 def _start_slow_job(server: Server) -> dict:
@@ -224,3 +226,45 @@ def test_the_cache_never_answers_beyond_the_limit_its_search_stopped_at(server):
         assert again["plan"]["effective_batch"] == 16
         assert again["verification"] is None
         assert again["verification_note"] == "not run for this plan; submit with reuse=false to verify"
+
+
+_UNGUARDED_SCRIPT = """\
+import sys
+
+import uvicorn
+
+from fitprobe.app.config import Settings
+from fitprobe.app.main import create_app
+
+uvicorn.run(create_app(Settings(data_dir=sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]))
+"""
+
+
+def test_a_script_that_starts_the_service_without_a_main_guard_is_told_how_to_fix_it(tmp_path):
+    """Job processes fork from a fork server that imports the main module again: a user's script without
+    `if __name__ == "__main__":` starts a second service there instead of forking. /readyz says so and how
+    to fix it, rather than leaving its jobs queued with no word why."""
+    script = tmp_path / "serve_mine.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        answer = None
+        while time.monotonic() < deadline:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            except httpx.HTTPError:
+                answer = None
+            if answer is not None and answer.status_code == 503:
+                break
+            assert process.poll() is None, "the service itself must keep running and say what is wrong"
+            time.sleep(0.5)
+        assert answer is not None and answer.status_code == 503, answer and answer.text
+        detail = answer.json()["detail"]
+        assert "job processes cannot start" in detail
+        assert 'if __name__ == "__main__":' in detail and "fitprobe serve" in detail
+    finally:
+        process.kill()
+        process.wait(timeout=10)
