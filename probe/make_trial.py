@@ -38,7 +38,7 @@ def make_trial(spec: ProbeSpec, allowed_factories: Collection[str] = (), emit: E
                ) -> tuple[Meter, dict[str, Any], Trial]:
     """The meter whose device and capacity the report names, the model's facts, and `trial(b)`.
 
-    The model built, what the previous build left is collected (probe/heap.py) before a trial counts bytes.
+    The model built, what is alive settles (probe/heap.py): the trials' collections walk only what they make.
     """
     made = _make_trial(spec, allowed_factories, emit)
     settle()

@@ -227,7 +227,7 @@ class Builds:
                 self.count += 1
             except Fallback as refused:
                 built.cuts_refused = refused  # the build's later cells are not cut either
-            settle()  # what the old build left is collected (probe/heap.py)
+            settle()  # the old build is collected, the new one frozen (probe/heap.py)
             if built.cuts_refused is not None:
                 raise Fallback(built.cuts_refused.reason)
         cuts = built.model
