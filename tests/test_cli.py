@@ -116,21 +116,21 @@ def test_a_config_file_that_is_not_a_json_object_is_one_line_and_exit_2(capsys, 
     ([], "required: --model, --seq-len"),
     (["--model", "builtin:gpt-nano", "--seq-len", "32", "--micro-batch", "0"], "--micro-batch: must be at least 1"),
 ])
-def test_trial_needs_a_model_and_a_positive_micro_batch(args, fix):
-    run = fitprobe("trial", *args)
+def test_trial_needs_a_model_and_a_positive_micro_batch(capsys, args, fix):
+    run = fitprobe_in_process(capsys, "trial", *args)
     assert run.returncode == 2 and fix in run.stderr and "Traceback" not in run.stderr
 
 
-def test_a_forgotten_model_is_an_error_not_a_silent_default():
-    run = fitprobe("probe", "--seq-len", "32", "--precision", "fp32")
+def test_a_forgotten_model_is_an_error_not_a_silent_default(capsys):
+    run = fitprobe_in_process(capsys, "probe", "--seq-len", "32", "--precision", "fp32")
     assert run.returncode == 2 and "--model" in run.stderr
 
 
-def test_version_and_help_show_defaults_and_the_exit_codes():
-    assert fitprobe("--version").stdout.startswith("fitprobe ")
-    top = fitprobe("--help").stdout
+def test_version_and_help_show_defaults_and_the_exit_codes(capsys):
+    assert fitprobe_in_process(capsys, "--version").stdout.startswith("fitprobe ")
+    top = fitprobe_in_process(capsys, "--help").stdout
     assert "3  the service is unreachable" in top
-    probe_help = fitprobe("probe", "--help").stdout
+    probe_help = fitprobe_in_process(capsys, "probe", "--help").stdout
     assert "(default: 0.1)" in probe_help and "h100-80gb" in probe_help
 
 
@@ -148,15 +148,15 @@ def test_help_and_preflight_never_import_torch():
     assert run.stdout.splitlines()[-1] == "3 []", run.stdout + run.stderr
 
 
-def test_gpu_card_without_estimate_does_not_start_a_real_search():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--gpu", "h100-80gb")
+def test_gpu_card_without_estimate_does_not_start_a_real_search(capsys):
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--gpu", "h100-80gb")
     assert run.returncode == 2 and "add --estimate" in run.stderr
     assert "trial micro_batch" not in run.stderr
 
 
-def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs():
+def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs(capsys):
     available_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    run = fitprobe("probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
                    "--capacity", str(available_bytes + (4 << 30)), "--json")
     assert run.returncode == 2 and "--estimate" in run.stderr
     assert json.loads(run.stdout)["exit_code"] == 2, "with --json, stdout still holds one JSON object"
