@@ -149,15 +149,16 @@ def test_help_and_preflight_never_import_torch():
 
 
 def test_gpu_card_without_estimate_does_not_start_a_real_search(capsys):
-    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--gpu", "h100-80gb")
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                              "--gpu", "h100-80gb")
     assert run.returncode == 2 and "add --estimate" in run.stderr
     assert "trial micro_batch" not in run.stderr
 
 
 def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs(capsys):
     available_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--precision", "fp32", "--device", "cpu",
-                   "--capacity", str(available_bytes + (4 << 30)), "--json")
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-tiny", "--seq-len", "256", "--precision", "fp32",
+                              "--device", "cpu", "--capacity", str(available_bytes + (4 << 30)), "--json")
     assert run.returncode == 2 and "--estimate" in run.stderr
     assert json.loads(run.stdout)["exit_code"] == 2, "with --json, stdout still holds one JSON object"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -22,6 +21,7 @@ import torch
 from fitprobe.probe.data import data_lengths, read_profile
 from fitprobe.probe.job import run_probe, run_trial
 from fitprobe.probe.spec import ProbeSpec
+from tests.test_cli import fitprobe_in_process
 from tests.reference_loop import ARCHITECTURES, LoopSettings, allocator_peak_bytes, build_user_model, hf_trainer_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,17 +130,17 @@ def test_an_estimate_of_the_datas_worst_batch_equals_the_measured_trial(dataset,
     assert estimated["peak_allocated_bytes"] == pytest.approx(measured["peak_allocated_bytes"], rel=TOLERANCE)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fitprobe.app.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """The `fitprobe` command through `main(argv)` in this process (tests/test_cli.py has the ones run as processes)."""
+    return fitprobe_in_process(capsys, *args)
 
 
-def test_the_cli_reads_data_with_progress_and_reports_it(dataset, tmp_path):
+def test_the_cli_reads_data_with_progress_and_reports_it(capsys, dataset, tmp_path):
     rows, paths = dataset
     config = tmp_path / "config.json"
     config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
-    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32", "--data", str(paths["jsonl"]),
-                "--capacity", "300MiB", "--max-micro-batch", "3", "--json")
+    done = _cli(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32",
+                "--data", str(paths["jsonl"]), "--capacity", "300MiB", "--max-micro-batch", "3", "--json")
     assert done.returncode == 0, done.stderr
     assert f"reading {paths['jsonl']}" in done.stderr and f"{len(rows)} rows, longest {LONGEST} tokens" in done.stderr
     report = json.loads(done.stdout)
@@ -150,12 +150,12 @@ def test_the_cli_reads_data_with_progress_and_reports_it(dataset, tmp_path):
     assert 0 < report["data"]["padding_fraction"]["padded"] < 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": "oops"}\n')
-    refused = _cli("probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32", "--data", str(bad))
+    refused = _cli(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32", "--data", str(bad))
     assert refused.returncode == 2 and "row 2" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_a_token_budget_is_planned_exactly_and_verified_by_training():
-    done = _cli("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "64MiB",
+def test_a_token_budget_is_planned_exactly_and_verified_by_training(capsys):
+    done = _cli(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "64MiB",
                 "--collation",
                 "packed", "--effective-batch-tokens", "1536", "--max-micro-batch", "16", "--json", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -167,7 +167,7 @@ def test_a_token_budget_is_planned_exactly_and_verified_by_training():
     checks = {c["name"]: c["passed"] for c in verification["checks"]}
     assert checks["tokens_per_step"] and verification["passed"], verification["checks"]
     assert verification["input_tokens_per_step"] == 1536  # counted from the tensors the run trained on
-    off = _cli("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--collation", "packed",
+    off = _cli(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--collation", "packed",
                "--effective-batch-tokens", "1000")
     assert off.returncode == 2 and "the nearest are 992 and 1024" in off.stderr
 
@@ -210,12 +210,13 @@ def test_the_padding_a_micro_batch_wastes_on_the_data_enters_the_plans_ranking()
     assert slower["relative_throughput"] == pytest.approx(step[32] / step[64], abs=1e-3)
 
 
-def test_the_verification_trains_on_the_users_rows(dataset, tmp_path):
+def test_the_verification_trains_on_the_users_rows(capsys, dataset, tmp_path):
     rows, paths = dataset
     config = tmp_path / "config.json"
     config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
-    done = _cli("probe", "--model", f"hf:{config}", "--seq-len", "64", "--precision", "fp32", "--data", str(paths["parquet"]),
-                "--capacity", "300MiB", "--effective-batch", "20", "--max-micro-batch", "5", "--json", "--quiet")
+    done = _cli(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "64", "--precision", "fp32",
+                "--data", str(paths["parquet"]), "--capacity", "300MiB", "--effective-batch", "20", "--max-micro-batch", "5",
+                "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     verification = json.loads(done.stdout)["verification"]
     assert verification["passed"], verification["checks"]
