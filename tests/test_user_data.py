@@ -24,7 +24,6 @@ from fitprobe.probe.spec import ProbeSpec
 from tests.test_cli import fitprobe_in_process
 from tests.reference_loop import ARCHITECTURES, LoopSettings, allocator_peak_bytes, build_user_model, hf_trainer_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.005  # the bar: within 0.5 % of the loop users run
 LONGEST = 150
 MICRO_BATCH = 4
