@@ -43,18 +43,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(autouse=True)
 def _imports_stay_frozen() -> Iterator[None]:
-    """Freeze the imports again after a test that thawed them, without collecting first.
+    """Freeze the imports again after a test that thawed them, without collecting first (on CPU-only hosts).
 
     A probe or estimate brackets its trials in `frozen_heap()` (probe/heap.py), whose outermost exit
     unfreezes everything, the imports frozen above included: every later trial in that worker would walk
     them again at each release. A collection before the freeze would cost a full walk (0.3 s on the CI host)
-    after every such test, most of the teardown time of the suite; without it, what the test left in
-    reference cycles is frozen with the imports until the next build's `settle()`, which unfreezes and
-    collects everything before any trial counts bytes (and a trial outside a bracket counts only what it
-    allocates, never what lives before it).
+    after every such test, most of the suite's teardown time; without it, what the test left in reference
+    cycles is frozen with the imports until the next build's `settle()`, which unfreezes and collects
+    everything before any trial counts bytes. A CPU meter counts only what its own trials allocate, so a
+    frozen leftover changes no reading; the CUDA allocator's statistics would count it, so where torch sees a
+    GPU the leftovers are collected first, as before.
     """
     yield
     if gc.get_freeze_count() == 0:
+        if torch.cuda.is_available():
+            gc.collect()
         gc.freeze()
 
 
