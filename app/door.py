@@ -1,6 +1,6 @@
 """The model checks every route that queues a job runs at the door: arithmetic first, then the built count.
 
-`check_reference` (probe/models/load.py) refuses names it does not know and sizes it can read, in microseconds;
+`check_reference` (probe/models/reference.py) refuses names it does not know and sizes it can read, in microseconds;
 what passes and comes from a config (inline or hf:) is then built on the meta device in the sizing
 process (app/sizer.py) and its real parameter count and context bounded, whatever its fields are called.
 Builtin models and presets are fixed, counted exactly by the arithmetic; factories are the operator's.
@@ -14,9 +14,9 @@ from fastapi import HTTPException
 
 from fitprobe.app.config import Settings
 from fitprobe.app.sizer import Sizer, SizerBusy
-from fitprobe.probe.generate import check_decode_bound, configured_layers
-from fitprobe.probe.models.bounds import check_counted
-from fitprobe.probe.models.load import check_reference, check_seq_len, is_hugging_face, stored_weight_bytes
+from fitprobe.probe.models.bounds import check_counted, check_decode_bound
+from fitprobe.probe.models.reference import (check_reference, check_seq_len, configured_layers, is_hugging_face,
+                                             stored_weight_bytes)
 from fitprobe.probe.spec import ProbeSpec, SpecError
 
 

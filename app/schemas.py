@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitprobe.probe.recommend import Candidate
 from fitprobe.probe.report import PlanFacts, Report, Verification
-from fitprobe.probe.whatif import WhatIf
+from fitprobe.probe.whatif_table import WhatIf
 from fitprobe.probe.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH, ProbeSpec
 
 

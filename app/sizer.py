@@ -10,7 +10,7 @@ process (a new one starts for the next request) and refuses the request. The siz
 from the fork server the jobs are forked from (app/executors/forked.py), which imported torch and
 transformers once for both: a new one starts in a fraction of a second, and dies with the service.
 
-The server process reads configs with transformers too (probe/models/load.py: `check_reference`), and its
+The server process reads configs with transformers too (probe/models/reference.py: `check_reference`), and its
 first import took 7 s at the door; so the sizer imports it here as well, beside serving, and the door
 waits for that import (`ready`) rather than importing it a second time half-way (a lazy module
 imported from two threads at once answered "cannot import name").

@@ -38,7 +38,8 @@ from fitprobe.probe import whatif
 from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.job import run_probe
 from fitprobe.probe.spec import ProbeSpec
-from fitprobe.probe.whatif import run_whatif, settings_grid
+from fitprobe.probe.whatif import run_whatif
+from fitprobe.probe.whatif_table import settings_grid
 
 SMALL_LLAMA = dict(model_type="llama", vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

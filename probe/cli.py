@@ -58,7 +58,7 @@ def model_limits() -> ModelLimits:
 
 def checked_spec(args: argparse.Namespace) -> ProbeSpec:
     """The spec, its model's sizes checked by arithmetic before the job builds anything."""
-    from fitprobe.probe.models.load import check_reference
+    from fitprobe.probe.models.reference import check_reference
 
     spec = spec_from_args(args)
     check_reference(spec, allowed_factories(), limits=model_limits())
@@ -354,8 +354,9 @@ def _words(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
-    from fitprobe.probe.models.load import check_reference
-    from fitprobe.probe.whatif import default_precisions, format_whatif, run_whatif, settings_grid
+    from fitprobe.probe.models.reference import check_reference
+    from fitprobe.probe.whatif import run_whatif
+    from fitprobe.probe.whatif_table import default_precisions, format_whatif, settings_grid
 
     if not args.gpu and not args.capacity:
         raise SpecError("whatif plans for a card: give --gpu CARD or --capacity (e.g. 24GiB)")

@@ -26,7 +26,8 @@ from typing import Any, get_args
 
 import numpy as np
 
-from fitprobe.probe.plan import plan_limit
+from fitprobe.probe.plan import Plan, plan_equation, plan_limit
+from fitprobe.probe.report import PlanFacts, TokenBudget
 from fitprobe.probe.spec import Collation, DataLengths, ProbeSpec, SpecError
 
 COLLATIONS: tuple[Collation, ...] = get_args(Collation)
@@ -356,6 +357,25 @@ def data_facts(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | No
             "rows_longer_than_seq_len": over, "worst_batch": worst,
             "padding_fraction_at_micro_batch": planned if planned >= 1 else None,
             "padding_fraction": padding}
+
+
+def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
+    """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len).
+
+    Here beside `data_facts` because the user's data adds its share: the padding a padded batch wastes at the
+    planned micro-batch. The job and the service (a cached probe planned again for another batch) both ask it."""
+    planned = plan.facts()
+    if spec.data is not None and spec.collation == "padded":
+        profile = profile_of(spec.data)
+        planned.padding_fraction = round(expected_padding_fraction(
+            profile, "padded", min(plan.split.micro_batch, profile.rows), spec.seq_len), 4)
+    if spec.effective_batch_tokens is not None:  # planned in rows of seq_len tokens, which packing fills
+        rows = plan.split.effective_batch
+        planned.tokens = TokenBudget(
+            effective_batch_tokens=rows * spec.seq_len, effective_batch_tokens_asked=spec.effective_batch_tokens,
+            tokens_per_row=spec.seq_len, tokens_per_micro_batch=plan.split.micro_batch * spec.seq_len,
+            equation=plan_equation(plan.split, spec.seq_len))
+    return planned
 
 
 def data_words(data: dict[str, Any], seq_len: int, collation: str) -> list[str]:

@@ -40,17 +40,12 @@ from fitprobe.probe.heap import frozen_heap, settle
 from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.estimate.generate_reads import GenerateReads
 from fitprobe.probe.meter import Meter
-from fitprobe.probe.models.load import LoadedModel, reference_fields
+from fitprobe.probe.models.bounds import ESTIMATE_LAYER_TOKENS, check_decode_bound
+from fitprobe.probe.models.load import LoadedModel
 from fitprobe.probe.report import EvalSearch, Generation, TrialResult
 from fitprobe.probe.resident import ResidentRunner, announced, resident_facts, resident_words
 from fitprobe.probe.search import find_micro_batch
-from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, SpecError, format_bytes
-
-
-# An estimate decodes every token on fake tensors at ~35 ms per layer and token on a 2-core host (Llama-3.1-8B,
-# 32 layers: ~1.1 s a token on a shared host), so its decode work per trial is bounded: layers × new tokens
-# ≤ this (8B: 128 tokens, the default max_new_tokens).
-ESTIMATE_LAYER_TOKENS = 4096
+from fitprobe.probe.spec import MAX_NEW_TOKENS, ProbeSpec, format_bytes
 
 
 def _layers(module: nn.Module) -> int:
@@ -64,30 +59,6 @@ def estimated_token_limit(spec: ProbeSpec, module: nn.Module) -> int | None:
     if spec.mode != "estimate":
         return None
     return max(ESTIMATE_LAYER_TOKENS // _layers(module), 1)
-
-
-def check_decode_bound(spec: ProbeSpec, layers: int) -> None:
-    """Refuse an estimated generation whose new tokens are past what `layers` layers let an estimate decode."""
-    limit = max(ESTIMATE_LAYER_TOKENS // layers, 1)
-    if spec.generate and spec.mode == "estimate" and spec.max_new_tokens > limit:
-        raise SpecError(
-            f"an estimated generation decodes every token on fake tensors, {layers} layers each: max_new_tokens "
-            f"{spec.max_new_tokens} is past the {limit} this model's estimate runs (layers × tokens ≤ "
-            f"{ESTIMATE_LAYER_TOKENS}); lower max_new_tokens, or measure the generation on the device")
-
-
-def configured_layers(spec: ProbeSpec) -> int | None:
-    """The layer count the model's config names (presets, builtins, inline and hf: configs), before anything is
-    built: what the door bounds an estimated generation by. None where the config names none it knows (the
-    job's own check, on the built model, still holds)."""
-    try:
-        _, fields = reference_fields(spec.model)
-    except SpecError:
-        return None
-    nested = fields.get("text_config")
-    text = nested if isinstance(nested, dict) else fields
-    layers = text.get("num_hidden_layers", text.get("n_layer"))
-    return layers if isinstance(layers, int) and layers > 0 else None
 
 
 def prompt_tokens(spec: ProbeSpec) -> int:

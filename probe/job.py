@@ -31,15 +31,14 @@ from fitprobe.probe.events import Emit, Phase, ignore
 from fitprobe.probe.breakdown import CUDA_NOT_BROKEN_DOWN
 from fitprobe.probe.meter import Meter
 from fitprobe.probe.needs import does_not_fit, headroom_shortfall
-from fitprobe.probe.plan import Plan, plan_equation
-from fitprobe.probe.report import DeviceFacts, PlanFacts, Report, Search, TokenBudget, TrialReport
+from fitprobe.probe.report import DeviceFacts, Report, Search, TrialReport
 from fitprobe.probe.search import find_micro_batch
 from fitprobe.probe.spec import ProbeSpec, SpecError
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.versions import distribution_version
 from fitprobe.probe.verify.checks import run_verification
 from fitprobe.probe.plan import plan_for_probe
-from fitprobe.probe.data import expected_padding_fraction, profile_of, read_rows
+from fitprobe.probe.data import plan_facts, read_rows
 
 
 def versions() -> dict[str, str | None]:
@@ -157,22 +156,6 @@ def _probe(spec: ProbeSpec, emit: Emit, allowed_factories: Collection[str]) -> R
         emit(events.phase(Phase.GENERATION))
         report.generation = search_generation(spec, allowed_factories, emit)
     return report
-
-
-def plan_facts(plan: Plan, spec: ProbeSpec) -> PlanFacts:
-    """The plan as the report holds it; a token budget adds its arithmetic in tokens (rows of seq_len)."""
-    planned = plan.facts()
-    if spec.data is not None and spec.collation == "padded":
-        profile = profile_of(spec.data)
-        planned.padding_fraction = round(expected_padding_fraction(
-            profile, "padded", min(plan.split.micro_batch, profile.rows), spec.seq_len), 4)
-    if spec.effective_batch_tokens is not None:  # planned in rows of seq_len tokens, which packing fills
-        rows = plan.split.effective_batch
-        planned.tokens = TokenBudget(
-            effective_batch_tokens=rows * spec.seq_len, effective_batch_tokens_asked=spec.effective_batch_tokens,
-            tokens_per_row=spec.seq_len, tokens_per_micro_batch=plan.split.micro_batch * spec.seq_len,
-            equation=plan_equation(plan.split, spec.seq_len))
-    return planned
 
 
 def run_job(spec: ProbeSpec, emit: Emit = ignore, allowed_factories: Collection[str] = (),

@@ -37,7 +37,7 @@ from fitprobe.probe import events
 from fitprobe.probe.events import Emit, Phase, ignore
 from fitprobe.probe.heap import frozen_heap
 from fitprobe.probe.spec import ProbeSpec, SpecError
-from fitprobe.probe.models.load import is_hugging_face
+from fitprobe.probe.models.reference import is_hugging_face
 
 if TYPE_CHECKING:
     from fitprobe.probe.whatif import Builds
@@ -272,9 +272,8 @@ def _flops_key(spec: ProbeSpec) -> str:
 
 
 def _plan(spec: ProbeSpec, max_micro_batch: int, safe_micro_batch: int | None) -> dict[str, Any]:
-    """The plan a probe of `spec` makes from this max and safe micro-batch (probe/job.py plan_facts)."""
-    from fitprobe.probe.data import padded_width_ratio
-    from fitprobe.probe.job import plan_facts
+    """The plan a probe of `spec` makes from this max and safe micro-batch (probe/data.py plan_facts)."""
+    from fitprobe.probe.data import padded_width_ratio, plan_facts
     from fitprobe.probe.plan import make_plan, plan_limit
 
     assert spec.effective_rows is not None

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitprobe.probe.events import Emit, Phase, ignore, phase
 from fitprobe.probe.spec import DEFAULT_PRECISION, MAX_SEQ_LEN, Optimizer, ProbeSpec
-from fitprobe.probe.whatif import (CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting, WhatIfPrecision,
-                                   default_precisions, run_whatif, settings_grid)
+from fitprobe.probe.whatif_table import (CHECKPOINTING, FINETUNINGS, OPTIMIZERS, FineTuningWord, Setting,
+                                         WhatIfPrecision, default_precisions, settings_grid)
 
 CheckpointingWord = Literal["off", "on"]
 
@@ -92,6 +92,8 @@ class WhatIfSpec(BaseModel):
 def run_whatif_job(spec: WhatIfSpec, emit: Emit = ignore, allowed_factories: Collection[str] = ()
                    ) -> dict[str, Any]:
     """The service's what-if job: the table as a dict, one `whatif_cell` event per cell on the way."""
+    from fitprobe.probe.whatif import run_whatif  # torch: only a job process fills the table
+
     emit(phase(Phase.ESTIMATING))
     return run_whatif(spec.base(), spec.seq_lens, spec.settings(), emit, allowed_factories,
                       spec.longest_up_to).to_dict()

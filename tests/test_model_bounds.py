@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fitprobe.probe.models.bounds import ModelLimits, check_model, count_parameters
-from fitprobe.probe.models.load import MODULE_NAMES, check_reference, config_defaults
+from fitprobe.probe.models.reference import MODULE_NAMES, check_reference, config_defaults
 from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec, SpecError
 
@@ -79,7 +79,8 @@ def test_the_module_names_the_door_checks_lora_targets_against_are_those_of_the_
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fitprobe.probe.models.builtin_gpt import BUILTIN_CONFIGS, GPT
+    from fitprobe.probe.models.builtin_config import BUILTIN_CONFIGS
+    from fitprobe.probe.models.builtin_gpt import GPT
 
     with torch.device("meta"):
         if model_type == "builtin":

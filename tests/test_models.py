@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitprobe.probe.models.load import build_model, check_reference, parameter_bytes
+from fitprobe.probe.models.load import build_model, parameter_bytes
+from fitprobe.probe.models.reference import check_reference
 from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes
 

@@ -157,7 +157,7 @@ def test_int8_base_equals_the_8bit_recipe(tmp_path):
 
 
 def test_quantizing_a_builtin_model_is_refused_with_the_fix():
-    from fitprobe.probe.models.load import check_reference
+    from fitprobe.probe.models.reference import check_reference
 
     spec = ProbeSpec(precision="fp32", model="builtin:gpt-nano", seq_len=32, finetuning="lora", quantization="nf4")
     with pytest.raises(Exception, match="drop quantization for builtin"):

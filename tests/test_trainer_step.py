@@ -105,7 +105,7 @@ def test_all_linear_lora_adapts_what_peft_adapts_and_trains():
 def test_all_linear_beside_module_names_or_on_a_builtin_model_is_refused_with_the_fix():
     from pydantic import ValidationError
 
-    from fitprobe.probe.models.load import check_reference
+    from fitprobe.probe.models.reference import check_reference
     from fitprobe.probe.spec import SpecError
 
     with pytest.raises(ValidationError, match="name no other module beside it"):

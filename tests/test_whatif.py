@@ -14,7 +14,8 @@ import pytest
 from fitprobe.probe.make_trial import make_trial
 from fitprobe.probe.job import run_probe
 from fitprobe.probe.spec import ProbeSpec
-from fitprobe.probe.whatif import SEQ_GRID, Setting, WhatIf, format_whatif, run_whatif, settings_grid
+from fitprobe.probe.whatif import run_whatif
+from fitprobe.probe.whatif_table import SEQ_GRID, Setting, WhatIf, format_whatif, settings_grid
 from fitprobe.probe.whatif_spec import WhatIfSpec
 from tests.once_per_run import once_per_run
 

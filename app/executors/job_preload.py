@@ -27,6 +27,7 @@ import fitprobe.app.worker  # noqa: E402
 import fitprobe.probe.job  # noqa: E402
 import fitprobe.probe.models.load  # noqa: E402
 import fitprobe.probe.recommend  # noqa: E402
+import fitprobe.probe.whatif  # noqa: E402 - the table the what-if job fills (whatif_spec imports it only there)
 import fitprobe.probe.whatif_spec  # noqa: E402, F401
 
 try:

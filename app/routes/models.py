@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from fitprobe.probe.models.builtin_gpt import BUILTIN_CONFIGS
+from fitprobe.probe.models.builtin_config import BUILTIN_CONFIGS
 from fitprobe.probe.gpus import GPU_TOTAL_MIB, gpu_capacity_bytes
 from fitprobe.probe.optimizers import KINDS
 from fitprobe.probe.models.presets import PRESETS

@@ -22,8 +22,7 @@ from fitprobe.app.store import PROBE, ClientLimits, ClientQuota, JobRow, QueueFu
 from fitprobe.app.watch import compact, etag_of
 from fitprobe_client.status import JobStatus
 from fitprobe.probe.models.hub import HubId, fetch_config, looks_like_path, parse_hub_id
-from fitprobe.probe.data import padded_width_ratio
-from fitprobe.probe.job import plan_facts
+from fitprobe.probe.data import padded_width_ratio, plan_facts
 from fitprobe.probe.plan import plan_for_probe
 from fitprobe.probe.report import Report
 from fitprobe.probe.spec import ProbeSpec, SpecError, format_bytes

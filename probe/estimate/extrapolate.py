@@ -51,7 +51,8 @@ from fitprobe.probe.build import attention_facts, build_key, model_facts, prepar
 from fitprobe.probe.estimate.fake import EstimateMeter
 from fitprobe.probe.estimate.fallback import Fallback
 from fitprobe.probe.events import Emit, Phase, ignore, progress
-from fitprobe.probe.models.load import build_model, check_seq_len, hf_config, reference_fields
+from fitprobe.probe.models.load import build_model
+from fitprobe.probe.models.reference import check_seq_len, hf_config, reference_fields
 from fitprobe.probe.report import TrialResult
 from fitprobe.probe.sharded_trial import EstimatedShardedTrial
 from fitprobe.probe.spec import MAX_CAPACITY_BYTES, ProbeSpec, SpecError, format_bytes

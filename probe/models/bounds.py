@@ -23,6 +23,8 @@ Default limits, each far above any published model and far below what hangs the 
   ≤ 10,000 labels (`num_labels`: the config's constructor makes a name for each).
 - parameters × tokens of the largest micro-batch the search may try ≤ 10²¹: one micro-step is
   ~6 × that many FLOPs, over an hour on a 1 PFLOP/s device, so the job timeout would end it anyway.
+- layers × new tokens of an estimated generation ≤ ESTIMATE_LAYER_TOKENS (probe/generate.py decodes every
+  token on fake tensors).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fitprobe.probe.spec import MAX_JSON_ITEMS, MAX_MICRO_BATCH, SpecError
+from fitprobe.probe.spec import MAX_JSON_ITEMS, MAX_MICRO_BATCH, ProbeSpec, SpecError
 
 MAX_POSITIONS = 2**24
 
@@ -187,3 +189,19 @@ def check_counted(parameters: int, limits: ModelLimits, seq_len: int, micro_batc
                         f"(seq_len {seq_len} × micro-batch up to {micro_batch:,}) is more than this service's "
                         f"limit of {limits.max_param_tokens:.0e} (FITPROBE_MAX_PARAM_TOKENS); set max_micro_batch "
                         "or effective_batch, lower seq_len, or pick a smaller model")
+
+
+# An estimate decodes every token on fake tensors at ~35 ms per layer and token on a 2-core host (Llama-3.1-8B,
+# 32 layers: ~1.1 s a token on a shared host), so its decode work per trial is bounded: layers × new tokens
+# ≤ this (8B: 128 tokens, the default max_new_tokens).
+ESTIMATE_LAYER_TOKENS = 4096
+
+
+def check_decode_bound(spec: ProbeSpec, layers: int) -> None:
+    """Refuse an estimated generation whose new tokens are past what `layers` layers let an estimate decode."""
+    limit = max(ESTIMATE_LAYER_TOKENS // layers, 1)
+    if spec.generate and spec.mode == "estimate" and spec.max_new_tokens > limit:
+        raise SpecError(
+            f"an estimated generation decodes every token on fake tensors, {layers} layers each: max_new_tokens "
+            f"{spec.max_new_tokens} is past the {limit} this model's estimate runs (layers × tokens ≤ "
+            f"{ESTIMATE_LAYER_TOKENS}); lower max_new_tokens, or measure the generation on the device")

@@ -1,6 +1,7 @@
 """A small GPT in plain torch: the default model for demos and tests, no transformers needed.
 
-Written in the spirit of nanoGPT's model.py: one config, one file, read top to bottom. It uses the
+Written in the spirit of nanoGPT's model.py: one config, one file, read top to bottom (the configs
+themselves live in probe/models/builtin_config.py, which the door reads without torch). It uses the
 same building blocks as the models people fine-tune (pre-norm blocks, fused SDPA attention, tied
 embeddings), so its memory curve has the same shape: activations linear in batch, logits dominant
 at large vocabularies.
@@ -8,30 +9,12 @@ at large vocabularies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from fitprobe.probe.estimate.recompute import CHECKPOINT_KWARGS
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 1024
-    block_size: int = 2048
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-
-
-BUILTIN_CONFIGS: dict[str, GPTConfig] = {
-    "gpt-nano": GPTConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=64),
-    "gpt-tiny": GPTConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=128),
-    "gpt-small": GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=256),
-    "gpt-base": GPTConfig(vocab_size=8192, n_layer=6, n_head=8, n_embd=512),
-}
+from fitprobe.probe.models.builtin_config import GPTConfig
 
 
 class CausalSelfAttention(nn.Module):

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# bytes per parameter a quantized weight takes at least: 4 bits (scales come on top)
-QUANTIZED_BYTES_PER_PARAMETER = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CUDA and CPU alike (Params4bit's default)
 
 

@@ -398,7 +398,7 @@ def test_oom_trials_and_an_oom_verification_read_in_units_not_raw_counts(server,
 
 
 def test_whatif_page_draws_one_heat_map_cell_per_setting_and_seq_len(server, page, tmp_path):
-    from fitprobe.probe.whatif import Cell, Longest, Row, WhatIf, settings_grid
+    from fitprobe.probe.whatif_table import Cell, Longest, Row, WhatIf, settings_grid
 
     seq_lens = [1024, 2048, 4096]
     rows = []
