@@ -24,8 +24,11 @@ from fitprobe.app.config import Settings
 from fitprobe.app.main import create_app
 
 FAST_JOB = {"model": "builtin:gpt-nano", "seq_len": 32, "precision": "fp32", "capacity_bytes": 16 << 20, "effective_batch": 24}
-# long enough to still be running when a test kills or cancels it (within the CPU device's 1 GiB)
-SLOW_JOB = {"model": "builtin:gpt-base", "seq_len": 512, "precision": "fp32", "capacity_bytes": 1 << 30, "reuse": False}
+# still running when a test cancels, kills or restarts around it (~30 s), asleep rather than computing: its model
+# sleeps in every forward (tests/factories.py). Every service the tests start allow-lists its factory.
+SLOW_FACTORY = "tests.factories:sleepy_lm"
+SLOW_JOB = {"model": f"factory:{SLOW_FACTORY}", "seq_len": 8, "precision": "fp32", "capacity_bytes": 16 << 20,
+            "reuse": False}
 
 
 def free_port() -> int:
@@ -61,13 +64,14 @@ class Server:
 def in_process(data_dir: Path, **settings: str) -> Iterator[TestClient]:
     """The app with its lifespan (database, worker thread, job processes) but no uvicorn: starting one costs
     seconds on the 2-core machine. The Host is a loopback name, which the app's Host check lets through."""
-    app = create_app(Settings(data_dir=data_dir, **settings))
+    app = create_app(Settings(data_dir=data_dir, **{"allowed_factories": SLOW_FACTORY, **settings}))
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client
 
 
 def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Server:
     port = port or free_port()
+    settings = {"allowed_factories": SLOW_FACTORY, **settings}
     env = {**os.environ, **{f"FITPROBE_{k.upper()}": v for k, v in settings.items()}, "OMP_NUM_THREADS": "1"}
     log = open(data_dir.parent / f"server-{port}.log", "ab")  # noqa: SIM115 - the server writes it while it lives
     process = subprocess.Popen([sys.executable, "-m", "fitprobe.app.cli", "serve", "--port", str(port),

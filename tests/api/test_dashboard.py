@@ -277,7 +277,7 @@ def test_cancel_from_the_job_page_and_the_list_shows_it(server, page, tmp_path):
     page.screenshot(path=tmp_path / "list.png", full_page=True)
 
 
-@pytest.mark.slow  # a gpt-base trial runs while the page is read (~16 s)
+@pytest.mark.slow  # a trial runs while the page is read (each sleeps ~6 s: SLOW_JOB)
 def test_the_running_page_says_which_micro_batch_it_is_trying_and_for_how_long(server, page):
     with server.client() as client:
         job_id = client.post("/v1/probes", json=SLOW_JOB).json()["id"]

@@ -167,14 +167,12 @@ def test_a_full_disk_answers_507_and_the_service_recovers_when_space_frees(tmp_p
             server.stop()
 
 
-@pytest.mark.slow  # a probe interrupted by kill -9 and run again (~30-90 s)
+@pytest.mark.slow  # a probe interrupted by kill -9 and run again (~30-60 s, most of it asleep: SLOW_JOB)
 def test_a_job_rerun_after_a_restart_shows_its_final_attempts_trials(tmp_path):
     server = start_server(tmp_path / "data")
     port = int(server.url.rsplit(":", 1)[1])
-    job_spec = {**FAST_JOB, "model": "builtin:gpt-small", "seq_len": 128, "capacity_bytes": 400 << 20,
-                "reuse": False}
     with server.client() as client:
-        job = client.post("/v1/probes", json=job_spec).json()
+        job = client.post("/v1/probes", json={**SLOW_JOB, "effective_batch": 24}).json()
         wait_for(client, job["id"], ("running",), predicate=lambda j: j["trials"])
     server.kill()
     restarted = start_server(tmp_path / "data", port=port)

@@ -168,8 +168,7 @@ def test_a_killed_server_keeps_its_jobs_and_finishes_them_after_restart(tmp_path
     server = start_server(tmp_path / "data", scratch_dir=str(scratch))
     port = server.url.rsplit(":", 1)[1]
     with server.client() as client:
-        job = client.post("/v1/probes", json={**FAST_JOB, "model": "builtin:gpt-small", "seq_len": 128,
-                                              "capacity_bytes": 400 << 20, "reuse": False}).json()
+        job = client.post("/v1/probes", json={**SLOW_JOB, "effective_batch": 24}).json()
         wait_for(client, job["id"], ("running",))
     server.kill()
     left = [p.name for p in scratch.iterdir() if p.name.startswith(f"fitprobe-job-{job['id']}-")]
