@@ -10,7 +10,6 @@ events): nothing of probe/step.py or probe/meter.py is on that side.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import datasets
@@ -129,17 +128,12 @@ def test_an_estimate_of_the_datas_worst_batch_equals_the_measured_trial(dataset,
     assert estimated["peak_allocated_bytes"] == pytest.approx(measured["peak_allocated_bytes"], rel=TOLERANCE)
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
-    """The `fitprobe` command through `main(argv)` in this process (tests/test_cli.py has the ones run as processes)."""
-    return fitprobe_in_process(capsys, *args)
-
-
 def test_the_cli_reads_data_with_progress_and_reports_it(capsys, dataset, tmp_path):
     rows, paths = dataset
     config = tmp_path / "config.json"
     config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
-    done = _cli(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32",
-                "--data", str(paths["jsonl"]), "--capacity", "300MiB", "--max-micro-batch", "3", "--json")
+    done = fitprobe_in_process(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32",
+                               "--data", str(paths["jsonl"]), "--capacity", "300MiB", "--max-micro-batch", "3", "--json")
     assert done.returncode == 0, done.stderr
     assert f"reading {paths['jsonl']}" in done.stderr and f"{len(rows)} rows, longest {LONGEST} tokens" in done.stderr
     report = json.loads(done.stdout)
@@ -149,14 +143,15 @@ def test_the_cli_reads_data_with_progress_and_reports_it(capsys, dataset, tmp_pa
     assert 0 < report["data"]["padding_fraction"]["padded"] < 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": "oops"}\n')
-    refused = _cli(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "256", "--precision", "fp32", "--data", str(bad))
+    refused = fitprobe_in_process(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "256",
+                                  "--precision", "fp32", "--data", str(bad))
     assert refused.returncode == 2 and "row 2" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_a_token_budget_is_planned_exactly_and_verified_by_training(capsys):
-    done = _cli(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "64MiB",
-                "--collation",
-                "packed", "--effective-batch-tokens", "1536", "--max-micro-batch", "16", "--json", "--quiet")
+    done = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32",
+                               "--precision", "fp32", "--capacity", "64MiB", "--collation", "packed",
+                               "--effective-batch-tokens", "1536", "--max-micro-batch", "16", "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     plan, verification = report["plan"], report["verification"]
@@ -166,8 +161,8 @@ def test_a_token_budget_is_planned_exactly_and_verified_by_training(capsys):
     checks = {c["name"]: c["passed"] for c in verification["checks"]}
     assert checks["tokens_per_step"] and verification["passed"], verification["checks"]
     assert verification["input_tokens_per_step"] == 1536  # counted from the tensors the run trained on
-    off = _cli(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--collation", "packed",
-               "--effective-batch-tokens", "1000")
+    off = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32",
+                              "--precision", "fp32", "--collation", "packed", "--effective-batch-tokens", "1000")
     assert off.returncode == 2 and "the nearest are 992 and 1024" in off.stderr
 
 
@@ -213,9 +208,9 @@ def test_the_verification_trains_on_the_users_rows(capsys, dataset, tmp_path):
     rows, paths = dataset
     config = tmp_path / "config.json"
     config.write_text(json.dumps(ARCHITECTURES["llama-gqa"]))
-    done = _cli(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "64", "--precision", "fp32",
-                "--data", str(paths["parquet"]), "--capacity", "300MiB", "--effective-batch", "20", "--max-micro-batch", "5",
-                "--json", "--quiet")
+    done = fitprobe_in_process(capsys, "probe", "--model", f"hf:{config}", "--seq-len", "64", "--precision", "fp32",
+                               "--data", str(paths["parquet"]), "--capacity", "300MiB", "--effective-batch", "20",
+                               "--max-micro-batch", "5", "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     verification = json.loads(done.stdout)["verification"]
     assert verification["passed"], verification["checks"]
