@@ -65,7 +65,7 @@ def _imports_stay_frozen() -> Iterator[None]:
 # tensors, cuts, replay, what-if), the service's routes in process (TestClient), and the wire (a real uvicorn or
 # other processes talking HTTP). A test's layer follows from where it lives and what it starts, so a new test
 # needs no marker of its own.
-ESTIMATE_MODULES = {"test_estimate", "test_extrapolate", "test_replay", "test_whatif", "test_cuda_attention",
+ESTIMATE_MODULES = {"test_estimate", "test_cache_key", "test_extrapolate", "test_replay", "test_whatif", "test_cuda_attention",
                     "test_presets", "test_sharding", "test_qlora"}
 
 

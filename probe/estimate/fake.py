@@ -26,7 +26,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fitprobe.probe.estimate import cuda_attention
+from fitprobe.probe.estimate import cache_key, cuda_attention
 
 from fitprobe.probe.models import quantization
 from fitprobe.probe.meter import CpuMeter, LiveBytesMode
@@ -97,6 +97,7 @@ class EstimateMeter(CpuMeter):
     def tracking(self) -> AbstractContextManager:
         # the counter must be pushed last: it sees each op first, then fake mode runs it
         stack = ExitStack()
+        stack.enter_context(cache_key.keyed_fast())  # the same dispatch cache, a quarter sooner (cache_key.py)
         stack.enter_context(self._fake_mode)
         if self._has_experts:  # a Python mode taxes every op (~8 % of a 14B estimate): only where needed
             stack.enter_context(_GroupedMatmulAnyFloat())
