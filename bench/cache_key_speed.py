@@ -17,25 +17,20 @@ from unittest import mock
 
 import torch
 
+from bench.estimate_speed import preset_config
 from fitprobe.probe.estimate import cache_key
 from fitprobe.probe.job import make_trial
-from fitprobe.probe.models.presets import PRESETS
 from fitprobe.probe.spec import ProbeSpec
 
 ESTIMATE = dict(seq_len=2048, precision="bf16-mixed", mode="estimate", capacity_bytes="1EiB")
 
 
-def _preset(name: str, **changes: int) -> dict:
-    model_type, fields = PRESETS[name]
-    return {"model_type": model_type, **fields, **changes}
-
-
 ROWS = {
     "llama-3.1-8b LoRA, extrapolated (2 cuts)": ProbeSpec(model="preset:llama-3.1-8b", finetuning="lora", **ESTIMATE),
-    "llama-3.1-8b LoRA + checkpointing, 4 layers": ProbeSpec(model=_preset("llama-3.1-8b", num_hidden_layers=4),
+    "llama-3.1-8b LoRA + checkpointing, 4 layers": ProbeSpec(model=preset_config("llama-3.1-8b", num_hidden_layers=4),
                                                             finetuning="lora", gradient_checkpointing=True,
                                                             extrapolate=False, **ESTIMATE),
-    "qwen2.5-7b full fine-tune, 4 layers": ProbeSpec(model=_preset("qwen2.5-7b", num_hidden_layers=4),
+    "qwen2.5-7b full fine-tune, 4 layers": ProbeSpec(model=preset_config("qwen2.5-7b", num_hidden_layers=4),
                                                     extrapolate=False, **ESTIMATE),
 }
 

@@ -3,7 +3,8 @@
 The expected key comes from torch's own `FakeTensorMode._prep_args_for_hash`, run beside the fast one on the same
 arguments, op by op, with torch's method restored for the call (so its nested calls are torch's too). Families the
 fast path was not written against: DeepSeek-V3's latent attention and experts, Gemma 2's sliding window and
-soft-capping, Qwen2's tied embeddings, a Llama with grouped-query attention under LoRA and checkpointing.
+soft-capping, Qwen2's tied embeddings, a Llama with grouped-query attention under LoRA and checkpointing, under
+QLoRA with paged 8-bit AdamW, and sharded by FSDP2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ FAMILIES = {
                        dict(precision="bf16-mixed")),
     "qwen2-tied": (dict(model_type="qwen2", **{**_SMALL, "tie_word_embeddings": True}),
                    dict(precision="bf16-mixed", finetuning="lora", optimizer="adamw_torch")),
+    # bitsandbytes' 4-bit weights and paged 8-bit state, FSDP2's DTensors: arguments that take torch's own branch
+    "llama-qlora-paged": (dict(model_type="llama", **_SMALL),
+                          dict(precision="bf16-mixed", finetuning="lora", quantization="nf4", gradient_checkpointing=True,
+                               optimizer="paged_adamw_8bit")),
+    "llama-fsdp2": (dict(model_type="llama", **_SMALL), dict(precision="bf16-mixed", sharding="fsdp", num_devices=2)),
     "deepseek_v3-mla-moe": (dict(model_type="deepseek_v3", vocab_size=1000, hidden_size=64, intermediate_size=128,
                                  moe_intermediate_size=32, num_hidden_layers=2, first_k_dense_replace=1,
                                  n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
