@@ -1,4 +1,9 @@
-"""`fitprobe probe` and `fitprobe trial` as a user runs them: real processes, exit codes, JSON."""
+"""`fitprobe probe` and `fitprobe trial` as a user runs them: exit codes, JSON, text.
+
+What only a fresh process shows (the JSON report with its progress on stderr, third-party warnings kept off
+stderr, help that imports no torch) runs as a real process; answers that the parsing, the search or the sizing give
+run through `main(argv)` here, since each process start imports torch and transformers again (about 4 s of CPU).
+"""
 
 from __future__ import annotations
 
@@ -55,19 +60,19 @@ def test_probe_json_report_has_the_answer_trials_and_context():
     assert "trial micro_batch=" in run.stderr, "progress goes to stderr"
 
 
-def test_probe_prints_a_readable_table():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16MiB",
-                   "--device", "cpu")
+def test_probe_prints_a_readable_table(capsys):
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                              "--capacity", "16MiB", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "max micro-batch:" in run.stdout and "safe micro-batch:" in run.stdout
 
 
-def test_trial_says_whether_a_micro_batch_fits_with_exit_code():
-    fits = fitprobe("trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "64MiB",
-                    "--device", "cpu", "--micro-batch", "2", "--json")
+def test_trial_says_whether_a_micro_batch_fits_with_exit_code(capsys):
+    fits = fitprobe_in_process(capsys, "trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                               "--capacity", "64MiB", "--device", "cpu", "--micro-batch", "2", "--json")
     assert fits.returncode == 0 and json.loads(fits.stdout)["trial"]["fits"] is True
-    too_big = fitprobe("trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "8MiB",
-                       "--device", "cpu", "--micro-batch", "512")
+    too_big = fitprobe_in_process(capsys, "trial", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                                  "--capacity", "8MiB", "--device", "cpu", "--micro-batch", "512")
     assert too_big.returncode == 1 and "does not fit" in too_big.stdout
 
 
@@ -166,8 +171,8 @@ def test_cpu_capacity_beyond_the_hosts_memory_is_refused_before_anything_runs(ca
 def test_when_nothing_fits_the_report_says_what_the_step_needs_and_what_would_fit(capsys):
     # gpt-tiny at seq-len 64: its full fine-tune needs ~13 MiB at micro-batch 1 (weights, gradients, AdamW states), LoRA
     # ~5 MiB; each option is an estimate of the whole step, so the smaller model answers them in a fraction of the time
-    run = fitprobe("probe", "--model", "builtin:gpt-tiny", "--seq-len", "64", "--precision", "fp32", "--device", "cpu",
-                   "--capacity", "8MiB", "--effective-batch", "8", "--json")
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-tiny", "--seq-len", "64", "--precision", "fp32",
+                              "--device", "cpu", "--capacity", "8MiB", "--effective-batch", "8", "--json")
     assert run.returncode == 1, run.stderr
     report = json.loads(run.stdout)
     assert report["search"]["max_micro_batch"] == 0 and report["plan"] is None
@@ -210,10 +215,9 @@ def test_progress_shows_each_trial_with_elapsed_time_and_quiet_silences_it():
     assert fitprobe(*args, "--quiet").stderr == ""
 
 
-def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_is():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--capacity", "16MiB",
-                   "--estimate",
-                   "--effective-batch", "8", "--quiet")
+def test_an_estimates_text_says_it_was_not_run_on_a_device_and_how_accurate_it_is(capsys):
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                              "--capacity", "16MiB", "--estimate", "--effective-batch", "8", "--quiet")
     assert run.returncode == 0, run.stderr
     safe_line = next(line for line in run.stdout.splitlines() if line.startswith("safe micro-batch:"))
     assert "estimated, not run on a device" in safe_line
@@ -257,10 +261,10 @@ def test_serve_and_preflight_help_give_every_options_meaning_default_and_variabl
     assert "FITPROBE_TOKEN" in preflight and "(default: 30m)" in preflight and "Exit codes" in preflight
 
 
-def test_a_sharded_answer_says_it_is_per_device():
-    run = fitprobe("probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32", "--sharding", "fsdp",
-                   "--devices", "2",
-                   "--estimate", "--capacity", "16MiB", "--max-micro-batch", "8", "--quiet")
+def test_a_sharded_answer_says_it_is_per_device(capsys):
+    run = fitprobe_in_process(capsys, "probe", "--model", "builtin:gpt-nano", "--seq-len", "32", "--precision", "fp32",
+                              "--sharding", "fsdp", "--devices", "2", "--estimate", "--capacity", "16MiB",
+                              "--max-micro-batch", "8", "--quiet")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert "capacity 16.0MiB per device × 2 devices" in lines[0] and " fp32 " in lines[0]
