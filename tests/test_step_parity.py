@@ -17,8 +17,16 @@ TOLERANCE = 0.005  # the issue's bar: within 0.5 % of the loop users run
 SETTINGS = [("fp32", False), ("fp32", True), ("bf16-mixed", False), ("bf16-mixed", True)]
 
 
+def fields_for(name: str, settings: LoopSettings) -> dict:
+    """The architecture, on a quarter of its vocabulary under bf16-mixed: a CPU without AVX512-BF16 multiplies bf16
+    about 35 times slower than fp32 (tests/test_qlora.py measured it), and the LM head is most of these models'
+    compute. Both sides of every comparison build the same fields."""
+    fields = ARCHITECTURES[name]
+    return {**fields, "vocab_size": fields["vocab_size"] // 4} if settings.precision == "bf16-mixed" else fields
+
+
 def spec_for(name: str, settings: LoopSettings, **extra) -> ProbeSpec:
-    return ProbeSpec(model=ARCHITECTURES[name], seq_len=settings.seq_len, precision=settings.precision,
+    return ProbeSpec(model=fields_for(name, settings), seq_len=settings.seq_len, precision=settings.precision,
                      finetuning="lora" if settings.lora else "full", capacity_bytes=1 << 32,
                      collation="padded" if settings.padded else "packed", **extra)
 
@@ -27,7 +35,7 @@ def spec_for(name: str, settings: LoopSettings, **extra) -> ProbeSpec:
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_trial_peak_equals_the_standard_hf_loops_peak(name, precision, lora):
     settings = LoopSettings(precision=precision, lora=lora)
-    loop_bytes = user_loop_peak_bytes(ARCHITECTURES[name], settings)
+    loop_bytes = user_loop_peak_bytes(fields_for(name, settings), settings)
     trial = run_trial(spec_for(name, settings), settings.micro_batch).as_json()["trial"]
     assert trial["fits"]
     assert trial["peak_allocated_bytes"] == pytest.approx(loop_bytes, rel=TOLERANCE)
@@ -38,7 +46,7 @@ def test_trial_peak_equals_the_standard_hf_loops_peak(name, precision, lora):
 def test_estimate_takes_the_users_attention_path(name, padded):
     """Under fake tensors the mask's values cannot be read; the estimate must still match the real run."""
     settings = LoopSettings(precision="bf16-mixed", lora=True, padded=padded, micro_batch=6)
-    loop_bytes = user_loop_peak_bytes(ARCHITECTURES[name], settings)
+    loop_bytes = user_loop_peak_bytes(fields_for(name, settings), settings)
     estimated = run_trial(spec_for(name, settings, mode="estimate"), settings.micro_batch).as_json()["trial"]
     assert estimated["peak_allocated_bytes"] == pytest.approx(loop_bytes, rel=TOLERANCE)
 
