@@ -32,10 +32,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header() -> str:
     """Whether this CPU multiplies bf16 natively, so that a CI log explains its own time.
 
-    Without AVX512-BF16 or AMX, torch's bf16 matmul on the CPU runs about 35 times slower than fp32 (one 512×256 by
-    256×8000 product: 0.78 s against 0.022 s on a 2-core AVX2 host), which moves the suite's time by minutes. The
-    tests that really compute in bf16 (QLoRA's recipe, the bf16 step parities, the exact search's bf16 case) keep
-    their models small for it."""
+    Without AVX512-BF16 or AMX, torch's bf16 matmul on the CPU runs about 35 times slower than fp32
+    (tests/reference_loop.py `quarter_vocabulary` has the measurement), which moves the suite's time by minutes; the
+    tests that really compute in bf16 keep their models small for it."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     except (OSError, StopIteration):
