@@ -23,8 +23,10 @@ def tiny_mlp_lm() -> nn.Module:
     return TinyMlpLM()
 
 
-# A probe of it runs about 20 forwards (5 search trials of 4, or 3 trials and a verification): ~30 s, all asleep
-SLEEP_PER_FORWARD_S = 1.5
+# A probe of it runs about 20 forwards (5 search trials of 4, or 3 trials and a verification): ~30 s, all asleep.
+# A service started with SLEEPY_LM_SLEEP_S in its environment runs it that much faster (its jobs read it when they
+# import this module): a test that restarts a service only to see the job finish there lets the rerun hurry.
+SLEEP_PER_FORWARD_S = float(os.environ.get("SLEEPY_LM_SLEEP_S", "1.5"))
 
 
 class SleepyLM(TinyMlpLM):

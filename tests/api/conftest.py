@@ -69,10 +69,19 @@ def in_process(data_dir: Path, **settings: str) -> Iterator[TestClient]:
         yield client
 
 
-def start_server(data_dir: Path, port: int | None = None, **settings: str) -> Server:
+# the environment of a service restarted only so that a test sees its interrupted SLOW_JOB finish there: the rerun
+# sleeps 0.05 s a forward instead of 1.5 s (tests/factories.py), seconds instead of ~30 s of a worker held asleep
+HURRIED_SLEEPY_JOBS = {"SLEEPY_LM_SLEEP_S": "0.05"}
+
+
+def start_server(data_dir: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 **settings: str) -> Server:
+    """A uvicorn service on `port` (a free one by default); `settings` become its FITPROBE_* variables and `env`
+    goes into its environment as it is."""
     port = port or free_port()
     settings = {"allowed_factories": SLOW_FACTORY, **settings}
-    env = {**os.environ, **{f"FITPROBE_{k.upper()}": v for k, v in settings.items()}, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **{f"FITPROBE_{k.upper()}": v for k, v in settings.items()}, "OMP_NUM_THREADS": "1",
+           **(env or {})}
     log = open(data_dir.parent / f"server-{port}.log", "ab")  # noqa: SIM115 - the server writes it while it lives
     process = subprocess.Popen([sys.executable, "-m", "fitprobe.app.cli", "serve", "--port", str(port),
                                 "--data-dir", str(data_dir)], env=env, stdout=log, stderr=log)

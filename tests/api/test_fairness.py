@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import FAST_JOB, SLOW_JOB, Server, start_server, wait_for
+from tests.api.conftest import FAST_JOB, HURRIED_SLEEPY_JOBS, SLOW_JOB, Server, start_server, wait_for
 
 ALICE, BOB = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
 
@@ -167,7 +167,7 @@ def test_a_full_disk_answers_507_and_the_service_recovers_when_space_frees(tmp_p
             server.stop()
 
 
-@pytest.mark.slow  # a probe interrupted by kill -9 and run again (~30-60 s, most of it asleep: SLOW_JOB)
+@pytest.mark.slow  # a probe interrupted by kill -9 and run again, the rerun hurried (HURRIED_SLEEPY_JOBS)
 def test_a_job_rerun_after_a_restart_shows_its_final_attempts_trials(tmp_path):
     server = start_server(tmp_path / "data")
     port = int(server.url.rsplit(":", 1)[1])
@@ -175,7 +175,7 @@ def test_a_job_rerun_after_a_restart_shows_its_final_attempts_trials(tmp_path):
         job = client.post("/v1/probes", json={**SLOW_JOB, "effective_batch": 24}).json()
         wait_for(client, job["id"], ("running",), predicate=lambda j: j["trials"])
     server.kill()
-    restarted = start_server(tmp_path / "data", port=port)
+    restarted = start_server(tmp_path / "data", port=port, env=HURRIED_SLEEPY_JOBS)
     try:
         with restarted.client() as client:
             done = wait_for(client, job["id"], ("succeeded", "failed"), timeout_s=300)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.api.conftest import FAST_JOB, SLOW_JOB, gone, in_process, start_server, wait_for
+from tests.api.conftest import FAST_JOB, HURRIED_SLEEPY_JOBS, SLOW_JOB, gone, in_process, start_server, wait_for
 
 
 def test_submit_poll_and_stream_a_probe_to_success(server):
@@ -173,7 +173,7 @@ def test_a_killed_server_keeps_its_jobs_and_finishes_them_after_restart(tmp_path
     server.kill()
     left = [p.name for p in scratch.iterdir() if p.name.startswith(f"fitprobe-job-{job['id']}-")]
     assert left, "the killed server's job had no directory of its own"
-    restarted = start_server(tmp_path / "data", port=int(port), scratch_dir=str(scratch))
+    restarted = start_server(tmp_path / "data", port=int(port), env=HURRIED_SLEEPY_JOBS, scratch_dir=str(scratch))
     try:
         with restarted.client() as client:
             assert client.get(f"/v1/probes/{job['id']}").status_code == 200
