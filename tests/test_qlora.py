@@ -117,9 +117,13 @@ def test_cli_qlora_with_a_paged_optimizer_exports_both_to_hf(tmp_path, capsys):
     assert "prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)" in out.err
 
 
-def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs():
+def test_does_not_fit_lists_qlora_and_an_8bit_optimizer_with_what_each_needs(monkeypatch):
+    from fitprobe.probe import needs
     from fitprobe.probe.needs import does_not_fit
 
+    # the cheapest combination that fits, which the answer ends with, is recommend's search (tests/test_cli.py checks
+    # it in this answer): it took 60 % of this test, whose assertions read the one-knob options only
+    monkeypatch.setattr(needs, "_cheapest_fitting", lambda *args: None)
     spec = ProbeSpec(precision="fp32", model=FAMILIES["olmo2"], seq_len=64, capacity_bytes=13 << 20)
     answer = does_not_fit(spec, spec.capacity_bytes).as_json()
     options = {o["change"].split(" (")[0]: o for o in answer["options"]}
