@@ -1,31 +1,53 @@
-"""Every process fitprobe starts dies with its parent, from its first line: probe/lifetime.py."""
+"""Every process fitprobe forks dies with the process that forked it, from its first line: probe/forked.py."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from fitprobe.probe.lifetime import EXIT_ORPHANED, start_guarded
+import psutil
+
+from fitprobe.probe.lifetime import EXIT_ORPHANED
+from tests.api.conftest import gone
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def test_a_process_whose_parent_is_already_gone_exits_before_running_its_target(tmp_path):
+def test_a_child_whose_fork_server_went_before_its_guard_exits_before_running_its_target(tmp_path):
     marker = tmp_path / "ran"
-    not_my_parent = str(os.getpid() + 1_000_000)  # what getppid() no longer returns once the parent died
-    run = subprocess.run([sys.executable, "-m", "fitprobe.probe.lifetime", not_my_parent],
-                         input=pickle.dumps(sys.path) + pickle.dumps((marker.touch, ())), timeout=60, check=False)
+    # a process that no fork server forked stands for a child whose server died before the guard: its parent is
+    # not the server whose pid the module holds
+    run = subprocess.run([sys.executable, "-c", f"from fitprobe.probe import forked; forked._guarded(open, {str(marker)!r}, 'w')"],
+                         timeout=60, check=False, cwd=ROOT, env=ENV)
     assert run.returncode == EXIT_ORPHANED and not marker.exists()
 
 
-def test_a_guarded_process_runs_its_target_without_importing_torch_first(tmp_path):
-    out = tmp_path / "modules"
-    process = start_guarded(_write_loaded_modules, (str(out),))
-    assert process.wait(timeout=60) == 0
-    assert "torch" not in out.read_text().split()
+FORKS_AND_WAITS = """
+import time
+from fitprobe.probe.forked import start_forked
+child = start_forked(["tests.light_fork_preload"], time.sleep, 600)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
 
 
-def _write_loaded_modules(path: str) -> None:
-    from pathlib import Path
-
-    Path(path).write_text(" ".join(sys.modules))
+def test_a_forked_child_dies_with_the_process_that_forked_it_even_by_kill_9():
+    parent = subprocess.Popen([sys.executable, "-c", FORKS_AND_WAITS], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=ENV)
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert not gone(child) and child.ppid() != parent.pid  # the fork server's child, not the parent's
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(child), "the forked child outlived the process that forked it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

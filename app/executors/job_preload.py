@@ -14,13 +14,13 @@ the rest together, and a service whose jobs never use it would pay that once for
 
 from __future__ import annotations
 
-import os
-
 from fitprobe.probe.lifetime import die_with_parent
 
 die_with_parent()
 
 import torch  # noqa: E402, F401 - the import is the point
+
+import fitprobe.probe.forked  # noqa: E402 - its FORK_SERVER_PID, read here, is this fork server's pid
 
 import fitprobe.app.sizer  # noqa: E402 - the model sizer forks from here too
 import fitprobe.app.worker  # noqa: E402
@@ -34,7 +34,3 @@ try:
     import transformers.modeling_utils  # noqa: F401 - every Hugging Face model's base class and loading code
 except ImportError:  # the hf extra is optional: builtin models need none
     pass
-
-# read at import, so in the fork server: every job forked from it finds this pid as its parent while the
-# server lives (a module imported in the job itself instead would hold the job's own pid, never its parent's)
-FORK_SERVER_PID = os.getpid()

@@ -1,7 +1,9 @@
 """Run one function as N device processes joined in one process group: gloo on CPU, NCCL on cuda:rank.
 
-The verification's DDP ranks and the sharded trials' FSDP ranks start here, each through
-probe/lifetime.py, so a rank dies with the job that spawned it before it imports torch.
+The verification's DDP ranks and the sharded trials' FSDP ranks start here, forked from this process's fork
+server (probe/forked.py), which imported torch, the rank entries and transformers' model code once
+(rank_preload.py): a fresh interpreter per rank spent about 5 s of CPU importing them, every trial again. A rank
+dies with the fork server, and the fork server with the job (or command) that spawned it.
 
 One protocol brings results back, whatever the ranks run: the entry returns a JSON value, which its
 process writes to a result file the parent reads. A rank that runs out of memory raises
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitprobe.probe.lifetime import start_guarded
+from multiprocessing.process import BaseProcess
+
+from fitprobe.probe.forked import start_forked
 
 RankEntry = Callable[..., Any]  # entry(rank, world_size, *args) -> JSON value, importable by name (it is pickled)
+PRELOAD = "fitprobe.probe.verify.rank_preload"
 POLL_S = 0.05
 STOPPED_EXIT = 3  # a rank that ran out of memory and wrote its result: stop the peers, read the results
 
@@ -66,15 +70,15 @@ def spawn_ranks(entry: RankEntry, world_size: int, device: str, args: tuple[Any,
     """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fitprobe-ranks-") as run_dir:
-        ranks = [start_guarded(_rank_process, (rank, entry, world_size, device, port, run_dir, args))
+        ranks = [start_forked([PRELOAD], _rank_process, rank, entry, world_size, device, port, run_dir, args)
                  for rank in range(world_size)]
         try:
             failed = _wait(ranks)
         finally:
             for rank in ranks:
-                if rank.poll() is None:
+                if rank.exitcode is None:
                     rank.kill()
-                rank.wait()
+                rank.join()
         written = [_read_result(Path(run_dir), rank) for rank in range(world_size)]
         results = RankResults([w[1] if w else None for w in written])
         if failed is None:
@@ -88,10 +92,10 @@ def spawn_ranks(entry: RankEntry, world_size: int, device: str, args: tuple[Any,
         return results
 
 
-def _wait(ranks: list[subprocess.Popen]) -> tuple[int, int] | None:
+def _wait(ranks: list[BaseProcess]) -> tuple[int, int] | None:
     """Block until every rank returned (None) or one exited otherwise: (rank, exit code)."""
     while True:
-        codes = [rank.poll() for rank in ranks]
+        codes = [rank.exitcode for rank in ranks]
         failed = next(((r, code) for r, code in enumerate(codes) if code is not None and code != 0), None)
         if failed is not None:
             return failed
@@ -124,8 +128,8 @@ def _failure(rank: int, code: int, error_file: Path) -> str:
 
 def _rank_process(rank: int, entry: RankEntry, world_size: int, device: str, port: int, run_dir: str,
                   args: tuple[Any, ...]) -> None:
-    # torch and the process group only here, in the rank: the rank is guarded (probe/lifetime.py) before it
-    # imports torch, and the parent that spawns it does not need them
+    # torch and the process group only here, in the rank (the fork server imported them): the parent that spawns
+    # ranks does not need them
     import torch
 
     from fitprobe.probe.sharding import process_group

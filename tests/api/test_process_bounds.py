@@ -66,11 +66,17 @@ def test_kill_9_of_the_server_leaves_no_job_or_rank_process_behind(tmp_path):
             job = client.post("/v1/probes", json=TWO_RANKS).json()
             running = wait_for(client, job["id"], ("running",), timeout_s=30, predicate=lambda j: j["worker_pid"])
         job_process = psutil.Process(running["worker_pid"])
+
+        def ranks() -> list[psutil.Process]:
+            """The job's ranks: forked by the job's own fork server (probe/forked.py), so its grandchildren."""
+            return [rank for child in job_process.children() for rank in child.children()]
+
         deadline = time.monotonic() + 20
-        while len(job_process.children(recursive=True)) < 2 and time.monotonic() < deadline:
+        while len(ranks()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         descendants = _descendants(server)
-        assert job_process in descendants and len(job_process.children()) >= 2, "no rank was running"
+        assert job_process in descendants and len(ranks()) >= 2, "no rank was running"
+        assert set(ranks()) <= set(descendants)
         server.kill()
         deadline = time.monotonic() + 5
         while not all(gone(p) for p in descendants) and time.monotonic() < deadline:
