@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.popen_forkserver
+import multiprocessing.spawn
 import os
 import queue
 import threading
@@ -78,15 +81,49 @@ def _own_fork_server() -> None:
             done.set()
 
 
-def start_forked(preload: list[str], target: Callable[..., None], *args: Any) -> BaseProcess:
+def start_forked(preload: list[str], target: Callable[..., None], *args: Any, parent_main: bool = True) -> BaseProcess:
     """`target(*args)` in a process forked from this process's fork server, bound to die with it first.
 
-    `target` must be importable by name and `args` picklable (a multiprocessing Connection travels as its fd)."""
+    `target` must be importable by name and `args` picklable (a multiprocessing Connection travels as its fd).
+    multiprocessing imports the parent's main module again in the child, as `__mp_main__` (why a script that starts
+    fitprobe's service needs `if __name__ == "__main__":`); `parent_main=False` leaves it out, for children whose
+    parent is anyone's script that calls fitprobe's library (the ranks: probe/verify/ranks.py)."""
     start_fork_server(preload)  # a no-op when it runs; else (it died) a new one
+    kind = _context.Process if parent_main else _WithoutParentMain
     # daemon: a process that exits while its child runs ends it (multiprocessing joins other children at exit)
-    process = _context.Process(target=_guarded, args=(target, *args), name=f"fitprobe-{target.__name__}", daemon=True)
+    process = kind(target=_guarded, args=(target, *args), name=f"fitprobe-{target.__name__}", daemon=True)
     process.start()
     return process
+
+
+_get_preparation_data = multiprocessing.spawn.get_preparation_data
+_preparing = threading.Lock()
+
+
+def _without_parent_main(name: str) -> dict[str, Any]:
+    data = _get_preparation_data(name)
+    data.pop("init_main_from_name", None)
+    data.pop("init_main_from_path", None)
+    return data
+
+
+class _PopenWithoutParentMain(multiprocessing.popen_forkserver.Popen):
+    """The fork server's child, told nothing of the parent's main module: multiprocessing reads what the child
+    imports from `spawn.get_preparation_data`, which has no switch for it, so it is swapped for the one launch."""
+
+    def _launch(self, process_obj: Any) -> None:
+        with _preparing:
+            multiprocessing.spawn.get_preparation_data = _without_parent_main
+            try:
+                super()._launch(process_obj)
+            finally:
+                multiprocessing.spawn.get_preparation_data = _get_preparation_data
+
+
+class _WithoutParentMain(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> _PopenWithoutParentMain:
+        return _PopenWithoutParentMain(process_obj)
 
 
 def _guarded(target: Callable[..., None], *args: Any) -> None:

@@ -51,3 +51,29 @@ def test_a_forked_child_dies_with_the_process_that_forked_it_even_by_kill_9():
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def rank_entry(rank: int, world_size: int) -> list[int]:
+    """A rank that returns who it is: probe/verify/ranks.py's protocol with nothing else in it."""
+    return [rank, world_size]
+
+
+# a user's script with no `if __name__ == "__main__":`, as a notebook exported to a file is
+UNGUARDED_SCRIPT = """
+import os
+from fitprobe.probe.verify.ranks import spawn_ranks
+from tests.test_lifetime import rank_entry
+print("top level", os.getpid(), flush=True)
+print("results", spawn_ranks(rank_entry, 2, "cpu", ()).results, flush=True)
+"""
+
+
+def test_ranks_started_from_a_script_without_a_main_guard_do_not_run_the_script_again(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False,
+                         cwd=tmp_path, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("top level")]) == 1, run.stdout
+    assert "results [[0, 2], [1, 2]]" in lines, run.stdout

@@ -70,8 +70,9 @@ def spawn_ranks(entry: RankEntry, world_size: int, device: str, args: tuple[Any,
     """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fitprobe-ranks-") as run_dir:
-        ranks = [start_forked([PRELOAD], _rank_process, rank, entry, world_size, device, port, run_dir, args)
-                 for rank in range(world_size)]
+        # parent_main=False: a rank needs nothing of the script that called fitprobe, and must not run it again
+        ranks = [start_forked([PRELOAD], _rank_process, rank, entry, world_size, device, port, run_dir, args,
+                              parent_main=False) for rank in range(world_size)]
         try:
             failed = _wait(ranks)
         finally:
