@@ -115,7 +115,7 @@ class _PopenWithoutParentMain(multiprocessing.popen_forkserver.Popen):
         with _preparing:
             multiprocessing.spawn.get_preparation_data = _without_parent_main
             try:
-                super()._launch(process_obj)
+                super()._launch(process_obj)  # type: ignore[misc]  # typeshed leaves the private method out
             finally:
                 multiprocessing.spawn.get_preparation_data = _get_preparation_data
 
