@@ -109,7 +109,8 @@ def _without_parent_main(name: str) -> dict[str, Any]:
 
 class _PopenWithoutParentMain(multiprocessing.popen_forkserver.Popen):
     """The fork server's child, told nothing of the parent's main module: multiprocessing reads what the child
-    imports from `spawn.get_preparation_data`, which has no switch for it, so it is swapped for the one launch."""
+    imports from `spawn.get_preparation_data`, which has no switch for it, so it is swapped for the one launch. A
+    job forked by another thread in that instant skips the main module too, which fitprobe's jobs never need."""
 
     def _launch(self, process_obj: Any) -> None:
         with _preparing:

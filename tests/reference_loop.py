@@ -41,7 +41,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-
 def quarter_vocabulary(fields: dict[str, Any]) -> dict[str, Any]:
     """The same model on a quarter of its vocabulary, for the comparisons that really compute in bf16.
 

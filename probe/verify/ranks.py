@@ -23,10 +23,9 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
-
-from multiprocessing.process import BaseProcess
 
 from fitprobe.probe.forked import start_forked
 
