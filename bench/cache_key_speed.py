@@ -1,7 +1,9 @@
-"""How much the fast dispatch-cache key (probe/estimate/cache_key.py) takes off an estimated trial.
+"""How much the fast dispatch cache takes off an estimated trial: its key (probe/estimate/cache_key.py), then
+the outputs of its hits too (probe/estimate/fast_outputs.py).
 
-Each row times one trial at micro-batch 1 on a model built once, with the fast key and with torch's own,
-interleaved in one process (both read the same cache: the keys are equal), median of --runs each.
+Each row times one trial at micro-batch 1 on a model built once, three ways interleaved in one process (all
+read the same cache: the keys are equal): torch's own key and outputs, the fast key, the fast key and fast
+outputs; median of --runs each.
 Run: PYTHONPATH=. python bench/cache_key_speed.py [--runs 5] [--json bench/results/cache-key-speed-cpu.json]
 """
 
@@ -18,7 +20,7 @@ from unittest import mock
 import torch
 
 from bench.estimate_speed import preset_config
-from fitprobe.probe.estimate import cache_key
+from fitprobe.probe.estimate import cache_key, fast_outputs
 from fitprobe.probe.job import make_trial
 from fitprobe.probe.spec import ProbeSpec
 
@@ -44,17 +46,20 @@ def main() -> None:
     for name, spec in ROWS.items():
         _, _, trial = make_trial(spec)
         trial(1)  # warm: the cache's misses, imports
-        times_s: dict[str, list[float]] = {"fast key": [], "torch's key": []}
+        times_s: dict[str, list[float]] = {"torch's own": [], "fast key": [], "fast key and outputs": []}
         for _ in range(args.runs):
             for label in times_s:
-                with mock.patch.object(cache_key, "fast_key_matches", return_value=label == "fast key"):
+                with mock.patch.object(cache_key, "fast_key_matches", return_value=label != "torch's own"), \
+                        mock.patch.object(fast_outputs, "fast_outputs_match", return_value=label == "fast key and outputs"):
                     started = time.perf_counter()
                     assert trial(1).fits
                     times_s[label].append(time.perf_counter() - started)
-        fast, own = (statistics.median(times_s[label]) for label in times_s)
-        results.append({"row": name, "fast_key_s": round(fast, 2), "torch_key_s": round(own, 2),
-                        "fast_over_torch": round(fast / own, 3), "runs": times_s})
-        print(f"{name}: fast key {fast:.2f} s, torch's key {own:.2f} s, ratio {fast / own:.2f}", flush=True)
+        own, key, both = (statistics.median(times_s[label]) for label in times_s)
+        results.append({"row": name, "torch_own_s": round(own, 2), "fast_key_s": round(key, 2),
+                        "fast_key_and_outputs_s": round(both, 2), "fast_key_over_torch": round(key / own, 3),
+                        "fast_both_over_torch": round(both / own, 3), "runs": times_s})
+        print(f"{name}: torch's own {own:.2f} s, fast key {key:.2f} s ({key / own:.2f}), fast key and outputs "
+              f"{both:.2f} s ({both / own:.2f})", flush=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),

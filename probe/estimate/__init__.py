@@ -1,7 +1,8 @@
 """The estimate: THE training step under fake tensors, counting bytes and allocating nothing.
 
 - `fake`: `EstimateMeter`, the CPU meter's count on fake tensors (rounded as the CUDA allocator rounds).
-- `cache_key`: fake mode's dispatch cache keyed without a dataclass per tensor: the same key, a trial 12-25 % sooner.
+- `cache_key`: fake mode's dispatch cache keyed without a dataclass per tensor: the same key, a trial 5-16 % sooner.
+- `fast_outputs`: the cache's hits answered without fake tensors' general constructor: the same tensors, a few % more.
 - `cuda_attention`: attention as a named card's CUDA kernels run it, on any host.
 - `recompute`: gradient checkpointing's recomputation under the modes its forward ran under.
 - `extrapolate`: a deep decoder from two shallow cuts of its repeating layers, to the byte.

@@ -10,7 +10,8 @@ then walked with `dataclasses.fields()` and a recursive call per shape and strid
 from an ordinary fake tensor (strided, this mode's own, no symbolic sizes, no constant): anything else takes
 torch's own path, argument by argument. Same key, same cache: a hit answers what torch's own key would have
 answered, so every byte the meter counts is unchanged (tests/test_cache_key.py compares the two keys on every
-op of real steps). An estimated trial takes 12-25 % less time (bench/cache_key_speed.py).
+op of real steps). An estimated trial takes 5-25 % less time (bench/cache_key_speed.py; fast_outputs.py is
+the other half of a hit).
 
 It is only ever active inside the estimate meter's `tracking()` and only where this torch's key has the layout
 written against: `TensorMetadata`'s fields, and the keys of a few probe tensors, are compared with torch's own
